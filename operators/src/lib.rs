@@ -1,0 +1,26 @@
+//! # keel-operators
+//!
+//! The domain-free building blocks of Keel's dataflows. Nothing here knows about streams,
+//! viewers or nodes; everything here is about time, keys and incremental state.
+//!
+//! - [`sym`]: interned strings, the 4-byte currency of compact state and rows.
+//! - [`time`]: event time as milliseconds, RFC 3339 parsing and printing, windows.
+//! - [`profile`]: a step function answering "highest level in a range" (true peak concurrency).
+//! - [`maintain`]: the operator that keeps per-worker state current with a timely stream and
+//!   reports changes when epochs close, with a global watermark.
+//! - [`latest`]: a thin wrapper over `maintain` keeping the newest value per key by event time.
+//!
+//! ```
+//! use keel_operators::{profile::StepProfile, time};
+//! let mut open = StepProfile::default();
+//! let start = time::parse_rfc3339("2026-11-01T10:00:00Z").unwrap();
+//! open.add(start, 1);
+//! open.add(start + 90 * time::SECOND, -1);
+//! assert_eq!(open.max_level(), 1);
+//! ```
+
+pub mod latest;
+pub mod maintain;
+pub mod profile;
+pub mod sym;
+pub mod time;

@@ -1,0 +1,180 @@
+//! `maintain`: keep per-worker state up to date with a stream and emit its changes per epoch.
+//!
+//! Timely time in Keel is the ingestion epoch; event time is data. A maintained state receives
+//! the records routed to its worker, applies them in epoch order, and when an epoch is complete
+//! (both input frontiers have passed it) it is *closed*: the state reports what changed, as output
+//! records at that epoch. Several epochs completing together are closed once, at the latest of them,
+//! which is how the operator keeps up when it falls behind.
+//!
+//! The second input carries watermarks: the newest event time seen by each worker in an epoch,
+//! broadcast to every worker (see [`GlobalWatermark`]). A state reads the highest one at close,
+//! so every worker agrees on "now" for each epoch, whatever share of the events it holds.
+//!
+//! The contract for an [`EpochState`] is what makes results a function of the multiset of events:
+//! `apply` must commute (the same inputs in any order give the same state), and `close` must
+//! report the difference between what it reported before and what the state says now.
+//!
+//! ```
+//! use keel_operators::maintain::{EpochState, Maintain, GlobalWatermark};
+//! use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
+//!
+//! /// Counts records per parity, reporting the counts that changed.
+//! #[derive(Default)]
+//! struct Parity { counts: [u64; 2], dirty: [bool; 2] }
+//! impl EpochState for Parity {
+//!     type Input = u64;
+//!     type Output = (u64, u64);
+//!     fn apply(&mut self, x: u64) { self.counts[(x % 2) as usize] += 1; self.dirty[(x % 2) as usize] = true; }
+//!     fn close(&mut self, _watermark: i64, out: &mut Vec<(u64, u64)>) {
+//!         for p in 0..2 { if std::mem::take(&mut self.dirty[p]) { out.push((p as u64, self.counts[p])); } }
+//!     }
+//! }
+//!
+//! let captured = timely::example(|scope| {
+//!     let watermarks = (0..1i64).to_stream(scope).global_watermark();
+//!     (0..10u64).to_stream(scope).maintain(watermarks, "parity", |x| *x, Parity::default()).capture()
+//! });
+//! let mut out: Vec<_> = captured.extract().into_iter().flat_map(|(_, d)| d).collect();
+//! out.sort();
+//! assert_eq!(out, vec![(0, 5), (1, 5)]);
+//! ```
+
+use std::collections::BTreeMap;
+
+use timely::ExchangeData;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Capability, InputCapability};
+use timely::order::TotalOrder;
+use timely::progress::Timestamp;
+
+/// State kept by one worker of a [`Maintain::maintain`] operator.
+pub trait EpochState: 'static {
+    /// The records the state absorbs.
+    type Input;
+    /// The change records it reports when an epoch closes.
+    type Output;
+    /// Absorbs one record. Applying the same records in any order must give the same state.
+    fn apply(&mut self, input: Self::Input);
+    /// Reports every change since the previous close. `watermark` is the newest event time any
+    /// worker has seen up to this epoch (`i64::MIN` before the first event).
+    fn close(&mut self, watermark: i64, output: &mut Vec<Self::Output>);
+}
+
+/// Records pending for one epoch, with the capability to answer at it.
+struct Pending<T: Timestamp, I> {
+    capability: Capability<T>,
+    records: Vec<I>,
+    watermark: i64,
+}
+
+impl<T: Timestamp + TotalOrder, I> Pending<T, I> {
+    fn new(capability: &InputCapability<T>, port: usize) -> Self {
+        Pending {
+            capability: capability
+                .retain_least(port)
+                .expect("only messages with a least time are pending"),
+            records: Vec::new(),
+            watermark: i64::MIN,
+        }
+    }
+}
+
+/// Extension trait: maintain an [`EpochState`] per worker over a stream.
+pub trait Maintain<'scope, T: Timestamp, I> {
+    /// Routes each record to worker `route(record) % peers`, applies it to that worker's `state`,
+    /// and emits the state's changes whenever epochs complete. `watermarks` must already be
+    /// global (see [`GlobalWatermark::global_watermark`]).
+    fn maintain<S, R>(
+        self,
+        watermarks: StreamVec<'scope, T, i64>,
+        name: &str,
+        route: R,
+        state: S,
+    ) -> StreamVec<'scope, T, S::Output>
+    where
+        S: EpochState<Input = I>,
+        R: Fn(&I) -> u64 + 'static;
+}
+
+impl<'scope, T, I> Maintain<'scope, T, I> for StreamVec<'scope, T, I>
+where
+    T: Timestamp + TotalOrder,
+    I: ExchangeData,
+{
+    fn maintain<S, R>(
+        self,
+        watermarks: StreamVec<'scope, T, i64>,
+        name: &str,
+        route: R,
+        mut state: S,
+    ) -> StreamVec<'scope, T, S::Output>
+    where
+        S: EpochState<Input = I>,
+        R: Fn(&I) -> u64 + 'static,
+    {
+        let exchange = Exchange::new(move |record: &I| route(record));
+        self.binary_frontier(watermarks, exchange, Pipeline, name, move |_, _| {
+            let mut pending: BTreeMap<T, Pending<T, I>> = BTreeMap::new();
+            let mut watermark = i64::MIN;
+            let mut changes = Vec::new();
+            move |(records, records_frontier), (marks, marks_frontier), output| {
+                records.for_each(|cap, data| match cap.least() {
+                    Some(time) => pending
+                        .entry(time.clone())
+                        .or_insert_with(|| Pending::new(&cap, output.output_index()))
+                        .records
+                        .append(data),
+                    // A message under no capability claims no epoch: absorb it now.
+                    None => data.drain(..).for_each(|record| state.apply(record)),
+                });
+                marks.for_each(|cap, data| {
+                    if let Some(time) = cap.least() {
+                        let entry = pending
+                            .entry(time.clone())
+                            .or_insert_with(|| Pending::new(&cap, output.output_index()));
+                        entry.watermark = data.iter().copied().fold(entry.watermark, i64::max);
+                    } else {
+                        watermark = data.iter().copied().fold(watermark, i64::max);
+                    }
+                });
+                let complete = |time: &T| {
+                    !records_frontier.frontier().less_equal(time)
+                        && !marks_frontier.frontier().less_equal(time)
+                };
+                let mut latest = None;
+                while let Some(entry) = pending.first_entry() {
+                    if !complete(entry.key()) {
+                        break;
+                    }
+                    let epoch = entry.remove();
+                    watermark = watermark.max(epoch.watermark);
+                    for record in epoch.records {
+                        state.apply(record);
+                    }
+                    latest = Some(epoch.capability);
+                }
+                if let Some(capability) = latest {
+                    state.close(watermark, &mut changes);
+                    if !changes.is_empty() {
+                        output.session(&capability).give_iterator(changes.drain(..));
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Extension trait: turn per-worker watermarks into the global one every worker sees.
+pub trait GlobalWatermark<'scope, T: Timestamp> {
+    /// Broadcasts each worker's newest event time per epoch to every worker.
+    fn global_watermark(self) -> StreamVec<'scope, T, i64>;
+}
+
+impl<'scope, T: Timestamp> GlobalWatermark<'scope, T> for StreamVec<'scope, T, i64> {
+    fn global_watermark(self) -> StreamVec<'scope, T, i64> {
+        self.broadcast()
+    }
+}

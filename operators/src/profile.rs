@@ -1,0 +1,266 @@
+//! A step function built from point changes, answering "what was the highest level, and when".
+//!
+//! `StepProfile` holds a multiset of `(time, delta)` changes. Its level at time `t` is the sum of
+//! the deltas at times `≤ t`. Concurrency is the motivating case: a session `[start, end)` adds
+//! `+1` at `start` and `-1` at `end`, and the level is then the number of open sessions — so the
+//! true peak of concurrent viewers over any range is one query, whatever order the sessions arrived
+//! in, and a change is just another `add`. Because changes at one instant are summed before the
+//! level is read, a session that ends exactly when another starts does not overlap it.
+//!
+//! Storage is a list of sorted blocks with per-block sums and prefix maxima, so an update touches
+//! one block and a range query walks whole blocks by their summaries.
+//!
+//! ```
+//! use keel_operators::profile::StepProfile;
+//! let mut viewers = StepProfile::default();
+//! for (start, end) in [(0, 10), (5, 20), (10, 30)] {
+//!     viewers.add(start, 1);
+//!     viewers.add(end, -1);
+//! }
+//! assert_eq!(viewers.max_level(), 2);          // [5, 10) and [10, 20)
+//! assert_eq!(viewers.level_at(4), 1);
+//! assert_eq!(viewers.max_level_in(20, 100), 1); // only [10, 30) is left
+//! ```
+
+const BLOCK: usize = 64;
+
+#[derive(Clone, Debug, Default)]
+struct Block {
+    times: Vec<i64>,
+    deltas: Vec<i64>,
+    sum: i64,
+    /// Highest running sum within the block, over its points (the level just after each point,
+    /// relative to the level before the block).
+    max_prefix: i64,
+}
+
+impl Block {
+    fn summarise(&mut self) {
+        let mut running = 0;
+        let mut best = i64::MIN;
+        for &d in &self.deltas {
+            running += d;
+            best = best.max(running);
+        }
+        self.sum = running;
+        self.max_prefix = best;
+    }
+}
+
+/// A step function over `i64` time made of summed point changes. See the module documentation.
+#[derive(Clone, Debug, Default)]
+pub struct StepProfile {
+    blocks: Vec<Block>,
+}
+
+impl StepProfile {
+    /// Adds `delta` to the level from `time` on. A point whose deltas sum to zero disappears.
+    pub fn add(&mut self, time: i64, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        if self.blocks.is_empty() {
+            self.blocks.push(Block {
+                times: vec![time],
+                deltas: vec![delta],
+                ..Block::default()
+            });
+            self.blocks[0].summarise();
+            return;
+        }
+        // The last block whose first time is <= time, or the first block.
+        let index = self
+            .blocks
+            .partition_point(|b| b.times[0] <= time)
+            .saturating_sub(1);
+        let block = &mut self.blocks[index];
+        match block.times.binary_search(&time) {
+            Ok(at) => {
+                block.deltas[at] += delta;
+                if block.deltas[at] == 0 {
+                    block.times.remove(at);
+                    block.deltas.remove(at);
+                }
+            }
+            Err(at) => {
+                block.times.insert(at, time);
+                block.deltas.insert(at, delta);
+            }
+        }
+        if block.times.is_empty() {
+            self.blocks.remove(index);
+            return;
+        }
+        if block.times.len() > 2 * BLOCK {
+            let times = block.times.split_off(BLOCK);
+            let deltas = block.deltas.split_off(BLOCK);
+            block.summarise();
+            let mut tail = Block {
+                times,
+                deltas,
+                ..Block::default()
+            };
+            tail.summarise();
+            self.blocks.insert(index + 1, tail);
+        } else {
+            block.summarise();
+        }
+    }
+
+    /// True when no change is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Number of distinct change points.
+    pub fn points(&self) -> usize {
+        self.blocks.iter().map(|b| b.times.len()).sum()
+    }
+
+    /// The level at `time`: the sum of all deltas at times `<= time`.
+    pub fn level_at(&self, time: i64) -> i64 {
+        let mut level = 0;
+        for block in &self.blocks {
+            if *block.times.last().expect("blocks are never empty") <= time {
+                level += block.sum;
+            } else {
+                let upto = block.times.partition_point(|&t| t <= time);
+                level += block.deltas[..upto].iter().sum::<i64>();
+                break;
+            }
+        }
+        level
+    }
+
+    /// The highest level ever reached, and 0 if the level never rises above 0.
+    pub fn max_level(&self) -> i64 {
+        let mut level = 0;
+        let mut best = 0;
+        for block in &self.blocks {
+            best = best.max(level + block.max_prefix);
+            level += block.sum;
+        }
+        best
+    }
+
+    /// The highest level at any time in `[from, to)`; the level at `from` counts even when no
+    /// change happens inside the range.
+    pub fn max_level_in(&self, from: i64, to: i64) -> i64 {
+        let mut level = 0;
+        let mut best: Option<i64> = None;
+        for block in &self.blocks {
+            let first = block.times[0];
+            let last = *block.times.last().expect("blocks are never empty");
+            if last <= from {
+                level += block.sum;
+                continue;
+            }
+            if first >= to {
+                break;
+            }
+            if first > from && last < to {
+                // Wholly inside: the level at `from` is already settled.
+                let at_from = *best.get_or_insert(level);
+                best = Some(at_from.max(level + block.max_prefix));
+                level += block.sum;
+                continue;
+            }
+            for (&t, &d) in block.times.iter().zip(&block.deltas) {
+                if t <= from {
+                    level += d;
+                } else if t < to {
+                    let current = *best.get_or_insert(level);
+                    level += d;
+                    best = Some(current.max(level));
+                } else {
+                    break;
+                }
+            }
+        }
+        best.unwrap_or(level)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// The reference: a plain map of summed deltas, read point by point.
+    fn reference(changes: &[(i64, i64)]) -> BTreeMap<i64, i64> {
+        let mut map = BTreeMap::new();
+        for &(t, d) in changes {
+            *map.entry(t).or_insert(0) += d;
+        }
+        map.retain(|_, d| *d != 0);
+        map
+    }
+
+    fn ref_level(map: &BTreeMap<i64, i64>, time: i64) -> i64 {
+        map.range(..=time).map(|(_, d)| d).sum()
+    }
+
+    fn ref_max_in(map: &BTreeMap<i64, i64>, from: i64, to: i64) -> i64 {
+        let mut best = ref_level(map, from);
+        for (&t, _) in map.range(from + 1..to.max(from + 1)) {
+            best = best.max(ref_level(map, t));
+        }
+        best
+    }
+
+    proptest! {
+        #[test]
+        fn matches_reference(
+            changes in prop::collection::vec((0i64..400, -3i64..4), 0..600),
+            queries in prop::collection::vec((0i64..420, 0i64..60), 1..20),
+        ) {
+            let mut profile = StepProfile::default();
+            for &(t, d) in &changes {
+                profile.add(t, d);
+            }
+            let map = reference(&changes);
+            prop_assert_eq!(profile.points(), map.len());
+            let mut level = 0;
+            let mut best = 0;
+            for d in map.values() {
+                level += d;
+                best = best.max(level);
+            }
+            prop_assert_eq!(profile.max_level(), best);
+            for &(from, len) in &queries {
+                prop_assert_eq!(profile.level_at(from), ref_level(&map, from));
+                prop_assert_eq!(profile.max_level_in(from, from + len + 1), ref_max_in(&map, from, from + len + 1));
+            }
+        }
+
+        #[test]
+        fn sessions_in_any_order_give_the_same_profile(
+            sessions in prop::collection::vec((0i64..1000, 0i64..200), 1..300),
+            seed in any::<u64>(),
+        ) {
+            let mut forward = StepProfile::default();
+            for &(s, len) in &sessions {
+                forward.add(s, 1);
+                forward.add(s + len, -1);
+            }
+            // A deterministic shuffle, and each session added as an end before its start.
+            let mut order: Vec<usize> = (0..sessions.len()).collect();
+            let mut state = seed | 1;
+            for i in (1..order.len()).rev() {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                order.swap(i, (state % (i as u64 + 1)) as usize);
+            }
+            let mut shuffled = StepProfile::default();
+            for i in order {
+                let (s, len) = sessions[i];
+                shuffled.add(s + len, -1);
+                shuffled.add(s, 1);
+            }
+            prop_assert_eq!(forward.max_level(), shuffled.max_level());
+            for probe in (0..1200).step_by(37) {
+                prop_assert_eq!(forward.max_level_in(probe, probe + 300), shuffled.max_level_in(probe, probe + 300));
+            }
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! A small pull parser for JSON text, made for reading a few fields out of each event fast.
+//!
+//! The codec walks each record once: objects are visited key by key, the fields it wants are read
+//! as [`Value`]s (strings borrow from the input unless they contain escapes), and everything else
+//! is skipped — but still checked, so a truncated or garbled record is an error, not a partial
+//! event. Errors carry the byte offset, which ends up in the `ingest_errors` row.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// How deep objects and arrays may nest before a record is refused.
+const MAX_DEPTH: u32 = 64;
+
+/// A JSON syntax error at a byte offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonError {
+    /// Byte offset in the record where parsing stopped.
+    pub offset: usize,
+    /// What was expected there.
+    pub message: &'static str,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid JSON at byte {}: {}", self.offset, self.message)
+    }
+}
+
+/// A scalar value as it appears in the text: numbers keep their text so the reader decides
+/// between integer and float (and so 64-bit integers never pass through `f64`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value<'a> {
+    /// A string, unescaped.
+    Str(Cow<'a, str>),
+    /// A number, as written.
+    Num(&'a str),
+    /// `true` or `false`.
+    Bool(bool),
+    /// `null`.
+    Null,
+}
+
+/// The kind of a non-scalar value met where a scalar was expected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compound {
+    /// An object.
+    Object,
+    /// An array.
+    Array,
+}
+
+/// A cursor over one JSON text.
+#[derive(Debug)]
+pub struct Json<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    depth: u32,
+}
+
+impl<'a> Json<'a> {
+    /// A cursor at the start of `bytes`.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Json {
+            bytes,
+            pos: 0,
+            depth: 0,
+        }
+    }
+
+    fn error(&self, message: &'static str) -> JsonError {
+        JsonError {
+            offset: self.pos,
+            message,
+        }
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(&b) = self.bytes.get(self.pos) {
+            if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The next non-space byte, without consuming it.
+    pub fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn expect(&mut self, byte: u8, message: &'static str) -> Result<(), JsonError> {
+        if self.peek() == Some(byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.error(message))
+        }
+    }
+
+    /// Checks that only whitespace follows.
+    pub fn finish(&mut self) -> Result<(), JsonError> {
+        match self.peek() {
+            None => Ok(()),
+            Some(_) => Err(self.error("unexpected text after the value")),
+        }
+    }
+
+    /// Visits the members of an object. `member` gets each key and must consume its value.
+    /// Errors of `member` pass through unchanged.
+    pub fn object<E, F>(&mut self, mut member: F) -> Result<(), E>
+    where
+        E: From<JsonError>,
+        F: FnMut(&mut Self, Cow<'a, str>) -> Result<(), E>,
+    {
+        self.expect(b'{', "expected an object")?;
+        self.enter()?;
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            if self.peek() != Some(b'"') {
+                return Err(self.error("expected a string key").into());
+            }
+            let key = self.string()?;
+            self.expect(b':', "expected ':' after a key")?;
+            member(self, key)?;
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(self.error("expected ',' or '}' in an object").into()),
+            }
+        }
+    }
+
+    /// Visits the elements of an array. `element` must consume each value.
+    /// Errors of `element` pass through unchanged.
+    pub fn array<E, F>(&mut self, mut element: F) -> Result<(), E>
+    where
+        E: From<JsonError>,
+        F: FnMut(&mut Self) -> Result<(), E>,
+    {
+        self.expect(b'[', "expected an array")?;
+        self.enter()?;
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            element(self)?;
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(self.error("expected ',' or ']' in an array").into()),
+            }
+        }
+    }
+
+    fn enter(&mut self) -> Result<(), JsonError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.error("nested too deeply"));
+        }
+        Ok(())
+    }
+
+    /// Reads a scalar; an object or array is reported (and skipped) as `Err(Ok(kind))`.
+    pub fn scalar(&mut self) -> Result<Result<Value<'a>, Compound>, JsonError> {
+        match self.peek() {
+            Some(b'"') => Ok(Ok(Value::Str(self.string()?))),
+            Some(b'{') => {
+                self.skip()?;
+                Ok(Err(Compound::Object))
+            }
+            Some(b'[') => {
+                self.skip()?;
+                Ok(Err(Compound::Array))
+            }
+            Some(b't') => self.literal(b"true", Value::Bool(true)).map(Ok),
+            Some(b'f') => self.literal(b"false", Value::Bool(false)).map(Ok),
+            Some(b'n') => self.literal(b"null", Value::Null).map(Ok),
+            Some(b'-' | b'0'..=b'9') => Ok(Ok(Value::Num(self.number()?))),
+            Some(_) => Err(self.error("expected a value")),
+            None => Err(self.error("unexpected end of input")),
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8], value: Value<'a>) -> Result<Value<'a>, JsonError> {
+        if self.bytes[self.pos..].starts_with(word) {
+            self.pos += word.len();
+            Ok(value)
+        } else {
+            Err(self.error("expected true, false or null"))
+        }
+    }
+
+    fn number(&mut self) -> Result<&'a str, JsonError> {
+        let start = self.pos;
+        let b = self.bytes;
+        let mut i = self.pos;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        let int_start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == int_start || (b[int_start] == b'0' && i - int_start > 1) {
+            self.pos = i;
+            return Err(self.error("malformed number"));
+        }
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            let frac = i;
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i == frac {
+                self.pos = i;
+                return Err(self.error("malformed number"));
+            }
+        }
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            if matches!(b.get(i), Some(b'+' | b'-')) {
+                i += 1;
+            }
+            let exp = i;
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i == exp {
+                self.pos = i;
+                return Err(self.error("malformed number"));
+            }
+        }
+        self.pos = i;
+        // The slice is ASCII by construction.
+        std::str::from_utf8(&b[start..i]).map_err(|_| self.error("malformed number"))
+    }
+
+    /// Reads a string (the cursor must be at its opening quote).
+    pub fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
+        self.expect(b'"', "expected a string")?;
+        let start = self.pos;
+        let rest = &self.bytes[start..];
+        let Some(end) = memchr::memchr2(b'"', b'\\', rest) else {
+            self.pos = self.bytes.len();
+            return Err(self.error("unterminated string"));
+        };
+        if rest[end] == b'"' {
+            let raw = &rest[..end];
+            self.pos = start + end + 1;
+            return std::str::from_utf8(raw)
+                .map(Cow::Borrowed)
+                .map_err(|_| JsonError {
+                    offset: start,
+                    message: "string is not valid UTF-8",
+                });
+        }
+        self.pos = start + end;
+        let mut out = Vec::with_capacity(end + 16);
+        out.extend_from_slice(&rest[..end]);
+        loop {
+            let Some(&b) = self.bytes.get(self.pos) else {
+                return Err(self.error("unterminated string"));
+            };
+            match b {
+                b'"' => {
+                    self.pos += 1;
+                    break;
+                }
+                b'\\' => {
+                    self.pos += 1;
+                    self.escape(&mut out)?;
+                }
+                _ => {
+                    let run = memchr::memchr2(b'"', b'\\', &self.bytes[self.pos..])
+                        .unwrap_or(self.bytes.len() - self.pos);
+                    out.extend_from_slice(&self.bytes[self.pos..self.pos + run]);
+                    self.pos += run;
+                }
+            }
+        }
+        String::from_utf8(out)
+            .map(Cow::Owned)
+            .map_err(|_| JsonError {
+                offset: start,
+                message: "string is not valid UTF-8",
+            })
+    }
+
+    fn escape(&mut self, out: &mut Vec<u8>) -> Result<(), JsonError> {
+        let Some(&b) = self.bytes.get(self.pos) else {
+            return Err(self.error("unterminated escape"));
+        };
+        self.pos += 1;
+        let simple = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'u' => {
+                let mut code = self.hex4()?;
+                if (0xD800..0xDC00).contains(&code) {
+                    if !self.bytes[self.pos..].starts_with(b"\\u") {
+                        return Err(self.error("unpaired surrogate in \\u escape"));
+                    }
+                    self.pos += 2;
+                    let low = self.hex4()?;
+                    if !(0xDC00..0xE000).contains(&low) {
+                        return Err(self.error("unpaired surrogate in \\u escape"));
+                    }
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                }
+                let c = char::from_u32(code).ok_or_else(|| self.error("invalid \\u escape"))?;
+                let mut buf = [0; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                return Ok(());
+            }
+            _ => return Err(self.error("invalid escape")),
+        };
+        out.push(simple);
+        Ok(())
+    }
+
+    fn hex4(&mut self) -> Result<u32, JsonError> {
+        let digits = self
+            .bytes
+            .get(self.pos..self.pos + 4)
+            .ok_or_else(|| self.error("short \\u escape"))?;
+        let mut code = 0;
+        for &d in digits {
+            let v = (d as char)
+                .to_digit(16)
+                .ok_or_else(|| self.error("invalid \\u escape"))?;
+            code = code * 16 + v;
+        }
+        self.pos += 4;
+        Ok(code)
+    }
+
+    /// Skips one value of any kind, checking its syntax.
+    pub fn skip(&mut self) -> Result<(), JsonError> {
+        match self.peek() {
+            Some(b'{') => self.object::<JsonError, _>(|json, _| json.skip()),
+            Some(b'[') => self.array::<JsonError, _>(Json::skip),
+            Some(b'"') => self.skip_string(),
+            _ => self.scalar().map(|_| ()),
+        }
+    }
+
+    fn skip_string(&mut self) -> Result<(), JsonError> {
+        self.pos += 1;
+        let mut scratch = Vec::new();
+        loop {
+            match memchr::memchr2(b'"', b'\\', &self.bytes[self.pos..]) {
+                None => {
+                    self.pos = self.bytes.len();
+                    return Err(self.error("unterminated string"));
+                }
+                Some(at) if self.bytes[self.pos + at] == b'"' => {
+                    self.pos += at + 1;
+                    return Ok(());
+                }
+                Some(at) => {
+                    self.pos += at + 1;
+                    scratch.clear();
+                    self.escape(&mut scratch)?;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Reads any JSON text into serde_json's model using only the cursor.
+    fn read(json: &mut Json<'_>) -> Result<serde_json::Value, JsonError> {
+        match json.peek() {
+            Some(b'{') => {
+                let mut map = serde_json::Map::new();
+                json.object(|json, key| {
+                    let value = read(json)?;
+                    map.insert(key.into_owned(), value);
+                    Ok(())
+                })?;
+                Ok(serde_json::Value::Object(map))
+            }
+            Some(b'[') => {
+                let mut items = Vec::new();
+                json.array(|json| {
+                    items.push(read(json)?);
+                    Ok(())
+                })?;
+                Ok(serde_json::Value::Array(items))
+            }
+            _ => Ok(match json.scalar()? {
+                Ok(Value::Str(s)) => serde_json::Value::String(s.into_owned()),
+                Ok(Value::Num(n)) => n
+                    .parse::<i64>()
+                    .map(serde_json::Value::from)
+                    .or_else(|_| n.parse::<u64>().map(serde_json::Value::from))
+                    .unwrap_or_else(|_| serde_json::Value::from(n.parse::<f64>().unwrap())),
+                Ok(Value::Bool(b)) => serde_json::Value::Bool(b),
+                Ok(Value::Null) => serde_json::Value::Null,
+                Err(_) => unreachable!("compound values are handled above"),
+            }),
+        }
+    }
+
+    fn parse(text: &str) -> Result<serde_json::Value, JsonError> {
+        let mut json = Json::new(text.as_bytes());
+        let value = read(&mut json)?;
+        json.finish()?;
+        Ok(value)
+    }
+
+    fn skip_all(text: &str) -> Result<(), JsonError> {
+        let mut json = Json::new(text.as_bytes());
+        json.skip()?;
+        json.finish()
+    }
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::Value::from(n)),
+            any::<u64>().prop_map(|n| serde_json::Value::from(n)),
+            (-1e12f64..1e12).prop_map(|f| serde_json::Value::from(f)),
+            ".*".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(".{0,8}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Anything serde_json writes, the cursor reads back to the same value, and skips.
+        #[test]
+        fn reads_what_serde_json_writes(value in arb_json(), pretty in any::<bool>()) {
+            let text = if pretty { serde_json::to_string_pretty(&value) } else { serde_json::to_string(&value) }.unwrap();
+            prop_assert_eq!(parse(&text).unwrap(), value);
+            prop_assert!(skip_all(&text).is_ok());
+        }
+
+        /// On arbitrary text the cursor never panics, and it accepts only what serde_json accepts.
+        #[test]
+        fn agrees_with_serde_json_on_garbage(text in "[\\[\\]{}\":,0-9a-z\\\\ .eE+-]{0,40}") {
+            let ours = parse(&text).is_ok();
+            let theirs = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+            prop_assert_eq!(ours, theirs, "{}", text);
+            prop_assert_eq!(skip_all(&text).is_ok(), theirs, "{}", text);
+        }
+
+        /// Every prefix of a valid document is an error, never a panic.
+        #[test]
+        fn truncation_is_an_error(value in arb_json(), cut in any::<prop::sample::Index>()) {
+            let text = serde_json::to_string(&serde_json::json!({ "v": value })).unwrap();
+            let cut = cut.index(text.len());
+            if let Ok(prefix) = std::str::from_utf8(&text.as_bytes()[..cut]) {
+                prop_assert!(parse(prefix).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn escapes_and_surrogates() {
+        let value = parse(r#"{"a":"x\"y\\z\u00e9\ud83d\ude00\n"}"#).unwrap();
+        assert_eq!(value["a"], "x\"y\\z\u{e9}\u{1F600}\n");
+        assert!(parse(r#""\ud83d""#).is_err());
+        assert!(parse(r#""\q""#).is_err());
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let deep = "[".repeat(100) + &"]".repeat(100);
+        let error = parse(&deep).unwrap_err();
+        assert_eq!(error.message, "nested too deeply");
+    }
+
+    #[test]
+    fn errors_say_where() {
+        let error = parse(r#"{"a": 1,, "b": 2}"#).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid JSON at byte 8: expected a string key"
+        );
+    }
+}

@@ -1,0 +1,670 @@
+//! Decoding records of both wire versions into [`Event`]s, or into [`IngestError`] rows.
+//!
+//! [`decode`] reads one record in a single pass with the [`json`] cursor and never panics: every
+//! way a record can be unusable is a `reason` in its error row. The rules (EVENTS.md):
+//!
+//! - **Version**: `schema_version` 2 (or an `event_type` without dashes) is version 2, a JSON
+//!   envelope around a protobuf-JSON trigger with the payload under its oneof name; `"1.0"` (or a
+//!   kebab-case type) is version 1, a flat map of strings.
+//! - **Headers**: body fields win; the `tenant_id`, `event_type` and `event_id` headers fill in
+//!   what the body lacks.
+//! - **Tenant**: body, header, trigger, then payload; it must be a non-nil UUID, else the record
+//!   is refused (fail closed).
+//! - **Event id**: the envelope's (`event_id` or `id`), the header's, or the trigger's; a
+//!   non-UUID id is mapped to a UUIDv5 of its text, and a record without one gets a UUIDv5 of its
+//!   bytes, so a replayed record always has the same id.
+//! - **Event time**: the envelope `timestamp`, unless a payload time is more precise
+//!   (`trigger_unix_millis`, or integer timestamps, read as milliseconds from 10¹¹ up and as seconds
+//!   below).
+//! - **Streams**: `live+`/`vod+` prefixes are stripped from internal names; a `stream_id`, when
+//!   present, must be a UUID.
+//! - **Unknown types** become [`EventKind::Unknown`], never errors.
+
+mod fields;
+pub mod json;
+
+use std::borrow::Cow;
+
+use compact_str::CompactString;
+use keel_operators::sym::Sym;
+use keel_operators::time::{Precision, parse_rfc3339_precise};
+use uuid::Uuid;
+
+use crate::error::{IngestError, excerpt};
+use crate::event::{
+    Event, EventKind, IngestStart, NodeMode, NodeUpdate, RoutingDecision, SignalKind, StreamBuffer,
+    StreamEnd, StreamRef, StreamSignal, StreamUpdate, TrackList, UnknownEvent, ViewerConnect,
+    ViewerDisconnect, ViewerPlace,
+};
+use crate::record::Record;
+use fields::{Fields, degrees, first_sym, first_text, flag, float, int, sym, text, uint, uint32};
+use json::{Json, Value};
+
+/// Namespace for the UUIDv5 ids Keel derives for records that carry none.
+pub const KEEL_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d65_7665_6e74_2d69_6473_0001);
+
+/// Version-2 payload keys Keel reads, each with the event type it belongs to.
+const PAYLOADS: &[(&str, &str)] = &[
+    ("push_rewrite", "push_rewrite"),
+    ("viewer_connect", "viewer_connect"),
+    ("viewer_disconnect", "viewer_disconnect"),
+    ("stream_lifecycle_update", "stream_lifecycle_update"),
+    ("stream_buffer", "stream_buffer"),
+    ("stream_end", "stream_end"),
+    ("track_list", "stream_track_list"),
+    ("node_lifecycle_update", "node_lifecycle_update"),
+    ("load_balancing_data", "load_balancing"),
+    ("push_end", "push_end"),
+    ("push_out_start", "push_out_start"),
+    ("push_input_close", "push_input_close"),
+    ("recording_complete", "recording_complete"),
+    ("recording_segment", "recording_segment"),
+    ("play_rewrite", "play_rewrite"),
+    ("stream_source", "stream_source"),
+    ("client_lifecycle_batch", "client_lifecycle_batch"),
+];
+
+/// The envelope and payload of one record, as read.
+#[derive(Default)]
+struct Parsed<'a> {
+    event_id: Option<Value<'a>>,
+    id: Option<Value<'a>>,
+    event_type: Option<Value<'a>>,
+    type_: Option<Value<'a>>,
+    timestamp: Option<Value<'a>>,
+    tenant_id: Option<Value<'a>>,
+    schema_version: Option<Value<'a>>,
+    /// `data`'s own fields (version 1's map; version 2's trigger envelope).
+    data: Fields<'a>,
+    /// Version 2's payload: its key and fields.
+    payload: Option<(&'static str, Fields<'a>)>,
+}
+
+/// Why a record cannot be used (the `reason` of its error row).
+#[derive(Debug)]
+pub(crate) struct Reason(pub String);
+
+impl From<json::JsonError> for Reason {
+    fn from(error: json::JsonError) -> Self {
+        Reason(error.to_string())
+    }
+}
+
+impl From<String> for Reason {
+    fn from(reason: String) -> Self {
+        Reason(reason)
+    }
+}
+
+fn read_scalar<'a>(json: &mut Json<'a>, key: &str) -> Result<Value<'a>, Reason> {
+    json.scalar()?.map_err(|_| {
+        Reason(format!(
+            "field \"{key}\": expected a string, number or boolean"
+        ))
+    })
+}
+
+fn read_fields<'a>(json: &mut Json<'a>, fields: &mut Fields<'a>) -> Result<(), Reason> {
+    json.object(|json, key| {
+        if !fields.read(&key, json)? {
+            json.skip()?;
+        }
+        Ok(())
+    })
+}
+
+fn read_data<'a>(json: &mut Json<'a>, parsed: &mut Parsed<'a>) -> Result<(), Reason> {
+    if json.peek() != Some(b'{') {
+        return Err(Reason("field \"data\": expected an object".to_owned()));
+    }
+    json.object(|json, key| {
+        let Some(&(name, _)) = PAYLOADS.iter().find(|(name, _)| *name == key) else {
+            if !parsed.data.read(&key, json)? {
+                json.skip()?;
+            }
+            return Ok(());
+        };
+        if let Some((first, _)) = &parsed.payload {
+            return Err(Reason(format!(
+                "data holds two payloads, \"{first}\" and \"{name}\""
+            )));
+        }
+        if json.peek() != Some(b'{') {
+            return Err(Reason(format!("payload \"{name}\": expected an object")));
+        }
+        let mut fields = Fields::default();
+        read_fields(json, &mut fields)?;
+        parsed.payload = Some((name, fields));
+        Ok(())
+    })
+}
+
+fn read_record<'a>(value: &'a [u8], parsed: &mut Parsed<'a>) -> Result<(), Reason> {
+    let mut json = Json::new(value);
+    match json.peek() {
+        None => return Err(Reason("empty record".to_owned())),
+        Some(b'{') => {}
+        Some(_) => return Err(Reason("record is not a JSON object".to_owned())),
+    }
+    json.object(|json, key| {
+        let slot = match &*key {
+            "data" => return read_data(json, parsed),
+            "event_id" => &mut parsed.event_id,
+            "id" => &mut parsed.id,
+            "event_type" => &mut parsed.event_type,
+            "type" => &mut parsed.type_,
+            "timestamp" => &mut parsed.timestamp,
+            "tenant_id" => &mut parsed.tenant_id,
+            "schema_version" => &mut parsed.schema_version,
+            _ => return Ok(json.skip()?),
+        };
+        *slot = Some(read_scalar(json, &key)?);
+        Ok(())
+    })?;
+    Ok(json.finish()?)
+}
+
+/// Decodes one record. Errors are rows, never panics.
+pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
+    let mut parsed = Parsed::default();
+    let read = read_record(record.value, &mut parsed);
+    let event_type = first_text(&[&parsed.event_type, &parsed.type_])
+        .map(Cow::into_owned)
+        .or_else(|| record.headers.event_type.as_deref().map(str::to_owned));
+    let tenant_text = first_text(&[&parsed.tenant_id])
+        .map(Cow::into_owned)
+        .or_else(|| record.headers.tenant_id.as_deref().map(str::to_owned))
+        .or_else(|| first_text(&[&parsed.data.tenant_id]).map(Cow::into_owned))
+        .or_else(|| {
+            parsed
+                .payload
+                .as_ref()
+                .and_then(|(_, p)| first_text(&[&p.tenant_id]).map(Cow::into_owned))
+        });
+    let fail = |reason: String| IngestError {
+        position: record.position.clone(),
+        reason,
+        event_type: event_type.clone(),
+        tenant_id: tenant_text.clone(),
+        excerpt: excerpt(record.value),
+    };
+    read.map_err(|reason| fail(reason.0))?;
+    let event_type = event_type
+        .clone()
+        .ok_or_else(|| fail("event_type missing (body and header)".to_owned()))?;
+    let tenant = parse_tenant(tenant_text.as_deref()).map_err(&fail)?;
+    let id = event_id(&parsed, record).map_err(&fail)?;
+    let time = event_time(&parsed).map_err(&fail)?;
+    let kind = event_kind(&parsed, &event_type, record).map_err(&fail)?;
+    Ok(Event {
+        id,
+        tenant,
+        time,
+        kind,
+    })
+}
+
+fn parse_tenant(text: Option<&str>) -> Result<Uuid, String> {
+    let text = text.ok_or("tenant_id missing (body, header and payload)")?;
+    let tenant = Uuid::try_parse(text).map_err(|_| format!("tenant_id {text:?} is not a UUID"))?;
+    if tenant.is_nil() {
+        return Err("tenant_id is the nil UUID".to_owned());
+    }
+    Ok(tenant)
+}
+
+fn event_id(parsed: &Parsed<'_>, record: &Record<'_>) -> Result<Uuid, String> {
+    let given = first_text(&[&parsed.event_id, &parsed.id])
+        .map(Cow::into_owned)
+        .or_else(|| record.headers.event_id.as_deref().map(str::to_owned))
+        .or_else(|| first_text(&[&parsed.data.event_id]).map(Cow::into_owned));
+    Ok(match given {
+        Some(text) => Uuid::try_parse(&text)
+            .unwrap_or_else(|_| Uuid::new_v5(&KEEL_NAMESPACE, text.as_bytes())),
+        None => Uuid::new_v5(&KEEL_NAMESPACE, record.value),
+    })
+}
+
+/// Milliseconds from an integer that may be seconds or milliseconds.
+fn unix_time(n: i64) -> (i64, Precision) {
+    if n.unsigned_abs() >= 100_000_000_000 {
+        (n, Precision::Millis)
+    } else {
+        (n.saturating_mul(1000), Precision::Seconds)
+    }
+}
+
+fn event_time(parsed: &Parsed<'_>) -> Result<i64, String> {
+    let mut best: Option<(i64, Precision)> = None;
+    let mut offer = |candidate: (i64, Precision)| {
+        if best.is_none_or(|b| candidate.1 > b.1) {
+            best = Some(candidate);
+        }
+    };
+    match &parsed.timestamp {
+        Some(Value::Str(text)) if !text.is_empty() => offer(
+            parse_rfc3339_precise(text)
+                .ok_or_else(|| format!("timestamp {text:?} is not an RFC 3339 time"))?,
+        ),
+        Some(Value::Num(_)) => {
+            if let Some(n) = int(&parsed.timestamp, "timestamp")? {
+                offer(unix_time(n));
+            }
+        }
+        _ => {}
+    }
+    if let Some(ms) = int(&parsed.data.trigger_unix_millis, "trigger_unix_millis")? {
+        offer((ms, Precision::Millis));
+    }
+    if let Some((_, payload)) = &parsed.payload {
+        if let Some(n) = int(&payload.timestamp, "timestamp")? {
+            offer(unix_time(n));
+        }
+    }
+    if let Some(n) = int(&parsed.data.timestamp, "timestamp")? {
+        offer(unix_time(n));
+    }
+    best.map(|(t, _)| t)
+        .ok_or_else(|| "no event time (timestamp missing)".to_owned())
+}
+
+/// Which wire version a record is.
+fn is_version_1(parsed: &Parsed<'_>, event_type: &str) -> bool {
+    match &parsed.schema_version {
+        Some(Value::Num(n)) => n.starts_with('1'),
+        Some(Value::Str(s)) if !s.is_empty() => s.starts_with('1'),
+        _ => event_type.contains('-'),
+    }
+}
+
+fn event_kind(
+    parsed: &Parsed<'_>,
+    event_type: &str,
+    record: &Record<'_>,
+) -> Result<EventKind, String> {
+    if is_version_1(parsed, event_type) {
+        version_1(&parsed.data, event_type, record)
+    } else {
+        version_2(parsed, event_type, record)
+    }
+}
+
+fn unknown(event_type: &str, record: &Record<'_>) -> EventKind {
+    EventKind::Unknown(UnknownEvent {
+        event_type: Sym::new(event_type),
+        json: String::from_utf8_lossy(record.value).into_owned(),
+    })
+}
+
+fn version_2(
+    parsed: &Parsed<'_>,
+    event_type: &str,
+    record: &Record<'_>,
+) -> Result<EventKind, String> {
+    let Some(&(expected, _)) = PAYLOADS.iter().find(|(_, ty)| *ty == event_type) else {
+        return Ok(unknown(event_type, record));
+    };
+    let p = match &parsed.payload {
+        Some((name, fields)) if *name == expected => fields,
+        Some((name, _)) => {
+            return Err(format!(
+                "event_type {event_type} carries a \"{name}\" payload instead of \"{expected}\""
+            ));
+        }
+        None => {
+            return Err(format!(
+                "event_type {event_type} without its \"{expected}\" payload in data"
+            ));
+        }
+    };
+    let d = &parsed.data;
+    Ok(match event_type {
+        "push_rewrite" => EventKind::IngestStart(ingest_start(p, d)?),
+        "viewer_connect" => EventKind::ViewerConnect(viewer_connect(p, d)?),
+        "viewer_disconnect" => EventKind::ViewerDisconnect(viewer_disconnect(p, d)?),
+        "stream_lifecycle_update" => EventKind::StreamUpdate(stream_update(p, d)?),
+        "stream_buffer" => EventKind::StreamBuffer(stream_buffer(p, d)?),
+        "stream_end" => EventKind::StreamEnd(stream_end(p, d)?),
+        "stream_track_list" => EventKind::TrackList(track_list(p, d)?),
+        "node_lifecycle_update" => EventKind::NodeUpdate(node_update(p, d)?),
+        "load_balancing" => EventKind::Routing(routing(p, d)?),
+        "push_end" => signal(SignalKind::PushEnd, p, d)?,
+        "push_out_start" => signal(SignalKind::PushOutStart, p, d)?,
+        "push_input_close" => signal(SignalKind::PushInputClose, p, d)?,
+        "recording_complete" => signal(SignalKind::RecordingComplete, p, d)?,
+        "recording_segment" => signal(SignalKind::RecordingSegment, p, d)?,
+        "play_rewrite" => signal(SignalKind::PlayRewrite, p, d)?,
+        "stream_source" => signal(SignalKind::StreamSource, p, d)?,
+        "client_lifecycle_batch" => signal(SignalKind::ClientLifecycle, p, d)?,
+        _ => unreachable!("every PAYLOADS type is matched"),
+    })
+}
+
+fn version_1(d: &Fields<'_>, event_type: &str, record: &Record<'_>) -> Result<EventKind, String> {
+    let sub_type = text(&d.event_type);
+    Ok(match event_type {
+        "stream-ingest" => EventKind::IngestStart(ingest_start(d, d)?),
+        "user-connection" => match text(&d.action)
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("connect") => EventKind::ViewerConnect(viewer_connect(d, d)?),
+            Some("disconnect") => EventKind::ViewerDisconnect(viewer_disconnect(d, d)?),
+            Some(other) => return Err(format!("action {other:?} is not connect or disconnect")),
+            None => return Err("user-connection without an action".to_owned()),
+        },
+        "stream-lifecycle" => match sub_type.as_deref() {
+            Some("stream-buffer") => EventKind::StreamBuffer(stream_buffer(d, d)?),
+            Some("stream-end") => EventKind::StreamEnd(stream_end(d, d)?),
+            _ => EventKind::StreamUpdate(stream_update(d, d)?),
+        },
+        "stream-buffer" => EventKind::StreamBuffer(stream_buffer(d, d)?),
+        "stream-end" => EventKind::StreamEnd(stream_end(d, d)?),
+        "track-list" => EventKind::TrackList(track_list(d, d)?),
+        "node-lifecycle" => EventKind::NodeUpdate(node_update(d, d)?),
+        "load-balancing" => EventKind::Routing(routing(d, d)?),
+        "push-lifecycle" => match sub_type.as_deref() {
+            Some("push_out_start") => signal(SignalKind::PushOutStart, d, d)?,
+            _ => signal(SignalKind::PushEnd, d, d)?,
+        },
+        "recording-lifecycle" => signal(SignalKind::RecordingComplete, d, d)?,
+        "client-lifecycle" => signal(SignalKind::ClientLifecycle, d, d)?,
+        "stream-view" => signal(SignalKind::PlayRewrite, d, d)?,
+        _ => unknown(event_type, record),
+    })
+}
+
+/// Strips the `live+`/`vod+` prefix Mist puts on stream names.
+pub fn internal_name(name: &str) -> &str {
+    name.strip_prefix("live+")
+        .or_else(|| name.strip_prefix("vod+"))
+        .unwrap_or(name)
+}
+
+fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
+    let name = first_text(&[
+        &p.internal_name,
+        &p.stream_name,
+        &d.internal_name,
+        &d.stream_name,
+    ])
+    .ok_or("no stream name (internal_name or stream_name)")?;
+    let name = internal_name(&name);
+    if name.is_empty() {
+        return Err("stream name is empty after its prefix".to_owned());
+    }
+    let stream_id = match first_text(&[&p.stream_id, &d.stream_id]) {
+        None => None,
+        Some(text) => {
+            Some(Uuid::try_parse(&text).map_err(|_| format!("stream_id {text:?} is not a UUID"))?)
+        }
+    };
+    Ok(StreamRef {
+        internal_name: Sym::new(name),
+        stream_id,
+    })
+}
+
+fn node(p: &Fields<'_>, d: &Fields<'_>) -> Sym {
+    first_sym(&[&p.node_id, &d.node_id])
+}
+
+fn latitude(values: &[&Option<Value<'_>>], name: &str) -> Result<Option<f64>, String> {
+    let value = values
+        .iter()
+        .find(|v| text(v).is_some())
+        .copied()
+        .unwrap_or(&None);
+    degrees(value, name, 90.0)
+}
+
+fn longitude(values: &[&Option<Value<'_>>], name: &str) -> Result<Option<f64>, String> {
+    let value = values
+        .iter()
+        .find(|v| text(v).is_some())
+        .copied()
+        .unwrap_or(&None);
+    degrees(value, name, 180.0)
+}
+
+fn first_uint(values: &[(&Option<Value<'_>>, &str)]) -> Result<Option<u64>, String> {
+    for (value, name) in values {
+        if let Some(n) = uint(value, name)? {
+            return Ok(Some(n));
+        }
+    }
+    Ok(None)
+}
+
+fn first_uint32(values: &[(&Option<Value<'_>>, &str)]) -> Result<Option<u32>, String> {
+    for (value, name) in values {
+        if let Some(n) = uint32(value, name)? {
+            return Ok(Some(n));
+        }
+    }
+    Ok(None)
+}
+
+fn country(values: &[&Option<Value<'_>>]) -> Sym {
+    match first_text(values) {
+        Some(code) if code.bytes().any(|b| b.is_ascii_lowercase()) => {
+            Sym::new(&code.to_ascii_uppercase())
+        }
+        Some(code) => Sym::new(&code),
+        None => Sym::default(),
+    }
+}
+
+fn ingest_start(p: &Fields<'_>, d: &Fields<'_>) -> Result<IngestStart, String> {
+    Ok(IngestStart {
+        stream: stream_ref(p, d)?,
+        node: node(p, d),
+        protocol: sym(&p.protocol),
+        latitude: latitude(&[&p.publisher_latitude, &p.latitude], "latitude")?,
+        longitude: longitude(&[&p.publisher_longitude, &p.longitude], "longitude")?,
+    })
+}
+
+fn session_id(p: &Fields<'_>) -> Result<CompactString, String> {
+    first_text(&[&p.session_id])
+        .map(|s| CompactString::from(s.as_ref()))
+        .ok_or_else(|| "viewer event without session_id".to_owned())
+}
+
+fn place(p: &Fields<'_>) -> Result<ViewerPlace, String> {
+    Ok(ViewerPlace {
+        host: first_text(&[&p.host, &p.connection_addr])
+            .map(|h| CompactString::from(h.as_ref()))
+            .unwrap_or_default(),
+        connector: sym(&p.connector),
+        country: country(&[&p.client_country, &p.country_code]),
+        city: first_sym(&[&p.client_city, &p.city]),
+        latitude: latitude(&[&p.client_latitude, &p.latitude], "latitude")?,
+        longitude: longitude(&[&p.client_longitude, &p.longitude], "longitude")?,
+    })
+}
+
+fn viewer_connect(p: &Fields<'_>, d: &Fields<'_>) -> Result<ViewerConnect, String> {
+    Ok(ViewerConnect {
+        stream: stream_ref(p, d)?,
+        node: node(p, d),
+        session_id: session_id(p)?,
+        place: place(p)?,
+    })
+}
+
+fn viewer_disconnect(p: &Fields<'_>, d: &Fields<'_>) -> Result<ViewerDisconnect, String> {
+    Ok(ViewerDisconnect {
+        stream: stream_ref(p, d)?,
+        node: node(p, d),
+        session_id: session_id(p)?,
+        place: place(p)?,
+        duration_s: first_uint(&[
+            (&p.duration, "duration"),
+            (&p.seconds_connected, "seconds_connected"),
+        ])?
+        .unwrap_or(0),
+        up_bytes: uint(&p.up_bytes, "up_bytes")?.unwrap_or(0),
+        down_bytes: uint(&p.down_bytes, "down_bytes")?.unwrap_or(0),
+    })
+}
+
+fn buffer_state(value: &Option<Value<'_>>) -> Result<Sym, String> {
+    match text(value) {
+        None => Ok(Sym::default()),
+        Some(state) => {
+            let upper = state.to_ascii_uppercase();
+            match upper.as_str() {
+                "FULL" | "EMPTY" | "DRY" | "RECOVER" => Ok(Sym::new(&upper)),
+                _ => Err(format!(
+                    "buffer_state {state:?} is not one of FULL, EMPTY, DRY, RECOVER"
+                )),
+            }
+        }
+    }
+}
+
+fn stream_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamUpdate, String> {
+    Ok(StreamUpdate {
+        stream: stream_ref(p, d)?,
+        node: node(p, d),
+        status: text(&p.status)
+            .map(|s| Sym::new(&s.to_ascii_lowercase()))
+            .unwrap_or_default(),
+        buffer_state: buffer_state(&p.buffer_state)?,
+        uploaded_bytes: first_uint(&[
+            (&p.uploaded_bytes, "uploaded_bytes"),
+            (&p.bandwidth_in, "bandwidth_in"),
+        ])?
+        .unwrap_or(0),
+        downloaded_bytes: first_uint(&[
+            (&p.downloaded_bytes, "downloaded_bytes"),
+            (&p.bandwidth_out, "bandwidth_out"),
+        ])?
+        .unwrap_or(0),
+        viewers: first_uint32(&[(&p.total_viewers, "total_viewers"), (&p.viewers, "viewers")])?
+            .unwrap_or(0),
+        inputs: first_uint32(&[(&p.total_inputs, "total_inputs"), (&p.inputs, "inputs")])?
+            .unwrap_or(0),
+        has_issues: flag(&p.has_issues, "has_issues")?.unwrap_or(false),
+        quality_tier: sym(&p.quality_tier),
+        height: uint32(&p.primary_height, "primary_height")?.unwrap_or(0),
+        fps: float(&p.primary_fps, "primary_fps")?
+            .unwrap_or(0.0)
+            .max(0.0),
+        bitrate_bps: uint(&p.primary_bitrate, "primary_bitrate")?.unwrap_or(0),
+        packets_sent: uint(&p.packets_sent, "packets_sent")?.unwrap_or(0),
+        packets_lost: uint(&p.packets_lost, "packets_lost")?.unwrap_or(0),
+        started_at: int(&p.started_at, "started_at")?
+            .filter(|&t| t > 0)
+            .map(|t| unix_time(t).0),
+    })
+}
+
+fn stream_buffer(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamBuffer, String> {
+    let state = buffer_state(&p.buffer_state)?;
+    if state.is_empty() {
+        return Err("stream_buffer without buffer_state".to_owned());
+    }
+    Ok(StreamBuffer {
+        stream: stream_ref(p, d)?,
+        node: node(p, d),
+        buffer_state: state,
+        has_issues: flag(&p.has_issues, "has_issues")?.unwrap_or(false),
+        quality_tier: sym(&p.quality_tier),
+    })
+}
+
+fn stream_end(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamEnd, String> {
+    Ok(StreamEnd {
+        stream: stream_ref(p, d)?,
+        node: node(p, d),
+        downloaded_bytes: uint(&p.downloaded_bytes, "downloaded_bytes")?.unwrap_or(0),
+        uploaded_bytes: uint(&p.uploaded_bytes, "uploaded_bytes")?.unwrap_or(0),
+    })
+}
+
+fn track_list(p: &Fields<'_>, d: &Fields<'_>) -> Result<TrackList, String> {
+    Ok(TrackList {
+        stream: stream_ref(p, d)?,
+        node: node(p, d),
+        quality_tier: sym(&p.quality_tier),
+        height: uint32(&p.primary_height, "primary_height")?.unwrap_or(0),
+        tracks: first_uint32(&[
+            (&p.total_tracks, "total_tracks"),
+            (&p.track_count, "track_count"),
+        ])?
+        .unwrap_or(0),
+    })
+}
+
+fn node_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<NodeUpdate, String> {
+    let node = node(p, d);
+    if node.is_empty() {
+        return Err("node update without node_id".to_owned());
+    }
+    let cpu_tenths =
+        first_uint32(&[(&p.cpu_tenths, "cpu_tenths"), (&p.cpu_usage, "cpu_usage")])?.unwrap_or(0);
+    if cpu_tenths > 1000 {
+        return Err(format!("cpu_tenths {cpu_tenths} is above 1000 (100 %)"));
+    }
+    let mode = match text(&p.operational_mode) {
+        Some(m) if m.to_ascii_uppercase().contains("DRAIN") => NodeMode::Draining,
+        Some(m) if m.to_ascii_uppercase().contains("MAINT") => NodeMode::Maintenance,
+        _ => NodeMode::Normal,
+    };
+    Ok(NodeUpdate {
+        node,
+        cpu_tenths,
+        ram_current: uint(&p.ram_current, "ram_current")?.unwrap_or(0),
+        ram_max: uint(&p.ram_max, "ram_max")?.unwrap_or(0),
+        up_speed: uint(&p.up_speed, "up_speed")?.unwrap_or(0),
+        down_speed: uint(&p.down_speed, "down_speed")?.unwrap_or(0),
+        bw_limit: uint(&p.bw_limit, "bw_limit")?.unwrap_or(0),
+        latitude: latitude(&[&p.latitude], "latitude")?,
+        longitude: longitude(&[&p.longitude], "longitude")?,
+        location: sym(&p.location),
+        active_streams: first_uint32(&[
+            (&p.active_streams, "active_streams"),
+            (&p.stream_count, "stream_count"),
+        ])?
+        .unwrap_or(0),
+        is_healthy: flag(&p.is_healthy, "is_healthy")?.unwrap_or(false),
+        mode,
+        base_url: sym(&p.base_url),
+    })
+}
+
+fn routing(p: &Fields<'_>, d: &Fields<'_>) -> Result<RoutingDecision, String> {
+    let stream = if first_text(&[&p.internal_name, &p.stream_name, &d.internal_name]).is_some() {
+        Some(stream_ref(p, d)?)
+    } else {
+        None
+    };
+    Ok(RoutingDecision {
+        stream,
+        selected_node: first_sym(&[&p.selected_node_id, &p.selected_node]),
+        status: text(&p.status)
+            .map(|s| Sym::new(&s.to_ascii_lowercase()))
+            .unwrap_or_default(),
+        score: uint(&p.score, "score")?,
+        client_latitude: latitude(&[&p.latitude, &p.client_latitude], "latitude")?,
+        client_longitude: longitude(&[&p.longitude, &p.client_longitude], "longitude")?,
+        node_latitude: latitude(&[&p.node_latitude], "node_latitude")?,
+        node_longitude: longitude(&[&p.node_longitude], "node_longitude")?,
+        distance_km: float(&p.routing_distance_km, "routing_distance_km")?.filter(|d| *d >= 0.0),
+        client_country: country(&[&p.client_country]),
+    })
+}
+
+fn signal(kind: SignalKind, p: &Fields<'_>, d: &Fields<'_>) -> Result<EventKind, String> {
+    Ok(EventKind::StreamSignal(StreamSignal {
+        kind,
+        stream: stream_ref(p, d)?,
+        node: node(p, d),
+    }))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,394 @@
+use super::*;
+use crate::record::{Headers, Position};
+use proptest::prelude::*;
+
+const TENANT: &str = "5eed517e-ba5e-da7a-517e-ba5eda7a0001";
+const STREAM: &str = "5eedfeed-11fe-ca57-feed-11feca570001";
+
+fn record(value: &str) -> Record<'_> {
+    Record {
+        position: Position::File {
+            path: Sym::new("test.ndjson"),
+            line: 7,
+        },
+        value: value.as_bytes(),
+        headers: Headers::default(),
+    }
+}
+
+fn ok(value: &str) -> Event {
+    decode(&record(value)).unwrap_or_else(|e| panic!("{}: {}", e.reason, value))
+}
+
+fn err(value: &str) -> IngestError {
+    decode(&record(value)).expect_err("the record should be refused")
+}
+
+fn v2(event_type: &str, data: &str) -> String {
+    format!(
+        r#"{{"event_id":"0b7d4a8e-5c1f-4e53-9a43-2f7e1d3c9b10","event_type":"{event_type}","timestamp":"2026-11-01T10:00:00.250Z","source":"foghorn","tenant_id":"{TENANT}","schema_version":2,"data":{data}}}"#
+    )
+}
+
+fn v1(event_type: &str, data: &str) -> String {
+    format!(
+        r#"{{"id":"1c2d3e4f-0000-4000-8000-000000000001","type":"{event_type}","event_id":"1c2d3e4f-0000-4000-8000-000000000001","event_type":"{event_type}","timestamp":"2026-11-01T10:00:00Z","source":"helmsman","schema_version":"1.0","data":{data}}}"#
+    )
+}
+
+#[test]
+fn version_2_viewer_connect() {
+    let event = ok(&v2(
+        "viewer_connect",
+        &format!(
+            r#"{{"trigger_type":"USER_NEW","node_id":"edge-ams-1","timestamp":"1793527200","request_id":"r1","stream_id":"{STREAM}","tenant_id":"{TENANT}","viewer_connect":{{"stream_name":"live+demo_live_stream_001","host":"203.0.113.7","connector":"HLS","session_id":"3184512","client_country":"nl","client_city":"Amsterdam","client_latitude":52.37,"client_longitude":4.89,"stream_id":"{STREAM}"}}}}"#
+        ),
+    ));
+    assert_eq!(event.tenant.to_string(), TENANT);
+    assert_eq!(
+        event.time, 1_793_527_200_250,
+        "the RFC 3339 time has milliseconds"
+    );
+    let EventKind::ViewerConnect(c) = event.kind else {
+        panic!("{:?}", event.kind)
+    };
+    assert_eq!(c.stream.internal_name.as_str(), "demo_live_stream_001");
+    assert_eq!(c.stream.stream_id.unwrap().to_string(), STREAM);
+    assert_eq!(c.node.as_str(), "edge-ams-1");
+    assert_eq!(c.session_id, "3184512");
+    assert_eq!(c.place.host, "203.0.113.7");
+    assert_eq!(c.place.country.as_str(), "NL");
+    assert_eq!(c.place.city.as_str(), "Amsterdam");
+    assert_eq!(c.place.latitude, Some(52.37));
+}
+
+#[test]
+fn version_2_disconnect_reads_int64_strings() {
+    let event = ok(&v2(
+        "viewer_disconnect",
+        r#"{"trigger_type":"USER_END","node_id":"edge-ams-1","viewer_disconnect":{"session_id":"9","stream_name":"vod+clip","duration":"125","up_bytes":"1024","down_bytes":"9007199254740993","country_code":"DE"}}"#,
+    ));
+    let EventKind::ViewerDisconnect(d) = event.kind else {
+        panic!()
+    };
+    assert_eq!(d.stream.internal_name.as_str(), "clip");
+    assert_eq!(d.duration_s, 125);
+    assert_eq!(d.down_bytes, 9_007_199_254_740_993, "no trip through f64");
+    assert_eq!(d.place.country.as_str(), "DE");
+}
+
+#[test]
+fn version_2_poller_updates() {
+    let event = ok(&v2(
+        "node_lifecycle_update",
+        &format!(
+            r#"{{"trigger_type":"NODE_LIFECYCLE_UPDATE","node_id":"edge-1","node_lifecycle_update":{{"node_id":"edge-1","cpu_tenths":455,"ram_max":"17179869184","ram_current":"4294967296","up_speed":"1250000","down_speed":"250000","bw_limit":"125000000","latitude":52.1,"longitude":4.4,"location":"Leiden","active_streams":3,"is_healthy":true,"operational_mode":"NODE_OPERATIONAL_MODE_DRAINING","tenant_id":"{TENANT}","capabilities":{{"ingest":true,"roles":["edge"]}},"streams":{{"demo":{{"total":"4"}}}}}}}}"#
+        ),
+    ));
+    let EventKind::NodeUpdate(n) = event.kind else {
+        panic!()
+    };
+    assert_eq!(n.cpu_tenths, 455);
+    assert_eq!(n.ram_max, 17_179_869_184);
+    assert_eq!(n.mode, NodeMode::Draining);
+    assert!(n.is_healthy);
+    assert_eq!(n.location.as_str(), "Leiden");
+
+    let event = ok(&v2(
+        "stream_lifecycle_update",
+        r#"{"trigger_type":"STREAM_LIFECYCLE_UPDATE","stream_lifecycle_update":{"node_id":"edge-1","internal_name":"demo","status":"LIVE","buffer_state":"full","uploaded_bytes":"500","downloaded_bytes":"7000","total_viewers":4,"has_issues":true,"quality_tier":"1080p","primary_height":1080,"primary_fps":29.97,"primary_bitrate":"4500000","packets_sent":"100","packets_lost":"2","started_at":"1793526000"}}"#,
+    ));
+    let EventKind::StreamUpdate(u) = event.kind else {
+        panic!()
+    };
+    assert_eq!(u.status.as_str(), "live");
+    assert_eq!(u.buffer_state.as_str(), "FULL");
+    assert_eq!(
+        (u.uploaded_bytes, u.downloaded_bytes, u.viewers),
+        (500, 7000, 4)
+    );
+    assert_eq!(u.started_at, Some(1_793_526_000_000));
+    assert_eq!(u.fps, 29.97);
+}
+
+#[test]
+fn version_2_routing_and_unknown() {
+    let event = ok(&v2(
+        "load_balancing",
+        r#"{"load_balancing_data":{"selected_node":"edge-2.example.net","selected_node_id":"edge-2","latitude":48.85,"longitude":2.35,"status":"SUCCESS","score":"2150","node_latitude":50.11,"node_longitude":8.68,"client_country":"FR","internal_name":"demo"}}"#,
+    ));
+    let EventKind::Routing(r) = event.kind else {
+        panic!()
+    };
+    assert_eq!(r.selected_node.as_str(), "edge-2");
+    assert_eq!(r.status.as_str(), "success");
+    assert_eq!(r.score, Some(2150));
+    let km = r.distance().unwrap();
+    assert!(
+        (km - 478.0).abs() < 5.0,
+        "Paris to Frankfurt is about 478 km, got {km}"
+    );
+
+    let unknown = v2(
+        "orchestrator_ai_outcome",
+        r#"{"gateway_id":"g1","model":"x"}"#,
+    );
+    let event = ok(&unknown);
+    assert_eq!(
+        event.kind,
+        EventKind::Unknown(UnknownEvent {
+            event_type: Sym::new("orchestrator_ai_outcome"),
+            json: unknown.clone()
+        })
+    );
+}
+
+#[test]
+fn version_1_events_match_version_2() {
+    let connect_v1 = ok(&v1(
+        "user-connection",
+        r#"{"action":"connect","internal_name":"demo","stream_name":"live+demo","session_id":"17","connection_addr":"198.51.100.4","connector":"HLS","node_id":"edge-1","tenant_id":"5eed517e-ba5e-da7a-517e-ba5eda7a0001","timestamp":"1793527200","country_code":"<nil>"}"#,
+    ));
+    let connect_v2 = ok(&v2(
+        "viewer_connect",
+        r#"{"node_id":"edge-1","viewer_connect":{"stream_name":"live+demo","host":"198.51.100.4","connector":"HLS","session_id":"17"}}"#,
+    ));
+    assert_eq!(connect_v1.kind, connect_v2.kind);
+
+    let end = ok(&v1(
+        "user-connection",
+        &format!(
+            r#"{{"action":"disconnect","internal_name":"demo","session_id":"17","connection_addr":"198.51.100.4","connector":"HLS","node_id":"edge-1","tenant_id":"{TENANT}","down_bytes":"1.048576e+06","up_bytes":"300","seconds_connected":"61"}}"#
+        ),
+    ));
+    let EventKind::ViewerDisconnect(d) = end.kind else {
+        panic!()
+    };
+    assert_eq!(
+        (d.down_bytes, d.up_bytes, d.duration_s),
+        (1_048_576, 300, 61)
+    );
+
+    let node = ok(&v1(
+        "node-lifecycle",
+        &format!(
+            r#"{{"node_id":"edge-1","is_healthy":"true","cpu_usage":"250","ram_max":"1000","ram_current":"500","latitude":"52.1","longitude":"4.4","stream_count":"2","tenant_id":"{TENANT}"}}"#
+        ),
+    ));
+    let EventKind::NodeUpdate(n) = node.kind else {
+        panic!()
+    };
+    assert_eq!(
+        (n.cpu_tenths, n.active_streams, n.is_healthy),
+        (250, 2, true)
+    );
+
+    let buffer = ok(&v1(
+        "stream-lifecycle",
+        &format!(
+            r#"{{"internal_name":"demo","event_type":"stream-buffer","buffer_state":"DRY","tenant_id":"{TENANT}"}}"#
+        ),
+    ));
+    assert!(matches!(buffer.kind, EventKind::StreamBuffer(b) if b.buffer_state.as_str() == "DRY"));
+}
+
+#[test]
+fn headers_fill_what_the_body_lacks() {
+    let value = r#"{"event_type":"viewer_connect","timestamp":"2026-11-01T10:00:00Z","data":{"viewer_connect":{"stream_name":"demo","session_id":"1"}}}"#;
+    let mut rec = record(value);
+    assert_eq!(
+        decode(&rec).unwrap_err().reason,
+        "tenant_id missing (body, header and payload)"
+    );
+    rec.headers.tenant_id = Some(TENANT.into());
+    rec.headers.event_id = Some("7f6c7a52-6a36-4e3b-9a4e-7d9b6c9b5a01".into());
+    let event = decode(&rec).unwrap();
+    assert_eq!(event.tenant.to_string(), TENANT);
+    assert_eq!(event.id.to_string(), "7f6c7a52-6a36-4e3b-9a4e-7d9b6c9b5a01");
+
+    // The body wins over a header.
+    let other = "11111111-2222-4333-8444-555555555555";
+    let with_body = value.replacen('{', &format!(r#"{{"tenant_id":"{other}","#), 1);
+    let mut rec = record(&with_body);
+    rec.headers.tenant_id = Some(TENANT.into());
+    assert_eq!(decode(&rec).unwrap().tenant.to_string(), other);
+
+    // The event type can come from a header.
+    let no_type = value.replace(r#""event_type":"viewer_connect","#, "");
+    let mut rec = record(&no_type);
+    rec.headers.tenant_id = Some(TENANT.into());
+    assert_eq!(
+        decode(&rec).unwrap_err().reason,
+        "event_type missing (body and header)"
+    );
+    rec.headers.event_type = Some("viewer_connect".into());
+    assert!(matches!(
+        decode(&rec).unwrap().kind,
+        EventKind::ViewerConnect(_)
+    ));
+}
+
+#[test]
+fn tenants_fail_closed() {
+    let with_tenant = |t: &str| {
+        format!(
+            r#"{{"event_type":"stream_end","timestamp":"2026-11-01T10:00:00Z","tenant_id":"{t}","data":{{"stream_end":{{"stream_name":"demo"}}}}}}"#
+        )
+    };
+    assert_eq!(
+        err(&with_tenant("acme")).reason,
+        "tenant_id \"acme\" is not a UUID"
+    );
+    assert_eq!(
+        err(&with_tenant("00000000-0000-0000-0000-000000000000")).reason,
+        "tenant_id is the nil UUID"
+    );
+    let e = err(&with_tenant("acme"));
+    assert_eq!(e.tenant_id.as_deref(), Some("acme"));
+    assert_eq!(e.event_type.as_deref(), Some("stream_end"));
+    assert_eq!(e.position.to_string(), "file:test.ndjson:7");
+}
+
+#[test]
+fn event_time_prefers_the_more_precise_source() {
+    let data = r#"{"trigger_unix_millis":"1793527200123","viewer_connect":{"stream_name":"demo","session_id":"1"}}"#;
+    let whole_seconds = v2("viewer_connect", data).replace(".250Z", "Z");
+    assert_eq!(ok(&whole_seconds).time, 1_793_527_200_123);
+    let no_envelope_time = v2(
+        "viewer_connect",
+        r#"{"timestamp":"1793527201","viewer_connect":{"stream_name":"demo","session_id":"1"}}"#,
+    )
+    .replace(r#""timestamp":"2026-11-01T10:00:00.250Z","#, "");
+    assert_eq!(ok(&no_envelope_time).time, 1_793_527_201_000);
+    let bad = v2("stream_end", r#"{"stream_end":{"stream_name":"demo"}}"#)
+        .replace("2026-11-01T10:00:00.250Z", "yesterday");
+    assert_eq!(
+        err(&bad).reason,
+        "timestamp \"yesterday\" is not an RFC 3339 time"
+    );
+    let none = v2("stream_end", r#"{"stream_end":{"stream_name":"demo"}}"#)
+        .replace(r#""timestamp":"2026-11-01T10:00:00.250Z","#, "");
+    assert_eq!(err(&none).reason, "no event time (timestamp missing)");
+}
+
+#[test]
+fn event_ids_are_stable() {
+    let text = v2("stream_end", r#"{"stream_end":{"stream_name":"demo"}}"#)
+        .replace(r#""event_id":"0b7d4a8e-5c1f-4e53-9a43-2f7e1d3c9b10","#, "");
+    assert_eq!(ok(&text).id, ok(&text).id);
+    assert_eq!(ok(&text).id, Uuid::new_v5(&KEEL_NAMESPACE, text.as_bytes()));
+    let odd = text.replacen('{', r#"{"event_id":"evt-42","#, 1);
+    assert_eq!(ok(&odd).id, Uuid::new_v5(&KEEL_NAMESPACE, b"evt-42"));
+}
+
+#[test]
+fn refusals_name_the_problem() {
+    let cases = [
+        ("", "empty record"),
+        ("[1,2]", "record is not a JSON object"),
+        (
+            r#"{"event_type":"viewer_connect""#,
+            "invalid JSON at byte 30: expected ',' or '}' in an object",
+        ),
+        (
+            &v2(
+                "viewer_connect",
+                r#"{"viewer_connect":{"stream_name":"demo"}}"#,
+            ),
+            "viewer event without session_id",
+        ),
+        (
+            &v2("viewer_connect", r#"{"viewer_connect":{"session_id":"1"}}"#),
+            "no stream name (internal_name or stream_name)",
+        ),
+        (
+            &v2("viewer_connect", r#"{"stream_end":{"stream_name":"demo"}}"#),
+            "event_type viewer_connect carries a \"stream_end\" payload instead of \"viewer_connect\"",
+        ),
+        (
+            &v2("viewer_connect", r#"{"node_id":"x"}"#),
+            "event_type viewer_connect without its \"viewer_connect\" payload in data",
+        ),
+        (
+            &v2(
+                "viewer_disconnect",
+                r#"{"viewer_disconnect":{"stream_name":"d","session_id":"1","up_bytes":"-5"}}"#,
+            ),
+            "field \"up_bytes\": expected a non-negative integer, found \"-5\"",
+        ),
+        (
+            &v2(
+                "stream_end",
+                r#"{"stream_end":{"stream_name":"d","stream_id":"nope"}}"#,
+            ),
+            "stream_id \"nope\" is not a UUID",
+        ),
+        (
+            &v2(
+                "stream_buffer",
+                r#"{"stream_buffer":{"stream_name":"d","buffer_state":"SOGGY"}}"#,
+            ),
+            "buffer_state \"SOGGY\" is not one of FULL, EMPTY, DRY, RECOVER",
+        ),
+        (
+            &v2(
+                "node_lifecycle_update",
+                r#"{"node_lifecycle_update":{"node_id":"n","cpu_tenths":1500}}"#,
+            ),
+            "cpu_tenths 1500 is above 1000 (100 %)",
+        ),
+        (
+            &v2(
+                "viewer_connect",
+                r#"{"viewer_connect":{"stream_name":"d","session_id":"1","client_latitude":123}}"#,
+            ),
+            "field \"latitude\": 123 is outside ±90 degrees",
+        ),
+        (
+            &v2(
+                "viewer_connect",
+                r#"{"viewer_connect":{"stream_name":"d","session_id":"1"},"stream_end":{}}"#,
+            ),
+            "data holds two payloads, \"viewer_connect\" and \"stream_end\"",
+        ),
+        (
+            &v2("viewer_connect", r#""flat""#),
+            "field \"data\": expected an object",
+        ),
+        (
+            &v1(
+                "user-connection",
+                r#"{"action":"wave","internal_name":"d","session_id":"1","tenant_id":"5eed517e-ba5e-da7a-517e-ba5eda7a0001"}"#,
+            ),
+            "action \"wave\" is not connect or disconnect",
+        ),
+    ];
+    for (value, reason) in cases {
+        assert_eq!(err(value).reason, reason, "{value}");
+    }
+}
+
+proptest! {
+    /// Whatever the bytes, decoding returns an event or an error row: it never panics, and an
+    /// error row always says something.
+    #[test]
+    fn never_panics_on_garbage(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        let rec = Record { position: Position::Simulated { seq: 1 }, value: &bytes, headers: Headers::default() };
+        if let Err(e) = decode(&rec) {
+            prop_assert!(!e.reason.is_empty());
+        }
+    }
+
+    /// Damaging a valid record anywhere yields an event or a reasoned error, never a panic.
+    #[test]
+    fn never_panics_on_damaged_records(at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<bool>()) {
+        let good = v2("viewer_disconnect", r#"{"node_id":"e","viewer_disconnect":{"session_id":"9","stream_name":"live+x","duration":"5","up_bytes":"1","down_bytes":"2","client_latitude":1.5}}"#);
+        let mut bytes = good.into_bytes();
+        let i = at.index(bytes.len());
+        if cut { bytes.truncate(i) } else { bytes[i] = byte }
+        let rec = Record { position: Position::Simulated { seq: 1 }, value: &bytes, headers: Headers::default() };
+        if let Err(e) = decode(&rec) {
+            prop_assert!(!e.reason.is_empty());
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Records as sources hand them over: a value, the headers Keel reads, and where it came from.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use keel_operators::sym::Sym;
+use serde::{Deserialize, Serialize};
+
+/// Where a record came from; printed in `ingest_errors` so a bad record can be found again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Position {
+    /// A line of a file (1-based).
+    File {
+        /// The file as given on the command line.
+        path: Sym,
+        /// Line number, from 1.
+        line: u64,
+    },
+    /// A Kafka record.
+    Kafka {
+        /// Topic.
+        topic: Sym,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+    },
+    /// The n-th record the simulator produced (from 0).
+    Simulated {
+        /// Sequence number.
+        seq: u64,
+    },
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::File { path, line } => write!(f, "file:{path}:{line}"),
+            Position::Kafka {
+                topic,
+                partition,
+                offset,
+            } => write!(f, "kafka:{topic}/{partition}@{offset}"),
+            Position::Simulated { seq } => write!(f, "sim:{seq}"),
+        }
+    }
+}
+
+/// The Kafka headers the codec honours. Body fields win; headers fill in what the body lacks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headers<'a> {
+    /// `tenant_id` header.
+    pub tenant_id: Option<Cow<'a, str>>,
+    /// `event_type` header.
+    pub event_type: Option<Cow<'a, str>>,
+    /// `event_id` header.
+    pub event_id: Option<Cow<'a, str>>,
+    /// `source` header.
+    pub source: Option<Cow<'a, str>>,
+}
+
+impl<'a> Headers<'a> {
+    /// Records a header if it is one the codec reads; other names are ignored.
+    pub fn set(&mut self, name: &str, value: Cow<'a, str>) {
+        match name {
+            "tenant_id" => self.tenant_id = Some(value),
+            "event_type" => self.event_type = Some(value),
+            "event_id" => self.event_id = Some(value),
+            "source" => self.source = Some(value),
+            _ => {}
+        }
+    }
+}
+
+/// One record to decode.
+#[derive(Clone, Debug)]
+pub struct Record<'a> {
+    /// Where it came from.
+    pub position: Position,
+    /// The record value (the event JSON).
+    pub value: &'a [u8],
+    /// Headers, when the transport has them.
+    pub headers: Headers<'a>,
+}
