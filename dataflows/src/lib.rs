@@ -1,1 +1,8 @@
-//! keel-dataflows
+//! # keel-dataflows
+//!
+//! The domain logic of Keel as timely dataflows over decoded events.
+//!
+//! - [`periscope`]: the analytics tables (streams, sessions, nodes, geography, 5-minute usage and
+//!   health, hourly routing, errors), kept live per epoch.
+
+pub mod periscope;

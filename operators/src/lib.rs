@@ -9,6 +9,7 @@
 //! - [`maintain`]: the operator that keeps per-worker state current with a timely stream and
 //!   reports changes when epochs close, with a global watermark.
 //! - [`latest`]: a thin wrapper over `maintain` keeping the newest value per key by event time.
+//! - [`table`]: keyed rows and the upsert changes operators report, and the sink traits.
 //!
 //! ```
 //! use keel_operators::{profile::StepProfile, time};
@@ -23,4 +24,5 @@ pub mod latest;
 pub mod maintain;
 pub mod profile;
 pub mod sym;
+pub mod table;
 pub mod time;

@@ -1,0 +1,308 @@
+//! Viewer sessions of one stream: compact storage and order-insensitive merging.
+//!
+//! A session is identified by (node, session id). Its connect and disconnect can arrive in
+//! either order, more than once, or not at all; the merge rules make the session a function of
+//! the set of events that describe it:
+//!
+//! - the **start** is the earliest connect's time, or — without a connect — the winning
+//!   disconnect's time minus its reported duration;
+//! - the **end** is the winning disconnect's time (the latest; ties broken by its other fields);
+//! - the **client details** (connector, country, city, identity) come from the earliest connect,
+//!   or from the winning disconnect when no connect is known.
+//!
+//! Storage is a slab of [`Session`]s plus a hash index of slot numbers, so each session costs its
+//! own size and a few bytes of index — no key is stored twice.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use compact_str::CompactString;
+use hashbrown::HashTable;
+use keel_operators::sym::Sym;
+use keel_operators::time::SECOND;
+use rustc_hash::FxBuildHasher;
+
+/// The client details a session takes from one of its events. Ordered so ties between events
+/// at the same instant resolve the same way whatever the arrival order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClientDetails {
+    /// Output protocol.
+    pub connector: Sym,
+    /// Country code (empty when unknown).
+    pub country: Sym,
+    /// City (empty when unknown).
+    pub city: Sym,
+    /// Viewer identity: a hash of the client address, else of node and session id.
+    pub identity: u64,
+}
+
+/// What a disconnect says about a session; the greatest one wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ending {
+    /// Event time.
+    pub time: i64,
+    /// Reported duration, seconds.
+    pub duration_s: u64,
+    /// Bytes delivered.
+    pub down_bytes: u64,
+    /// Bytes received.
+    pub up_bytes: u64,
+    /// Client details it carried.
+    pub details: ClientDetails,
+}
+
+/// One viewer session.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// Session id.
+    pub session_id: CompactString,
+    /// Serving node.
+    pub node: Sym,
+    /// Earliest connect: time and client details.
+    connect: Option<(i64, ClientDetails)>,
+    /// Winning disconnect.
+    ending: Option<Ending>,
+    /// Changed since the last close.
+    pub dirty: bool,
+}
+
+/// The part of a session that aggregates see: its interval and who and where it was.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Span {
+    /// Start, ms.
+    pub start: i64,
+    /// End, ms; `None` while open.
+    pub end: Option<i64>,
+    /// Client details in force.
+    pub details: ClientDetails,
+    /// Bytes delivered.
+    pub down_bytes: u64,
+    /// Bytes received.
+    pub up_bytes: u64,
+}
+
+impl Session {
+    fn new(node: Sym, session_id: &str) -> Self {
+        Session {
+            session_id: CompactString::from(session_id),
+            node,
+            connect: None,
+            ending: None,
+            dirty: false,
+        }
+    }
+
+    /// Absorbs a connect; returns whether the session changed.
+    pub fn connect(&mut self, time: i64, details: ClientDetails) -> bool {
+        let candidate = (time, details);
+        if self.connect.is_some_and(|current| current <= candidate) {
+            return false;
+        }
+        self.connect = Some(candidate);
+        true
+    }
+
+    /// Absorbs a disconnect; returns whether the session changed.
+    pub fn disconnect(&mut self, ending: Ending) -> bool {
+        if self.ending.is_some_and(|current| current >= ending) {
+            return false;
+        }
+        self.ending = Some(ending);
+        true
+    }
+
+    /// The session's interval and details, `None` before any connect or disconnect.
+    pub fn span(&self) -> Option<Span> {
+        let (start, details) = match (self.connect, self.ending) {
+            (Some((time, details)), _) => (time, details),
+            (None, Some(e)) => (
+                e.time.saturating_sub(
+                    i64::try_from(e.duration_s)
+                        .unwrap_or(i64::MAX)
+                        .saturating_mul(SECOND),
+                ),
+                e.details,
+            ),
+            (None, None) => return None,
+        };
+        Some(Span {
+            start,
+            end: self.ending.map(|e| e.time.max(start)),
+            details,
+            down_bytes: self.ending.map_or(0, |e| e.down_bytes),
+            up_bytes: self.ending.map_or(0, |e| e.up_bytes),
+        })
+    }
+}
+
+/// The identity hash of a viewer: the client address when known, else node and session id.
+pub fn viewer_identity(host: &str, node: Sym, session_id: &str) -> u64 {
+    let mut hasher = FxBuildHasher.build_hasher();
+    if host.is_empty() {
+        b's'.hash(&mut hasher);
+        node.as_str().hash(&mut hasher);
+        session_id.hash(&mut hasher);
+    } else {
+        b'h'.hash(&mut hasher);
+        host.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn slot_hash(node: Sym, session_id: &str) -> u64 {
+    let mut hasher = FxBuildHasher.build_hasher();
+    node.hash(&mut hasher);
+    session_id.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The sessions of one stream.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    slots: Vec<Session>,
+    index: HashTable<u32>,
+}
+
+impl Sessions {
+    /// The slot of (node, session id), created empty if new.
+    pub fn slot(&mut self, node: Sym, session_id: &str) -> u32 {
+        let hash = slot_hash(node, session_id);
+        let slots = &mut self.slots;
+        let found = self.index.find(hash, |&slot| {
+            let s = &slots[slot as usize];
+            s.node == node && s.session_id == session_id
+        });
+        if let Some(&slot) = found {
+            return slot;
+        }
+        let slot = u32::try_from(slots.len()).expect("fewer than 2^32 sessions per stream");
+        slots.push(Session::new(node, session_id));
+        self.index.insert_unique(hash, slot, |&s| {
+            let s = &slots[s as usize];
+            slot_hash(s.node, &s.session_id)
+        });
+        slot
+    }
+
+    /// The session in `slot`.
+    pub fn get(&self, slot: u32) -> &Session {
+        &self.slots[slot as usize]
+    }
+
+    /// The session in `slot`, to change.
+    pub fn get_mut(&mut self, slot: u32) -> &mut Session {
+        &mut self.slots[slot as usize]
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Every slot number.
+    pub fn slots(&self) -> impl Iterator<Item = u32> + use<> {
+        0..u32::try_from(self.slots.len()).expect("fewer than 2^32 sessions per stream")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn details(n: u8) -> ClientDetails {
+        ClientDetails {
+            connector: Sym::new(["HLS", "WebRTC"][usize::from(n % 2)]),
+            country: Sym::new(["NL", "DE", "US"][usize::from(n % 3)]),
+            city: Sym::default(),
+            identity: u64::from(n),
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Ev {
+        Connect(i64, u8),
+        Disconnect(i64, u64, u64, u8),
+    }
+
+    fn arb_event() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            (0i64..50_000, 0u8..6).prop_map(|(t, d)| Ev::Connect(t, d)),
+            (0i64..50_000, 0u64..40, 0u64..1000, 0u8..6)
+                .prop_map(|(t, s, b, d)| Ev::Disconnect(t, s, b, d)),
+        ]
+    }
+
+    fn apply(session: &mut Session, ev: &Ev) {
+        match *ev {
+            Ev::Connect(t, d) => {
+                session.connect(t, details(d));
+            }
+            Ev::Disconnect(t, s, b, d) => {
+                session.disconnect(Ending {
+                    time: t,
+                    duration_s: s,
+                    down_bytes: b,
+                    up_bytes: b / 2,
+                    details: details(d),
+                });
+            }
+        }
+    }
+
+    proptest! {
+        /// The merged session depends on the set of events only: any order, any duplication.
+        #[test]
+        fn merge_is_order_insensitive(events in prop::collection::vec(arb_event(), 1..12), seed in any::<u64>()) {
+            let mut forward = Session::new(Sym::new("n"), "s");
+            for ev in &events { apply(&mut forward, ev); }
+            let mut order: Vec<usize> = (0..events.len()).chain(0..events.len() / 2).collect();
+            let mut state = seed | 1;
+            for i in (1..order.len()).rev() {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                order.swap(i, (state % (i as u64 + 1)) as usize);
+            }
+            let mut shuffled = Session::new(Sym::new("n"), "s");
+            for i in order { apply(&mut shuffled, &events[i]); }
+            prop_assert_eq!(forward.span(), shuffled.span());
+        }
+    }
+
+    #[test]
+    fn a_disconnect_alone_makes_a_session() {
+        let mut s = Session::new(Sym::new("n"), "s");
+        s.disconnect(Ending {
+            time: 100_000,
+            duration_s: 30,
+            down_bytes: 5,
+            up_bytes: 1,
+            details: details(1),
+        });
+        let span = s.span().unwrap();
+        assert_eq!((span.start, span.end), (70_000, Some(100_000)));
+        assert!(
+            s.connect(80_000, details(2)),
+            "a later-arriving connect moves the start"
+        );
+        assert_eq!(s.span().unwrap().start, 80_000);
+        assert_eq!(s.span().unwrap().details, details(2));
+        assert!(
+            !s.connect(90_000, details(3)),
+            "a later connect changes nothing"
+        );
+    }
+
+    #[test]
+    fn slots_are_stable_and_unique() {
+        let mut sessions = Sessions::default();
+        let a = sessions.slot(Sym::new("n1"), "1");
+        let b = sessions.slot(Sym::new("n2"), "1");
+        let c = sessions.slot(Sym::new("n1"), "2");
+        assert_eq!(sessions.slot(Sym::new("n1"), "1"), a);
+        assert_eq!([a, b, c], [0, 1, 2]);
+        for i in 0..10_000 {
+            sessions.slot(Sym::new("n3"), &i.to_string());
+        }
+        assert_eq!(sessions.slot(Sym::new("n2"), "1"), b);
+        assert_eq!(sessions.len(), 10_003);
+    }
+}

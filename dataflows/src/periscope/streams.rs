@@ -1,0 +1,721 @@
+//! Per-stream state: everything keyed by (tenant, internal name) in one place.
+//!
+//! All events of a stream are routed to one worker, whose [`StreamsState`] keeps, per stream,
+//! its sessions and the aggregates that sessions feed — concurrency profile, identities, country
+//! and 5-minute window accumulators — plus lifecycle and health state. Sessions feed aggregates
+//! through [`Span`]s: when a session changes, its old span is subtracted and its new span added,
+//! so every aggregate stays equal to a from-scratch computation over the current sessions.
+//!
+//! At close, a stream reports the rows of `streams`, `viewer_sessions`, `viewers_by_country`,
+//! `usage_5m` and `stream_health_5m` that changed. Rows that depend on "now" (open sessions count
+//! up to the newest event time) are refreshed for streams with open sessions whenever the
+//! watermark moves.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use keel_operators::maintain::EpochState;
+use keel_operators::profile::StepProfile;
+use keel_operators::sym::Sym;
+use keel_operators::table::Change;
+use keel_operators::time::{MINUTE, SECOND, window_start};
+use keel_sources::codec::KEEL_NAMESPACE;
+use keel_sources::event::{Event, EventKind};
+use rustc_hash::FxBuildHasher;
+use uuid::Uuid;
+
+use super::rows::{CountryRow, HealthRow, PeriscopeChange, StreamRow, UsageRow, ViewerSessionRow};
+use super::sessions::{ClientDetails, Ending, Sessions, Span, viewer_identity};
+
+/// Width of the usage and health windows.
+pub const WINDOW: i64 = 5 * MINUTE;
+
+/// Which stream: tenant and internal name.
+pub type StreamKey = (Uuid, Sym);
+
+/// Rank of lifecycle events at the same instant: an end outranks an update, which outranks a
+/// start, so the status at a tie is the most final one.
+const RANK_START: u8 = 0;
+const RANK_UPDATE: u8 = 1;
+const RANK_END: u8 = 2;
+
+/// The latest status-bearing event: (time, rank, status, node).
+type StatusMark = (i64, u8, Sym, Sym);
+
+/// Sums over sessions, shared by the stream, each country and each window.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct SessionSums {
+    sessions: i64,
+    open: i64,
+    /// Sum of the start times of open sessions, for "seconds up to now" in O(1).
+    open_start_sum: i128,
+    /// Milliseconds of closed sessions.
+    closed_ms: i128,
+    down_bytes: i128,
+}
+
+impl SessionSums {
+    fn add(&mut self, span: &Span, sign: i64) {
+        self.sessions += sign;
+        match span.end {
+            None => {
+                self.open += sign;
+                self.open_start_sum += i128::from(sign) * i128::from(span.start);
+            }
+            Some(end) => self.closed_ms += i128::from(sign) * i128::from(end - span.start),
+        }
+        self.down_bytes += i128::from(sign) * i128::from(span.down_bytes);
+    }
+
+    /// Viewer seconds with open sessions counted up to `now`.
+    fn seconds(&self, now: i64) -> f64 {
+        let open_ms = i128::from(self.open) * i128::from(now) - self.open_start_sum;
+        (self.closed_ms + open_ms.max(0)) as f64 / SECOND as f64
+    }
+}
+
+/// A 5-minute window of one stream.
+#[derive(Debug, Default)]
+struct Window {
+    started: i64,
+    closed_ms: i128,
+    /// Open sessions that started in this window, and the sum of their starts.
+    open_started: i64,
+    open_start_sum: i128,
+    /// What was last reported: (peak, started, viewer ms).
+    published: Option<(u64, u64, i128)>,
+}
+
+/// Health accumulators of one 5-minute window.
+#[derive(Debug, Default)]
+struct HealthWindow {
+    counted: HashSet<Uuid, FxBuildHasher>,
+    dry: u64,
+    issues: u64,
+    /// Sums are kept exact (bits/s and micro-frames/s as integers) so that the averages do not
+    /// depend on the order events arrive in.
+    bitrate_bps_sum: u128,
+    bitrate_n: u64,
+    fps_micro_sum: i128,
+    fps_n: u64,
+    tier: Option<(i64, Sym)>,
+    packets_sent: u64,
+    packets_lost: u64,
+    published: Option<HealthRow>,
+    dirty: bool,
+}
+
+#[derive(Debug, Default)]
+struct Country {
+    sums: SessionSums,
+    published: Option<(u64, u64, u64, u64)>,
+    dirty: bool,
+}
+
+fn offer<T: Ord>(slot: &mut Option<(i64, T)>, time: i64, value: T) {
+    let candidate = (time, value);
+    if slot.as_ref().is_none_or(|current| *current < candidate) {
+        *slot = Some(candidate);
+    }
+}
+
+/// Everything Keel knows about one stream.
+#[derive(Debug)]
+struct StreamState {
+    tenant: Sym,
+    internal_name: Sym,
+    /// The smallest public stream id any event carried.
+    stream_id: Option<Uuid>,
+    /// The id rows carry (`stream_id`, or derived), and whether rows were published with it.
+    published_id: Option<Sym>,
+    status: Option<StatusMark>,
+    started_at: Option<i64>,
+    updated_at: i64,
+    ingress: Option<(i64, u64)>,
+    buffer_state: Option<(i64, Sym)>,
+    quality_tier: Option<(i64, Sym)>,
+    sessions: Sessions,
+    profile: StepProfile,
+    identities: HashMap<u64, u32, FxBuildHasher>,
+    sums: SessionSums,
+    countries: HashMap<Sym, Country, FxBuildHasher>,
+    windows: BTreeMap<i64, Window>,
+    health: BTreeMap<i64, HealthWindow>,
+    dirty_sessions: Vec<u32>,
+    dirty_countries: Vec<Sym>,
+    dirty_windows: Option<(i64, i64)>,
+    dirty_health: Vec<i64>,
+    /// Watermark at the last close.
+    closed_at: i64,
+    published: Option<StreamRow>,
+    dirty: bool,
+}
+
+impl StreamState {
+    fn new(tenant: Uuid, internal_name: Sym) -> Self {
+        StreamState {
+            tenant: Sym::new(&tenant.to_string()),
+            internal_name,
+            stream_id: None,
+            published_id: None,
+            status: None,
+            started_at: None,
+            updated_at: i64::MIN,
+            ingress: None,
+            buffer_state: None,
+            quality_tier: None,
+            sessions: Sessions::default(),
+            profile: StepProfile::default(),
+            identities: HashMap::default(),
+            sums: SessionSums::default(),
+            countries: HashMap::default(),
+            windows: BTreeMap::new(),
+            health: BTreeMap::new(),
+            dirty_sessions: Vec::new(),
+            dirty_countries: Vec::new(),
+            dirty_windows: None,
+            dirty_health: Vec::new(),
+            closed_at: i64::MIN,
+            published: None,
+            dirty: false,
+        }
+    }
+
+    fn stream_id_sym(&self) -> Sym {
+        let id = self.stream_id.unwrap_or_else(|| {
+            let name = format!("{}:{}", self.tenant, self.internal_name);
+            Uuid::new_v5(&KEEL_NAMESPACE, name.as_bytes())
+        });
+        Sym::new(&id.to_string())
+    }
+
+    fn absorb(&mut self, event: Event) {
+        let time = event.time;
+        self.updated_at = self.updated_at.max(time);
+        if let Some(id) = event.kind.stream().and_then(|s| s.stream_id) {
+            self.stream_id = Some(self.stream_id.map_or(id, |current| current.min(id)));
+        }
+        match event.kind {
+            EventKind::IngestStart(e) => {
+                self.mark_status((time, RANK_START, Sym::new("live"), e.node));
+                self.started_at = Some(self.started_at.map_or(time, |s| s.max(time)));
+            }
+            EventKind::StreamUpdate(e) => {
+                if !e.status.is_empty() {
+                    self.mark_status((time, RANK_UPDATE, e.status, e.node));
+                }
+                if let Some(started) = e.started_at {
+                    self.started_at = Some(self.started_at.map_or(started, |s| s.max(started)));
+                }
+                offer(&mut self.ingress, time, e.uploaded_bytes);
+                if !e.buffer_state.is_empty() {
+                    offer(&mut self.buffer_state, time, e.buffer_state);
+                }
+                if !e.quality_tier.is_empty() {
+                    offer(&mut self.quality_tier, time, e.quality_tier);
+                }
+                let window = self.health_window(event.id, time);
+                if let Some(h) = window {
+                    if e.buffer_state.as_str() == "DRY" {
+                        h.dry += 1;
+                    }
+                    if e.has_issues {
+                        h.issues += 1;
+                    }
+                    if e.bitrate_bps > 0 {
+                        h.bitrate_bps_sum += u128::from(e.bitrate_bps);
+                        h.bitrate_n += 1;
+                    }
+                    if e.fps > 0.0 {
+                        h.fps_micro_sum += micro(e.fps);
+                        h.fps_n += 1;
+                    }
+                    if !e.quality_tier.is_empty() {
+                        offer(&mut h.tier, time, e.quality_tier);
+                    }
+                    h.packets_sent += e.packets_sent;
+                    h.packets_lost += e.packets_lost;
+                }
+            }
+            EventKind::StreamBuffer(e) => {
+                offer(&mut self.buffer_state, time, e.buffer_state);
+                if !e.quality_tier.is_empty() {
+                    offer(&mut self.quality_tier, time, e.quality_tier);
+                }
+                if let Some(h) = self.health_window(event.id, time) {
+                    if e.buffer_state.as_str() == "DRY" {
+                        h.dry += 1;
+                    }
+                    if e.has_issues {
+                        h.issues += 1;
+                    }
+                    if !e.quality_tier.is_empty() {
+                        offer(&mut h.tier, time, e.quality_tier);
+                    }
+                }
+            }
+            EventKind::TrackList(e) => {
+                if !e.quality_tier.is_empty() {
+                    offer(&mut self.quality_tier, time, e.quality_tier);
+                    if let Some(h) = self.health_window(event.id, time) {
+                        offer(&mut h.tier, time, e.quality_tier);
+                    }
+                }
+            }
+            EventKind::StreamEnd(e) => {
+                self.mark_status((time, RANK_END, Sym::new("offline"), e.node));
+                offer(&mut self.ingress, time, e.uploaded_bytes);
+            }
+            EventKind::ViewerConnect(e) => {
+                let details = ClientDetails {
+                    connector: e.place.connector,
+                    country: e.place.country,
+                    city: e.place.city,
+                    identity: viewer_identity(&e.place.host, e.node, &e.session_id),
+                };
+                let slot = self.sessions.slot(e.node, &e.session_id);
+                self.change_session(slot, |s| s.connect(time, details));
+            }
+            EventKind::ViewerDisconnect(e) => {
+                let ending = Ending {
+                    time,
+                    duration_s: e.duration_s,
+                    down_bytes: e.down_bytes,
+                    up_bytes: e.up_bytes,
+                    details: ClientDetails {
+                        connector: e.place.connector,
+                        country: e.place.country,
+                        city: e.place.city,
+                        identity: viewer_identity(&e.place.host, e.node, &e.session_id),
+                    },
+                };
+                let slot = self.sessions.slot(e.node, &e.session_id);
+                self.change_session(slot, |s| s.disconnect(ending));
+            }
+            EventKind::StreamSignal(_)
+            | EventKind::Routing(_)
+            | EventKind::NodeUpdate(_)
+            | EventKind::Unknown(_) => {}
+        }
+    }
+
+    fn mark_status(&mut self, mark: StatusMark) {
+        if self.status.is_none_or(|current| current < mark) {
+            self.status = Some(mark);
+        }
+    }
+
+    /// The health window of an event, or `None` if this event was already counted there.
+    fn health_window(&mut self, id: Uuid, time: i64) -> Option<&mut HealthWindow> {
+        let start = window_start(time, WINDOW);
+        let window = self.health.entry(start).or_default();
+        if !window.counted.insert(id) {
+            return None;
+        }
+        if !window.dirty {
+            window.dirty = true;
+            self.dirty_health.push(start);
+        }
+        Some(window)
+    }
+
+    fn change_session(
+        &mut self,
+        slot: u32,
+        change: impl FnOnce(&mut super::sessions::Session) -> bool,
+    ) {
+        let before = self.sessions.get(slot).span();
+        if !change(self.sessions.get_mut(slot)) {
+            return;
+        }
+        let after = self
+            .sessions
+            .get(slot)
+            .span()
+            .expect("a changed session has a connect or a disconnect");
+        if let Some(before) = before {
+            self.contribute(&before, -1);
+        }
+        self.contribute(&after, 1);
+        let session = self.sessions.get_mut(slot);
+        if !session.dirty {
+            session.dirty = true;
+            self.dirty_sessions.push(slot);
+        }
+    }
+
+    /// Adds (`sign` = 1) or removes (-1) a session's span from every aggregate.
+    fn contribute(&mut self, span: &Span, sign: i64) {
+        self.profile.add(span.start, sign);
+        if let Some(end) = span.end {
+            self.profile.add(end, -sign);
+        }
+        let identity = self.identities.entry(span.details.identity).or_insert(0);
+        if sign > 0 {
+            *identity += 1;
+        } else {
+            *identity -= 1;
+            if *identity == 0 {
+                self.identities.remove(&span.details.identity);
+            }
+        }
+        self.sums.add(span, sign);
+        let country = self.countries.entry(span.details.country).or_default();
+        country.sums.add(span, sign);
+        if !country.dirty {
+            country.dirty = true;
+            self.dirty_countries.push(span.details.country);
+        }
+        let first = window_start(span.start, WINDOW);
+        let window = self.windows.entry(first).or_default();
+        window.started += sign;
+        let last = match span.end {
+            None => {
+                window.open_started += sign;
+                window.open_start_sum += i128::from(sign) * i128::from(span.start);
+                i64::MAX
+            }
+            Some(end) => {
+                let mut w = first;
+                while w < end {
+                    let overlap = end.min(w + WINDOW) - span.start.max(w);
+                    self.windows.entry(w).or_default().closed_ms +=
+                        i128::from(sign) * i128::from(overlap);
+                    w += WINDOW;
+                }
+                window_start(end.max(span.start + 1) - 1, WINDOW)
+            }
+        };
+        self.dirty_windows = Some(match self.dirty_windows {
+            None => (first, last),
+            Some((lo, hi)) => (lo.min(first), hi.max(last)),
+        });
+    }
+
+    /// Reports every changed row; `now` is the global watermark.
+    fn close(&mut self, now: i64, out: &mut Vec<PeriscopeChange>) {
+        let id = self.stream_id_sym();
+        if self.published_id.is_some_and(|published| published != id) {
+            self.republish_all();
+        }
+        self.published_id = Some(id);
+        let watermark_moved = now != self.closed_at && self.sums.open > 0;
+        if watermark_moved {
+            let from = window_start(self.closed_at.max(i64::MIN / 2), WINDOW);
+            self.dirty_windows = Some(match self.dirty_windows {
+                None => (from, i64::MAX),
+                Some((lo, _)) => (lo.min(from), i64::MAX),
+            });
+            for (code, country) in &mut self.countries {
+                if country.sums.open > 0 && !country.dirty {
+                    country.dirty = true;
+                    self.dirty_countries.push(*code);
+                }
+            }
+        }
+        self.closed_at = now;
+        self.close_sessions(id, out);
+        self.close_countries(id, now, out);
+        self.close_windows(id, now, out);
+        self.close_health(id, out);
+        let row = self.stream_row(id, now);
+        if self.published.as_ref() != Some(&row) {
+            self.published = Some(row.clone());
+            out.push(PeriscopeChange::Streams(Change::Upsert(row)));
+        }
+    }
+
+    fn republish_all(&mut self) {
+        for slot in self.sessions.slots() {
+            let session = self.sessions.get_mut(slot);
+            if !session.dirty {
+                session.dirty = true;
+                self.dirty_sessions.push(slot);
+            }
+        }
+        for (code, country) in &mut self.countries {
+            country.published = None;
+            if !country.dirty {
+                country.dirty = true;
+                self.dirty_countries.push(*code);
+            }
+        }
+        if let Some(&first) = self.windows.keys().next() {
+            for window in self.windows.values_mut() {
+                window.published = None;
+            }
+            self.dirty_windows = Some((first, i64::MAX));
+        }
+        for (start, health) in &mut self.health {
+            health.published = None;
+            if !health.dirty {
+                health.dirty = true;
+                self.dirty_health.push(*start);
+            }
+        }
+    }
+
+    fn close_sessions(&mut self, id: Sym, out: &mut Vec<PeriscopeChange>) {
+        for slot in self.dirty_sessions.drain(..) {
+            let session = self.sessions.get_mut(slot);
+            session.dirty = false;
+            let span = session.span().expect("dirty sessions have a span");
+            out.push(PeriscopeChange::ViewerSessions(Change::Upsert(
+                ViewerSessionRow {
+                    tenant_id: self.tenant,
+                    stream_id: id,
+                    internal_name: self.internal_name,
+                    session_id: session.session_id.clone(),
+                    node_id: session.node,
+                    connector: span.details.connector,
+                    country_code: country_code(span.details.country),
+                    city: span.details.city.non_empty(),
+                    connected_at: span.start,
+                    disconnected_at: span.end,
+                    duration_s: span
+                        .end
+                        .map(|end| (end - span.start) as f64 / SECOND as f64),
+                    down_bytes: span.down_bytes,
+                    up_bytes: span.up_bytes,
+                },
+            )));
+        }
+    }
+
+    fn close_countries(&mut self, id: Sym, now: i64, out: &mut Vec<PeriscopeChange>) {
+        for code in self.dirty_countries.drain(..) {
+            let Some(country) = self.countries.get_mut(&code) else {
+                continue;
+            };
+            country.dirty = false;
+            let key_code = country_code(code);
+            if country.sums.sessions == 0 {
+                if country.published.take().is_some() {
+                    out.push(PeriscopeChange::ViewersByCountry(Change::Delete((
+                        self.tenant,
+                        self.internal_name,
+                        key_code,
+                    ))));
+                }
+                self.countries.remove(&code);
+                continue;
+            }
+            let seconds = country.sums.seconds(now);
+            let values = (
+                country.sums.sessions as u64,
+                country.sums.open as u64,
+                seconds.to_bits(),
+                country.sums.down_bytes as u64,
+            );
+            if country.published == Some(values) {
+                continue;
+            }
+            country.published = Some(values);
+            out.push(PeriscopeChange::ViewersByCountry(Change::Upsert(
+                CountryRow {
+                    tenant_id: self.tenant,
+                    stream_id: id,
+                    internal_name: self.internal_name,
+                    country_code: key_code,
+                    sessions: values.0,
+                    current_viewers: values.1,
+                    viewer_seconds: seconds,
+                    egress_bytes: values.3,
+                },
+            )));
+        }
+    }
+
+    fn close_windows(&mut self, id: Sym, now: i64, out: &mut Vec<PeriscopeChange>) {
+        let Some((lo, hi)) = self.dirty_windows.take() else {
+            return;
+        };
+        let Some((&first, _)) = self.windows.first_key_value() else {
+            return;
+        };
+        let last_key = *self.windows.keys().next_back().expect("not empty");
+        let lo = lo.max(first);
+        let hi = hi.min(window_start(now, WINDOW).max(last_key));
+        // Open sessions that started before `lo`: all open ones minus those starting at or after.
+        let mut open_before = self.sums.open
+            - self
+                .windows
+                .range(lo..)
+                .map(|(_, w)| w.open_started)
+                .sum::<i64>();
+        let mut w = lo;
+        while w <= hi {
+            let window = self.windows.get(&w);
+            if window.is_none() && open_before == 0 {
+                // Nothing covers this window: jump to the next one that has anything.
+                match self.windows.range(w..).next() {
+                    Some((&next, _)) => {
+                        w = next;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            let end = (w + WINDOW).min(now.max(w));
+            let (started, closed_ms, open_started, open_start_sum) = window
+                .map_or((0, 0, 0, 0), |x| {
+                    (x.started, x.closed_ms, x.open_started, x.open_start_sum)
+                });
+            let open_ms = i128::from(open_before) * i128::from(end - w)
+                + (i128::from(open_started) * i128::from(end) - open_start_sum).max(0);
+            let viewer_ms = closed_ms + open_ms;
+            let peak = self.profile.max_level_in(w, w + WINDOW).max(0) as u64;
+            let values = (peak, started.max(0) as u64, viewer_ms);
+            let has_row = viewer_ms > 0 || started > 0 || peak > 0;
+            let published = window.and_then(|x| x.published);
+            if has_row && published != Some(values) {
+                self.windows.entry(w).or_default().published = Some(values);
+                out.push(PeriscopeChange::Usage5m(Change::Upsert(UsageRow {
+                    tenant_id: self.tenant,
+                    stream_id: id,
+                    internal_name: self.internal_name,
+                    window_start: w,
+                    peak_viewers: peak,
+                    sessions_started: values.1,
+                    viewer_seconds: viewer_ms as f64 / SECOND as f64,
+                })));
+            } else if !has_row && published.is_some() {
+                if let Some(x) = self.windows.get_mut(&w) {
+                    x.published = None;
+                }
+                out.push(PeriscopeChange::Usage5m(Change::Delete((
+                    self.tenant,
+                    self.internal_name,
+                    w,
+                ))));
+            }
+            open_before += open_started;
+            w += WINDOW;
+        }
+    }
+
+    fn close_health(&mut self, id: Sym, out: &mut Vec<PeriscopeChange>) {
+        for start in self.dirty_health.drain(..) {
+            let Some(h) = self.health.get_mut(&start) else {
+                continue;
+            };
+            h.dirty = false;
+            let row = HealthRow {
+                tenant_id: self.tenant,
+                stream_id: id,
+                internal_name: self.internal_name,
+                window_start: start,
+                samples: h.counted.len() as u64,
+                buffer_dry_count: h.dry,
+                issue_count: h.issues,
+                avg_bitrate_kbps: (h.bitrate_n > 0)
+                    .then(|| h.bitrate_bps_sum as f64 / h.bitrate_n as f64 / 1000.0),
+                avg_fps: (h.fps_n > 0).then(|| h.fps_micro_sum as f64 / h.fps_n as f64 / 1e6),
+                quality_tier: h.tier.map(|(_, tier)| tier),
+                packet_loss_rate: (h.packets_sent > 0)
+                    .then(|| h.packets_lost as f64 / h.packets_sent as f64),
+            };
+            if h.published.as_ref() != Some(&row) {
+                h.published = Some(row.clone());
+                out.push(PeriscopeChange::StreamHealth5m(Change::Upsert(row)));
+            }
+        }
+    }
+
+    fn stream_row(&self, id: Sym, now: i64) -> StreamRow {
+        StreamRow {
+            tenant_id: self.tenant,
+            stream_id: id,
+            internal_name: self.internal_name,
+            status: self.status.map_or(Sym::new("unknown"), |s| s.2),
+            node_id: self.status.and_then(|s| s.3.non_empty()),
+            current_viewers: self.sums.open.max(0) as u64,
+            peak_viewers: self.profile.max_level().max(0) as u64,
+            total_sessions: self.sessions.len() as u64,
+            unique_viewers: self.identities.len() as u64,
+            viewer_seconds: self.sums.seconds(now),
+            egress_bytes: self.sums.down_bytes.max(0) as u64,
+            ingress_bytes: self.ingress.map_or(0, |(_, bytes)| bytes),
+            buffer_state: self.buffer_state.map(|(_, s)| s),
+            quality_tier: self.quality_tier.map(|(_, s)| s),
+            started_at: self.started_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// A non-negative quantity in millionths, for exact, order-independent sums.
+pub(crate) fn micro(value: f64) -> i128 {
+    (value * 1e6).round() as i128
+}
+
+/// The country code as tables show it: `--` when unknown, as the platform does.
+fn country_code(code: Sym) -> Sym {
+    if code.is_empty() {
+        Sym::new("--")
+    } else {
+        code
+    }
+}
+
+/// The per-worker state of the streams dataflow.
+#[derive(Debug, Default)]
+pub struct StreamsState {
+    streams: HashMap<StreamKey, StreamState, FxBuildHasher>,
+    dirty: Vec<StreamKey>,
+    /// Streams with open sessions, refreshed when the watermark moves.
+    open: HashSet<StreamKey, FxBuildHasher>,
+    watermark: i64,
+}
+
+/// Routes a stream event: every event of one stream goes to the same worker.
+pub fn route(event: &Event) -> u64 {
+    let name = event
+        .kind
+        .stream()
+        .map_or(0, |s| s.internal_name.stable_hash());
+    name ^ (event.tenant.as_u128() as u64).rotate_left(17)
+}
+
+impl EpochState for StreamsState {
+    type Input = Event;
+    type Output = PeriscopeChange;
+
+    fn apply(&mut self, event: Event) {
+        let Some(stream) = event.kind.stream() else {
+            return;
+        };
+        let key = (event.tenant, stream.internal_name);
+        let state = self
+            .streams
+            .entry(key)
+            .or_insert_with(|| StreamState::new(key.0, key.1));
+        state.absorb(event);
+        if !state.dirty {
+            state.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+
+    fn close(&mut self, watermark: i64, output: &mut Vec<PeriscopeChange>) {
+        if watermark != self.watermark {
+            self.watermark = watermark;
+            for key in &self.open {
+                let state = self.streams.get_mut(key).expect("open streams are held");
+                if !state.dirty {
+                    state.dirty = true;
+                    self.dirty.push(*key);
+                }
+            }
+        }
+        for key in self.dirty.drain(..) {
+            let state = self.streams.get_mut(&key).expect("dirty streams are held");
+            state.dirty = false;
+            state.close(watermark, output);
+            if state.sums.open > 0 {
+                self.open.insert(key);
+            } else {
+                self.open.remove(&key);
+            }
+        }
+    }
+}

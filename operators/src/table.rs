@@ -1,0 +1,92 @@
+//! Output tables as dataflows produce them: keyed rows and their changes.
+//!
+//! A dataflow output is a table of [`Row`]s with a primary key. Per closed epoch, an operator
+//! reports each key it changed exactly once, as a [`Change`]: the row's new value, or its removal.
+//! That is an upsert stream; a sink that keeps the previous rows (a live table does) can turn it
+//! into `(row, diff)` pairs for subscribers, and idempotent stores (ClickHouse
+//! `ReplacingMergeTree`, SQL upserts) apply it directly. Operators therefore keep only current
+//! state, never copies of what they already published.
+//!
+//! Sinks implement [`TableSink`]; a dataflow's change type knows how to hand each change to the
+//! right table, and which tables exist ([`TableSet`]), so adding an output adds no sink code.
+//!
+//! ```
+//! use keel_operators::table::{Change, Row, TableSink};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+//! struct Count { word: String, n: u64 }
+//! impl Row for Count {
+//!     type Key = String;
+//!     fn key(&self) -> String { self.word.clone() }
+//! }
+//!
+//! /// A sink that logs which keys changed.
+//! #[derive(Default)]
+//! struct Log(Vec<String>);
+//! impl TableSink for Log {
+//!     fn apply<R: Row>(&mut self, table: &'static str, change: Change<R>) {
+//!         self.0.push(format!("{table}: {:?}", change.key()));
+//!     }
+//! }
+//! let mut log = Log::default();
+//! log.apply("counts", Change::Upsert(Count { word: "a".into(), n: 2 }));
+//! log.apply("counts", Change::<Count>::Delete("b".into()));
+//! assert_eq!(log.0, ["counts: \"a\"", "counts: \"b\""]);
+//! ```
+
+use std::fmt::Debug;
+use std::hash::Hash;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A row of an output table.
+pub trait Row:
+    Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + Sync + 'static
+{
+    /// The primary key.
+    type Key: Serialize + DeserializeOwned + Clone + Debug + Hash + Eq + Ord + Send + Sync + 'static;
+    /// This row's key.
+    fn key(&self) -> Self::Key;
+}
+
+/// One change to a keyed table within an epoch.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(bound = "")]
+pub enum Change<R: Row> {
+    /// The row for its key is now this.
+    Upsert(R),
+    /// The key has no row any more.
+    Delete(R::Key),
+}
+
+impl<R: Row> Change<R> {
+    /// The key this change is about.
+    pub fn key(&self) -> R::Key {
+        match self {
+            Change::Upsert(row) => row.key(),
+            Change::Delete(key) => key.clone(),
+        }
+    }
+}
+
+/// Something that applies table changes (a live table set, a database writer).
+pub trait TableSink {
+    /// Applies one change to `table`.
+    fn apply<R: Row>(&mut self, table: &'static str, change: Change<R>);
+}
+
+/// Something that learns which tables exist and their row types.
+pub trait TableRegistry {
+    /// Declares `table` with rows of type `R`.
+    fn declare<R: Row>(&mut self, table: &'static str);
+}
+
+/// The tables a dataflow outputs, and how its change records reach them.
+pub trait TableSet: Sized {
+    /// Declares every table to `registry`.
+    fn declare_all(registry: &mut impl TableRegistry);
+    /// Hands this change to its table in `sink`.
+    fn apply_to(self, sink: &mut impl TableSink);
+}
