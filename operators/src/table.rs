@@ -47,6 +47,8 @@ pub trait Row:
 {
     /// The primary key.
     type Key: Serialize + DeserializeOwned + Clone + Debug + Hash + Eq + Ord + Send + Sync + 'static;
+    /// Fields holding milliseconds since the epoch, which sinks present as UTC timestamps.
+    const TIMESTAMPS: &'static [&'static str] = &[];
     /// This row's key.
     fn key(&self) -> Self::Key;
 }

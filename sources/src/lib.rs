@@ -30,4 +30,8 @@
 pub mod codec;
 pub mod error;
 pub mod event;
+pub mod file;
+pub mod kafka;
 pub mod record;
+pub mod simulate;
+pub mod source;

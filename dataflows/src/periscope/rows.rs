@@ -3,24 +3,13 @@
 //! Names and columns follow the platform's tables (`stream_state_current`,
 //! `viewer_sessions_current`, `node_state_current`, the 5-minute and hourly rollups), with the
 //! corrections the platform lists as known gaps (a true concurrent peak, not unique viewers).
-//! Times are milliseconds since the epoch; the sinks present them as UTC timestamps (the columns
-//! listed in [`TIMESTAMP_COLUMNS`]).
+//! Times are milliseconds since the epoch; each row names its time columns (`Row::TIMESTAMPS`)
+//! so sinks present them as UTC timestamps.
 
 use compact_str::CompactString;
 use keel_operators::sym::Sym;
 use keel_operators::table::{Change, Row, TableRegistry, TableSet, TableSink};
 use serde::{Deserialize, Serialize};
-
-/// Columns that hold milliseconds since the epoch and are shown as UTC timestamps.
-pub const TIMESTAMP_COLUMNS: &[&str] = &[
-    "started_at",
-    "updated_at",
-    "connected_at",
-    "disconnected_at",
-    "window_start",
-    "hour",
-    "last_seen",
-];
 
 /// `streams`: one row per stream (tenant, internal name).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,6 +49,7 @@ pub struct StreamRow {
 }
 
 impl Row for StreamRow {
+    const TIMESTAMPS: &'static [&'static str] = &["started_at", "updated_at"];
     type Key = (Sym, Sym);
     fn key(&self) -> Self::Key {
         (self.tenant_id, self.internal_name)
@@ -98,6 +88,7 @@ pub struct ViewerSessionRow {
 }
 
 impl Row for ViewerSessionRow {
+    const TIMESTAMPS: &'static [&'static str] = &["connected_at", "disconnected_at"];
     type Key = (Sym, Sym, Sym, CompactString);
     fn key(&self) -> Self::Key {
         (
@@ -145,6 +136,7 @@ pub struct NodeRow {
 }
 
 impl Row for NodeRow {
+    const TIMESTAMPS: &'static [&'static str] = &["updated_at"];
     type Key = (Sym, Sym);
     fn key(&self) -> Self::Key {
         (self.tenant_id, self.node_id)
@@ -199,6 +191,7 @@ pub struct UsageRow {
 }
 
 impl Row for UsageRow {
+    const TIMESTAMPS: &'static [&'static str] = &["window_start"];
     type Key = (Sym, Sym, i64);
     fn key(&self) -> Self::Key {
         (self.tenant_id, self.internal_name, self.window_start)
@@ -233,6 +226,7 @@ pub struct HealthRow {
 }
 
 impl Row for HealthRow {
+    const TIMESTAMPS: &'static [&'static str] = &["window_start"];
     type Key = (Sym, Sym, i64);
     fn key(&self) -> Self::Key {
         (self.tenant_id, self.internal_name, self.window_start)
@@ -257,6 +251,7 @@ pub struct RoutingRow {
 }
 
 impl Row for RoutingRow {
+    const TIMESTAMPS: &'static [&'static str] = &["hour"];
     type Key = (Sym, i64);
     fn key(&self) -> Self::Key {
         (self.tenant_id, self.hour)
@@ -301,6 +296,7 @@ pub struct UnknownEventRow {
 }
 
 impl Row for UnknownEventRow {
+    const TIMESTAMPS: &'static [&'static str] = &["last_seen"];
     type Key = (Sym, Sym);
     fn key(&self) -> Self::Key {
         (self.tenant_id, self.event_type)

@@ -164,6 +164,66 @@ fn read_record<'a>(value: &'a [u8], parsed: &mut Parsed<'a>) -> Result<(), Reaso
     Ok(json.finish()?)
 }
 
+/// The event times Keel accepts. An event time outside them is refused: one record with a
+/// clock years off would otherwise stretch every open session, and every 5-minute window,
+/// to its time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeBounds {
+    /// Earliest accepted event time, ms.
+    pub earliest: i64,
+    /// How far ahead of the local clock an event may be, ms.
+    pub max_ahead: i64,
+}
+
+impl Default for TimeBounds {
+    fn default() -> Self {
+        TimeBounds {
+            earliest: 946_684_800_000,
+            max_ahead: keel_operators::time::HOUR,
+        }
+    }
+}
+
+impl TimeBounds {
+    fn check(&self, time: i64, now: i64) -> Result<(), String> {
+        use keel_operators::time::format_rfc3339;
+        if time < self.earliest {
+            return Err(format!(
+                "event time {} is before {}",
+                format_rfc3339(time),
+                format_rfc3339(self.earliest)
+            ));
+        }
+        if time > now.saturating_add(self.max_ahead) {
+            return Err(format!(
+                "event time {} is more than {} s ahead of this machine's clock",
+                format_rfc3339(time),
+                self.max_ahead / 1000
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes one record and refuses event times outside `bounds` (`now` is the local clock, ms).
+pub fn decode_checked(
+    record: &Record<'_>,
+    bounds: &TimeBounds,
+    now: i64,
+) -> Result<Event, IngestError> {
+    let event = decode(record)?;
+    match bounds.check(event.time, now) {
+        Ok(()) => Ok(event),
+        Err(reason) => Err(IngestError {
+            position: record.position.clone(),
+            reason,
+            event_type: Some(event.kind.type_name().to_owned()),
+            tenant_id: Some(event.tenant.to_string()),
+            excerpt: excerpt(record.value),
+        }),
+    }
+}
+
 /// Decodes one record. Errors are rows, never panics.
 pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
     let mut parsed = Parsed::default();

@@ -368,6 +368,32 @@ fn refusals_name_the_problem() {
     }
 }
 
+#[test]
+fn event_times_outside_the_bounds_are_refused() {
+    let now = 1_793_527_200_000;
+    let bounds = TimeBounds::default();
+    let at = |t: &str| {
+        v2("stream_end", r#"{"stream_end":{"stream_name":"demo"}}"#)
+            .replace("2026-11-01T10:00:00.250Z", t)
+    };
+    let text = at("2026-11-01T10:30:00Z");
+    assert!(decode_checked(&record(&text), &bounds, now).is_ok());
+    let text = at("2026-11-01T12:00:00Z");
+    assert_eq!(
+        decode_checked(&record(&text), &bounds, now)
+            .unwrap_err()
+            .reason,
+        "event time 2026-11-01T12:00:00.000Z is more than 3600 s ahead of this machine's clock"
+    );
+    let text = at("1970-01-01T00:00:01Z");
+    assert_eq!(
+        decode_checked(&record(&text), &bounds, now)
+            .unwrap_err()
+            .reason,
+        "event time 1970-01-01T00:00:01.000Z is before 2000-01-01T00:00:00.000Z"
+    );
+}
+
 proptest! {
     /// Whatever the bytes, decoding returns an event or an error row: it never panics, and an
     /// error row always says something.

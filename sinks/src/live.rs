@@ -1,0 +1,352 @@
+//! Live tables: the current rows of every output, kept in memory and read as Arrow.
+//!
+//! A [`LiveTable`] holds one row per key in a dense vector with a hash index of positions, so
+//! an upsert is one probe and a delete is a swap with the last row; nothing else is stored per
+//! row. [`LiveTables`] is the set of them behind one dataflow: it is a [`TableSink`] (changes go
+//! in per epoch) and a [`TableRegistry`] (tables are declared by the dataflow's change type), and
+//! it records the last epoch applied, so a reader knows exactly which input its snapshot reflects.
+//!
+//! Snapshots are Arrow record batches built from the rows through serde (`serde_arrow`), with the
+//! row type's time fields shown as UTC millisecond timestamps.
+//!
+//! ```
+//! use keel_operators::table::{Change, Row, TableRegistry, TableSink};
+//! use keel_sinks::live::LiveTables;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+//! struct Visits { page: String, n: u64, at: i64 }
+//! impl Row for Visits {
+//!     type Key = String;
+//!     const TIMESTAMPS: &'static [&'static str] = &["at"];
+//!     fn key(&self) -> String { self.page.clone() }
+//! }
+//!
+//! let mut tables = LiveTables::default();
+//! tables.declare::<Visits>("visits");
+//! tables.apply("visits", Change::Upsert(Visits { page: "/".into(), n: 1, at: 0 }));
+//! tables.apply("visits", Change::Upsert(Visits { page: "/".into(), n: 2, at: 1_000 }));
+//! tables.apply("visits", Change::Upsert(Visits { page: "/about".into(), n: 1, at: 0 }));
+//! tables.apply("visits", Change::<Visits>::Delete("/about".into()));
+//! let batch = tables.snapshot("visits").unwrap();
+//! assert_eq!(batch.num_rows(), 1);
+//! assert_eq!(batch.schema().field(2).data_type().to_string(), r#"Timestamp(ms, "UTC")"#);
+//! ```
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
+use hashbrown::HashTable;
+use keel_operators::table::{Change, Row, TableRegistry, TableSink};
+use rustc_hash::FxBuildHasher;
+use serde_arrow::schema::{SchemaLike, TracingOptions};
+
+/// Why a live table could not be read.
+///
+/// `Unknown` is the caller's mistake (a table name that was never declared); `Arrow` means a row
+/// could not be represented, which is a bug in a row type.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// No table of that name.
+    #[error("no table named {0:?}")]
+    Unknown(String),
+    /// Converting rows to Arrow failed.
+    #[error("table {table}: {message}")]
+    Arrow {
+        /// The table.
+        table: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The rows of one table, one per key.
+pub struct LiveTable<R: Row> {
+    name: &'static str,
+    fields: Vec<FieldRef>,
+    rows: Vec<R>,
+    index: HashTable<u32>,
+    hasher: FxBuildHasher,
+}
+
+impl<R: Row> fmt::Debug for LiveTable<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveTable")
+            .field("name", &self.name)
+            .field("rows", &self.rows.len())
+            .finish()
+    }
+}
+
+fn fields_of<R: Row>(name: &'static str) -> Vec<FieldRef> {
+    let traced = Vec::<FieldRef>::from_type::<R>(TracingOptions::default().allow_null_fields(true))
+        .unwrap_or_else(|e| panic!("row type of table {name} cannot be traced: {e}"));
+    traced
+        .into_iter()
+        .map(|field| {
+            if R::TIMESTAMPS.contains(&field.name().as_str()) {
+                Arc::new(Field::new(
+                    field.name(),
+                    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                    field.is_nullable(),
+                ))
+            } else {
+                field
+            }
+        })
+        .collect()
+}
+
+impl<R: Row> LiveTable<R> {
+    /// An empty table.
+    pub fn new(name: &'static str) -> Self {
+        LiveTable {
+            name,
+            fields: fields_of::<R>(name),
+            rows: Vec::new(),
+            index: HashTable::new(),
+            hasher: FxBuildHasher,
+        }
+    }
+
+    fn hash_key(&self, key: &R::Key) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Applies one change.
+    pub fn apply(&mut self, change: Change<R>) {
+        match change {
+            Change::Upsert(row) => self.upsert(row),
+            Change::Delete(key) => self.delete(&key),
+        }
+    }
+
+    fn upsert(&mut self, row: R) {
+        let key = row.key();
+        let hash = self.hash_key(&key);
+        let rows = &mut self.rows;
+        if let Some(&slot) = self.index.find(hash, |&s| rows[s as usize].key() == key) {
+            rows[slot as usize] = row;
+            return;
+        }
+        let slot = u32::try_from(rows.len()).expect("fewer than 2^32 rows per table");
+        rows.push(row);
+        let hasher = &self.hasher;
+        self.index
+            .insert_unique(hash, slot, |&s| hasher.hash_one(rows[s as usize].key()));
+    }
+
+    fn delete(&mut self, key: &R::Key) {
+        let hash = self.hash_key(key);
+        let rows = &self.rows;
+        let Ok(entry) = self
+            .index
+            .find_entry(hash, |&s| rows[s as usize].key() == *key)
+        else {
+            return;
+        };
+        let (slot, _) = entry.remove();
+        let last = u32::try_from(self.rows.len() - 1).expect("fewer than 2^32 rows per table");
+        self.rows.swap_remove(slot as usize);
+        if slot != last {
+            // The former last row now sits in `slot`: repoint its index entry.
+            let moved_hash = self.hash_key(&self.rows[slot as usize].key());
+            if let Some(entry) = self.index.find_mut(moved_hash, |&s| s == last) {
+                *entry = slot;
+            }
+        }
+    }
+
+    /// The row for `key`, if any.
+    pub fn get(&self, key: &R::Key) -> Option<&R> {
+        let hash = self.hash_key(key);
+        self.index
+            .find(hash, |&s| self.rows[s as usize].key() == *key)
+            .map(|&s| &self.rows[s as usize])
+    }
+
+    /// Every row, in no particular order.
+    pub fn rows(&self) -> &[R] {
+        &self.rows
+    }
+
+    /// The rows as one Arrow batch.
+    pub fn snapshot(&self) -> Result<RecordBatch, LiveError> {
+        let arrow = |e: serde_arrow::Error| LiveError::Arrow {
+            table: self.name,
+            message: e.to_string(),
+        };
+        if self.rows.is_empty() {
+            return Ok(RecordBatch::new_empty(self.schema()));
+        }
+        serde_arrow::to_record_batch(&self.fields, &self.rows).map_err(arrow)
+    }
+
+    /// The Arrow schema of snapshots.
+    pub fn schema(&self) -> SchemaRef {
+        Arc::new(Schema::new(self.fields.clone()))
+    }
+}
+
+/// A live table of any row type.
+trait AnyTable: Send + Sync + fmt::Debug {
+    fn schema(&self) -> SchemaRef;
+    fn len(&self) -> usize;
+    fn snapshot(&self) -> Result<RecordBatch, LiveError>;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<R: Row> AnyTable for LiveTable<R> {
+    fn schema(&self) -> SchemaRef {
+        LiveTable::schema(self)
+    }
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+    fn snapshot(&self) -> Result<RecordBatch, LiveError> {
+        LiveTable::snapshot(self)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The live tables of one dataflow, and the last epoch applied to them.
+#[derive(Debug, Default)]
+pub struct LiveTables {
+    tables: BTreeMap<&'static str, Box<dyn AnyTable>>,
+    epoch: Option<u64>,
+}
+
+impl TableRegistry for LiveTables {
+    fn declare<R: Row>(&mut self, table: &'static str) {
+        self.tables
+            .insert(table, Box::new(LiveTable::<R>::new(table)));
+    }
+}
+
+impl TableSink for LiveTables {
+    fn apply<R: Row>(&mut self, table: &'static str, change: Change<R>) {
+        self.table_mut::<R>(table).apply(change);
+    }
+}
+
+impl LiveTables {
+    /// The typed table `name`. Panics if it was declared with another row type or not at all,
+    /// which is a wiring bug, not a runtime condition.
+    pub fn table<R: Row>(&self, name: &str) -> &LiveTable<R> {
+        self.tables
+            .get(name)
+            .and_then(|t| t.as_any().downcast_ref())
+            .unwrap_or_else(|| panic!("table {name} is not declared with this row type"))
+    }
+
+    fn table_mut<R: Row>(&mut self, name: &str) -> &mut LiveTable<R> {
+        self.tables
+            .get_mut(name)
+            .and_then(|t| t.as_any_mut().downcast_mut())
+            .unwrap_or_else(|| panic!("table {name} is not declared with this row type"))
+    }
+
+    /// Table names.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.tables.keys().copied()
+    }
+
+    /// Number of rows in `name`.
+    pub fn len(&self, name: &str) -> Result<usize, LiveError> {
+        self.get(name).map(|t| t.len())
+    }
+
+    /// The Arrow schema of `name`.
+    pub fn schema(&self, name: &str) -> Result<SchemaRef, LiveError> {
+        self.get(name).map(|t| t.schema())
+    }
+
+    /// The rows of `name` as one Arrow batch.
+    pub fn snapshot(&self, name: &str) -> Result<RecordBatch, LiveError> {
+        self.get(name)?.snapshot()
+    }
+
+    fn get(&self, name: &str) -> Result<&dyn AnyTable, LiveError> {
+        self.tables
+            .get(name)
+            .map(|t| &**t)
+            .ok_or_else(|| LiveError::Unknown(name.to_owned()))
+    }
+
+    /// Records that every change of epochs up to `epoch` has been applied.
+    pub fn close_epoch(&mut self, epoch: u64) {
+        self.epoch = Some(epoch);
+    }
+
+    /// The last epoch whose changes are all applied, `None` before the first.
+    pub fn epoch(&self) -> Option<u64> {
+        self.epoch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde::{Deserialize, Serialize};
+    use std::collections::HashMap;
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    struct Pair {
+        k: u8,
+        v: Option<String>,
+    }
+
+    impl Row for Pair {
+        type Key = u8;
+        fn key(&self) -> u8 {
+            self.k
+        }
+    }
+
+    proptest! {
+        /// Any sequence of upserts and deletes leaves exactly the rows a plain map would hold,
+        /// and every row stays reachable through the index.
+        #[test]
+        fn behaves_like_a_map(ops in prop::collection::vec((any::<bool>(), 0u8..40, any::<u16>()), 0..400)) {
+            let mut table = LiveTable::<Pair>::new("pairs");
+            let mut model: HashMap<u8, Pair> = HashMap::new();
+            for (upsert, k, v) in ops {
+                if upsert {
+                    let row = Pair { k, v: (v % 3 != 0).then(|| v.to_string()) };
+                    model.insert(k, row.clone());
+                    table.apply(Change::Upsert(row));
+                } else {
+                    model.remove(&k);
+                    table.apply(Change::Delete(k));
+                }
+                prop_assert_eq!(table.rows().len(), model.len());
+            }
+            for (k, row) in &model {
+                prop_assert_eq!(table.get(k), Some(row));
+            }
+            let batch = table.snapshot().unwrap();
+            prop_assert_eq!(batch.num_rows(), model.len());
+        }
+    }
+
+    #[test]
+    fn unknown_tables_are_errors() {
+        let tables = LiveTables::default();
+        assert_eq!(
+            tables.snapshot("nope").unwrap_err().to_string(),
+            "no table named \"nope\""
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! Kafka: consuming `analytics_events` (and producing to it, for tests and seeding).
+//!
+//! Two ways to consume:
+//!
+//! - **Live** ([`KafkaMode::Live`]): every worker is a member of one consumer group, so the group
+//!   protocol spreads the topic's partitions over all workers of all processes. Positions read
+//!   into an epoch are remembered with it and committed to the group only when the engine reports
+//!   the epoch published, so a restart re-reads anything whose results were not yet out.
+//! - **Replay** ([`KafkaMode::Replay`]): the topic from its beginning, partitions dealt to workers
+//!   round-robin, no group and no commits; a worker is done when its partitions have been silent
+//!   for the idle time. This is how `keel sql --source kafka://…` reads a topic once.
+//!
+//! Broker trouble (unreachable, rebalancing) is logged and retried by the client; only
+//! configuration mistakes stop the source.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use keel_operators::sym::Sym;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::error::{IngestError, SourceError, excerpt};
+use crate::record::Position;
+use crate::source::{Batch, Poll, Source, SourceReader};
+
+/// How a Kafka source reads its topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KafkaMode {
+    /// Follow the topic as a consumer group member, committing per published epoch.
+    Live {
+        /// Consumer group id.
+        group: String,
+    },
+    /// Read the topic once from the beginning; stop after this much silence.
+    Replay {
+        /// Silence that ends the replay.
+        idle: Duration,
+    },
+}
+
+/// Where to find a topic: `kafka://HOST:PORT[,HOST:PORT…]/TOPIC`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaAddress {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// Topic.
+    pub topic: String,
+}
+
+impl KafkaAddress {
+    /// Parses `kafka://HOST:PORT/TOPIC`.
+    pub fn parse(url: &str) -> Result<Self, SourceError> {
+        let rest = url
+            .strip_prefix("kafka://")
+            .ok_or_else(|| SourceError::Config(format!("{url:?} is not a kafka:// address")))?;
+        let (brokers, topic) = rest.split_once('/').ok_or_else(|| {
+            SourceError::Config(format!(
+                "{url:?} names no topic: use kafka://HOST:PORT/TOPIC"
+            ))
+        })?;
+        if brokers.is_empty() || topic.is_empty() || topic.contains('/') {
+            return Err(SourceError::Config(format!(
+                "{url:?} is not of the form kafka://HOST:PORT/TOPIC"
+            )));
+        }
+        Ok(KafkaAddress {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+        })
+    }
+}
+
+/// A Kafka topic as a source.
+#[derive(Clone, Debug)]
+pub struct KafkaSource {
+    address: KafkaAddress,
+    mode: KafkaMode,
+    /// Extra client settings (`key=value`), applied last.
+    settings: Vec<(String, String)>,
+}
+
+impl KafkaSource {
+    /// A source reading `address` in `mode`.
+    pub fn new(address: KafkaAddress, mode: KafkaMode) -> Self {
+        KafkaSource {
+            address,
+            mode,
+            settings: Vec::new(),
+        }
+    }
+
+    /// Adds a librdkafka setting (for example `security.protocol=ssl`).
+    pub fn with_setting(mut self, key: &str, value: &str) -> Self {
+        self.settings.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.address.brokers)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            // The group join waits about half of this; keep restarts and tests quick.
+            .set("session.timeout.ms", "6000")
+            .set("client.id", "keel");
+        match &self.mode {
+            KafkaMode::Live { group } => {
+                config.set("group.id", group);
+            }
+            KafkaMode::Replay { .. } => {
+                config.set("group.id", "keel-replay");
+            }
+        }
+        for (key, value) in &self.settings {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+impl Source for KafkaSource {
+    fn open(&self, worker: usize, workers: usize) -> Result<Box<dyn SourceReader>, SourceError> {
+        let consumer: BaseConsumer = self.client_config().create()?;
+        let topic = &self.address.topic;
+        match &self.mode {
+            KafkaMode::Live { .. } => consumer.subscribe(&[topic])?,
+            KafkaMode::Replay { .. } => {
+                let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+                let partitions: Vec<i32> = metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name() == topic)
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                if partitions.is_empty() {
+                    return Err(SourceError::Config(format!(
+                        "topic {topic} has no partitions on {}",
+                        self.address.brokers
+                    )));
+                }
+                let mut mine = TopicPartitionList::new();
+                for p in partitions
+                    .into_iter()
+                    .filter(|p| *p as usize % workers == worker)
+                {
+                    mine.add_partition_offset(topic, p, Offset::Beginning)?;
+                }
+                consumer.assign(&mine)?;
+            }
+        }
+        Ok(Box::new(KafkaReader {
+            consumer,
+            topic: Sym::new(topic),
+            replay_idle: match &self.mode {
+                KafkaMode::Replay { idle } => Some(*idle),
+                KafkaMode::Live { .. } => None,
+            },
+            last_record: Instant::now(),
+            reading: HashMap::new(),
+            epochs: BTreeMap::new(),
+        }))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "kafka://{}/{} ({})",
+            self.address.brokers,
+            self.address.topic,
+            match &self.mode {
+                KafkaMode::Live { group } => format!("group {group}"),
+                KafkaMode::Replay { idle } =>
+                    format!("replay, done after {} s idle", idle.as_secs_f64()),
+            }
+        )
+    }
+}
+
+struct KafkaReader {
+    consumer: BaseConsumer,
+    topic: Sym,
+    replay_idle: Option<Duration>,
+    last_record: Instant,
+    /// Next offset per partition, for records read since the last epoch mark.
+    reading: HashMap<i32, i64>,
+    /// Next offsets per partition, by the epoch that holds the records before them.
+    epochs: BTreeMap<u64, HashMap<i32, i64>>,
+}
+
+impl SourceReader for KafkaReader {
+    fn next_batch(&mut self, batch: &mut Batch, max: usize) -> Result<Poll, SourceError> {
+        let start = batch.len();
+        let mut wait = Duration::from_millis(50);
+        while batch.len() - start < max {
+            let Some(result) = self.consumer.poll(wait) else {
+                break;
+            };
+            wait = Duration::ZERO;
+            let message = match result {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!(%error, "kafka consumer");
+                    break;
+                }
+            };
+            let position = Position::Kafka {
+                topic: self.topic,
+                partition: message.partition(),
+                offset: message.offset(),
+            };
+            self.reading
+                .insert(message.partition(), message.offset() + 1);
+            match message.payload() {
+                Some(payload) => {
+                    let headers = message.headers();
+                    let pairs = headers
+                        .iter()
+                        .flat_map(|h| h.iter())
+                        .filter_map(|h| Some((h.key, h.value?)));
+                    batch.push(position, payload, pairs);
+                }
+                None => batch.refuse(IngestError {
+                    position,
+                    reason: "record has no value (a tombstone)".to_owned(),
+                    event_type: None,
+                    tenant_id: None,
+                    excerpt: excerpt(message.key().unwrap_or_default()),
+                }),
+            }
+        }
+        if batch.len() > start {
+            self.last_record = Instant::now();
+            return Ok(Poll::Ready);
+        }
+        match self.replay_idle {
+            Some(idle) if self.last_record.elapsed() >= idle => Ok(Poll::Done),
+            _ => Ok(Poll::Idle),
+        }
+    }
+
+    fn mark_epoch(&mut self, epoch: u64) {
+        if !self.reading.is_empty() {
+            self.epochs.insert(epoch, std::mem::take(&mut self.reading));
+        }
+    }
+
+    fn commit(&mut self, epoch: u64) -> Result<(), SourceError> {
+        if self.replay_idle.is_some() {
+            self.epochs.clear();
+            return Ok(());
+        }
+        let later = self.epochs.split_off(&(epoch + 1));
+        let done = std::mem::replace(&mut self.epochs, later);
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        for offsets in done.into_values() {
+            for (partition, offset) in offsets {
+                let entry = next.entry(partition).or_insert(offset);
+                *entry = (*entry).max(offset);
+            }
+        }
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in next {
+            list.add_partition_offset(self.topic.as_str(), partition, Offset::Offset(offset))?;
+        }
+        if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
+            // A partition moved to another member during a rebalance: its new owner re-reads
+            // from the last commit, which is safe because sinks apply epochs idempotently.
+            tracing::warn!(%error, "kafka commit");
+        }
+        Ok(())
+    }
+}
+
+/// Writes records to a topic (used by `keel simulate --out kafka://…` and by tests).
+pub struct KafkaWriter {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+}
+
+impl std::fmt::Debug for KafkaWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaWriter")
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl KafkaWriter {
+    /// An idempotent producer for `address` (acks from all in-sync replicas).
+    pub fn new(address: &KafkaAddress) -> Result<Self, SourceError> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &address.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "200000")
+            .create()?;
+        Ok(KafkaWriter {
+            producer,
+            topic: address.topic.clone(),
+        })
+    }
+
+    /// Queues one record, waiting for room when the client's queue is full.
+    pub fn send(
+        &self,
+        key: &str,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<(), SourceError> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            if !value.is_empty() {
+                owned = owned.insert(Header {
+                    key: name,
+                    value: Some(*value),
+                });
+            }
+        }
+        let mut record = BaseRecord::to(&self.topic)
+            .key(key)
+            .payload(value)
+            .headers(owned);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    returned,
+                )) => {
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((error, _)) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Waits until every queued record is acknowledged.
+    pub fn flush(&self, timeout: Duration) -> Result<(), SourceError> {
+        Ok(self.producer.flush(timeout)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            KafkaAddress::parse("kafka://127.0.0.1:9092/analytics_events").unwrap(),
+            KafkaAddress {
+                brokers: "127.0.0.1:9092".to_owned(),
+                topic: "analytics_events".to_owned()
+            }
+        );
+        for bad in [
+            "127.0.0.1:9092/x",
+            "kafka://127.0.0.1:9092",
+            "kafka:///x",
+            "kafka://h:1/a/b",
+        ] {
+            assert!(KafkaAddress::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

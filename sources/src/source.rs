@@ -1,0 +1,159 @@
+//! The source contract: how a connector hands records to one timely worker.
+//!
+//! A source is opened once per worker ([`Source::open`]); each worker's [`SourceReader`] reads
+//! its share — file chunks, Kafka partitions, simulated records — into a reusable [`Batch`].
+//! The engine decodes the batch, sends it into the dataflow as one epoch, and later tells the
+//! reader which epochs are complete ([`SourceReader::commit`]) so positions are acknowledged only
+//! for input whose results are out.
+//!
+//! Lifecycle: `open` → repeated `next_batch` (each followed by `mark_epoch`) → `commit` as epochs
+//! complete → dropped. A reader returns [`Poll::Done`] when its share is exhausted (files, the
+//! simulator's event budget); live sources never do.
+
+use std::ops::Range;
+
+use crate::error::{IngestError, SourceError};
+use crate::record::{Headers, Position, Record};
+
+/// What a call to [`SourceReader::next_batch`] produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Poll {
+    /// Records were added to the batch (possibly fewer than asked for).
+    Ready,
+    /// Nothing is available right now; try again later.
+    Idle,
+    /// This reader's share is exhausted.
+    Done,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    position: Position,
+    value: Range<usize>,
+    headers: [Option<Range<usize>>; 4],
+}
+
+/// Records read in one go, stored in one buffer, plus those the connector already refused
+/// (a dump line whose envelope is broken, say), which go straight to `ingest_errors`.
+#[derive(Debug, Default)]
+pub struct Batch {
+    data: Vec<u8>,
+    entries: Vec<Entry>,
+    refused: Vec<IngestError>,
+}
+
+const HEADER_NAMES: [&str; 4] = ["tenant_id", "event_type", "event_id", "source"];
+
+impl Batch {
+    /// Empties the batch, keeping its memory.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.entries.clear();
+        self.refused.clear();
+    }
+
+    /// Number of records, refused ones included.
+    pub fn len(&self) -> usize {
+        self.entries.len() + self.refused.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds a record the connector could not use.
+    pub fn refuse(&mut self, error: IngestError) {
+        self.refused.push(error);
+    }
+
+    /// Takes the refused records.
+    pub fn take_refused(&mut self) -> impl Iterator<Item = IngestError> + '_ {
+        self.refused.drain(..)
+    }
+
+    fn stash(&mut self, bytes: &[u8]) -> Range<usize> {
+        let start = self.data.len();
+        self.data.extend_from_slice(bytes);
+        start..self.data.len()
+    }
+
+    /// Adds a record; headers Keel does not read are dropped.
+    pub fn push<'h>(
+        &mut self,
+        position: Position,
+        value: &[u8],
+        headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+    ) {
+        self.push_with(position, headers, |data| data.extend_from_slice(value));
+    }
+
+    /// Adds a record whose value `write` appends straight to the batch buffer. Empty header
+    /// values count as absent.
+    pub fn push_with<'h>(
+        &mut self,
+        position: Position,
+        headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let start = self.data.len();
+        write(&mut self.data);
+        let value = start..self.data.len();
+        let mut kept: [Option<Range<usize>>; 4] = Default::default();
+        for (name, bytes) in headers {
+            if bytes.is_empty() {
+                continue;
+            }
+            if let Some(i) = HEADER_NAMES.iter().position(|n| *n == name) {
+                kept[i] = Some(self.stash(bytes));
+            }
+        }
+        self.entries.push(Entry {
+            position,
+            value,
+            headers: kept,
+        });
+    }
+
+    /// The records, borrowing from the batch.
+    pub fn records(&self) -> impl Iterator<Item = Record<'_>> + '_ {
+        self.entries.iter().map(|entry| {
+            let text = |range: &Option<Range<usize>>| {
+                range
+                    .as_ref()
+                    .map(|r| String::from_utf8_lossy(&self.data[r.clone()]))
+            };
+            let headers = Headers {
+                tenant_id: text(&entry.headers[0]),
+                event_type: text(&entry.headers[1]),
+                event_id: text(&entry.headers[2]),
+                source: text(&entry.headers[3]),
+            };
+            Record {
+                position: entry.position.clone(),
+                value: &self.data[entry.value.clone()],
+                headers,
+            }
+        })
+    }
+}
+
+/// A source of records, opened once per worker.
+pub trait Source: Send + Sync {
+    /// This worker's reader. `worker` is in `0..workers`.
+    fn open(&self, worker: usize, workers: usize) -> Result<Box<dyn SourceReader>, SourceError>;
+    /// A short description for logs and summaries.
+    fn describe(&self) -> String;
+}
+
+/// One worker's share of a source.
+pub trait SourceReader: Send {
+    /// Appends up to `max` records to `batch`.
+    fn next_batch(&mut self, batch: &mut Batch, max: usize) -> Result<Poll, SourceError>;
+    /// Declares that the records read since the previous call belong to `epoch`.
+    fn mark_epoch(&mut self, _epoch: u64) {}
+    /// Every epoch up to and including `epoch` has been fully processed by every sink.
+    fn commit(&mut self, _epoch: u64) -> Result<(), SourceError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,481 @@
+//! The command-line interface.
+
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use keel_api::format::{Format, render};
+use keel_api::sql::SqlError;
+use keel_operators::time::parse_rfc3339;
+use keel_sources::file::FileSource;
+use keel_sources::kafka::{KafkaAddress, KafkaMode, KafkaSource, KafkaWriter};
+use keel_sources::simulate::{SimConfig, SimSource, Simulator, Wire, headers, write_kcat_line};
+use keel_sources::source::Source;
+
+use crate::engine::{self, EngineOptions, Handles};
+use crate::summary::{Snapshot, group};
+
+/// Keel: incremental stream processing for FrameWorks live-video analytics.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the engine and print a live summary until Ctrl-C (default source: the simulator).
+    Run(RunArgs),
+    /// Write simulated events to an NDJSON file (as `kcat -J` prints them) or a Kafka topic.
+    Simulate(SimulateArgs),
+    /// Replay events through the dataflows, then answer one SQL query over the tables.
+    Sql(SqlArgs),
+}
+
+/// Which wire version the simulator writes.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WireArg {
+    V1,
+    V2,
+}
+
+/// How the simulated fleet looks.
+#[derive(Clone, Debug, Args)]
+struct FleetArgs {
+    /// Random seed; the same seed gives the same events.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Wire version of the records.
+    #[arg(long, value_enum, default_value = "v2")]
+    wire: WireArg,
+    /// Extra malformed records per good record (0.01 = one in a hundred).
+    #[arg(long, default_value_t = 0.0)]
+    malformed: f64,
+    /// Tenants.
+    #[arg(long, default_value_t = 3)]
+    tenants: usize,
+    /// Edge nodes.
+    #[arg(long, default_value_t = 12)]
+    nodes: usize,
+    /// Streams.
+    #[arg(long, default_value_t = 40)]
+    streams: usize,
+    /// Viewer arrivals per simulated second (default: 50, or what `--rate` implies).
+    #[arg(long)]
+    arrivals: Option<f64>,
+    /// Mean viewing session, seconds.
+    #[arg(long, default_value_t = 240.0)]
+    mean_session: f64,
+    /// Simulated start time, RFC 3339 (default: 2026-11-01T00:00:00Z; `keel run`: now).
+    #[arg(long)]
+    start: Option<String>,
+}
+
+impl FleetArgs {
+    fn config(&self, default_start: i64, rate: Option<f64>) -> anyhow::Result<SimConfig> {
+        let start = match &self.start {
+            Some(text) => parse_rfc3339(text)
+                .with_context(|| format!("--start {text:?} is not an RFC 3339 time"))?,
+            None => default_start,
+        };
+        if !(0.0..=1.0).contains(&self.malformed) {
+            bail!(
+                "--malformed must be between 0 and 1, not {}",
+                self.malformed
+            );
+        }
+        // At a set rate, choose arrivals so simulated time keeps pace with the clock: each
+        // arrival makes about three records, and every stream and node reports every 10 s.
+        let arrivals = self.arrivals.unwrap_or_else(|| match rate {
+            Some(rate) => ((rate - (self.streams + self.nodes) as f64 / 10.0) / 3.0).max(0.1),
+            None => 50.0,
+        });
+        Ok(SimConfig {
+            seed: self.seed,
+            wire: match self.wire {
+                WireArg::V1 => Wire::V1,
+                WireArg::V2 => Wire::V2,
+            },
+            tenants: self.tenants,
+            nodes: self.nodes,
+            streams: self.streams,
+            arrivals_per_second: arrivals,
+            mean_session_s: self.mean_session,
+            malformed: self.malformed,
+            start,
+            ..SimConfig::default()
+        })
+    }
+}
+
+/// Engine settings shared by `run` and `sql`.
+#[derive(Clone, Debug, Args)]
+struct EngineArgs {
+    /// Timely worker threads.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    workers: usize,
+    /// Most records per worker per epoch.
+    #[arg(long, default_value_t = 8192)]
+    batch: usize,
+}
+
+impl EngineArgs {
+    fn options(&self) -> anyhow::Result<EngineOptions> {
+        if self.workers == 0 || self.batch == 0 {
+            bail!("--workers and --batch must be at least 1");
+        }
+        Ok(EngineOptions {
+            workers: self.workers,
+            batch: self.batch,
+            ..EngineOptions::default()
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Where events come from: `sim`, `file:PATH` or `kafka://HOST:PORT/TOPIC`.
+    #[arg(long, default_value = "sim")]
+    source: String,
+    /// Simulator records per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Kafka consumer group.
+    #[arg(long, default_value = "keel-periscope")]
+    group: String,
+    /// Seconds between summary lines.
+    #[arg(long, default_value_t = 1.0)]
+    summary_every: f64,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+/// File formats `keel simulate` writes.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SimFormat {
+    /// One `kcat -J` envelope per line (topic, partition, offset, headers, key, payload).
+    Kcat,
+    /// One bare record value per line.
+    Values,
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// How many records to write (malformed ones included).
+    #[arg(long)]
+    events: u64,
+    /// An NDJSON file, or `kafka://HOST:PORT/TOPIC` to produce to a topic.
+    #[arg(long)]
+    out: String,
+    /// File format.
+    #[arg(long, value_enum, default_value = "kcat")]
+    format: SimFormat,
+    /// Topic named in `kcat` lines.
+    #[arg(long, default_value = "analytics_events")]
+    topic: String,
+    /// Partitions the event ids are spread over in `kcat` lines.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+/// Output formats of `keel sql`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct SqlArgs {
+    /// The query.
+    sql: String,
+    /// An NDJSON file to replay (same as `--source file:PATH`).
+    #[arg(long, conflicts_with = "source")]
+    input: Option<PathBuf>,
+    /// Where events come from: `file:PATH`, `kafka://HOST:PORT/TOPIC` (read once, from the
+    /// beginning), or `sim` (with `--events`).
+    #[arg(long)]
+    source: Option<String>,
+    /// Records to simulate with `--source sim`.
+    #[arg(long)]
+    events: Option<u64>,
+    /// Seconds of silence that end a Kafka replay.
+    #[arg(long, default_value_t = 5.0)]
+    idle: f64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: FormatArg,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn default_start() -> i64 {
+    parse_rfc3339("2026-11-01T00:00:00Z").expect("a valid constant")
+}
+
+/// Opens a source from its command-line spelling.
+fn open_source(
+    spec: &str,
+    kafka_mode: KafkaMode,
+    sim: impl FnOnce() -> anyhow::Result<SimSource>,
+) -> anyhow::Result<Arc<dyn Source>> {
+    if spec == "sim" || spec == "simulator" {
+        Ok(Arc::new(sim()?))
+    } else if let Some(path) = spec.strip_prefix("file:") {
+        Ok(Arc::new(FileSource::open(path.as_ref())?))
+    } else if spec.starts_with("kafka://") {
+        Ok(Arc::new(KafkaSource::new(
+            KafkaAddress::parse(spec)?,
+            kafka_mode,
+        )))
+    } else {
+        bail!("unknown source {spec:?}: use sim, file:PATH or kafka://HOST:PORT/TOPIC")
+    }
+}
+
+/// Runs the engine on a thread; calls `tick` every `every` until it finishes.
+fn run_engine(
+    source: Arc<dyn Source>,
+    options: &EngineOptions,
+    handles: &Handles,
+    every: Duration,
+    mut tick: impl FnMut(Duration),
+) -> anyhow::Result<()> {
+    let engine = {
+        let (options, handles) = (options.clone(), handles.clone());
+        std::thread::Builder::new()
+            .name("keel-engine".into())
+            .spawn(move || engine::run(source, &options, &handles))?
+    };
+    let started = Instant::now();
+    while !engine.is_finished() {
+        let deadline = Instant::now() + every;
+        while !engine.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20).min(every));
+        }
+        if !engine.is_finished() {
+            tick(started.elapsed());
+        }
+    }
+    engine
+        .join()
+        .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let options = args.engine.options()?;
+    let config = args.fleet.config(wall_clock_ms(), Some(args.rate))?;
+    let source = open_source(
+        &args.source,
+        KafkaMode::Live {
+            group: args.group.clone(),
+        },
+        || Ok(SimSource::new(config, None, Some(args.rate))),
+    )?;
+    let handles = Handles::default();
+    let shutdown = handles.shutdown.clone();
+    ctrlc::set_handler(move || {
+        if shutdown.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: finishing the epochs in flight (Ctrl-C again to quit at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    eprintln!(
+        "keel: {} on {} worker(s); Ctrl-C stops",
+        source.describe(),
+        options.workers
+    );
+    let every = Duration::from_secs_f64(args.summary_every.max(0.05));
+    let mut previous = Snapshot::default();
+    let snapshot = |handles: &Handles| {
+        let tables = handles
+            .tables
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Snapshot::take(&handles.stats, &tables)
+    };
+    let mut last = Duration::ZERO;
+    run_engine(source, &options, &handles, every, |elapsed| {
+        let now = snapshot(&handles);
+        println!("{}", now.line(&previous, elapsed, elapsed - last));
+        previous = now;
+        last = elapsed;
+    })?;
+    let now = snapshot(&handles);
+    println!(
+        "stopped: {}",
+        now.line(&previous, last, every)
+            .split("| ")
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join("| ")
+    );
+    Ok(())
+}
+
+fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let config = args.fleet.config(default_start(), None)?;
+    let mut simulator = Simulator::new(config);
+    let mut value = Vec::new();
+    let started = Instant::now();
+    let mut shown = Instant::now();
+    let progress = std::io::stderr().is_terminal() || args.events >= 1_000_000;
+    let mut report = |done: u64, force: bool| {
+        if progress && (force || shown.elapsed() >= Duration::from_secs(1)) {
+            shown = Instant::now();
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let left = (args.events - done) as f64 / rate.max(1.0);
+            eprintln!(
+                "simulate: {} / {} records ({} /s, about {:.0} s left)",
+                group(done),
+                group(args.events),
+                group(rate as u64),
+                left
+            );
+        }
+    };
+    if args.out.starts_with("kafka://") {
+        let writer = KafkaWriter::new(&KafkaAddress::parse(&args.out)?)?;
+        for done in 0..args.events {
+            value.clear();
+            let record = simulator.next_record(&mut value);
+            writer.send(&record.event_id, &value, &headers(&record))?;
+            report(done, false);
+        }
+        writer.flush(Duration::from_secs(60))?;
+    } else {
+        let file =
+            File::create(&args.out).with_context(|| format!("cannot create {}", args.out))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let partitions = args.partitions.max(1);
+        let mut offsets = vec![0i64; partitions as usize];
+        let mut line = Vec::new();
+        for done in 0..args.events {
+            value.clear();
+            let record = simulator.next_record(&mut value);
+            line.clear();
+            match args.format {
+                SimFormat::Kcat => {
+                    let partition = (keel_operators::sym::text_hash(&record.event_id)
+                        % partitions as u64) as i32;
+                    let offset = &mut offsets[partition as usize];
+                    write_kcat_line(&mut line, &args.topic, partition, *offset, &record, &value);
+                    *offset += 1;
+                }
+                SimFormat::Values => {
+                    line.extend_from_slice(&value);
+                    line.push(b'\n');
+                }
+            }
+            out.write_all(&line)
+                .with_context(|| format!("cannot write {}", args.out))?;
+            report(done, false);
+        }
+        out.flush()
+            .with_context(|| format!("cannot write {}", args.out))?;
+    }
+    report(args.events, true);
+    Ok(())
+}
+
+fn sql(args: SqlArgs) -> anyhow::Result<()> {
+    let options = args.engine.options()?;
+    let spec = match (&args.input, &args.source) {
+        (Some(path), _) => format!("file:{}", path.display()),
+        (None, Some(spec)) => spec.clone(),
+        (None, None) => bail!("say where events come from: --input FILE or --source SPEC"),
+    };
+    let config = args.fleet.config(default_start(), None)?;
+    let source = open_source(
+        &spec,
+        KafkaMode::Replay {
+            idle: Duration::from_secs_f64(args.idle.max(0.1)),
+        },
+        || match args.events {
+            Some(events) => Ok(SimSource::new(config, Some(events), None)),
+            None => bail!("--source sim needs --events N"),
+        },
+    )?;
+    let handles = Handles::default();
+    let mut previous = 0;
+    run_engine(
+        source,
+        &options,
+        &handles,
+        Duration::from_secs(1),
+        |elapsed| {
+            let records = handles.stats.records.load(Ordering::Relaxed);
+            eprintln!(
+                "replaying: {} records ({} /s), {} s",
+                group(records),
+                group(records - previous),
+                elapsed.as_secs()
+            );
+            previous = records;
+        },
+    )?;
+    let tables = handles
+        .tables
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let batches = runtime.block_on(keel_api::sql::query(&tables, &args.sql))?;
+    let format = match args.format {
+        FormatArg::Table => Format::Table,
+        FormatArg::Csv => Format::Csv,
+        FormatArg::Json => Format::Json,
+    };
+    print!("{}", render(&batches, format)?);
+    Ok(())
+}
+
+/// Entry point of the `keel` binary.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Simulate(args) => simulate(args),
+        Command::Sql(args) => sql(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            if let Some(sql) = error.downcast_ref::<SqlError>() {
+                eprintln!("error: {sql}");
+                return ExitCode::from(2);
+            }
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

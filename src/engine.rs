@@ -1,0 +1,281 @@
+//! The engine: one source, the Periscope dataflow on N timely workers, live tables out.
+//!
+//! Each worker runs the same loop: read a batch from its share of the source, decode it (good
+//! records become events, bad ones error rows), send it into the dataflow as one epoch, and step
+//! the dataflow. Epochs are microseconds since start, so idle workers keep advancing with the
+//! clock and no worker holds back the others. All table changes are routed to worker 0, which
+//! applies each epoch to the live tables once every worker has passed it — so a reader always
+//! sees whole epochs, and [`LiveTables::epoch`] says which.
+//!
+//! A worker keeps at most [`EngineOptions::max_inflight`] batches unpublished (backpressure), and
+//! tells its source reader when a batch's epoch is published, which is when Kafka positions may
+//! be committed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use keel_dataflows::periscope::{PeriscopeChange, periscope};
+use keel_operators::table::TableSet;
+use keel_sinks::live::LiveTables;
+use keel_sources::codec::{TimeBounds, decode_checked};
+use keel_sources::error::IngestError;
+use keel_sources::event::Event;
+use keel_sources::source::{Batch, Poll, Source};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Input;
+use timely::dataflow::operators::{Capability, Probe, probe};
+
+/// How the engine runs.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Timely worker threads.
+    pub workers: usize,
+    /// Most records a worker reads into one epoch.
+    pub batch: usize,
+    /// Most unpublished batches per worker before it waits for the dataflow.
+    pub max_inflight: usize,
+    /// Event times accepted.
+    pub time_bounds: TimeBounds,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            workers: 1,
+            batch: 8192,
+            max_inflight: 8,
+            time_bounds: TimeBounds::default(),
+        }
+    }
+}
+
+/// Counters the engine keeps while it runs, for summaries and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Records read from the source.
+    pub records: AtomicU64,
+    /// Records decoded into events.
+    pub events: AtomicU64,
+    /// Records refused (now rows of `ingest_errors`).
+    pub errors: AtomicU64,
+    /// Newest event time seen, ms.
+    pub newest_event: AtomicI64,
+}
+
+/// Shared handles to a running (or finished) engine.
+#[derive(Clone, Debug)]
+pub struct Handles {
+    /// The live tables.
+    pub tables: Arc<RwLock<LiveTables>>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Set to stop reading; the engine then drains what it has and returns.
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl Default for Handles {
+    fn default() -> Self {
+        let mut tables = LiveTables::default();
+        PeriscopeChange::declare_all(&mut tables);
+        Handles {
+            tables: Arc::new(RwLock::new(tables)),
+            stats: Arc::new(Stats::default()),
+            shutdown: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Applies table changes on worker 0 once every worker has passed their epoch. Only worker 0
+/// holds `tables`; the other workers' instances receive nothing.
+fn publish<'scope>(
+    changes: StreamVec<'scope, u64, PeriscopeChange>,
+    tables: Option<Arc<RwLock<LiveTables>>>,
+) -> StreamVec<'scope, u64, ()> {
+    changes.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+        Exchange::new(|_: &PeriscopeChange| 0),
+        "Publish",
+        move |_, _| {
+            let mut pending: BTreeMap<u64, (Capability<u64>, Vec<PeriscopeChange>)> =
+                BTreeMap::new();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    if let Some(&time) = cap.least() {
+                        pending
+                            .entry(time)
+                            .or_insert_with(|| {
+                                let cap = cap
+                                    .retain_least(output.output_index())
+                                    .expect("a message with a least time");
+                                (cap, Vec::new())
+                            })
+                            .1
+                            .append(data);
+                    }
+                });
+                let Some(tables) = &tables else {
+                    return;
+                };
+                let frontier = frontier.frontier();
+                let complete = |t: &u64| !frontier.less_equal(t);
+                let ready: Vec<u64> = pending.keys().copied().take_while(complete).collect();
+                let closed = match frontier.first() {
+                    Some(&f) => f.checked_sub(1),
+                    None => pending.keys().next_back().copied(),
+                };
+                if ready.is_empty() && closed.is_none() {
+                    return;
+                }
+                let mut tables = tables
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for time in ready {
+                    let (_cap, changes) = pending.remove(&time).expect("ready times are pending");
+                    for change in changes {
+                        change.apply_to(&mut *tables);
+                    }
+                }
+                if let Some(closed) = closed {
+                    if tables.epoch().is_none_or(|e| e < closed) {
+                        tables.close_epoch(closed);
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Runs `source` through the Periscope dataflow until the source is exhausted or `handles`
+/// says stop. Returns once every read record is reflected in the live tables.
+pub fn run(
+    source: Arc<dyn Source>,
+    options: &EngineOptions,
+    handles: &Handles,
+) -> anyhow::Result<()> {
+    let options = options.clone();
+    let handles = handles.clone();
+    let config = timely::Config::process(options.workers.max(1));
+    let guards = timely::execute(config, move |worker| -> Result<(), String> {
+        let index = worker.index();
+        let mut reader = source
+            .open(index, worker.peers())
+            .map_err(|e| format!("worker {index}: {e}"))?;
+        let probe = probe::Handle::new();
+        let tables = (index == 0).then(|| handles.tables.clone());
+        let (mut events_in, mut errors_in, mut marks_in) = worker.dataflow::<u64, _, _>(|scope| {
+            let (events_in, events) = scope.new_input::<Event>();
+            let (errors_in, errors) = scope.new_input::<IngestError>();
+            let (marks_in, marks) = scope.new_input::<i64>();
+            publish(periscope(events, errors, marks), tables).probe_with(&probe);
+            (events_in, errors_in, marks_in)
+        });
+        let start = Instant::now();
+        let clock = || u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut epoch = 0u64;
+        let mut inflight: VecDeque<u64> = VecDeque::new();
+        let mut batch = Batch::default();
+        let stats = &handles.stats;
+        loop {
+            if handles.shutdown.load(Ordering::Relaxed) {
+                break;
+            }
+            batch.clear();
+            let poll = reader
+                .next_batch(&mut batch, options.batch)
+                .map_err(|e| format!("worker {index}: {e}"))?;
+            if !batch.is_empty() {
+                let now = wall_clock_ms();
+                let mut newest = i64::MIN;
+                let (mut events, mut errors) = (0u64, 0u64);
+                for record in batch.records() {
+                    match decode_checked(&record, &options.time_bounds, now) {
+                        Ok(event) => {
+                            newest = newest.max(event.time);
+                            events += 1;
+                            events_in.send(event);
+                        }
+                        Err(error) => {
+                            errors += 1;
+                            errors_in.send(error);
+                        }
+                    }
+                }
+                for error in batch.take_refused() {
+                    errors += 1;
+                    errors_in.send(error);
+                }
+                if newest > i64::MIN {
+                    marks_in.send(newest);
+                    stats.newest_event.fetch_max(newest, Ordering::Relaxed);
+                }
+                stats.records.fetch_add(events + errors, Ordering::Relaxed);
+                stats.events.fetch_add(events, Ordering::Relaxed);
+                stats.errors.fetch_add(errors, Ordering::Relaxed);
+                reader.mark_epoch(epoch);
+                inflight.push_back(epoch);
+                epoch = epoch.saturating_add(1).max(clock());
+                events_in.advance_to(epoch);
+                errors_in.advance_to(epoch);
+                marks_in.advance_to(epoch);
+            } else if clock() > epoch + 10_000 {
+                // Idle: keep pace with the clock so other workers' epochs can close.
+                epoch = clock();
+                events_in.advance_to(epoch);
+                errors_in.advance_to(epoch);
+                marks_in.advance_to(epoch);
+            }
+            worker.step();
+            loop {
+                while let Some(&oldest) = inflight.front() {
+                    if probe.less_equal(&oldest) {
+                        break;
+                    }
+                    inflight.pop_front();
+                    reader
+                        .commit(oldest)
+                        .map_err(|e| format!("worker {index}: {e}"))?;
+                }
+                if inflight.len() <= options.max_inflight {
+                    break;
+                }
+                worker.step();
+            }
+            match poll {
+                Poll::Done => break,
+                Poll::Idle if batch.is_empty() => {
+                    worker.step_or_park(Some(Duration::from_millis(2)));
+                }
+                _ => {}
+            }
+        }
+        drop((events_in, errors_in, marks_in));
+        while !probe.done() {
+            worker.step();
+        }
+        while let Some(oldest) = inflight.pop_front() {
+            reader
+                .commit(oldest)
+                .map_err(|e| format!("worker {index}: {e}"))?;
+        }
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!("cannot start timely workers: {e}"))?;
+    for result in guards.join() {
+        result
+            .map_err(|panic| anyhow::anyhow!("a worker stopped: {panic}"))?
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("the source failed")?;
+    }
+    Ok(())
+}

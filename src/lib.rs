@@ -1,0 +1,20 @@
+//! # keel
+//!
+//! The `keel` binary's library: command-line interface and the wiring of sources, dataflows and
+//! sinks into a running engine.
+//!
+//! - [`engine`]: one source → the Periscope dataflow on timely workers → live tables.
+//! - [`cli`]: `keel run`, `keel simulate`, `keel sql`.
+//! - [`summary`]: the one-line live summary `keel run` prints.
+//!
+//! The crates underneath, in dependency order: `keel-operators` (domain-free operators),
+//! `keel-sources` (event model, codecs, connectors), `keel-dataflows` (Periscope),
+//! `keel-sinks` (live tables), `keel-api` (SQL).
+
+pub mod cli;
+pub mod engine;
+pub mod summary;
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

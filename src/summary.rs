@@ -1,0 +1,94 @@
+//! The live summary line of `keel run`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keel_dataflows::periscope::StreamRow;
+use keel_sinks::live::LiveTables;
+
+use crate::engine::Stats;
+
+/// What the summary shows at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Events decoded so far.
+    pub events: u64,
+    /// Records refused so far.
+    pub errors: u64,
+    /// Sessions open now, over all streams.
+    pub open_sessions: u64,
+    /// Streams known.
+    pub streams: u64,
+    /// Of which live.
+    pub live_streams: u64,
+    /// Nodes known.
+    pub nodes: u64,
+}
+
+impl Snapshot {
+    /// Reads the counters and the live tables.
+    pub fn take(stats: &Stats, tables: &LiveTables) -> Self {
+        let streams = tables.table::<StreamRow>("streams").rows();
+        Snapshot {
+            events: stats.events.load(Ordering::Relaxed),
+            errors: stats.errors.load(Ordering::Relaxed),
+            open_sessions: streams.iter().map(|s| s.current_viewers).sum(),
+            streams: streams.len() as u64,
+            live_streams: streams
+                .iter()
+                .filter(|s| s.status.as_str() == "live")
+                .count() as u64,
+            nodes: tables.len("nodes").unwrap_or(0) as u64,
+        }
+    }
+
+    /// The totals, without a rate.
+    pub fn totals(&self) -> String {
+        format!(
+            "{} events | {} open sessions | {} streams ({} live) | {} nodes | {} errors",
+            group(self.events),
+            group(self.open_sessions),
+            group(self.streams),
+            group(self.live_streams),
+            group(self.nodes),
+            group(self.errors),
+        )
+    }
+
+    /// One line: rates since `previous`, which was taken `interval` ago.
+    pub fn line(&self, previous: &Snapshot, elapsed: Duration, interval: Duration) -> String {
+        let rate = (self.events - previous.events) as f64 / interval.as_secs_f64().max(1e-9);
+        format!(
+            "[{:>5}s] {:>9} events/s | {}",
+            elapsed.as_secs(),
+            group(rate as u64),
+            self.totals()
+        )
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(1_234_567), "1,234,567");
+    }
+}
