@@ -1,0 +1,97 @@
+//! Helpers shared by the integration tests: run a source to the end, dump every table.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use keel::engine::{self, EngineOptions, Handles};
+use keel_sinks::live::LiveTables;
+use keel_sources::file::FileSource;
+use keel_sources::simulate::{SimConfig, Simulator, write_kcat_line};
+use keel_sources::source::Source;
+
+/// Every table as sorted JSON lines (explicit nulls), by table name.
+pub type Tables = BTreeMap<String, Vec<String>>;
+
+/// Renders every live table.
+pub fn dump(tables: &LiveTables) -> Tables {
+    tables
+        .names()
+        .map(|name| {
+            let batch = tables.snapshot(name).unwrap();
+            let mut out = Vec::new();
+            {
+                let mut writer = arrow::json::WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow::json::writer::LineDelimited>(&mut out);
+                writer.write(&batch).unwrap();
+                writer.finish().unwrap();
+            }
+            let mut rows: Vec<String> = String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            rows.sort();
+            (name.to_owned(), rows)
+        })
+        .collect()
+}
+
+/// Runs `source` to its end and dumps the tables.
+pub fn replay(source: Arc<dyn Source>, workers: usize, batch: usize) -> Tables {
+    let handles = Handles::default();
+    let options = EngineOptions {
+        workers,
+        batch,
+        ..EngineOptions::default()
+    };
+    engine::run(source, &options, &handles).unwrap();
+    let tables = handles.tables.read().unwrap();
+    assert!(tables.epoch().is_some(), "the final epoch is published");
+    dump(&tables)
+}
+
+/// Replays an NDJSON file.
+pub fn replay_file(path: &Path, workers: usize, batch: usize) -> Tables {
+    replay(Arc::new(FileSource::open(path).unwrap()), workers, batch)
+}
+
+/// Writes `n` simulated records to `path` as `kcat -J` lines; returns the raw values too.
+pub fn simulate_file(path: &Path, config: SimConfig, n: usize) -> Vec<Vec<u8>> {
+    let mut simulator = Simulator::new(config);
+    let mut out = Vec::new();
+    let mut values = Vec::new();
+    for offset in 0..n {
+        let mut value = Vec::new();
+        let record = simulator.next_record(&mut value);
+        write_kcat_line(
+            &mut out,
+            "analytics_events",
+            (offset % 4) as i32,
+            offset as i64,
+            &record,
+            &value,
+        );
+        values.push(value);
+    }
+    std::fs::write(path, out).unwrap();
+    values
+}
+
+/// Writes bare values as NDJSON.
+pub fn write_values(path: &Path, values: &[Vec<u8>]) {
+    let mut out = Vec::new();
+    for v in values {
+        out.extend_from_slice(v);
+        out.push(b'\n');
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// Row counts per table, for messages.
+pub fn counts(tables: &Tables) -> BTreeMap<&str, usize> {
+    tables.iter().map(|(k, v)| (k.as_str(), v.len())).collect()
+}
