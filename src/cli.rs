@@ -282,7 +282,7 @@ fn run_engine(
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn run(args: &RunArgs) -> anyhow::Result<()> {
     let options = args.engine.options()?;
     let config = args.fleet.config(wall_clock_ms(), Some(args.rate))?;
     let source = open_source(
@@ -334,7 +334,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     let config = args.fleet.config(default_start(), None)?;
     let mut simulator = Simulator::new(config);
     let mut value = Vec::new();
@@ -399,7 +399,7 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sql(args: SqlArgs) -> anyhow::Result<()> {
+fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     let options = args.engine.options()?;
     let spec = match (&args.input, &args.source) {
         (Some(path), _) => format!("file:{}", path.display()),
@@ -463,9 +463,9 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Simulate(args) => simulate(args),
-        Command::Sql(args) => sql(args),
+        Command::Run(args) => run(&args),
+        Command::Simulate(args) => simulate(&args),
+        Command::Sql(args) => sql(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -146,10 +146,10 @@ fn publish<'scope>(
                         change.apply_to(&mut *tables);
                     }
                 }
-                if let Some(closed) = closed {
-                    if tables.epoch().is_none_or(|e| e < closed) {
-                        tables.close_epoch(closed);
-                    }
+                if let Some(closed) = closed
+                    && tables.epoch().is_none_or(|e| e < closed)
+                {
+                    tables.close_epoch(closed);
                 }
             }
         },

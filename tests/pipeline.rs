@@ -74,7 +74,7 @@ fn order_and_workers_do_not_change_the_tables() {
     );
 
     // Reversed, then interleaved: far from the order the fleet produced.
-    let mut shuffled = values.clone();
+    let mut shuffled = values;
     shuffled.reverse();
     let (a, b) = shuffled.split_at(shuffled.len() / 2);
     let interleaved: Vec<Vec<u8>> = a
@@ -115,7 +115,7 @@ fn version_1_and_version_2_give_the_same_tables() {
         );
         tables.push(replay_file(&path, 2, 500));
     }
-    assert!(tables[0]["streams"].len() > 10 && tables[0]["routing_hourly"].len() > 0);
+    assert!(tables[0]["streams"].len() > 10 && !tables[0]["routing_hourly"].is_empty());
     assert_eq!(counts(&tables[0]), counts(&tables[1]));
     for (name, rows) in &tables[0] {
         assert_eq!(&tables[1][name], rows, "table {name}");

@@ -1,8 +1,9 @@
 //! SQL over live tables, answered by DataFusion.
 //!
 //! [`query`] registers a snapshot of every live table and runs one read-only statement over
-//! them: queries, `SHOW TABLES`, `DESCRIBE`, `information_schema`. Statements that would change
-//! anything (DDL, DML, `SET`) are refused before planning. Errors are [`SqlError`]s with the
+//! them: queries, `SHOW TABLES`, `SHOW COLUMNS`, `DESCRIBE`, `EXPLAIN`, `information_schema`.
+//! Anything else (DDL, DML, `SET`, `COPY`, several statements at once) is refused after parsing,
+//! before planning. Errors are [`SqlError`]s with the
 //! planner's message, never panics.
 
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::sql::parser::{DFParser, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
 use keel_sinks::live::{LiveError, LiveTables};
 
 /// Why a statement produced no result.
@@ -57,8 +60,51 @@ pub async fn query(tables: &LiveTables, sql: &str) -> Result<Vec<RecordBatch>, S
     run(&ctx, sql).await
 }
 
+fn is_read_only(statement: &SQLStatement) -> bool {
+    match statement {
+        SQLStatement::Query(_)
+        | SQLStatement::ShowTables { .. }
+        | SQLStatement::ShowColumns { .. }
+        | SQLStatement::ExplainTable { .. } => true,
+        SQLStatement::Explain { statement, .. } => is_read_only(statement),
+        _ => false,
+    }
+}
+
+/// Refuses anything but one read-only statement, before any planning.
+fn check_read_only(sql: &str) -> Result<(), SqlError> {
+    let statements = DFParser::parse_sql(sql).map_err(|e| SqlError::Invalid(describe(&e)))?;
+    let statement = match statements.len() {
+        0 => return Err(SqlError::Invalid("no statement given".to_owned())),
+        1 => &statements[0],
+        n => {
+            return Err(SqlError::Invalid(format!(
+                "one statement at a time, not {n}"
+            )));
+        }
+    };
+    let allowed = match statement {
+        DFStatement::Statement(inner) => is_read_only(inner),
+        DFStatement::Explain(explain) => match &*explain.statement {
+            DFStatement::Statement(inner) => is_read_only(inner),
+            _ => false,
+        },
+        _ => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    let text = statement.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(2).collect();
+    Err(SqlError::Refused(format!(
+        "{} changes or configures state",
+        words.join(" ")
+    )))
+}
+
 /// Runs one read-only statement in `ctx`.
 pub async fn run(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
+    check_read_only(sql)?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)

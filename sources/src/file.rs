@@ -262,10 +262,10 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn read_all(
-        path: &Path,
-        workers: usize,
-    ) -> (Vec<(String, String, Option<String>)>, Vec<IngestError>) {
+    /// Position, value and tenant header of a record read back.
+    type ReadBack = (String, String, Option<String>);
+
+    fn read_all(path: &Path, workers: usize) -> (Vec<ReadBack>, Vec<IngestError>) {
         let source = FileSource::open(path).unwrap();
         let mut records = Vec::new();
         let mut refused = Vec::new();

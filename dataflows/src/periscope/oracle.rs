@@ -610,10 +610,8 @@ fn reference(events: &[Event], now: i64) -> Tables {
                         quality = quality.max(Some((e.time, b.quality_tier)));
                     }
                 }
-                EventKind::TrackList(t) => {
-                    if !t.quality_tier.is_empty() {
-                        quality = quality.max(Some((e.time, t.quality_tier)));
-                    }
+                EventKind::TrackList(t) if !t.quality_tier.is_empty() => {
+                    quality = quality.max(Some((e.time, t.quality_tier)));
                 }
                 EventKind::StreamEnd(s) => {
                     status = status.max(Some((e.time, 2, Sym::new("offline"), s.node)));

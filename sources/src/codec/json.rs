@@ -445,9 +445,9 @@ mod tests {
         let leaf = prop_oneof![
             Just(serde_json::Value::Null),
             any::<bool>().prop_map(serde_json::Value::Bool),
-            any::<i64>().prop_map(|n| serde_json::Value::from(n)),
-            any::<u64>().prop_map(|n| serde_json::Value::from(n)),
-            (-1e12f64..1e12).prop_map(|f| serde_json::Value::from(f)),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            (-1e12f64..1e12).prop_map(serde_json::Value::from),
             ".*".prop_map(serde_json::Value::String),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {

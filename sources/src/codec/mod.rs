@@ -316,10 +316,10 @@ fn event_time(parsed: &Parsed<'_>) -> Result<i64, String> {
     if let Some(ms) = int(&parsed.data.trigger_unix_millis, "trigger_unix_millis")? {
         offer((ms, Precision::Millis));
     }
-    if let Some((_, payload)) = &parsed.payload {
-        if let Some(n) = int(&payload.timestamp, "timestamp")? {
-            offer(unix_time(n));
-        }
+    if let Some((_, payload)) = &parsed.payload
+        && let Some(n) = int(&payload.timestamp, "timestamp")?
+    {
+        offer(unix_time(n));
     }
     if let Some(n) = int(&parsed.data.timestamp, "timestamp")? {
         offer(unix_time(n));

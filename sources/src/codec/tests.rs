@@ -138,7 +138,7 @@ fn version_2_routing_and_unknown() {
         event.kind,
         EventKind::Unknown(UnknownEvent {
             event_type: Sym::new("orchestrator_ai_outcome"),
-            json: unknown.clone()
+            json: unknown
         })
     );
 }

@@ -66,7 +66,7 @@ mod tests {
                 let record = sim.next_record(&mut out);
                 let mut headers = Headers::default();
                 if !record.tenant_id.is_empty() {
-                    headers.set("tenant_id", record.tenant_id.clone().into());
+                    headers.set("tenant_id", record.tenant_id.into());
                 }
                 decode(&Record {
                     position: Position::Simulated { seq: seq as u64 },

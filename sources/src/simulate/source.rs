@@ -152,7 +152,7 @@ pub fn write_kcat_line(
         })
         .str("key", &record.event_id)
         .with("payload", |out| {
-            push_string(out, &String::from_utf8_lossy(payload))
+            push_string(out, &String::from_utf8_lossy(payload));
         });
     line.close();
     out.push(b'\n');

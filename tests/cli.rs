@@ -1,0 +1,185 @@
+//! The `keel` binary, run as a user would.
+
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn keel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn sql_answers_over_a_replayed_file() {
+    let out = keel(&[
+        "sql",
+        "--input",
+        "tests/golden/events.ndjson",
+        "--format",
+        "csv",
+        "SELECT internal_name, current_viewers, peak_viewers FROM streams ORDER BY internal_name",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "internal_name,current_viewers,peak_viewers\ndemo,2,3\nnews,1,2\n"
+    );
+    let out = keel(&[
+        "sql",
+        "--input",
+        "tests/golden/events.ndjson",
+        "--format",
+        "json",
+        "SELECT count(*) AS errors FROM ingest_errors",
+    ]);
+    assert_eq!(text(&out.stdout), "{\"errors\":5}\n");
+}
+
+#[test]
+fn bad_sql_is_a_clear_error() {
+    for (sql, expected) in [
+        ("SELECT nope FROM streams", "error: "),
+        ("SELEC 1", "error: "),
+        ("SELECT * FROM no_such_table", "no_such_table"),
+        ("DROP TABLE streams", "only queries are allowed"),
+        ("INSERT INTO streams VALUES (1)", "only queries are allowed"),
+        ("CREATE TABLE t (x INT)", "only queries are allowed"),
+    ] {
+        let out = keel(&["sql", "--input", "tests/golden/events.ndjson", sql]);
+        assert_eq!(out.status.code(), Some(2), "{sql}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{sql}: {}",
+            text(&out.stderr)
+        );
+        assert!(!text(&out.stderr).contains("panicked"));
+    }
+}
+
+#[test]
+fn missing_inputs_and_bad_options_say_so() {
+    let out = keel(&["sql", "--input", "/nonexistent/x.ndjson", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot read /nonexistent/x.ndjson"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = keel(&["sql", "--source", "carrier-pigeon", "SELECT 1"]);
+    assert!(
+        text(&out.stderr).contains("unknown source \"carrier-pigeon\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = keel(&["sql", "--source", "kafka://localhost:9092", "SELECT 1"]);
+    assert!(
+        text(&out.stderr).contains("names no topic"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = keel(&[
+        "simulate",
+        "--events",
+        "10",
+        "--out",
+        "/nonexistent/dir/x.ndjson",
+    ]);
+    assert!(text(&out.stderr).contains("cannot create /nonexistent/dir/x.ndjson"));
+}
+
+#[test]
+fn simulate_then_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.ndjson");
+    let path = path.to_str().unwrap();
+    let out = keel(&[
+        "simulate",
+        "--events",
+        "5000",
+        "--seed",
+        "9",
+        "--malformed",
+        "0.02",
+        "--out",
+        path,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(path).unwrap().lines().count(), 5000);
+    let out = keel(&[
+        "sql",
+        "--input",
+        path,
+        "--workers",
+        "2",
+        "--format",
+        "csv",
+        "SELECT (SELECT count(*) FROM ingest_errors) > 50 AS errors_seen, (SELECT count(*) FROM streams) AS streams",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "errors_seen,streams\ntrue,40\n");
+}
+
+#[test]
+fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "run",
+            "--rate",
+            "4000",
+            "--summary-every",
+            "0.3",
+            "--malformed",
+            "0.01",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "keel run did not stop after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(status.success(), "exit {status}: {stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.len() >= 4, "{stdout}");
+    assert!(
+        lines[1].contains("events/s") && lines[1].contains("open sessions"),
+        "{stdout}"
+    );
+    let last = lines.last().unwrap();
+    assert!(last.starts_with("stopped: "), "{stdout}");
+    let events: u64 = last["stopped: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .replace(',', "")
+        .parse()
+        .unwrap();
+    assert!(events > 3_000, "{stdout}");
+}
