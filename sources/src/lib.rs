@@ -32,6 +32,7 @@ pub mod error;
 pub mod event;
 pub mod file;
 pub mod kafka;
+pub mod memory;
 pub mod record;
 pub mod simulate;
 pub mod source;

@@ -30,6 +30,13 @@ pub enum Position {
         /// Sequence number.
         seq: u64,
     },
+    /// The n-th record handed over in memory (from 0) by the named producer.
+    Memory {
+        /// Who handed it over.
+        source: Sym,
+        /// Sequence number.
+        seq: u64,
+    },
 }
 
 impl fmt::Display for Position {
@@ -42,6 +49,7 @@ impl fmt::Display for Position {
                 offset,
             } => write!(f, "kafka:{topic}/{partition}@{offset}"),
             Position::Simulated { seq } => write!(f, "sim:{seq}"),
+            Position::Memory { source, seq } => write!(f, "{source}:{seq}"),
         }
     }
 }

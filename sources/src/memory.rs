@@ -1,0 +1,132 @@
+//! Records handed over in memory: a source fed through a channel by another thread.
+//!
+//! For embedding Keel in a process that already holds events (tests, benchmarks, and later the
+//! edge's embedded mode). Worker 0 reads the channel; other workers get nothing and simply keep
+//! pace. The source is done when every [`MemorySender`] is dropped and the channel is drained.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_operators::sym::Sym;
+
+use crate::error::SourceError;
+use crate::record::Position;
+use crate::source::{Batch, Poll, Source, SourceReader};
+
+/// One record: value and the headers Keel reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnedRecord {
+    /// The record value.
+    pub value: Vec<u8>,
+    /// `(name, value)` headers.
+    pub headers: Vec<(String, String)>,
+}
+
+/// The sending side: cloneable, blocking when the channel is full (backpressure).
+#[derive(Clone, Debug)]
+pub struct MemorySender(SyncSender<OwnedRecord>);
+
+impl MemorySender {
+    /// Sends a record, waiting for room; fails only if the engine has gone.
+    pub fn send(&self, record: OwnedRecord) -> Result<(), SourceError> {
+        match self.0.try_send(record) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(record)) => self
+                .0
+                .send(record)
+                .map_err(|_| SourceError::Config("the engine stopped reading".to_owned())),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(SourceError::Config("the engine stopped reading".to_owned()))
+            }
+        }
+    }
+}
+
+/// A source fed through a bounded channel.
+#[derive(Clone, Debug)]
+pub struct MemorySource {
+    receiver: Arc<Mutex<Option<Receiver<OwnedRecord>>>>,
+    label: Sym,
+}
+
+impl MemorySource {
+    /// A source and its sender; at most `capacity` records wait in between.
+    pub fn new(label: &str, capacity: usize) -> (Self, MemorySender) {
+        let (sender, receiver) = sync_channel(capacity);
+        (
+            MemorySource {
+                receiver: Arc::new(Mutex::new(Some(receiver))),
+                label: Sym::new(label),
+            },
+            MemorySender(sender),
+        )
+    }
+}
+
+impl Source for MemorySource {
+    fn open(&self, worker: usize, _workers: usize) -> Result<Box<dyn SourceReader>, SourceError> {
+        let receiver = if worker == 0 {
+            self.receiver
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        } else {
+            None
+        };
+        Ok(Box::new(MemoryReader {
+            receiver,
+            label: self.label,
+            seq: 0,
+        }))
+    }
+
+    fn describe(&self) -> String {
+        format!("in-memory source {}", self.label)
+    }
+}
+
+struct MemoryReader {
+    receiver: Option<Receiver<OwnedRecord>>,
+    label: Sym,
+    seq: u64,
+}
+
+impl SourceReader for MemoryReader {
+    fn next_batch(&mut self, batch: &mut Batch, max: usize) -> Result<Poll, SourceError> {
+        let Some(receiver) = &self.receiver else {
+            return Ok(Poll::Done);
+        };
+        let mut wait = Duration::from_millis(5);
+        let mut got = 0;
+        while got < max {
+            match receiver.recv_timeout(wait) {
+                Ok(record) => {
+                    let position = Position::Memory {
+                        source: self.label,
+                        seq: self.seq,
+                    };
+                    self.seq += 1;
+                    batch.push(
+                        position,
+                        &record.value,
+                        record
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_bytes())),
+                    );
+                    got += 1;
+                    wait = Duration::ZERO;
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    if got == 0 {
+                        return Ok(Poll::Done);
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(if got > 0 { Poll::Ready } else { Poll::Idle })
+    }
+}
