@@ -48,9 +48,16 @@ impl Block {
 }
 
 /// A step function over `i64` time made of summed point changes. See the module documentation.
+///
+/// Changes only mark their block; block summaries and the level before each block are brought
+/// up to date by the next query, so a burst of changes costs one refresh.
 #[derive(Clone, Debug, Default)]
 pub struct StepProfile {
     blocks: Vec<Block>,
+    /// Level before each block, valid below `stale`.
+    before: Vec<i64>,
+    /// Index of the first block whose summary or `before` entry may be out of date.
+    stale: usize,
 }
 
 impl StepProfile {
@@ -65,7 +72,7 @@ impl StepProfile {
                 deltas: vec![delta],
                 ..Block::default()
             });
-            self.blocks[0].summarise();
+            self.stale = 0;
             return;
         }
         // The last block whose first time is <= time, or the first block.
@@ -73,6 +80,7 @@ impl StepProfile {
             .blocks
             .partition_point(|b| b.times[0] <= time)
             .saturating_sub(1);
+        self.stale = self.stale.min(index);
         let block = &mut self.blocks[index];
         match block.times.binary_search(&time) {
             Ok(at) => {
@@ -89,22 +97,36 @@ impl StepProfile {
         }
         if block.times.is_empty() {
             self.blocks.remove(index);
-            return;
-        }
-        if block.times.len() > 2 * BLOCK {
+        } else if block.times.len() > 2 * BLOCK {
             let times = block.times.split_off(BLOCK);
             let deltas = block.deltas.split_off(BLOCK);
-            block.summarise();
-            let mut tail = Block {
-                times,
-                deltas,
-                ..Block::default()
-            };
-            tail.summarise();
-            self.blocks.insert(index + 1, tail);
-        } else {
-            block.summarise();
+            self.blocks.insert(
+                index + 1,
+                Block {
+                    times,
+                    deltas,
+                    ..Block::default()
+                },
+            );
         }
+    }
+
+    /// Brings summaries and levels before blocks up to date.
+    fn refresh(&mut self) {
+        if self.stale >= self.blocks.len() && self.before.len() == self.blocks.len() {
+            return;
+        }
+        self.before.truncate(self.stale.min(self.blocks.len()));
+        let mut level = match self.before.last() {
+            Some(&last) => last + self.blocks[self.before.len() - 1].sum,
+            None => 0,
+        };
+        for block in &mut self.blocks[self.before.len()..] {
+            block.summarise();
+            self.before.push(level);
+            level += block.sum;
+        }
+        self.stale = self.blocks.len();
     }
 
     /// True when no change is recorded.
@@ -118,66 +140,57 @@ impl StepProfile {
     }
 
     /// The level at `time`: the sum of all deltas at times `<= time`.
-    pub fn level_at(&self, time: i64) -> i64 {
-        let mut level = 0;
-        for block in &self.blocks {
-            if *block.times.last().expect("blocks are never empty") <= time {
-                level += block.sum;
-            } else {
-                let upto = block.times.partition_point(|&t| t <= time);
-                level += block.deltas[..upto].iter().sum::<i64>();
-                break;
-            }
+    pub fn level_at(&mut self, time: i64) -> i64 {
+        self.refresh();
+        let index = self.blocks.partition_point(|b| b.times[0] <= time);
+        if index == 0 {
+            return 0;
         }
-        level
+        let block = &self.blocks[index - 1];
+        let upto = block.times.partition_point(|&t| t <= time);
+        self.before[index - 1] + block.deltas[..upto].iter().sum::<i64>()
     }
 
     /// The highest level ever reached, and 0 if the level never rises above 0.
-    pub fn max_level(&self) -> i64 {
-        let mut level = 0;
-        let mut best = 0;
-        for block in &self.blocks {
-            best = best.max(level + block.max_prefix);
-            level += block.sum;
-        }
-        best
+    pub fn max_level(&mut self) -> i64 {
+        self.refresh();
+        self.blocks
+            .iter()
+            .zip(&self.before)
+            .map(|(block, before)| before + block.max_prefix)
+            .fold(0, i64::max)
     }
 
     /// The highest level at any time in `[from, to)`; the level at `from` counts even when no
     /// change happens inside the range.
-    pub fn max_level_in(&self, from: i64, to: i64) -> i64 {
-        let mut level = 0;
-        let mut best: Option<i64> = None;
-        for block in &self.blocks {
+    pub fn max_level_in(&mut self, from: i64, to: i64) -> i64 {
+        let mut best = self.level_at(from);
+        // The first block with a change after `from`.
+        let start = self
+            .blocks
+            .partition_point(|b| *b.times.last().expect("blocks are never empty") <= from);
+        for (block, &before) in self.blocks[start..].iter().zip(&self.before[start..]) {
             let first = block.times[0];
             let last = *block.times.last().expect("blocks are never empty");
-            if last <= from {
-                level += block.sum;
-                continue;
-            }
             if first >= to {
                 break;
             }
             if first > from && last < to {
-                // Wholly inside: the level at `from` is already settled.
-                let at_from = *best.get_or_insert(level);
-                best = Some(at_from.max(level + block.max_prefix));
-                level += block.sum;
+                best = best.max(before + block.max_prefix);
                 continue;
             }
+            let mut level = before;
             for (&t, &d) in block.times.iter().zip(&block.deltas) {
-                if t <= from {
-                    level += d;
-                } else if t < to {
-                    let current = *best.get_or_insert(level);
-                    level += d;
-                    best = Some(current.max(level));
-                } else {
+                level += d;
+                if t >= to {
                     break;
+                }
+                if t > from {
+                    best = best.max(level);
                 }
             }
         }
-        best.unwrap_or(level)
+        best
     }
 }
 

@@ -197,6 +197,7 @@ pub fn push_line(batch: &mut Batch, position: Position, line: &[u8]) {
 }
 
 fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
+    let line = std::str::from_utf8(line).map_err(|_| "not valid UTF-8".to_owned())?;
     let mut json = Json::new(line);
     let mut topic = None;
     let mut partition = None;
@@ -204,13 +205,13 @@ fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
     let mut headers: Vec<(String, String)> = Vec::new();
     let mut payload = None;
     json.object(|json, key| {
-        match &*key {
-            "topic" => topic = Some(json.string()?.into_owned()),
+        match &*key.get() {
+            "topic" => topic = Some(json.string()?.get().into_owned()),
             "partition" => partition = json.scalar()?.ok(),
             "offset" => offset = json.scalar()?.ok(),
             "payload" => {
                 payload = match json.scalar()? {
-                    Ok(Value::Str(text)) => Some(text.into_owned()),
+                    Ok(Value::Str(text)) => Some(text.get().into_owned()),
                     _ => None,
                 }
             }
@@ -218,7 +219,7 @@ fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
                 let mut flat = Vec::new();
                 json.array(|json| {
                     flat.push(match json.scalar()? {
-                        Ok(Value::Str(s)) => s.into_owned(),
+                        Ok(Value::Str(s)) => s.get().into_owned(),
                         _ => String::new(),
                     });
                     Ok::<(), crate::codec::json::JsonError>(())

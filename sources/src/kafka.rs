@@ -110,7 +110,10 @@ impl KafkaSource {
             .set("client.id", "keel");
         match &self.mode {
             KafkaMode::Live { group } => {
-                config.set("group.id", group);
+                // Also bounds how long a rebalance waits for members that went away.
+                config
+                    .set("group.id", group)
+                    .set("max.poll.interval.ms", "60000");
             }
             KafkaMode::Replay { .. } => {
                 config.set("group.id", "keel-replay");

@@ -85,6 +85,71 @@ struct Window {
     published: Option<(u64, u64, i128)>,
 }
 
+/// The 5-minute windows of one stream, dense from the earliest to the latest touched.
+#[derive(Debug, Default)]
+struct Windows {
+    /// Start of `slots[0]`.
+    base: i64,
+    slots: std::collections::VecDeque<Window>,
+}
+
+impl Windows {
+    fn index(&self, start: i64) -> Option<usize> {
+        let offset = start.checked_sub(self.base)? / WINDOW;
+        usize::try_from(offset)
+            .ok()
+            .filter(|&i| i < self.slots.len())
+    }
+
+    fn get(&self, start: i64) -> Option<&Window> {
+        self.index(start).map(|i| &self.slots[i])
+    }
+
+    fn get_mut(&mut self, start: i64) -> Option<&mut Window> {
+        self.index(start).map(|i| &mut self.slots[i])
+    }
+
+    /// The window starting at `start`, created (with any windows between) if missing.
+    fn entry(&mut self, start: i64) -> &mut Window {
+        if self.slots.is_empty() {
+            self.base = start;
+        }
+        while start < self.base {
+            self.base -= WINDOW;
+            self.slots.push_front(Window::default());
+        }
+        let index = usize::try_from((start - self.base) / WINDOW).expect("start >= base");
+        if index >= self.slots.len() {
+            self.slots.resize_with(index + 1, Window::default);
+        }
+        &mut self.slots[index]
+    }
+
+    fn first(&self) -> Option<i64> {
+        (!self.slots.is_empty()).then_some(self.base)
+    }
+
+    fn last(&self) -> Option<i64> {
+        (!self.slots.is_empty()).then(|| self.base + (self.slots.len() as i64 - 1) * WINDOW)
+    }
+
+    /// Open sessions that started at or after `start`.
+    fn open_started_from(&self, start: i64) -> i64 {
+        let from = if start <= self.base {
+            0
+        } else {
+            usize::try_from((start - self.base + WINDOW - 1) / WINDOW).unwrap_or(usize::MAX)
+        };
+        self.slots.iter().skip(from).map(|w| w.open_started).sum()
+    }
+
+    fn clear_published(&mut self) {
+        for window in &mut self.slots {
+            window.published = None;
+        }
+    }
+}
+
 /// Health accumulators of one 5-minute window.
 #[derive(Debug, Default)]
 struct HealthWindow {
@@ -138,7 +203,7 @@ struct StreamState {
     identities: HashMap<u64, u32, FxBuildHasher>,
     sums: SessionSums,
     countries: HashMap<Sym, Country, FxBuildHasher>,
-    windows: BTreeMap<i64, Window>,
+    windows: Windows,
     health: BTreeMap<i64, HealthWindow>,
     dirty_sessions: Vec<u32>,
     dirty_countries: Vec<Sym>,
@@ -168,7 +233,7 @@ impl StreamState {
             identities: HashMap::default(),
             sums: SessionSums::default(),
             countries: HashMap::default(),
-            windows: BTreeMap::new(),
+            windows: Windows::default(),
             health: BTreeMap::new(),
             dirty_sessions: Vec::new(),
             dirty_countries: Vec::new(),
@@ -366,7 +431,7 @@ impl StreamState {
             self.dirty_countries.push(span.details.country);
         }
         let first = window_start(span.start, WINDOW);
-        let window = self.windows.entry(first).or_default();
+        let window = self.windows.entry(first);
         window.started += sign;
         let last = match span.end {
             None => {
@@ -378,8 +443,7 @@ impl StreamState {
                 let mut w = first;
                 while w < end {
                     let overlap = end.min(w + WINDOW) - span.start.max(w);
-                    self.windows.entry(w).or_default().closed_ms +=
-                        i128::from(sign) * i128::from(overlap);
+                    self.windows.entry(w).closed_ms += i128::from(sign) * i128::from(overlap);
                     w += WINDOW;
                 }
                 window_start(end.max(span.start + 1) - 1, WINDOW)
@@ -439,10 +503,8 @@ impl StreamState {
                 self.dirty_countries.push(*code);
             }
         }
-        if let Some(&first) = self.windows.keys().next() {
-            for window in self.windows.values_mut() {
-                window.published = None;
-            }
+        if let Some(first) = self.windows.first() {
+            self.windows.clear_published();
             self.dirty_windows = Some((first, i64::MAX));
         }
         for (start, health) in &mut self.health {
@@ -529,31 +591,19 @@ impl StreamState {
         let Some((lo, hi)) = self.dirty_windows.take() else {
             return;
         };
-        let Some((&first, _)) = self.windows.first_key_value() else {
+        let (Some(first), Some(last_key)) = (self.windows.first(), self.windows.last()) else {
             return;
         };
-        let last_key = *self.windows.keys().next_back().expect("not empty");
         let lo = lo.max(first);
         let hi = hi.min(window_start(now, WINDOW).max(last_key));
         // Open sessions that started before `lo`: all open ones minus those starting at or after.
-        let mut open_before = self.sums.open
-            - self
-                .windows
-                .range(lo..)
-                .map(|(_, w)| w.open_started)
-                .sum::<i64>();
+        let mut open_before = self.sums.open - self.windows.open_started_from(lo);
         let mut w = lo;
         while w <= hi {
-            let window = self.windows.get(&w);
+            let window = self.windows.get(w);
             if window.is_none() && open_before == 0 {
-                // Nothing covers this window: jump to the next one that has anything.
-                match self.windows.range(w..).next() {
-                    Some((&next, _)) => {
-                        w = next;
-                        continue;
-                    }
-                    None => break,
-                }
+                // Nothing covers the windows after the last one: stop.
+                break;
             }
             let end = (w + WINDOW).min(now.max(w));
             let (started, closed_ms, open_started, open_start_sum) = window
@@ -568,7 +618,7 @@ impl StreamState {
             let has_row = viewer_ms > 0 || started > 0 || peak > 0;
             let published = window.and_then(|x| x.published);
             if has_row && published != Some(values) {
-                self.windows.entry(w).or_default().published = Some(values);
+                self.windows.entry(w).published = Some(values);
                 out.push(PeriscopeChange::Usage5m(Change::Upsert(UsageRow {
                     tenant_id: self.tenant,
                     stream_id: id,
@@ -579,7 +629,7 @@ impl StreamState {
                     viewer_seconds: viewer_ms as f64 / SECOND as f64,
                 })));
             } else if !has_row && published.is_some() {
-                if let Some(x) = self.windows.get_mut(&w) {
+                if let Some(x) = self.windows.get_mut(w) {
                     x.published = None;
                 }
                 out.push(PeriscopeChange::Usage5m(Change::Delete((
@@ -621,7 +671,7 @@ impl StreamState {
         }
     }
 
-    fn stream_row(&self, id: Sym, now: i64) -> StreamRow {
+    fn stream_row(&mut self, id: Sym, now: i64) -> StreamRow {
         StreamRow {
             tenant_id: self.tenant,
             stream_id: id,

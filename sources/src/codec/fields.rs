@@ -14,27 +14,127 @@ use keel_operators::sym::Sym;
 use super::Reason;
 use super::json::{Compound, Json, Value};
 
-/// Declares a struct of optional scalar fields and a parser that fills it from one JSON object.
+/// The first (up to) eight bytes of `bytes` as a little-endian number, zero-padded.
+const fn head(bytes: &[u8]) -> u64 {
+    let mut word = 0u64;
+    let mut i = 0;
+    while i < bytes.len() && i < 8 {
+        word |= (bytes[i] as u64) << (8 * i);
+        i += 1;
+    }
+    word
+}
+
+/// The last (up to) eight bytes of `bytes` as a little-endian number, zero-padded.
+const fn tail(bytes: &[u8]) -> u64 {
+    let start = if bytes.len() > 8 { bytes.len() - 8 } else { 0 };
+    let mut word = 0u64;
+    let mut i = start;
+    while i < bytes.len() {
+        word |= (bytes[i] as u64) << (8 * (i - start));
+        i += 1;
+    }
+    word
+}
+
+/// A cheap hash of a field name into 0..256 from its length, first and last eight bytes
+/// (the compile-time form; [`key_hash`] computes the same at run time).
+const fn key_hash_const(bytes: &[u8]) -> usize {
+    mix(bytes.len(), head(bytes), tail(bytes))
+}
+
+const fn mix(len: usize, head: u64, tail: u64) -> usize {
+    let h = (len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ head.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ tail.wrapping_mul(0x1656_67B1_9E37_79F9);
+    (h >> 56) as usize
+}
+
+/// [`key_hash_const`] with word loads instead of byte loops.
+fn key_hash(bytes: &[u8]) -> usize {
+    let len = bytes.len();
+    if len >= 8 {
+        let first = u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes"));
+        let last = u64::from_le_bytes(bytes[len - 8..].try_into().expect("eight bytes"));
+        mix(len, first, last)
+    } else {
+        let mut word = [0u8; 8];
+        word[..len].copy_from_slice(bytes);
+        let word = u64::from_le_bytes(word);
+        mix(len, word, word)
+    }
+}
+
+/// An open-addressing table from `key_hash` slots to 1 + the index of a name (0 = empty),
+/// built at compile time.
+const fn key_table(names: &[&str]) -> [u8; 256] {
+    assert!(names.len() < 200, "the table must stay sparse");
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < names.len() {
+        let mut slot = key_hash_const(names[i].as_bytes());
+        while table[slot] != 0 {
+            slot = (slot + 1) % 256;
+        }
+        table[slot] = (i + 1) as u8;
+        i += 1;
+    }
+    table
+}
+
+/// Declares a set of optional scalar fields, an accessor per field, and a reader that fills them
+/// from one JSON object. Keys are found through a table computed at compile time, and each
+/// field is a slot in an array, so reading a key costs one cheap hash and one store.
 macro_rules! fields {
     ($(#[$meta:meta])* $name:ident { $($field:ident),* $(,)? }) => {
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy)]
+        enum Slot { $($field),* }
+
+        const NAMES: &[&str] = &[$(stringify!($field)),*];
+
         $(#[$meta])*
-        #[derive(Debug, Default)]
+        #[derive(Clone, Copy, Debug)]
         pub struct $name<'a> {
-            $(
-                #[doc = concat!("`", stringify!($field), "`")]
-                pub $field: Option<Value<'a>>,
-            )*
+            values: [Option<Value<'a>>; NAMES.len()],
+        }
+
+        impl Default for $name<'_> {
+            fn default() -> Self {
+                $name { values: [None; NAMES.len()] }
+            }
         }
 
         impl<'a> $name<'a> {
+            $(
+                #[doc = concat!("`", stringify!($field), "`")]
+                pub fn $field(&self) -> &Option<Value<'a>> {
+                    &self.values[Slot::$field as usize]
+                }
+            )*
+
+            fn index(key: &str) -> Option<usize> {
+                const TABLE: [u8; 256] = key_table(NAMES);
+                let mut slot = key_hash(key.as_bytes());
+                loop {
+                    let entry = TABLE[slot];
+                    if entry == 0 {
+                        return None;
+                    }
+                    if NAMES[usize::from(entry) - 1] == key {
+                        return Some(usize::from(entry) - 1);
+                    }
+                    slot = (slot + 1) % TABLE.len();
+                }
+            }
+
             /// Sets `key` from the cursor's next value if it is one of ours; returns whether it was.
             pub fn read(&mut self, key: &str, json: &mut Json<'a>) -> Result<bool, Reason> {
-                let slot = match key {
-                    $(stringify!($field) => &mut self.$field,)*
-                    _ => return Ok(false),
+                let Some(index) = Self::index(key) else {
+                    return Ok(false);
                 };
                 match json.scalar()? {
-                    Ok(value) => *slot = Some(value),
+                    Ok(value) => self.values[index] = Some(value),
                     Err(kind) => {
                         let found = match kind { Compound::Object => "an object", Compound::Array => "an array" };
                         return Err(Reason(format!("field \"{key}\": expected a string, number or boolean, found {found}")));
@@ -50,7 +150,7 @@ fields! {
     /// Every scalar field Keel reads, by its wire name, in either version.
     Fields {
         // Envelope of a version-2 trigger, shared names in version 1.
-        trigger_type, node_id, timestamp, tenant_id, stream_id, trigger_unix_millis, event_id,
+        node_id, timestamp, tenant_id, stream_id, trigger_unix_millis, event_id,
         event_type, action, internal_name, stream_name,
         // Viewers.
         host, connection_addr, connector, session_id, client_country, client_city,
@@ -61,30 +161,29 @@ fields! {
         // Stream poller, buffer, end, track list.
         status, buffer_state, uploaded_bytes, downloaded_bytes, total_viewers, total_inputs,
         viewers, inputs, bandwidth_in, bandwidth_out, has_issues, quality_tier, primary_height,
-        primary_fps, primary_bitrate, primary_video_bitrate, packets_sent, packets_lost,
+        primary_fps, primary_bitrate, packets_sent, packets_lost,
         started_at, track_count, total_tracks,
         // Nodes.
         cpu_tenths, cpu_usage, ram_max, ram_current, up_speed, down_speed, bw_limit, location,
         active_streams, stream_count, base_url, is_healthy, operational_mode,
         // Routing.
         selected_node, selected_node_id, score, node_latitude, node_longitude,
-        routing_distance_km, stream_tenant_id,
+        routing_distance_km,
     }
 }
 
 /// A field's text, or `None` when it is absent, null, empty or version 1's `<nil>`.
-pub fn text<'v>(value: &'v Option<Value<'_>>) -> Option<Cow<'v, str>> {
+pub fn text<'a>(value: &Option<Value<'a>>) -> Option<Cow<'a, str>> {
     match value.as_ref()? {
-        Value::Str(s) if s.is_empty() || s == "<nil>" => None,
-        Value::Str(s) => Some(Cow::Borrowed(s.as_ref())),
-        Value::Num(n) => Some(Cow::Borrowed(n)),
+        Value::Str(s) => Some(s.get()).filter(|t| !t.is_empty() && t != "<nil>"),
+        Value::Num(n) => Some(Cow::Borrowed(*n)),
         Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
         Value::Null => None,
     }
 }
 
 /// The first of several fields that has text.
-pub fn first_text<'v>(values: &[&'v Option<Value<'_>>]) -> Option<Cow<'v, str>> {
+pub fn first_text<'a>(values: &[&Option<Value<'a>>]) -> Option<Cow<'a, str>> {
     values.iter().find_map(|v| text(v))
 }
 
@@ -100,7 +199,7 @@ pub fn first_sym(values: &[&Option<Value<'_>>]) -> Sym {
 
 fn describe(value: &Value<'_>) -> String {
     match value {
-        Value::Str(s) => format!("{:?}", s.chars().take(40).collect::<String>()),
+        Value::Str(s) => format!("{:?}", s.get().chars().take(40).collect::<String>()),
         Value::Num(n) => (*n).to_owned(),
         Value::Bool(b) => b.to_string(),
         Value::Null => "null".to_owned(),
@@ -119,10 +218,20 @@ fn parse_integer(text: &str) -> Option<i128> {
     (f.is_finite() && f.fract() == 0.0 && f.abs() < 1.8e19).then_some(f as i128)
 }
 
-fn number_text<'v>(value: &'v Value<'_>) -> Option<&'v str> {
+fn number_text<'a>(value: &Value<'a>) -> Option<Cow<'a, str>> {
     match value {
-        Value::Num(n) => Some(n),
-        Value::Str(s) if !s.is_empty() && s != "<nil>" => Some(s.trim()),
+        Value::Num(n) => Some(Cow::Borrowed(*n)),
+        Value::Str(s) => {
+            let text = s.get();
+            let trimmed = text.trim();
+            if trimmed.is_empty() || trimmed == "<nil>" {
+                None
+            } else if trimmed.len() == text.len() {
+                Some(text)
+            } else {
+                Some(Cow::Owned(trimmed.to_owned()))
+            }
+        }
         _ => None,
     }
 }
@@ -130,7 +239,7 @@ fn number_text<'v>(value: &'v Value<'_>) -> Option<&'v str> {
 fn absent(value: &Value<'_>) -> bool {
     match value {
         Value::Null => true,
-        Value::Str(s) => s.is_empty() || s == "<nil>",
+        Value::Str(s) => s.is_empty() || s.get() == "<nil>",
         _ => false,
     }
 }
@@ -141,7 +250,7 @@ pub fn uint(value: &Option<Value<'_>>, name: &str) -> Result<Option<u64>, String
         return Ok(None);
     };
     number_text(value)
-        .and_then(parse_integer)
+        .and_then(|t| parse_integer(&t))
         .and_then(|n| u64::try_from(n).ok())
         .map(Some)
         .ok_or_else(|| {
@@ -168,7 +277,7 @@ pub fn int(value: &Option<Value<'_>>, name: &str) -> Result<Option<i64>, String>
         return Ok(None);
     };
     number_text(value)
-        .and_then(parse_integer)
+        .and_then(|t| parse_integer(&t))
         .and_then(|n| i64::try_from(n).ok())
         .map(Some)
         .ok_or_else(|| {
@@ -211,10 +320,14 @@ pub fn flag(value: &Option<Value<'_>>, name: &str) -> Result<Option<bool>, Strin
     let Some(value) = value.as_ref().filter(|v| !absent(v)) else {
         return Ok(None);
     };
+    let text = match value {
+        Value::Str(s) => s.get(),
+        _ => Cow::Borrowed(""),
+    };
     match value {
         Value::Bool(b) => Ok(Some(*b)),
-        Value::Str(s) if s.eq_ignore_ascii_case("true") || s == "1" => Ok(Some(true)),
-        Value::Str(s) if s.eq_ignore_ascii_case("false") || s == "0" => Ok(Some(false)),
+        Value::Str(_) if text.eq_ignore_ascii_case("true") || text == "1" => Ok(Some(true)),
+        Value::Str(_) if text.eq_ignore_ascii_case("false") || text == "0" => Ok(Some(false)),
         Value::Num("1") => Ok(Some(true)),
         Value::Num("0") => Ok(Some(false)),
         other => Err(format!(
@@ -228,8 +341,28 @@ pub fn flag(value: &Option<Value<'_>>, name: &str) -> Result<Option<bool>, Strin
 mod tests {
     use super::*;
 
-    fn v(text: &str) -> Option<Value<'_>> {
-        Some(Value::Str(Cow::Borrowed(text)))
+    /// A string value, read the way the codec reads one.
+    fn v(text: &'static str) -> Option<Value<'static>> {
+        let quoted: &'static str = Box::leak(format!("{text:?}").into_boxed_str());
+        Some(Json::new(quoted).scalar().unwrap().unwrap())
+    }
+
+    #[test]
+    fn run_time_key_hash_matches_compile_time() {
+        for name in NAMES
+            .iter()
+            .chain(&["", "a", "abcdefg", "abcdefgh", "abcdefghi"])
+        {
+            assert_eq!(
+                key_hash(name.as_bytes()),
+                key_hash_const(name.as_bytes()),
+                "{name}"
+            );
+        }
+        for name in NAMES {
+            assert_eq!(Fields::index(name).map(|i| NAMES[i]), Some(*name));
+        }
+        assert_eq!(Fields::index("request_id"), None);
     }
 
     #[test]
@@ -265,9 +398,9 @@ mod tests {
     #[test]
     fn reading_refuses_objects_for_scalar_fields() {
         let mut fields = Fields::default();
-        let mut json = Json::new(br#"{"host": {"ip": "1.2.3.4"}}"#);
+        let mut json = Json::new(r#"{"host": {"ip": "1.2.3.4"}}"#);
         let mut reason = None;
-        let _ = json.object(|json, key| match fields.read(&key, json) {
+        let _ = json.object(|json, key| match fields.read(&key.get(), json) {
             Ok(_) => Ok(()),
             Err(r) => {
                 reason = Some(r.0);

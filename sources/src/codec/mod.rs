@@ -76,8 +76,10 @@ struct Parsed<'a> {
     schema_version: Option<Value<'a>>,
     /// `data`'s own fields (version 1's map; version 2's trigger envelope).
     data: Fields<'a>,
-    /// Version 2's payload: its key and fields.
-    payload: Option<(&'static str, Fields<'a>)>,
+    /// Version 2's payload key, when there is one.
+    payload_name: Option<&'static str>,
+    /// Version 2's payload fields (read in place: `Fields` is large).
+    payload: Fields<'a>,
 }
 
 /// Why a record cannot be used (the `reason` of its error row).
@@ -106,7 +108,7 @@ fn read_scalar<'a>(json: &mut Json<'a>, key: &str) -> Result<Value<'a>, Reason> 
 
 fn read_fields<'a>(json: &mut Json<'a>, fields: &mut Fields<'a>) -> Result<(), Reason> {
     json.object(|json, key| {
-        if !fields.read(&key, json)? {
+        if !fields.read(&key.get(), json)? {
             json.skip()?;
         }
         Ok(())
@@ -118,13 +120,14 @@ fn read_data<'a>(json: &mut Json<'a>, parsed: &mut Parsed<'a>) -> Result<(), Rea
         return Err(Reason("field \"data\": expected an object".to_owned()));
     }
     json.object(|json, key| {
+        let key = key.get();
         let Some(&(name, _)) = PAYLOADS.iter().find(|(name, _)| *name == key) else {
             if !parsed.data.read(&key, json)? {
                 json.skip()?;
             }
             return Ok(());
         };
-        if let Some((first, _)) = &parsed.payload {
+        if let Some(first) = parsed.payload_name {
             return Err(Reason(format!(
                 "data holds two payloads, \"{first}\" and \"{name}\""
             )));
@@ -132,21 +135,27 @@ fn read_data<'a>(json: &mut Json<'a>, parsed: &mut Parsed<'a>) -> Result<(), Rea
         if json.peek() != Some(b'{') {
             return Err(Reason(format!("payload \"{name}\": expected an object")));
         }
-        let mut fields = Fields::default();
-        read_fields(json, &mut fields)?;
-        parsed.payload = Some((name, fields));
+        read_fields(json, &mut parsed.payload)?;
+        parsed.payload_name = Some(name);
         Ok(())
     })
 }
 
 fn read_record<'a>(value: &'a [u8], parsed: &mut Parsed<'a>) -> Result<(), Reason> {
-    let mut json = Json::new(value);
+    let text = std::str::from_utf8(value).map_err(|e| {
+        Reason(format!(
+            "record is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let mut json = Json::new(text);
     match json.peek() {
         None => return Err(Reason("empty record".to_owned())),
         Some(b'{') => {}
         Some(_) => return Err(Reason("record is not a JSON object".to_owned())),
     }
     json.object(|json, key| {
+        let key = key.get();
         let slot = match &*key {
             "data" => return read_data(json, parsed),
             "event_id" => &mut parsed.event_id,
@@ -229,33 +238,26 @@ pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
     let mut parsed = Parsed::default();
     let read = read_record(record.value, &mut parsed);
     let event_type = first_text(&[&parsed.event_type, &parsed.type_])
-        .map(Cow::into_owned)
-        .or_else(|| record.headers.event_type.as_deref().map(str::to_owned));
+        .or_else(|| record.headers.event_type.as_deref().map(Cow::Borrowed));
     let tenant_text = first_text(&[&parsed.tenant_id])
-        .map(Cow::into_owned)
-        .or_else(|| record.headers.tenant_id.as_deref().map(str::to_owned))
-        .or_else(|| first_text(&[&parsed.data.tenant_id]).map(Cow::into_owned))
-        .or_else(|| {
-            parsed
-                .payload
-                .as_ref()
-                .and_then(|(_, p)| first_text(&[&p.tenant_id]).map(Cow::into_owned))
-        });
+        .or_else(|| record.headers.tenant_id.as_deref().map(Cow::Borrowed))
+        .or_else(|| first_text(&[parsed.data.tenant_id()]))
+        .or_else(|| first_text(&[parsed.payload.tenant_id()]));
     let fail = |reason: String| IngestError {
         position: record.position.clone(),
         reason,
-        event_type: event_type.clone(),
-        tenant_id: tenant_text.clone(),
+        event_type: event_type.as_deref().map(str::to_owned),
+        tenant_id: tenant_text.as_deref().map(str::to_owned),
         excerpt: excerpt(record.value),
     };
     read.map_err(|reason| fail(reason.0))?;
-    let event_type = event_type
-        .clone()
-        .ok_or_else(|| fail("event_type missing (body and header)".to_owned()))?;
+    let Some(event_type) = event_type.as_deref() else {
+        return Err(fail("event_type missing (body and header)".to_owned()));
+    };
     let tenant = parse_tenant(tenant_text.as_deref()).map_err(&fail)?;
     let id = event_id(&parsed, record).map_err(&fail)?;
     let time = event_time(&parsed).map_err(&fail)?;
-    let kind = event_kind(&parsed, &event_type, record).map_err(&fail)?;
+    let kind = event_kind(&parsed, event_type, record).map_err(&fail)?;
     Ok(Event {
         id,
         tenant,
@@ -275,9 +277,8 @@ fn parse_tenant(text: Option<&str>) -> Result<Uuid, String> {
 
 fn event_id(parsed: &Parsed<'_>, record: &Record<'_>) -> Result<Uuid, String> {
     let given = first_text(&[&parsed.event_id, &parsed.id])
-        .map(Cow::into_owned)
-        .or_else(|| record.headers.event_id.as_deref().map(str::to_owned))
-        .or_else(|| first_text(&[&parsed.data.event_id]).map(Cow::into_owned));
+        .or_else(|| record.headers.event_id.as_deref().map(Cow::Borrowed))
+        .or_else(|| first_text(&[parsed.data.event_id()]));
     Ok(match given {
         Some(text) => Uuid::try_parse(&text)
             .unwrap_or_else(|_| Uuid::new_v5(&KEEL_NAMESPACE, text.as_bytes())),
@@ -302,10 +303,13 @@ fn event_time(parsed: &Parsed<'_>) -> Result<i64, String> {
         }
     };
     match &parsed.timestamp {
-        Some(Value::Str(text)) if !text.is_empty() => offer(
-            parse_rfc3339_precise(text)
-                .ok_or_else(|| format!("timestamp {text:?} is not an RFC 3339 time"))?,
-        ),
+        Some(Value::Str(text)) if !text.is_empty() => {
+            let text = text.get();
+            offer(
+                parse_rfc3339_precise(&text)
+                    .ok_or_else(|| format!("timestamp {text:?} is not an RFC 3339 time"))?,
+            );
+        }
         Some(Value::Num(_)) => {
             if let Some(n) = int(&parsed.timestamp, "timestamp")? {
                 offer(unix_time(n));
@@ -313,15 +317,13 @@ fn event_time(parsed: &Parsed<'_>) -> Result<i64, String> {
         }
         _ => {}
     }
-    if let Some(ms) = int(&parsed.data.trigger_unix_millis, "trigger_unix_millis")? {
+    if let Some(ms) = int(parsed.data.trigger_unix_millis(), "trigger_unix_millis")? {
         offer((ms, Precision::Millis));
     }
-    if let Some((_, payload)) = &parsed.payload
-        && let Some(n) = int(&payload.timestamp, "timestamp")?
-    {
+    if let Some(n) = int(parsed.payload.timestamp(), "timestamp")? {
         offer(unix_time(n));
     }
-    if let Some(n) = int(&parsed.data.timestamp, "timestamp")? {
+    if let Some(n) = int(parsed.data.timestamp(), "timestamp")? {
         offer(unix_time(n));
     }
     best.map(|(t, _)| t)
@@ -332,7 +334,7 @@ fn event_time(parsed: &Parsed<'_>) -> Result<i64, String> {
 fn is_version_1(parsed: &Parsed<'_>, event_type: &str) -> bool {
     match &parsed.schema_version {
         Some(Value::Num(n)) => n.starts_with('1'),
-        Some(Value::Str(s)) if !s.is_empty() => s.starts_with('1'),
+        Some(Value::Str(s)) if !s.is_empty() => s.get().starts_with('1'),
         _ => event_type.contains('-'),
     }
 }
@@ -364,9 +366,9 @@ fn version_2(
     let Some(&(expected, _)) = PAYLOADS.iter().find(|(_, ty)| *ty == event_type) else {
         return Ok(unknown(event_type, record));
     };
-    let p = match &parsed.payload {
-        Some((name, fields)) if *name == expected => fields,
-        Some((name, _)) => {
+    let p = match parsed.payload_name {
+        Some(name) if name == expected => &parsed.payload,
+        Some(name) => {
             return Err(format!(
                 "event_type {event_type} carries a \"{name}\" payload instead of \"{expected}\""
             ));
@@ -401,10 +403,10 @@ fn version_2(
 }
 
 fn version_1(d: &Fields<'_>, event_type: &str, record: &Record<'_>) -> Result<EventKind, String> {
-    let sub_type = text(&d.event_type);
+    let sub_type = text(d.event_type());
     Ok(match event_type {
         "stream-ingest" => EventKind::IngestStart(ingest_start(d, d)?),
-        "user-connection" => match text(&d.action)
+        "user-connection" => match text(d.action())
             .as_deref()
             .map(str::to_ascii_lowercase)
             .as_deref()
@@ -444,17 +446,17 @@ pub fn internal_name(name: &str) -> &str {
 
 fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
     let name = first_text(&[
-        &p.internal_name,
-        &p.stream_name,
-        &d.internal_name,
-        &d.stream_name,
+        p.internal_name(),
+        p.stream_name(),
+        d.internal_name(),
+        d.stream_name(),
     ])
     .ok_or("no stream name (internal_name or stream_name)")?;
     let name = internal_name(&name);
     if name.is_empty() {
         return Err("stream name is empty after its prefix".to_owned());
     }
-    let stream_id = match first_text(&[&p.stream_id, &d.stream_id]) {
+    let stream_id = match first_text(&[p.stream_id(), d.stream_id()]) {
         None => None,
         Some(text) => {
             Some(Uuid::try_parse(&text).map_err(|_| format!("stream_id {text:?} is not a UUID"))?)
@@ -467,7 +469,7 @@ fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
 }
 
 fn node(p: &Fields<'_>, d: &Fields<'_>) -> Sym {
-    first_sym(&[&p.node_id, &d.node_id])
+    first_sym(&[p.node_id(), d.node_id()])
 }
 
 fn latitude(values: &[&Option<Value<'_>>], name: &str) -> Result<Option<f64>, String> {
@@ -520,28 +522,28 @@ fn ingest_start(p: &Fields<'_>, d: &Fields<'_>) -> Result<IngestStart, String> {
     Ok(IngestStart {
         stream: stream_ref(p, d)?,
         node: node(p, d),
-        protocol: sym(&p.protocol),
-        latitude: latitude(&[&p.publisher_latitude, &p.latitude], "latitude")?,
-        longitude: longitude(&[&p.publisher_longitude, &p.longitude], "longitude")?,
+        protocol: sym(p.protocol()),
+        latitude: latitude(&[p.publisher_latitude(), p.latitude()], "latitude")?,
+        longitude: longitude(&[p.publisher_longitude(), p.longitude()], "longitude")?,
     })
 }
 
 fn session_id(p: &Fields<'_>) -> Result<CompactString, String> {
-    first_text(&[&p.session_id])
+    first_text(&[p.session_id()])
         .map(|s| CompactString::from(s.as_ref()))
         .ok_or_else(|| "viewer event without session_id".to_owned())
 }
 
 fn place(p: &Fields<'_>) -> Result<ViewerPlace, String> {
     Ok(ViewerPlace {
-        host: first_text(&[&p.host, &p.connection_addr])
+        host: first_text(&[p.host(), p.connection_addr()])
             .map(|h| CompactString::from(h.as_ref()))
             .unwrap_or_default(),
-        connector: sym(&p.connector),
-        country: country(&[&p.client_country, &p.country_code]),
-        city: first_sym(&[&p.client_city, &p.city]),
-        latitude: latitude(&[&p.client_latitude, &p.latitude], "latitude")?,
-        longitude: longitude(&[&p.client_longitude, &p.longitude], "longitude")?,
+        connector: sym(p.connector()),
+        country: country(&[p.client_country(), p.country_code()]),
+        city: first_sym(&[p.client_city(), p.city()]),
+        latitude: latitude(&[p.client_latitude(), p.latitude()], "latitude")?,
+        longitude: longitude(&[p.client_longitude(), p.longitude()], "longitude")?,
     })
 }
 
@@ -561,12 +563,12 @@ fn viewer_disconnect(p: &Fields<'_>, d: &Fields<'_>) -> Result<ViewerDisconnect,
         session_id: session_id(p)?,
         place: place(p)?,
         duration_s: first_uint(&[
-            (&p.duration, "duration"),
-            (&p.seconds_connected, "seconds_connected"),
+            (p.duration(), "duration"),
+            (p.seconds_connected(), "seconds_connected"),
         ])?
         .unwrap_or(0),
-        up_bytes: uint(&p.up_bytes, "up_bytes")?.unwrap_or(0),
-        down_bytes: uint(&p.down_bytes, "down_bytes")?.unwrap_or(0),
+        up_bytes: uint(p.up_bytes(), "up_bytes")?.unwrap_or(0),
+        down_bytes: uint(p.down_bytes(), "down_bytes")?.unwrap_or(0),
     })
 }
 
@@ -589,41 +591,44 @@ fn stream_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamUpdate, String>
     Ok(StreamUpdate {
         stream: stream_ref(p, d)?,
         node: node(p, d),
-        status: text(&p.status)
+        status: text(p.status())
             .map(|s| Sym::new(&s.to_ascii_lowercase()))
             .unwrap_or_default(),
-        buffer_state: buffer_state(&p.buffer_state)?,
+        buffer_state: buffer_state(p.buffer_state())?,
         uploaded_bytes: first_uint(&[
-            (&p.uploaded_bytes, "uploaded_bytes"),
-            (&p.bandwidth_in, "bandwidth_in"),
+            (p.uploaded_bytes(), "uploaded_bytes"),
+            (p.bandwidth_in(), "bandwidth_in"),
         ])?
         .unwrap_or(0),
         downloaded_bytes: first_uint(&[
-            (&p.downloaded_bytes, "downloaded_bytes"),
-            (&p.bandwidth_out, "bandwidth_out"),
+            (p.downloaded_bytes(), "downloaded_bytes"),
+            (p.bandwidth_out(), "bandwidth_out"),
         ])?
         .unwrap_or(0),
-        viewers: first_uint32(&[(&p.total_viewers, "total_viewers"), (&p.viewers, "viewers")])?
+        viewers: first_uint32(&[
+            (p.total_viewers(), "total_viewers"),
+            (p.viewers(), "viewers"),
+        ])?
+        .unwrap_or(0),
+        inputs: first_uint32(&[(p.total_inputs(), "total_inputs"), (p.inputs(), "inputs")])?
             .unwrap_or(0),
-        inputs: first_uint32(&[(&p.total_inputs, "total_inputs"), (&p.inputs, "inputs")])?
-            .unwrap_or(0),
-        has_issues: flag(&p.has_issues, "has_issues")?.unwrap_or(false),
-        quality_tier: sym(&p.quality_tier),
-        height: uint32(&p.primary_height, "primary_height")?.unwrap_or(0),
-        fps: float(&p.primary_fps, "primary_fps")?
+        has_issues: flag(p.has_issues(), "has_issues")?.unwrap_or(false),
+        quality_tier: sym(p.quality_tier()),
+        height: uint32(p.primary_height(), "primary_height")?.unwrap_or(0),
+        fps: float(p.primary_fps(), "primary_fps")?
             .unwrap_or(0.0)
             .max(0.0),
-        bitrate_bps: uint(&p.primary_bitrate, "primary_bitrate")?.unwrap_or(0),
-        packets_sent: uint(&p.packets_sent, "packets_sent")?.unwrap_or(0),
-        packets_lost: uint(&p.packets_lost, "packets_lost")?.unwrap_or(0),
-        started_at: int(&p.started_at, "started_at")?
+        bitrate_bps: uint(p.primary_bitrate(), "primary_bitrate")?.unwrap_or(0),
+        packets_sent: uint(p.packets_sent(), "packets_sent")?.unwrap_or(0),
+        packets_lost: uint(p.packets_lost(), "packets_lost")?.unwrap_or(0),
+        started_at: int(p.started_at(), "started_at")?
             .filter(|&t| t > 0)
             .map(|t| unix_time(t).0),
     })
 }
 
 fn stream_buffer(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamBuffer, String> {
-    let state = buffer_state(&p.buffer_state)?;
+    let state = buffer_state(p.buffer_state())?;
     if state.is_empty() {
         return Err("stream_buffer without buffer_state".to_owned());
     }
@@ -631,8 +636,8 @@ fn stream_buffer(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamBuffer, String>
         stream: stream_ref(p, d)?,
         node: node(p, d),
         buffer_state: state,
-        has_issues: flag(&p.has_issues, "has_issues")?.unwrap_or(false),
-        quality_tier: sym(&p.quality_tier),
+        has_issues: flag(p.has_issues(), "has_issues")?.unwrap_or(false),
+        quality_tier: sym(p.quality_tier()),
     })
 }
 
@@ -640,8 +645,8 @@ fn stream_end(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamEnd, String> {
     Ok(StreamEnd {
         stream: stream_ref(p, d)?,
         node: node(p, d),
-        downloaded_bytes: uint(&p.downloaded_bytes, "downloaded_bytes")?.unwrap_or(0),
-        uploaded_bytes: uint(&p.uploaded_bytes, "uploaded_bytes")?.unwrap_or(0),
+        downloaded_bytes: uint(p.downloaded_bytes(), "downloaded_bytes")?.unwrap_or(0),
+        uploaded_bytes: uint(p.uploaded_bytes(), "uploaded_bytes")?.unwrap_or(0),
     })
 }
 
@@ -649,11 +654,11 @@ fn track_list(p: &Fields<'_>, d: &Fields<'_>) -> Result<TrackList, String> {
     Ok(TrackList {
         stream: stream_ref(p, d)?,
         node: node(p, d),
-        quality_tier: sym(&p.quality_tier),
-        height: uint32(&p.primary_height, "primary_height")?.unwrap_or(0),
+        quality_tier: sym(p.quality_tier()),
+        height: uint32(p.primary_height(), "primary_height")?.unwrap_or(0),
         tracks: first_uint32(&[
-            (&p.total_tracks, "total_tracks"),
-            (&p.track_count, "track_count"),
+            (p.total_tracks(), "total_tracks"),
+            (p.track_count(), "track_count"),
         ])?
         .unwrap_or(0),
     })
@@ -665,11 +670,11 @@ fn node_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<NodeUpdate, String> {
         return Err("node update without node_id".to_owned());
     }
     let cpu_tenths =
-        first_uint32(&[(&p.cpu_tenths, "cpu_tenths"), (&p.cpu_usage, "cpu_usage")])?.unwrap_or(0);
+        first_uint32(&[(p.cpu_tenths(), "cpu_tenths"), (p.cpu_usage(), "cpu_usage")])?.unwrap_or(0);
     if cpu_tenths > 1000 {
         return Err(format!("cpu_tenths {cpu_tenths} is above 1000 (100 %)"));
     }
-    let mode = match text(&p.operational_mode) {
+    let mode = match text(p.operational_mode()) {
         Some(m) if m.to_ascii_uppercase().contains("DRAIN") => NodeMode::Draining,
         Some(m) if m.to_ascii_uppercase().contains("MAINT") => NodeMode::Maintenance,
         _ => NodeMode::Normal,
@@ -677,44 +682,44 @@ fn node_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<NodeUpdate, String> {
     Ok(NodeUpdate {
         node,
         cpu_tenths,
-        ram_current: uint(&p.ram_current, "ram_current")?.unwrap_or(0),
-        ram_max: uint(&p.ram_max, "ram_max")?.unwrap_or(0),
-        up_speed: uint(&p.up_speed, "up_speed")?.unwrap_or(0),
-        down_speed: uint(&p.down_speed, "down_speed")?.unwrap_or(0),
-        bw_limit: uint(&p.bw_limit, "bw_limit")?.unwrap_or(0),
-        latitude: latitude(&[&p.latitude], "latitude")?,
-        longitude: longitude(&[&p.longitude], "longitude")?,
-        location: sym(&p.location),
+        ram_current: uint(p.ram_current(), "ram_current")?.unwrap_or(0),
+        ram_max: uint(p.ram_max(), "ram_max")?.unwrap_or(0),
+        up_speed: uint(p.up_speed(), "up_speed")?.unwrap_or(0),
+        down_speed: uint(p.down_speed(), "down_speed")?.unwrap_or(0),
+        bw_limit: uint(p.bw_limit(), "bw_limit")?.unwrap_or(0),
+        latitude: latitude(&[p.latitude()], "latitude")?,
+        longitude: longitude(&[p.longitude()], "longitude")?,
+        location: sym(p.location()),
         active_streams: first_uint32(&[
-            (&p.active_streams, "active_streams"),
-            (&p.stream_count, "stream_count"),
+            (p.active_streams(), "active_streams"),
+            (p.stream_count(), "stream_count"),
         ])?
         .unwrap_or(0),
-        is_healthy: flag(&p.is_healthy, "is_healthy")?.unwrap_or(false),
+        is_healthy: flag(p.is_healthy(), "is_healthy")?.unwrap_or(false),
         mode,
-        base_url: sym(&p.base_url),
+        base_url: sym(p.base_url()),
     })
 }
 
 fn routing(p: &Fields<'_>, d: &Fields<'_>) -> Result<RoutingDecision, String> {
-    let stream = if first_text(&[&p.internal_name, &p.stream_name, &d.internal_name]).is_some() {
+    let stream = if first_text(&[p.internal_name(), p.stream_name(), d.internal_name()]).is_some() {
         Some(stream_ref(p, d)?)
     } else {
         None
     };
     Ok(RoutingDecision {
         stream,
-        selected_node: first_sym(&[&p.selected_node_id, &p.selected_node]),
-        status: text(&p.status)
+        selected_node: first_sym(&[p.selected_node_id(), p.selected_node()]),
+        status: text(p.status())
             .map(|s| Sym::new(&s.to_ascii_lowercase()))
             .unwrap_or_default(),
-        score: uint(&p.score, "score")?,
-        client_latitude: latitude(&[&p.latitude, &p.client_latitude], "latitude")?,
-        client_longitude: longitude(&[&p.longitude, &p.client_longitude], "longitude")?,
-        node_latitude: latitude(&[&p.node_latitude], "node_latitude")?,
-        node_longitude: longitude(&[&p.node_longitude], "node_longitude")?,
-        distance_km: float(&p.routing_distance_km, "routing_distance_km")?.filter(|d| *d >= 0.0),
-        client_country: country(&[&p.client_country]),
+        score: uint(p.score(), "score")?,
+        client_latitude: latitude(&[p.latitude(), p.client_latitude()], "latitude")?,
+        client_longitude: longitude(&[p.longitude(), p.client_longitude()], "longitude")?,
+        node_latitude: latitude(&[p.node_latitude()], "node_latitude")?,
+        node_longitude: longitude(&[p.node_longitude()], "node_longitude")?,
+        distance_km: float(p.routing_distance_km(), "routing_distance_km")?.filter(|d| *d >= 0.0),
+        client_country: country(&[p.client_country()]),
     })
 }
 
