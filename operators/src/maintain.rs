@@ -188,6 +188,9 @@ mod tests {
     use timely::dataflow::operators::vec::Input;
     use timely::dataflow::operators::{Inspect, Probe, probe};
 
+    /// (epoch, key, count, watermark) as reported.
+    type Report = (u64, u8, u64, i64);
+
     /// Counts records per key and reports the counts that changed.
     #[derive(Default)]
     struct Counts {
@@ -220,7 +223,7 @@ mod tests {
         fn reports_equal_from_scratch_counts(
             records in prop::collection::vec((0u8..12, 0u64..6, 0usize..3, 0i64..1000), 1..300),
         ) {
-            let reports: Arc<Mutex<Vec<(u64, u8, u64, i64)>>> = Arc::default();
+            let reports: Arc<Mutex<Vec<Report>>> = Arc::default();
             let collected = reports.clone();
             let input = records.clone();
             timely::execute(timely::Config::process(3), move |worker| {
