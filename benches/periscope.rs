@@ -119,10 +119,10 @@ fn generate(
     mut enough: impl FnMut(u64, &SimRecord) -> bool,
 ) -> u64 {
     let marker = path.with_extension("complete");
-    if let Ok(count) = std::fs::read_to_string(&marker) {
-        if let Ok(count) = count.trim().parse() {
-            return count;
-        }
+    if let Ok(count) = std::fs::read_to_string(&marker)
+        && let Ok(count) = count.trim().parse()
+    {
+        return count;
     }
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     eprintln!("bench: generating {}", path.display());
