@@ -399,7 +399,7 @@ const SESSIONS: &str = "SELECT tenant, stream, node, session,
         if(nc > 0, argMinIf(if(host != '', host, concat(node, '|', session)), time_ms, event_type = 'viewer_connect'),
                    argMaxIf(if(host != '', host, concat(node, '|', session)), time_ms, event_type = 'viewer_disconnect')) AS identity,
         if(nc > 0, c, d - toInt64(dur) * 1000) AS s,
-        if(nd > 0, greatest(d, s), {W}) AS e
+        if(nd > 0, greatest(d, s), toInt64({W})) AS e
     FROM bench.raw
     WHERE event_type IN ('viewer_connect', 'viewer_disconnect')
     GROUP BY tenant, stream, node, session";
@@ -436,7 +436,7 @@ fn queries(watermark: i64) -> Vec<(&'static str, String)> {
                     arraySum(arrayMap((x, y) -> greatest(least(y, (w + 1) * 300000) - greatest(x, w * 300000), 0), starts, ends)) AS viewer_ms
                  FROM (
                     SELECT tenant, stream, keys, arrayCumSum(arrayMap(k -> if(k % 4 = 0, -1, 1), keys)) AS levels, starts, ends,
-                        arrayJoin(arrayMap(i -> intDiv(arrayReduce('min', starts), 300000) + i,
+                        arrayJoin(arrayMap(i -> intDiv(arrayReduce('min', starts), 300000) + toInt64(i),
                             range(toUInt64(intDiv({w}, 300000) - intDiv(arrayReduce('min', starts), 300000) + 1)))) AS w
                     FROM (
                         SELECT tenant, stream,
@@ -792,8 +792,9 @@ fn main() {
         .dir
         .join(format!("open-sessions-{}.ndjson", options.sessions));
     let mut open_config = fleet(2);
-    // Nobody leaves: every session that connects stays open.
+    // Nobody leaves and no stream ends: every session that connects stays open.
     open_config.mean_session_s = 1e9;
+    open_config.mean_live_s = 1e9;
     let mut connects = 0;
     let needed = options.sessions;
     let lines = generate(&sessions_file, open_config, |_, record| {

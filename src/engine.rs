@@ -3,7 +3,9 @@
 //! Each worker runs the same loop: read a batch from its share of the source, decode it (good
 //! records become events, bad ones error rows), send it into the dataflow as one epoch, and step
 //! the dataflow. Epochs are microseconds since start, so idle workers keep advancing with the
-//! clock and no worker holds back the others. All table changes are routed to worker 0, which
+//! clock (every millisecond) and no worker holds back the others. When the source could not
+//! fill a batch, the worker publishes what is in flight before reading again, so a lone event
+//! shows in the tables within a millisecond or so. All table changes are routed to worker 0, which
 //! applies each epoch to the live tables once every worker has passed it — so a reader always
 //! sees whole epochs, and [`LiveTables::epoch`] says which.
 //!
@@ -228,13 +230,18 @@ pub fn run(
                 events_in.advance_to(epoch);
                 errors_in.advance_to(epoch);
                 marks_in.advance_to(epoch);
-            } else if clock() > epoch + 10_000 {
+            } else if clock() > epoch + 1_000 {
                 // Idle: keep pace with the clock so other workers' epochs can close.
                 epoch = clock();
                 events_in.advance_to(epoch);
                 errors_in.advance_to(epoch);
                 marks_in.advance_to(epoch);
             }
+            // A source that could not fill a batch is caught up: publish what is in flight
+            // before asking it again (which may block), so a new event shows at once.
+            let caught_up = batch.len() < options.batch;
+            let allowed = if caught_up { 0 } else { options.max_inflight };
+            let mut rounds = 0;
             worker.step();
             loop {
                 while let Some(&oldest) = inflight.front() {
@@ -246,10 +253,18 @@ pub fn run(
                         .commit(oldest)
                         .map_err(|e| format!("worker {index}: {e}"))?;
                 }
-                if inflight.len() <= options.max_inflight {
+                if inflight.len() <= allowed {
                     break;
                 }
-                worker.step();
+                if caught_up {
+                    rounds += 1;
+                    if rounds > 100 {
+                        break;
+                    }
+                    worker.step_or_park(Some(Duration::from_micros(100)));
+                } else {
+                    worker.step();
+                }
             }
             match poll {
                 Poll::Done => break,

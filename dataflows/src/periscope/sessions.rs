@@ -50,17 +50,27 @@ pub struct Ending {
     pub details: ClientDetails,
 }
 
-/// One viewer session.
+/// Marks "no time" in a session's time fields (`i64::MIN` is never a valid event time).
+const NONE: i64 = i64::MIN;
+
+/// One viewer session, in 96 bytes.
 #[derive(Clone, Debug)]
 pub struct Session {
     /// Session id.
     pub session_id: CompactString,
     /// Serving node.
     pub node: Sym,
-    /// Earliest connect: time and client details.
-    connect: Option<(i64, ClientDetails)>,
-    /// Winning disconnect.
-    ending: Option<Ending>,
+    /// Details of the earliest connect, or of the winning disconnect while no connect is known.
+    /// (Once a connect is known its details are final, so a disconnect's details only matter,
+    /// and are only kept, before that.)
+    details: ClientDetails,
+    /// Earliest connect time, or `NONE`.
+    connect_time: i64,
+    /// Winning disconnect: time (or `NONE`), reported duration and bytes.
+    end_time: i64,
+    duration_s: u64,
+    down_bytes: u64,
+    up_bytes: u64,
     /// Changed since the last close.
     pub dirty: bool,
 }
@@ -85,51 +95,86 @@ impl Session {
         Session {
             session_id: CompactString::from(session_id),
             node,
-            connect: None,
-            ending: None,
+            details: ClientDetails::default(),
+            connect_time: NONE,
+            end_time: NONE,
+            duration_s: 0,
+            down_bytes: 0,
+            up_bytes: 0,
             dirty: false,
         }
     }
 
+    fn has_connect(&self) -> bool {
+        self.connect_time != NONE
+    }
+
+    fn has_end(&self) -> bool {
+        self.end_time != NONE
+    }
+
     /// Absorbs a connect; returns whether the session changed.
     pub fn connect(&mut self, time: i64, details: ClientDetails) -> bool {
-        let candidate = (time, details);
-        if self.connect.is_some_and(|current| current <= candidate) {
+        if self.has_connect() && (self.connect_time, self.details) <= (time, details) {
             return false;
         }
-        self.connect = Some(candidate);
+        self.connect_time = time;
+        self.details = details;
         true
     }
 
     /// Absorbs a disconnect; returns whether the session changed.
     pub fn disconnect(&mut self, ending: Ending) -> bool {
-        if self.ending.is_some_and(|current| current >= ending) {
-            return false;
+        if self.has_end() {
+            let numbers = (
+                self.end_time,
+                self.duration_s,
+                self.down_bytes,
+                self.up_bytes,
+            );
+            let candidate = (
+                ending.time,
+                ending.duration_s,
+                ending.down_bytes,
+                ending.up_bytes,
+            );
+            let newer = if self.has_connect() {
+                // The details are the connect's whichever disconnect wins.
+                candidate > numbers
+            } else {
+                (candidate, ending.details) > (numbers, self.details)
+            };
+            if !newer {
+                return false;
+            }
         }
-        self.ending = Some(ending);
+        self.end_time = ending.time;
+        self.duration_s = ending.duration_s;
+        self.down_bytes = ending.down_bytes;
+        self.up_bytes = ending.up_bytes;
+        if !self.has_connect() {
+            self.details = ending.details;
+        }
         true
     }
 
     /// The session's interval and details, `None` before any connect or disconnect.
     pub fn span(&self) -> Option<Span> {
-        let (start, details) = match (self.connect, self.ending) {
-            (Some((time, details)), _) => (time, details),
-            (None, Some(e)) => (
-                e.time.saturating_sub(
-                    i64::try_from(e.duration_s)
-                        .unwrap_or(i64::MAX)
-                        .saturating_mul(SECOND),
-                ),
-                e.details,
-            ),
-            (None, None) => return None,
+        let start = if self.has_connect() {
+            self.connect_time
+        } else if self.has_end() {
+            let duration = i64::try_from(self.duration_s).unwrap_or(i64::MAX);
+            self.end_time
+                .saturating_sub(duration.saturating_mul(SECOND))
+        } else {
+            return None;
         };
         Some(Span {
             start,
-            end: self.ending.map(|e| e.time.max(start)),
-            details,
-            down_bytes: self.ending.map_or(0, |e| e.down_bytes),
-            up_bytes: self.ending.map_or(0, |e| e.up_bytes),
+            end: self.has_end().then(|| self.end_time.max(start)),
+            details: self.details,
+            down_bytes: self.down_bytes,
+            up_bytes: self.up_bytes,
         })
     }
 }
