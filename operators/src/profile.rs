@@ -32,9 +32,21 @@ struct Block {
     /// Highest running sum within the block, over its points (the level just after each point,
     /// relative to the level before the block).
     max_prefix: i64,
+    /// Changed since `sum` and `max_prefix` were computed.
+    dirty: bool,
 }
 
 impl Block {
+    fn new(times: Vec<i64>, deltas: Vec<i64>) -> Self {
+        Block {
+            times,
+            deltas,
+            sum: 0,
+            max_prefix: 0,
+            dirty: true,
+        }
+    }
+
     fn summarise(&mut self) {
         let mut running = 0;
         let mut best = i64::MIN;
@@ -44,44 +56,54 @@ impl Block {
         }
         self.sum = running;
         self.max_prefix = best;
+        self.dirty = false;
     }
 }
 
 /// A step function over `i64` time made of summed point changes. See the module documentation.
 ///
-/// Changes only mark their block; block summaries and the level before each block are brought
-/// up to date by the next query, so a burst of changes costs one refresh.
+/// Changes only mark their block; the next query summarises the marked blocks and recomputes the
+/// level before each block (a running sum over block sums), so a burst of changes costs one
+/// refresh, and a change far in the past costs one pass over block sums, not over points.
 #[derive(Clone, Debug, Default)]
 pub struct StepProfile {
     blocks: Vec<Block>,
+    /// First time of each block, kept beside the blocks so searches stay in one cache line run.
+    firsts: Vec<i64>,
     /// Level before each block, valid below `stale`.
     before: Vec<i64>,
-    /// Index of the first block whose summary or `before` entry may be out of date.
+    /// Index of the first block whose `before` entry may be out of date.
     stale: usize,
 }
 
 impl StepProfile {
+    /// The index of the block that holds (or would hold) `time`.
+    fn block_for(&self, time: i64) -> usize {
+        // Most changes are at the newest times: try the last block first.
+        match self.firsts.last() {
+            Some(&last) if last <= time => self.firsts.len() - 1,
+            _ => self
+                .firsts
+                .partition_point(|&f| f <= time)
+                .saturating_sub(1),
+        }
+    }
+
     /// Adds `delta` to the level from `time` on. A point whose deltas sum to zero disappears.
     pub fn add(&mut self, time: i64, delta: i64) {
         if delta == 0 {
             return;
         }
         if self.blocks.is_empty() {
-            self.blocks.push(Block {
-                times: vec![time],
-                deltas: vec![delta],
-                ..Block::default()
-            });
+            self.blocks.push(Block::new(vec![time], vec![delta]));
+            self.firsts.push(time);
             self.stale = 0;
             return;
         }
-        // The last block whose first time is <= time, or the first block.
-        let index = self
-            .blocks
-            .partition_point(|b| b.times[0] <= time)
-            .saturating_sub(1);
+        let index = self.block_for(time);
         self.stale = self.stale.min(index);
         let block = &mut self.blocks[index];
+        block.dirty = true;
         match block.times.binary_search(&time) {
             Ok(at) => {
                 block.deltas[at] += delta;
@@ -97,17 +119,15 @@ impl StepProfile {
         }
         if block.times.is_empty() {
             self.blocks.remove(index);
+            self.firsts.remove(index);
         } else if block.times.len() > 2 * BLOCK {
             let times = block.times.split_off(BLOCK);
             let deltas = block.deltas.split_off(BLOCK);
-            self.blocks.insert(
-                index + 1,
-                Block {
-                    times,
-                    deltas,
-                    ..Block::default()
-                },
-            );
+            self.firsts[index] = block.times[0];
+            self.firsts.insert(index + 1, times[0]);
+            self.blocks.insert(index + 1, Block::new(times, deltas));
+        } else {
+            self.firsts[index] = block.times[0];
         }
     }
 
@@ -116,13 +136,16 @@ impl StepProfile {
         if self.stale >= self.blocks.len() && self.before.len() == self.blocks.len() {
             return;
         }
-        self.before.truncate(self.stale.min(self.blocks.len()));
-        let mut level = match self.before.last() {
-            Some(&last) => last + self.blocks[self.before.len() - 1].sum,
-            None => 0,
+        let from = self.stale.min(self.blocks.len()).min(self.before.len());
+        self.before.truncate(from);
+        let mut level = match from {
+            0 => 0,
+            _ => self.before[from - 1] + self.blocks[from - 1].sum,
         };
-        for block in &mut self.blocks[self.before.len()..] {
-            block.summarise();
+        for block in &mut self.blocks[from..] {
+            if block.dirty {
+                block.summarise();
+            }
             self.before.push(level);
             level += block.sum;
         }
@@ -142,7 +165,7 @@ impl StepProfile {
     /// The level at `time`: the sum of all deltas at times `<= time`.
     pub fn level_at(&mut self, time: i64) -> i64 {
         self.refresh();
-        let index = self.blocks.partition_point(|b| b.times[0] <= time);
+        let index = self.firsts.partition_point(|&f| f <= time);
         if index == 0 {
             return 0;
         }
@@ -165,15 +188,19 @@ impl StepProfile {
     /// change happens inside the range.
     pub fn max_level_in(&mut self, from: i64, to: i64) -> i64 {
         let mut best = self.level_at(from);
-        // The first block with a change after `from`.
+        // The first block that may hold a change after `from`.
         let start = self
-            .blocks
-            .partition_point(|b| *b.times.last().expect("blocks are never empty") <= from);
+            .firsts
+            .partition_point(|&f| f <= from)
+            .saturating_sub(1);
         for (block, &before) in self.blocks[start..].iter().zip(&self.before[start..]) {
             let first = block.times[0];
             let last = *block.times.last().expect("blocks are never empty");
             if first >= to {
                 break;
+            }
+            if last <= from {
+                continue;
             }
             if first > from && last < to {
                 best = best.max(before + block.max_prefix);

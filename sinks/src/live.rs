@@ -34,7 +34,6 @@
 //! ```
 
 use std::any::Any;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -223,14 +222,19 @@ impl<R: Row> AnyTable for LiveTable<R> {
 /// The live tables of one dataflow, and the last epoch applied to them.
 #[derive(Debug, Default)]
 pub struct LiveTables {
-    tables: BTreeMap<&'static str, Box<dyn AnyTable>>,
+    /// In declaration order; a handful, so a scan beats a map (and changes name their table
+    /// with the same `&'static str` it was declared with, so the scan compares pointers).
+    tables: Vec<(&'static str, Box<dyn AnyTable>)>,
     epoch: Option<u64>,
 }
 
 impl TableRegistry for LiveTables {
     fn declare<R: Row>(&mut self, table: &'static str) {
-        self.tables
-            .insert(table, Box::new(LiveTable::<R>::new(table)));
+        let boxed: Box<dyn AnyTable> = Box::new(LiveTable::<R>::new(table));
+        match self.tables.iter_mut().find(|(name, _)| *name == table) {
+            Some(entry) => entry.1 = boxed,
+            None => self.tables.push((table, boxed)),
+        }
     }
 }
 
@@ -244,22 +248,26 @@ impl LiveTables {
     /// The typed table `name`. Panics if it was declared with another row type or not at all,
     /// which is a wiring bug, not a runtime condition.
     pub fn table<R: Row>(&self, name: &str) -> &LiveTable<R> {
-        self.tables
-            .get(name)
+        self.get(name)
+            .ok()
             .and_then(|t| t.as_any().downcast_ref())
             .unwrap_or_else(|| panic!("table {name} is not declared with this row type"))
     }
 
-    fn table_mut<R: Row>(&mut self, name: &str) -> &mut LiveTable<R> {
-        self.tables
-            .get_mut(name)
-            .and_then(|t| t.as_any_mut().downcast_mut())
+    fn table_mut<R: Row>(&mut self, name: &'static str) -> &mut LiveTable<R> {
+        let index = self
+            .tables
+            .iter()
+            .position(|(n, _)| std::ptr::eq(*n, name))
+            .or_else(|| self.tables.iter().position(|(n, _)| *n == name));
+        index
+            .and_then(|i| self.tables[i].1.as_any_mut().downcast_mut())
             .unwrap_or_else(|| panic!("table {name} is not declared with this row type"))
     }
 
-    /// Table names.
+    /// Table names, in declaration order.
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.tables.keys().copied()
+        self.tables.iter().map(|(name, _)| *name)
     }
 
     /// Number of rows in `name`.
@@ -279,8 +287,9 @@ impl LiveTables {
 
     fn get(&self, name: &str) -> Result<&dyn AnyTable, LiveError> {
         self.tables
-            .get(name)
-            .map(|t| &**t)
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| &**t)
             .ok_or_else(|| LiveError::Unknown(name.to_owned()))
     }
 

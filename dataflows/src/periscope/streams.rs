@@ -397,6 +397,8 @@ impl StreamState {
             .get(slot)
             .span()
             .expect("a changed session has a connect or a disconnect");
+        self.move_profile(before.as_ref(), &after);
+        self.move_identity(before.as_ref(), &after);
         if let Some(before) = before {
             self.contribute(&before, -1);
         }
@@ -409,20 +411,56 @@ impl StreamState {
     }
 
     /// Adds (`sign` = 1) or removes (-1) a session's span from every aggregate.
-    fn contribute(&mut self, span: &Span, sign: i64) {
-        self.profile.add(span.start, sign);
-        if let Some(end) = span.end {
-            self.profile.add(end, -sign);
-        }
-        let identity = self.identities.entry(span.details.identity).or_insert(0);
-        if sign > 0 {
-            *identity += 1;
-        } else {
-            *identity -= 1;
-            if *identity == 0 {
-                self.identities.remove(&span.details.identity);
+    /// Moves a session's points in the concurrency profile, touching only points that changed
+    /// (typically a disconnect adds an end and leaves the start alone).
+    fn move_profile(&mut self, before: Option<&Span>, after: &Span) {
+        let old = before.map(|b| (b.start, b.end));
+        let (start, end) = (after.start, after.end);
+        match old {
+            Some((old_start, old_end)) => {
+                if old_start != start {
+                    self.profile.add(old_start, -1);
+                    self.profile.add(start, 1);
+                }
+                if old_end != end {
+                    if let Some(old_end) = old_end {
+                        self.profile.add(old_end, 1);
+                    }
+                    if let Some(end) = end {
+                        self.profile.add(end, -1);
+                    }
+                }
+            }
+            None => {
+                self.profile.add(start, 1);
+                if let Some(end) = end {
+                    self.profile.add(end, -1);
+                }
             }
         }
+    }
+
+    /// Moves a session between viewer identities (nothing to do when it stays the same).
+    fn move_identity(&mut self, before: Option<&Span>, after: &Span) {
+        let new = after.details.identity;
+        if let Some(before) = before {
+            let old = before.details.identity;
+            if old == new {
+                return;
+            }
+            if let Some(count) = self.identities.get_mut(&old) {
+                *count -= 1;
+                if *count == 0 {
+                    self.identities.remove(&old);
+                }
+            }
+        }
+        *self.identities.entry(new).or_insert(0) += 1;
+    }
+
+    /// Adds (`sign` = 1) or removes (-1) a session's span from the sums of the stream, its country
+    /// and its windows.
+    fn contribute(&mut self, span: &Span, sign: i64) {
         self.sums.add(span, sign);
         let country = self.countries.entry(span.details.country).or_default();
         country.sums.add(span, sign);
