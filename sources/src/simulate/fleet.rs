@@ -991,19 +991,28 @@ impl Simulator {
     }
 
     fn emit_connect(&mut self, slot: usize) {
+        self.emit_viewer(slot, None);
+    }
+
+    fn emit_disconnect(&mut self, slot: usize, duration_s: i64, up: u64, down: u64) {
+        self.emit_viewer(slot, Some((duration_s, up, down)));
+    }
+
+    /// A viewer's connect (`ending` is `None`) or disconnect (duration, bytes up, bytes down),
+    /// with the field names each wire version and trigger use.
+    fn emit_viewer(&mut self, slot: usize, ending: Option<(i64, u64, u64)>) {
         let x = &self.sessions[slot];
         let st = &self.streams[x.stream];
         let (tenant, node, name, stream_id) = (st.tenant, x.node, st.name.clone(), st.id.clone());
         let p = PLACES[x.place];
-        let (id, host, connector, lat, lon) = (
-            x.id.clone(),
-            x.host.clone(),
-            x.connector,
-            x.latitude,
-            x.longitude,
-        );
+        let (id, host, connector) = (x.id.clone(), x.host.clone(), x.connector);
+        let (lat, lon) = (x.latitude, x.longitude);
+        let (v2_type, trigger) = match ending {
+            None => ("viewer_connect", "USER_NEW"),
+            Some(_) => ("viewer_disconnect", "USER_END"),
+        };
         self.event(
-            ("viewer_connect", "viewer_connect", "USER_NEW"),
+            (v2_type, v2_type, trigger),
             "user-connection",
             tenant,
             Some(node),
@@ -1011,76 +1020,49 @@ impl Simulator {
                 o.str("stream_name", &format!("live+{name}"))
                     .str("host", &host)
                     .str("connector", connector)
-                    .str("session_id", &id)
-                    .str("client_country", p.0)
-                    .str("client_city", p.1)
-                    .num("client_latitude", lat)
-                    .num("client_longitude", lon)
-                    .str("stream_id", &stream_id);
+                    .str("session_id", &id);
+                match ending {
+                    None => o
+                        .str("client_country", p.0)
+                        .str("client_city", p.1)
+                        .num("client_latitude", lat)
+                        .num("client_longitude", lon),
+                    Some((duration, up, down)) => o
+                        .int64("duration", duration)
+                        .int64("up_bytes", up as i64)
+                        .int64("down_bytes", down as i64)
+                        .str("country_code", p.0)
+                        .str("city", p.1)
+                        .num("latitude", lat)
+                        .num("longitude", lon)
+                        .int64("seconds_connected", duration),
+                };
+                o.str("stream_id", &stream_id);
             },
             |d| {
-                d.put("action", "connect")
-                    .put("internal_name", &name)
-                    .put("stream_name", format!("live+{name}"))
-                    .put("session_id", &id)
-                    .put("connection_addr", &host)
-                    .put("connector", connector)
-                    .put("country_code", p.0)
-                    .put("city", p.1)
-                    .put("latitude", lat)
-                    .put("longitude", lon)
-                    .put("stream_id", &stream_id);
-            },
-        );
-    }
-
-    fn emit_disconnect(&mut self, slot: usize, duration_s: i64, up: u64, down: u64) {
-        let x = &self.sessions[slot];
-        let st = &self.streams[x.stream];
-        let (tenant, node, name, stream_id) = (st.tenant, x.node, st.name.clone(), st.id.clone());
-        let p = PLACES[x.place];
-        let (id, host, connector, lat, lon) = (
-            x.id.clone(),
-            x.host.clone(),
-            x.connector,
-            x.latitude,
-            x.longitude,
-        );
-        self.event(
-            ("viewer_disconnect", "viewer_disconnect", "USER_END"),
-            "user-connection",
-            tenant,
-            Some(node),
-            |o| {
-                o.str("session_id", &id)
-                    .str("stream_name", &format!("live+{name}"))
-                    .str("connector", connector)
-                    .str("host", &host)
-                    .int64("duration", duration_s)
-                    .int64("up_bytes", up as i64)
-                    .int64("down_bytes", down as i64)
-                    .str("country_code", p.0)
-                    .str("city", p.1)
-                    .num("latitude", lat)
-                    .num("longitude", lon)
-                    .int64("seconds_connected", duration_s)
-                    .str("stream_id", &stream_id);
-            },
-            |d| {
-                d.put("action", "disconnect")
-                    .put("internal_name", &name)
-                    .put("stream_name", format!("live+{name}"))
-                    .put("session_id", &id)
-                    .put("connection_addr", &host)
-                    .put("connector", connector)
-                    .put("country_code", p.0)
-                    .put("city", p.1)
-                    .put("latitude", lat)
-                    .put("longitude", lon)
-                    .put("down_bytes", down)
-                    .put("up_bytes", up)
-                    .put("seconds_connected", duration_s)
-                    .put("stream_id", &stream_id);
+                d.put(
+                    "action",
+                    if ending.is_none() {
+                        "connect"
+                    } else {
+                        "disconnect"
+                    },
+                )
+                .put("internal_name", &name)
+                .put("stream_name", format!("live+{name}"))
+                .put("session_id", &id)
+                .put("connection_addr", &host)
+                .put("connector", connector)
+                .put("country_code", p.0)
+                .put("city", p.1)
+                .put("latitude", lat)
+                .put("longitude", lon)
+                .put("stream_id", &stream_id);
+                if let Some((duration, up, down)) = ending {
+                    d.put("down_bytes", down)
+                        .put("up_bytes", up)
+                        .put("seconds_connected", duration);
+                }
             },
         );
     }
