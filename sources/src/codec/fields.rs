@@ -51,6 +51,7 @@ const fn mix(len: usize, head: u64, tail: u64) -> usize {
 }
 
 /// [`key_hash_const`] with word loads instead of byte loops.
+#[inline]
 fn key_hash(bytes: &[u8]) -> usize {
     let len = bytes.len();
     if len >= 8 {
@@ -173,6 +174,7 @@ fields! {
 }
 
 /// A field's text, or `None` when it is absent, null, empty or version 1's `<nil>`.
+#[inline]
 pub fn text<'a>(value: &Option<Value<'a>>) -> Option<Cow<'a, str>> {
     match value.as_ref()? {
         Value::Str(s) => Some(s.get()).filter(|t| !t.is_empty() && t != "<nil>"),

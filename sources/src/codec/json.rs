@@ -41,6 +41,7 @@ pub struct Text<'a> {
 
 impl<'a> Text<'a> {
     /// The string, unescaped.
+    #[inline]
     pub fn get(&self) -> Cow<'a, str> {
         if self.escaped {
             Cow::Owned(unescape(self.raw))
@@ -50,6 +51,7 @@ impl<'a> Text<'a> {
     }
 
     /// True when the string is empty.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.raw.is_empty()
     }
@@ -92,29 +94,30 @@ fn hex4_of(chars: &mut std::str::Chars<'_>) -> u32 {
     u32::from_str_radix(&digits, 16).unwrap_or(0xFFFD)
 }
 
-/// The first `"` or `\\` in `bytes`, eight bytes at a time. Most strings in events are short,
-/// where this beats a call into a vectorised search.
-fn quote_or_backslash(bytes: &[u8]) -> Option<usize> {
+/// The position of the first `"` or `\\` at or after `from`, eight bytes at a time. The word
+/// loads run on past the string while the record lasts (the match is the first one either way),
+/// so short strings need no byte-by-byte tail.
+#[inline]
+fn next_quote_or_backslash(bytes: &[u8], from: usize) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
-    let mut chunks = bytes.chunks_exact(8);
-    let mut offset = 0;
-    for chunk in chunks.by_ref() {
+    let mut at = from;
+    while let Some(chunk) = bytes.get(at..at + 8) {
         let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
         // Borrows only run upwards, so the lowest flagged byte is a true match.
         let hits = zero_byte(word ^ (ONES * u64::from(b'"')))
             | zero_byte(word ^ (ONES * u64::from(b'\\')));
         if hits != 0 {
-            return Some(offset + hits.trailing_zeros() as usize / 8);
+            return Some(at + hits.trailing_zeros() as usize / 8);
         }
-        offset += 8;
+        at += 8;
     }
-    chunks
-        .remainder()
+    bytes
+        .get(at..)?
         .iter()
         .position(|&b| b == b'"' || b == b'\\')
-        .map(|i| offset + i)
+        .map(|i| at + i)
 }
 
 /// A scalar value as it appears in the text: numbers keep their text so the reader decides
@@ -167,6 +170,7 @@ impl<'a> Json<'a> {
         }
     }
 
+    #[inline]
     fn skip_ws(&mut self) {
         while let Some(&b) = self.bytes.get(self.pos) {
             if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
@@ -178,11 +182,13 @@ impl<'a> Json<'a> {
     }
 
     /// The next non-space byte, without consuming it.
+    #[inline]
     pub fn peek(&mut self) -> Option<u8> {
         self.skip_ws();
         self.bytes.get(self.pos).copied()
     }
 
+    #[inline]
     fn expect(&mut self, byte: u8, message: &'static str) -> Result<(), JsonError> {
         if self.peek() == Some(byte) {
             self.pos += 1;
@@ -218,7 +224,8 @@ impl<'a> Json<'a> {
             if self.peek() != Some(b'"') {
                 return Err(self.error("expected a string key").into());
             }
-            let key = self.string()?;
+            self.pos += 1;
+            let key = self.string_body()?;
             self.expect(b':', "expected ':' after a key")?;
             member(self, key)?;
             match self.peek() {
@@ -270,9 +277,13 @@ impl<'a> Json<'a> {
     }
 
     /// Reads a scalar; an object or array is reported (and skipped) as `Err(Ok(kind))`.
+    #[inline]
     pub fn scalar(&mut self) -> Result<Result<Value<'a>, Compound>, JsonError> {
         match self.peek() {
-            Some(b'"') => Ok(Ok(Value::Str(self.string()?))),
+            Some(b'"') => {
+                self.pos += 1;
+                Ok(Ok(Value::Str(self.string_body()?)))
+            }
             Some(b'{') => {
                 self.skip()?;
                 Ok(Err(Compound::Object))
@@ -299,6 +310,7 @@ impl<'a> Json<'a> {
         }
     }
 
+    #[inline]
     fn number(&mut self) -> Result<&'a str, JsonError> {
         let start = self.pos;
         let b = self.bytes;
@@ -347,17 +359,23 @@ impl<'a> Json<'a> {
     /// Reads a string (the cursor must be at its opening quote), checking its escapes.
     pub fn string(&mut self) -> Result<Text<'a>, JsonError> {
         self.expect(b'"', "expected a string")?;
+        self.string_body()
+    }
+
+    /// Reads the rest of a string whose opening quote was just consumed.
+    #[inline]
+    fn string_body(&mut self) -> Result<Text<'a>, JsonError> {
         let start = self.pos;
         let mut escaped = false;
         loop {
-            let Some(at) = quote_or_backslash(&self.bytes[self.pos..]) else {
+            let Some(at) = next_quote_or_backslash(self.bytes, self.pos) else {
                 self.pos = self.bytes.len();
                 return Err(self.error("unterminated string"));
             };
-            self.pos += at;
-            if self.bytes[self.pos] == b'"' {
-                let raw = &self.text[start..self.pos];
-                self.pos += 1;
+            self.pos = at;
+            if self.bytes[at] == b'"' {
+                let raw = &self.text[start..at];
+                self.pos = at + 1;
                 return Ok(Text { raw, escaped });
             }
             escaped = true;
@@ -421,7 +439,8 @@ impl<'a> Json<'a> {
     }
 
     fn skip_string(&mut self) -> Result<(), JsonError> {
-        self.string().map(|_| ())
+        self.pos += 1;
+        self.string_body().map(|_| ())
     }
 }
 
