@@ -153,6 +153,16 @@ struct RunArgs {
     /// Seconds between summary lines.
     #[arg(long, default_value_t = 1.0)]
     summary_every: f64,
+    /// Address the HTTP API listens on (default 127.0.0.1:8080, or the config file's).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Shared secret for bearer JWTs (HS256). Without one (here or in the config file) a
+    /// development secret is generated and a tenant and an admin token are printed.
+    #[arg(long, env = "KEEL_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// A TOML file with API settings and static tokens (see the README).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -217,6 +227,12 @@ struct SqlArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: FormatArg,
+    /// Ask a running Keel instead of replaying events (for example http://127.0.0.1:8080).
+    #[arg(long, conflicts_with_all = ["input", "source"])]
+    url: Option<String>,
+    /// Bearer token for `--url`.
+    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true, requires = "url")]
+    token: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -285,6 +301,11 @@ fn run_engine(
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let options = args.engine.options()?;
     let config = args.fleet.config(wall_clock_ms(), Some(args.rate))?;
+    let settings = match &args.config {
+        Some(path) => crate::config::Config::load(path)?,
+        None => crate::config::Config::default(),
+    };
+    let fleet_tenants = Simulator::new(config.clone()).tenants();
     let source = open_source(
         &args.source,
         KafkaMode::Live {
@@ -293,6 +314,23 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         || Ok(SimSource::new(config, None, Some(args.rate))),
     )?;
     let handles = Handles::default();
+    let listen = args
+        .listen
+        .clone()
+        .or(settings.api.listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let secret = args.jwt_secret.clone().or(settings.api.jwt_secret.clone());
+    let generated = secret.is_none();
+    let secret = secret.unwrap_or_else(|| {
+        format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )
+    });
+    let auth = keel_api::auth::Auth::new(Some(secret), settings.api.tokens)
+        .map_err(|problems| anyhow::anyhow!("API settings: {problems}"))?;
+    let api = crate::serve::Api::start(&listen, auth.clone(), &handles)?;
     let shutdown = handles.shutdown.clone();
     ctrlc::set_handler(move || {
         if shutdown.swap(true, Ordering::SeqCst) {
@@ -306,6 +344,23 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         source.describe(),
         options.workers
     );
+    eprintln!("keel: API on http://{}", api.address());
+    if generated {
+        let expires = wall_clock_ms() / 1000 + 24 * 3600;
+        let tenant = fleet_tenants
+            .first()
+            .and_then(|t| uuid::Uuid::parse_str(t).ok())
+            .unwrap_or_else(uuid::Uuid::new_v4);
+        let member = auth
+            .issue(&keel_api::auth::Claims::member("dev", tenant, expires))
+            .expect("a secret is set");
+        let admin = auth
+            .issue(&keel_api::auth::Claims::admin("dev-admin", expires))
+            .expect("a secret is set");
+        eprintln!("keel: development tokens, valid 24 h (pass --jwt-secret to use your own):");
+        eprintln!("  tenant {tenant}: {member}");
+        eprintln!("  admin: {admin}");
+    }
     let every = Duration::from_secs_f64(args.summary_every.max(0.05));
     let mut previous = Snapshot::default();
     let snapshot = |handles: &Handles| {
@@ -400,6 +455,20 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
 }
 
 fn sql(args: &SqlArgs) -> anyhow::Result<()> {
+    let format = match args.format {
+        FormatArg::Table => Format::Table,
+        FormatArg::Csv => Format::Csv,
+        FormatArg::Json => Format::Json,
+    };
+    if let Some(url) = &args.url {
+        let token = args
+            .token
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--url needs --token (or KEEL_TOKEN)"))?;
+        let batches = crate::serve::remote_sql(url, token, &args.sql)?;
+        std::io::stdout().write_all(&render(&batches, format)?)?;
+        return Ok(());
+    }
     let options = args.engine.options()?;
     let spec = match (&args.input, &args.source) {
         (Some(path), _) => format!("file:{}", path.display()),
@@ -442,13 +511,12 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let batches = runtime.block_on(keel_api::sql::query(&tables, &args.sql))?;
-    let format = match args.format {
-        FormatArg::Table => Format::Table,
-        FormatArg::Csv => Format::Csv,
-        FormatArg::Json => Format::Json,
-    };
-    print!("{}", render(&batches, format)?);
+    let batches = runtime.block_on(keel_api::sql::query(
+        &tables,
+        keel_api::auth::Scope::All,
+        &args.sql,
+    ))?;
+    std::io::stdout().write_all(&render(&batches, format)?)?;
     Ok(())
 }
 

@@ -14,11 +14,12 @@
 //! be committed.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use keel_api::metrics::EngineStats;
 use keel_dataflows::periscope::{PeriscopeChange, periscope};
 use keel_operators::table::TableSet;
 use keel_sinks::live::LiveTables;
@@ -57,26 +58,13 @@ impl Default for EngineOptions {
     }
 }
 
-/// Counters the engine keeps while it runs, for summaries and metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Records read from the source.
-    pub records: AtomicU64,
-    /// Records decoded into events.
-    pub events: AtomicU64,
-    /// Records refused (now rows of `ingest_errors`).
-    pub errors: AtomicU64,
-    /// Newest event time seen, ms.
-    pub newest_event: AtomicI64,
-}
-
 /// Shared handles to a running (or finished) engine.
 #[derive(Clone, Debug)]
 pub struct Handles {
     /// The live tables.
     pub tables: Arc<RwLock<LiveTables>>,
     /// Counters.
-    pub stats: Arc<Stats>,
+    pub stats: Arc<EngineStats>,
     /// Set to stop reading; the engine then drains what it has and returns.
     pub shutdown: Arc<AtomicBool>,
 }
@@ -87,7 +75,7 @@ impl Default for Handles {
         PeriscopeChange::declare_all(&mut tables);
         Handles {
             tables: Arc::new(RwLock::new(tables)),
-            stats: Arc::new(Stats::default()),
+            stats: Arc::new(EngineStats::default()),
             shutdown: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -167,6 +155,9 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let options = options.clone();
     let handles = handles.clone();
+    if let Ok(mut kind) = handles.stats.source.lock() {
+        *kind = source.kind().to_owned();
+    }
     let config = timely::Config::process(options.workers.max(1));
     let guards = timely::execute(config, move |worker| -> Result<(), String> {
         let index = worker.index();
@@ -182,8 +173,7 @@ pub fn run(
             publish(periscope(events, errors, marks), tables).probe_with(&probe);
             (events_in, errors_in, marks_in)
         });
-        let start = Instant::now();
-        let clock = || u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let clock = || handles.stats.clock();
         let mut epoch = 0u64;
         let mut inflight: VecDeque<u64> = VecDeque::new();
         let mut batch = Batch::default();

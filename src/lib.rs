@@ -5,6 +5,8 @@
 //!
 //! - [`engine`]: one source → the Periscope dataflow on timely workers → live tables.
 //! - [`cli`]: `keel run`, `keel simulate`, `keel sql`.
+//! - [`config`]: the TOML settings file.
+//! - [`serve`]: running the HTTP API beside the engine, and the `keel sql --url` client.
 //! - [`summary`]: the one-line live summary `keel run` prints.
 //!
 //! The crates underneath, in dependency order: `keel-operators` (domain-free operators),
@@ -12,7 +14,9 @@
 //! `keel-sinks` (live tables), `keel-api` (SQL).
 
 pub mod cli;
+pub mod config;
 pub mod engine;
+pub mod serve;
 pub mod summary;
 
 #[doc = include_str!("../README.md")]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use keel_dataflows::periscope::StreamRow;
 use keel_sinks::live::LiveTables;
 
-use crate::engine::Stats;
+use keel_api::metrics::EngineStats;
 
 /// What the summary shows at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Reads the counters and the live tables.
-    pub fn take(stats: &Stats, tables: &LiveTables) -> Self {
+    pub fn take(stats: &EngineStats, tables: &LiveTables) -> Self {
         let streams = tables.table::<StreamRow>("streams").rows();
         Snapshot {
             events: stats.events.load(Ordering::Relaxed),

@@ -183,3 +183,73 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
         .unwrap();
     assert!(events > 3_000, "{stdout}");
 }
+
+/// `keel run` serves the API on a real socket and prints development tokens; `keel sql --url`
+/// with the tenant token sees that tenant's rows only, and a bad token is refused.
+#[test]
+fn run_serves_sql_to_the_printed_tenant_token() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "run",
+            "--rate",
+            "3000",
+            "--listen",
+            "127.0.0.1:0",
+            "--summary-every",
+            "10",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut url, mut tenant, mut token, mut admin) = (None, None, None, None);
+    while admin.is_none() {
+        let line = lines.next().expect("keel run printed its banner").unwrap();
+        if let Some(rest) = line.strip_prefix("keel: API on ") {
+            url = Some(rest.to_owned());
+        } else if let Some(rest) = line.trim().strip_prefix("tenant ") {
+            let (id, jwt) = rest.split_once(": ").unwrap();
+            tenant = Some(id.to_owned());
+            token = Some(jwt.to_owned());
+        } else if let Some(rest) = line.trim().strip_prefix("admin: ") {
+            admin = Some(rest.to_owned());
+        }
+    }
+    let (url, tenant, token, admin) = (
+        url.unwrap(),
+        tenant.unwrap(),
+        token.unwrap(),
+        admin.unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let query = "SELECT DISTINCT tenant_id FROM streams ORDER BY tenant_id";
+    let out = keel(&[
+        "sql", "--url", &url, "--token", &token, "--format", "csv", query,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("tenant_id\n{tenant}\n"));
+    let out = keel(&[
+        "sql", "--url", &url, "--token", &admin, "--format", "csv", query,
+    ]);
+    assert!(
+        text(&out.stdout).lines().count() > 2,
+        "the admin sees every tenant: {}",
+        text(&out.stdout)
+    );
+    let out = keel(&["sql", "--url", &url, "--token", "wrong", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("401 unauthorized: invalid token"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = keel(&["sql", "--url", &url, "--token", &token, "SELEC 1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -1,5 +1,5 @@
-//! Rendering query results: an aligned text table, CSV with a header, or JSON (one object per
-//! row, one row per line).
+//! Rendering query results: an aligned text table, CSV with a header, JSON (one object per line,
+//! or one array), or an Arrow IPC stream.
 
 use arrow::array::RecordBatch;
 use arrow::error::ArrowError;
@@ -13,36 +13,56 @@ pub enum Format {
     Csv,
     /// One JSON object per row, one per line.
     Json,
+    /// One JSON array of row objects.
+    JsonArray,
+    /// An Arrow IPC stream.
+    Arrow,
 }
 
-/// Renders `batches` as text in `format`.
-pub fn render(batches: &[RecordBatch], format: Format) -> Result<String, ArrowError> {
+/// Renders `batches` in `format`.
+pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowError> {
+    let mut out = Vec::new();
     match format {
         Format::Table => {
-            Ok(arrow::util::pretty::pretty_format_batches(batches)?.to_string() + "\n")
+            out = (arrow::util::pretty::pretty_format_batches(batches)?.to_string() + "\n")
+                .into_bytes();
         }
         Format::Csv => {
-            let mut out = Vec::new();
-            {
-                let mut writer = arrow::csv::WriterBuilder::new()
-                    .with_header(true)
-                    .build(&mut out);
-                for batch in batches {
-                    writer.write(batch)?;
-                }
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            for batch in batches {
+                writer.write(batch)?;
             }
-            Ok(String::from_utf8_lossy(&out).into_owned())
         }
         Format::Json => {
-            let mut out = Vec::new();
-            {
-                let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
-                for batch in batches {
-                    writer.write(batch)?;
-                }
-                writer.finish()?;
+            let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+            for batch in batches {
+                writer.write(batch)?;
             }
-            Ok(String::from_utf8_lossy(&out).into_owned())
+            writer.finish()?;
+        }
+        Format::JsonArray => {
+            let mut writer = arrow::json::ArrayWriter::new(&mut out);
+            for batch in batches {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
+            if out.is_empty() {
+                out.extend_from_slice(b"[]");
+            }
+        }
+        Format::Arrow => {
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| std::sync::Arc::new(arrow::datatypes::Schema::empty()));
+            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema)?;
+            for batch in batches {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
         }
     }
+    Ok(out)
 }

@@ -2,8 +2,14 @@
 //!
 //! The read side of Keel: how people and programs get at the live tables.
 //!
-//! - [`sql`]: read-only SQL over snapshots of the live tables (DataFusion).
-//! - [`format`]: rendering results as a text table, CSV or JSON.
+//! - [`auth`]: bearer JWTs (HS256) and static tokens; the token decides whose rows a caller sees.
+//! - [`sql`]: read-only SQL over snapshots of the live tables (DataFusion), scoped by tenant.
+//! - [`server`]: the HTTP API (axum): health, readiness, metrics, `POST /v1/sql`.
+//! - [`metrics`]: engine counters and the Prometheus text.
+//! - [`format`]: rendering results as a text table, CSV, JSON or Arrow IPC.
 
+pub mod auth;
 pub mod format;
+pub mod metrics;
+pub mod server;
 pub mod sql;

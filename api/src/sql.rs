@@ -15,6 +15,8 @@ use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
 use keel_sinks::live::{LiveError, LiveTables};
 
+use crate::auth::Scope;
+
 /// Why a statement produced no result.
 ///
 /// `Invalid` and `Refused` are the caller's to fix (bad SQL, a statement that writes);
@@ -38,14 +40,25 @@ fn describe(error: &datafusion::error::DataFusionError) -> String {
     text.trim().to_owned()
 }
 
-/// A DataFusion session over a snapshot of `tables`.
-pub fn session(tables: &LiveTables) -> Result<SessionContext, SqlError> {
+/// A DataFusion session over a snapshot of `tables`, holding only the rows `scope` may see.
+///
+/// Scoping happens before any SQL is planned: a tenant's session contains that tenant's rows and
+/// nothing else, so no query — joins, subqueries, `UNION`, `information_schema`, table
+/// functions — can reach another tenant's data. A table without a `tenant_id` column is not
+/// registered for tenants at all.
+pub fn session(tables: &LiveTables, scope: Scope) -> Result<SessionContext, SqlError> {
     let config = SessionConfig::new()
         .with_information_schema(true)
         .with_default_catalog_and_schema("keel", "live");
     let ctx = SessionContext::new_with_config(config);
     for name in tables.names() {
-        let batch = tables.snapshot(name)?;
+        let batch = match scope {
+            Scope::All => tables.snapshot(name)?,
+            Scope::Tenant(tenant) => match only_tenant(&tables.snapshot(name)?, tenant)? {
+                Some(batch) => batch,
+                None => continue,
+            },
+        };
         let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
             .map_err(|e| SqlError::Invalid(describe(&e)))?;
         ctx.register_table(name, Arc::new(table))
@@ -54,9 +67,35 @@ pub fn session(tables: &LiveTables) -> Result<SessionContext, SqlError> {
     Ok(ctx)
 }
 
-/// Runs one read-only statement over a snapshot of `tables`.
-pub async fn query(tables: &LiveTables, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
-    let ctx = session(tables)?;
+/// The rows of `batch` whose `tenant_id` is `tenant`; `None` if it has no such column.
+fn only_tenant(batch: &RecordBatch, tenant: uuid::Uuid) -> Result<Option<RecordBatch>, SqlError> {
+    let Ok(index) = batch.schema().index_of("tenant_id") else {
+        return Ok(None);
+    };
+    let Ok(column) = arrow::compute::cast(batch.column(index), &arrow::datatypes::DataType::Utf8)
+    else {
+        return Ok(None);
+    };
+    let Some(strings) = column.as_any().downcast_ref::<arrow::array::StringArray>() else {
+        return Ok(None);
+    };
+    let wanted = tenant.to_string();
+    let mask: arrow::array::BooleanArray = strings
+        .iter()
+        .map(|value| Some(value == Some(wanted.as_str())))
+        .collect();
+    arrow::compute::filter_record_batch(batch, &mask)
+        .map(Some)
+        .map_err(|e| SqlError::Invalid(e.to_string()))
+}
+
+/// Runs one read-only statement over a snapshot of `tables`, as seen by `scope`.
+pub async fn query(
+    tables: &LiveTables,
+    scope: Scope,
+    sql: &str,
+) -> Result<Vec<RecordBatch>, SqlError> {
+    let ctx = session(tables, scope)?;
     run(&ctx, sql).await
 }
 

@@ -83,7 +83,10 @@ impl<R: Row> fmt::Debug for LiveTable<R> {
 }
 
 fn fields_of<R: Row>(name: &'static str) -> Vec<FieldRef> {
-    let traced = Vec::<FieldRef>::from_type::<R>(TracingOptions::default().allow_null_fields(true))
+    let options = TracingOptions::default()
+        .allow_null_fields(true)
+        .strings_as_large_utf8(false);
+    let traced = Vec::<FieldRef>::from_type::<R>(options)
         .unwrap_or_else(|e| panic!("row type of table {name} cannot be traced: {e}"));
     traced
         .into_iter()

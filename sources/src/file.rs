@@ -113,6 +113,10 @@ impl Source for FileSource {
         }))
     }
 
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
     }

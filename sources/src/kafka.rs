@@ -169,6 +169,10 @@ impl Source for KafkaSource {
         }))
     }
 
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
     fn describe(&self) -> String {
         format!(
             "kafka://{}/{} ({})",

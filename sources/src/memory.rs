@@ -81,6 +81,10 @@ impl Source for MemorySource {
         }))
     }
 
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     fn describe(&self) -> String {
         format!("in-memory source {}", self.label)
     }

@@ -144,6 +144,8 @@ pub trait Source: Send + Sync {
     fn open(&self, worker: usize, workers: usize) -> Result<Box<dyn SourceReader>, SourceError>;
     /// A short description for logs and summaries.
     fn describe(&self) -> String;
+    /// The kind of source, for metric labels: `file`, `kafka`, `simulator`, `memory`.
+    fn kind(&self) -> &'static str;
 }
 
 /// One worker's share of a source.

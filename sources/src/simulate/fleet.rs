@@ -351,6 +351,11 @@ impl Simulator {
         sim
     }
 
+    /// The tenant ids of the fleet, in order; the first also owns the nodes.
+    pub fn tenants(&self) -> Vec<String> {
+        self.tenants.iter().map(|t| t.id.clone()).collect()
+    }
+
     fn schedule(&mut self, at: i64, task: Task) {
         self.seq += 1;
         self.queue.push(Reverse((at, self.seq, task)));

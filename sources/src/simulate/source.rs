@@ -65,6 +65,10 @@ impl Source for SimSource {
         }))
     }
 
+    fn kind(&self) -> &'static str {
+        "simulator"
+    }
+
     fn describe(&self) -> String {
         self.description.clone()
     }

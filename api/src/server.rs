@@ -1,0 +1,219 @@
+//! The HTTP API: health, metrics and tenant-scoped SQL.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 once the first epoch is published, 503 before |
+//! | `GET /metrics` | Prometheus text ([`crate::metrics::render`]) |
+//! | `POST /v1/sql` | `{"sql": "…"}` → rows as JSON (default), CSV (`Accept: text/csv`) or Arrow IPC (`Accept: application/vnd.apache.arrow.stream`) |
+//!
+//! Every `/v1` request needs `Authorization: Bearer <token>` ([`crate::auth`]); the caller's
+//! token decides whose rows it sees. Errors are one JSON shape, `{"error": {"code", "message"}}`,
+//! with the status that fits ([`ApiError`]).
+
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use keel_sinks::live::LiveTables;
+
+use crate::auth::{Auth, AuthError, Principal};
+use crate::format::{Format, render};
+use crate::metrics::{EngineStats, Metrics, render as render_metrics};
+use crate::sql::{SqlError, run, session};
+
+/// Largest request body accepted, bytes.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    /// The live tables.
+    pub tables: Arc<RwLock<LiveTables>>,
+    /// Who may call.
+    pub auth: Arc<Auth>,
+    /// Engine counters.
+    pub stats: Arc<EngineStats>,
+    /// Request metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Every way a request can fail, mapped to a status and a JSON body in one place. Internal
+/// details stay in the log; the response says what the caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No or a bad token (401).
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    /// The request itself is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The SQL does not parse, plan or run, or would write (400).
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    /// Nothing to answer with yet, or the engine went away (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Sql(SqlError::Refused(_)) => (StatusCode::BAD_REQUEST, "read_only"),
+            ApiError::Sql(SqlError::Invalid(_)) => (StatusCode::BAD_REQUEST, "bad_sql"),
+            ApiError::Sql(SqlError::Table(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "internal error");
+            "internal error".to_owned()
+        } else {
+            self.to_string()
+        };
+        let body = serde_json::json!({ "error": { "code": code, "message": message } });
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// The router of the API.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/sql", post(sql))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn observe(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let route = request.uri().path().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let route = match route.as_str() {
+        "/healthz" | "/readyz" | "/metrics" | "/v1/sql" => route,
+        _ => "other".to_owned(),
+    };
+    state
+        .metrics
+        .observe(&route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let epoch = state.tables.read().map(|t| t.epoch()).unwrap_or(None);
+    match epoch {
+        Some(epoch) => {
+            axum::Json(serde_json::json!({ "status": "ready", "epoch": epoch })).into_response()
+        }
+        None => ApiError::Unavailable("no epoch published yet".to_owned()).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let text = {
+        let tables = state
+            .tables
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        render_metrics(&state.stats, &state.metrics, &tables)
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn now_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The caller of a request, from its `Authorization` header.
+pub fn principal(auth: &Auth, headers: &HeaderMap) -> Result<Principal, AuthError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Invalid)?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or(AuthError::Invalid)?;
+    auth.authenticate(token, now_seconds())
+}
+
+const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+fn wanted_format(headers: &HeaderMap) -> Option<Format> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    accept.split(',').find_map(
+        |choice| match choice.split(';').next().unwrap_or("").trim() {
+            "application/json" | "*/*" | "application/*" | "" => Some(Format::JsonArray),
+            "text/csv" | "text/*" => Some(Format::Csv),
+            ARROW_STREAM => Some(Format::Arrow),
+            _ => None,
+        },
+    )
+}
+
+async fn sql(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = principal(&state.auth, &headers)?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Query {
+        sql: String,
+    }
+    let query: Query = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("body must be {{\"sql\": \"...\"}}: {e}")))?;
+    let format = wanted_format(&headers).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "Accept must allow application/json, text/csv or {ARROW_STREAM}"
+        ))
+    })?;
+    let ctx = {
+        let tables = state
+            .tables
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        session(&tables, caller.scope)?
+    };
+    let batches = run(&ctx, &query.sql).await?;
+    let (content_type, body) = match format {
+        Format::Csv => ("text/csv", render(&batches, Format::Csv)),
+        Format::Arrow => (ARROW_STREAM, render(&batches, Format::Arrow)),
+        _ => ("application/json", render(&batches, Format::JsonArray)),
+    };
+    let body = body.map_err(|e| ApiError::Sql(SqlError::Invalid(e.to_string())))?;
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}

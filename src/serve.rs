@@ -1,0 +1,128 @@
+//! Running the HTTP API beside the engine, and the client `keel sql --url` uses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow::array::RecordBatch;
+use keel_api::auth::Auth;
+use keel_api::metrics::Metrics;
+use keel_api::server::{ApiState, router};
+use keel_api::sql::SqlError;
+use tokio::sync::oneshot;
+
+use crate::engine::Handles;
+
+/// The API server, running on its own small runtime.
+#[derive(Debug)]
+pub struct Api {
+    address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Api {
+    /// Binds `listen` (failing at once if it cannot) and serves the API on the engine's tables.
+    pub fn start(listen: &str, auth: Auth, handles: &Handles) -> anyhow::Result<Api> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("keel-api")
+            .enable_all()
+            .build()?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let address = listener.local_addr()?;
+        let state = ApiState {
+            tables: handles.tables.clone(),
+            auth: Arc::new(auth),
+            stats: handles.stats.clone(),
+            metrics: Arc::new(Metrics::default()),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("keel-api".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let served = axum::serve(listener, router(state))
+                        .with_graceful_shutdown(async {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                    if let Err(error) = served {
+                        tracing::error!(%error, "the API server stopped");
+                    }
+                });
+            })?;
+        Ok(Api {
+            address,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it listens.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Stops serving and waits for open requests to finish.
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs `sql` on a Keel at `url` with `token`; results come back as Arrow IPC so they render
+/// exactly as a local query's would.
+pub fn remote_sql(url: &str, token: &str, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
+    let endpoint = format!("{}/v1/sql", url.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let body = serde_json::to_vec(&serde_json::json!({ "sql": sql }))?;
+    let mut response = agent
+        .post(&endpoint)
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("Accept", "application/vnd.apache.arrow.stream")
+        .header("Content-Type", "application/json")
+        .send(&body[..])
+        .with_context(|| format!("cannot reach {endpoint}"))?;
+    let status = response.status().as_u16();
+    let bytes = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .with_context(|| format!("reading the answer of {endpoint}"))?;
+    if status != 200 {
+        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| {
+                let error = v.get("error")?;
+                Some((
+                    error.get("code")?.as_str()?.to_owned(),
+                    error.get("message")?.as_str()?.to_owned(),
+                ))
+            });
+        return Err(match message {
+            Some((code, message)) if code == "bad_sql" || code == "read_only" => {
+                SqlError::Invalid(message).into()
+            }
+            Some((code, message)) => {
+                anyhow::anyhow!("{endpoint} answered {status} {code}: {message}")
+            }
+            None => anyhow::anyhow!("{endpoint} answered {status}"),
+        });
+    }
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .context("the answer is not an Arrow stream")?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .context("the answer is not an Arrow stream")
+}

@@ -1,0 +1,352 @@
+//! The HTTP API on the golden tables: authentication, tenant isolation, formats, errors.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use keel::engine::{self, EngineOptions, Handles};
+use keel_api::auth::{Auth, Claims, Role, StaticToken};
+use keel_api::metrics::Metrics;
+use keel_api::server::{ApiState, MAX_BODY, router};
+use keel_sources::file::FileSource;
+use proptest::prelude::*;
+use tower::ServiceExt;
+
+const TENANT_A: &str = "5eed517e-ba5e-da7a-517e-ba5eda7a0001";
+const TENANT_B: &str = "7b1c0d2e-3f40-4a5b-8c6d-7e8f90a1b2c3";
+const SECRET: &str = "a-test-secret-of-some-length";
+const FAR: i64 = 4_102_444_800;
+
+fn golden() -> Handles {
+    let handles = Handles::default();
+    let source = FileSource::open("tests/golden/events.ndjson".as_ref()).unwrap();
+    engine::run(Arc::new(source), &EngineOptions::default(), &handles).unwrap();
+    handles
+}
+
+fn state(handles: &Handles) -> ApiState {
+    let tokens = vec![StaticToken {
+        name: "grafana-b".into(),
+        token: "kt_tenant_b_static_token".into(),
+        tenant_id: Some(TENANT_B.parse().unwrap()),
+        role: Role::Member,
+    }];
+    ApiState {
+        tables: handles.tables.clone(),
+        auth: Arc::new(Auth::new(Some(SECRET.into()), tokens).unwrap()),
+        stats: handles.stats.clone(),
+        metrics: Arc::new(Metrics::default()),
+    }
+}
+
+fn token(claims: &Claims) -> String {
+    Auth::new(Some(SECRET.into()), vec![])
+        .unwrap()
+        .issue(claims)
+        .unwrap()
+}
+
+fn tenant_token(tenant: &str) -> String {
+    token(&Claims::member("t", tenant.parse().unwrap(), FAR))
+}
+
+async fn call(state: &ApiState, request: Request<Body>) -> (StatusCode, String, Vec<u8>) {
+    let response = router(state.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, content_type, body.to_vec())
+}
+
+fn sql_request(token: Option<&str>, sql: &str, accept: Option<&str>) -> Request<Body> {
+    let mut request = Request::post("/v1/sql");
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if let Some(accept) = accept {
+        request = request.header(header::ACCEPT, accept);
+    }
+    request
+        .body(Body::from(
+            serde_json::to_vec(&serde_json::json!({ "sql": sql })).unwrap(),
+        ))
+        .unwrap()
+}
+
+async fn rows(state: &ApiState, token: &str, sql: &str) -> Vec<serde_json::Value> {
+    let (status, _, body) = call(state, sql_request(Some(token), sql, None)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{sql}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice::<Vec<serde_json::Value>>(&body).unwrap()
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let handles = Handles::default();
+    let state = state(&handles);
+    let (status, _, body) =
+        call(&state, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let handles = golden();
+    let state = self::state(&handles);
+    let (status, _, _) = call(
+        &state,
+        Request::get("/healthz").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = call(&state, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    rows(&state, &tenant_token(TENANT_A), "SELECT 1").await;
+    let (status, content_type, body) = call(
+        &state,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(content_type.starts_with("text/plain"));
+    for needle in [
+        "keel_events_total{source=\"file\"} 25",
+        "keel_decode_errors_total{source=\"file\"} 5",
+        "keel_table_rows{table=\"viewer_sessions\"} 6",
+        "keel_http_request_duration_seconds_count{route=\"/v1/sql\",status=\"200\"} 1",
+        "keel_epoch_lag_seconds ",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn missing_bad_and_expired_tokens_are_401_with_a_json_error() {
+    let handles = golden();
+    let state = state(&handles);
+    let expired = token(&Claims::member("t", TENANT_A.parse().unwrap(), 1_000));
+    let forged = Auth::new(Some("another-secret-entirely".into()), vec![])
+        .unwrap()
+        .issue(&Claims::admin("x", FAR))
+        .unwrap();
+    for (token, message) in [
+        (None, "missing bearer token"),
+        (Some("nonsense"), "invalid token"),
+        (Some(forged.as_str()), "invalid token"),
+        (Some(expired.as_str()), "token expired"),
+    ] {
+        let response = router(state.clone())
+            .oneshot(sql_request(token, "SELECT 1", None))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"]["code"], "unauthorized");
+        assert_eq!(error["error"]["message"], message);
+    }
+}
+
+/// Whatever SQL a tenant writes, it sees its own rows and nothing else.
+#[tokio::test]
+async fn a_tenant_never_sees_another_tenants_rows() {
+    let handles = golden();
+    let state = state(&handles);
+    let admin = token(&Claims::admin("root", FAR));
+    let a = tenant_token(TENANT_A);
+    let all_tenants = rows(
+        &state,
+        &admin,
+        "SELECT DISTINCT tenant_id FROM streams ORDER BY 1",
+    )
+    .await;
+    assert_eq!(all_tenants.len(), 2, "the golden file has two tenants");
+    let probes = [
+        "SELECT tenant_id FROM streams",
+        "SELECT s.tenant_id FROM streams s JOIN viewer_sessions v ON v.internal_name = s.internal_name",
+        "SELECT tenant_id FROM viewer_sessions WHERE tenant_id <> '5eed517e-ba5e-da7a-517e-ba5eda7a0001' OR 1 = 1",
+        "WITH x AS (SELECT tenant_id FROM nodes) SELECT tenant_id FROM x",
+        "SELECT tenant_id FROM streams UNION ALL SELECT tenant_id FROM viewers_by_country UNION ALL SELECT tenant_id FROM usage_5m",
+        "SELECT tenant_id FROM (SELECT * FROM routing_hourly) t",
+        "SELECT tenant_id FROM unknown_events",
+        "SELECT tenant_id FROM stream_health_5m WHERE tenant_id IN (SELECT tenant_id FROM streams)",
+        "SELECT tenant_id FROM ingest_errors",
+        "SELECT tenant_id FROM keel.live.streams",
+    ];
+    for sql in probes {
+        for row in rows(&state, &a, sql).await {
+            assert_eq!(row["tenant_id"], TENANT_A, "{sql}");
+        }
+    }
+    // The same counts an admin sees for that tenant, table by table.
+    for table in [
+        "streams",
+        "viewer_sessions",
+        "viewers_by_country",
+        "usage_5m",
+        "routing_hourly",
+        "nodes",
+    ] {
+        let mine = rows(&state, &a, &format!("SELECT count(*) AS n FROM {table}")).await;
+        let theirs = rows(
+            &state,
+            &admin,
+            &format!("SELECT count(*) AS n FROM {table} WHERE tenant_id = '{TENANT_A}'"),
+        )
+        .await;
+        assert_eq!(mine, theirs, "{table}");
+    }
+    // Tenant B through its static token: only B's stream, and none of A's.
+    let b = rows(
+        &state,
+        "kt_tenant_b_static_token",
+        "SELECT internal_name FROM streams",
+    )
+    .await;
+    assert_eq!(b, vec![serde_json::json!({ "internal_name": "news" })]);
+    // Errors of records whose tenant could not be established are the admin's alone.
+    let errors_a = rows(&state, &a, "SELECT count(*) AS n FROM ingest_errors").await;
+    let errors_all = rows(&state, &admin, "SELECT count(*) AS n FROM ingest_errors").await;
+    assert_eq!(errors_a[0]["n"], 3);
+    assert_eq!(errors_all[0]["n"], 5);
+    // information_schema lists the tables, not other tenants' data.
+    let tables = rows(
+        &state,
+        &a,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'live'",
+    )
+    .await;
+    assert_eq!(tables.len(), 9);
+}
+
+#[tokio::test]
+async fn formats_follow_the_accept_header() {
+    let handles = golden();
+    let state = state(&handles);
+    let a = tenant_token(TENANT_A);
+    let sql = "SELECT internal_name, peak_viewers FROM streams";
+    let (_, content_type, body) = call(&state, sql_request(Some(&a), sql, Some("text/csv"))).await;
+    assert_eq!(content_type, "text/csv");
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        "internal_name,peak_viewers\ndemo,3\n"
+    );
+    let (_, content_type, body) = call(
+        &state,
+        sql_request(Some(&a), sql, Some("application/vnd.apache.arrow.stream")),
+    )
+    .await;
+    assert_eq!(content_type, "application/vnd.apache.arrow.stream");
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
+    let total: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(total, 1);
+    let (status, _, body) = call(&state, sql_request(Some(&a), sql, Some("image/png"))).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let empty = rows(&state, &a, "SELECT * FROM streams WHERE 1 = 0").await;
+    assert!(empty.is_empty());
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let handles = golden();
+    let state = state(&handles);
+    let a = tenant_token(TENANT_A);
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (
+            sql_request(Some(&a), "SELEC 1", None),
+            StatusCode::BAD_REQUEST,
+            "bad_sql",
+        ),
+        (
+            sql_request(Some(&a), "SELECT nope FROM streams", None),
+            StatusCode::BAD_REQUEST,
+            "bad_sql",
+        ),
+        (
+            sql_request(Some(&a), "DROP TABLE streams", None),
+            StatusCode::BAD_REQUEST,
+            "read_only",
+        ),
+        (
+            sql_request(Some(&a), "SET datafusion.execution.batch_size = 1", None),
+            StatusCode::BAD_REQUEST,
+            "read_only",
+        ),
+        (
+            sql_request(Some(&a), "SELECT 1; SELECT 2", None),
+            StatusCode::BAD_REQUEST,
+            "bad_sql",
+        ),
+        (
+            Request::post("/v1/sql")
+                .header(header::AUTHORIZATION, format!("Bearer {a}"))
+                .body(Body::from("{\"query\": 1}"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let (got, _, body) = call(&state, request).await;
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (got, error["error"]["code"].as_str().unwrap()),
+            (status, code),
+            "{error}"
+        );
+    }
+    let huge = Request::post("/v1/sql")
+        .header(header::AUTHORIZATION, format!("Bearer {a}"))
+        .body(Body::from(vec![b' '; MAX_BODY + 1]))
+        .unwrap();
+    let (status, _, _) = call(&state, huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Arbitrary bodies and SQL text never produce a server error: a result or a 4xx with a
+    /// JSON error.
+    #[test]
+    fn arbitrary_input_never_breaks_the_sql_endpoint(body in prop::collection::vec(any::<u8>(), 0..200), sql in ".{0,80}") {
+        let handles = Handles::default();
+        let state = state(&handles);
+        let a = tenant_token(TENANT_A);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for request in [
+            Request::post("/v1/sql").header(header::AUTHORIZATION, format!("Bearer {a}")).body(Body::from(body)).unwrap(),
+            sql_request(Some(&a), &sql, None),
+        ] {
+            let (status, _, body) = runtime.block_on(call(&state, request));
+            prop_assert!(status == StatusCode::OK || status.is_client_error(), "{status}: {}", String::from_utf8_lossy(&body));
+            if status != StatusCode::OK {
+                let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                prop_assert!(error["error"]["message"].is_string());
+            }
+        }
+    }
+}
