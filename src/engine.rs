@@ -9,6 +9,10 @@
 //! applies each epoch to the live tables once every worker has passed it — so a reader always
 //! sees whole epochs, and [`LiveTables::epoch`] says which.
 //!
+//! Changes of tables someone subscribes to go to the [`Hub`] as each epoch closes; decoded
+//! events go to feed subscribers straight from the worker that read them, client addresses
+//! removed, before they enter the dataflow.
+//!
 //! A worker keeps at most [`EngineOptions::max_inflight`] batches unpublished (backpressure), and
 //! tells its source reader when a batch's epoch is published, which is when Kafka positions may
 //! be committed.
@@ -21,7 +25,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use keel_api::metrics::EngineStats;
 use keel_dataflows::periscope::{PeriscopeChange, periscope};
+use keel_dataflows::signalman;
 use keel_operators::table::TableSet;
+use keel_sinks::hub::{FeedItem, Hub, channel};
 use keel_sinks::live::LiveTables;
 use keel_sources::codec::{TimeBounds, decode_checked};
 use keel_sources::error::IngestError;
@@ -63,6 +69,8 @@ impl Default for EngineOptions {
 pub struct Handles {
     /// The live tables.
     pub tables: Arc<RwLock<LiveTables>>,
+    /// Subscribers to table changes and to the event feed.
+    pub hub: Hub,
     /// Counters.
     pub stats: Arc<EngineStats>,
     /// Set to stop reading; the engine then drains what it has and returns.
@@ -73,8 +81,11 @@ impl Default for Handles {
     fn default() -> Self {
         let mut tables = LiveTables::default();
         PeriscopeChange::declare_all(&mut tables);
+        let hub = Hub::default();
+        tables.attach(hub.clone());
         Handles {
             tables: Arc::new(RwLock::new(tables)),
+            hub,
             stats: Arc::new(EngineStats::default()),
             shutdown: Arc::new(AtomicBool::new(false)),
         }
@@ -130,6 +141,7 @@ fn publish<'scope>(
                 let mut tables = tables
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                tables.begin_epoch();
                 for time in ready {
                     let (_cap, changes) = pending.remove(&time).expect("ready times are pending");
                     for change in changes {
@@ -178,6 +190,8 @@ pub fn run(
         let mut inflight: VecDeque<u64> = VecDeque::new();
         let mut batch = Batch::default();
         let stats = &handles.stats;
+        let hub = &handles.hub;
+        let mut feed: Vec<Arc<FeedItem>> = Vec::new();
         loop {
             if handles.shutdown.load(Ordering::Relaxed) {
                 break;
@@ -190,11 +204,18 @@ pub fn run(
                 let now = wall_clock_ms();
                 let mut newest = i64::MIN;
                 let (mut events, mut errors) = (0u64, 0u64);
+                let feeding = hub.wants_events();
                 for record in batch.records() {
                     match decode_checked(&record, &options.time_bounds, now) {
                         Ok(event) => {
                             newest = newest.max(event.time);
                             events += 1;
+                            if feeding {
+                                let bit = channel::parse(signalman::channel(&event.kind))
+                                    .unwrap_or(channel::ANALYTICS);
+                                let redacted = signalman::redact(event.clone());
+                                feed.push(Arc::new(FeedItem::new(bit, redacted)));
+                            }
                             events_in.send(event);
                         }
                         Err(error) => {
@@ -206,6 +227,10 @@ pub fn run(
                 for error in batch.take_refused() {
                     errors += 1;
                     errors_in.send(error);
+                }
+                if !feed.is_empty() {
+                    hub.publish_events(&feed);
+                    feed.clear();
                 }
                 if newest > i64::MIN {
                     marks_in.send(newest);

@@ -7,7 +7,7 @@ use anyhow::Context;
 use arrow::array::RecordBatch;
 use keel_api::auth::Auth;
 use keel_api::metrics::Metrics;
-use keel_api::server::{ApiState, router};
+use keel_api::server::{ApiState, Limits, router};
 use keel_api::sql::SqlError;
 use tokio::sync::oneshot;
 
@@ -38,6 +38,8 @@ impl Api {
             auth: Arc::new(auth),
             stats: handles.stats.clone(),
             metrics: Arc::new(Metrics::default()),
+            hub: handles.hub.clone(),
+            limits: Limits::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()

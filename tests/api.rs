@@ -9,7 +9,7 @@ use axum::http::{Request, StatusCode, header};
 use keel::engine::{self, EngineOptions, Handles};
 use keel_api::auth::{Auth, Claims, Role, StaticToken};
 use keel_api::metrics::Metrics;
-use keel_api::server::{ApiState, MAX_BODY, router};
+use keel_api::server::{ApiState, Limits, MAX_BODY, router};
 use keel_sources::file::FileSource;
 use proptest::prelude::*;
 use tower::ServiceExt;
@@ -38,6 +38,8 @@ fn state(handles: &Handles) -> ApiState {
         auth: Arc::new(Auth::new(Some(SECRET.into()), tokens).unwrap()),
         stats: handles.stats.clone(),
         metrics: Arc::new(Metrics::default()),
+        hub: handles.hub.clone(),
+        limits: Limits::default(),
     }
 }
 

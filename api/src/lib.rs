@@ -5,11 +5,15 @@
 //! - [`auth`]: bearer JWTs (HS256) and static tokens; the token decides whose rows a caller sees.
 //! - [`sql`]: read-only SQL over snapshots of the live tables (DataFusion), scoped by tenant.
 //! - [`server`]: the HTTP API (axum): health, readiness, metrics, `POST /v1/sql`.
+//! - [`graphql`]: GraphQL queries and subscriptions, incremental table results among them.
+//! - [`signalman`]: the `/ws` event feed in the platform's JSON protocol.
 //! - [`metrics`]: engine counters and the Prometheus text.
 //! - [`format`]: rendering results as a text table, CSV, JSON or Arrow IPC.
 
 pub mod auth;
 pub mod format;
+pub mod graphql;
 pub mod metrics;
 pub mod server;
+pub mod signalman;
 pub mod sql;

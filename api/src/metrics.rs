@@ -148,6 +148,20 @@ pub fn render(stats: &EngineStats, metrics: &Metrics, tables: &LiveTables) -> St
             tables.len(name).unwrap_or(0)
         );
     }
+    if let Some(hub) = tables.hub() {
+        let _ = writeln!(
+            out,
+            "# HELP keel_subscribers Live subscriptions (table changes and event feeds).\n# TYPE keel_subscribers gauge\nkeel_subscribers {}",
+            hub.subscribers()
+        );
+        counter(
+            &mut out,
+            "keel_dropped_messages_total",
+            "Updates not delivered because a subscriber's queue was full.",
+            hub.dropped(),
+            "",
+        );
+    }
     let requests = metrics
         .requests
         .lock()

@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use keel_sinks::hub::Hub;
 use keel_sinks::live::LiveTables;
 
 use crate::auth::{Auth, AuthError, Principal};
@@ -42,6 +43,28 @@ pub struct ApiState {
     pub stats: Arc<EngineStats>,
     /// Request metrics.
     pub metrics: Arc<Metrics>,
+    /// Where live subscriptions come from.
+    pub hub: Hub,
+    /// Bounds on what clients may hold.
+    pub limits: Limits,
+}
+
+/// Bounds on what clients may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Live connections (WebSocket feeds and subscriptions) one tenant may hold at once.
+    pub connections_per_tenant: usize,
+    /// Updates queued per subscription before it counts as lagging.
+    pub queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_per_tenant: 2000,
+            queue: 256,
+        }
+    }
 }
 
 /// Every way a request can fail, mapped to a status and a JSON body in one place. Internal
@@ -102,6 +125,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/sql", post(sql))
+        .route("/ws", get(crate::signalman::upgrade))
+        .route(
+            "/graphql",
+            post(crate::graphql::post).get(crate::graphql::subscribe),
+        )
+        .layer(axum::Extension(crate::graphql::schema(state.clone())))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -112,7 +141,7 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
     let started = Instant::now();
     let response = next.run(request).await;
     let route = match route.as_str() {
-        "/healthz" | "/readyz" | "/metrics" | "/v1/sql" => route,
+        "/healthz" | "/readyz" | "/metrics" | "/v1/sql" | "/ws" | "/graphql" => route,
         _ => "other".to_owned(),
     };
     state
@@ -146,10 +175,11 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-fn now_seconds() -> i64 {
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The caller of a request, from its `Authorization` header.
@@ -163,7 +193,7 @@ pub fn principal(auth: &Auth, headers: &HeaderMap) -> Result<Principal, AuthErro
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
         .ok_or(AuthError::Invalid)?;
-    auth.authenticate(token, now_seconds())
+    auth.authenticate(token, now_millis() / 1000)
 }
 
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";

@@ -4,5 +4,7 @@
 //!
 //! - [`periscope`]: the analytics tables (streams, sessions, nodes, geography, 5-minute usage and
 //!   health, hourly routing, errors), kept live per epoch.
+//! - [`signalman`]: events as live messages on channels, client addresses removed.
 
 pub mod periscope;
+pub mod signalman;

@@ -34,6 +34,7 @@
 //! ```
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -42,8 +43,12 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
 use hashbrown::HashTable;
 use keel_operators::table::{Change, Row, TableRegistry, TableSink};
+use keel_operators::time::format_rfc3339;
 use rustc_hash::FxBuildHasher;
 use serde_arrow::schema::{SchemaLike, TracingOptions};
+use serde_json::Value;
+
+use crate::hub::{Hub, RowChange, RowFilter};
 
 /// Why a live table could not be read.
 ///
@@ -71,6 +76,8 @@ pub struct LiveTable<R: Row> {
     rows: Vec<R>,
     index: HashTable<u32>,
     hasher: FxBuildHasher,
+    /// While someone subscribes: each key changed since the last drain, with its row before.
+    journal: Option<HashMap<R::Key, Option<R>, FxBuildHasher>>,
 }
 
 impl<R: Row> fmt::Debug for LiveTable<R> {
@@ -113,6 +120,7 @@ impl<R: Row> LiveTable<R> {
             rows: Vec::new(),
             index: HashTable::new(),
             hasher: FxBuildHasher,
+            journal: None,
         }
     }
 
@@ -122,6 +130,15 @@ impl<R: Row> LiveTable<R> {
 
     /// Applies one change.
     pub fn apply(&mut self, change: Change<R>) {
+        if self.journal.is_some() {
+            let key = change.key();
+            if !self.journal.as_ref().is_some_and(|j| j.contains_key(&key)) {
+                let before = self.get(&key).cloned();
+                if let Some(journal) = &mut self.journal {
+                    journal.insert(key, before);
+                }
+            }
+        }
         match change {
             Change::Upsert(row) => self.upsert(row),
             Change::Delete(key) => self.delete(&key),
@@ -193,6 +210,71 @@ impl<R: Row> LiveTable<R> {
     pub fn schema(&self) -> SchemaRef {
         Arc::new(Schema::new(self.fields.clone()))
     }
+
+    /// Starts (or stops) recording which keys change, for [`LiveTable::drain_changes`].
+    pub fn watch(&mut self, on: bool) {
+        match (on, self.journal.is_some()) {
+            (true, false) => self.journal = Some(HashMap::default()),
+            (false, true) => self.journal = None,
+            _ => {}
+        }
+    }
+
+    /// The net changes since the last drain, as rows out (−1) then rows in (+1): a key changed
+    /// several times shows once, from its first old row to its last new one, and a key that
+    /// came back to where it was shows not at all.
+    pub fn drain_changes(&mut self) -> Vec<RowChange> {
+        let Some(journal) = &mut self.journal else {
+            return Vec::new();
+        };
+        let journal = std::mem::take(journal);
+        let mut outs = Vec::new();
+        let mut ins = Vec::new();
+        for (key, before) in journal {
+            let after = self.get(&key);
+            if before.as_ref() == after {
+                continue;
+            }
+            if let Some(before) = &before {
+                outs.push(RowChange {
+                    diff: -1,
+                    row: row_json(before),
+                });
+            }
+            if let Some(after) = after {
+                ins.push(RowChange {
+                    diff: 1,
+                    row: row_json(after),
+                });
+            }
+        }
+        outs.append(&mut ins);
+        outs
+    }
+
+    /// The rows passing `filter`, as JSON objects.
+    pub fn rows_json(&self, filter: &RowFilter) -> Vec<Value> {
+        self.rows
+            .iter()
+            .map(row_json)
+            .filter(|row| filter.matches(row))
+            .collect()
+    }
+}
+
+/// A row as a JSON object, its time fields as RFC 3339 strings.
+pub fn row_json<R: Row>(row: &R) -> Value {
+    let mut value = serde_json::to_value(row).unwrap_or(Value::Null);
+    if let Value::Object(fields) = &mut value {
+        for name in R::TIMESTAMPS {
+            if let Some(field) = fields.get_mut(*name)
+                && let Some(ms) = field.as_i64()
+            {
+                *field = Value::String(format_rfc3339(ms));
+            }
+        }
+    }
+    value
 }
 
 /// A live table of any row type.
@@ -200,6 +282,9 @@ trait AnyTable: Send + Sync + fmt::Debug {
     fn schema(&self) -> SchemaRef;
     fn len(&self) -> usize;
     fn snapshot(&self) -> Result<RecordBatch, LiveError>;
+    fn watch(&mut self, on: bool);
+    fn drain_changes(&mut self) -> Vec<RowChange>;
+    fn rows_json(&self, filter: &RowFilter) -> Vec<Value>;
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -213,6 +298,15 @@ impl<R: Row> AnyTable for LiveTable<R> {
     }
     fn snapshot(&self) -> Result<RecordBatch, LiveError> {
         LiveTable::snapshot(self)
+    }
+    fn watch(&mut self, on: bool) {
+        LiveTable::watch(self, on);
+    }
+    fn drain_changes(&mut self) -> Vec<RowChange> {
+        LiveTable::drain_changes(self)
+    }
+    fn rows_json(&self, filter: &RowFilter) -> Vec<Value> {
+        LiveTable::rows_json(self, filter)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -229,6 +323,7 @@ pub struct LiveTables {
     /// with the same `&'static str` it was declared with, so the scan compares pointers).
     tables: Vec<(&'static str, Box<dyn AnyTable>)>,
     epoch: Option<u64>,
+    hub: Option<Hub>,
 }
 
 impl TableRegistry for LiveTables {
@@ -296,9 +391,45 @@ impl LiveTables {
             .ok_or_else(|| LiveError::Unknown(name.to_owned()))
     }
 
-    /// Records that every change of epochs up to `epoch` has been applied.
+    /// Pushes every epoch's net changes to `hub`'s subscribers from now on.
+    pub fn attach(&mut self, hub: Hub) {
+        self.hub = Some(hub);
+    }
+
+    /// The hub changes go to, if any.
+    pub fn hub(&self) -> Option<&Hub> {
+        self.hub.as_ref()
+    }
+
+    /// Called before an epoch's changes are applied: tables with subscribers start recording
+    /// what changes, the others stop.
+    pub fn begin_epoch(&mut self) {
+        let Some(hub) = &self.hub else {
+            return;
+        };
+        for (name, table) in &mut self.tables {
+            table.watch(hub.wants(name));
+        }
+    }
+
+    /// Records that every change of epochs up to `epoch` has been applied, and pushes the net
+    /// changes since the last close to the hub.
     pub fn close_epoch(&mut self, epoch: u64) {
         self.epoch = Some(epoch);
+        let Some(hub) = &self.hub else {
+            return;
+        };
+        for (name, table) in &mut self.tables {
+            let changes = table.drain_changes();
+            if !changes.is_empty() {
+                hub.publish_rows(name, epoch, &changes);
+            }
+        }
+    }
+
+    /// The rows of `name` passing `filter`, as JSON objects.
+    pub fn rows_json(&self, name: &str, filter: &RowFilter) -> Result<Vec<Value>, LiveError> {
+        Ok(self.get(name)?.rows_json(filter))
     }
 
     /// The last epoch whose changes are all applied, `None` before the first.

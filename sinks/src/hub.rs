@@ -1,0 +1,801 @@
+//! The subscription hub: pushes each published epoch's table changes, and the live event feed,
+//! to subscribers — without ever waiting for one.
+//!
+//! Two kinds of subscription:
+//!
+//! - **Table**: the rows of one live table that pass the subscriber's [`RowFilter`]. The
+//!   subscriber gets a snapshot first, then, per published epoch, the rows that left (`-`) and
+//!   arrived (`+`); an upsert of a key shows as `-old` and `+new`. [`table_updates`] turns a
+//!   subscription into that stream.
+//! - **Feed**: events as they are decoded ([`FeedItem`]), on the channels the subscriber holds
+//!   (`streams`, `analytics`, `system`), passing its [`FeedFilter`].
+//!
+//! Every subscriber has a bounded queue. Publishing never blocks: when a queue is full the
+//! subscriber is marked *lagged* and skipped. A lagged table subscriber recovers by taking a fresh
+//! snapshot (it clears the mark first, so no epoch falls between the snapshot and the diffs that
+//! follow it); a lagged feed subscriber is told how many events it missed. A slow client
+//! therefore costs only itself.
+//!
+//! Rows reach the hub as JSON objects with time fields as RFC 3339 strings; every row carries
+//! `tenant_id`, and a tenant's subscriptions see its own rows only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+
+use futures_util::Stream;
+use keel_sources::event::Event;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::live::{LiveError, LiveTables};
+
+/// Which rows of a table a subscriber sees: its tenant's (all, for `None`), with the given
+/// columns equal to the given values.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowFilter {
+    /// The tenant whose rows pass; `None` passes every tenant's.
+    pub tenant: Option<String>,
+    /// Column → value pairs a row must all match.
+    pub equals: Vec<(String, Value)>,
+}
+
+impl RowFilter {
+    /// True when `row` passes.
+    pub fn matches(&self, row: &Value) -> bool {
+        if let Some(tenant) = &self.tenant
+            && row.get("tenant_id").and_then(Value::as_str) != Some(tenant.as_str())
+        {
+            return false;
+        }
+        self.equals
+            .iter()
+            .all(|(column, value)| row.get(column) == Some(value))
+    }
+}
+
+/// One row change in an epoch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowChange {
+    /// `-1`: the row left; `1`: it arrived.
+    pub diff: i8,
+    /// The row.
+    pub row: Value,
+}
+
+/// Feed channels, as a bit set.
+pub mod channel {
+    /// Stream lifecycle, buffer, track list, end, pushes.
+    pub const STREAMS: u8 = 1;
+    /// Viewers and everything not on another channel.
+    pub const ANALYTICS: u8 = 2;
+    /// Nodes and load balancing.
+    pub const SYSTEM: u8 = 4;
+    /// Every channel.
+    pub const ALL: u8 = STREAMS | ANALYTICS | SYSTEM;
+
+    /// The bit of a channel name.
+    pub fn parse(name: &str) -> Option<u8> {
+        match name {
+            "streams" => Some(STREAMS),
+            "analytics" => Some(ANALYTICS),
+            "system" => Some(SYSTEM),
+            "all" => Some(ALL),
+            _ => None,
+        }
+    }
+
+    /// The names of the channels in `set`, in a fixed order.
+    pub fn names(set: u8) -> Vec<&'static str> {
+        [
+            (STREAMS, "streams"),
+            (ANALYTICS, "analytics"),
+            (SYSTEM, "system"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| set & bit != 0)
+        .map(|(_, name)| name)
+        .collect()
+    }
+
+    /// The name of a single channel bit.
+    pub fn name(bit: u8) -> &'static str {
+        match bit {
+            STREAMS => "streams",
+            SYSTEM => "system",
+            _ => "analytics",
+        }
+    }
+}
+
+/// One decoded event on its way to feed subscribers. Client addresses are already gone.
+#[derive(Debug)]
+pub struct FeedItem {
+    /// Its channel ([`channel`] bit).
+    pub channel: u8,
+    /// The event.
+    pub event: Event,
+    rendered: OnceLock<Arc<str>>,
+}
+
+impl FeedItem {
+    /// An item for `event` on `channel`.
+    pub fn new(channel: u8, event: Event) -> FeedItem {
+        FeedItem {
+            channel,
+            event,
+            rendered: OnceLock::new(),
+        }
+    }
+
+    /// The event rendered once for every subscriber that wants it as text.
+    pub fn rendered(&self, render: impl FnOnce(&Event) -> String) -> Arc<str> {
+        self.rendered
+            .get_or_init(|| Arc::from(render(&self.event)))
+            .clone()
+    }
+}
+
+/// Which feed events a subscriber sees. The channel set is shared with the connection, which
+/// may change it while subscribed (Signalman's subscribe and unsubscribe).
+#[derive(Clone, Debug, Default)]
+pub struct FeedFilter {
+    /// The tenant whose events pass; `None` passes every tenant's.
+    pub tenant: Option<Uuid>,
+    /// The channels held ([`channel`] bits).
+    pub channels: Arc<AtomicU8>,
+    /// Only events about this stream (public id or internal name).
+    pub stream: Option<String>,
+    /// Only these event types (the platform's version-2 names).
+    pub types: Option<&'static [&'static str]>,
+}
+
+impl FeedFilter {
+    /// A filter for `tenant` holding `channels`.
+    pub fn new(tenant: Option<Uuid>, channels: u8) -> FeedFilter {
+        FeedFilter {
+            tenant,
+            channels: Arc::new(AtomicU8::new(channels)),
+            stream: None,
+            types: None,
+        }
+    }
+
+    /// True when `item` passes.
+    pub fn matches(&self, item: &FeedItem) -> bool {
+        if self.channels.load(Ordering::Relaxed) & item.channel == 0 {
+            return false;
+        }
+        if self.tenant.is_some_and(|t| t != item.event.tenant) {
+            return false;
+        }
+        if let Some(types) = self.types
+            && !types.contains(&item.event.kind.type_name())
+        {
+            return false;
+        }
+        match &self.stream {
+            None => true,
+            Some(wanted) => item.event.kind.stream().is_some_and(|s| {
+                s.internal_name.as_str() == wanted
+                    || s.stream_id.is_some_and(|id| id.to_string() == *wanted)
+            }),
+        }
+    }
+}
+
+/// What a subscriber's queue carries.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// The changes of one table in one published epoch (only rows the subscriber sees).
+    Rows {
+        /// The table.
+        table: &'static str,
+        /// The epoch.
+        epoch: u64,
+        /// Rows out, then rows in.
+        changes: Vec<RowChange>,
+    },
+    /// One event from the live feed.
+    Event(Arc<FeedItem>),
+}
+
+/// The subscriber's side: its queue and its lag mark.
+#[derive(Debug)]
+pub struct Subscription {
+    /// The updates, in order.
+    pub updates: mpsc::Receiver<Update>,
+    state: Arc<SubscriberState>,
+    hub: Arc<HubInner>,
+}
+
+#[derive(Debug, Default)]
+struct SubscriberState {
+    lagged: AtomicBool,
+    missed: AtomicU64,
+}
+
+impl Subscription {
+    /// True when updates were dropped since the last [`Subscription::recover`].
+    pub fn lagged(&self) -> bool {
+        self.state.lagged.load(Ordering::Acquire)
+    }
+
+    /// Clears the lag mark and says how many feed events were missed. A table subscriber takes
+    /// its fresh snapshot *after* calling this, and skips queued diffs at or before the
+    /// snapshot's epoch.
+    pub fn recover(&self) -> u64 {
+        self.state.lagged.store(false, Ordering::Release);
+        self.state.missed.swap(0, Ordering::AcqRel)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Subscriber<F> {
+    filter: F,
+    tx: mpsc::Sender<Update>,
+    state: Arc<SubscriberState>,
+}
+
+impl<F> Subscriber<F> {
+    /// Queues `update` unless the subscriber is lagged or its queue is full (then it becomes
+    /// lagged and `dropped` counts the loss). Returns false once the subscriber is gone.
+    fn offer(&self, update: Update, dropped: &AtomicU64) -> bool {
+        let is_event = matches!(update, Update::Event(_));
+        let lost = || {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            if is_event {
+                self.state.missed.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        if self.state.lagged.load(Ordering::Acquire) {
+            lost();
+            return !self.tx.is_closed();
+        }
+        match self.tx.try_send(update) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.state.lagged.store(true, Ordering::Release);
+                lost();
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct HubInner {
+    tables: Mutex<HashMap<&'static str, Vec<Subscriber<RowFilter>>>>,
+    feed: Mutex<Vec<Subscriber<FeedFilter>>>,
+    subscribers: AtomicUsize,
+    dropped: AtomicU64,
+    per_tenant: Mutex<HashMap<String, usize>>,
+}
+
+impl std::fmt::Debug for HubInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("subscribers", &self.subscribers.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// The hub. Cheap to clone; all clones are one hub.
+#[derive(Clone, Debug, Default)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+/// A connection slot of one tenant; the slot frees when this is dropped.
+#[derive(Debug)]
+pub struct TenantSlot {
+    hub: Arc<HubInner>,
+    tenant: String,
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .hub
+            .per_tenant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+impl Hub {
+    /// Whether anyone subscribes to `table` (publishers skip the work of encoding otherwise).
+    pub fn wants(&self, table: &str) -> bool {
+        self.lock_tables()
+            .get(table)
+            .is_some_and(|subscribers| !subscribers.is_empty())
+    }
+
+    /// Whether anyone subscribes to the event feed.
+    pub fn wants_events(&self) -> bool {
+        !self.lock_feed().is_empty()
+    }
+
+    fn lock_tables(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<&'static str, Vec<Subscriber<RowFilter>>>> {
+        self.inner
+            .tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_feed(&self) -> std::sync::MutexGuard<'_, Vec<Subscriber<FeedFilter>>> {
+        self.inner
+            .feed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Live subscriptions.
+    pub fn subscribers(&self) -> usize {
+        self.inner.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Updates dropped because a subscriber's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Takes one of `tenant`'s `cap` connection slots, or `None` if all are taken.
+    pub fn admit(&self, tenant: &str, cap: usize) -> Option<TenantSlot> {
+        let mut counts = self
+            .inner
+            .per_tenant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(tenant.to_owned()).or_insert(0);
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(TenantSlot {
+            hub: self.inner.clone(),
+            tenant: tenant.to_owned(),
+        })
+    }
+
+    fn subscription(
+        &self,
+        capacity: usize,
+    ) -> (Subscription, mpsc::Sender<Update>, Arc<SubscriberState>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let state = Arc::new(SubscriberState::default());
+        self.inner.subscribers.fetch_add(1, Ordering::Relaxed);
+        (
+            Subscription {
+                updates: rx,
+                state: state.clone(),
+                hub: self.inner.clone(),
+            },
+            tx,
+            state,
+        )
+    }
+
+    /// Subscribes to the changes of `table` that pass `filter`, with a queue of `capacity`.
+    pub fn subscribe_table(
+        &self,
+        table: &'static str,
+        filter: RowFilter,
+        capacity: usize,
+    ) -> Subscription {
+        let (subscription, tx, state) = self.subscription(capacity);
+        self.lock_tables()
+            .entry(table)
+            .or_default()
+            .push(Subscriber { filter, tx, state });
+        subscription
+    }
+
+    /// Subscribes to feed events that pass `filter`, with a queue of `capacity`.
+    pub fn subscribe_events(&self, filter: FeedFilter, capacity: usize) -> Subscription {
+        let (subscription, tx, state) = self.subscription(capacity);
+        self.lock_feed().push(Subscriber { filter, tx, state });
+        subscription
+    }
+
+    /// Pushes one epoch's changes of `table` to its subscribers, each seeing only its rows.
+    pub fn publish_rows(&self, table: &'static str, epoch: u64, changes: &[RowChange]) {
+        let mut tables = self.lock_tables();
+        let Some(subscribers) = tables.get_mut(table) else {
+            return;
+        };
+        let dropped = &self.inner.dropped;
+        subscribers.retain(|s| {
+            let mine: Vec<RowChange> = changes
+                .iter()
+                .filter(|c| s.filter.matches(&c.row))
+                .cloned()
+                .collect();
+            if mine.is_empty() {
+                return !s.tx.is_closed();
+            }
+            s.offer(
+                Update::Rows {
+                    table,
+                    epoch,
+                    changes: mine,
+                },
+                dropped,
+            )
+        });
+    }
+
+    /// Pushes decoded events to the feed subscribers whose filters pass them.
+    pub fn publish_events(&self, items: &[Arc<FeedItem>]) {
+        let mut feed = self.lock_feed();
+        let dropped = &self.inner.dropped;
+        feed.retain(|s| {
+            let mut alive = true;
+            for item in items {
+                if s.filter.matches(item) {
+                    alive &= s.offer(Update::Event(item.clone()), dropped);
+                }
+            }
+            alive && !s.tx.is_closed()
+        });
+    }
+}
+
+/// What a table subscription yields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TableUpdate {
+    /// Every row that passes the filter as of `epoch`: replaces whatever the subscriber held
+    /// (the first message, and again after the subscriber fell behind).
+    Snapshot {
+        /// The epoch the rows are as of (`None` before the first).
+        epoch: Option<u64>,
+        /// The rows.
+        rows: Vec<Value>,
+    },
+    /// One epoch's changes: rows out (`diff` −1) and in (+1).
+    Changes {
+        /// The epoch.
+        epoch: u64,
+        /// The changes.
+        changes: Vec<RowChange>,
+    },
+}
+
+/// A snapshot of `table` through `filter`, and the epoch it is as of.
+pub fn snapshot(
+    tables: &RwLock<LiveTables>,
+    table: &str,
+    filter: &RowFilter,
+) -> Result<TableUpdate, LiveError> {
+    let tables = tables.read().unwrap_or_else(PoisonError::into_inner);
+    let rows = tables.rows_json(table, filter)?;
+    Ok(TableUpdate::Snapshot {
+        epoch: tables.epoch(),
+        rows,
+    })
+}
+
+/// Subscribes to `table` through `filter` and yields a snapshot, then each epoch's changes — and
+/// a fresh snapshot whenever the subscriber's queue overflowed. Ends when the hub is gone.
+pub fn table_updates(
+    tables: Arc<RwLock<LiveTables>>,
+    hub: &Hub,
+    table: &'static str,
+    filter: RowFilter,
+    capacity: usize,
+) -> Result<impl Stream<Item = TableUpdate> + Send + 'static, LiveError> {
+    // Subscribe before the snapshot: every epoch after it is then queued.
+    let subscription = hub.subscribe_table(table, filter.clone(), capacity);
+    let first = snapshot(&tables, table, &filter)?;
+    let state = TableStream {
+        tables,
+        table,
+        filter,
+        subscription,
+        seen: first_epoch(&first),
+        pending: Some(first),
+    };
+    Ok(futures_util::stream::unfold(
+        state,
+        |mut state| async move {
+            let update = state.next().await?;
+            Some((update, state))
+        },
+    ))
+}
+
+fn first_epoch(update: &TableUpdate) -> Option<u64> {
+    match update {
+        TableUpdate::Snapshot { epoch, .. } => *epoch,
+        TableUpdate::Changes { epoch, .. } => Some(*epoch),
+    }
+}
+
+struct TableStream {
+    tables: Arc<RwLock<LiveTables>>,
+    table: &'static str,
+    filter: RowFilter,
+    subscription: Subscription,
+    /// The newest epoch the subscriber holds.
+    seen: Option<u64>,
+    pending: Option<TableUpdate>,
+}
+
+impl TableStream {
+    async fn next(&mut self) -> Option<TableUpdate> {
+        if let Some(update) = self.pending.take() {
+            return Some(update);
+        }
+        loop {
+            if self.subscription.lagged() {
+                self.subscription.recover();
+                let fresh = snapshot(&self.tables, self.table, &self.filter).ok()?;
+                self.seen = first_epoch(&fresh);
+                return Some(fresh);
+            }
+            match self.subscription.updates.recv().await? {
+                Update::Rows { epoch, changes, .. } => {
+                    if self.seen.is_some_and(|seen| epoch <= seen) {
+                        continue;
+                    }
+                    self.seen = Some(epoch);
+                    return Some(TableUpdate::Changes { epoch, changes });
+                }
+                Update::Event(_) => continue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn change(diff: i8, tenant: &str, n: u64) -> RowChange {
+        RowChange {
+            diff,
+            row: json!({ "tenant_id": tenant, "n": n }),
+        }
+    }
+
+    fn tenant(t: &str) -> RowFilter {
+        RowFilter {
+            tenant: Some(t.to_owned()),
+            equals: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_their_tenant_only() {
+        let hub = Hub::default();
+        let mut a = hub.subscribe_table("t", tenant("a"), 8);
+        let mut all = hub.subscribe_table("t", RowFilter::default(), 8);
+        assert!(hub.wants("t") && !hub.wants("u"));
+        hub.publish_rows("t", 1, &[change(1, "a", 1), change(1, "b", 2)]);
+        hub.publish_rows("t", 2, &[change(1, "b", 3)]);
+        let Some(Update::Rows { epoch, changes, .. }) = a.updates.recv().await else {
+            panic!("a gets epoch 1")
+        };
+        assert_eq!((epoch, changes), (1, vec![change(1, "a", 1)]));
+        assert!(
+            a.updates.try_recv().is_err(),
+            "epoch 2 holds nothing of a's"
+        );
+        let Some(Update::Rows { changes, .. }) = all.updates.recv().await else {
+            panic!("the admin gets epoch 1")
+        };
+        assert_eq!(changes.len(), 2);
+        assert_eq!(hub.subscribers(), 2);
+        drop(a);
+        assert_eq!(hub.subscribers(), 1);
+    }
+
+    #[test]
+    fn filters_match_every_given_column() {
+        let filter = RowFilter {
+            tenant: Some("a".into()),
+            equals: vec![("stream".into(), json!("s1")), ("n".into(), json!(2))],
+        };
+        assert!(filter.matches(&json!({"tenant_id": "a", "stream": "s1", "n": 2, "x": 0})));
+        assert!(!filter.matches(&json!({"tenant_id": "a", "stream": "s1", "n": 3})));
+        assert!(!filter.matches(&json!({"tenant_id": "b", "stream": "s1", "n": 2})));
+        assert!(!filter.matches(&json!({"stream": "s1", "n": 2})));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_marks_the_subscriber_lagged_without_blocking_others() {
+        let hub = Hub::default();
+        let slow = hub.subscribe_table("t", RowFilter::default(), 2);
+        let mut fast = hub.subscribe_table("t", RowFilter::default(), 100);
+        for epoch in 0..50 {
+            hub.publish_rows("t", epoch, &[change(1, "a", epoch)]);
+        }
+        assert!(slow.lagged());
+        assert_eq!(hub.dropped(), 48);
+        let mut received = 0;
+        while fast.updates.try_recv().is_ok() {
+            received += 1;
+        }
+        assert_eq!(received, 50, "the fast subscriber got every epoch");
+        slow.recover();
+        assert!(!slow.lagged());
+    }
+
+    fn item(channel: u8, tenant: Uuid) -> Arc<FeedItem> {
+        use keel_sources::event::{EventKind, UnknownEvent};
+        Arc::new(FeedItem::new(
+            channel,
+            Event {
+                id: Uuid::nil(),
+                tenant,
+                time: 0,
+                kind: EventKind::Unknown(UnknownEvent {
+                    event_type: keel_operators::sym::Sym::new("x"),
+                    json: String::new(),
+                }),
+            },
+        ))
+    }
+
+    #[tokio::test]
+    async fn feeds_count_what_a_lagged_subscriber_missed() {
+        let hub = Hub::default();
+        let a = Uuid::from_u128(1);
+        let filter = FeedFilter::new(Some(a), channel::STREAMS);
+        let mut feed = hub.subscribe_events(filter.clone(), 1);
+        for _ in 0..5 {
+            hub.publish_events(&[
+                item(channel::STREAMS, a),
+                item(channel::SYSTEM, a),
+                item(channel::STREAMS, Uuid::from_u128(2)),
+            ]);
+        }
+        assert!(feed.lagged());
+        assert!(feed.updates.recv().await.is_some());
+        assert_eq!(
+            feed.recover(),
+            4,
+            "one queued, four missed; other channels and tenants do not count"
+        );
+        filter.channels.store(channel::SYSTEM, Ordering::Relaxed);
+        hub.publish_events(&[item(channel::STREAMS, a), item(channel::SYSTEM, a)]);
+        let Some(Update::Event(got)) = feed.updates.recv().await else {
+            panic!("a system event")
+        };
+        assert_eq!(got.channel, channel::SYSTEM, "the channel set changed live");
+    }
+
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Score {
+        tenant_id: String,
+        k: u8,
+        v: u16,
+        at: i64,
+    }
+
+    impl keel_operators::table::Row for Score {
+        type Key = (String, u8);
+        const TIMESTAMPS: &'static [&'static str] = &["at"];
+        fn key(&self) -> Self::Key {
+            (self.tenant_id.clone(), self.k)
+        }
+    }
+
+    /// What a subscriber holds after applying `update`.
+    fn apply(held: &mut Vec<Value>, update: TableUpdate) {
+        match update {
+            TableUpdate::Snapshot { rows, .. } => *held = rows,
+            TableUpdate::Changes { changes, .. } => {
+                for change in changes {
+                    if change.diff < 0 {
+                        let at = held.iter().position(|r| *r == change.row);
+                        held.remove(at.expect("a removed row was held"));
+                    } else {
+                        held.push(change.row);
+                    }
+                }
+            }
+        }
+    }
+
+    fn sorted(mut rows: Vec<Value>) -> Vec<Value> {
+        rows.sort_by_key(Value::to_string);
+        rows
+    }
+
+    proptest::proptest! {
+        /// Oracle: a subscriber that applies what it is sent — snapshot, then +/− rows, then a
+        /// fresh snapshot whenever it fell behind — always ends holding exactly the rows of the
+        /// table that pass its filter, however slowly it reads.
+        #[test]
+        fn subscribers_hold_what_the_table_holds(
+            epochs in proptest::collection::vec(
+                (proptest::collection::vec((0u8..2, 0u8..6, 0u16..4, proptest::bool::ANY), 0..8), 0usize..4),
+                1..40,
+            ),
+            capacity in 1usize..4,
+            only_k in proptest::option::of(0u8..6),
+        ) {
+            use futures_util::{FutureExt, StreamExt};
+            use keel_operators::table::{Change, TableRegistry, TableSink};
+            let hub = Hub::default();
+            let mut live = LiveTables::default();
+            live.declare::<Score>("scores");
+            live.attach(hub.clone());
+            live.apply("scores", Change::Upsert(Score { tenant_id: "t0".into(), k: 0, v: 9, at: 0 }));
+            live.close_epoch(0);
+            let tables = Arc::new(RwLock::new(live));
+            let filter = RowFilter {
+                tenant: Some("t0".into()),
+                equals: only_k.map(|k| ("k".to_owned(), serde_json::json!(k))).into_iter().collect(),
+            };
+            let mut updates = Box::pin(
+                table_updates(tables.clone(), &hub, "scores", filter.clone(), capacity).unwrap(),
+            );
+            let mut held = Vec::new();
+            for (epoch, (ops, reads)) in epochs.into_iter().enumerate() {
+                {
+                    let mut live = tables.write().unwrap();
+                    live.begin_epoch();
+                    for (tenant, k, v, delete) in ops {
+                        let tenant_id = format!("t{tenant}");
+                        if delete {
+                            live.apply("scores", Change::<Score>::Delete((tenant_id, k)));
+                        } else {
+                            let at = i64::from(v) * 1000;
+                            live.apply("scores", Change::Upsert(Score { tenant_id, k, v, at }));
+                        }
+                    }
+                    live.close_epoch(epoch as u64 + 1);
+                }
+                for _ in 0..reads {
+                    match updates.next().now_or_never() {
+                        Some(Some(update)) => apply(&mut held, update),
+                        _ => break,
+                    }
+                }
+            }
+            while let Some(Some(update)) = updates.next().now_or_never() {
+                apply(&mut held, update);
+            }
+            let expected = tables.read().unwrap().rows_json("scores", &filter).unwrap();
+            proptest::prop_assert_eq!(sorted(held), sorted(expected));
+        }
+    }
+
+    #[test]
+    fn rows_carry_times_as_text() {
+        let row = crate::live::row_json(&Score {
+            tenant_id: "t".into(),
+            k: 1,
+            v: 2,
+            at: 1_500,
+        });
+        assert_eq!(row["at"], "1970-01-01T00:00:01.500Z");
+        assert_eq!(row["v"], 2);
+    }
+
+    #[test]
+    fn tenant_slots_are_capped_and_freed() {
+        let hub = Hub::default();
+        let first = hub.admit("a", 2).expect("a slot");
+        let _second = hub.admit("a", 2).expect("a slot");
+        assert!(hub.admit("a", 2).is_none());
+        assert!(hub.admit("b", 2).is_some());
+        drop(first);
+        assert!(hub.admit("a", 2).is_some());
+    }
+}
