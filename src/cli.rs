@@ -37,6 +37,8 @@ enum Command {
     Simulate(SimulateArgs),
     /// Replay events through the dataflows, then answer one SQL query over the tables.
     Sql(SqlArgs),
+    /// Print the GraphQL schema (SDL) that `/graphql` serves.
+    GraphqlSchema,
 }
 
 /// Which wire version the simulator writes.
@@ -534,6 +536,10 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Simulate(args) => simulate(&args),
         Command::Sql(args) => sql(&args),
+        Command::GraphqlSchema => {
+            print!("{}", keel_api::graphql::sdl());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -253,3 +253,28 @@ fn run_serves_sql_to_the_printed_tenant_token() {
         .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn graphql_schema_prints_the_served_schema_and_matches_the_checked_in_copy() {
+    let out = keel(&["graphql-schema"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sdl = text(&out.stdout);
+    for needle in [
+        "type Query",
+        "type Subscription",
+        "platformOverview",
+        "streams(",
+        "viewerSessions(",
+        "geographicDistribution(",
+        "liveFirehose",
+        "liveTable(",
+    ] {
+        assert!(sdl.contains(needle), "the schema lacks {needle:?}");
+    }
+    // api/schema.graphql is what client authors read; it must be the schema the code serves.
+    let checked_in = std::fs::read_to_string("api/schema.graphql").unwrap();
+    assert!(
+        checked_in == sdl,
+        "api/schema.graphql is stale: regenerate it with `keel graphql-schema > api/schema.graphql`"
+    );
+}
