@@ -330,9 +330,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             uuid::Uuid::new_v4().simple()
         )
     });
+    let limits = settings.api.limits()?;
     let auth = keel_api::auth::Auth::new(Some(secret), settings.api.tokens)
         .map_err(|problems| anyhow::anyhow!("API settings: {problems}"))?;
-    let api = crate::serve::Api::start(&listen, auth.clone(), &handles)?;
+    let api = crate::serve::Api::start(&listen, auth.clone(), limits, &handles)?;
     let shutdown = handles.shutdown.clone();
     ctrlc::set_handler(move || {
         if shutdown.swap(true, Ordering::SeqCst) {

@@ -5,6 +5,8 @@
 //! [api]
 //! listen = "127.0.0.1:8080"
 //! jwt_secret = "a long random string"      # HS256 secret for the platform's JWTs
+//! max_connections_per_tenant = 2000         # live WebSocket connections (/ws, /graphql)
+//! subscriber_queue = 256                    # updates buffered per subscriber before it lags
 //!
 //! [[api.tokens]]                            # static tokens, e.g. for Grafana
 //! name = "grafana"
@@ -21,6 +23,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use keel_api::auth::StaticToken;
+use keel_api::server::Limits;
 use serde::Deserialize;
 
 /// The whole file.
@@ -43,6 +46,29 @@ pub struct ApiConfig {
     /// Static tokens.
     #[serde(default)]
     pub tokens: Vec<StaticToken>,
+    /// Live WebSocket connections one tenant may hold.
+    pub max_connections_per_tenant: Option<usize>,
+    /// Updates buffered per subscriber before it counts as lagged.
+    pub subscriber_queue: Option<usize>,
+}
+
+impl ApiConfig {
+    /// The subscription limits, defaults filled in.
+    pub fn limits(&self) -> anyhow::Result<Limits> {
+        let defaults = Limits::default();
+        let limits = Limits {
+            connections_per_tenant: self
+                .max_connections_per_tenant
+                .unwrap_or(defaults.connections_per_tenant),
+            queue: self.subscriber_queue.unwrap_or(defaults.queue),
+        };
+        if limits.connections_per_tenant == 0 || limits.queue == 0 {
+            anyhow::bail!(
+                "api.max_connections_per_tenant and api.subscriber_queue must be above 0"
+            );
+        }
+        Ok(limits)
+    }
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -51,6 +77,11 @@ impl std::fmt::Debug for ApiConfig {
             .field("listen", &self.listen)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
             .field("tokens", &self.tokens)
+            .field(
+                "max_connections_per_tenant",
+                &self.max_connections_per_tenant,
+            )
+            .field("subscriber_queue", &self.subscriber_queue)
             .finish()
     }
 }
@@ -82,6 +113,9 @@ mod tests {
             .join("\n");
         let config: Config = toml::from_str(&example).unwrap();
         assert_eq!(config.api.tokens.len(), 2);
+        assert_eq!(config.api.limits().unwrap().connections_per_tenant, 2000);
+        let zero: Config = toml::from_str("[api]\nsubscriber_queue = 0").unwrap();
+        assert!(zero.api.limits().is_err());
         assert!(!format!("{config:?}").contains("a long random string"));
         let bad: Result<Config, _> = toml::from_str("[api]\nlisten = 1\nunknown = true");
         assert!(bad.is_err());

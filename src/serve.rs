@@ -23,15 +23,21 @@ pub struct Api {
 
 impl Api {
     /// Binds `listen` (failing at once if it cannot) and serves the API on the engine's tables.
-    pub fn start(listen: &str, auth: Auth, handles: &Handles) -> anyhow::Result<Api> {
+    pub fn start(
+        listen: &str,
+        auth: Auth,
+        limits: Limits,
+        handles: &Handles,
+    ) -> anyhow::Result<Api> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("keel-api")
             .enable_all()
             .build()?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(listen))
+        // Bound with std so that start works from inside another runtime too (tests, embedders).
+        let listener = std::net::TcpListener::bind(listen)
             .with_context(|| format!("cannot listen on {listen}"))?;
+        listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
         let state = ApiState {
             tables: handles.tables.clone(),
@@ -39,13 +45,20 @@ impl Api {
             stats: handles.stats.clone(),
             metrics: Arc::new(Metrics::default()),
             hub: handles.hub.clone(),
-            limits: Limits::default(),
+            limits,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("keel-api".into())
             .spawn(move || {
                 runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            tracing::error!(%error, "the API cannot use its socket");
+                            return;
+                        }
+                    };
                     let served = axum::serve(listener, router(state))
                         .with_graceful_shutdown(async {
                             let _ = stopped.await;

@@ -1,0 +1,1114 @@
+//! The live read side over real sockets: a running engine fed in memory, the API on a loopback
+//! port, and WebSocket and HTTP clients as a dashboard or script would use them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use keel::engine::{self, EngineOptions, Handles};
+use keel::serve::Api;
+use keel_api::auth::{Auth, Claims, Role, StaticToken};
+use keel_api::server::Limits;
+use keel_sinks::hub::RowFilter;
+use keel_sources::codec::{TimeBounds, decode_checked};
+use keel_sources::memory::{MemorySender, MemorySource, OwnedRecord};
+use keel_sources::record::{Headers, Position, Record};
+use keel_sources::simulate::{SimConfig, Simulator};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const SECRET: &str = "a-live-test-secret-of-some-length";
+const FAR: i64 = 4_102_444_800;
+const STATIC_TOKEN: &str = "kt_live_static_token_for_tenant_two";
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Simulated records and what the tests need to know about them.
+struct Fleet {
+    records: Vec<OwnedRecord>,
+    tenants: Vec<String>,
+    /// Every client address that appears anywhere in the records.
+    hosts: HashSet<String>,
+}
+
+fn fleet(seed: u64, n: usize) -> Fleet {
+    let mut sim = Simulator::new(SimConfig {
+        seed,
+        tenants: 3,
+        nodes: 6,
+        streams: 12,
+        arrivals_per_second: 40.0,
+        ..SimConfig::default()
+    });
+    let tenants = sim.tenants();
+    let mut records = Vec::with_capacity(n);
+    let mut hosts = HashSet::new();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.clear();
+        let meta = sim.next_record(&mut out);
+        if let Ok(value) = serde_json::from_slice::<Value>(&out) {
+            collect_hosts(&value, &mut hosts);
+        }
+        let mut headers = Vec::new();
+        if !meta.tenant_id.is_empty() {
+            headers.push(("tenant_id".to_owned(), meta.tenant_id.clone()));
+        }
+        records.push(OwnedRecord {
+            value: out.clone(),
+            headers,
+        });
+    }
+    assert!(
+        n < 1000 || hosts.len() > 10,
+        "the fleet has viewers with addresses"
+    );
+    Fleet {
+        records,
+        tenants,
+        hosts,
+    }
+}
+
+fn collect_hosts(value: &Value, hosts: &mut HashSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                if matches!(key.as_str(), "host" | "client_ip" | "connection_addr")
+                    && let Some(text) = v.as_str()
+                    && !text.is_empty()
+                {
+                    hosts.insert(text.to_owned());
+                }
+                collect_hosts(v, hosts);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_hosts(v, hosts)),
+        _ => {}
+    }
+}
+
+/// How many records of `tenant` the engine accepts as events, decoded as it decodes them.
+fn accepted_for(records: &[OwnedRecord], tenant: &str) -> usize {
+    records
+        .iter()
+        .enumerate()
+        .filter(|(seq, r)| {
+            let mut headers = Headers::default();
+            for (name, value) in &r.headers {
+                headers.set(name, value.clone().into());
+            }
+            let record = Record {
+                position: Position::Simulated { seq: *seq as u64 },
+                value: &r.value,
+                headers,
+            };
+            decode_checked(&record, &TimeBounds::default(), i64::MAX / 4)
+                .is_ok_and(|e| e.tenant.to_string() == tenant)
+        })
+        .count()
+}
+
+/// An engine reading from memory, with the API on a loopback port.
+struct Live {
+    handles: Handles,
+    api: Option<Api>,
+    sender: Option<MemorySender>,
+    engine: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    auth: Auth,
+}
+
+impl Live {
+    fn start(limits: Limits, second_tenant: &str) -> Live {
+        let handles = Handles::default();
+        let (source, sender) = MemorySource::new("memory", 1024);
+        let tokens = vec![StaticToken {
+            name: "dashboard-two".into(),
+            token: STATIC_TOKEN.into(),
+            tenant_id: Some(second_tenant.parse().unwrap()),
+            role: Role::Member,
+        }];
+        let auth = Auth::new(Some(SECRET.into()), tokens).unwrap();
+        let api = Api::start("127.0.0.1:0", auth.clone(), limits, &handles).unwrap();
+        let engine_handles = handles.clone();
+        let options = EngineOptions {
+            // Small epochs, so that changes arrive as many updates.
+            batch: 64,
+            ..EngineOptions::default()
+        };
+        let engine =
+            std::thread::spawn(move || engine::run(Arc::new(source), &options, &engine_handles));
+        Live {
+            handles,
+            api: Some(api),
+            sender: Some(sender),
+            engine: Some(engine),
+            auth,
+        }
+    }
+
+    fn host(&self) -> String {
+        self.api.as_ref().unwrap().address().to_string()
+    }
+
+    fn member(&self, tenant: &str) -> String {
+        self.auth
+            .issue(&Claims::member("viewer", tenant.parse().unwrap(), FAR))
+            .unwrap()
+    }
+
+    fn admin(&self) -> String {
+        self.auth.issue(&Claims::admin("ops", FAR)).unwrap()
+    }
+
+    /// Feeds `records` from another thread (the sender blocks when the engine is behind).
+    async fn feed(&self, records: &[OwnedRecord]) {
+        let sender = self.sender.clone().unwrap();
+        let records = records.to_vec();
+        tokio::task::spawn_blocking(move || {
+            for record in records {
+                sender.send(record).unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Ends the input and waits for the engine to publish its last epoch.
+    async fn finish(&mut self) {
+        drop(self.sender.take());
+        let engine = self.engine.take().unwrap();
+        tokio::task::spawn_blocking(move || engine.join().unwrap().unwrap())
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        drop(self.sender.take());
+        if let Some(api) = self.api.take() {
+            api.stop();
+        }
+    }
+}
+
+/// Limits with queues long enough that readers in a test never lag.
+fn roomy() -> Limits {
+    Limits {
+        queue: 1 << 16,
+        ..Limits::default()
+    }
+}
+
+async fn connect(host: &str, path: &str, headers: &[(&'static str, String)]) -> Ws {
+    let mut request = format!("ws://{host}{path}").into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws
+}
+
+async fn send(ws: &mut Ws, value: Value) {
+    ws.send(Message::text(value.to_string())).await.unwrap();
+}
+
+/// The next text frame, or None after `wait` of silence or when the connection closes.
+async fn next_text(ws: &mut Ws, wait: Duration) -> Option<String> {
+    loop {
+        match tokio::time::timeout(wait, ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => return Some(text.to_string()),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => return None,
+            Ok(Some(Ok(other))) => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    let text = next_text(ws, Duration::from_secs(10))
+        .await
+        .expect("an answer within 10 s");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"))
+}
+
+/// Every Signalman message until `quiet` passes without one (frames may hold several).
+async fn drain_feed(ws: &mut Ws, quiet: Duration) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    while let Some(frame) = next_text(ws, quiet).await {
+        for line in frame.split('\n') {
+            out.push((line.to_owned(), serde_json::from_str(line).unwrap()));
+        }
+    }
+    out
+}
+
+/// The platform's channel for an event type, written out independently of the engine's mapping.
+fn expected_channel(event_type: &str) -> &'static str {
+    match event_type {
+        "node_lifecycle_update" | "load_balancing" => "system",
+        "push_rewrite"
+        | "play_rewrite"
+        | "stream_source"
+        | "stream_lifecycle_update"
+        | "stream_buffer"
+        | "stream_end"
+        | "stream_track_list" => "streams",
+        _ => "analytics",
+    }
+}
+
+fn assert_no_hosts(text: &str, hosts: &HashSet<String>) {
+    for host in hosts {
+        assert!(
+            !text.contains(&format!("\"{host}\"")),
+            "client address {host} left the engine in {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signalman_feed_is_the_token_tenants_own_and_never_carries_client_addresses() {
+    let fleet = fleet(11, 3000);
+    let (a, b) = (fleet.tenants[0].clone(), fleet.tenants[1].clone());
+    let mut live = Live::start(roomy(), &b);
+    let host = live.host();
+
+    // Tenant A authenticates on the upgrade request.
+    let mut ws_a = connect(
+        &host,
+        "/ws",
+        &[("authorization", format!("Bearer {}", live.member(&a)))],
+    )
+    .await;
+    send(
+        &mut ws_a,
+        json!({"action": "subscribe", "channels": ["streams", "analytics", "system"]}),
+    )
+    .await;
+    let confirmed = next_json(&mut ws_a).await;
+    assert_eq!(confirmed["type"], "subscription_confirmed");
+    assert_eq!(
+        confirmed["channels"],
+        json!(["streams", "analytics", "system"])
+    );
+
+    // Tenant B (a static token) authenticates with a first message, as a browser must, and
+    // subscribes to one channel only.
+    let mut ws_b = connect(&host, "/ws", &[]).await;
+    send(
+        &mut ws_b,
+        json!({"action": "subscribe", "channels": ["streams"]}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws_b).await["code"], "unauthorized");
+    send(&mut ws_b, json!({"action": "auth", "token": STATIC_TOKEN})).await;
+    let authenticated = next_json(&mut ws_b).await;
+    assert_eq!(authenticated["type"], "authenticated");
+    assert_eq!(authenticated["tenant_id"], b.as_str());
+    send(
+        &mut ws_b,
+        json!({"action": "subscribe", "channels": ["streams"], "tenant_id": b}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws_b).await["channels"], json!(["streams"]));
+    // Naming another tenant is refused, and the connection carries on.
+    send(
+        &mut ws_b,
+        json!({"action": "subscribe", "channels": ["analytics"], "tenant_id": a}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws_b).await["code"], "forbidden");
+
+    // An admin sees every tenant.
+    let mut ws_admin = connect(&host, "/ws", &[]).await;
+    send(
+        &mut ws_admin,
+        json!({"action": "auth", "token": live.admin()}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws_admin).await["type"], "authenticated");
+    send(
+        &mut ws_admin,
+        json!({"action": "subscribe", "channels": ["all"]}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws_admin).await["type"],
+        "subscription_confirmed"
+    );
+
+    // Readers keep up while the engine runs (this test is about scope, not backpressure).
+    let quiet = Duration::from_secs(3);
+    let readers = [ws_a, ws_b, ws_admin]
+        .map(|mut ws| tokio::spawn(async move { drain_feed(&mut ws, quiet).await }));
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let [got_a, got_b, got_admin] = readers;
+    let (got_a, got_b, got_admin) = (
+        got_a.await.unwrap(),
+        got_b.await.unwrap(),
+        got_admin.await.unwrap(),
+    );
+    assert_eq!(
+        got_a.len(),
+        accepted_for(&fleet.records, &a),
+        "tenant A gets each of its events once"
+    );
+    let mut connects = 0;
+    for (text, message) in &got_a {
+        assert_eq!(message["tenant_id"], a.as_str(), "{text}");
+        let kind = message["type"].as_str().unwrap();
+        assert_eq!(message["channel"], expected_channel(kind), "{text}");
+        assert!(message["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert_no_hosts(text, &fleet.hosts);
+        connects += usize::from(kind == "viewer_connect");
+    }
+    assert!(connects > 10, "viewers connect in the feed");
+
+    assert!(!got_b.is_empty());
+    for (text, message) in &got_b {
+        assert_eq!(message["tenant_id"], b.as_str(), "{text}");
+        assert_eq!(message["channel"], "streams", "{text}");
+    }
+
+    let every: usize = fleet
+        .tenants
+        .iter()
+        .map(|t| accepted_for(&fleet.records, t))
+        .sum();
+    assert_eq!(got_admin.len(), every);
+    let tenants: HashSet<&str> = got_admin
+        .iter()
+        .filter_map(|(_, m)| m["tenant_id"].as_str())
+        .collect();
+    assert_eq!(tenants.len(), 3);
+    for (text, _) in &got_admin {
+        assert_no_hosts(text, &fleet.hosts);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_signalman_input_gets_errors_and_the_connection_lives_on() {
+    let fleet = fleet(12, 10);
+    let live = Live::start(Limits::default(), &fleet.tenants[1]);
+    let host = live.host();
+
+    // A bad token on the upgrade request is a 401 with a JSON error, before any upgrade.
+    let mut request = format!("ws://{host}/ws").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer not-a-token".parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized");
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+
+    let mut ws = connect(&host, "/ws", &[]).await;
+    send(
+        &mut ws,
+        json!({"action": "auth", "token": "expired-or-forged"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["code"], "unauthorized");
+    send(
+        &mut ws,
+        json!({"action": "auth", "token": live.member(&fleet.tenants[0])}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "authenticated");
+    let bad: Vec<(Message, &str)> = vec![
+        (Message::text("not json"), "bad_request"),
+        (Message::text("{\"action\": 7}"), "bad_request"),
+        (Message::text("{\"action\": \"dance\"}"), "bad_request"),
+        (
+            Message::text("{\"action\": \"subscribe\", \"channels\": [\"secrets\"]}"),
+            "bad_request",
+        ),
+        (Message::binary(vec![0u8, 159, 146, 150]), "bad_request"),
+        (Message::text("x".repeat(10_000)), "too_large"),
+        (
+            Message::text(json!({"action": "auth", "token": "again"}).to_string()),
+            "bad_request",
+        ),
+    ];
+    for (message, code) in bad {
+        ws.send(message).await.unwrap();
+        let reply = next_json(&mut ws).await;
+        assert_eq!(reply["type"], "error");
+        assert_eq!(reply["code"], code, "{reply}");
+        assert!(!reply["message"].as_str().unwrap().is_empty());
+    }
+    send(&mut ws, json!({"action": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+    send(
+        &mut ws,
+        json!({"action": "subscribe", "channels": ["system"]}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["channels"], json!(["system"]));
+    send(
+        &mut ws,
+        json!({"action": "unsubscribe", "channels": ["system"]}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["channels"], json!([]));
+
+    // A frame beyond the transport limit closes that connection only.
+    let _ = ws.send(Message::text("y".repeat(200_000))).await;
+    assert!(next_text(&mut ws, Duration::from_secs(5)).await.is_none());
+    let mut other = connect(&host, "/ws", &[]).await;
+    send(&mut other, json!({"action": "ping"})).await;
+    assert_eq!(next_json(&mut other).await["code"], "unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_holds_at_most_its_connection_cap() {
+    let fleet = fleet(13, 10);
+    let limits = Limits {
+        connections_per_tenant: 2,
+        ..Limits::default()
+    };
+    let live = Live::start(limits, &fleet.tenants[1]);
+    let host = live.host();
+    let bearer = [(
+        "authorization",
+        format!("Bearer {}", live.member(&fleet.tenants[0])),
+    )];
+    let first = connect(&host, "/ws", &bearer).await;
+    let _second = connect(
+        &host,
+        "/graphql",
+        &[("sec-websocket-protocol", "graphql-transport-ws".into())],
+    )
+    .await;
+    let mut second = connect(&host, "/ws", &bearer).await;
+    send(&mut second, json!({"action": "ping"})).await;
+    assert_eq!(next_json(&mut second).await["type"], "pong");
+    let mut request = format!("ws://{host}/ws").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", bearer[0].1.parse().unwrap());
+    match tokio_tungstenite::connect_async(request.clone()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+        }
+        other => panic!("expected a 429, got {other:?}"),
+    }
+    // Another tenant is not affected.
+    let mut b = connect(
+        &host,
+        "/ws",
+        &[("authorization", format!("Bearer {STATIC_TOKEN}"))],
+    )
+    .await;
+    send(&mut b, json!({"action": "ping"})).await;
+    assert_eq!(next_json(&mut b).await["type"], "pong");
+    // A closed connection gives its slot back.
+    drop(first);
+    let mut admitted = false;
+    for _ in 0..50 {
+        if tokio_tungstenite::connect_async(request.clone())
+            .await
+            .is_ok()
+        {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "the slot came back");
+}
+
+/// A graphql-transport-ws client after `connection_init` with `payload`.
+async fn graphql_ws(host: &str, payload: Value) -> (Ws, Value) {
+    let mut ws = connect(
+        host,
+        "/graphql",
+        &[("sec-websocket-protocol", "graphql-transport-ws".into())],
+    )
+    .await;
+    send(
+        &mut ws,
+        json!({"type": "connection_init", "payload": payload}),
+    )
+    .await;
+    let ack = match next_text(&mut ws, Duration::from_secs(10)).await {
+        Some(text) => serde_json::from_str(&text).unwrap(),
+        None => Value::Null,
+    };
+    (ws, ack)
+}
+
+async fn subscribe(ws: &mut Ws, id: &str, query: &str) {
+    send(
+        ws,
+        json!({"id": id, "type": "subscribe", "payload": {"query": query}}),
+    )
+    .await;
+}
+
+const TABLE_QUERY: &str = "subscription($w: JSON) { liveTable(table: \"streams\", where: $w) { table epoch kind rows changes { diff row } } }";
+
+/// Applies table messages to a multiset of rows; returns the newest epoch seen.
+fn apply(rows: &mut BTreeMap<String, i64>, message: &Value, epoch: &mut Option<u64>) {
+    let update = &message["payload"]["data"]["liveTable"];
+    assert!(message["payload"]["errors"].is_null(), "{message}");
+    match update["kind"].as_str().unwrap() {
+        "SNAPSHOT" => {
+            rows.clear();
+            for row in update["rows"].as_array().unwrap() {
+                *rows.entry(row.to_string()).or_default() += 1;
+            }
+        }
+        "CHANGES" => {
+            for change in update["changes"].as_array().unwrap() {
+                let count = rows.entry(change["row"].to_string()).or_default();
+                *count += change["diff"].as_i64().unwrap();
+                assert!(*count >= 0, "a row went out that was never in: {change}");
+            }
+            rows.retain(|_, n| *n != 0);
+        }
+        other => panic!("kind {other}"),
+    }
+    if let Some(e) = update["epoch"].as_u64() {
+        assert!(epoch.is_none_or(|old| e >= old), "epochs go forward");
+        *epoch = Some(e);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_subscription_is_a_snapshot_then_changes_that_add_up_to_the_table() {
+    let fleet = fleet(14, 4000);
+    let a = fleet.tenants[0].clone();
+    let mut live = Live::start(Limits::default(), &fleet.tenants[1]);
+    let host = live.host();
+    let token = live.member(&a);
+
+    // Unauthenticated or wrongly authenticated clients are refused at connection_init.
+    let (mut refused, answer) = graphql_ws(&host, json!({})).await;
+    assert_ne!(answer["type"], "connection_ack", "{answer}");
+    assert!(
+        next_text(&mut refused, Duration::from_secs(2))
+            .await
+            .is_none()
+    );
+    let (_, answer) = graphql_ws(&host, json!({"Authorization": "Bearer forged"})).await;
+    assert_ne!(answer["type"], "connection_ack", "{answer}");
+
+    // One subscriber from the start, one filtered to a single stream, one joining halfway.
+    let (mut early, ack) =
+        graphql_ws(&host, json!({"Authorization": format!("Bearer {token}")})).await;
+    assert_eq!(ack["type"], "connection_ack");
+    subscribe(&mut early, "all", TABLE_QUERY).await;
+    let first = next_json(&mut early).await;
+    assert_eq!(
+        first["payload"]["data"]["liveTable"]["kind"], "SNAPSHOT",
+        "{first}"
+    );
+    let (mut filtered, _) = graphql_ws(&host, json!({"token": token})).await;
+    send(
+        &mut filtered,
+        json!({"id": "one", "type": "subscribe", "payload": {"query": TABLE_QUERY, "variables": {"w": {"status": "live"}}}}),
+    )
+    .await;
+    let mut filtered_rows = BTreeMap::new();
+    let mut filtered_epoch = None;
+    apply(
+        &mut filtered_rows,
+        &next_json(&mut filtered).await,
+        &mut filtered_epoch,
+    );
+
+    let half = fleet.records.len() / 2;
+    live.feed(&fleet.records[..half]).await;
+    let (mut late, _) =
+        graphql_ws(&host, json!({"Authorization": format!("Bearer {token}")})).await;
+    subscribe(&mut late, "late", TABLE_QUERY).await;
+    live.feed(&fleet.records[half..]).await;
+    live.finish().await;
+
+    let mut early_rows = BTreeMap::new();
+    let mut early_epoch = None;
+    apply(&mut early_rows, &first, &mut early_epoch);
+    let mut late_rows = BTreeMap::new();
+    let mut late_epoch = None;
+    let quiet = Duration::from_millis(1500);
+    let mut messages = 0;
+    for (ws, rows, epoch) in [
+        (&mut early, &mut early_rows, &mut early_epoch),
+        (&mut late, &mut late_rows, &mut late_epoch),
+        (&mut filtered, &mut filtered_rows, &mut filtered_epoch),
+    ] {
+        while let Some(text) = next_text(ws, quiet).await {
+            apply(rows, &serde_json::from_str(&text).unwrap(), epoch);
+            messages += 1;
+        }
+    }
+    assert!(messages > 5, "changes came epoch by epoch, not once");
+
+    let tables = live.handles.tables.read().unwrap();
+    let expect = |equals: Vec<(String, Value)>| -> BTreeMap<String, i64> {
+        let filter = RowFilter {
+            tenant: Some(a.clone()),
+            equals,
+        };
+        let mut rows = BTreeMap::new();
+        for row in tables.rows_json("streams", &filter).unwrap() {
+            *rows.entry(row.to_string()).or_default() += 1;
+        }
+        rows
+    };
+    let all = expect(Vec::new());
+    assert!(all.len() > 2, "tenant A has streams");
+    assert_eq!(early_rows, all, "the early subscriber holds the table");
+    assert_eq!(late_rows, all, "the late subscriber holds the table");
+    assert_eq!(
+        filtered_rows,
+        expect(vec![("status".into(), json!("live"))])
+    );
+    assert!(early_epoch.is_some() && early_epoch <= tables.epoch());
+    for row in early_rows.keys() {
+        assert!(row.contains(&a), "only tenant A's rows: {row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphql_event_subscriptions_carry_no_addresses_and_bad_operations_get_errors() {
+    let fleet = fleet(15, 2000);
+    let a = fleet.tenants[0].clone();
+    let mut live = Live::start(roomy(), &fleet.tenants[1]);
+    let host = live.host();
+    let token = live.member(&a);
+    let (mut ws, ack) =
+        graphql_ws(&host, json!({"Authorization": format!("Bearer {token}")})).await;
+    assert_eq!(ack["type"], "connection_ack");
+    subscribe(
+        &mut ws,
+        "fire",
+        "subscription { liveFirehose { type channel tenantId data missed } }",
+    )
+    .await;
+    subscribe(
+        &mut ws,
+        "conn",
+        "subscription { liveConnectionEvents { sessionId connectionAddr internalName } }",
+    )
+    .await;
+    // Another tenant's id is forbidden; an unknown table is bad input; neither ends the socket.
+    let other = &fleet.tenants[2];
+    subscribe(
+        &mut ws,
+        "x",
+        &format!(
+            "subscription {{ liveTable(table: \"streams\", tenantId: \"{other}\") {{ kind }} }}"
+        ),
+    )
+    .await;
+    // Resolver errors come as a `next` carrying the error, then `complete`; the socket lives on.
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused["id"], "x", "{refused}");
+    assert_eq!(
+        refused["payload"]["errors"][0]["extensions"]["code"], "FORBIDDEN",
+        "{refused}"
+    );
+    assert!(refused["payload"]["data"].is_null());
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"id": "x", "type": "complete"})
+    );
+    subscribe(
+        &mut ws,
+        "y",
+        "subscription { liveTable(table: \"passwords\") { kind } }",
+    )
+    .await;
+    let refused = next_json(&mut ws).await;
+    assert_eq!(
+        refused["payload"]["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{refused}"
+    );
+    assert_eq!(next_json(&mut ws).await["type"], "complete");
+    // An invalid operation is answered with its validation errors.
+    subscribe(&mut ws, "z", "subscription { nope }").await;
+    let invalid = next_json(&mut ws).await;
+    assert_eq!(invalid["id"], "z", "{invalid}");
+    let message = invalid["payload"]["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("nope"), "{invalid}");
+    assert_eq!(next_json(&mut ws).await["type"], "complete");
+
+    let reader = tokio::spawn(async move {
+        let mut frames = Vec::new();
+        while let Some(text) = next_text(&mut ws, Duration::from_secs(3)).await {
+            frames.push(text);
+        }
+        frames
+    });
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let (mut fire, mut conn) = (0, 0);
+    for text in reader.await.unwrap() {
+        assert_no_hosts(&text, &fleet.hosts);
+        let message: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(message["type"], "next", "{message}");
+        match message["id"].as_str().unwrap() {
+            "fire" => {
+                assert_eq!(
+                    message["payload"]["data"]["liveFirehose"]["tenantId"],
+                    a.as_str()
+                );
+                fire += 1;
+            }
+            "conn" => {
+                assert!(
+                    message["payload"]["data"]["liveConnectionEvents"]["connectionAddr"].is_null()
+                );
+                conn += 1;
+            }
+            other => panic!("id {other}"),
+        }
+    }
+    assert_eq!(fire, accepted_for(&fleet.records, &a));
+    assert!(conn > 10, "connections arrive");
+}
+
+/// `POST path` with a JSON body; returns status and JSON answer.
+fn post(host: &str, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent.post(&format!("http://{host}{path}"));
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request
+        .header("Content-Type", "application/json")
+        .send(body.to_string().as_bytes())
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphql_queries_answer_from_the_live_tables_within_the_tenant() {
+    let fleet = fleet(16, 3000);
+    let (a, b) = (fleet.tenants[0].clone(), fleet.tenants[1].clone());
+    let mut live = Live::start(Limits::default(), &b);
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let host = live.host();
+    let token = live.member(&a);
+    let (status, answer) = tokio::task::spawn_blocking({
+        let host = host.clone();
+        move || {
+            post(
+                &host,
+                "/graphql",
+                None,
+                &json!({"query": "{ platformOverview { totalStreams } }"}),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(answer["error"]["code"], "unauthorized");
+
+    let query = |token: String, query: String| {
+        let host = host.clone();
+        tokio::task::spawn_blocking(move || {
+            post(&host, "/graphql", Some(&token), &json!({"query": query}))
+        })
+    };
+    // Page through every stream of tenant A, three at a time.
+    let mut names = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let q = format!(
+            "{{ streams(first: 3, after: {after}) {{ totalCount pageInfo {{ hasNextPage endCursor }} edges {{ node {{ internalName tenantId }} }} }} }}"
+        );
+        let (status, answer) = query(token.clone(), q).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        let page = &answer["data"]["streams"];
+        for edge in page["edges"].as_array().unwrap() {
+            assert_eq!(edge["node"]["tenantId"], a.as_str());
+            names.push(edge["node"]["internalName"].as_str().unwrap().to_owned());
+        }
+        if !page["pageInfo"]["hasNextPage"].as_bool().unwrap() {
+            assert_eq!(page["totalCount"].as_u64().unwrap() as usize, names.len());
+            break;
+        }
+        after = page["pageInfo"]["endCursor"].clone();
+    }
+    let tables = live.handles.tables.read().unwrap().rows_json(
+        "streams",
+        &RowFilter {
+            tenant: Some(a.clone()),
+            equals: Vec::new(),
+        },
+    );
+    let mut expected: Vec<String> = tables
+        .unwrap()
+        .iter()
+        .map(|r| r["internal_name"].as_str().unwrap().to_owned())
+        .collect();
+    expected.sort();
+    names.sort();
+    assert_eq!(names, expected);
+
+    let (_, answer) = query(
+        token.clone(),
+        format!("{{ streams(tenantId: \"{b}\") {{ totalCount }} }}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        answer["errors"][0]["extensions"]["code"], "FORBIDDEN",
+        "{answer}"
+    );
+    let (_, answer) = query(
+        live.admin(),
+        format!("{{ streams(tenantId: \"{b}\") {{ edges {{ node {{ tenantId }} }} }} }}"),
+    )
+    .await
+    .unwrap();
+    let edges = answer["data"]["streams"]["edges"].as_array().unwrap();
+    assert!(!edges.is_empty());
+    assert!(edges.iter().all(|e| e["node"]["tenantId"] == b.as_str()));
+    let (status, answer) = query(token.clone(), "{ streams(".into()).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        answer["errors"][0]["message"].as_str().is_some(),
+        "{answer}"
+    );
+    let (_, answer) = query(
+        token,
+        "{ geographicDistribution(topN: 3) { totalViewers topCountries { countryCode viewerCount } } }".into(),
+    )
+    .await
+    .unwrap();
+    assert!(answer["errors"].is_null(), "{answer}");
+    let geo = &answer["data"]["geographicDistribution"];
+    let top = geo["topCountries"].as_array().unwrap();
+    assert!(!top.is_empty() && top.len() <= 3, "{geo}");
+    let counts: Vec<i64> = top
+        .iter()
+        .map(|c| c["viewerCount"].as_i64().unwrap())
+        .collect();
+    assert!(
+        counts.windows(2).all(|w| w[0] >= w[1]),
+        "most first: {counts:?}"
+    );
+    assert!(counts.iter().sum::<i64>() <= geo["totalViewers"].as_i64().unwrap());
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// Whatever a client sends on either socket, the server answers or closes that one
+        /// connection, and keeps serving everyone else.
+        #[test]
+        fn arbitrary_frames_never_break_the_sockets(
+            frames in proptest::collection::vec(
+                prop_oneof![
+                    any::<String>(),
+                    "\\{\"(action|type|id)\": ?\"[a-z_]{0,12}\"(, ?\"[a-z]{1,8}\": ?[^}]{0,20})?\\}",
+                    Just("{\"type\":\"subscribe\",\"id\":\"1\",\"payload\":{\"query\":\"subscription { liveFirehose { type } }\"}}".to_owned()),
+                ],
+                1..8,
+            )
+        ) {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            runtime.block_on(async {
+                let fleet = Fleet { records: Vec::new(), tenants: Vec::new(), hosts: HashSet::new() };
+                let tenant = "5eed517e-ba5e-da7a-517e-ba5eda7a0001";
+                let live = Live::start(Limits::default(), tenant);
+                let host = live.host();
+                let token = live.member(tenant);
+                let (mut graphql, _) = graphql_ws(&host, json!({"token": token})).await;
+                let mut signal = connect(&host, "/ws", &[("authorization", format!("Bearer {token}"))]).await;
+                for frame in &frames {
+                    let _ = graphql.send(Message::text(frame.clone())).await;
+                    let _ = signal.send(Message::text(frame.clone())).await;
+                }
+                // The Signalman socket answers every frame (an error at worst) and stays open.
+                send(&mut signal, json!({"action": "ping"})).await;
+                let mut pong = false;
+                while let Some(text) = next_text(&mut signal, Duration::from_secs(5)).await {
+                    for line in text.split('\n') {
+                        let reply: Value = serde_json::from_str(line).unwrap();
+                        if reply["type"] == "pong" { pong = true; }
+                    }
+                    if pong { break; }
+                }
+                assert!(pong, "the Signalman connection lives on after {frames:?}");
+                // A fresh GraphQL connection still works.
+                let (_, ack) = graphql_ws(&host, json!({"token": token})).await;
+                assert_eq!(ack["type"], "connection_ack");
+                drop(fleet);
+            });
+        }
+    }
+}
+
+/// A WebSocket whose socket receive buffer is tiny, so that a client that stops reading
+/// soon stops the server's writes too — as a stalled browser tab over a real network would.
+async fn connect_stalling(host: &str, path: &str, headers: &[(&'static str, String)]) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(host.parse().unwrap()).await.unwrap();
+    let mut request = format!("ws://{host}{path}").into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
+    let fleet = fleet(17, 20_000);
+    let a = fleet.tenants[0].clone();
+    let limits = Limits {
+        queue: 16,
+        ..Limits::default()
+    };
+    let mut live = Live::start(limits, &fleet.tenants[1]);
+    let host = live.host();
+    let bearer = [("authorization", format!("Bearer {}", live.member(&a)))];
+    let subscribe_all = json!({"action": "subscribe", "channels": ["all"]});
+
+    let mut stalled = connect_stalling(&host, "/ws", &bearer).await;
+    send(&mut stalled, subscribe_all.clone()).await;
+    assert_eq!(
+        next_json(&mut stalled).await["type"],
+        "subscription_confirmed"
+    );
+    let (mut stalled_table, ack) = {
+        let mut ws = connect_stalling(
+            &host,
+            "/graphql",
+            &[("sec-websocket-protocol", "graphql-transport-ws".into())],
+        )
+        .await;
+        send(
+            &mut ws,
+            json!({"type": "connection_init", "payload": {"token": live.member(&a)}}),
+        )
+        .await;
+        let ack = next_json(&mut ws).await;
+        (ws, ack)
+    };
+    assert_eq!(ack["type"], "connection_ack");
+    subscribe(
+        &mut stalled_table,
+        "t",
+        &TABLE_QUERY.replace("streams", "viewer_sessions"),
+    )
+    .await;
+    // The firehose on the same connection: enough traffic to fill the socket's buffers.
+    subscribe(
+        &mut stalled_table,
+        "f",
+        "subscription { liveFirehose { type data missed } }",
+    )
+    .await;
+
+    // A reader that keeps up, with a queue long enough for everything.
+    let mut fast = connect(&host, "/ws", &bearer).await;
+    send(&mut fast, subscribe_all).await;
+    assert_eq!(next_json(&mut fast).await["type"], "subscription_confirmed");
+    let fast = tokio::spawn(async move { drain_feed(&mut fast, Duration::from_secs(3)).await });
+
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let expected = accepted_for(&fleet.records, &a);
+
+    // Every client here has a 16-deep queue, so the reader that keeps up may miss some too;
+    // what each got plus what it was told it missed is everything.
+    let account = |messages: &[(String, Value)]| {
+        let mut got = 0u64;
+        let mut missed = 0u64;
+        for (_, m) in messages {
+            if m["type"] == "missed" {
+                assert_eq!(m["channel"], "system");
+                missed += m["data"]["count"].as_u64().unwrap();
+            } else {
+                assert_eq!(m["tenant_id"], a.as_str());
+                got += 1;
+            }
+        }
+        (got, missed)
+    };
+    let (got, missed) = account(&fast.await.unwrap());
+    assert_eq!(
+        got + missed,
+        expected as u64,
+        "nothing vanishes without a count"
+    );
+
+    let stalled_messages = drain_feed(&mut stalled, Duration::from_secs(3)).await;
+    let (got, missed) = account(&stalled_messages);
+    assert!(missed > 0, "the stalled client was told what it missed");
+    assert_eq!(
+        got + missed,
+        expected as u64,
+        "nothing vanishes without a count"
+    );
+
+    // The stalled table subscriber is resynchronised with a fresh snapshot and ends up
+    // holding exactly the table.
+    let mut rows = BTreeMap::new();
+    let mut epoch = None;
+    let mut snapshots = 0;
+    let (mut fire_got, mut fire_missed) = (0u64, 0u64);
+    while let Some(text) = next_text(&mut stalled_table, Duration::from_secs(3)).await {
+        let message: Value = serde_json::from_str(&text).unwrap();
+        if message["id"] == "f" {
+            match message["payload"]["data"]["liveFirehose"]["missed"].as_u64() {
+                Some(missed) => fire_missed += missed,
+                None => fire_got += 1,
+            }
+            continue;
+        }
+        snapshots += usize::from(message["payload"]["data"]["liveTable"]["kind"] == "SNAPSHOT");
+        apply(&mut rows, &message, &mut epoch);
+    }
+    assert_eq!(fire_got + fire_missed, expected as u64);
+    assert!(
+        snapshots >= 2,
+        "the lagging table subscriber got a fresh snapshot"
+    );
+    let tables = live.handles.tables.read().unwrap();
+    let filter = RowFilter {
+        tenant: Some(a.clone()),
+        equals: Vec::new(),
+    };
+    let mut expect = BTreeMap::new();
+    for row in tables.rows_json("viewer_sessions", &filter).unwrap() {
+        *expect.entry(row.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(rows, expect);
+    let dropped = live.handles.hub.dropped();
+    assert!(dropped > 0);
+}
