@@ -158,6 +158,10 @@ struct RunArgs {
     /// Address the HTTP API listens on (default 127.0.0.1:8080, or the config file's).
     #[arg(long)]
     listen: Option<String>,
+    /// Address the PostgreSQL protocol listens on, for psql and Grafana (default
+    /// 127.0.0.1:5433, or the config file's); `off` serves none.
+    #[arg(long)]
+    pg_listen: Option<String>,
     /// Shared secret for bearer JWTs (HS256). Without one (here or in the config file) a
     /// development secret is generated and a tenant and an admin token are printed.
     #[arg(long, env = "KEEL_JWT_SECRET", hide_env_values = true)]
@@ -331,9 +335,21 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         )
     });
     let limits = settings.api.limits()?;
+    let pg_listen = args
+        .pg_listen
+        .clone()
+        .or(settings.api.pg_listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:5433".to_owned());
+    let pg_listen = (pg_listen != "off").then_some(pg_listen);
     let auth = keel_api::auth::Auth::new(Some(secret), settings.api.tokens)
         .map_err(|problems| anyhow::anyhow!("API settings: {problems}"))?;
-    let api = crate::serve::Api::start(&listen, auth.clone(), limits, &handles)?;
+    let api = crate::serve::Api::start(
+        &listen,
+        pg_listen.as_deref(),
+        auth.clone(),
+        limits,
+        &handles,
+    )?;
     let shutdown = handles.shutdown.clone();
     ctrlc::set_handler(move || {
         if shutdown.swap(true, Ordering::SeqCst) {
@@ -348,6 +364,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         options.workers
     );
     eprintln!("keel: API on http://{}", api.address());
+    if let Some(pg) = api.pg_address() {
+        eprintln!("keel: PostgreSQL protocol on {pg} (password: a token)");
+    }
     if generated {
         let expires = wall_clock_ms() / 1000 + 24 * 3600;
         let tenant = fleet_tenants

@@ -4,6 +4,7 @@
 //! ```toml
 //! [api]
 //! listen = "127.0.0.1:8080"
+//! pg_listen = "127.0.0.1:5433"              # PostgreSQL protocol; "off" serves none
 //! jwt_secret = "a long random string"      # HS256 secret for the platform's JWTs
 //! max_connections_per_tenant = 2000         # live WebSocket connections (/ws, /graphql)
 //! subscriber_queue = 256                    # updates buffered per subscriber before it lags
@@ -41,6 +42,8 @@ pub struct Config {
 pub struct ApiConfig {
     /// Address to listen on.
     pub listen: Option<String>,
+    /// Address the PostgreSQL protocol listens on.
+    pub pg_listen: Option<String>,
     /// HS256 secret for bearer JWTs.
     pub jwt_secret: Option<String>,
     /// Static tokens.
@@ -75,6 +78,7 @@ impl std::fmt::Debug for ApiConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiConfig")
             .field("listen", &self.listen)
+            .field("pg_listen", &self.pg_listen)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
             .field("tokens", &self.tokens)
             .field(

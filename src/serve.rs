@@ -17,6 +17,7 @@ use crate::engine::Handles;
 #[derive(Debug)]
 pub struct Api {
     address: SocketAddr,
+    pg_address: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -25,6 +26,7 @@ impl Api {
     /// Binds `listen` (failing at once if it cannot) and serves the API on the engine's tables.
     pub fn start(
         listen: &str,
+        pg_listen: Option<&str>,
         auth: Auth,
         limits: Limits,
         handles: &Handles,
@@ -39,6 +41,20 @@ impl Api {
             .with_context(|| format!("cannot listen on {listen}"))?;
         listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
+        let pg_listener = match pg_listen {
+            Some(pg_listen) => {
+                let listener = std::net::TcpListener::bind(pg_listen).with_context(|| {
+                    format!("cannot listen on {pg_listen} (PostgreSQL protocol)")
+                })?;
+                listener.set_nonblocking(true)?;
+                Some(listener)
+            }
+            None => None,
+        };
+        let pg_address = pg_listener
+            .as_ref()
+            .map(std::net::TcpListener::local_addr)
+            .transpose()?;
         let state = ApiState {
             tables: handles.tables.clone(),
             auth: Arc::new(auth),
@@ -52,6 +68,16 @@ impl Api {
             .name("keel-api".into())
             .spawn(move || {
                 runtime.block_on(async move {
+                    if let Some(pg) = pg_listener {
+                        match tokio::net::TcpListener::from_std(pg) {
+                            Ok(pg) => {
+                                tokio::spawn(keel_api::pg::serve(pg, state.clone()));
+                            }
+                            Err(error) => {
+                                tracing::error!(%error, "the PostgreSQL protocol cannot use its socket");
+                            }
+                        }
+                    }
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => listener,
                         Err(error) => {
@@ -71,6 +97,7 @@ impl Api {
             })?;
         Ok(Api {
             address,
+            pg_address,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -79,6 +106,11 @@ impl Api {
     /// Where it listens.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Where the PostgreSQL protocol listens, if it is served.
+    pub fn pg_address(&self) -> Option<SocketAddr> {
+        self.pg_address
     }
 
     /// Stops serving and waits for open requests to finish.

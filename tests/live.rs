@@ -133,7 +133,14 @@ impl Live {
             role: Role::Member,
         }];
         let auth = Auth::new(Some(SECRET.into()), tokens).unwrap();
-        let api = Api::start("127.0.0.1:0", auth.clone(), limits, &handles).unwrap();
+        let api = Api::start(
+            "127.0.0.1:0",
+            Some("127.0.0.1:0"),
+            auth.clone(),
+            limits,
+            &handles,
+        )
+        .unwrap();
         let engine_handles = handles.clone();
         let options = EngineOptions {
             // Small epochs, so that changes arrive as many updates.
@@ -1111,4 +1118,96 @@ async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
     assert_eq!(rows, expect);
     let dropped = live.handles.hub.dropped();
     assert!(dropped > 0);
+}
+
+/// Runs `psql` against Keel's PostgreSQL port; returns (exit code, stdout, stderr).
+fn psql(port: u16, password: &str, sslmode: &str, sql: &str) -> (i32, String, String) {
+    let out = std::process::Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=grafana dbname=keel sslmode={sslmode} connect_timeout=10"
+        ))
+        .args(["-X", "-A", "-t", "-F", ",", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run psql ({e}); install the PostgreSQL client: `apt-get install postgresql-client` (scripts/test-servers.sh does)"
+            )
+        });
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_reads_the_live_tables_with_a_token_as_password_within_the_tenant() {
+    let fleet = fleet(18, 3000);
+    let (a, b) = (fleet.tenants[0].clone(), fleet.tenants[1].clone());
+    let mut live = Live::start(Limits::default(), &b);
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let port = live.api.as_ref().unwrap().pg_address().unwrap().port();
+    let member = live.member(&a);
+    let admin = live.admin();
+    let tables = live.handles.tables.clone();
+    let expected = move |tenant: &str| {
+        let tables = tables.read().unwrap();
+        let filter = RowFilter {
+            tenant: Some(tenant.to_owned()),
+            equals: Vec::new(),
+        };
+        let mut names: Vec<String> = tables
+            .rows_json("streams", &filter)
+            .unwrap()
+            .iter()
+            .map(|r| r["internal_name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    tokio::task::spawn_blocking(move || {
+        // The tenant's streams, and nothing of anyone else's, however it asks.
+        let (code, out, err) = psql(port, &member, "disable", "SELECT internal_name FROM streams ORDER BY internal_name");
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out.lines().map(str::to_owned).collect::<Vec<_>>(), expected(&a));
+        let (code, out, err) = psql(
+            port,
+            &member,
+            "prefer",
+            "SELECT count(DISTINCT tenant_id) FROM (SELECT tenant_id FROM streams UNION ALL SELECT tenant_id FROM viewer_sessions) AS t",
+        );
+        assert_eq!((code, out.as_str()), (0, "1"), "{err}");
+        // Types arrive as Postgres types: numbers, booleans and times are usable as such.
+        let (code, out, err) = psql(
+            port,
+            &member,
+            "disable",
+            "SELECT sum(total_sessions) > 0, max(started_at) IS NOT NULL, pg_typeof_is_not_needed FROM (SELECT *, 1 AS pg_typeof_is_not_needed FROM streams) AS s GROUP BY pg_typeof_is_not_needed",
+        );
+        assert_eq!((code, out.as_str()), (0, "t,t,1"), "{err}");
+        // An admin token sees every tenant.
+        let (code, out, err) = psql(port, &admin, "disable", "SELECT count(DISTINCT tenant_id) FROM streams");
+        assert_eq!((code, out.as_str()), (0, "3"), "{err}");
+        let (code, out, _) = psql(port, &admin, "disable", &format!("SELECT count(*) FROM streams WHERE tenant_id = '{b}'"));
+        assert_eq!(code, 0);
+        assert_eq!(out.parse::<usize>().unwrap(), expected(&b).len());
+
+        // Bad tokens, bad SQL and writes are clear errors.
+        let (code, _, err) = psql(port, "forged", "disable", "SELECT 1");
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("password must be a Keel token"), "{err}");
+        let (code, _, err) = psql(port, &member, "disable", "SELEKT 1");
+        assert_eq!(code, 1);
+        assert!(err.contains("ERROR"), "{err}");
+        for write in ["DROP TABLE streams", "SET datafusion.execution.batch_size = 1", "INSERT INTO streams VALUES (1)"] {
+            let (code, _, err) = psql(port, &member, "disable", write);
+            assert_eq!(code, 1, "{write}");
+            assert!(err.contains("only queries are allowed"), "{write}: {err}");
+        }
+    })
+    .await
+    .unwrap();
 }

@@ -7,6 +7,7 @@
 //! - [`server`]: the HTTP API (axum): health, readiness, metrics, `POST /v1/sql`.
 //! - [`graphql`]: GraphQL queries and subscriptions, incremental table results among them.
 //! - [`signalman`]: the `/ws` event feed in the platform's JSON protocol.
+//! - [`pg`]: the same SQL over the PostgreSQL wire protocol, for `psql` and Grafana.
 //! - [`metrics`]: engine counters and the Prometheus text.
 //! - [`format`]: rendering results as a text table, CSV, JSON or Arrow IPC.
 
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod format;
 pub mod graphql;
 pub mod metrics;
+pub mod pg;
 pub mod server;
 pub mod signalman;
 pub mod sql;
