@@ -1211,3 +1211,75 @@ async fn psql_reads_the_live_tables_with_a_token_as_password_within_the_tenant()
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_on_the_extended_protocol_gets_typed_binary_values() {
+    use sqlx::{Connection, Row};
+    let fleet = fleet(19, 2000);
+    let a = fleet.tenants[0].clone();
+    let mut live = Live::start(Limits::default(), &fleet.tenants[1]);
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let port = live.api.as_ref().unwrap().pg_address().unwrap().port();
+    let url = format!(
+        "postgres://grafana:{}@127.0.0.1:{port}/keel?sslmode=disable",
+        live.member(&a)
+    );
+    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+    let rows = sqlx::query(
+        "SELECT internal_name, total_sessions, viewer_seconds, started_at, current_viewers > 0 AS busy FROM streams ORDER BY internal_name",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    let tables = live.handles.tables.read().unwrap();
+    let filter = RowFilter {
+        tenant: Some(a.clone()),
+        equals: Vec::new(),
+    };
+    let mut expected = tables.rows_json("streams", &filter).unwrap();
+    drop(tables);
+    expected.sort_by_key(|r| r["internal_name"].as_str().unwrap().to_owned());
+    assert_eq!(rows.len(), expected.len());
+    assert!(!rows.is_empty());
+    for (row, want) in rows.iter().zip(&expected) {
+        assert_eq!(
+            row.get::<String, _>(0),
+            want["internal_name"].as_str().unwrap()
+        );
+        assert_eq!(
+            row.get::<i64, _>(1),
+            want["total_sessions"].as_i64().unwrap()
+        );
+        let seconds: f64 = row.get(2);
+        assert!((seconds - want["viewer_seconds"].as_f64().unwrap()).abs() < 1e-6);
+        // Binary timestamps: microseconds since 2000-01-01, read back as the same instant.
+        if let Some(started) = want["started_at"].as_str() {
+            let micros: i64 = row.try_get_unchecked(3).unwrap();
+            let millis = (micros + 946_684_800_000_000) / 1000;
+            assert_eq!(keel_operators::time::format_rfc3339(millis), started);
+        }
+        let busy: bool = row.get(4);
+        assert_eq!(busy, want["current_viewers"].as_i64().unwrap() > 0);
+    }
+    let error = sqlx::query("DELETE FROM streams")
+        .execute(&mut db)
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("only queries are allowed"),
+        "{error}"
+    );
+    let error = sqlx::query("SELECT * FROM streams WHERE stream_id = $1")
+        .bind("x")
+        .fetch_all(&mut db)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("parameters"), "{error}");
+    // The connection is still good after errors.
+    let one: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert!(one > 0);
+}
