@@ -10,6 +10,8 @@
 # 127.0.0.1:$KEEL_KAFKA_PORT (default 19092).
 # ClickHouse: Debian's clickhouse-server (18.16), installed with apt-get if missing, HTTP on
 # 127.0.0.1:$KEEL_CLICKHOUSE_PORT (default 18123).
+# Clients the tests drive: psql (Debian postgresql-client) and a headless Chromium (Debian
+# chromium), installed with apt-get if missing.
 # State and logs go to $KEEL_SERVERS_DIR (default /tmp/keel-servers).
 set -euo pipefail
 
@@ -116,6 +118,7 @@ start() {
   stop >/dev/null 2>&1 || true
   local want=("$@")
   [ ${#want[@]} -gt 0 ] || want=(kafka)
+  install_clients
   for server in "${want[@]}"; do
     case "$server" in
       kafka) start_kafka ;;
@@ -123,6 +126,16 @@ start() {
       *) log "unknown server $server (kafka, clickhouse)"; exit 2 ;;
     esac
   done
+}
+
+install_clients() {
+  local missing=()
+  command -v psql >/dev/null || missing+=(postgresql-client)
+  command -v chromium >/dev/null || missing+=(chromium)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]} from Debian"
+    apt_install "${missing[@]}"
+  fi
 }
 
 start_kafka() {

@@ -8,10 +8,12 @@
 //! - [`graphql`]: GraphQL queries and subscriptions, incremental table results among them.
 //! - [`signalman`]: the `/ws` event feed in the platform's JSON protocol.
 //! - [`pg`]: the same SQL over the PostgreSQL wire protocol, for `psql` and Grafana.
+//! - [`dashboard`]: the live dashboard page at `/`.
 //! - [`metrics`]: engine counters and the Prometheus text.
 //! - [`format`]: rendering results as a text table, CSV, JSON or Arrow IPC.
 
 pub mod auth;
+pub mod dashboard;
 pub mod format;
 pub mod graphql;
 pub mod metrics;

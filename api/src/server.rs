@@ -121,6 +121,9 @@ impl IntoResponse for ApiError {
 /// The router of the API.
 pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(crate::dashboard::page))
+        .route("/dashboard.js", get(crate::dashboard::script))
+        .route("/dashboard.css", get(crate::dashboard::style))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
