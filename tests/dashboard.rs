@@ -214,6 +214,9 @@ async fn the_dashboard_signs_in_draws_live_numbers_and_runs_sql_in_a_real_browse
         )
         .await;
 
+    let before = browser
+        .eval("document.getElementById('chart-viewers').toDataURL()")
+        .await;
     live.feed(&fleet.records).await;
     live.finish().await;
 
@@ -250,6 +253,18 @@ async fn the_dashboard_signs_in_draws_live_numbers_and_runs_sql_in_a_real_browse
     browser
         .wait_for(&expect, &describe, Duration::from_secs(30))
         .await;
+
+    // The charts moved as the events flowed: the viewer chart changed, the rate was above zero.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = browser
+        .eval("document.getElementById('chart-viewers').toDataURL()")
+        .await;
+    assert_ne!(before, after, "the viewer chart moved");
+    let peak_rate = browser.eval("Math.max(...state.rate)").await;
+    assert!(
+        peak_rate.as_f64().unwrap() > 0.0,
+        "events/s rose: {peak_rate}"
+    );
 
     // Every chart has drawn something.
     let drawn = browser

@@ -1047,3 +1047,172 @@ async fn a_driver_on_the_extended_protocol_gets_typed_binary_values() {
         .unwrap();
     assert!(one > 0);
 }
+
+/// A selection of every field of `type_name` without required arguments, nested `depth` deep,
+/// from the schema's own introspection.
+fn selection(types: &BTreeMap<String, Value>, type_name: &str, depth: usize) -> Option<String> {
+    let fields = types.get(type_name)?["fields"].as_array()?;
+    let mut parts = Vec::new();
+    for field in fields {
+        let needs_args = field["args"].as_array().is_some_and(|args| {
+            args.iter()
+                .any(|a| a["type"]["kind"] == "NON_NULL" && a["defaultValue"].is_null())
+        });
+        if needs_args {
+            continue;
+        }
+        let mut ty = &field["type"];
+        while ty["ofType"].is_object() {
+            ty = &ty["ofType"];
+        }
+        let name = field["name"].as_str().unwrap();
+        match ty["kind"].as_str().unwrap() {
+            "SCALAR" | "ENUM" => parts.push(name.to_owned()),
+            "OBJECT" if depth > 0 => {
+                if let Some(inner) = selection(types, ty["name"].as_str().unwrap(), depth - 1) {
+                    parts.push(format!("{name} {inner}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    (!parts.is_empty()).then(|| format!("{{ {} }}", parts.join(" ")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_token_never_sees_another_tenants_row_through_any_door() {
+    let fleet = fleet(22, 4000);
+    let b = fleet.tenants[1].clone();
+    let mut live = Live::start(roomy(), &b);
+    let host = live.host();
+    let pg_port = live.api.as_ref().unwrap().pg_address().unwrap().port();
+    // Tenant B uses its static token everywhere.
+    let token = STATIC_TOKEN.to_owned();
+
+    // The feed, read while events flow.
+    let mut feed = connect(&host, "/ws", &[]).await;
+    send(&mut feed, json!({"action": "auth", "token": token})).await;
+    assert_eq!(next_json(&mut feed).await["type"], "authenticated");
+    send(
+        &mut feed,
+        json!({"action": "subscribe", "channels": ["all"]}),
+    )
+    .await;
+    assert_eq!(next_json(&mut feed).await["type"], "subscription_confirmed");
+    let feed = tokio::spawn(async move { drain_feed(&mut feed, Duration::from_secs(3)).await });
+    // Every table as an incremental subscription, also while events flow.
+    let (mut subscriptions, ack) = graphql_ws(&host, json!({"token": token})).await;
+    assert_eq!(ack["type"], "connection_ack");
+    for table in keel_dataflows::periscope::TABLES {
+        let query = format!(
+            "subscription {{ liveTable(table: \"{table}\") {{ table epoch kind rows changes {{ diff row }} }} }}"
+        );
+        subscribe(&mut subscriptions, table, &query).await;
+    }
+    let subscriptions = tokio::spawn(async move {
+        let mut frames = Vec::new();
+        while let Some(text) = next_text(&mut subscriptions, Duration::from_secs(3)).await {
+            frames.push(text);
+        }
+        frames
+    });
+    live.feed(&fleet.records).await;
+    live.finish().await;
+
+    // What must never reach tenant B: the other tenants' ids and their streams' ids.
+    let mut forbidden: Vec<String> = Vec::new();
+    {
+        let tables = live.handles.tables.read().unwrap();
+        for tenant in fleet.tenants.iter().filter(|t| **t != b) {
+            forbidden.push(tenant.clone());
+            let filter = RowFilter {
+                tenant: Some(tenant.clone()),
+                equals: Vec::new(),
+            };
+            let rows = tables.rows_json("streams", &filter).unwrap();
+            assert!(!rows.is_empty(), "tenant {tenant} has streams to leak");
+            forbidden.extend(
+                rows.iter()
+                    .filter_map(|r| r["stream_id"].as_str().map(str::to_owned)),
+            );
+        }
+    }
+    let mut seen: Vec<(String, String)> = Vec::new(); // (door, text)
+
+    let mut feed_text = String::new();
+    for (text, _) in feed.await.unwrap() {
+        feed_text.push_str(&text);
+    }
+    assert!(feed_text.contains(&b), "the feed carried B's own events");
+    seen.push(("/ws".into(), feed_text));
+    let frames = subscriptions.await.unwrap().join("\n");
+    assert!(
+        frames.contains(&b),
+        "the subscriptions carried B's own rows"
+    );
+    seen.push(("liveTable".into(), frames));
+
+    let sqls = [
+        "SELECT * FROM streams",
+        "SELECT * FROM viewer_sessions",
+        "SELECT * FROM keel.live.nodes",
+        "SELECT tenant_id FROM streams UNION SELECT tenant_id FROM viewer_sessions UNION SELECT tenant_id FROM usage_5m",
+        "WITH s AS (SELECT * FROM viewer_sessions) SELECT * FROM s WHERE tenant_id <> '00000000-0000-0000-0000-000000000000'",
+        "SELECT * FROM streams s JOIN viewer_sessions v ON s.stream_id = v.stream_id",
+        "SELECT * FROM (SELECT * FROM routing_hourly) AS r, (SELECT * FROM stream_health_5m) AS h LIMIT 500",
+        "SELECT * FROM information_schema.tables",
+        "SELECT * FROM information_schema.columns",
+        "SELECT * FROM viewers_by_country WHERE stream_id IN (SELECT stream_id FROM streams)",
+        "SELECT * FROM ingest_errors",
+        "SELECT * FROM unknown_events",
+    ];
+    let admin = live.admin();
+    let all = tokio::task::spawn_blocking({
+        let host = host.clone();
+        let token = token.clone();
+        move || {
+            let mut out = Vec::new();
+            for sql in sqls {
+                let (status, answer) = post(&host, "/v1/sql", Some(&token), &json!({"sql": sql}));
+                assert!(status == 200 || status == 400, "{sql}: {status} {answer}");
+                out.push((format!("/v1/sql {sql}"), answer.to_string()));
+                let (code, text, err) = psql(pg_port, &token, "disable", sql);
+                out.push((format!("psql {sql}"), format!("{code} {text} {err}")));
+            }
+            // GraphQL: every query field with every field it can select, from introspection.
+            let (_, schema) = post(
+                &host,
+                "/graphql",
+                Some(&admin),
+                &json!({"query": "{ __schema { types { name fields { name args { name defaultValue type { kind } } type { kind name ofType { kind name ofType { kind name ofType { kind name } } } } } } } }"}),
+            );
+            let types: BTreeMap<String, Value> = schema["data"]["__schema"]["types"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| (t["name"].as_str().unwrap().to_owned(), t.clone()))
+                .collect();
+            let query = selection(&types, "Query", 4).unwrap();
+            let (status, answer) = post(&host, "/graphql", Some(&token), &json!({"query": query}));
+            assert_eq!(status, 200);
+            assert!(answer["errors"].is_null(), "{query}: {answer}");
+            out.push(("graphql".into(), answer.to_string()));
+            out
+        }
+    })
+    .await
+    .unwrap();
+    seen.extend(all);
+
+    for (door, text) in &seen {
+        for id in &forbidden {
+            assert!(
+                !text.contains(id.as_str()),
+                "{door} showed tenant B another tenant's {id}"
+            );
+        }
+    }
+    // The doors were open: B saw its own data through each of them.
+    let own = seen.iter().filter(|(_, text)| text.contains(&b)).count();
+    assert!(own >= 10, "B's own rows came through the doors ({own})");
+}
