@@ -526,15 +526,11 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
             previous = records;
         },
     )?;
-    let tables = handles
-        .tables
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let batches = runtime.block_on(keel_api::sql::query(
-        &tables,
+        &handles.tables,
         keel_api::auth::Scope::All,
         &args.sql,
     ))?;

@@ -132,6 +132,10 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
             "run",
             "--rate",
             "4000",
+            "--listen",
+            "127.0.0.1:0",
+            "--pg-listen",
+            "127.0.0.1:0",
             "--summary-every",
             "0.3",
             "--malformed",
@@ -196,6 +200,8 @@ fn run_serves_sql_to_the_printed_tenant_token() {
             "3000",
             "--listen",
             "127.0.0.1:0",
+            "--pg-listen",
+            "127.0.0.1:0",
             "--summary-every",
             "10",
         ])
@@ -205,10 +211,13 @@ fn run_serves_sql_to_the_printed_tenant_token() {
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut url, mut tenant, mut token, mut admin) = (None, None, None, None);
+    let mut pg = None;
     while admin.is_none() {
         let line = lines.next().expect("keel run printed its banner").unwrap();
         if let Some(rest) = line.strip_prefix("keel: API on ") {
             url = Some(rest.to_owned());
+        } else if let Some(rest) = line.strip_prefix("keel: PostgreSQL protocol on ") {
+            pg = rest.split_whitespace().next().map(str::to_owned);
         } else if let Some(rest) = line.trim().strip_prefix("tenant ") {
             let (id, jwt) = rest.split_once(": ").unwrap();
             tenant = Some(id.to_owned());
@@ -247,6 +256,32 @@ fn run_serves_sql_to_the_printed_tenant_token() {
     );
     let out = keel(&["sql", "--url", &url, "--token", &token, "SELEC 1"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+
+    // psql on the printed address, with the printed token as password: the same rows.
+    let (host, port) = pg
+        .expect("the PostgreSQL address is printed")
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_owned(), p.to_owned()))
+        .unwrap();
+    let out = Command::new("psql")
+        .arg(format!(
+            "host={host} port={port} user=me dbname=keel sslmode=disable"
+        ))
+        .args(["-X", "-A", "-t", "-c", query])
+        .env("PGPASSWORD", &token)
+        .output()
+        .expect("psql is installed (scripts/test-servers.sh installs postgresql-client)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), tenant);
+
+    // The dashboard is the page at the printed URL.
+    let page = ureq::get(&url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(page.contains("Keel — live dashboard"), "{page}");
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

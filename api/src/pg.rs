@@ -213,14 +213,7 @@ impl Queries {
             .session_extensions()
             .get::<Principal>()
             .ok_or_else(|| user_error("28000", "not authenticated"))?;
-        let ctx = {
-            let tables = self
-                .state
-                .tables
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            session(&tables, caller.scope).map_err(sql_error)?
-        };
+        let ctx = session(&self.state.tables, caller.scope).map_err(sql_error)?;
         run(&ctx, sql).await.map_err(sql_error)
     }
 

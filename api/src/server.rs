@@ -234,13 +234,7 @@ async fn sql(
             "Accept must allow application/json, text/csv or {ARROW_STREAM}"
         ))
     })?;
-    let ctx = {
-        let tables = state
-            .tables
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        session(&tables, caller.scope)?
-    };
+    let ctx = session(&state.tables, caller.scope)?;
     let batches = run(&ctx, &query.sql).await?;
     let (content_type, body) = match format {
         Format::Csv => ("text/csv", render(&batches, Format::Csv)),

@@ -1,19 +1,27 @@
 //! SQL over live tables, answered by DataFusion.
 //!
-//! [`query`] registers a snapshot of every live table and runs one read-only statement over
-//! them: queries, `SHOW TABLES`, `SHOW COLUMNS`, `DESCRIBE`, `EXPLAIN`, `information_schema`.
+//! [`query`] registers every live table (scoped to the caller) and runs one read-only statement
+//! over them: queries, `SHOW TABLES`, `SHOW COLUMNS`, `DESCRIBE`, `EXPLAIN`, `information_schema`.
 //! Anything else (DDL, DML, `SET`, `COPY`, several statements at once) is refused after parsing,
 //! before planning. Errors are [`SqlError`]s with the
 //! planner's message, never panics.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use arrow::array::RecordBatch;
-use datafusion::datasource::MemTable;
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
 use keel_sinks::live::{LiveError, LiveTables};
+use serde_json::Value;
 
 use crate::auth::Scope;
 
@@ -40,58 +48,178 @@ fn describe(error: &datafusion::error::DataFusionError) -> String {
     text.trim().to_owned()
 }
 
-/// A DataFusion session over a snapshot of `tables`, holding only the rows `scope` may see.
+/// A DataFusion session over the live tables, holding only the rows `scope` may see.
 ///
-/// Scoping happens before any SQL is planned: a tenant's session contains that tenant's rows and
-/// nothing else, so no query — joins, subqueries, `UNION`, `information_schema`, table
+/// Scoping happens below any SQL: each table is a [`LiveProvider`] that hands the planner only
+/// the scope's rows, so no query — joins, subqueries, `UNION`, `information_schema`, table
 /// functions — can reach another tenant's data. A table without a `tenant_id` column is not
-/// registered for tenants at all.
-pub fn session(tables: &LiveTables, scope: Scope) -> Result<SessionContext, SqlError> {
+/// registered for tenants at all. Rows are read when the query scans a table, each table at
+/// its latest closed epoch.
+pub fn session(tables: &Arc<RwLock<LiveTables>>, scope: Scope) -> Result<SessionContext, SqlError> {
     let config = SessionConfig::new()
         .with_information_schema(true)
         .with_default_catalog_and_schema("keel", "live");
     let ctx = SessionContext::new_with_config(config);
-    for name in tables.names() {
-        let batch = match scope {
-            Scope::All => tables.snapshot(name)?,
-            Scope::Tenant(tenant) => match only_tenant(&tables.snapshot(name)?, tenant)? {
-                Some(batch) => batch,
-                None => continue,
+    let guard = tables.read().unwrap_or_else(PoisonError::into_inner);
+    for name in guard.names() {
+        let schema = guard.schema(name)?;
+        if matches!(scope, Scope::Tenant(_)) && schema.index_of("tenant_id").is_err() {
+            continue;
+        }
+        let provider = LiveProvider {
+            tables: tables.clone(),
+            name,
+            schema,
+            tenant: match scope {
+                Scope::All => None,
+                Scope::Tenant(tenant) => Some(tenant.to_string()),
             },
         };
-        let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
-            .map_err(|e| SqlError::Invalid(describe(&e)))?;
-        ctx.register_table(name, Arc::new(table))
+        ctx.register_table(name, Arc::new(provider))
             .map_err(|e| SqlError::Invalid(describe(&e)))?;
     }
     Ok(ctx)
 }
 
-/// The rows of `batch` whose `tenant_id` is `tenant`; `None` if it has no such column.
-fn only_tenant(batch: &RecordBatch, tenant: uuid::Uuid) -> Result<Option<RecordBatch>, SqlError> {
-    let Ok(index) = batch.schema().index_of("tenant_id") else {
-        return Ok(None);
-    };
-    let Ok(column) = arrow::compute::cast(batch.column(index), &arrow::datatypes::DataType::Utf8)
-    else {
-        return Ok(None);
-    };
-    let Some(strings) = column.as_any().downcast_ref::<arrow::array::StringArray>() else {
-        return Ok(None);
-    };
-    let wanted = tenant.to_string();
-    let mask: arrow::array::BooleanArray = strings
-        .iter()
-        .map(|value| Some(value == Some(wanted.as_str())))
-        .collect();
-    arrow::compute::filter_record_batch(batch, &mask)
-        .map(Some)
-        .map_err(|e| SqlError::Invalid(e.to_string()))
+/// One live table as DataFusion sees it: scoped to a tenant, with lookups by key.
+///
+/// Every filter is offered back to the planner as inexact (it still applies them), so the
+/// provider only ever narrows: when the `col = literal` filters pin every key column (the
+/// tenant is pinned by the scope), the scan is one hash lookup; otherwise it is the scope's
+/// rows.
+#[derive(Debug)]
+pub struct LiveProvider {
+    tables: Arc<RwLock<LiveTables>>,
+    name: &'static str,
+    schema: SchemaRef,
+    tenant: Option<String>,
 }
 
-/// Runs one read-only statement over a snapshot of `tables`, as seen by `scope`.
+impl LiveProvider {
+    fn batch(&self, filters: &[Expr]) -> Result<RecordBatch, SqlError> {
+        let tables = self.tables.read().unwrap_or_else(PoisonError::into_inner);
+        let mut pinned: Vec<(String, ScalarValue)> = Vec::new();
+        for filter in filters {
+            for part in split_conjunction(filter) {
+                if let Some(pair) = column_equals(part) {
+                    pinned.push(pair);
+                }
+            }
+        }
+        if let Some(tenant) = &self.tenant {
+            // A filter on another tenant cannot match; the scope's own tenant is implied.
+            let other = pinned.iter().any(|(column, value)| {
+                column == "tenant_id"
+                    && matches!(value, ScalarValue::Utf8(Some(v)) | ScalarValue::Utf8View(Some(v)) | ScalarValue::LargeUtf8(Some(v)) if v != tenant)
+            });
+            if other {
+                return Ok(RecordBatch::new_empty(self.schema.clone()));
+            }
+            pinned.push((
+                "tenant_id".to_owned(),
+                ScalarValue::Utf8(Some(tenant.clone())),
+            ));
+        }
+        let key_columns = tables.key_columns(self.name)?;
+        let key: Option<Vec<Value>> = (!key_columns.is_empty())
+            .then(|| {
+                key_columns
+                    .iter()
+                    .map(|column| {
+                        pinned
+                            .iter()
+                            .find(|(c, _)| c == column)
+                            .and_then(|(_, value)| key_value(value))
+                    })
+                    .collect()
+            })
+            .flatten();
+        let batch = match key {
+            Some(key) => tables.lookup(self.name, &key)?,
+            None => tables.snapshot_of(self.name, self.tenant.as_deref())?,
+        };
+        Ok(batch)
+    }
+}
+
+/// `column = literal` (either way round), with the column's unqualified name.
+fn column_equals(expr: &Expr) -> Option<(String, ScalarValue)> {
+    let Expr::BinaryExpr(BinaryExpr {
+        left,
+        op: Operator::Eq,
+        right,
+    }) = expr
+    else {
+        return None;
+    };
+    let pair = |a: &Expr, b: &Expr| match (a, b) {
+        (Expr::Column(column), Expr::Literal(value, _)) => {
+            Some((column.name.clone(), value.clone()))
+        }
+        _ => None,
+    };
+    pair(left, right).or_else(|| pair(right, left))
+}
+
+/// A literal as the JSON value of a key part: text, integers, and times as milliseconds.
+fn key_value(value: &ScalarValue) -> Option<Value> {
+    Some(match value {
+        ScalarValue::Utf8(Some(v))
+        | ScalarValue::Utf8View(Some(v))
+        | ScalarValue::LargeUtf8(Some(v)) => Value::String(v.clone()),
+        ScalarValue::Int64(Some(v)) => Value::from(*v),
+        ScalarValue::Int32(Some(v)) => Value::from(*v),
+        ScalarValue::UInt64(Some(v)) => Value::from(*v),
+        ScalarValue::UInt32(Some(v)) => Value::from(*v),
+        ScalarValue::TimestampMillisecond(Some(v), _) => Value::from(*v),
+        ScalarValue::TimestampSecond(Some(v), _) => Value::from(v.checked_mul(1000)?),
+        ScalarValue::TimestampMicrosecond(Some(v), _) if v % 1000 == 0 => Value::from(v / 1000),
+        ScalarValue::TimestampNanosecond(Some(v), _) if v % 1_000_000 == 0 => {
+            Value::from(v / 1_000_000)
+        }
+        _ => return None,
+    })
+}
+
+#[async_trait::async_trait]
+impl TableProvider for LiveProvider {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let batch = self
+            .batch(filters)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        let exec = MemorySourceConfig::try_new_exec(
+            &[vec![batch]],
+            self.schema.clone(),
+            projection.cloned(),
+        )?;
+        Ok(exec)
+    }
+}
+
+/// Runs one read-only statement over `tables`, as seen by `scope`.
 pub async fn query(
-    tables: &LiveTables,
+    tables: &Arc<RwLock<LiveTables>>,
     scope: Scope,
     sql: &str,
 ) -> Result<Vec<RecordBatch>, SqlError> {

@@ -99,6 +99,14 @@ impl Interner {
         (id, text)
     }
 
+    fn find(&self, text: &str) -> Option<u32> {
+        let hash = text_hash(text);
+        let shard = self.shards[hash as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shard.get(text).copied()
+    }
+
     fn intern(&self, text: &str) -> u32 {
         let hash = text_hash(text);
         let mut shard = self.shards[hash as usize % SHARDS]
@@ -114,10 +122,37 @@ impl Interner {
 }
 
 thread_local! {
+    /// Set while deserializing text that must not grow the interner (see [`lookup_only`]).
+    static LOOKUP_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static CACHE: RefCell<HashMap<&'static str, Sym, FxBuildHasher>> = RefCell::new(HashMap::default());
 }
 
+/// Runs `f` with `Sym` deserialization in lookup-only mode: text that was never interned fails
+/// to deserialize instead of being interned. For keys built from user input (a SQL literal),
+/// which must not grow the interner, and which cannot match any row if they fail.
+pub fn lookup_only<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            LOOKUP_ONLY.with(|flag| flag.set(self.0));
+        }
+    }
+    let _reset = Reset(LOOKUP_ONLY.with(|flag| flag.replace(true)));
+    f()
+}
+
 impl Sym {
+    /// The handle of `text` if it was interned; never interns.
+    pub fn find(text: &str) -> Option<Sym> {
+        if text.is_empty() {
+            return Some(Sym(0));
+        }
+        if let Some(sym) = CACHE.with(|cache| cache.borrow().get(text).copied()) {
+            return Some(sym);
+        }
+        interner().find(text).map(Sym)
+    }
+
     /// Interns `text` (or finds it) and returns its handle.
     pub fn new(text: &str) -> Sym {
         if text.is_empty() {
@@ -201,6 +236,10 @@ impl Serialize for Sym {
 impl<'de> Deserialize<'de> for Sym {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        if LOOKUP_ONLY.with(std::cell::Cell::get) {
+            return Sym::find(&text)
+                .ok_or_else(|| serde::de::Error::custom("text that was never interned"));
+        }
         Ok(Sym::new(&text))
     }
 }
@@ -208,6 +247,22 @@ impl<'de> Deserialize<'de> for Sym {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_only_finds_interned_text_and_never_interns_new_text() {
+        let known = Sym::new("lookup-only-known");
+        let parsed: Result<(Sym, Sym), _> = lookup_only(|| {
+            serde_json::from_str(r#"["lookup-only-known", "lookup-only-never-seen"]"#)
+        });
+        assert!(parsed.is_err(), "unknown text fails");
+        let parsed: (Sym, Sym) =
+            lookup_only(|| serde_json::from_str(r#"["lookup-only-known", ""]"#)).unwrap();
+        assert_eq!(parsed, (known, Sym::new("")));
+        assert_eq!(Sym::find("lookup-only-never-seen"), None);
+        // Outside the mode, deserializing interns as before.
+        let outside: Sym = serde_json::from_str(r#""lookup-only-later""#).unwrap();
+        assert_eq!(Sym::find("lookup-only-later"), Some(outside));
+    }
 
     #[test]
     fn slots_cover_ids_without_gaps() {

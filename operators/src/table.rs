@@ -49,6 +49,13 @@ pub trait Row:
     type Key: Serialize + DeserializeOwned + Clone + Debug + Hash + Eq + Ord + Send + Sync + 'static;
     /// Fields holding milliseconds since the epoch, which sinks present as UTC timestamps.
     const TIMESTAMPS: &'static [&'static str] = &[];
+    /// The columns the key is made of, in the key's order (a tuple key serializes as an array
+    /// of them). Empty: lookups by key are not offered.
+    const KEY_COLUMNS: &'static [&'static str] = &[];
+    /// The tenant this row belongs to, if it belongs to one.
+    fn tenant(&self) -> Option<&str> {
+        None
+    }
     /// This row's key.
     fn key(&self) -> Self::Key;
 }

@@ -55,6 +55,17 @@ impl RowFilter {
     }
 }
 
+/// Subscribers grouped by tenant and by the column and value of their first equality.
+type GroupKey<'a> = (Option<&'a str>, Option<(&'a str, String)>);
+
+/// The text a value is grouped by: strings as themselves, anything else as JSON.
+fn probe_text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// One row change in an epoch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowChange {
@@ -411,29 +422,70 @@ impl Hub {
     }
 
     /// Pushes one epoch's changes of `table` to its subscribers, each seeing only its rows.
+    ///
+    /// Subscribers are grouped by tenant and by their first equality, so a change costs a few
+    /// hash lookups however many subscribers watch other streams or tenants.
     pub fn publish_rows(&self, table: &'static str, epoch: u64, changes: &[RowChange]) {
         let mut tables = self.lock_tables();
         let Some(subscribers) = tables.get_mut(table) else {
             return;
         };
-        let dropped = &self.inner.dropped;
-        subscribers.retain(|s| {
-            let mine: Vec<RowChange> = changes
-                .iter()
-                .filter(|c| s.filter.matches(&c.row))
-                .cloned()
-                .collect();
-            if mine.is_empty() {
-                return !s.tx.is_closed();
+        let mut groups: HashMap<GroupKey<'_>, Vec<usize>> = HashMap::new();
+        let mut probes: Vec<&str> = Vec::new();
+        for (index, s) in subscribers.iter().enumerate() {
+            let probe = s.filter.equals.first().map(|(column, value)| {
+                if !probes.contains(&column.as_str()) {
+                    probes.push(column);
+                }
+                (column.as_str(), probe_text(value))
+            });
+            groups
+                .entry((s.filter.tenant.as_deref(), probe))
+                .or_default()
+                .push(index);
+        }
+        let mut mine: HashMap<usize, Vec<RowChange>> = HashMap::new();
+        for change in changes {
+            let tenant = change.row.get("tenant_id").and_then(Value::as_str);
+            for tenant in [tenant, None] {
+                if tenant.is_none() && groups.keys().all(|(t, _)| t.is_some()) {
+                    continue;
+                }
+                let mut visit = |key: &GroupKey<'_>| {
+                    for &index in groups.get(key).into_iter().flatten() {
+                        if subscribers[index].filter.matches(&change.row) {
+                            mine.entry(index).or_default().push(change.clone());
+                        }
+                    }
+                };
+                visit(&(tenant, None));
+                for &column in &probes {
+                    if let Some(value) = change.row.get(column) {
+                        visit(&(tenant, Some((column, probe_text(value)))));
+                    }
+                }
+                if tenant.is_none() {
+                    break;
+                }
             }
-            s.offer(
-                Update::Rows {
-                    table,
-                    epoch,
-                    changes: mine,
-                },
-                dropped,
-            )
+        }
+        drop(groups);
+        let dropped = &self.inner.dropped;
+        let mut index = 0;
+        subscribers.retain(|s| {
+            let changes = mine.remove(&index);
+            index += 1;
+            match changes {
+                None => !s.tx.is_closed(),
+                Some(changes) => s.offer(
+                    Update::Rows {
+                        table,
+                        epoch,
+                        changes,
+                    },
+                    dropped,
+                ),
+            }
         });
     }
 

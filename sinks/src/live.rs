@@ -206,6 +206,43 @@ impl<R: Row> LiveTable<R> {
         serde_arrow::to_record_batch(&self.fields, &self.rows).map_err(arrow)
     }
 
+    /// The rows of `tenant` (every row for `None`) as one Arrow batch.
+    pub fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError> {
+        let Some(tenant) = tenant else {
+            return self.snapshot();
+        };
+        let rows: Vec<&R> = self
+            .rows
+            .iter()
+            .filter(|row| row.tenant() == Some(tenant))
+            .collect();
+        self.batch(&rows)
+    }
+
+    /// The row whose key is `key` (the key columns' values, as [`Row::KEY_COLUMNS`] orders
+    /// them), as a batch of zero or one rows. Text in `key` that no row ever held matches
+    /// nothing and is not remembered.
+    pub fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError> {
+        let value = match key {
+            [single] => single.clone(),
+            many => Value::Array(many.to_vec()),
+        };
+        let key: Option<R::Key> =
+            keel_operators::sym::lookup_only(|| serde_json::from_value(value).ok());
+        let row: Vec<&R> = key.as_ref().and_then(|k| self.get(k)).into_iter().collect();
+        self.batch(&row)
+    }
+
+    fn batch(&self, rows: &[&R]) -> Result<RecordBatch, LiveError> {
+        if rows.is_empty() {
+            return Ok(RecordBatch::new_empty(self.schema()));
+        }
+        serde_arrow::to_record_batch(&self.fields, &rows).map_err(|e| LiveError::Arrow {
+            table: self.name,
+            message: e.to_string(),
+        })
+    }
+
     /// The Arrow schema of snapshots.
     pub fn schema(&self) -> SchemaRef {
         Arc::new(Schema::new(self.fields.clone()))
@@ -285,6 +322,9 @@ trait AnyTable: Send + Sync + fmt::Debug {
     fn watch(&mut self, on: bool);
     fn drain_changes(&mut self) -> Vec<RowChange>;
     fn rows_json(&self, filter: &RowFilter) -> Vec<Value>;
+    fn key_columns(&self) -> &'static [&'static str];
+    fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError>;
+    fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError>;
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -307,6 +347,15 @@ impl<R: Row> AnyTable for LiveTable<R> {
     }
     fn rows_json(&self, filter: &RowFilter) -> Vec<Value> {
         LiveTable::rows_json(self, filter)
+    }
+    fn key_columns(&self) -> &'static [&'static str] {
+        R::KEY_COLUMNS
+    }
+    fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError> {
+        LiveTable::snapshot_of(self, tenant)
+    }
+    fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError> {
+        LiveTable::lookup(self, key)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -381,6 +430,21 @@ impl LiveTables {
     /// The rows of `name` as one Arrow batch.
     pub fn snapshot(&self, name: &str) -> Result<RecordBatch, LiveError> {
         self.get(name)?.snapshot()
+    }
+
+    /// The rows of `name` belonging to `tenant` (all rows for `None`) as one Arrow batch.
+    pub fn snapshot_of(&self, name: &str, tenant: Option<&str>) -> Result<RecordBatch, LiveError> {
+        self.get(name)?.snapshot_of(tenant)
+    }
+
+    /// The columns `name`'s key is made of, in order; empty if it offers no lookups.
+    pub fn key_columns(&self, name: &str) -> Result<&'static [&'static str], LiveError> {
+        self.get(name).map(|t| t.key_columns())
+    }
+
+    /// The row of `name` whose key columns hold `key`, as a batch of zero or one rows.
+    pub fn lookup(&self, name: &str, key: &[Value]) -> Result<RecordBatch, LiveError> {
+        self.get(name)?.lookup(key)
     }
 
     fn get(&self, name: &str) -> Result<&dyn AnyTable, LiveError> {

@@ -49,6 +49,10 @@ pub struct StreamRow {
 }
 
 impl Row for StreamRow {
+    const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "internal_name"];
+    fn tenant(&self) -> Option<&str> {
+        Some(self.tenant_id.as_str())
+    }
     const TIMESTAMPS: &'static [&'static str] = &["started_at", "updated_at"];
     type Key = (Sym, Sym);
     fn key(&self) -> Self::Key {
@@ -88,6 +92,11 @@ pub struct ViewerSessionRow {
 }
 
 impl Row for ViewerSessionRow {
+    const KEY_COLUMNS: &'static [&'static str] =
+        &["tenant_id", "internal_name", "node_id", "session_id"];
+    fn tenant(&self) -> Option<&str> {
+        Some(self.tenant_id.as_str())
+    }
     const TIMESTAMPS: &'static [&'static str] = &["connected_at", "disconnected_at"];
     type Key = (Sym, Sym, Sym, CompactString);
     fn key(&self) -> Self::Key {
@@ -136,6 +145,10 @@ pub struct NodeRow {
 }
 
 impl Row for NodeRow {
+    const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "node_id"];
+    fn tenant(&self) -> Option<&str> {
+        Some(self.tenant_id.as_str())
+    }
     const TIMESTAMPS: &'static [&'static str] = &["updated_at"];
     type Key = (Sym, Sym);
     fn key(&self) -> Self::Key {
@@ -165,6 +178,10 @@ pub struct CountryRow {
 }
 
 impl Row for CountryRow {
+    const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "internal_name", "country_code"];
+    fn tenant(&self) -> Option<&str> {
+        Some(self.tenant_id.as_str())
+    }
     type Key = (Sym, Sym, Sym);
     fn key(&self) -> Self::Key {
         (self.tenant_id, self.internal_name, self.country_code)
@@ -191,6 +208,10 @@ pub struct UsageRow {
 }
 
 impl Row for UsageRow {
+    const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "internal_name", "window_start"];
+    fn tenant(&self) -> Option<&str> {
+        Some(self.tenant_id.as_str())
+    }
     const TIMESTAMPS: &'static [&'static str] = &["window_start"];
     type Key = (Sym, Sym, i64);
     fn key(&self) -> Self::Key {
@@ -226,6 +247,10 @@ pub struct HealthRow {
 }
 
 impl Row for HealthRow {
+    const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "internal_name", "window_start"];
+    fn tenant(&self) -> Option<&str> {
+        Some(self.tenant_id.as_str())
+    }
     const TIMESTAMPS: &'static [&'static str] = &["window_start"];
     type Key = (Sym, Sym, i64);
     fn key(&self) -> Self::Key {
@@ -251,6 +276,10 @@ pub struct RoutingRow {
 }
 
 impl Row for RoutingRow {
+    const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "hour"];
+    fn tenant(&self) -> Option<&str> {
+        Some(self.tenant_id.as_str())
+    }
     const TIMESTAMPS: &'static [&'static str] = &["hour"];
     type Key = (Sym, i64);
     fn key(&self) -> Self::Key {
@@ -274,6 +303,10 @@ pub struct IngestErrorRow {
 }
 
 impl Row for IngestErrorRow {
+    const KEY_COLUMNS: &'static [&'static str] = &["position"];
+    fn tenant(&self) -> Option<&str> {
+        self.tenant_id.as_deref()
+    }
     type Key = String;
     fn key(&self) -> Self::Key {
         self.position.clone()
@@ -296,6 +329,10 @@ pub struct UnknownEventRow {
 }
 
 impl Row for UnknownEventRow {
+    const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "event_type"];
+    fn tenant(&self) -> Option<&str> {
+        Some(self.tenant_id.as_str())
+    }
     const TIMESTAMPS: &'static [&'static str] = &["last_seen"];
     type Key = (Sym, Sym);
     fn key(&self) -> Self::Key {
