@@ -363,7 +363,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         source.describe(),
         options.workers
     );
-    eprintln!("keel: API on http://{}", api.address());
+    eprintln!("keel: dashboard and API on http://{}", api.address());
     if let Some(pg) = api.pg_address() {
         eprintln!("keel: PostgreSQL protocol on {pg} (password: a token)");
     }

@@ -214,7 +214,7 @@ fn run_serves_sql_to_the_printed_tenant_token() {
     let mut pg = None;
     while admin.is_none() {
         let line = lines.next().expect("keel run printed its banner").unwrap();
-        if let Some(rest) = line.strip_prefix("keel: API on ") {
+        if let Some(rest) = line.strip_prefix("keel: dashboard and API on ") {
             url = Some(rest.to_owned());
         } else if let Some(rest) = line.strip_prefix("keel: PostgreSQL protocol on ") {
             pg = rest.split_whitespace().next().map(str::to_owned);

@@ -55,9 +55,6 @@ impl RowFilter {
     }
 }
 
-/// Subscribers grouped by tenant and by the column and value of their first equality.
-type GroupKey<'a> = (Option<&'a str>, Option<(&'a str, String)>);
-
 /// The text a value is grouped by: strings as themselves, anything else as JSON.
 fn probe_text(value: &Value) -> String {
     match value {
@@ -281,9 +278,50 @@ impl<F> Subscriber<F> {
     }
 }
 
+/// One table's subscribers, and their grouping (rebuilt only when the set changes).
+#[derive(Default)]
+struct TableSubscribers {
+    list: Vec<Subscriber<RowFilter>>,
+    groups: Option<Groups>,
+}
+
+/// A subscriber group: its tenant (`None`: every tenant) and the column and value of its first
+/// equality.
+type GroupKey = (Option<String>, Option<(String, String)>);
+
+/// Subscriber positions by tenant and by the column and value of their first equality; and
+/// the columns that appear as a first equality.
+#[derive(Default)]
+struct Groups {
+    by_key: HashMap<GroupKey, Vec<usize>>,
+    probes: Vec<String>,
+    any_tenant: bool,
+}
+
+impl Groups {
+    fn of(list: &[Subscriber<RowFilter>]) -> Groups {
+        let mut groups = Groups::default();
+        for (index, s) in list.iter().enumerate() {
+            let probe = s.filter.equals.first().map(|(column, value)| {
+                if !groups.probes.contains(column) {
+                    groups.probes.push(column.clone());
+                }
+                (column.clone(), probe_text(value))
+            });
+            groups.any_tenant |= s.filter.tenant.is_none();
+            groups
+                .by_key
+                .entry((s.filter.tenant.clone(), probe))
+                .or_default()
+                .push(index);
+        }
+        groups
+    }
+}
+
 #[derive(Default)]
 struct HubInner {
-    tables: Mutex<HashMap<&'static str, Vec<Subscriber<RowFilter>>>>,
+    tables: Mutex<HashMap<&'static str, TableSubscribers>>,
     feed: Mutex<Vec<Subscriber<FeedFilter>>>,
     subscribers: AtomicUsize,
     dropped: AtomicU64,
@@ -329,7 +367,7 @@ impl Hub {
     pub fn wants(&self, table: &str) -> bool {
         self.lock_tables()
             .get(table)
-            .is_some_and(|subscribers| !subscribers.is_empty())
+            .is_some_and(|subscribers| !subscribers.list.is_empty())
     }
 
     /// Whether anyone subscribes to the event feed.
@@ -337,9 +375,7 @@ impl Hub {
         !self.lock_feed().is_empty()
     }
 
-    fn lock_tables(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<&'static str, Vec<Subscriber<RowFilter>>>> {
+    fn lock_tables(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, TableSubscribers>> {
         self.inner
             .tables
             .lock()
@@ -407,10 +443,10 @@ impl Hub {
         capacity: usize,
     ) -> Subscription {
         let (subscription, tx, state) = self.subscription(capacity);
-        self.lock_tables()
-            .entry(table)
-            .or_default()
-            .push(Subscriber { filter, tx, state });
+        let mut tables = self.lock_tables();
+        let subscribers = tables.entry(table).or_default();
+        subscribers.list.push(Subscriber { filter, tx, state });
+        subscribers.groups = None;
         subscription
     }
 
@@ -430,49 +466,41 @@ impl Hub {
         let Some(subscribers) = tables.get_mut(table) else {
             return;
         };
-        let mut groups: HashMap<GroupKey<'_>, Vec<usize>> = HashMap::new();
-        let mut probes: Vec<&str> = Vec::new();
-        for (index, s) in subscribers.iter().enumerate() {
-            let probe = s.filter.equals.first().map(|(column, value)| {
-                if !probes.contains(&column.as_str()) {
-                    probes.push(column);
-                }
-                (column.as_str(), probe_text(value))
-            });
-            groups
-                .entry((s.filter.tenant.as_deref(), probe))
-                .or_default()
-                .push(index);
-        }
+        let groups = subscribers
+            .groups
+            .get_or_insert_with(|| Groups::of(&subscribers.list));
+        let list = &subscribers.list;
         let mut mine: HashMap<usize, Vec<RowChange>> = HashMap::new();
+        let mut key: GroupKey = (None, None);
         for change in changes {
             let tenant = change.row.get("tenant_id").and_then(Value::as_str);
-            for tenant in [tenant, None] {
-                if tenant.is_none() && groups.keys().all(|(t, _)| t.is_some()) {
-                    continue;
-                }
-                let mut visit = |key: &GroupKey<'_>| {
-                    for &index in groups.get(key).into_iter().flatten() {
-                        if subscribers[index].filter.matches(&change.row) {
+            let passes: &[Option<&str>] = match (tenant, groups.any_tenant) {
+                (Some(_), true) => &[tenant, None],
+                _ => &[tenant],
+            };
+            for &pass in passes {
+                key.0 = pass.map(str::to_owned);
+                key.1 = None;
+                let mut visit = |key: &GroupKey| {
+                    for &index in groups.by_key.get(key).into_iter().flatten() {
+                        if list[index].filter.matches(&change.row) {
                             mine.entry(index).or_default().push(change.clone());
                         }
                     }
                 };
-                visit(&(tenant, None));
-                for &column in &probes {
+                visit(&key);
+                for column in &groups.probes {
                     if let Some(value) = change.row.get(column) {
-                        visit(&(tenant, Some((column, probe_text(value)))));
+                        key.1 = Some((column.clone(), probe_text(value)));
+                        visit(&key);
                     }
-                }
-                if tenant.is_none() {
-                    break;
                 }
             }
         }
-        drop(groups);
         let dropped = &self.inner.dropped;
+        let before = subscribers.list.len();
         let mut index = 0;
-        subscribers.retain(|s| {
+        subscribers.list.retain(|s| {
             let changes = mine.remove(&index);
             index += 1;
             match changes {
@@ -487,6 +515,9 @@ impl Hub {
                 ),
             }
         });
+        if subscribers.list.len() != before {
+            subscribers.groups = None;
+        }
     }
 
     /// Pushes decoded events to the feed subscribers whose filters pass them.
@@ -575,6 +606,9 @@ fn first_epoch(update: &TableUpdate) -> Option<u64> {
     }
 }
 
+/// Most changes merged into one message from a subscriber's backlog.
+const COALESCE_ROWS: usize = 4096;
+
 struct TableStream {
     tables: Arc<RwLock<LiveTables>>,
     table: &'static str,
@@ -598,9 +632,30 @@ impl TableStream {
                 return Some(fresh);
             }
             match self.subscription.updates.recv().await? {
-                Update::Rows { epoch, changes, .. } => {
+                Update::Rows {
+                    mut epoch,
+                    mut changes,
+                    ..
+                } => {
                     if self.seen.is_some_and(|seen| epoch <= seen) {
                         continue;
+                    }
+                    // A reader that fell behind takes what else is queued as one message: the
+                    // changes in order, as of the newest epoch (fewer, larger messages exactly
+                    // when the connection is the bottleneck).
+                    while changes.len() < COALESCE_ROWS && !self.subscription.lagged() {
+                        match self.subscription.updates.try_recv() {
+                            Ok(Update::Rows {
+                                epoch: next,
+                                changes: more,
+                                ..
+                            }) => {
+                                epoch = next;
+                                changes.extend(more);
+                            }
+                            Ok(Update::Event(_)) => {}
+                            Err(_) => break,
+                        }
                     }
                     self.seen = Some(epoch);
                     return Some(TableUpdate::Changes { epoch, changes });
