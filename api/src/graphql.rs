@@ -1246,7 +1246,7 @@ fn table_message(table: &str, update: TableUpdate) -> TableUpdateMessage {
                 .into_iter()
                 .map(|c| RowDiff {
                     diff: i32::from(c.diff),
-                    row: Json(c.row),
+                    row: Json(Arc::unwrap_or_clone(c.row)),
                 })
                 .collect(),
         },

@@ -68,8 +68,9 @@ fn probe_text(value: &Value) -> String {
 pub struct RowChange {
     /// `-1`: the row left; `1`: it arrived.
     pub diff: i8,
-    /// The row.
-    pub row: Value,
+    /// The row, shared: a change goes to every subscriber it passes without a copy, and the
+    /// last holder can take it (`Arc::unwrap_or_clone`).
+    pub row: Arc<Value>,
 }
 
 /// Feed channels, as a bit set.
@@ -674,7 +675,7 @@ mod tests {
     fn change(diff: i8, tenant: &str, n: u64) -> RowChange {
         RowChange {
             diff,
-            row: json!({ "tenant_id": tenant, "n": n }),
+            row: Arc::new(json!({ "tenant_id": tenant, "n": n })),
         }
     }
 
@@ -808,10 +809,10 @@ mod tests {
             TableUpdate::Changes { changes, .. } => {
                 for change in changes {
                     if change.diff < 0 {
-                        let at = held.iter().position(|r| *r == change.row);
+                        let at = held.iter().position(|r| *r == *change.row);
                         held.remove(at.expect("a removed row was held"));
                     } else {
-                        held.push(change.row);
+                        held.push(Arc::unwrap_or_clone(change.row));
                     }
                 }
             }

@@ -275,13 +275,13 @@ impl<R: Row> LiveTable<R> {
             if let Some(before) = &before {
                 outs.push(RowChange {
                     diff: -1,
-                    row: row_json(before),
+                    row: Arc::new(row_json(before)),
                 });
             }
             if let Some(after) = after {
                 ins.push(RowChange {
                     diff: 1,
-                    row: row_json(after),
+                    row: Arc::new(row_json(after)),
                 });
             }
         }
