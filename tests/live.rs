@@ -1150,6 +1150,8 @@ async fn one_tenants_token_never_sees_another_tenants_row_through_any_door() {
         frames.contains(&b),
         "the subscriptions carried B's own rows"
     );
+    // No table a subscriber can see carries a client address either (raw samples included).
+    assert_no_hosts(&frames, &fleet.hosts);
     seen.push(("liveTable".into(), frames));
 
     let sqls = [

@@ -164,7 +164,7 @@ impl EpochState for UnknownState {
             let stamp = (event.time, event.id);
             if sums.newest.is_none_or(|newest| newest < stamp) {
                 sums.newest = Some(stamp);
-                sums.sample = unknown.json;
+                sums.sample = crate::privacy::scrub_json(&unknown.json);
             }
         }
     }

@@ -78,7 +78,7 @@ fn error_row(error: IngestError) -> PeriscopeChange {
         reason: error.reason,
         event_type: error.event_type,
         tenant_id: error.tenant_id,
-        excerpt: error.excerpt,
+        excerpt: crate::privacy::scrub_json(&error.excerpt),
     }))
 }
 

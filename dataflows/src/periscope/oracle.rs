@@ -716,7 +716,7 @@ fn reference(events: &[Event], now: i64) -> Tables {
                 event_type: kind,
                 events: group.len() as u64,
                 last_seen: newest.time,
-                sample: u.json.clone(),
+                sample: crate::privacy::scrub_json(&u.json),
             },
         );
     }
