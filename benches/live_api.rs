@@ -19,6 +19,10 @@
 //! 3. **SQL point query** on the `viewer_sessions` table the run filled (topped up to a million
 //!    sessions before parts 2 and 3): p50/p99 of one session looked up by a tenant's token.
 
+mod support;
+
+use support::cpu_seconds;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -76,21 +80,6 @@ fn micros_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
-}
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// A version-2 viewer connection on stream `s{stream}` whose session id carries its send time.
@@ -252,10 +241,9 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // The producer: paced in 1 ms steps; the first second warms up and is not measured.
+    // The producer: paced in 0.5 ms steps; the first second warms up and is not measured.
     let warmup = Duration::from_secs(1);
     let total = Duration::from_secs(options.seconds) + warmup;
-    let cpu_before = cpu_seconds();
     let began = Instant::now();
     let mut seq = 0u64;
     let mut measured_from = None;
@@ -283,7 +271,6 @@ fn main() {
     let cpu = cpu_seconds() - cpu_from;
     std::thread::sleep(Duration::from_millis(500));
     measured.measuring.store(false, Ordering::Relaxed);
-    let _ = cpu_before;
     let mut latencies = std::mem::take(&mut *measured.latencies.lock().unwrap());
     latencies.sort_unstable();
     let sent = seq - measured_seq;
@@ -360,10 +347,9 @@ fn main() {
         let scope = Scope::Tenant(tenant(stream % TENANTS).parse().unwrap());
         let sql = format!("SELECT * FROM viewer_sessions WHERE internal_name = 's{stream}'");
         let t = Instant::now();
-        let batches = runtime.block_on(async {
-            let ctx = keel_api::sql::session(&handles.tables, scope).unwrap();
-            keel_api::sql::run(&ctx, &sql).await.unwrap()
-        });
+        let batches = runtime
+            .block_on(keel_api::sql::query(&handles.tables, scope, &sql))
+            .unwrap();
         naive.push(t.elapsed().as_micros() as u64);
         assert!(batches.iter().map(|b| b.num_rows()).sum::<usize>() > 0);
     }
@@ -435,10 +421,9 @@ fn main() {
             stream % 16
         );
         let t = Instant::now();
-        let batches = runtime.block_on(async {
-            let ctx = keel_api::sql::session(&handles.tables, scope).unwrap();
-            keel_api::sql::run(&ctx, &sql).await.unwrap()
-        });
+        let batches = runtime
+            .block_on(keel_api::sql::query(&handles.tables, scope, &sql))
+            .unwrap();
         point.push(t.elapsed().as_micros() as u64);
         assert_eq!(
             batches.iter().map(|b| b.num_rows()).sum::<usize>(),

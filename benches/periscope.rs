@@ -18,6 +18,10 @@
 //! 4. **Memory**: bytes of resident memory per open viewer session, with `--sessions` sessions
 //!    open at once (measured in a child process so nothing else is resident).
 
+mod support;
+
+use support::cpu_seconds;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -83,19 +87,6 @@ fn fleet(seed: u64) -> SimConfig {
         arrivals_per_second: 1_000.0,
         ..SimConfig::default()
     }
-}
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
 }
 
 fn memory_kib(field: &str) -> u64 {

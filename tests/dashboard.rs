@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use keel_api::server::Limits;
-use keel_sinks::hub::RowFilter;
 use live_support::{Live, Ws, fleet};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -222,18 +221,13 @@ async fn the_dashboard_signs_in_draws_live_numbers_and_runs_sql_in_a_real_browse
 
     // The numbers converge on the tables' own, from pushed changes alone.
     let (viewers, live_streams, nodes) = {
-        let tables = live.handles.tables.read().unwrap();
-        let filter = RowFilter {
-            tenant: Some(a.clone()),
-            equals: Vec::new(),
-        };
-        let streams = tables.rows_json("streams", &filter).unwrap();
+        let streams = live.rows("streams", &a);
         let viewers: i64 = streams
             .iter()
             .map(|s| s["current_viewers"].as_i64().unwrap())
             .sum();
         let live_streams = streams.iter().filter(|s| s["status"] == "live").count();
-        let nodes = tables.rows_json("nodes", &filter).unwrap().len();
+        let nodes = live.rows("nodes", &a).len();
         (viewers, live_streams, nodes)
     };
     assert!(nodes > 0);
@@ -303,14 +297,7 @@ async fn the_dashboard_signs_in_draws_live_numbers_and_runs_sql_in_a_real_browse
             Duration::from_secs(20),
         )
         .await;
-    let expected_rows = {
-        let tables = live.handles.tables.read().unwrap();
-        let filter = RowFilter {
-            tenant: Some(a.clone()),
-            equals: Vec::new(),
-        };
-        tables.rows_json("streams", &filter).unwrap().len()
-    };
+    let expected_rows = live.rows("streams", &a).len();
     assert_eq!(rows, expected_rows.to_string());
     browser
         .eval("document.getElementById('sql').value = 'DROP TABLE streams'; document.getElementById('run-sql').click(); true")

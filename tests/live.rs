@@ -429,11 +429,7 @@ async fn a_table_subscription_is_a_snapshot_then_changes_that_add_up_to_the_tabl
             tenant: Some(a.clone()),
             equals,
         };
-        let mut rows = BTreeMap::new();
-        for row in tables.rows_json("streams", &filter).unwrap() {
-            *rows.entry(row.to_string()).or_default() += 1;
-        }
-        rows
+        multiset(tables.rows_json("streams", &filter).unwrap())
     };
     let all = expect(Vec::new());
     assert!(all.len() > 2, "tenant A has streams");
@@ -621,15 +617,8 @@ async fn graphql_queries_answer_from_the_live_tables_within_the_tenant() {
         }
         after = page["pageInfo"]["endCursor"].clone();
     }
-    let tables = live.handles.tables.read().unwrap().rows_json(
-        "streams",
-        &RowFilter {
-            tenant: Some(a.clone()),
-            equals: Vec::new(),
-        },
-    );
-    let mut expected: Vec<String> = tables
-        .unwrap()
+    let mut expected: Vec<String> = live
+        .rows("streams", &a)
         .iter()
         .map(|r| r["internal_name"].as_str().unwrap().to_owned())
         .collect();
@@ -866,16 +855,7 @@ async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
         snapshots >= 2,
         "the lagging table subscriber got a fresh snapshot"
     );
-    let tables = live.handles.tables.read().unwrap();
-    let filter = RowFilter {
-        tenant: Some(a.clone()),
-        equals: Vec::new(),
-    };
-    let mut expect = BTreeMap::new();
-    for row in tables.rows_json("viewer_sessions", &filter).unwrap() {
-        *expect.entry(row.to_string()).or_insert(0) += 1;
-    }
-    assert_eq!(rows, expect);
+    assert_eq!(rows, multiset(live.rows("viewer_sessions", &a)));
     let dropped = live.handles.hub.dropped();
     assert!(dropped > 0);
 }
@@ -913,14 +893,7 @@ async fn psql_reads_the_live_tables_with_a_token_as_password_within_the_tenant()
     let admin = live.admin();
     let tables = live.handles.tables.clone();
     let expected = move |tenant: &str| {
-        let tables = tables.read().unwrap();
-        let filter = RowFilter {
-            tenant: Some(tenant.to_owned()),
-            equals: Vec::new(),
-        };
-        let mut names: Vec<String> = tables
-            .rows_json("streams", &filter)
-            .unwrap()
+        let mut names: Vec<String> = tenant_rows(&tables, "streams", tenant)
             .iter()
             .map(|r| r["internal_name"].as_str().unwrap().to_owned())
             .collect();
@@ -992,17 +965,7 @@ async fn a_driver_on_the_extended_protocol_gets_typed_binary_values() {
     .fetch_all(&mut db)
     .await
     .unwrap();
-    let filter = RowFilter {
-        tenant: Some(a.clone()),
-        equals: Vec::new(),
-    };
-    let mut expected = live
-        .handles
-        .tables
-        .read()
-        .unwrap()
-        .rows_json("streams", &filter)
-        .unwrap();
+    let mut expected = live.rows("streams", &a);
     expected.sort_by_key(|r| r["internal_name"].as_str().unwrap().to_owned());
     assert_eq!(rows.len(), expected.len());
     assert!(!rows.is_empty());
@@ -1122,14 +1085,9 @@ async fn one_tenants_token_never_sees_another_tenants_row_through_any_door() {
     // What must never reach tenant B: the other tenants' ids and their streams' ids.
     let mut forbidden: Vec<String> = Vec::new();
     {
-        let tables = live.handles.tables.read().unwrap();
         for tenant in fleet.tenants.iter().filter(|t| **t != b) {
             forbidden.push(tenant.clone());
-            let filter = RowFilter {
-                tenant: Some(tenant.clone()),
-                equals: Vec::new(),
-            };
-            let rows = tables.rows_json("streams", &filter).unwrap();
+            let rows = live.rows("streams", tenant);
             assert!(!rows.is_empty(), "tenant {tenant} has streams to leak");
             forbidden.extend(
                 rows.iter()

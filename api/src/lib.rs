@@ -3,8 +3,8 @@
 //! The read side of Keel: how people and programs get at the live tables.
 //!
 //! - [`auth`]: bearer JWTs (HS256) and static tokens; the token decides whose rows a caller sees.
-//! - [`sql`]: read-only SQL over snapshots of the live tables (DataFusion), scoped by tenant.
-//! - [`server`]: the HTTP API (axum): health, readiness, metrics, `POST /v1/sql`.
+//! - [`sql`]: read-only SQL over the live tables (DataFusion), scoped by tenant, with key lookups.
+//! - [`server`]: the HTTP API (axum): the routes (`/`, `/v1/sql`, `/graphql`, `/ws`, health, readiness, metrics), errors, limits.
 //! - [`graphql`]: GraphQL queries and subscriptions, incremental table results among them.
 //! - [`signalman`]: the `/ws` event feed in the platform's JSON protocol.
 //! - [`pg`]: the same SQL over the PostgreSQL wire protocol, for `psql` and Grafana.

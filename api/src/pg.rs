@@ -40,7 +40,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::{Auth, Principal};
 use crate::server::{ApiState, now_millis};
-use crate::sql::{SqlError, run, session};
+use crate::sql::{SqlError, query};
 
 /// Serves the Postgres protocol on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: ApiState) {
@@ -213,8 +213,9 @@ impl Queries {
             .session_extensions()
             .get::<Principal>()
             .ok_or_else(|| user_error("28000", "not authenticated"))?;
-        let ctx = session(&self.state.tables, caller.scope).map_err(sql_error)?;
-        run(&ctx, sql).await.map_err(sql_error)
+        query(&self.state.tables, caller.scope, sql)
+            .await
+            .map_err(sql_error)
     }
 
     /// The result columns of `sql`, planned but not run.

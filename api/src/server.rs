@@ -27,7 +27,7 @@ use keel_sinks::live::LiveTables;
 use crate::auth::{Auth, AuthError, Principal};
 use crate::format::{Format, render};
 use crate::metrics::{EngineStats, Metrics, render as render_metrics};
-use crate::sql::{SqlError, run, session};
+use crate::sql::SqlError;
 
 /// Largest request body accepted, bytes.
 pub const MAX_BODY: usize = 1 << 20;
@@ -234,8 +234,7 @@ async fn sql(
             "Accept must allow application/json, text/csv or {ARROW_STREAM}"
         ))
     })?;
-    let ctx = session(&state.tables, caller.scope)?;
-    let batches = run(&ctx, &query.sql).await?;
+    let batches = crate::sql::query(&state.tables, caller.scope, &query.sql).await?;
     let (content_type, body) = match format {
         Format::Csv => ("text/csv", render(&batches, Format::Csv)),
         Format::Arrow => (ARROW_STREAM, render(&batches, Format::Arrow)),

@@ -196,14 +196,7 @@ impl<R: Row> LiveTable<R> {
 
     /// The rows as one Arrow batch.
     pub fn snapshot(&self) -> Result<RecordBatch, LiveError> {
-        let arrow = |e: serde_arrow::Error| LiveError::Arrow {
-            table: self.name,
-            message: e.to_string(),
-        };
-        if self.rows.is_empty() {
-            return Ok(RecordBatch::new_empty(self.schema()));
-        }
-        serde_arrow::to_record_batch(&self.fields, &self.rows).map_err(arrow)
+        self.batch(&self.rows)
     }
 
     /// The rows of `tenant` (every row for `None`) as one Arrow batch.
@@ -233,7 +226,7 @@ impl<R: Row> LiveTable<R> {
         self.batch(&row)
     }
 
-    fn batch(&self, rows: &[&R]) -> Result<RecordBatch, LiveError> {
+    fn batch<T: serde::Serialize>(&self, rows: &[T]) -> Result<RecordBatch, LiveError> {
         if rows.is_empty() {
             return Ok(RecordBatch::new_empty(self.schema()));
         }

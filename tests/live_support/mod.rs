@@ -3,8 +3,8 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -12,6 +12,8 @@ use keel::engine::{self, EngineOptions, Handles};
 use keel::serve::Api;
 use keel_api::auth::{Auth, Claims, Role, StaticToken};
 use keel_api::server::Limits;
+use keel_sinks::hub::RowFilter;
+use keel_sinks::live::LiveTables;
 use keel_sources::codec::{TimeBounds, decode_checked};
 use keel_sources::memory::{MemorySender, MemorySource, OwnedRecord};
 use keel_sources::record::{Headers, Position, Record};
@@ -169,6 +171,11 @@ impl Live {
             .unwrap()
     }
 
+    /// The rows of `table` that `tenant` owns, as the API renders them.
+    pub fn rows(&self, table: &str, tenant: &str) -> Vec<Value> {
+        tenant_rows(&self.handles.tables, table, tenant)
+    }
+
     pub fn admin(&self) -> String {
         self.auth.issue(&Claims::admin("ops", FAR)).unwrap()
     }
@@ -254,4 +261,22 @@ pub async fn drain_feed(ws: &mut Ws, quiet: Duration) -> Vec<(String, Value)> {
         }
     }
     out
+}
+
+/// The rows of `table` that `tenant` owns, as the API renders them.
+pub fn tenant_rows(tables: &RwLock<LiveTables>, table: &str, tenant: &str) -> Vec<Value> {
+    let filter = RowFilter {
+        tenant: Some(tenant.to_owned()),
+        equals: Vec::new(),
+    };
+    tables.read().unwrap().rows_json(table, &filter).unwrap()
+}
+
+/// Rows as a multiset keyed by their JSON text.
+pub fn multiset(rows: impl IntoIterator<Item = Value>) -> BTreeMap<String, i64> {
+    let mut counts = BTreeMap::new();
+    for row in rows {
+        *counts.entry(row.to_string()).or_default() += 1;
+    }
+    counts
 }
