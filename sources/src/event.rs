@@ -295,6 +295,32 @@ pub struct NodeUpdate {
     pub mode: NodeMode,
     /// Node's base URL.
     pub base_url: Sym,
+    /// What the node offers (`ingest`, `edge`, `storage`, `processing`, then its roles),
+    /// lower-case; empty when the producer did not say (version 1).
+    pub capabilities: Vec<Sym>,
+    /// The node's stream map: what it carries and for how many viewers.
+    pub streams: Vec<NodeStream>,
+    /// Viewer connections open on the node.
+    pub connections: u64,
+}
+
+/// One entry of a node's stream map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStream {
+    /// Internal name without its prefix.
+    pub name: Sym,
+    /// Viewers of the stream on this node.
+    pub viewers: u64,
+    /// Inputs (an origin has at least one).
+    pub inputs: u64,
+    /// Bandwidth per viewer, bytes/s (0 = not reported).
+    pub bandwidth: u64,
+    /// Bytes sent to viewers so far.
+    pub bytes_up: u64,
+    /// Bytes received so far.
+    pub bytes_down: u64,
+    /// Pulled from another node rather than ingested here.
+    pub replicated: bool,
 }
 
 /// A load-balancing decision.

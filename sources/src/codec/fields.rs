@@ -167,6 +167,9 @@ fields! {
         // Nodes.
         cpu_tenths, cpu_usage, ram_max, ram_current, up_speed, down_speed, bw_limit, location,
         active_streams, stream_count, base_url, is_healthy, operational_mode,
+        connections_current,
+        // A node's stream map entries.
+        total, bandwidth, bytes_up, bytes_down, replicated,
         // Routing.
         selected_node, selected_node_id, score, node_latitude, node_longitude,
         routing_distance_km,

@@ -428,6 +428,14 @@ impl<'a> Json<'a> {
         Ok(code)
     }
 
+    /// Skips one value of any kind, checking its syntax, and returns its text.
+    pub fn raw(&mut self) -> Result<&'a str, JsonError> {
+        self.skip_ws();
+        let start = self.pos;
+        self.skip()?;
+        Ok(&self.text[start..self.pos])
+    }
+
     /// Skips one value of any kind, checking its syntax.
     pub fn skip(&mut self) -> Result<(), JsonError> {
         match self.peek() {

@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::error::{IngestError, excerpt};
 use crate::event::{
-    Event, EventKind, IngestStart, NodeMode, NodeUpdate, RoutingDecision, SignalKind, StreamBuffer,
+    Event, EventKind, IngestStart, NodeMode, NodeStream, NodeUpdate, RoutingDecision, SignalKind, StreamBuffer,
     StreamEnd, StreamRef, StreamSignal, StreamUpdate, TrackList, UnknownEvent, ViewerConnect,
     ViewerDisconnect, ViewerPlace,
 };
@@ -80,6 +80,15 @@ struct Parsed<'a> {
     payload_name: Option<&'static str>,
     /// Version 2's payload fields (read in place: `Fields` is large).
     payload: Fields<'a>,
+    /// The payload's object-valued fields Keel reads, as raw text.
+    nested: Nested<'a>,
+}
+
+/// Object-valued payload fields, kept as text and read only by the kinds that use them.
+#[derive(Default)]
+struct Nested<'a> {
+    capabilities: Option<&'a str>,
+    streams: Option<&'a str>,
 }
 
 /// Why a record cannot be used (the `reason` of its error row).
@@ -106,9 +115,26 @@ fn read_scalar<'a>(json: &mut Json<'a>, key: &str) -> Result<Value<'a>, Reason> 
     })
 }
 
-fn read_fields<'a>(json: &mut Json<'a>, fields: &mut Fields<'a>) -> Result<(), Reason> {
+fn read_fields<'a>(
+    json: &mut Json<'a>,
+    fields: &mut Fields<'a>,
+    nested: &mut Nested<'a>,
+) -> Result<(), Reason> {
     json.object(|json, key| {
-        if !fields.read(&key.get(), json)? {
+        let key = key.get();
+        let slot = match &*key {
+            "capabilities" => &mut nested.capabilities,
+            "streams" => &mut nested.streams,
+            _ => {
+                if !fields.read(&key, json)? {
+                    json.skip()?;
+                }
+                return Ok(());
+            }
+        };
+        if json.peek() == Some(b'{') {
+            *slot = Some(json.raw()?);
+        } else {
             json.skip()?;
         }
         Ok(())
@@ -135,7 +161,7 @@ fn read_data<'a>(json: &mut Json<'a>, parsed: &mut Parsed<'a>) -> Result<(), Rea
         if json.peek() != Some(b'{') {
             return Err(Reason(format!("payload \"{name}\": expected an object")));
         }
-        read_fields(json, &mut parsed.payload)?;
+        read_fields(json, &mut parsed.payload, &mut parsed.nested)?;
         parsed.payload_name = Some(name);
         Ok(())
     })
@@ -388,7 +414,7 @@ fn version_2(
         "stream_buffer" => EventKind::StreamBuffer(stream_buffer(p, d)?),
         "stream_end" => EventKind::StreamEnd(stream_end(p, d)?),
         "stream_track_list" => EventKind::TrackList(track_list(p, d)?),
-        "node_lifecycle_update" => EventKind::NodeUpdate(node_update(p, d)?),
+        "node_lifecycle_update" => EventKind::NodeUpdate(node_update(p, d, &parsed.nested)?),
         "load_balancing" => EventKind::Routing(routing(p, d)?),
         "push_end" => signal(SignalKind::PushEnd, p, d)?,
         "push_out_start" => signal(SignalKind::PushOutStart, p, d)?,
@@ -424,7 +450,7 @@ fn version_1(d: &Fields<'_>, event_type: &str, record: &Record<'_>) -> Result<Ev
         "stream-buffer" => EventKind::StreamBuffer(stream_buffer(d, d)?),
         "stream-end" => EventKind::StreamEnd(stream_end(d, d)?),
         "track-list" => EventKind::TrackList(track_list(d, d)?),
-        "node-lifecycle" => EventKind::NodeUpdate(node_update(d, d)?),
+        "node-lifecycle" => EventKind::NodeUpdate(node_update(d, d, &Nested::default())?),
         "load-balancing" => EventKind::Routing(routing(d, d)?),
         "push-lifecycle" => match sub_type.as_deref() {
             Some("push_out_start") => signal(SignalKind::PushOutStart, d, d)?,
@@ -664,7 +690,88 @@ fn track_list(p: &Fields<'_>, d: &Fields<'_>) -> Result<TrackList, String> {
     })
 }
 
-fn node_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<NodeUpdate, String> {
+/// Reads a node's capability flags and roles: `{"ingest": true, ..., "roles": ["edge"]}`.
+fn capabilities(text: Option<&str>) -> Result<Vec<Sym>, String> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    let bad = |e: json::JsonError| format!("field \"capabilities\": {e}");
+    let mut json = Json::new(text);
+    let mut found: Vec<Sym> = Vec::new();
+    let mut add = |name: &str| {
+        let name = Sym::new(&name.to_ascii_lowercase());
+        if !name.is_empty() && !found.contains(&name) {
+            found.push(name);
+        }
+    };
+    json.object(|json, key| {
+        let key = key.get();
+        if key == "roles" {
+            if json.peek() != Some(b'[') {
+                return json.skip();
+            }
+            return json.array(|json| match json.scalar()? {
+                Ok(Value::Str(role)) => {
+                    add(&role.get());
+                    Ok(())
+                }
+                _ => Ok(()),
+            });
+        }
+        if let Ok(Value::Bool(true)) = json.scalar()? {
+            add(&key);
+        }
+        Ok(())
+    })
+    .map_err(bad)?;
+    Ok(found)
+}
+
+/// Reads a node's stream map: `{"live+name": {"total": 4, "inputs": 1, ...}, ...}`.
+fn node_streams(text: Option<&str>) -> Result<Vec<NodeStream>, String> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    let mut json = Json::new(text);
+    let mut streams = Vec::new();
+    json.object(|json, name| {
+        let name = name.get();
+        let field = |e: String| Reason(format!("field \"streams\" entry {name:?}: {e}"));
+        if json.peek() != Some(b'{') {
+            return Err(field("expected an object".to_owned()));
+        }
+        let mut f = Fields::default();
+        read_fields(json, &mut f, &mut Nested::default())?;
+        streams.push(NodeStream {
+            name: Sym::new(internal_name(&name)),
+            viewers: first_uint(&[(f.total(), "total"), (f.viewers(), "viewers")])
+                .map_err(field)?
+                .unwrap_or(0),
+            inputs: uint(f.inputs(), "inputs").map_err(field)?.unwrap_or(0),
+            bandwidth: uint(f.bandwidth(), "bandwidth").map_err(field)?.unwrap_or(0),
+            bytes_up: uint(f.bytes_up(), "bytes_up").map_err(field)?.unwrap_or(0),
+            bytes_down: uint(f.bytes_down(), "bytes_down").map_err(field)?.unwrap_or(0),
+            replicated: flag(f.replicated(), "replicated").map_err(field)?.unwrap_or(false),
+        });
+        Ok(())
+    })
+    .map_err(|e: Reason| {
+        if e.0.starts_with("field") {
+            e.0
+        } else {
+            format!("field \"streams\": {}", e.0)
+        }
+    })?;
+    streams.sort_unstable_by_key(|s| s.name);
+    streams.dedup_by_key(|s| s.name);
+    Ok(streams)
+}
+
+fn node_update(
+    p: &Fields<'_>,
+    d: &Fields<'_>,
+    nested: &Nested<'_>,
+) -> Result<NodeUpdate, String> {
     let node = node(p, d);
     if node.is_empty() {
         return Err("node update without node_id".to_owned());
@@ -698,6 +805,9 @@ fn node_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<NodeUpdate, String> {
         is_healthy: flag(p.is_healthy(), "is_healthy")?.unwrap_or(false),
         mode,
         base_url: sym(p.base_url()),
+        capabilities: capabilities(nested.capabilities)?,
+        streams: node_streams(nested.streams)?,
+        connections: uint(p.connections_current(), "connections_current")?.unwrap_or(0),
     })
 }
 

@@ -93,6 +93,13 @@ fn version_2_poller_updates() {
     assert_eq!(n.mode, NodeMode::Draining);
     assert!(n.is_healthy);
     assert_eq!(n.location.as_str(), "Leiden");
+    assert_eq!(
+        n.capabilities.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        ["ingest", "edge"]
+    );
+    assert_eq!(n.streams.len(), 1);
+    assert_eq!(n.streams[0].name.as_str(), "demo");
+    assert_eq!(n.streams[0].viewers, 4);
 
     let event = ok(&v2(
         "stream_lifecycle_update",
@@ -417,4 +424,59 @@ proptest! {
             prop_assert!(!e.reason.is_empty());
         }
     }
+}
+
+#[test]
+fn node_stream_map_entries() {
+    let event = ok(&v2(
+        "node_lifecycle_update",
+        r#"{"node_lifecycle_update":{"node_id":"e","connections_current":"12","capabilities":{"edge":true,"ingest":false,"roles":["Edge","transcode",7]},"streams":{"live+b":{"total":"3","inputs":0,"bandwidth":"200000","bytes_up":"9","bytes_down":"8","replicated":true},"vod+a":{"viewers":2,"inputs":1}}}}"#,
+    ));
+    let EventKind::NodeUpdate(n) = event.kind else {
+        panic!("{event:?}")
+    };
+    assert_eq!(n.connections, 12);
+    assert_eq!(
+        n.capabilities.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        ["edge", "transcode"]
+    );
+    let a = NodeStream {
+        name: Sym::new("a"),
+        viewers: 2,
+        inputs: 1,
+        ..NodeStream::default()
+    };
+    let b = NodeStream {
+        name: Sym::new("b"),
+        viewers: 3,
+        inputs: 0,
+        bandwidth: 200_000,
+        bytes_up: 9,
+        bytes_down: 8,
+        replicated: true,
+    };
+    assert_eq!(n.streams, vec![a, b]);
+}
+
+#[test]
+fn bad_node_stream_maps_are_refused_with_the_entry() {
+    let error = err(&v2(
+        "node_lifecycle_update",
+        r#"{"node_lifecycle_update":{"node_id":"e","streams":{"x":{"total":"many"}}}}"#,
+    ));
+    assert!(error.reason.contains("streams") && error.reason.contains("\"x\""), "{}", error.reason);
+    let error = err(&v2(
+        "node_lifecycle_update",
+        r#"{"node_lifecycle_update":{"node_id":"e","streams":{"x":5}}}"#,
+    ));
+    assert!(error.reason.contains("expected an object"), "{}", error.reason);
+    // A stream map that is not an object is ignored, like any field of the wrong shape.
+    let event = ok(&v2(
+        "node_lifecycle_update",
+        r#"{"node_lifecycle_update":{"node_id":"e","streams":[1,2],"capabilities":"edge"}}"#,
+    ));
+    let EventKind::NodeUpdate(n) = event.kind else {
+        panic!("{event:?}")
+    };
+    assert!(n.streams.is_empty() && n.capabilities.is_empty());
 }

@@ -1,7 +1,7 @@
 //! The simulated fleet and its discrete-event clock.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use keel_operators::time::{MINUTE, SECOND, parse_rfc3339};
 use uuid::Uuid;
@@ -866,6 +866,34 @@ impl Simulator {
         );
     }
 
+    /// The node's stream map as version 2 carries it: every live stream ingested on the node
+    /// (one input) or watched there (replicated from its origin), with its viewers on the node.
+    fn node_stream_map(&self, n: usize) -> String {
+        let mut viewers: BTreeMap<usize, u64> = BTreeMap::new();
+        for session in self.sessions.iter().filter(|x| x.open && x.node == n) {
+            *viewers.entry(session.stream).or_default() += 1;
+        }
+        for (s, stream) in self.streams.iter().enumerate() {
+            if stream.live && stream.node == n {
+                viewers.entry(s).or_default();
+            }
+        }
+        let entries: Vec<String> = viewers
+            .into_iter()
+            .map(|(s, total)| {
+                let stream = &self.streams[s];
+                let origin = stream.node == n;
+                format!(
+                    r#""live+{}":{{"total":{total},"inputs":{},"bandwidth":450000,"replicated":{}}}"#,
+                    stream.name,
+                    u8::from(origin && stream.live),
+                    !origin
+                )
+            })
+            .collect();
+        format!("{{{}}}", entries.join(","))
+    }
+
     fn emit_node_update(&mut self, n: usize) {
         let node = &self.nodes[n];
         let p = PLACES[node.place];
@@ -886,6 +914,7 @@ impl Simulator {
             node.ram_max,
         );
         let healthy = cpu < 950;
+        let stream_map = self.node_stream_map(n);
         self.event(
             (
                 "node_lifecycle_update",
@@ -914,7 +943,8 @@ impl Simulator {
                         "capabilities",
                         r#"{"ingest":true,"edge":true,"roles":["edge","ingest"]}"#,
                     )
-                    .num("connections_current", viewers);
+                    .num("connections_current", viewers)
+                    .raw("streams", &stream_map);
             },
             |d| {
                 d.put("base_url", &url)
