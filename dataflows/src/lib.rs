@@ -7,6 +7,7 @@
 //! - [`signalman`]: events as live messages on channels, client addresses removed.
 //! - [`privacy`]: client addresses removed from raw record text the tables show.
 
+pub mod foghorn;
 pub mod periscope;
 pub mod privacy;
 pub mod signalman;

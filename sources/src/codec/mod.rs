@@ -32,9 +32,9 @@ use uuid::Uuid;
 
 use crate::error::{IngestError, excerpt};
 use crate::event::{
-    Event, EventKind, IngestStart, NodeMode, NodeStream, NodeUpdate, RoutingDecision, SignalKind, StreamBuffer,
-    StreamEnd, StreamRef, StreamSignal, StreamUpdate, TrackList, UnknownEvent, ViewerConnect,
-    ViewerDisconnect, ViewerPlace,
+    Event, EventKind, IngestStart, NodeMode, NodeStream, NodeUpdate, RoutingDecision, SignalKind,
+    StreamBuffer, StreamEnd, StreamRef, StreamSignal, StreamUpdate, TrackList, UnknownEvent,
+    ViewerConnect, ViewerDisconnect, ViewerPlace,
 };
 use crate::record::Record;
 use fields::{Fields, degrees, first_sym, first_text, flag, float, int, sym, text, uint, uint32};
@@ -748,10 +748,16 @@ fn node_streams(text: Option<&str>) -> Result<Vec<NodeStream>, String> {
                 .map_err(field)?
                 .unwrap_or(0),
             inputs: uint(f.inputs(), "inputs").map_err(field)?.unwrap_or(0),
-            bandwidth: uint(f.bandwidth(), "bandwidth").map_err(field)?.unwrap_or(0),
+            bandwidth: uint(f.bandwidth(), "bandwidth")
+                .map_err(field)?
+                .unwrap_or(0),
             bytes_up: uint(f.bytes_up(), "bytes_up").map_err(field)?.unwrap_or(0),
-            bytes_down: uint(f.bytes_down(), "bytes_down").map_err(field)?.unwrap_or(0),
-            replicated: flag(f.replicated(), "replicated").map_err(field)?.unwrap_or(false),
+            bytes_down: uint(f.bytes_down(), "bytes_down")
+                .map_err(field)?
+                .unwrap_or(0),
+            replicated: flag(f.replicated(), "replicated")
+                .map_err(field)?
+                .unwrap_or(false),
         });
         Ok(())
     })
@@ -767,11 +773,7 @@ fn node_streams(text: Option<&str>) -> Result<Vec<NodeStream>, String> {
     Ok(streams)
 }
 
-fn node_update(
-    p: &Fields<'_>,
-    d: &Fields<'_>,
-    nested: &Nested<'_>,
-) -> Result<NodeUpdate, String> {
+fn node_update(p: &Fields<'_>, d: &Fields<'_>, nested: &Nested<'_>) -> Result<NodeUpdate, String> {
     let node = node(p, d);
     if node.is_empty() {
         return Err("node update without node_id".to_owned());

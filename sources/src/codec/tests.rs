@@ -94,7 +94,10 @@ fn version_2_poller_updates() {
     assert!(n.is_healthy);
     assert_eq!(n.location.as_str(), "Leiden");
     assert_eq!(
-        n.capabilities.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        n.capabilities
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
         ["ingest", "edge"]
     );
     assert_eq!(n.streams.len(), 1);
@@ -437,7 +440,10 @@ fn node_stream_map_entries() {
     };
     assert_eq!(n.connections, 12);
     assert_eq!(
-        n.capabilities.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        n.capabilities
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
         ["edge", "transcode"]
     );
     let a = NodeStream {
@@ -464,12 +470,20 @@ fn bad_node_stream_maps_are_refused_with_the_entry() {
         "node_lifecycle_update",
         r#"{"node_lifecycle_update":{"node_id":"e","streams":{"x":{"total":"many"}}}}"#,
     ));
-    assert!(error.reason.contains("streams") && error.reason.contains("\"x\""), "{}", error.reason);
+    assert!(
+        error.reason.contains("streams") && error.reason.contains("\"x\""),
+        "{}",
+        error.reason
+    );
     let error = err(&v2(
         "node_lifecycle_update",
         r#"{"node_lifecycle_update":{"node_id":"e","streams":{"x":5}}}"#,
     ));
-    assert!(error.reason.contains("expected an object"), "{}", error.reason);
+    assert!(
+        error.reason.contains("expected an object"),
+        "{}",
+        error.reason
+    );
     // A stream map that is not an object is ignored, like any field of the wrong shape.
     let event = ok(&v2(
         "node_lifecycle_update",

@@ -1,0 +1,322 @@
+//! The fleet snapshot routing reads, and the cell that publishes it without locks for readers.
+//!
+//! A [`Fleet`] is immutable: every node's load, plus the candidates ordered by the static part
+//! of their score (cpu + ram + bw, which depends only on the node and the weights). Routing
+//! walks that order and stops as soon as no remaining node could beat the ones it holds even
+//! with a perfect geo term, stream bonus and every positive tag adjustment; for the rest it
+//! calls [`score_node`]'s pieces, so the fast path and the formula cannot drift apart.
+
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, Guard};
+use keel_operators::sym::Sym;
+use serde::{Deserialize, Serialize};
+
+use super::NodeLoad;
+use super::score::{
+    Breakdown, Cutoff, Reject, Request, Trig, Weights, check, finish, geo_term, static_terms,
+    tag_sum,
+};
+
+/// Weights and the opt-in cutoff: what `/?weights=` and the config change at run time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Score weights.
+    pub weights: Weights,
+    /// Opt-in hard utilisation limits.
+    pub cutoff: Cutoff,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    index: u32,
+    cpu: u64,
+    ram: u64,
+    bw: u64,
+    sum: u64,
+    trig: Option<Trig>,
+}
+
+/// One ranked candidate.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// The node.
+    pub node: Arc<NodeLoad>,
+    /// Its score, term by term.
+    pub score: Breakdown,
+}
+
+/// Why no node was chosen, in the platform's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoNode {
+    /// No node with fresh, valid figures.
+    MetricsNotReady,
+    /// Every node that could serve is in maintenance or draining.
+    Maintenance,
+    /// No node advertises what the request needs.
+    NoSuitableNode,
+    /// Source selection found no node with an input for the stream.
+    NoOrigin,
+    /// Ingest: every node would pass 100 % CPU.
+    Full,
+    /// Every node that could serve is out of bandwidth.
+    OutOfBandwidth,
+}
+
+impl NoNode {
+    /// The message the platform gives.
+    pub fn message(self) -> &'static str {
+        match self {
+            NoNode::MetricsNotReady => "node metrics not ready",
+            NoNode::Maintenance => "all suitable nodes are in maintenance/draining",
+            NoNode::NoSuitableNode => "no suitable node",
+            NoNode::NoOrigin => "can't find origin for stream (not present / no active inputs)",
+            NoNode::Full => "all suitable nodes are too busy for another ingest",
+            NoNode::OutOfBandwidth => "all suitable nodes are out of bandwidth",
+        }
+    }
+
+    fn from_furthest(reject: Option<Reject>) -> NoNode {
+        match reject {
+            None | Some(Reject::Invalid | Reject::Stale | Reject::Unhealthy) => {
+                NoNode::MetricsNotReady
+            }
+            Some(Reject::Mode) => NoNode::Maintenance,
+            Some(Reject::Capability | Reject::Cutoff) => NoNode::NoSuitableNode,
+            Some(Reject::NoOrigin) => NoNode::NoOrigin,
+            Some(Reject::Full) => NoNode::Full,
+            Some(Reject::Bandwidth) => NoNode::OutOfBandwidth,
+        }
+    }
+}
+
+/// The result of one routing question.
+#[derive(Clone, Debug)]
+pub struct Routed {
+    /// Best first; ties go to the lower node id.
+    pub candidates: Vec<Candidate>,
+    /// True when the opt-in cutoff excluded every node and the plain gradient decided.
+    pub cutoff_fallback: bool,
+}
+
+/// An immutable snapshot of the fleet's load.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    policy: Policy,
+    watermark: i64,
+    nodes: Vec<Arc<NodeLoad>>,
+    order: Vec<Entry>,
+    /// Nodes ruled out by their static terms alone: (furthest reason, count).
+    static_rejects: Vec<Reject>,
+}
+
+impl Fleet {
+    /// Builds a snapshot. `watermark` is the engine's event-time "now" (staleness is judged
+    /// against it).
+    pub fn build(nodes: Vec<Arc<NodeLoad>>, policy: Policy, watermark: i64) -> Fleet {
+        let mut nodes = nodes;
+        nodes.sort_by_key(|n| n.node);
+        let mut order = Vec::with_capacity(nodes.len());
+        let mut static_rejects = Vec::new();
+        for (index, node) in nodes.iter().enumerate() {
+            match static_terms(node, &policy.weights) {
+                Ok((cpu, ram, bw)) => order.push(Entry {
+                    index: u32::try_from(index).expect("fewer than 2^32 nodes"),
+                    cpu,
+                    ram,
+                    bw,
+                    sum: cpu + ram + bw,
+                    trig: node.place().map(|p| Trig::new(p.latitude, p.longitude)),
+                }),
+                Err(reject) => static_rejects.push(reject),
+            }
+        }
+        // Highest static sum first; among equals the lower node id (nodes are sorted by id).
+        order.sort_by(|a, b| b.sum.cmp(&a.sum).then(a.index.cmp(&b.index)));
+        Fleet {
+            policy,
+            watermark,
+            nodes,
+            order,
+            static_rejects,
+        }
+    }
+
+    /// The weights and cutoff this snapshot was scored with.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The event-time "now" of the snapshot.
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Every node, by id.
+    pub fn nodes(&self) -> &[Arc<NodeLoad>] {
+        &self.nodes
+    }
+
+    /// A node by id.
+    pub fn node(&self, id: &str) -> Option<&Arc<NodeLoad>> {
+        let id = Sym::find(id)?;
+        self.nodes
+            .binary_search_by(|n| n.node.cmp(&id))
+            .ok()
+            .map(|i| &self.nodes[i])
+    }
+
+    /// A node by the host name the Mist API shows (or by id).
+    pub fn by_host(&self, host: &str) -> Option<&Arc<NodeLoad>> {
+        self.node(host)
+            .or_else(|| self.nodes.iter().find(|n| n.host_name() == host))
+    }
+
+    /// The best `n` nodes for `request`, or why there is none.
+    pub fn route(&self, request: &Request, n: usize) -> Result<Routed, NoNode> {
+        let n = n.max(1);
+        let mut furthest = self.static_rejects.iter().copied().max();
+        let mut top = Vec::with_capacity(n);
+        let first = self.best(request, n, &self.policy.cutoff, &mut top, &mut furthest);
+        if top.is_empty() && first && !self.policy.cutoff.is_off() {
+            self.best(request, n, &Cutoff::default(), &mut top, &mut furthest);
+            if !top.is_empty() {
+                return Ok(Routed {
+                    candidates: top,
+                    cutoff_fallback: true,
+                });
+            }
+        }
+        if top.is_empty() {
+            return Err(NoNode::from_furthest(furthest));
+        }
+        Ok(Routed {
+            candidates: top,
+            cutoff_fallback: false,
+        })
+    }
+
+    /// Fills `top` with the best `n`; returns whether the cutoff excluded any node.
+    fn best(
+        &self,
+        request: &Request,
+        n: usize,
+        cutoff: &Cutoff,
+        top: &mut Vec<Candidate>,
+        furthest: &mut Option<Reject>,
+    ) -> bool {
+        let w = &self.policy.weights;
+        let client = request.client.map(|c| Trig::new(c.latitude, c.longitude));
+        let geo_max = if client.is_some() { w.geo } else { 0 };
+        let bonus_max = if request.stream.is_some() { w.bonus } else { 0 };
+        let tag_max: u64 = request
+            .tags
+            .iter()
+            .filter(|a| a.adjust > 0)
+            .map(|a| a.adjust.unsigned_abs())
+            .sum();
+        let headroom = geo_max + bonus_max + tag_max;
+        let mut cut = false;
+        for entry in &self.order {
+            if top.len() == n
+                && let Some(last) = top.last()
+                && entry.sum.saturating_add(headroom) < last.score.total
+            {
+                break;
+            }
+            let node = &self.nodes[entry.index as usize];
+            if let Err(reject) = check(node, request, self.watermark, cutoff) {
+                cut |= reject == Reject::Cutoff;
+                *furthest = (*furthest).max(Some(reject));
+                continue;
+            }
+            let geo = match (&client, &entry.trig) {
+                (Some(c), Some(t)) => geo_term(w.geo, c, t),
+                _ => 0,
+            };
+            let bonus = match request.stream {
+                Some(s) if node.stream(s).is_some() => w.bonus,
+                _ => 0,
+            };
+            let tags = if request.tags.is_empty() {
+                0
+            } else {
+                tag_sum(&request.tags, &node.capabilities)
+            };
+            let score = finish(entry.cpu, entry.ram, entry.bw, geo, bonus, tags);
+            let better = |c: &Candidate| {
+                score.total > c.score.total
+                    || (score.total == c.score.total && node.node < c.node.node)
+            };
+            if top.len() == n && !top.last().is_some_and(better) {
+                continue;
+            }
+            let at = top.iter().position(better).unwrap_or(top.len());
+            if top.len() == n {
+                top.pop();
+            }
+            top.insert(
+                at,
+                Candidate {
+                    node: Arc::clone(node),
+                    score,
+                },
+            );
+        }
+        cut
+    }
+}
+
+/// Where the engine publishes fleet snapshots and routing reads them. Readers never lock;
+/// writers (the engine's publisher and `/?weights=`) take turns.
+#[derive(Debug)]
+pub struct FleetCell {
+    fleet: ArcSwap<Fleet>,
+    writer: Mutex<()>,
+}
+
+impl Default for FleetCell {
+    fn default() -> Self {
+        FleetCell::new(Policy::default())
+    }
+}
+
+impl FleetCell {
+    /// An empty fleet scored with `policy`.
+    pub fn new(policy: Policy) -> FleetCell {
+        FleetCell {
+            fleet: ArcSwap::from_pointee(Fleet::build(Vec::new(), policy, i64::MIN)),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// The current snapshot (cheap, lock-free).
+    pub fn load(&self) -> Guard<Arc<Fleet>> {
+        self.fleet.load()
+    }
+
+    /// The current snapshot as an owned handle.
+    pub fn snapshot(&self) -> Arc<Fleet> {
+        self.fleet.load_full()
+    }
+
+    /// Publishes these nodes as of `watermark`, scored with the current policy.
+    pub fn publish(&self, nodes: Vec<Arc<NodeLoad>>, watermark: i64) {
+        let _turn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let policy = *self.fleet.load().policy();
+        self.fleet
+            .store(Arc::new(Fleet::build(nodes, policy, watermark)));
+    }
+
+    /// Changes weights or cutoff and rescores the current nodes at once.
+    pub fn set_policy(&self, policy: Policy) {
+        let _turn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.fleet.load_full();
+        self.fleet.store(Arc::new(Fleet::build(
+            current.nodes.clone(),
+            policy,
+            current.watermark,
+        )));
+    }
+}

@@ -1,0 +1,224 @@
+//! `FoghornState`: per node, the newest poller update, stream presence and pending viewers.
+//!
+//! Records are routed by node id, so one worker holds everything about a node. The state is a
+//! function of the multiset of inputs and the watermark:
+//! - the node's figures are those of its newest update by (event time, event id);
+//! - a stream's presence on the node is the newest of the node's stream map and the stream
+//!   events reported from that node (a `stream_end` removes it);
+//! - pending virtual viewers are the routing decisions of the last 30 s of event time that no
+//!   `viewer_connect` of the same stream on the same node has answered yet, matching in time
+//!   order, each connect answering the oldest open decision before it. Each one adds the
+//!   node's estimate of a viewer's bandwidth to `add_bandwidth`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hashbrown::{HashMap, HashSet};
+use keel_operators::maintain::EpochState;
+use keel_operators::sym::Sym;
+use keel_sources::event::{NodeStream, NodeUpdate};
+use rustc_hash::FxBuildHasher;
+use uuid::Uuid;
+
+use super::{LoadInput, NodeLoad, PENDING_MS, viewer_bandwidth};
+
+/// Order of two records about the same thing: event time, then event id.
+type Stamp = (i64, Uuid);
+
+#[derive(Debug, Default)]
+struct NodeState {
+    latest: Option<(Stamp, Uuid, NodeUpdate)>,
+    /// Stream events newer than the latest update: stamp, viewers, inputs, ended.
+    presence: BTreeMap<Sym, (Stamp, u64, u64, bool)>,
+    /// Decisions (`true`) and connects (`false`) within the pending window, per stream.
+    window: BTreeMap<Sym, BTreeSet<(Stamp, bool)>>,
+    emitted: Option<NodeLoad>,
+}
+
+impl NodeState {
+    fn newer_than_update(&self, stamp: Stamp) -> bool {
+        self.latest.as_ref().is_none_or(|(s, _, _)| stamp > *s)
+    }
+
+    fn prune(&mut self, watermark: i64) {
+        let horizon = watermark.saturating_sub(PENDING_MS);
+        self.window.retain(|_, events| {
+            while let Some(first) = events.first() {
+                if first.0.0 > horizon {
+                    break;
+                }
+                events.pop_first();
+            }
+            !events.is_empty()
+        });
+    }
+
+    fn load(&self) -> Option<NodeLoad> {
+        let (stamp, tenant, update) = self.latest.as_ref()?;
+        let mut streams: Vec<NodeStream> = update.streams.clone();
+        streams.sort_by_key(|s| s.name);
+        streams.dedup_by_key(|s| s.name);
+        for (name, &(_, viewers, inputs, ended)) in &self.presence {
+            let at = streams.binary_search_by(|s| s.name.cmp(name));
+            match (at, ended) {
+                (Ok(i), true) => {
+                    streams.remove(i);
+                }
+                (Ok(i), false) => {
+                    streams[i].viewers = viewers;
+                    streams[i].inputs = inputs;
+                }
+                (Err(i), false) => streams.insert(
+                    i,
+                    NodeStream {
+                        name: *name,
+                        viewers,
+                        inputs,
+                        ..NodeStream::default()
+                    },
+                ),
+                (Err(_), true) => {}
+            }
+        }
+        let mut load = NodeLoad {
+            node: update.node,
+            tenant: *tenant,
+            host: update.base_url,
+            seen_at: stamp.0,
+            cpu_tenths: update.cpu_tenths,
+            ram_current: update.ram_current,
+            ram_max: update.ram_max,
+            up_speed: update.up_speed,
+            down_speed: update.down_speed,
+            reported_bw_limit: update.bw_limit,
+            add_bandwidth: 0,
+            pending_viewers: 0,
+            latitude: update.latitude,
+            longitude: update.longitude,
+            location: update.location,
+            mode: update.mode,
+            healthy: update.is_healthy,
+            capabilities: update.capabilities.clone(),
+            streams,
+            connections: update.connections,
+        };
+        for (stream, events) in &self.window {
+            let mut open = 0u64;
+            for &(_, decision) in events {
+                if decision {
+                    open += 1;
+                } else {
+                    open = open.saturating_sub(1);
+                }
+            }
+            if open > 0 {
+                load.pending_viewers += open;
+                load.add_bandwidth = load
+                    .add_bandwidth
+                    .saturating_add(open.saturating_mul(viewer_bandwidth(&load, *stream)));
+            }
+        }
+        Some(load)
+    }
+}
+
+/// The per-worker state behind [`super::foghorn`].
+#[derive(Debug, Default)]
+pub struct FoghornState {
+    nodes: HashMap<Sym, NodeState, FxBuildHasher>,
+    dirty: HashSet<Sym, FxBuildHasher>,
+    /// Nodes with decisions or connects in their window: the watermark alone changes them.
+    windowed: HashSet<Sym, FxBuildHasher>,
+    watermark: i64,
+}
+
+impl EpochState for FoghornState {
+    type Input = LoadInput;
+    type Output = NodeLoad;
+
+    fn apply(&mut self, input: LoadInput) {
+        let node = input.node();
+        let state = self.nodes.entry(node).or_default();
+        match input {
+            LoadInput::Node {
+                time,
+                id,
+                tenant,
+                update,
+            } => {
+                let stamp = (time, id);
+                if !state.newer_than_update(stamp) {
+                    return;
+                }
+                state.presence.retain(|_, p| p.0 > stamp);
+                state.latest = Some((stamp, tenant, update));
+            }
+            LoadInput::Presence {
+                stream,
+                time,
+                id,
+                viewers,
+                inputs,
+                ended,
+                ..
+            } => {
+                let stamp = (time, id);
+                if !state.newer_than_update(stamp) {
+                    return;
+                }
+                let entry = state
+                    .presence
+                    .entry(stream)
+                    .or_insert((stamp, viewers, inputs, ended));
+                if stamp >= entry.0 {
+                    *entry = (stamp, viewers, inputs, ended);
+                }
+            }
+            LoadInput::Decision {
+                stream, time, id, ..
+            } => {
+                state
+                    .window
+                    .entry(stream)
+                    .or_default()
+                    .insert(((time, id), true));
+                self.windowed.insert(node);
+            }
+            LoadInput::Connect {
+                stream, time, id, ..
+            } => {
+                state
+                    .window
+                    .entry(stream)
+                    .or_default()
+                    .insert(((time, id), false));
+                self.windowed.insert(node);
+            }
+        }
+        self.dirty.insert(node);
+    }
+
+    fn close(&mut self, watermark: i64, output: &mut Vec<NodeLoad>) {
+        let moved = watermark > self.watermark;
+        self.watermark = self.watermark.max(watermark);
+        let mut recompute: Vec<Sym> = self.dirty.drain().collect();
+        if moved {
+            recompute.extend(self.windowed.iter().copied());
+        }
+        recompute.sort_unstable();
+        recompute.dedup();
+        for node in recompute {
+            let Some(state) = self.nodes.get_mut(&node) else {
+                continue;
+            };
+            state.prune(self.watermark);
+            if state.window.is_empty() {
+                self.windowed.remove(&node);
+            }
+            let load = state.load();
+            if load.is_some() && load != state.emitted {
+                output.extend(load.clone());
+                state.emitted = load;
+            }
+        }
+    }
+}

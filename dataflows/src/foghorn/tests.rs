@@ -1,0 +1,557 @@
+//! Routing against a plain reference of the formula, and the load state against a brute-force
+//! reference of its rules, on random fleets, requests and event orders.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keel_operators::maintain::EpochState;
+use keel_operators::sym::Sym;
+use keel_sources::event::{NodeMode, NodeStream, NodeUpdate};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use super::*;
+
+const TAGS: [&str; 4] = ["edge", "ingest", "eu", "gpu"];
+const STREAMS: [&str; 4] = ["a", "b", "c", "d"];
+
+/// The balancer as the platform describes it, one node at a time, nothing precomputed.
+fn reference_score(
+    n: &NodeLoad,
+    req: &Request,
+    w: &Weights,
+    watermark: i64,
+    cutoff: &Cutoff,
+) -> Option<u64> {
+    let bw_limit = if n.reported_bw_limit == 0 {
+        128 * 1024 * 1024
+    } else {
+        n.reported_bw_limit
+    };
+    let used = n.up_speed + n.add_bandwidth;
+    if n.ram_max == 0 || used >= bw_limit {
+        return None;
+    }
+    if watermark - n.seen_at > 90_000 || !n.healthy || n.mode != NodeMode::Normal {
+        return None;
+    }
+    let needed = req.capability.map(|c| c.as_str()).or(match req.purpose {
+        Purpose::View => Some("edge"),
+        Purpose::Ingest(_) => Some("ingest"),
+        Purpose::Source => None,
+    });
+    if let Some(needed) = needed
+        && !n.capabilities.is_empty()
+        && !n.capabilities.iter().any(|c| c.as_str() == needed)
+    {
+        return None;
+    }
+    let on_node = req
+        .stream
+        .and_then(|s| n.streams.iter().find(|x| x.name == s));
+    match req.purpose {
+        Purpose::Source if !on_node.is_some_and(|s| s.inputs > 0 && !s.replicated) => return None,
+        Purpose::Ingest(p) if f64::from(n.cpu_tenths) + p * 10.0 >= 1000.0 => return None,
+        _ => {}
+    }
+    if let Some(limit) = cutoff.cpu_percent
+        && f64::from(n.cpu_tenths) / 10.0 > limit
+    {
+        return None;
+    }
+    if let Some(limit) = cutoff.ram_percent
+        && n.ram_current as f64 / n.ram_max as f64 * 100.0 > limit
+    {
+        return None;
+    }
+    if let Some(limit) = cutoff.bw_percent
+        && used as f64 / bw_limit as f64 * 100.0 > limit
+    {
+        return None;
+    }
+    let cpu = w.cpu - u64::from(n.cpu_tenths) * w.cpu / 1000;
+    let ram = w.ram.saturating_sub(
+        (u128::from(n.ram_current) * u128::from(w.ram) / u128::from(n.ram_max)) as u64,
+    );
+    let bw = w.bw - (u128::from(used) * u128::from(w.bw) / u128::from(bw_limit)) as u64;
+    let valid =
+        |lat: f64, lon: f64| (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon);
+    let geo = match (req.client, n.latitude, n.longitude) {
+        (Some(c), Some(lat), Some(lon)) if valid(lat, lon) => {
+            let r = 57.295_779_513_082_32;
+            let (p1, p2) = (c.latitude / r, lat / r);
+            let cos = p1.sin() * p2.sin() + p1.cos() * p2.cos() * ((c.longitude - lon) / r).cos();
+            let d = cos.clamp(-1.0, 1.0).acos() / std::f64::consts::PI;
+            w.geo - (w.geo as f64 * d) as u64
+        }
+        _ => 0,
+    };
+    let bonus = if on_node.is_some() { w.bonus } else { 0 };
+    let mut tags = 0i64;
+    for adj in &req.tags {
+        let has = adj.tags.iter().any(|t| n.capabilities.contains(t));
+        if has != adj.invert {
+            tags += adj.adjust;
+        }
+    }
+    Some(((cpu + ram + bw + geo + bonus) as i64 + tags).max(0) as u64)
+}
+
+/// Every node's reference score, best first, ties to the lower id; the cutoff falls back to the
+/// plain gradient when it excludes everyone.
+fn reference_ranking(
+    nodes: &[NodeLoad],
+    req: &Request,
+    policy: &Policy,
+    watermark: i64,
+) -> Vec<(Sym, u64)> {
+    let rank = |cutoff: &Cutoff| {
+        let mut all: Vec<(Sym, u64)> = nodes
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n.node,
+                    reference_score(n, req, &policy.weights, watermark, cutoff)?,
+                ))
+            })
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all
+    };
+    let ranked = rank(&policy.cutoff);
+    if ranked.is_empty() {
+        rank(&Cutoff::default())
+    } else {
+        ranked
+    }
+}
+
+fn node_strategy(i: usize) -> impl Strategy<Value = NodeLoad> {
+    (
+        (0u32..=1000, prop_oneof![1 => Just(0u64), 9 => 1u64..64_000_000_000], 0u64..80_000_000_000),
+        (0u64..200_000_000, 0u64..6_000_000, prop_oneof![1 => Just(0u64), 4 => 1_000_000u64..200_000_000]),
+        proptest::option::weighted(0.9, (-95.0f64..95.0, -185.0f64..185.0)),
+        (prop_oneof![8 => Just(NodeMode::Normal), 1 => Just(NodeMode::Draining), 1 => Just(NodeMode::Maintenance)], proptest::bool::weighted(0.9), 0i64..120_000),
+        proptest::sample::subsequence(TAGS.to_vec(), 0..=4),
+        proptest::collection::vec((0usize..4, 0u64..50, 0u64..2, any::<bool>()), 0..4),
+    )
+        .prop_map(move |((cpu, ram_max, ram_cur), (up, add, bw), geo, (mode, healthy, age), caps, streams)| {
+            let mut streams: Vec<NodeStream> = streams
+                .into_iter()
+                .map(|(s, viewers, inputs, replicated)| NodeStream {
+                    name: Sym::new(STREAMS[s]),
+                    viewers,
+                    inputs,
+                    replicated,
+                    ..NodeStream::default()
+                })
+                .collect();
+            streams.sort_by_key(|s| s.name);
+            streams.dedup_by_key(|s| s.name);
+            NodeLoad {
+                node: Sym::new(&format!("node-{:02}", (i * 7) % 40)),
+                tenant: Uuid::nil(),
+                host: Sym::new(&format!("https://n{i}.example:4433/")),
+                seen_at: 1_000_000 - age,
+                cpu_tenths: cpu,
+                ram_current: ram_cur.min(ram_max.saturating_mul(6) / 5),
+                ram_max,
+                up_speed: up,
+                down_speed: 0,
+                reported_bw_limit: bw,
+                add_bandwidth: add,
+                pending_viewers: 0,
+                latitude: geo.map(|g| g.0),
+                longitude: geo.map(|g| g.1),
+                location: Sym::default(),
+                mode,
+                healthy,
+                capabilities: caps.iter().map(|t| Sym::new(t)).collect(),
+                streams,
+                connections: 0,
+            }
+        })
+}
+
+fn fleet_strategy() -> impl Strategy<Value = Vec<NodeLoad>> {
+    (0usize..40).prop_flat_map(|count| (0..count).map(node_strategy).collect::<Vec<_>>())
+}
+
+fn request_strategy() -> impl Strategy<Value = Request> {
+    (
+        proptest::option::of(0usize..4),
+        prop_oneof![3 => Just(Purpose::View), 1 => Just(Purpose::Source), 1 => (0.0f64..60.0).prop_map(Purpose::Ingest)],
+        proptest::option::weighted(0.8, (-90.0f64..90.0, -180.0f64..180.0)),
+        proptest::collection::vec((proptest::sample::subsequence(TAGS.to_vec(), 1..=2), any::<bool>(), -400i64..400), 0..3),
+        proptest::option::weighted(0.2, 0usize..4),
+    )
+        .prop_map(|(stream, purpose, client, tags, capability)| Request {
+            stream: stream.map(|s| Sym::new(STREAMS[s])),
+            purpose,
+            client: client.map(|(lat, lon)| Place::new(lat, lon).expect("in range")),
+            tags: tags
+                .into_iter()
+                .map(|(tags, invert, adjust)| TagAdjust {
+                    tags: tags.iter().map(|t| Sym::new(t)).collect(),
+                    invert,
+                    adjust,
+                })
+                .collect(),
+            capability: capability.map(|c| Sym::new(TAGS[c])),
+        })
+}
+
+fn policy_strategy() -> impl Strategy<Value = Policy> {
+    (
+        proptest::option::weighted(
+            0.8,
+            (0u64..1000, 0u64..1000, 0u64..2000, 0u64..2000, 0u64..200),
+        ),
+        proptest::option::weighted(0.3, (50.0f64..100.0, 50.0f64..100.0, 50.0f64..100.0)),
+    )
+        .prop_map(|(weights, cutoff)| Policy {
+            weights: weights.map_or_else(Weights::default, |(cpu, ram, bw, geo, bonus)| Weights {
+                cpu,
+                ram,
+                bw,
+                geo,
+                bonus,
+            }),
+            cutoff: cutoff.map_or_else(Cutoff::default, |(c, r, b)| Cutoff {
+                cpu_percent: Some(c),
+                ram_percent: Some(r),
+                bw_percent: Some(b),
+            }),
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The fleet's fast path picks the same nodes with the same scores as the plain formula.
+    #[test]
+    fn routing_matches_the_reference(
+        nodes in fleet_strategy(),
+        request in request_strategy(),
+        policy in policy_strategy(),
+        n in 1usize..5,
+    ) {
+        let mut unique = nodes;
+        unique.sort_by_key(|x| x.node);
+        unique.dedup_by_key(|x| x.node);
+        let fleet = Fleet::build(unique.iter().cloned().map(Arc::new).collect(), policy, 1_000_000);
+        let expected = reference_ranking(&unique, &request, &policy, 1_000_000);
+        match fleet.route(&request, n) {
+            Ok(routed) => {
+                let got: Vec<(Sym, u64)> = routed.candidates.iter().map(|c| (c.node.node, c.score.total)).collect();
+                let want: Vec<(Sym, u64)> = expected.iter().take(n).copied().collect();
+                prop_assert_eq!(got, want);
+                let off = Cutoff::default();
+                let cutoff = if routed.cutoff_fallback { &off } else { &policy.cutoff };
+                for c in &routed.candidates {
+                    let direct = score::score_node(&c.node, &request, &policy.weights, 1_000_000, cutoff);
+                    prop_assert_eq!(direct, Ok(c.score));
+                }
+            }
+            Err(reason) => prop_assert!(expected.is_empty(), "{:?} but the reference found {:?}", reason, expected),
+        }
+    }
+}
+
+fn update(node: &str, time: i64, up_speed: u64, streams: &[(&str, u64)]) -> LoadInput {
+    LoadInput::Node {
+        time,
+        id: Uuid::from_u128(time as u128),
+        tenant: Uuid::nil(),
+        update: NodeUpdate {
+            node: Sym::new(node),
+            ram_max: 1 << 34,
+            up_speed,
+            is_healthy: true,
+            connections: 10,
+            streams: streams
+                .iter()
+                .map(|(s, bw)| NodeStream {
+                    name: Sym::new(s),
+                    viewers: 1,
+                    inputs: 1,
+                    bandwidth: *bw,
+                    ..NodeStream::default()
+                })
+                .collect(),
+            ..NodeUpdate::default()
+        },
+    }
+}
+
+/// A brute-force reading of the state's rules over every input at once.
+fn reference_loads(
+    inputs: &[LoadInput],
+    watermark: i64,
+) -> Vec<(Sym, u64, u64, Vec<(Sym, u64, u64)>)> {
+    let mut nodes: Vec<Sym> = inputs.iter().map(LoadInput::node).collect();
+    nodes.sort();
+    nodes.dedup();
+    let mut out = Vec::new();
+    for node in nodes {
+        let mine: Vec<&LoadInput> = inputs.iter().filter(|i| i.node() == node).collect();
+        let Some((stamp, update)) = mine
+            .iter()
+            .filter_map(|i| match i {
+                LoadInput::Node {
+                    time, id, update, ..
+                } => Some(((*time, *id), update)),
+                _ => None,
+            })
+            .max_by_key(|(stamp, _)| *stamp)
+        else {
+            continue;
+        };
+        let mut streams: Vec<(Sym, u64, u64)> = Vec::new();
+        for s in &update.streams {
+            if !streams.iter().any(|x| x.0 == s.name) {
+                streams.push((s.name, s.viewers, s.inputs));
+            }
+        }
+        let mut names: Vec<Sym> = mine
+            .iter()
+            .filter_map(|i| match i {
+                LoadInput::Presence { stream, .. } => Some(*stream),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let newest = mine
+                .iter()
+                .filter_map(|i| match i {
+                    LoadInput::Presence {
+                        stream,
+                        time,
+                        id,
+                        viewers,
+                        inputs,
+                        ended,
+                        ..
+                    } if *stream == name && (*time, *id) > stamp => {
+                        Some(((*time, *id), *viewers, *inputs, *ended))
+                    }
+                    _ => None,
+                })
+                .max_by_key(|p| p.0);
+            if let Some((_, viewers, inputs, ended)) = newest {
+                streams.retain(|s| s.0 != name);
+                if !ended {
+                    streams.push((name, viewers, inputs));
+                }
+            }
+        }
+        streams.sort();
+        let mut pending = 0u64;
+        let mut add = 0u64;
+        let mut windows: Vec<Sym> = mine
+            .iter()
+            .filter_map(|i| match i {
+                LoadInput::Decision { stream, .. } | LoadInput::Connect { stream, .. } => {
+                    Some(*stream)
+                }
+                _ => None,
+            })
+            .collect();
+        windows.sort();
+        windows.dedup();
+        for stream in windows {
+            let mut events: Vec<((i64, Uuid), bool)> = mine
+                .iter()
+                .filter_map(|i| match i {
+                    LoadInput::Decision {
+                        stream: s,
+                        time,
+                        id,
+                        ..
+                    } if *s == stream => Some(((*time, *id), true)),
+                    LoadInput::Connect {
+                        stream: s,
+                        time,
+                        id,
+                        ..
+                    } if *s == stream => Some(((*time, *id), false)),
+                    _ => None,
+                })
+                .filter(|e| e.0.0 > watermark - PENDING_MS)
+                .collect();
+            events.sort();
+            events.dedup();
+            let mut open = 0u64;
+            for (_, decision) in events {
+                open = if decision {
+                    open + 1
+                } else {
+                    open.saturating_sub(1)
+                };
+            }
+            let own = update
+                .streams
+                .iter()
+                .find(|s| s.name == stream)
+                .map(|s| s.bandwidth)
+                .filter(|b| *b > 0);
+            let estimate = own
+                .unwrap_or(if update.up_speed > 0 {
+                    update.up_speed / 10
+                } else {
+                    131_072
+                })
+                .clamp(65_536, 1_048_576);
+            pending += open;
+            add += open * estimate;
+        }
+        out.push((node, pending, add, streams));
+    }
+    out
+}
+
+fn input_strategy() -> impl Strategy<Value = LoadInput> {
+    let node = (0usize..3).prop_map(|n| ["x", "y", "z"][n]);
+    let stream = (0usize..3).prop_map(|s| STREAMS[s]);
+    let time = 0i64..100_000;
+    prop_oneof![
+        (
+            node.clone(),
+            time.clone(),
+            0u64..20_000_000,
+            proptest::collection::vec(
+                (
+                    stream.clone(),
+                    prop_oneof![Just(0u64), 10_000u64..2_000_000]
+                ),
+                0..3
+            ),
+            any::<u64>()
+        )
+            .prop_map(|(n, t, up, s, id)| {
+                // Distinct updates get distinct ids (the same id is the same event).
+                let mut input = update(n, t, up, &s);
+                if let LoadInput::Node { id: slot, .. } = &mut input {
+                    *slot = Uuid::from_u128(u128::from(id));
+                }
+                input
+            }),
+        (
+            node.clone(),
+            stream.clone(),
+            time.clone(),
+            0u64..9,
+            0u64..2,
+            any::<bool>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(n, s, t, viewers, inputs, ended, id)| LoadInput::Presence {
+                    node: Sym::new(n),
+                    stream: Sym::new(s),
+                    time: t,
+                    id: Uuid::from_u128(u128::from(id)),
+                    viewers,
+                    inputs,
+                    ended
+                }
+            ),
+        (node.clone(), stream.clone(), time.clone(), any::<u16>()).prop_map(|(n, s, t, id)| {
+            LoadInput::Decision {
+                node: Sym::new(n),
+                stream: Sym::new(s),
+                time: t,
+                id: Uuid::from_u128(u128::from(id) << 20),
+            }
+        }),
+        (node, stream, time, any::<u16>()).prop_map(|(n, s, t, id)| LoadInput::Connect {
+            node: Sym::new(n),
+            stream: Sym::new(s),
+            time: t,
+            id: Uuid::from_u128(u128::from(id) << 40)
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever the order, the duplicates and the closes in between, the last loads each node
+    /// reported equal the rules applied to all inputs at once.
+    #[test]
+    fn load_state_matches_the_reference(
+        inputs in proptest::collection::vec(input_strategy(), 0..80),
+        order in Just(()).prop_perturb(|_, mut rng| rng.random::<u64>()),
+        closes in proptest::collection::vec(0usize..80, 0..5),
+    ) {
+        let mut shuffled = inputs.clone();
+        // A deterministic shuffle from the drawn seed, plus a duplicate of the first input.
+        let mut seed = order | 1;
+        for i in (1..shuffled.len()).rev() {
+            seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
+            shuffled.swap(i, (seed % (i as u64 + 1)) as usize);
+        }
+        if let Some(first) = inputs.first() {
+            shuffled.push(first.clone());
+        }
+        let watermark = inputs.iter().map(|i| match i {
+            LoadInput::Node { time, .. } | LoadInput::Presence { time, .. } | LoadInput::Decision { time, .. } | LoadInput::Connect { time, .. } => *time,
+        }).max().unwrap_or(0);
+        let mut state = FoghornState::default();
+        let mut last: BTreeMap<Sym, NodeLoad> = Default::default();
+        let mut out = Vec::new();
+        for (i, input) in shuffled.into_iter().enumerate() {
+            state.apply(input);
+            if closes.contains(&i) {
+                // An early close sees a lower watermark: only what arrived so far.
+                state.close(i64::MIN, &mut out);
+            }
+        }
+        state.close(watermark, &mut out);
+        for load in out {
+            last.insert(load.node, load);
+        }
+        let want = reference_loads(&inputs, watermark);
+        let got: Vec<(Sym, u64, u64, Vec<(Sym, u64, u64)>)> = last
+            .values()
+            .map(|l| (l.node, l.pending_viewers, l.add_bandwidth, l.streams.iter().map(|s| (s.name, s.viewers, s.inputs)).collect()))
+            .collect();
+        prop_assert_eq!(got, want);
+    }
+}
+
+#[test]
+fn decisions_raise_the_penalty_until_viewers_arrive_or_time_passes() {
+    let mut state = FoghornState::default();
+    let mut out = Vec::new();
+    state.apply(update("x", 0, 0, &[("a", 300_000)]));
+    for t in [1_000, 2_000] {
+        state.apply(LoadInput::Decision {
+            node: Sym::new("x"),
+            stream: Sym::new("a"),
+            time: t,
+            id: Uuid::from_u128(t as u128),
+        });
+    }
+    state.close(2_000, &mut out);
+    assert_eq!(
+        out.last().map(|l| (l.pending_viewers, l.add_bandwidth)),
+        Some((2, 600_000))
+    );
+    state.apply(LoadInput::Connect {
+        node: Sym::new("x"),
+        stream: Sym::new("a"),
+        time: 2_500,
+        id: Uuid::from_u128(7),
+    });
+    state.close(2_500, &mut out);
+    assert_eq!(out.last().map(|l| l.pending_viewers), Some(1));
+    // 30 s after the second decision it is abandoned, and the watermark alone says so.
+    state.close(32_000, &mut out);
+    assert_eq!(
+        out.last().map(|l| (l.pending_viewers, l.add_bandwidth)),
+        Some((0, 0))
+    );
+}
