@@ -391,10 +391,12 @@ fn reference_loads(
                     open.saturating_sub(1)
                 };
             }
+            // The stream's own figure counts while the stream is still on the node.
+            let present = streams.iter().any(|s| s.0 == stream);
             let own = update
                 .streams
                 .iter()
-                .find(|s| s.name == stream)
+                .find(|s| s.name == stream && present)
                 .map(|s| s.bandwidth)
                 .filter(|b| *b > 0);
             let estimate = own
