@@ -162,6 +162,14 @@ struct RunArgs {
     /// 127.0.0.1:5433, or the config file's); `off` serves none.
     #[arg(long)]
     pg_listen: Option<String>,
+    /// Where Foghorn's MistServer-compatible load balancer listens (default 127.0.0.1:18008,
+    /// or the config file's); `off` serves none.
+    #[arg(long)]
+    foghorn_listen: Option<String>,
+    /// Where Foghorn's gRPC `Route` listens (default 127.0.0.1:18019, or the config file's);
+    /// `off` serves none.
+    #[arg(long)]
+    foghorn_grpc_listen: Option<String>,
     /// Shared secret for bearer JWTs (HS256). Without one (here or in the config file) a
     /// development secret is generated and a tenant and an admin token are printed.
     #[arg(long, env = "KEEL_JWT_SECRET", hide_env_values = true)]
@@ -350,6 +358,27 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         limits,
         &handles,
     )?;
+    handles.fleet.set_policy(settings.foghorn.policy()?);
+    let foghorn_listen = args
+        .foghorn_listen
+        .clone()
+        .or(settings.foghorn.listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:18008".to_owned());
+    let foghorn_grpc = args
+        .foghorn_grpc_listen
+        .clone()
+        .or(settings.foghorn.grpc_listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:18019".to_owned());
+    let foghorn_grpc = (foghorn_grpc != "off").then_some(foghorn_grpc);
+    let foghorn = if foghorn_listen == "off" {
+        None
+    } else {
+        Some(crate::foghorn::FoghornServer::start(
+            &foghorn_listen,
+            foghorn_grpc.as_deref(),
+            &handles,
+        )?)
+    };
     let shutdown = handles.shutdown.clone();
     ctrlc::set_handler(move || {
         if shutdown.swap(true, Ordering::SeqCst) {
@@ -366,6 +395,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     eprintln!("keel: dashboard and API on http://{}", api.address());
     if let Some(pg) = api.pg_address() {
         eprintln!("keel: PostgreSQL protocol on {pg} (password: a token)");
+    }
+    if let Some(foghorn) = &foghorn {
+        match foghorn.grpc_address() {
+            Some(grpc) => eprintln!(
+                "keel: Foghorn routing on http://{} (gRPC on {grpc})",
+                foghorn.address()
+            ),
+            None => eprintln!("keel: Foghorn routing on http://{}", foghorn.address()),
+        }
     }
     if generated {
         let expires = wall_clock_ms() / 1000 + 24 * 3600;

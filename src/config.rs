@@ -18,6 +18,12 @@
 //! name = "ops"
 //! token = "kt_another-long-random-string"
 //! role = "admin"
+//!
+//! [foghorn]
+//! listen = "127.0.0.1:18008"                # MistServer-compatible balancer HTTP; "off" serves none
+//! grpc_listen = "127.0.0.1:18019"           # gRPC Route; "off" serves none
+//! weights = { cpu = 500, ram = 500, bw = 1000, geo = 1000, bonus = 50 }
+//! cutoff = { cpu_percent = 90.0, bw_percent = 95.0 }   # opt-in; absent = the platform's gradient only
 //! ```
 
 use std::path::Path;
@@ -25,6 +31,7 @@ use std::path::Path;
 use anyhow::Context;
 use keel_api::auth::StaticToken;
 use keel_api::server::Limits;
+use keel_dataflows::foghorn::{Cutoff, Policy, Weights};
 use serde::Deserialize;
 
 /// The whole file.
@@ -34,6 +41,59 @@ pub struct Config {
     /// The HTTP API.
     #[serde(default)]
     pub api: ApiConfig,
+    /// Foghorn routing.
+    #[serde(default)]
+    pub foghorn: FoghornConfig,
+}
+
+/// `[foghorn]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FoghornConfig {
+    /// Address of the MistServer-compatible HTTP surface.
+    pub listen: Option<String>,
+    /// Address of the gRPC service.
+    pub grpc_listen: Option<String>,
+    /// Score weights (missing ones keep their defaults).
+    #[serde(default)]
+    pub weights: Option<Weights>,
+    /// Opt-in hard utilisation cutoff.
+    #[serde(default)]
+    pub cutoff: Option<Cutoff>,
+}
+
+impl FoghornConfig {
+    /// The routing policy, checked.
+    pub fn policy(&self) -> anyhow::Result<Policy> {
+        let weights = self.weights.unwrap_or_default();
+        for (name, value) in [
+            ("cpu", weights.cpu),
+            ("ram", weights.ram),
+            ("bw", weights.bw),
+            ("geo", weights.geo),
+            ("bonus", weights.bonus),
+        ] {
+            anyhow::ensure!(
+                value <= keel_api::foghorn::MAX_WEIGHT,
+                "foghorn.weights.{name} = {value}: at most {}",
+                keel_api::foghorn::MAX_WEIGHT
+            );
+        }
+        let cutoff = self.cutoff.unwrap_or_default();
+        for (name, value) in [
+            ("cpu_percent", cutoff.cpu_percent),
+            ("ram_percent", cutoff.ram_percent),
+            ("bw_percent", cutoff.bw_percent),
+        ] {
+            if let Some(value) = value {
+                anyhow::ensure!(
+                    value.is_finite() && (0.0..=100.0).contains(&value),
+                    "foghorn.cutoff.{name} = {value}: a percentage from 0 to 100"
+                );
+            }
+        }
+        Ok(Policy { weights, cutoff })
+    }
 }
 
 /// `[api]`.
@@ -123,5 +183,18 @@ mod tests {
         assert!(!format!("{config:?}").contains("a long random string"));
         let bad: Result<Config, _> = toml::from_str("[api]\nlisten = 1\nunknown = true");
         assert!(bad.is_err());
+        let policy = config.foghorn.policy().unwrap();
+        assert_eq!(policy.cutoff.cpu_percent, Some(90.0));
+        assert_eq!(policy.weights, Weights::default());
+        let partial: Config = toml::from_str("[foghorn]\nweights = { geo = 2000 }").unwrap();
+        assert_eq!(partial.foghorn.policy().unwrap().weights.geo, 2000);
+        assert_eq!(partial.foghorn.policy().unwrap().weights.cpu, 500);
+        for bad in [
+            "[foghorn]\nweights = { cpu = 99999999 }",
+            "[foghorn]\ncutoff = { cpu_percent = 120.0 }",
+        ] {
+            let config: Config = toml::from_str(bad).unwrap();
+            assert!(config.foghorn.policy().is_err(), "{bad}");
+        }
     }
 }

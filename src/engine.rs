@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use keel_api::metrics::EngineStats;
+use keel_dataflows::foghorn::{FleetCell, LoadInput, PublishEvery, foghorn, publish_fleet};
 use keel_dataflows::periscope::{PeriscopeChange, periscope};
 use keel_dataflows::signalman;
 use keel_operators::table::TableSet;
@@ -32,6 +33,7 @@ use keel_sinks::live::LiveTables;
 use keel_sources::codec::{TimeBounds, decode_checked};
 use keel_sources::error::IngestError;
 use keel_sources::event::Event;
+use keel_sources::memory::Injector;
 use keel_sources::source::{Batch, Poll, Source};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
@@ -75,6 +77,10 @@ pub struct Handles {
     pub stats: Arc<EngineStats>,
     /// Set to stop reading; the engine then drains what it has and returns.
     pub shutdown: Arc<AtomicBool>,
+    /// Foghorn's view of the fleet, published by the engine as node loads change.
+    pub fleet: Arc<FleetCell>,
+    /// Records the engine's own services produce (routing decisions), read by worker 0.
+    pub injector: Injector,
 }
 
 impl Default for Handles {
@@ -88,6 +94,8 @@ impl Default for Handles {
             hub,
             stats: Arc::new(EngineStats::default()),
             shutdown: Arc::new(AtomicBool::new(false)),
+            fleet: Arc::new(FleetCell::default()),
+            injector: Injector::new("foghorn"),
         }
     }
 }
@@ -178,13 +186,23 @@ pub fn run(
             .map_err(|e| format!("worker {index}: {e}"))?;
         let probe = probe::Handle::new();
         let tables = (index == 0).then(|| handles.tables.clone());
-        let (mut events_in, mut errors_in, mut marks_in) = worker.dataflow::<u64, _, _>(|scope| {
-            let (events_in, events) = scope.new_input::<Event>();
-            let (errors_in, errors) = scope.new_input::<IngestError>();
-            let (marks_in, marks) = scope.new_input::<i64>();
-            publish(periscope(events, errors, marks), tables).probe_with(&probe);
-            (events_in, errors_in, marks_in)
-        });
+        let fleet = (index == 0).then(|| handles.fleet.clone());
+        let (mut events_in, mut errors_in, mut marks_in, mut loads_in) = worker
+            .dataflow::<u64, _, _>(|scope| {
+                let (events_in, events) = scope.new_input::<Event>();
+                let (errors_in, errors) = scope.new_input::<IngestError>();
+                let (marks_in, marks) = scope.new_input::<i64>();
+                let (loads_in, loads) = scope.new_input::<LoadInput>();
+                publish(periscope(events, errors, marks.clone()), tables).probe_with(&probe);
+                publish_fleet(
+                    foghorn(loads, marks.clone()),
+                    marks,
+                    fleet,
+                    PublishEvery::default(),
+                )
+                .probe_with(&probe);
+                (events_in, errors_in, marks_in, loads_in)
+            });
         let clock = || handles.stats.clock();
         let mut epoch = 0u64;
         let mut inflight: VecDeque<u64> = VecDeque::new();
@@ -200,6 +218,9 @@ pub fn run(
             let poll = reader
                 .next_batch(&mut batch, options.batch)
                 .map_err(|e| format!("worker {index}: {e}"))?;
+            if index == 0 {
+                handles.injector.drain_into(&mut batch, options.batch);
+            }
             if !batch.is_empty() {
                 let now = wall_clock_ms();
                 let mut newest = i64::MIN;
@@ -215,6 +236,9 @@ pub fn run(
                                     .unwrap_or(channel::ANALYTICS);
                                 let redacted = signalman::redact(event.clone());
                                 feed.push(Arc::new(FeedItem::new(bit, redacted)));
+                            }
+                            if let Some(load) = LoadInput::from_event(&event) {
+                                loads_in.send(load);
                             }
                             events_in.send(event);
                         }
@@ -245,12 +269,14 @@ pub fn run(
                 events_in.advance_to(epoch);
                 errors_in.advance_to(epoch);
                 marks_in.advance_to(epoch);
+                loads_in.advance_to(epoch);
             } else if clock() > epoch + 1_000 {
                 // Idle: keep pace with the clock so other workers' epochs can close.
                 epoch = clock();
                 events_in.advance_to(epoch);
                 errors_in.advance_to(epoch);
                 marks_in.advance_to(epoch);
+                loads_in.advance_to(epoch);
             }
             // A source that could not fill a batch is caught up: publish what is in flight
             // before asking it again (which may block), so a new event shows at once.
@@ -289,7 +315,7 @@ pub fn run(
                 _ => {}
             }
         }
-        drop((events_in, errors_in, marks_in));
+        drop((events_in, errors_in, marks_in, loads_in));
         while !probe.done() {
             worker.step();
         }

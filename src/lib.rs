@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod foghorn;
 pub mod serve;
 pub mod summary;
 

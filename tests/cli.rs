@@ -136,6 +136,10 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
             "127.0.0.1:0",
             "--pg-listen",
             "127.0.0.1:0",
+            "--foghorn-listen",
+            "127.0.0.1:0",
+            "--foghorn-grpc-listen",
+            "off",
             "--summary-every",
             "0.3",
             "--malformed",
@@ -202,6 +206,10 @@ fn run_serves_sql_to_the_printed_tenant_token() {
             "127.0.0.1:0",
             "--pg-listen",
             "127.0.0.1:0",
+            "--foghorn-listen",
+            "127.0.0.1:0",
+            "--foghorn-grpc-listen",
+            "off",
             "--summary-every",
             "10",
         ])
@@ -211,11 +219,13 @@ fn run_serves_sql_to_the_printed_tenant_token() {
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut url, mut tenant, mut token, mut admin) = (None, None, None, None);
-    let mut pg = None;
+    let (mut pg, mut foghorn) = (None, None);
     while admin.is_none() {
         let line = lines.next().expect("keel run printed its banner").unwrap();
         if let Some(rest) = line.strip_prefix("keel: dashboard and API on ") {
             url = Some(rest.to_owned());
+        } else if let Some(rest) = line.strip_prefix("keel: Foghorn routing on ") {
+            foghorn = rest.split_whitespace().next().map(str::to_owned);
         } else if let Some(rest) = line.strip_prefix("keel: PostgreSQL protocol on ") {
             pg = rest.split_whitespace().next().map(str::to_owned);
         } else if let Some(rest) = line.trim().strip_prefix("tenant ") {
@@ -282,6 +292,31 @@ fn run_serves_sql_to_the_printed_tenant_token() {
         .read_to_string()
         .unwrap();
     assert!(page.contains("Keel — live dashboard"), "{page}");
+
+    // Foghorn routes a viewer against the simulated fleet on its printed address.
+    let foghorn = foghorn.expect("the Foghorn address is printed");
+    let servers = ureq::get(&format!("{foghorn}/?lstserver=1"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let servers: serde_json::Value = serde_json::from_str(&servers).unwrap();
+    let online: Vec<&String> = servers
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, state)| *state == "Monitored (online)")
+        .map(|(host, _)| host)
+        .collect();
+    assert!(!online.is_empty(), "{servers}");
+    let host = ureq::get(&format!("{foghorn}/some-stream?lat=52.37&lon=4.90"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(online.contains(&&host), "{host} is not among {online:?}");
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

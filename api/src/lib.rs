@@ -14,6 +14,8 @@
 
 pub mod auth;
 pub mod dashboard;
+pub mod foghorn;
+pub mod foghorn_grpc;
 pub mod format;
 pub mod graphql;
 pub mod metrics;

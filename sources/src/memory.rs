@@ -134,3 +134,94 @@ impl SourceReader for MemoryReader {
         Ok(if got > 0 { Poll::Ready } else { Poll::Idle })
     }
 }
+
+/// Records the engine itself produces (routing decisions), queued for worker 0 to read with
+/// its next batch. Pushing never blocks the producer; when the engine has stopped reading and
+/// [`INJECT_CAPACITY`] records wait, further ones are counted as dropped.
+#[derive(Clone, Debug)]
+pub struct Injector {
+    inner: Arc<InjectorInner>,
+}
+
+#[derive(Debug)]
+struct InjectorInner {
+    label: Sym,
+    queue: Mutex<Vec<OwnedRecord>>,
+    seq: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Most records an [`Injector`] holds before it drops.
+pub const INJECT_CAPACITY: usize = 1 << 20;
+
+impl Injector {
+    /// An injector whose records are positioned as `label:seq`.
+    pub fn new(label: &str) -> Injector {
+        Injector {
+            inner: Arc::new(InjectorInner {
+                label: Sym::new(label),
+                queue: Mutex::new(Vec::new()),
+                seq: std::sync::atomic::AtomicU64::new(0),
+                dropped: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Queues a record; false (and counted) when the queue is full.
+    pub fn push(&self, record: OwnedRecord) -> bool {
+        let mut queue = self
+            .inner
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if queue.len() >= INJECT_CAPACITY {
+            self.inner
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        queue.push(record);
+        true
+    }
+
+    /// Moves up to `max` queued records into `batch`; returns how many.
+    pub fn drain_into(&self, batch: &mut Batch, max: usize) -> usize {
+        let taken: Vec<OwnedRecord> = {
+            let mut queue = self
+                .inner
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if queue.is_empty() {
+                return 0;
+            }
+            let n = queue.len().min(max);
+            queue.drain(..n).collect()
+        };
+        let first = self
+            .inner
+            .seq
+            .fetch_add(taken.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        for (i, record) in taken.iter().enumerate() {
+            batch.push(
+                Position::Memory {
+                    source: self.inner.label,
+                    seq: first + i as u64,
+                },
+                &record.value,
+                record
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_bytes())),
+            );
+        }
+        taken.len()
+    }
+
+    /// Records refused because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.inner
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

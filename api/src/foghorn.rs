@@ -1,0 +1,774 @@
+//! Foghorn's routing service: the MistServer-compatible load balancer surface, a JSON route
+//! API, and the decision events that feed the penalty back into the engine.
+//!
+//! Every answer comes from the engine's latest [`Fleet`] snapshot (lock-free). Each routing
+//! decision (`/<stream>`, `/?source=`, `/?ingest=`, `/v1/foghorn/route`, gRPC `Route`) is
+//! written as a version-2 `load_balancing` record into the engine's input, where it becomes a
+//! pending viewer on the chosen node and a row of `routing_hourly`.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /<stream>` | best host (text); `?proto=P` → 307 to `P://host/<stream>`; none → `?fallback=` or `localhost` |
+//! | `GET /?source=<stream>` | `dtsc://host:4200`; `redirect=1` → 302; none → `?fallback=` or `dtsc://localhost:4200` |
+//! | `GET /?ingest=<cpu%>` | host, or `FULL` |
+//! | `GET /?lstserver=1` | `{"host": "Monitored (online)" \| "Offline"}` |
+//! | `GET /?host=<h>` | per host: cpu, ram, up, up_add, down, streams, viewers, bwlimit, geo, tags, score |
+//! | `GET /?weights=` / `?weights={...}` | the weights / set some of them |
+//! | `GET /?streamstats=<s>` | `{"s": [viewers, bandwidth, bytes_up, bytes_down]}` |
+//! | `GET /?viewers=<s>` | viewers of the stream over all nodes |
+//! | `GET /v1/foghorn/route?stream=&lat=&lon=&n=` | ranked candidates with the score breakdown (JSON) |
+//!
+//! Client location: headers `X-Latitude`/`X-Longitude`, then `CF-IPLatitude`/`CF-IPLongitude`,
+//! then `lat`/`lon` parameters. Tag adjustments: header `X-Tag-Adjust` or `tag_adjust`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use keel_dataflows::foghorn::score::parse_tag_adjust;
+use keel_dataflows::foghorn::{
+    Fleet, FleetCell, NoNode, NodeLoad, Place, Policy, Purpose, Request, Routed, Weights,
+};
+use keel_operators::sym::Sym;
+use keel_operators::time::format_rfc3339;
+use keel_sources::codec::internal_name;
+use keel_sources::memory::{Injector, OwnedRecord};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Largest weight accepted (keeps every sum far from overflow).
+pub const MAX_WEIGHT: u64 = 1_000_000;
+/// Most candidates one JSON or gRPC request may ask for.
+pub const MAX_CANDIDATES: usize = 64;
+/// Mist's DTSC port, used in source answers.
+pub const DTSC_PORT: u16 = 4200;
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FoghornStats {
+    /// Requests that chose a node.
+    pub routed: AtomicU64,
+    /// Requests that found none.
+    pub unrouted: AtomicU64,
+    /// Decisions where the opt-in cutoff excluded everyone and the gradient decided.
+    pub cutoff_fallbacks: AtomicU64,
+    /// Decision events written into the engine's input.
+    pub events: AtomicU64,
+    /// Decision events not written: no tenant to attribute a failure to, or a full queue.
+    pub events_skipped: AtomicU64,
+}
+
+/// Who asked, for the decision event.
+#[derive(Clone, Debug, Default)]
+pub struct Asker {
+    /// Country code from `CF-IPCountry` or `X-Country-Code`.
+    pub country: Option<String>,
+    /// Tenant from `X-Tenant-ID` (used for failed decisions, which have no node to take it from).
+    pub tenant: Option<Uuid>,
+    /// `http` or `grpc`.
+    pub source: &'static str,
+    /// What the answer pointed the client at.
+    pub details: String,
+}
+
+/// The routing service shared by the HTTP and gRPC fronts.
+#[derive(Debug)]
+pub struct Foghorn {
+    fleet: Arc<FleetCell>,
+    injector: Injector,
+    /// Counters.
+    pub stats: FoghornStats,
+}
+
+fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Coordinates rounded to 0.1° (about 11 km) before they leave the balancer in an event.
+fn coarse(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+impl Foghorn {
+    /// A service reading `fleet` and writing decisions into `injector`.
+    pub fn new(fleet: Arc<FleetCell>, injector: Injector) -> Foghorn {
+        Foghorn {
+            fleet,
+            injector,
+            stats: FoghornStats::default(),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn fleet(&self) -> Arc<Fleet> {
+        self.fleet.snapshot()
+    }
+
+    /// Changes weights or cutoff (rescoring at once).
+    pub fn set_policy(&self, policy: Policy) {
+        self.fleet.set_policy(policy);
+    }
+
+    /// Routes `request` and records the decision; `details` says what the answer pointed the
+    /// client at (it goes into the event).
+    pub fn decide(
+        &self,
+        request: &Request,
+        n: usize,
+        asker: &Asker,
+        details: impl FnOnce(&Result<Routed, NoNode>) -> String,
+    ) -> Result<Routed, NoNode> {
+        let fleet = self.fleet.load();
+        let result = fleet.route(request, n);
+        let asker = Asker {
+            details: details(&result),
+            ..asker.clone()
+        };
+        match &result {
+            Ok(routed) => {
+                self.stats.routed.fetch_add(1, Ordering::Relaxed);
+                if routed.cutoff_fallback {
+                    self.stats.cutoff_fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.record(&fleet, request, &result, &asker);
+        result
+    }
+
+    /// Writes the decision as a version-2 `load_balancing` record into the engine's input.
+    fn record(
+        &self,
+        fleet: &Fleet,
+        request: &Request,
+        result: &Result<Routed, NoNode>,
+        asker: &Asker,
+    ) {
+        let chosen = result.as_ref().ok().and_then(|r| r.candidates.first());
+        let tenant = chosen.map(|c| c.node.tenant).or(asker.tenant);
+        let Some(tenant) = tenant.filter(|t| !t.is_nil()) else {
+            self.stats.events_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let time = if fleet.watermark() > 0 {
+            fleet.watermark()
+        } else {
+            wall_clock_ms()
+        };
+        let mut payload = serde_json::Map::new();
+        let status = if chosen.is_some() {
+            "success"
+        } else {
+            "failed"
+        };
+        payload.insert("status".into(), status.into());
+        payload.insert("event_type".into(), "load_balancing".into());
+        payload.insert("source".into(), asker.source.into());
+        let details = match result {
+            Ok(_) => asker.details.clone(),
+            Err(reason) => reason.message().to_owned(),
+        };
+        payload.insert("details".into(), details.into());
+        if let Some(stream) = request.stream {
+            payload.insert("internal_name".into(), stream.as_str().into());
+        }
+        if let Some(c) = request.client {
+            payload.insert("latitude".into(), coarse(c.latitude).into());
+            payload.insert("longitude".into(), coarse(c.longitude).into());
+        }
+        if let Some(country) = &asker.country {
+            payload.insert("client_country".into(), country.as_str().into());
+        }
+        if let Ok(routed) = result {
+            payload.insert(
+                "candidates_count".into(),
+                (routed.candidates.len() as u64).into(),
+            );
+        }
+        if let Some(c) = chosen {
+            let node = &c.node;
+            payload.insert("selected_node".into(), node.host_name().into());
+            payload.insert("selected_node_id".into(), node.node.as_str().into());
+            payload.insert("score".into(), c.score.total.to_string().into());
+            if let Some(place) = node.place() {
+                payload.insert("node_latitude".into(), coarse(place.latitude).into());
+                payload.insert("node_longitude".into(), coarse(place.longitude).into());
+                if let Some(client) = request.client {
+                    let km = keel_sources::event::great_circle_km(
+                        client.latitude,
+                        client.longitude,
+                        place.latitude,
+                        place.longitude,
+                    );
+                    payload.insert("routing_distance_km".into(), km.into());
+                }
+            }
+        }
+        let node_id = chosen.map_or("", |c| c.node.node.as_str());
+        let record = json!({
+            "event_id": Uuid::new_v4().to_string(),
+            "event_type": "load_balancing",
+            "timestamp": format_rfc3339(time),
+            "source": "foghorn",
+            "tenant_id": tenant.to_string(),
+            "schema_version": 2,
+            "data": {
+                "trigger_type": "LOAD_BALANCING",
+                "node_id": node_id,
+                "timestamp": time.to_string(),
+                "tenant_id": tenant.to_string(),
+                "load_balancing_data": Value::Object(payload),
+            }
+        });
+        let value = serde_json::to_vec(&record).expect("a JSON value serialises");
+        if self.injector.push(OwnedRecord {
+            value,
+            headers: vec![
+                ("event_type".into(), "load_balancing".into()),
+                ("source".into(), "foghorn".into()),
+            ],
+        }) {
+            self.stats.events.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.events_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A 400 with a reason, as plain text.
+fn bad_request(reason: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        reason.into(),
+    )
+        .into_response()
+}
+
+fn text(body: impl Into<String>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body.into(),
+    )
+        .into_response()
+}
+
+fn redirect(status: StatusCode, location: &str) -> Response {
+    match HeaderValue::from_str(location) {
+        Ok(value) => (status, [(header::LOCATION, value)], location.to_owned()).into_response(),
+        Err(_) => bad_request("the redirect target is not a valid header value"),
+    }
+}
+
+fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+fn parse_coordinate(text: &str, what: &str) -> Result<f64, String> {
+    text.trim()
+        .parse::<f64>()
+        .map_err(|_| format!("{what} {text:?} is not a number"))
+}
+
+/// The client's place from headers or parameters; a present but invalid pair is an error.
+pub fn client_place(
+    headers: &HeaderMap,
+    params: &BTreeMap<String, String>,
+) -> Result<Option<Place>, String> {
+    let pairs = [
+        (
+            header_text(headers, "x-latitude"),
+            header_text(headers, "x-longitude"),
+        ),
+        (
+            header_text(headers, "cf-iplatitude"),
+            header_text(headers, "cf-iplongitude"),
+        ),
+        (
+            params.get("lat").map(String::as_str),
+            params.get("lon").map(String::as_str),
+        ),
+    ];
+    for pair in pairs {
+        match pair {
+            (Some(lat), Some(lon)) => {
+                let place = Place::new(
+                    parse_coordinate(lat, "latitude")?,
+                    parse_coordinate(lon, "longitude")?,
+                )?;
+                return Ok(Some(place));
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("latitude and longitude must be given together".to_owned());
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Builds a request from the query and headers every routing endpoint shares.
+fn request_from(
+    stream: Option<&str>,
+    purpose: Purpose,
+    headers: &HeaderMap,
+    params: &BTreeMap<String, String>,
+) -> Result<Request, String> {
+    let client = client_place(headers, params)?;
+    let tags = match header_text(headers, "x-tag-adjust").or(params
+        .get("tag_adjust")
+        .map(String::as_str)
+        .filter(|t| !t.is_empty()))
+    {
+        Some(text) => parse_tag_adjust(text)?,
+        None => Vec::new(),
+    };
+    let capability = params
+        .get("capability")
+        .filter(|c| !c.is_empty())
+        .map(|c| Sym::new(&c.to_ascii_lowercase()));
+    Ok(Request {
+        stream: stream
+            .map(internal_name)
+            .filter(|s| !s.is_empty())
+            .map(Sym::new),
+        purpose,
+        client,
+        tags,
+        capability,
+    })
+}
+
+fn asker(headers: &HeaderMap, source: &'static str) -> Asker {
+    Asker {
+        country: header_text(headers, "cf-ipcountry")
+            .or(header_text(headers, "x-country-code"))
+            .map(|c| c.to_ascii_uppercase()),
+        tenant: header_text(headers, "x-tenant-id").and_then(|t| Uuid::parse_str(t).ok()),
+        source,
+        details: String::new(),
+    }
+}
+
+type Params = Query<BTreeMap<String, String>>;
+
+/// The chosen host, as event details.
+pub fn host_of(result: &Result<Routed, NoNode>) -> String {
+    result
+        .as_ref()
+        .map(|r| r.candidates[0].node.host_name().to_owned())
+        .unwrap_or_default()
+}
+
+/// The Foghorn HTTP router.
+pub fn router(foghorn: Arc<Foghorn>) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/v1/foghorn/route", get(route_json))
+        .route("/{stream}", get(view))
+        .with_state(foghorn)
+}
+
+/// `GET /<stream>`: the best host for a viewer.
+async fn view(
+    State(foghorn): State<Arc<Foghorn>>,
+    Path(stream): Path<String>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Response {
+    let request = match request_from(Some(&stream), Purpose::View, &headers, &params) {
+        Ok(request) => request,
+        Err(reason) => return bad_request(reason),
+    };
+    let proto = params.get("proto").filter(|p| !p.is_empty());
+    if let Some(proto) = proto
+        && !proto
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    {
+        return bad_request(format!("proto {proto:?} is not a URL scheme"));
+    }
+    let location = |host: &str| {
+        let rest: Vec<String> = params
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "proto" | "lat" | "lon" | "tag_adjust" | "fallback" | "capability"
+                )
+            })
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect();
+        let query = if rest.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", rest.join("&"))
+        };
+        let proto = proto.map_or("http", String::as_str);
+        format!("{proto}://{host}/{}{query}", encode(&stream))
+    };
+    let routed = foghorn.decide(&request, 1, &asker(&headers, "http"), |result| {
+        match (result, proto) {
+            (Ok(r), Some(_)) => location(r.candidates[0].node.host_name()),
+            (Ok(r), None) => r.candidates[0].node.host_name().to_owned(),
+            (Err(_), _) => String::new(),
+        }
+    });
+    match (routed, proto) {
+        (Ok(r), Some(_)) => redirect(
+            StatusCode::TEMPORARY_REDIRECT,
+            &location(r.candidates[0].node.host_name()),
+        ),
+        (Ok(r), None) => text(r.candidates[0].node.host_name()),
+        (Err(_), _) => text(fallback(&params, "localhost")),
+    }
+}
+
+fn fallback(params: &BTreeMap<String, String>, default: &str) -> String {
+    params
+        .get("fallback")
+        .filter(|f| !f.is_empty())
+        .cloned()
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// Percent-encodes a query component or path segment.
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn root(
+    State(foghorn): State<Arc<Foghorn>>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(stream) = params.get("source") {
+        return source(&foghorn, stream, &params, &headers);
+    }
+    if let Some(cpu) = params.get("ingest") {
+        return ingest(&foghorn, cpu, &params, &headers);
+    }
+    if params.contains_key("lstserver") {
+        let fleet = foghorn.fleet();
+        let list: serde_json::Map<String, Value> = fleet
+            .nodes()
+            .iter()
+            .map(|n| {
+                let online = !n.is_stale(fleet.watermark()) && n.healthy;
+                let state = if online {
+                    "Monitored (online)"
+                } else {
+                    "Offline"
+                };
+                (n.host_name().to_owned(), state.into())
+            })
+            .collect();
+        return axum::Json(Value::Object(list)).into_response();
+    }
+    if let Some(host) = params.get("host") {
+        return hosts(&foghorn, host);
+    }
+    if let Some(weights) = params.get("weights") {
+        return set_weights(&foghorn, weights);
+    }
+    if let Some(stream) = params.get("streamstats") {
+        let name = Sym::new(internal_name(stream));
+        let mut totals = [0u64; 4];
+        for node in foghorn.fleet().nodes() {
+            if let Some(s) = node.stream(name) {
+                totals[0] += s.viewers;
+                totals[1] += s.bandwidth.saturating_mul(s.viewers);
+                totals[2] += s.bytes_up;
+                totals[3] += s.bytes_down;
+            }
+        }
+        return axum::Json(json!({ stream.as_str(): totals })).into_response();
+    }
+    if let Some(stream) = params.get("viewers") {
+        let name = Sym::new(internal_name(stream));
+        let total: u64 = foghorn
+            .fleet()
+            .nodes()
+            .iter()
+            .filter_map(|n| n.stream(name))
+            .map(|s| s.viewers)
+            .sum();
+        return text(total.to_string());
+    }
+    if params.contains_key("addserver") || params.contains_key("delserver") {
+        return bad_request(
+            "servers are not added by hand here: a node joins by sending node_lifecycle_update \
+             events and leaves by going stale (90 s without one)",
+        );
+    }
+    // Plain `GET /`: the best host for a viewer of no particular stream.
+    let request = match request_from(None, Purpose::View, &headers, &params) {
+        Ok(request) => request,
+        Err(reason) => return bad_request(reason),
+    };
+    match foghorn.decide(&request, 1, &asker(&headers, "http"), host_of) {
+        Ok(routed) => text(routed.candidates[0].node.host_name()),
+        Err(_) => text(fallback(&params, "localhost")),
+    }
+}
+
+fn source(
+    foghorn: &Foghorn,
+    stream: &str,
+    params: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+) -> Response {
+    if internal_name(stream).is_empty() {
+        return bad_request("source needs a stream name");
+    }
+    let request = match request_from(Some(stream), Purpose::Source, headers, params) {
+        Ok(request) => request,
+        Err(reason) => return bad_request(reason),
+    };
+    let dtsc = |r: &Routed| format!("dtsc://{}:{DTSC_PORT}", r.candidates[0].node.host_name());
+    let target = match foghorn.decide(&request, 1, &asker(headers, "http"), |result| {
+        result.as_ref().map(dtsc).unwrap_or_default()
+    }) {
+        Ok(routed) => dtsc(&routed),
+        Err(_) => fallback(params, &format!("dtsc://localhost:{DTSC_PORT}")),
+    };
+    if params.get("redirect").is_some_and(|r| r == "1") {
+        return redirect(StatusCode::FOUND, &target);
+    }
+    text(target)
+}
+
+fn ingest(
+    foghorn: &Foghorn,
+    cpu: &str,
+    params: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+) -> Response {
+    let cpu = if cpu.trim().is_empty() {
+        0.0
+    } else {
+        match cpu.trim().parse::<f64>() {
+            Ok(c) if c.is_finite() && (0.0..=100.0).contains(&c) => c,
+            _ => {
+                return bad_request(format!(
+                    "ingest={cpu:?}: expected the CPU percentage the new ingest will use (0-100)"
+                ));
+            }
+        }
+    };
+    let request = match request_from(None, Purpose::Ingest(cpu), headers, params) {
+        Ok(request) => request,
+        Err(reason) => return bad_request(reason),
+    };
+    match foghorn.decide(&request, 1, &asker(headers, "http"), host_of) {
+        Ok(routed) => text(routed.candidates[0].node.host_name()),
+        Err(_) => text("FULL"),
+    }
+}
+
+/// One host as `/?host=` shows it.
+pub fn host_json(node: &NodeLoad, weights: &Weights) -> Value {
+    let (cpu, ram, bw) =
+        keel_dataflows::foghorn::score::static_terms(node, weights).unwrap_or((0, 0, 0));
+    let ram_percent = if node.ram_max > 0 {
+        node.ram_current as f64 * 100.0 / node.ram_max as f64
+    } else {
+        0.0
+    };
+    let mut host = json!({
+        "cpu": f64::from(node.cpu_tenths) / 10.0,
+        "ram": (ram_percent * 10.0).round() / 10.0,
+        "up": node.up_speed,
+        "up_add": node.add_bandwidth,
+        "down": node.down_speed,
+        "streams": node.streams.len(),
+        "viewers": node.viewers(),
+        "bwlimit": node.bw_limit(),
+        "score": { "cpu": cpu, "ram": ram, "bw": bw },
+    });
+    if let Some(place) = node.place() {
+        host["geo"] = json!({ "lat": place.latitude, "lon": place.longitude });
+    }
+    if !node.capabilities.is_empty() {
+        host["tags"] = node
+            .capabilities
+            .iter()
+            .map(|c| Value::from(c.as_str()))
+            .collect();
+    }
+    host
+}
+
+fn hosts(foghorn: &Foghorn, host: &str) -> Response {
+    let fleet = foghorn.fleet();
+    let weights = fleet.policy().weights;
+    if host.is_empty() {
+        let all: serde_json::Map<String, Value> = fleet
+            .nodes()
+            .iter()
+            .map(|n| (n.host_name().to_owned(), host_json(n, &weights)))
+            .collect();
+        return axum::Json(Value::Object(all)).into_response();
+    }
+    match fleet.by_host(host) {
+        Some(node) => {
+            axum::Json(json!({ node.host_name(): host_json(node, &weights) })).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "error": format!("unknown host {host:?}") })),
+        )
+            .into_response(),
+    }
+}
+
+/// Merges a partial weights object into `current`, checking every value.
+pub fn merge_weights(current: Weights, text: &str) -> Result<Weights, String> {
+    let map: serde_json::Map<String, Value> = serde_json::from_str(text)
+        .map_err(|e| format!("weights must be a JSON object such as {{\"cpu\":500}}: {e}"))?;
+    let mut weights = current;
+    for (key, value) in map {
+        let number = value.as_u64().filter(|v| *v <= MAX_WEIGHT).ok_or_else(|| {
+            format!("weight {key:?}: {value} is not a whole number from 0 to {MAX_WEIGHT}")
+        })?;
+        let slot = match key.as_str() {
+            "cpu" => &mut weights.cpu,
+            "ram" => &mut weights.ram,
+            "bw" => &mut weights.bw,
+            "geo" => &mut weights.geo,
+            "bonus" => &mut weights.bonus,
+            other => {
+                return Err(format!(
+                    "unknown weight {other:?} (cpu, ram, bw, geo, bonus)"
+                ));
+            }
+        };
+        *slot = number;
+    }
+    Ok(weights)
+}
+
+fn set_weights(foghorn: &Foghorn, text: &str) -> Response {
+    let mut policy = *foghorn.fleet().policy();
+    if !text.trim().is_empty() {
+        match merge_weights(policy.weights, text) {
+            Ok(weights) => {
+                policy.weights = weights;
+                foghorn.set_policy(policy);
+            }
+            Err(reason) => return bad_request(reason),
+        }
+    }
+    axum::Json(policy.weights).into_response()
+}
+
+/// One candidate as the JSON and gRPC APIs show it.
+pub fn candidate_json(c: &keel_dataflows::foghorn::Candidate, client: Option<Place>) -> Value {
+    let distance = match (client, c.node.place()) {
+        (Some(a), Some(b)) => Some(keel_sources::event::great_circle_km(
+            a.latitude,
+            a.longitude,
+            b.latitude,
+            b.longitude,
+        )),
+        _ => None,
+    };
+    json!({
+        "node_id": c.node.node.as_str(),
+        "host": c.node.host_name(),
+        "base_url": c.node.host.as_str(),
+        "score": c.score.total,
+        "breakdown": c.score,
+        "distance_km": distance,
+        "pending_viewers": c.node.pending_viewers,
+        "add_bandwidth": c.node.add_bandwidth,
+    })
+}
+
+async fn route_json(
+    State(foghorn): State<Arc<Foghorn>>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Response {
+    let fail = |reason: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({ "error": reason })),
+        )
+            .into_response()
+    };
+    let n = match params.get("n").map(|n| n.trim().parse::<usize>()) {
+        None => 1,
+        Some(Ok(n)) if (1..=MAX_CANDIDATES).contains(&n) => n,
+        Some(_) => {
+            return fail(format!(
+                "n must be a whole number from 1 to {MAX_CANDIDATES}"
+            ));
+        }
+    };
+    let purpose = match params.get("purpose").map(String::as_str) {
+        None | Some("" | "view") => Purpose::View,
+        Some("source") => Purpose::Source,
+        Some("ingest") => match params.get("cpu").map(|c| c.trim().parse::<f64>()) {
+            None => Purpose::Ingest(0.0),
+            Some(Ok(c)) if c.is_finite() && (0.0..=100.0).contains(&c) => Purpose::Ingest(c),
+            Some(_) => return fail("cpu must be a percentage from 0 to 100".to_owned()),
+        },
+        Some(other) => {
+            return fail(format!("purpose {other:?} is not view, source or ingest"));
+        }
+    };
+    let stream = params.get("stream").map(String::as_str);
+    if purpose == Purpose::Source && stream.is_none_or(|s| internal_name(s).is_empty()) {
+        return fail("purpose=source needs a stream".to_owned());
+    }
+    let request = match request_from(stream, purpose, &headers, &params) {
+        Ok(request) => request,
+        Err(reason) => return fail(reason),
+    };
+    let fleet_nodes = foghorn.fleet.load().nodes().len();
+    match foghorn.decide(&request, n, &asker(&headers, "http"), host_of) {
+        Ok(routed) => axum::Json(json!({
+            "stream": request.stream.map(|s| s.as_str()),
+            "client": request.client.map(|c| json!({"lat": c.latitude, "lon": c.longitude})),
+            "candidates": routed
+                .candidates
+                .iter()
+                .map(|c| candidate_json(c, request.client))
+                .collect::<Vec<_>>(),
+            "cutoff_fallback": routed.cutoff_fallback,
+            "nodes": fleet_nodes,
+        }))
+        .into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(
+                json!({ "error": reason.message(), "reason": reason, "nodes": fleet_nodes }),
+            ),
+        )
+            .into_response(),
+    }
+}
