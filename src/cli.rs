@@ -367,7 +367,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let foghorn_grpc = args
         .foghorn_grpc_listen
         .clone()
-        .or(settings.foghorn.grpc_listen.clone())
+        .or(settings.foghorn.grpc_listen)
         .unwrap_or_else(|| "127.0.0.1:18019".to_owned());
     let foghorn_grpc = (foghorn_grpc != "off").then_some(foghorn_grpc);
     let foghorn = if foghorn_listen == "off" {

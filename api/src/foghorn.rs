@@ -322,6 +322,18 @@ pub fn client_place(
     Ok(None)
 }
 
+/// A stream name from a query parameter, without its `live+`/`vod+` prefix. Form decoding
+/// turns an unescaped `+` into a space, so `live demo` is read as `live+demo`.
+pub fn stream_name(param: &str) -> &str {
+    let param = param.trim();
+    for prefix in ["live ", "vod "] {
+        if let Some(rest) = param.strip_prefix(prefix) {
+            return rest;
+        }
+    }
+    internal_name(param)
+}
+
 /// Builds a request from the query and headers every routing endpoint shares.
 fn request_from(
     stream: Option<&str>,
@@ -344,7 +356,7 @@ fn request_from(
         .map(|c| Sym::new(&c.to_ascii_lowercase()));
     Ok(Request {
         stream: stream
-            .map(internal_name)
+            .map(stream_name)
             .filter(|s| !s.is_empty())
             .map(Sym::new),
         purpose,
@@ -495,7 +507,7 @@ async fn root(
         return set_weights(&foghorn, weights);
     }
     if let Some(stream) = params.get("streamstats") {
-        let name = Sym::new(internal_name(stream));
+        let name = Sym::new(stream_name(stream));
         let mut totals = [0u64; 4];
         for node in foghorn.fleet().nodes() {
             if let Some(s) = node.stream(name) {
@@ -508,7 +520,7 @@ async fn root(
         return axum::Json(json!({ stream.as_str(): totals })).into_response();
     }
     if let Some(stream) = params.get("viewers") {
-        let name = Sym::new(internal_name(stream));
+        let name = Sym::new(stream_name(stream));
         let total: u64 = foghorn
             .fleet()
             .nodes()
@@ -541,7 +553,7 @@ fn source(
     params: &BTreeMap<String, String>,
     headers: &HeaderMap,
 ) -> Response {
-    if internal_name(stream).is_empty() {
+    if stream_name(stream).is_empty() {
         return bad_request("source needs a stream name");
     }
     let request = match request_from(Some(stream), Purpose::Source, headers, params) {
@@ -742,7 +754,7 @@ async fn route_json(
         }
     };
     let stream = params.get("stream").map(String::as_str);
-    if purpose == Purpose::Source && stream.is_none_or(|s| internal_name(s).is_empty()) {
+    if purpose == Purpose::Source && stream.is_none_or(|s| stream_name(s).is_empty()) {
         return fail("purpose=source needs a stream".to_owned());
     }
     let request = match request_from(stream, purpose, &headers, &params) {

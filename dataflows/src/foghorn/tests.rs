@@ -284,11 +284,11 @@ fn update(node: &str, time: i64, up_speed: u64, streams: &[(&str, u64)]) -> Load
     }
 }
 
+/// Node, pending viewers, their bandwidth, and (stream, viewers, inputs) per stream.
+type Summary = (Sym, u64, u64, Vec<(Sym, u64, u64)>);
+
 /// A brute-force reading of the state's rules over every input at once.
-fn reference_loads(
-    inputs: &[LoadInput],
-    watermark: i64,
-) -> Vec<(Sym, u64, u64, Vec<(Sym, u64, u64)>)> {
+fn reference_loads(inputs: &[LoadInput], watermark: i64) -> Vec<Summary> {
     let mut nodes: Vec<Sym> = inputs.iter().map(LoadInput::node).collect();
     nodes.sort();
     nodes.dedup();
@@ -516,7 +516,7 @@ proptest! {
             last.insert(load.node, load);
         }
         let want = reference_loads(&inputs, watermark);
-        let got: Vec<(Sym, u64, u64, Vec<(Sym, u64, u64)>)> = last
+        let got: Vec<Summary> = last
             .values()
             .map(|l| (l.node, l.pending_viewers, l.add_bandwidth, l.streams.iter().map(|s| (s.name, s.viewers, s.inputs)).collect()))
             .collect();
