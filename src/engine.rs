@@ -81,6 +81,8 @@ pub struct Handles {
     pub fleet: Arc<FleetCell>,
     /// Records the engine's own services produce (routing decisions), read by worker 0.
     pub injector: Injector,
+    /// Foghorn's routing counters.
+    pub foghorn: Arc<keel_api::foghorn::FoghornStats>,
 }
 
 impl Default for Handles {
@@ -96,6 +98,7 @@ impl Default for Handles {
             shutdown: Arc::new(AtomicBool::new(false)),
             fleet: Arc::new(FleetCell::default()),
             injector: Injector::new("foghorn"),
+            foghorn: Arc::default(),
         }
     }
 }

@@ -41,6 +41,7 @@ impl FoghornServer {
         let service = Arc::new(Foghorn::new(
             handles.fleet.clone(),
             handles.injector.clone(),
+            handles.foghorn.clone(),
         ));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

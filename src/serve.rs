@@ -61,6 +61,8 @@ impl Api {
             stats: handles.stats.clone(),
             metrics: Arc::new(Metrics::default()),
             hub: handles.hub.clone(),
+            fleet: handles.fleet.clone(),
+            foghorn: handles.foghorn.clone(),
             limits,
         };
         let (stop, stopped) = oneshot::channel::<()>();

@@ -39,6 +39,8 @@ fn state(handles: &Handles) -> ApiState {
         stats: handles.stats.clone(),
         metrics: Arc::new(Metrics::default()),
         hub: handles.hub.clone(),
+        fleet: handles.fleet.clone(),
+        foghorn: handles.foghorn.clone(),
         limits: Limits::default(),
     }
 }
@@ -436,5 +438,58 @@ async fn key_lookups_agree_with_full_scans_and_stay_within_the_tenant() {
     assert_eq!(
         count(&query(&tables, Scope::All, missing).await.unwrap()),
         0
+    );
+}
+
+/// The dashboard's `nodes` field carries each node's live routing score from Foghorn's fleet.
+#[tokio::test]
+async fn graphql_nodes_carry_the_live_routing_score() {
+    let handles = golden();
+    let state = state(&handles);
+    let query = serde_json::json!({
+        "query": "{ nodes { nodeId score { cpu ram bw staticTotal eligible reason pendingViewers } } }"
+    });
+    let request = Request::post("/graphql")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", token(&Claims::admin("root", FAR))),
+        )
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(query.to_string()))
+        .unwrap();
+    let (status, _, body) = call(&state, request).await;
+    assert_eq!(status, StatusCode::OK);
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let nodes = value["data"]["nodes"].as_array().expect("nodes");
+    assert!(nodes.len() >= 2, "{value}");
+    let fleet = handles.fleet.snapshot();
+    for node in nodes {
+        let id = node["nodeId"].as_str().unwrap();
+        let score = &node["score"];
+        let load = fleet.node(id).expect("routing knows every node");
+        let (cpu, ram, bw) =
+            keel_dataflows::foghorn::score::static_terms(load, &fleet.policy().weights)
+                .unwrap_or((0, 0, 0));
+        assert_eq!(score["cpu"], cpu, "{node}");
+        assert_eq!(score["ram"], ram, "{node}");
+        assert_eq!(score["bw"], bw, "{node}");
+        assert_eq!(score["staticTotal"], cpu + ram + bw, "{node}");
+        let eligible = score["eligible"].as_bool().unwrap();
+        assert_eq!(eligible, score["reason"].is_null(), "{node}");
+    }
+    let (_, _, metrics) = call(
+        &state,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    let fresh = fleet
+        .nodes()
+        .iter()
+        .filter(|n| !n.is_stale(fleet.watermark()))
+        .count();
+    assert!(
+        metrics.contains(&format!("keel_foghorn_nodes{{state=\"fresh\"}} {fresh}")),
+        "{metrics}"
     );
 }

@@ -83,7 +83,7 @@ pub struct Foghorn {
     fleet: Arc<FleetCell>,
     injector: Injector,
     /// Counters.
-    pub stats: FoghornStats,
+    pub stats: Arc<FoghornStats>,
 }
 
 fn wall_clock_ms() -> i64 {
@@ -98,12 +98,12 @@ fn coarse(value: f64) -> f64 {
 }
 
 impl Foghorn {
-    /// A service reading `fleet` and writing decisions into `injector`.
-    pub fn new(fleet: Arc<FleetCell>, injector: Injector) -> Foghorn {
+    /// A service reading `fleet`, writing decisions into `injector` and counting in `stats`.
+    pub fn new(fleet: Arc<FleetCell>, injector: Injector, stats: Arc<FoghornStats>) -> Foghorn {
         Foghorn {
             fleet,
             injector,
-            stats: FoghornStats::default(),
+            stats,
         }
     }
 
@@ -783,4 +783,38 @@ async fn route_json(
         )
             .into_response(),
     }
+}
+
+/// Appends Foghorn's counters and fleet gauges in Prometheus text.
+pub fn render_metrics(stats: &FoghornStats, fleet: &Fleet, out: &mut String) {
+    use std::fmt::Write as _;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP keel_foghorn_decisions_total Routing requests, by whether a node was chosen.\n# TYPE keel_foghorn_decisions_total counter\nkeel_foghorn_decisions_total{{result=\"routed\"}} {}\nkeel_foghorn_decisions_total{{result=\"unrouted\"}} {}",
+        load(&stats.routed),
+        load(&stats.unrouted)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP keel_foghorn_cutoff_fallbacks_total Decisions where the opt-in cutoff excluded every node.\n# TYPE keel_foghorn_cutoff_fallbacks_total counter\nkeel_foghorn_cutoff_fallbacks_total {}",
+        load(&stats.cutoff_fallbacks)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP keel_foghorn_events_total Decision events written into the engine's input.\n# TYPE keel_foghorn_events_total counter\nkeel_foghorn_events_total {}\n# HELP keel_foghorn_events_skipped_total Decision events not written (no tenant for a failure, or a full queue).\n# TYPE keel_foghorn_events_skipped_total counter\nkeel_foghorn_events_skipped_total {}",
+        load(&stats.events),
+        load(&stats.events_skipped)
+    );
+    let stale = fleet
+        .nodes()
+        .iter()
+        .filter(|n| n.is_stale(fleet.watermark()))
+        .count();
+    let _ = writeln!(
+        out,
+        "# HELP keel_foghorn_nodes Nodes routing knows, by freshness.\n# TYPE keel_foghorn_nodes gauge\nkeel_foghorn_nodes{{state=\"fresh\"}} {}\nkeel_foghorn_nodes{{state=\"stale\"}} {stale}\n# HELP keel_foghorn_snapshot_age_seconds Time since routing's fleet snapshot was built.\n# TYPE keel_foghorn_snapshot_age_seconds gauge\nkeel_foghorn_snapshot_age_seconds {}",
+        fleet.nodes().len() - stale,
+        fleet.built().elapsed().as_secs_f64()
+    );
 }

@@ -544,6 +544,65 @@ pub struct MediaNode {
     pub mode: String,
     /// Newest update.
     pub updated_at: String,
+    /// The node's live routing score (Foghorn), when routing knows the node.
+    pub score: Option<NodeScore>,
+}
+
+/// A node's routing score as Foghorn sees it now: the static terms and the penalty.
+#[derive(SimpleObject, Debug)]
+pub struct NodeScore {
+    /// CPU term.
+    pub cpu: i64,
+    /// RAM term.
+    pub ram: i64,
+    /// Bandwidth term (after pending viewers).
+    pub bw: i64,
+    /// cpu + ram + bw: the part of every request's score that does not depend on the request.
+    pub static_total: i64,
+    /// Pending virtual viewers (routed here, not yet connected).
+    pub pending_viewers: i64,
+    /// Their bandwidth, bytes/s.
+    pub add_bandwidth: f64,
+    /// Whether routing may pick the node for a viewer now.
+    pub eligible: bool,
+    /// Why not, when it may not (`stale`, `unhealthy`, `mode`, `bandwidth`, `invalid`, ...).
+    pub reason: Option<String>,
+}
+
+impl NodeScore {
+    fn of(
+        node: &keel_dataflows::foghorn::NodeLoad,
+        fleet: &keel_dataflows::foghorn::Fleet,
+    ) -> Self {
+        use keel_dataflows::foghorn::score::{Request, check, static_terms};
+        let weights = &fleet.policy().weights;
+        let statics = static_terms(node, weights);
+        let (cpu, ram, bw) = statics.unwrap_or((0, 0, 0));
+        let verdict = statics.and_then(|_| {
+            check(
+                node,
+                &Request::view(None, None),
+                fleet.watermark(),
+                &fleet.policy().cutoff,
+            )
+        });
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        NodeScore {
+            cpu: as_i64(cpu),
+            ram: as_i64(ram),
+            bw: as_i64(bw),
+            static_total: as_i64(cpu + ram + bw),
+            pending_viewers: as_i64(node.pending_viewers),
+            add_bandwidth: node.add_bandwidth as f64,
+            eligible: verdict.is_ok(),
+            reason: verdict.err().map(|r| {
+                serde_json::to_value(r)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            }),
+        }
+    }
 }
 
 impl From<&NodeRow> for MediaNode {
@@ -563,6 +622,7 @@ impl From<&NodeRow> for MediaNode {
             is_healthy: r.is_healthy,
             mode: r.mode.as_str().to_owned(),
             updated_at: format_rfc3339(r.updated_at),
+            score: None,
         }
     }
 }
@@ -854,6 +914,7 @@ impl Query {
     /// Media nodes, by id.
     async fn nodes(&self, ctx: &Context<'_>, tenant_id: Option<ID>) -> Result<Vec<MediaNode>> {
         let tenant = tenant_of(ctx, tenant_id.as_ref())?;
+        let fleet = state(ctx)?.fleet.clone();
         read(ctx, |tables| {
             let mut rows: Vec<&NodeRow> = tables
                 .table::<NodeRow>("nodes")
@@ -862,7 +923,17 @@ impl Query {
                 .filter(|n| sees(tenant, n.tenant_id))
                 .collect();
             rows.sort_by_key(|n| (n.node_id, n.tenant_id));
-            rows.into_iter().map(MediaNode::from).collect()
+            let fleet = fleet.snapshot();
+            rows.into_iter()
+                .map(|row| {
+                    let mut node = MediaNode::from(row);
+                    node.score = fleet
+                        .node(row.node_id.as_str())
+                        .filter(|load| load.tenant.to_string() == row.tenant_id.as_str())
+                        .map(|load| NodeScore::of(load, &fleet));
+                    node
+                })
+                .collect()
         })
     }
 

@@ -47,6 +47,10 @@ pub struct ApiState {
     pub hub: Hub,
     /// Bounds on what clients may hold.
     pub limits: Limits,
+    /// Foghorn's fleet snapshots (node scores for the dashboard and GraphQL).
+    pub fleet: Arc<keel_dataflows::foghorn::FleetCell>,
+    /// Foghorn's routing counters.
+    pub foghorn: Arc<crate::foghorn::FoghornStats>,
 }
 
 /// Bounds on what clients may hold.
@@ -173,7 +177,9 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             .tables
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        render_metrics(&state.stats, &state.metrics, &tables)
+        let mut text = render_metrics(&state.stats, &state.metrics, &tables);
+        crate::foghorn::render_metrics(&state.foghorn, &state.fleet.load(), &mut text);
+        text
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

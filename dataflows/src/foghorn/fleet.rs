@@ -7,6 +7,7 @@
 //! calls [`score_node`]'s pieces, so the fast path and the formula cannot drift apart.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::{ArcSwap, Guard};
 use keel_operators::sym::Sym;
@@ -101,8 +102,9 @@ pub struct Routed {
 }
 
 /// An immutable snapshot of the fleet's load.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fleet {
+    built: Instant,
     policy: Policy,
     watermark: i64,
     nodes: Vec<Arc<NodeLoad>>,
@@ -135,12 +137,18 @@ impl Fleet {
         // Highest static sum first; among equals the lower node id (nodes are sorted by id).
         order.sort_by(|a, b| b.sum.cmp(&a.sum).then(a.index.cmp(&b.index)));
         Fleet {
+            built: Instant::now(),
             policy,
             watermark,
             nodes,
             order,
             static_rejects,
         }
+    }
+
+    /// When the snapshot was built.
+    pub fn built(&self) -> Instant {
+        self.built
     }
 
     /// The weights and cutoff this snapshot was scored with.

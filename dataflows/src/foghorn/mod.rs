@@ -380,8 +380,11 @@ pub fn publish_fleet<'scope>(
                     watermark = watermark.max(mark);
                 }
                 let elapsed = last.elapsed();
-                let due = (dirty && elapsed >= every.changes)
-                    || (watermark > published_mark && elapsed >= every.watermark);
+                // When the input has ended, whatever is left is published at once.
+                let finished =
+                    frontier.frontier().is_empty() && mark_frontier.frontier().is_empty();
+                let due = (dirty && (elapsed >= every.changes || finished))
+                    || (watermark > published_mark && (elapsed >= every.watermark || finished));
                 if due {
                     cell.publish(nodes.values().cloned().collect(), watermark);
                     published_mark = watermark;
