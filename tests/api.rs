@@ -467,9 +467,7 @@ async fn graphql_nodes_carry_the_live_routing_score() {
         let id = node["nodeId"].as_str().unwrap();
         let score = &node["score"];
         let load = fleet.node(id).expect("routing knows every node");
-        let (cpu, ram, bw) =
-            keel_dataflows::foghorn::score::static_terms(load, &fleet.policy().weights)
-                .unwrap_or((0, 0, 0));
+        let (cpu, ram, bw) = keel_dataflows::foghorn::score::terms(load, &fleet.policy().weights);
         assert_eq!(score["cpu"], cpu, "{node}");
         assert_eq!(score["ram"], ram, "{node}");
         assert_eq!(score["bw"], bw, "{node}");

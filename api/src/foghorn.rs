@@ -603,8 +603,7 @@ fn ingest(
 
 /// One host as `/?host=` shows it.
 pub fn host_json(node: &NodeLoad, weights: &Weights) -> Value {
-    let (cpu, ram, bw) =
-        keel_dataflows::foghorn::score::static_terms(node, weights).unwrap_or((0, 0, 0));
+    let (cpu, ram, bw) = keel_dataflows::foghorn::score::terms(node, weights);
     let ram_percent = if node.ram_max > 0 {
         node.ram_current as f64 * 100.0 / node.ram_max as f64
     } else {

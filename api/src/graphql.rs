@@ -574,10 +574,10 @@ impl NodeScore {
         node: &keel_dataflows::foghorn::NodeLoad,
         fleet: &keel_dataflows::foghorn::Fleet,
     ) -> Self {
-        use keel_dataflows::foghorn::score::{Request, check, static_terms};
+        use keel_dataflows::foghorn::score::{Request, check, static_terms, terms};
         let weights = &fleet.policy().weights;
         let statics = static_terms(node, weights);
-        let (cpu, ram, bw) = statics.unwrap_or((0, 0, 0));
+        let (cpu, ram, bw) = terms(node, weights);
         let verdict = statics.and_then(|_| {
             check(
                 node,

@@ -251,14 +251,29 @@ pub fn static_terms(node: &NodeLoad, w: &Weights) -> Result<(u64, u64, u64), Rej
     if used >= bw_limit {
         return Err(Reject::Bandwidth);
     }
+    Ok(terms(node, w))
+}
+
+/// The static terms as they stand, without rejecting: a term whose figure is missing or
+/// exhausted is 0 (for showing a node's state, not for routing).
+pub fn terms(node: &NodeLoad, w: &Weights) -> (u64, u64, u64) {
+    let bw_limit = node.bw_limit();
+    let used = node.up_speed.saturating_add(node.add_bandwidth);
     let cpu = w
         .cpu
         .saturating_sub(u64::from(node.cpu_tenths).saturating_mul(w.cpu) / 1000);
-    let ram = w
-        .ram
-        .saturating_sub(mul_div(node.ram_current, w.ram, node.ram_max));
-    let bw = w.bw.saturating_sub(mul_div(used, w.bw, bw_limit));
-    Ok((cpu, ram, bw))
+    let ram = if node.ram_max == 0 {
+        0
+    } else {
+        w.ram
+            .saturating_sub(mul_div(node.ram_current, w.ram, node.ram_max))
+    };
+    let bw = if bw_limit == 0 {
+        0
+    } else {
+        w.bw.saturating_sub(mul_div(used, w.bw, bw_limit))
+    };
+    (cpu, ram, bw)
 }
 
 /// `a * b / c` without overflow (the platform's uint64 product, widened).
