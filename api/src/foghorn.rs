@@ -166,72 +166,56 @@ impl Foghorn {
         } else {
             wall_clock_ms()
         };
-        let mut payload = serde_json::Map::new();
-        let status = if chosen.is_some() {
-            "success"
-        } else {
-            "failed"
+        let chosen_place = chosen.and_then(|c| c.node.place());
+        let payload = DecisionPayload {
+            status: if chosen.is_some() {
+                "success"
+            } else {
+                "failed"
+            },
+            event_type: "load_balancing",
+            source: asker.source,
+            details: match result {
+                Ok(_) => &asker.details,
+                Err(reason) => reason.message(),
+            },
+            internal_name: request.stream.map(|s| s.as_str()),
+            latitude: request.client.map(|c| coarse(c.latitude)),
+            longitude: request.client.map(|c| coarse(c.longitude)),
+            client_country: asker.country.as_deref(),
+            candidates_count: result.as_ref().ok().map(|r| r.candidates.len() as u64),
+            selected_node: chosen.map(|c| c.node.host_name()),
+            selected_node_id: chosen.map(|c| c.node.node.as_str()),
+            score: chosen.map(|c| c.score.total.to_string()),
+            node_latitude: chosen_place.map(|p| coarse(p.latitude)),
+            node_longitude: chosen_place.map(|p| coarse(p.longitude)),
+            routing_distance_km: match (request.client, chosen_place) {
+                (Some(a), Some(b)) => Some(keel_sources::event::great_circle_km(
+                    a.latitude,
+                    a.longitude,
+                    b.latitude,
+                    b.longitude,
+                )),
+                _ => None,
+            },
         };
-        payload.insert("status".into(), status.into());
-        payload.insert("event_type".into(), "load_balancing".into());
-        payload.insert("source".into(), asker.source.into());
-        let details = match result {
-            Ok(_) => asker.details.clone(),
-            Err(reason) => reason.message().to_owned(),
+        let tenant = tenant.to_string();
+        let record = DecisionRecord {
+            event_id: Uuid::new_v4().to_string(),
+            event_type: "load_balancing",
+            timestamp: format_rfc3339(time),
+            source: "foghorn",
+            tenant_id: &tenant,
+            schema_version: 2,
+            data: DecisionData {
+                trigger_type: "LOAD_BALANCING",
+                node_id: chosen.map_or("", |c| c.node.node.as_str()),
+                timestamp: time.to_string(),
+                tenant_id: &tenant,
+                load_balancing_data: payload,
+            },
         };
-        payload.insert("details".into(), details.into());
-        if let Some(stream) = request.stream {
-            payload.insert("internal_name".into(), stream.as_str().into());
-        }
-        if let Some(c) = request.client {
-            payload.insert("latitude".into(), coarse(c.latitude).into());
-            payload.insert("longitude".into(), coarse(c.longitude).into());
-        }
-        if let Some(country) = &asker.country {
-            payload.insert("client_country".into(), country.as_str().into());
-        }
-        if let Ok(routed) = result {
-            payload.insert(
-                "candidates_count".into(),
-                (routed.candidates.len() as u64).into(),
-            );
-        }
-        if let Some(c) = chosen {
-            let node = &c.node;
-            payload.insert("selected_node".into(), node.host_name().into());
-            payload.insert("selected_node_id".into(), node.node.as_str().into());
-            payload.insert("score".into(), c.score.total.to_string().into());
-            if let Some(place) = node.place() {
-                payload.insert("node_latitude".into(), coarse(place.latitude).into());
-                payload.insert("node_longitude".into(), coarse(place.longitude).into());
-                if let Some(client) = request.client {
-                    let km = keel_sources::event::great_circle_km(
-                        client.latitude,
-                        client.longitude,
-                        place.latitude,
-                        place.longitude,
-                    );
-                    payload.insert("routing_distance_km".into(), km.into());
-                }
-            }
-        }
-        let node_id = chosen.map_or("", |c| c.node.node.as_str());
-        let record = json!({
-            "event_id": Uuid::new_v4().to_string(),
-            "event_type": "load_balancing",
-            "timestamp": format_rfc3339(time),
-            "source": "foghorn",
-            "tenant_id": tenant.to_string(),
-            "schema_version": 2,
-            "data": {
-                "trigger_type": "LOAD_BALANCING",
-                "node_id": node_id,
-                "timestamp": time.to_string(),
-                "tenant_id": tenant.to_string(),
-                "load_balancing_data": Value::Object(payload),
-            }
-        });
-        let value = serde_json::to_vec(&record).expect("a JSON value serialises");
+        let value = serde_json::to_vec(&record).expect("a decision serialises");
         if self.injector.push(OwnedRecord {
             value,
             headers: vec![
@@ -244,6 +228,57 @@ impl Foghorn {
             self.stats.events_skipped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// A decision as a version-2 record (field names as the platform's `load_balancing_data`).
+#[derive(serde::Serialize)]
+struct DecisionRecord<'a> {
+    event_id: String,
+    event_type: &'static str,
+    timestamp: String,
+    source: &'static str,
+    tenant_id: &'a str,
+    schema_version: u8,
+    data: DecisionData<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct DecisionData<'a> {
+    trigger_type: &'static str,
+    node_id: &'a str,
+    timestamp: String,
+    tenant_id: &'a str,
+    load_balancing_data: DecisionPayload<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct DecisionPayload<'a> {
+    status: &'static str,
+    event_type: &'static str,
+    source: &'static str,
+    details: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    internal_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latitude: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    longitude: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_country: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    candidates_count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    selected_node: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    selected_node_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_latitude: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_longitude: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing_distance_km: Option<f64>,
 }
 
 /// A 400 with a reason, as plain text.

@@ -109,8 +109,25 @@ pub struct Fleet {
     watermark: i64,
     nodes: Vec<Arc<NodeLoad>>,
     order: Vec<Entry>,
-    /// Nodes ruled out by their static terms alone: (furthest reason, count).
-    static_rejects: Vec<Reject>,
+    /// Nodes ruled out by their static terms alone, by node index.
+    static_rejects: Vec<(u32, Reject)>,
+}
+
+fn entry(index: u32, node: &NodeLoad, weights: &Weights) -> Result<Entry, Reject> {
+    let (cpu, ram, bw) = static_terms(node, weights)?;
+    Ok(Entry {
+        index,
+        cpu,
+        ram,
+        bw,
+        sum: cpu + ram + bw,
+        trig: node.place().map(|p| Trig::new(p.latitude, p.longitude)),
+    })
+}
+
+/// Highest static sum first; among equals the lower node id (nodes are sorted by id).
+fn rank(a: &Entry, b: &Entry) -> std::cmp::Ordering {
+    b.sum.cmp(&a.sum).then(a.index.cmp(&b.index))
 }
 
 impl Fleet {
@@ -122,20 +139,13 @@ impl Fleet {
         let mut order = Vec::with_capacity(nodes.len());
         let mut static_rejects = Vec::new();
         for (index, node) in nodes.iter().enumerate() {
-            match static_terms(node, &policy.weights) {
-                Ok((cpu, ram, bw)) => order.push(Entry {
-                    index: u32::try_from(index).expect("fewer than 2^32 nodes"),
-                    cpu,
-                    ram,
-                    bw,
-                    sum: cpu + ram + bw,
-                    trig: node.place().map(|p| Trig::new(p.latitude, p.longitude)),
-                }),
-                Err(reject) => static_rejects.push(reject),
+            let index = u32::try_from(index).expect("fewer than 2^32 nodes");
+            match entry(index, node, &policy.weights) {
+                Ok(entry) => order.push(entry),
+                Err(reject) => static_rejects.push((index, reject)),
             }
         }
-        // Highest static sum first; among equals the lower node id (nodes are sorted by id).
-        order.sort_by(|a, b| b.sum.cmp(&a.sum).then(a.index.cmp(&b.index)));
+        order.sort_by(rank);
         Fleet {
             built: Instant::now(),
             policy,
@@ -144,6 +154,54 @@ impl Fleet {
             order,
             static_rejects,
         }
+    }
+
+    /// This snapshot with `changed` nodes replaced, when every one of them is already known
+    /// (otherwise `None`: build afresh). Unchanged nodes keep their entries, and the ranking,
+    /// nearly sorted already, is re-sorted in about linear time.
+    pub fn with_changes(&self, changed: &[Arc<NodeLoad>], watermark: i64) -> Option<Fleet> {
+        let mut nodes = self.nodes.clone();
+        let mut fresh: Vec<(u32, Result<Entry, Reject>)> = Vec::with_capacity(changed.len());
+        for node in changed {
+            let at = nodes.binary_search_by(|n| n.node.cmp(&node.node)).ok()?;
+            nodes[at] = Arc::clone(node);
+            let index = u32::try_from(at).expect("fewer than 2^32 nodes");
+            fresh.push((index, entry(index, node, &self.policy.weights)));
+        }
+        fresh.sort_by_key(|f| f.0);
+        let find = |index: u32| {
+            fresh
+                .binary_search_by_key(&index, |f| f.0)
+                .ok()
+                .map(|i| &fresh[i].1)
+        };
+        let mut order: Vec<Entry> = self
+            .order
+            .iter()
+            .filter(|e| find(e.index).is_none())
+            .copied()
+            .collect();
+        let mut static_rejects: Vec<(u32, Reject)> = self
+            .static_rejects
+            .iter()
+            .filter(|r| find(r.0).is_none())
+            .copied()
+            .collect();
+        for (index, result) in &fresh {
+            match result {
+                Ok(entry) => order.push(*entry),
+                Err(reject) => static_rejects.push((*index, *reject)),
+            }
+        }
+        order.sort_by(rank);
+        Some(Fleet {
+            built: Instant::now(),
+            policy: self.policy,
+            watermark,
+            nodes,
+            order,
+            static_rejects,
+        })
     }
 
     /// When the snapshot was built.
@@ -184,7 +242,7 @@ impl Fleet {
     /// The best `n` nodes for `request`, or why there is none.
     pub fn route(&self, request: &Request, n: usize) -> Result<Routed, NoNode> {
         let n = n.max(1);
-        let mut furthest = self.static_rejects.iter().copied().max();
+        let mut furthest = self.static_rejects.iter().map(|r| r.1).max();
         let mut top = Vec::with_capacity(n);
         let first = self.best(request, n, &self.policy.cutoff, &mut top, &mut furthest);
         if top.is_empty() && first && !self.policy.cutoff.is_off() {
@@ -315,6 +373,22 @@ impl FleetCell {
         let policy = *self.fleet.load().policy();
         self.fleet
             .store(Arc::new(Fleet::build(nodes, policy, watermark)));
+    }
+
+    /// Publishes the current snapshot with `changed` nodes replaced or added; `all` gives every
+    /// node when a full build is needed (a node routing has not seen before).
+    pub fn publish_changes(
+        &self,
+        changed: &[Arc<NodeLoad>],
+        all: impl FnOnce() -> Vec<Arc<NodeLoad>>,
+        watermark: i64,
+    ) {
+        let _turn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.fleet.load_full();
+        let next = current
+            .with_changes(changed, watermark)
+            .unwrap_or_else(|| Fleet::build(all(), current.policy, watermark));
+        self.fleet.store(Arc::new(next));
     }
 
     /// Changes weights or cutoff and rescores the current nodes at once.

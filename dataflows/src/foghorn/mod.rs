@@ -26,6 +26,7 @@
 pub mod fleet;
 pub mod score;
 mod state;
+mod window;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -338,6 +339,7 @@ pub fn publish_fleet<'scope>(
             let mut watermark = i64::MIN;
             let mut published_mark = i64::MIN;
             let mut dirty = false;
+            let mut changed: BTreeMap<Sym, Arc<NodeLoad>> = BTreeMap::new();
             let mut last = Instant::now()
                 .checked_sub(Duration::from_secs(3600))
                 .unwrap_or_else(Instant::now);
@@ -368,7 +370,9 @@ pub fn publish_fleet<'scope>(
                         break;
                     }
                     for load in pending.pop_first().map(|(_, v)| v).unwrap_or_default() {
-                        nodes.insert(load.node, Arc::new(load));
+                        let load = Arc::new(load);
+                        nodes.insert(load.node, Arc::clone(&load));
+                        changed.insert(load.node, load);
                     }
                     dirty = true;
                 }
@@ -386,7 +390,9 @@ pub fn publish_fleet<'scope>(
                 let due = (dirty && (elapsed >= every.changes || finished))
                     || (watermark > published_mark && (elapsed >= every.watermark || finished));
                 if due {
-                    cell.publish(nodes.values().cloned().collect(), watermark);
+                    let changes: Vec<Arc<NodeLoad>> =
+                        std::mem::take(&mut changed).into_values().collect();
+                    cell.publish_changes(&changes, || nodes.values().cloned().collect(), watermark);
                     published_mark = watermark;
                     dirty = false;
                     last = Instant::now();

@@ -10,7 +10,7 @@
 //!   order, each connect answering the oldest open decision before it. Each one adds the
 //!   node's estimate of a viewer's bandwidth to `add_bandwidth`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use hashbrown::{HashMap, HashSet};
 use keel_operators::maintain::EpochState;
@@ -19,18 +19,16 @@ use keel_sources::event::{NodeStream, NodeUpdate};
 use rustc_hash::FxBuildHasher;
 use uuid::Uuid;
 
+use super::window::{Stamp, Window};
 use super::{LoadInput, NodeLoad, PENDING_MS, viewer_bandwidth};
-
-/// Order of two records about the same thing: event time, then event id.
-type Stamp = (i64, Uuid);
 
 #[derive(Debug, Default)]
 struct NodeState {
     latest: Option<(Stamp, Uuid, NodeUpdate)>,
     /// Stream events newer than the latest update: stamp, viewers, inputs, ended.
     presence: BTreeMap<Sym, (Stamp, u64, u64, bool)>,
-    /// Decisions (`true`) and connects (`false`) within the pending window, per stream.
-    window: BTreeMap<Sym, BTreeSet<(Stamp, bool)>>,
+    /// Decisions and connects within the pending window, per stream.
+    window: BTreeMap<Sym, Window>,
     emitted: Option<NodeLoad>,
 }
 
@@ -39,17 +37,15 @@ impl NodeState {
         self.latest.as_ref().is_none_or(|(s, _, _)| stamp > *s)
     }
 
-    fn prune(&mut self, watermark: i64) {
+    /// Drops events that left the window; returns whether any did.
+    fn prune(&mut self, watermark: i64) -> bool {
         let horizon = watermark.saturating_sub(PENDING_MS);
+        let mut dropped = false;
         self.window.retain(|_, events| {
-            while let Some(first) = events.first() {
-                if first.0.0 > horizon {
-                    break;
-                }
-                events.pop_first();
-            }
+            dropped |= events.expire(horizon);
             !events.is_empty()
         });
+        dropped
     }
 
     fn load(&self) -> Option<NodeLoad> {
@@ -102,14 +98,7 @@ impl NodeState {
             connections: update.connections,
         };
         for (stream, events) in &self.window {
-            let mut open = 0u64;
-            for &(_, decision) in events {
-                if decision {
-                    open += 1;
-                } else {
-                    open = open.saturating_sub(1);
-                }
-            }
+            let open = events.pending();
             if open > 0 {
                 load.pending_viewers += open;
                 load.add_bandwidth = load
@@ -180,7 +169,7 @@ impl EpochState for FoghornState {
                     .window
                     .entry(stream)
                     .or_default()
-                    .insert(((time, id), true));
+                    .insert((time, id), true);
                 self.windowed.insert(node);
             }
             LoadInput::Connect {
@@ -190,7 +179,7 @@ impl EpochState for FoghornState {
                     .window
                     .entry(stream)
                     .or_default()
-                    .insert(((time, id), false));
+                    .insert((time, id), false);
                 self.windowed.insert(node);
             }
         }
@@ -202,7 +191,14 @@ impl EpochState for FoghornState {
         self.watermark = self.watermark.max(watermark);
         let mut recompute: Vec<Sym> = self.dirty.drain().collect();
         if moved {
-            recompute.extend(self.windowed.iter().copied());
+            // The watermark alone changes a node only when events leave its window.
+            for &node in &self.windowed {
+                if let Some(state) = self.nodes.get_mut(&node)
+                    && state.prune(self.watermark)
+                {
+                    recompute.push(node);
+                }
+            }
         }
         recompute.sort_unstable();
         recompute.dedup();

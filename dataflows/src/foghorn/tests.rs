@@ -258,6 +258,73 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A snapshot patched with changed nodes routes exactly like one built afresh.
+    #[test]
+    fn patched_snapshots_route_like_fresh_ones(
+        before in fleet_strategy(),
+        after in fleet_strategy(),
+        requests in proptest::collection::vec(request_strategy(), 1..8),
+    ) {
+        let dedup = |mut nodes: Vec<NodeLoad>| {
+            nodes.sort_by_key(|x| x.node);
+            nodes.dedup_by_key(|x| x.node);
+            nodes
+        };
+        let before = dedup(before);
+        // Changes for nodes the snapshot knows; others would need a full build.
+        let changes: Vec<Arc<NodeLoad>> = dedup(after)
+            .into_iter()
+            .filter(|n| before.iter().any(|b| b.node == n.node))
+            .map(Arc::new)
+            .collect();
+        let base = Fleet::build(before.iter().cloned().map(Arc::new).collect(), Policy::default(), 1_000_000);
+        let patched = base.with_changes(&changes, 1_000_000).expect("every changed node is known");
+        let mut merged = before;
+        for change in &changes {
+            let at = merged.iter().position(|n| n.node == change.node).unwrap();
+            merged[at] = (**change).clone();
+        }
+        let fresh = Fleet::build(merged.into_iter().map(Arc::new).collect(), Policy::default(), 1_000_000);
+        for request in &requests {
+            let summary = |fleet: &Fleet| match fleet.route(request, 3) {
+                Ok(r) => Ok(r.candidates.iter().map(|c| (c.node.node, c.score)).collect::<Vec<_>>()),
+                Err(e) => Err(e),
+            };
+            prop_assert_eq!(summary(&patched), summary(&fresh));
+        }
+        let unknown = Arc::new(NodeLoad { node: Sym::new("never-seen"), ..blank() });
+        prop_assert!(base.with_changes(&[unknown], 1).is_none());
+    }
+}
+
+fn blank() -> NodeLoad {
+    NodeLoad {
+        node: Sym::new("blank"),
+        tenant: Uuid::nil(),
+        host: Sym::default(),
+        seen_at: 0,
+        cpu_tenths: 0,
+        ram_current: 0,
+        ram_max: 0,
+        up_speed: 0,
+        down_speed: 0,
+        reported_bw_limit: 0,
+        add_bandwidth: 0,
+        pending_viewers: 0,
+        latitude: None,
+        longitude: None,
+        location: Sym::default(),
+        mode: NodeMode::Normal,
+        healthy: true,
+        capabilities: Vec::new(),
+        streams: Vec::new(),
+        connections: 0,
+    }
+}
+
 fn update(node: &str, time: i64, up_speed: u64, streams: &[(&str, u64)]) -> LoadInput {
     LoadInput::Node {
         time,
