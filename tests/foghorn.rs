@@ -257,6 +257,27 @@ fn viewer_routing_answers_the_nearest_host_and_redirects_with_proto() {
     assert!(body.contains("not an integer"), "{body}");
     let (status, _, _) = f.get("/demo?proto=ht%20tp", &[]);
     assert_eq!(status, 400);
+    // Names from requests are never interned: routing a viewer of a stream nobody carries, or
+    // with a tag nobody has, leaves no trace in the symbol table (requests come from anyone).
+    let odd = format!("no-such-stream-{}", uuid::Uuid::new_v4().simple());
+    let (status, _, body) = f.get(
+        &format!("/{odd}?lat=48.85&lon=2.35&capability=edge"),
+        &[("X-Tag-Adjust", "{\"odd-tag-x9\": 5}")],
+    );
+    assert_eq!((status, body.as_str()), (200, "edge-ams.edge.example"));
+    let (status, _, _) = f.get(&format!("/?source={odd}x&viewers={odd}y"), &[]);
+    assert_eq!(status, 200);
+    for name in [
+        odd.clone(),
+        format!("{odd}x"),
+        format!("{odd}y"),
+        "odd-tag-x9".to_owned(),
+    ] {
+        assert!(
+            keel_operators::sym::Sym::find(&name).is_none(),
+            "{name} was interned"
+        );
+    }
 }
 
 #[test]

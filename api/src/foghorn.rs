@@ -31,11 +31,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use keel_dataflows::foghorn::score::parse_tag_adjust;
+use keel_dataflows::foghorn::score::{is_unknown, known, parse_tag_adjust};
 use keel_dataflows::foghorn::{
     Fleet, FleetCell, NoNode, NodeLoad, Place, Policy, Purpose, Request, Routed, Weights,
 };
-use keel_operators::sym::Sym;
 use keel_operators::time::format_rfc3339;
 use keel_sources::codec::internal_name;
 use keel_sources::memory::{Injector, OwnedRecord};
@@ -179,7 +178,12 @@ impl Foghorn {
                 Ok(_) => &asker.details,
                 Err(reason) => reason.message(),
             },
-            internal_name: request.stream.map(|s| s.as_str()),
+            // A name no event carries is left out: decisions are events, and their stream
+            // names are interned when decoded.
+            internal_name: request
+                .stream
+                .filter(|s| !is_unknown(*s))
+                .map(|s| s.as_str()),
             latitude: request.client.map(|c| coarse(c.latitude)),
             longitude: request.client.map(|c| coarse(c.longitude)),
             client_country: asker.country.as_deref(),
@@ -388,12 +392,9 @@ fn request_from(
     let capability = params
         .get("capability")
         .filter(|c| !c.is_empty())
-        .map(|c| Sym::new(&c.to_ascii_lowercase()));
+        .map(|c| known(&c.to_ascii_lowercase()));
     Ok(Request {
-        stream: stream
-            .map(stream_name)
-            .filter(|s| !s.is_empty())
-            .map(Sym::new),
+        stream: stream.map(stream_name).filter(|s| !s.is_empty()).map(known),
         purpose,
         client,
         tags,
@@ -542,7 +543,7 @@ async fn root(
         return set_weights(&foghorn, weights);
     }
     if let Some(stream) = params.get("streamstats") {
-        let name = Sym::new(stream_name(stream));
+        let name = known(stream_name(stream));
         let mut totals = [0u64; 4];
         for node in foghorn.fleet().nodes() {
             if let Some(s) = node.stream(name) {
@@ -555,7 +556,7 @@ async fn root(
         return axum::Json(json!({ stream.as_str(): totals })).into_response();
     }
     if let Some(stream) = params.get("viewers") {
-        let name = Sym::new(stream_name(stream));
+        let name = known(stream_name(stream));
         let total: u64 = foghorn
             .fleet()
             .nodes()

@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use keel_dataflows::foghorn::score::known;
 use keel_dataflows::foghorn::{Place, Purpose, Request, Routed, TagAdjust};
 use keel_operators::sym::Sym;
 use keel_sources::codec::internal_name;
@@ -166,7 +167,7 @@ fn to_request(message: &RouteRequest) -> Result<Request, Status> {
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .map(|t| Sym::new(&t.to_ascii_lowercase()))
+            .map(|t| known(&t.to_ascii_lowercase()))
             .collect();
         if names.is_empty() {
             return Err(Status::invalid_argument(format!(
@@ -180,12 +181,12 @@ fn to_request(message: &RouteRequest) -> Result<Request, Status> {
         });
     }
     Ok(Request {
-        stream: (!stream.is_empty()).then(|| Sym::new(stream)),
+        stream: (!stream.is_empty()).then(|| known(stream)),
         purpose,
         client,
         tags,
         capability: (!message.capability.is_empty())
-            .then(|| Sym::new(&message.capability.to_ascii_lowercase())),
+            .then(|| known(&message.capability.to_ascii_lowercase())),
     })
 }
 

@@ -117,8 +117,12 @@ impl NodeLoad {
         watermark.saturating_sub(self.seen_at) > STALE_MS
     }
 
-    /// The node's entry for `stream`.
+    /// The node's entry for `stream`. Symbols compare as numbers for equality but as text for
+    /// order, so short maps are scanned and only long ones searched.
     pub fn stream(&self, stream: Sym) -> Option<&NodeStream> {
+        if self.streams.len() <= 64 {
+            return self.streams.iter().find(|s| s.name == stream);
+        }
         self.streams
             .binary_search_by(|s| s.name.cmp(&stream))
             .ok()

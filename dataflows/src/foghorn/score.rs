@@ -11,6 +11,29 @@ use serde::{Deserialize, Serialize};
 
 use super::NodeLoad;
 
+/// The symbol for a name from a request. Names no event has ever carried are not interned
+/// (requests come from the public, and interned text lives for good): they all become one
+/// placeholder that no node carries, which answers the same as the name would.
+pub fn known(name: &str) -> Sym {
+    static UNKNOWN: std::sync::OnceLock<Sym> = std::sync::OnceLock::new();
+    Sym::find(name).unwrap_or_else(|| *UNKNOWN.get_or_init(|| Sym::new("\u{1}unknown")))
+}
+
+/// True for a symbol [`known`] made from a name nothing carries.
+pub fn is_unknown(sym: Sym) -> bool {
+    sym == known("\u{1}unknown")
+}
+
+fn edge() -> Sym {
+    static EDGE: std::sync::OnceLock<Sym> = std::sync::OnceLock::new();
+    *EDGE.get_or_init(|| Sym::new("edge"))
+}
+
+fn ingest() -> Sym {
+    static INGEST: std::sync::OnceLock<Sym> = std::sync::OnceLock::new();
+    *INGEST.get_or_init(|| Sym::new("ingest"))
+}
+
 /// Degrees per radian, as the platform writes it.
 pub const DEGREES_PER_RADIAN: f64 = 57.295_779_513_082_32;
 /// Bandwidth limit of a node that reports none: 128 MiB/s ("1 Gbps").
@@ -121,7 +144,7 @@ pub fn parse_tag_adjust(text: &str) -> Result<Vec<TagAdjust>, String> {
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .map(|t| Sym::new(&t.to_ascii_lowercase()))
+            .map(|t| known(&t.to_ascii_lowercase()))
             .collect();
         if tags.is_empty() {
             return Err(format!("tag adjustment {key:?} names no tag"));
@@ -179,7 +202,7 @@ impl Request {
     /// A viewer request for `stream`.
     pub fn view(stream: Option<&str>, client: Option<Place>) -> Request {
         Request {
-            stream: stream.map(Sym::new),
+            stream: stream.map(known),
             purpose: Purpose::View,
             client,
             tags: Vec::new(),
@@ -190,8 +213,8 @@ impl Request {
     /// The capability a node must advertise (when it advertises any) to serve the request.
     pub fn needed_capability(&self) -> Option<Sym> {
         self.capability.or(match self.purpose {
-            Purpose::View => Some(Sym::new("edge")),
-            Purpose::Ingest(_) => Some(Sym::new("ingest")),
+            Purpose::View => Some(edge()),
+            Purpose::Ingest(_) => Some(ingest()),
             Purpose::Source => None,
         })
     }
