@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -89,6 +89,18 @@ fn wall_clock_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A fresh event id without a system call per decision: random bits drawn once, and a counter
+/// in the low 62 bits (which the version-4 layout leaves alone), so ids never repeat.
+fn decision_id() -> Uuid {
+    static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| Uuid::new_v4().as_u128());
+    const LOW: u128 = (1 << 62) - 1;
+    let n = u128::from(NEXT.fetch_add(1, Ordering::Relaxed));
+    let raw = (start & !LOW) | (start.wrapping_add(n) & LOW);
+    uuid::Builder::from_random_bytes(raw.to_be_bytes()).into_uuid()
 }
 
 /// Coordinates rounded to 0.1° (about 11 km) before they leave the balancer in an event.
@@ -205,7 +217,7 @@ impl Foghorn {
         };
         let tenant = tenant.to_string();
         let record = DecisionRecord {
-            event_id: Uuid::new_v4().to_string(),
+            event_id: decision_id().to_string(),
             event_type: "load_balancing",
             timestamp: format_rfc3339(time),
             source: "foghorn",
@@ -413,7 +425,12 @@ fn asker(headers: &HeaderMap, source: &'static str) -> Asker {
     }
 }
 
-type Params = Query<BTreeMap<String, String>>;
+/// The query parameters (later ones win), read without extracting a copy of the headers.
+fn params_of(uri: &axum::http::Uri) -> BTreeMap<String, String> {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
 
 /// The chosen host, as event details.
 pub fn host_of(result: &Result<Routed, NoNode>) -> String {
@@ -436,9 +453,10 @@ pub fn router(foghorn: Arc<Foghorn>) -> Router {
 async fn view(
     State(foghorn): State<Arc<Foghorn>>,
     Path(stream): Path<String>,
-    Query(params): Params,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Response {
+    let params = params_of(request.uri());
+    let headers = request.headers();
     let request = match request_from(Some(&stream), Purpose::View, &headers, &params) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
@@ -510,9 +528,10 @@ fn encode(text: &str) -> String {
 
 async fn root(
     State(foghorn): State<Arc<Foghorn>>,
-    Query(params): Params,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Response {
+    let params = params_of(request.uri());
+    let headers = request.headers();
     if let Some(stream) = params.get("source") {
         return source(&foghorn, stream, &params, &headers);
     }
@@ -757,9 +776,10 @@ pub fn candidate_json(c: &keel_dataflows::foghorn::Candidate, client: Option<Pla
 
 async fn route_json(
     State(foghorn): State<Arc<Foghorn>>,
-    Query(params): Params,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Response {
+    let params = params_of(request.uri());
+    let headers = request.headers();
     let fail = |reason: String| {
         (
             StatusCode::BAD_REQUEST,
