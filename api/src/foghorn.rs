@@ -457,7 +457,7 @@ async fn view(
 ) -> Response {
     let params = params_of(request.uri());
     let headers = request.headers();
-    let request = match request_from(Some(&stream), Purpose::View, &headers, &params) {
+    let request = match request_from(Some(&stream), Purpose::View, headers, &params) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
@@ -488,7 +488,7 @@ async fn view(
         let proto = proto.map_or("http", String::as_str);
         format!("{proto}://{host}/{}{query}", encode(&stream))
     };
-    let routed = foghorn.decide(&request, 1, &asker(&headers, "http"), |result| {
+    let routed = foghorn.decide(&request, 1, &asker(headers, "http"), |result| {
         match (result, proto) {
             (Ok(r), Some(_)) => location(r.candidates[0].node.host_name()),
             (Ok(r), None) => r.candidates[0].node.host_name().to_owned(),
@@ -526,17 +526,14 @@ fn encode(text: &str) -> String {
     out
 }
 
-async fn root(
-    State(foghorn): State<Arc<Foghorn>>,
-    request: axum::extract::Request,
-) -> Response {
+async fn root(State(foghorn): State<Arc<Foghorn>>, request: axum::extract::Request) -> Response {
     let params = params_of(request.uri());
     let headers = request.headers();
     if let Some(stream) = params.get("source") {
-        return source(&foghorn, stream, &params, &headers);
+        return source(&foghorn, stream, &params, headers);
     }
     if let Some(cpu) = params.get("ingest") {
-        return ingest(&foghorn, cpu, &params, &headers);
+        return ingest(&foghorn, cpu, &params, headers);
     }
     if params.contains_key("lstserver") {
         let fleet = foghorn.fleet();
@@ -592,11 +589,11 @@ async fn root(
         );
     }
     // Plain `GET /`: the best host for a viewer of no particular stream.
-    let request = match request_from(None, Purpose::View, &headers, &params) {
+    let request = match request_from(None, Purpose::View, headers, &params) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
-    match foghorn.decide(&request, 1, &asker(&headers, "http"), host_of) {
+    match foghorn.decide(&request, 1, &asker(headers, "http"), host_of) {
         Ok(routed) => text(routed.candidates[0].node.host_name()),
         Err(_) => text(fallback(&params, "localhost")),
     }
@@ -812,12 +809,12 @@ async fn route_json(
     if purpose == Purpose::Source && stream.is_none_or(|s| stream_name(s).is_empty()) {
         return fail("purpose=source needs a stream".to_owned());
     }
-    let request = match request_from(stream, purpose, &headers, &params) {
+    let request = match request_from(stream, purpose, headers, &params) {
         Ok(request) => request,
         Err(reason) => return fail(reason),
     };
     let fleet_nodes = foghorn.fleet.load().nodes().len();
-    match foghorn.decide(&request, n, &asker(&headers, "http"), host_of) {
+    match foghorn.decide(&request, n, &asker(headers, "http"), host_of) {
         Ok(routed) => axum::Json(json!({
             "stream": request.stream.map(|s| s.as_str()),
             "client": request.client.map(|c| json!({"lat": c.latitude, "lon": c.longitude})),

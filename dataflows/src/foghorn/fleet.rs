@@ -14,6 +14,7 @@ use keel_operators::sym::Sym;
 use serde::{Deserialize, Serialize};
 
 use super::NodeLoad;
+use super::kdtree::Tree;
 use super::score::{
     Breakdown, Cutoff, Reject, Request, Trig, Weights, check, finish, geo_term, static_terms,
     tag_sum,
@@ -108,9 +109,16 @@ pub struct Fleet {
     policy: Policy,
     watermark: i64,
     nodes: Vec<Arc<NodeLoad>>,
+    /// Static terms (or why there are none) by node index.
+    entries: Vec<Result<Entry, Reject>>,
+    /// Routable nodes, best static sum first: the walk for clients without a place.
     order: Vec<Entry>,
-    /// Nodes ruled out by their static terms alone, by node index.
-    static_rejects: Vec<(u32, Reject)>,
+    /// Routable nodes without a place, best static sum first.
+    placeless: Vec<Entry>,
+    /// Nodes with a place, for clients with one.
+    tree: Tree,
+    /// The furthest check any node fails on its static terms alone.
+    static_furthest: Option<Reject>,
 }
 
 fn entry(index: u32, node: &NodeLoad, weights: &Weights) -> Result<Entry, Reject> {
@@ -125,9 +133,23 @@ fn entry(index: u32, node: &NodeLoad, weights: &Weights) -> Result<Entry, Reject
     })
 }
 
+fn unit(node: &NodeLoad) -> Option<[f64; 3]> {
+    node.place()
+        .map(|p| Trig::new(p.latitude, p.longitude).unit())
+}
+
 /// Highest static sum first; among equals the lower node id (nodes are sorted by id).
 fn rank(a: &Entry, b: &Entry) -> std::cmp::Ordering {
     b.sum.cmp(&a.sum).then(a.index.cmp(&b.index))
+}
+
+/// The parts derived from `entries`: the two walks and the furthest static reject.
+fn walks(entries: &[Result<Entry, Reject>]) -> (Vec<Entry>, Vec<Entry>, Option<Reject>) {
+    let mut order: Vec<Entry> = entries.iter().filter_map(|e| e.ok()).collect();
+    order.sort_by(rank);
+    let placeless = order.iter().filter(|e| e.trig.is_none()).copied().collect();
+    let furthest = entries.iter().filter_map(|e| e.err()).max();
+    (order, placeless, furthest)
 }
 
 impl Fleet {
@@ -136,71 +158,69 @@ impl Fleet {
     pub fn build(nodes: Vec<Arc<NodeLoad>>, policy: Policy, watermark: i64) -> Fleet {
         let mut nodes = nodes;
         nodes.sort_by_key(|n| n.node);
-        let mut order = Vec::with_capacity(nodes.len());
-        let mut static_rejects = Vec::new();
-        for (index, node) in nodes.iter().enumerate() {
-            let index = u32::try_from(index).expect("fewer than 2^32 nodes");
-            match entry(index, node, &policy.weights) {
-                Ok(entry) => order.push(entry),
-                Err(reject) => static_rejects.push((index, reject)),
-            }
-        }
-        order.sort_by(rank);
+        let entries: Vec<Result<Entry, Reject>> = nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| {
+                let index = u32::try_from(index).expect("fewer than 2^32 nodes");
+                entry(index, node, &policy.weights)
+            })
+            .collect();
+        let placed: Vec<(u32, [f64; 3])> = nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, node)| Some((index as u32, unit(node)?)))
+            .collect();
+        let tree = Tree::build(&placed, nodes.len(), |i| {
+            entries[i as usize].as_ref().ok().map(|e| e.sum)
+        });
+        let (order, placeless, static_furthest) = walks(&entries);
         Fleet {
             built: Instant::now(),
             policy,
             watermark,
             nodes,
+            entries,
             order,
-            static_rejects,
+            placeless,
+            tree,
+            static_furthest,
         }
     }
 
     /// This snapshot with `changed` nodes replaced, when every one of them is already known
-    /// (otherwise `None`: build afresh). Unchanged nodes keep their entries, and the ranking,
-    /// nearly sorted already, is re-sorted in about linear time.
+    /// and has not moved (otherwise `None`: build afresh). Unchanged nodes keep their entries,
+    /// the tree keeps its shape (only the bounds on the changed nodes' paths are refreshed),
+    /// and the ranking, nearly sorted already, is re-sorted in about linear time.
     pub fn with_changes(&self, changed: &[Arc<NodeLoad>], watermark: i64) -> Option<Fleet> {
         let mut nodes = self.nodes.clone();
-        let mut fresh: Vec<(u32, Result<Entry, Reject>)> = Vec::with_capacity(changed.len());
+        let mut entries = self.entries.clone();
+        let mut indices = Vec::with_capacity(changed.len());
         for node in changed {
             let at = nodes.binary_search_by(|n| n.node.cmp(&node.node)).ok()?;
-            nodes[at] = Arc::clone(node);
             let index = u32::try_from(at).expect("fewer than 2^32 nodes");
-            fresh.push((index, entry(index, node, &self.policy.weights)));
-        }
-        fresh.sort_by_key(|f| f.0);
-        let find = |index: u32| {
-            fresh
-                .binary_search_by_key(&index, |f| f.0)
-                .ok()
-                .map(|i| &fresh[i].1)
-        };
-        let mut order: Vec<Entry> = self
-            .order
-            .iter()
-            .filter(|e| find(e.index).is_none())
-            .copied()
-            .collect();
-        let mut static_rejects: Vec<(u32, Reject)> = self
-            .static_rejects
-            .iter()
-            .filter(|r| find(r.0).is_none())
-            .copied()
-            .collect();
-        for (index, result) in &fresh {
-            match result {
-                Ok(entry) => order.push(*entry),
-                Err(reject) => static_rejects.push((*index, *reject)),
+            if !self.tree.placed_at(index, unit(node)) {
+                return None;
             }
+            nodes[at] = Arc::clone(node);
+            entries[at] = entry(index, node, &self.policy.weights);
+            indices.push(index);
         }
-        order.sort_by(rank);
+        let mut tree = self.tree.clone();
+        for index in indices {
+            tree.update(index, |i| entries[i as usize].as_ref().ok().map(|e| e.sum));
+        }
+        let (order, placeless, static_furthest) = walks(&entries);
         Some(Fleet {
             built: Instant::now(),
             policy: self.policy,
             watermark,
             nodes,
+            entries,
             order,
-            static_rejects,
+            placeless,
+            tree,
+            static_furthest,
         })
     }
 
@@ -242,7 +262,7 @@ impl Fleet {
     /// The best `n` nodes for `request`, or why there is none.
     pub fn route(&self, request: &Request, n: usize) -> Result<Routed, NoNode> {
         let n = n.max(1);
-        let mut furthest = self.static_rejects.iter().map(|r| r.1).max();
+        let mut furthest = self.static_furthest;
         let mut top = Vec::with_capacity(n);
         let first = self.best(request, n, &self.policy.cutoff, &mut top, &mut furthest);
         if top.is_empty() && first && !self.policy.cutoff.is_off() {
@@ -274,7 +294,6 @@ impl Fleet {
     ) -> bool {
         let w = &self.policy.weights;
         let client = request.client.map(|c| Trig::new(c.latitude, c.longitude));
-        let geo_max = if client.is_some() { w.geo } else { 0 };
         let bonus_max = if request.stream.is_some() { w.bonus } else { 0 };
         let tag_max: u64 = request
             .tags
@@ -282,20 +301,18 @@ impl Fleet {
             .filter(|a| a.adjust > 0)
             .map(|a| a.adjust.unsigned_abs())
             .sum();
-        let headroom = geo_max + bonus_max + tag_max;
         let mut cut = false;
-        for entry in &self.order {
-            if top.len() == n
-                && let Some(last) = top.last()
-                && entry.sum.saturating_add(headroom) < last.score.total
-            {
-                break;
-            }
+        // Scores one node and keeps it if it is among the best `n`; returns the score a node
+        // must reach from now on (once `n` are held).
+        let mut consider = |entry: &Entry, top: &mut Vec<Candidate>| -> Option<u64> {
             let node = &self.nodes[entry.index as usize];
+            let worst = |top: &Vec<Candidate>| {
+                (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total))
+            };
             if let Err(reject) = check(node, request, self.watermark, cutoff) {
                 cut |= reject == Reject::Cutoff;
                 *furthest = (*furthest).max(Some(reject));
-                continue;
+                return worst(top);
             }
             let geo = match (&client, &entry.trig) {
                 (Some(c), Some(t)) => geo_term(w.geo, c, t),
@@ -316,7 +333,7 @@ impl Fleet {
                     || (score.total == c.score.total && node.node < c.node.node)
             };
             if top.len() == n && !top.last().is_some_and(better) {
-                continue;
+                return worst(top);
             }
             let at = top.iter().position(better).unwrap_or(top.len());
             if top.len() == n {
@@ -329,6 +346,40 @@ impl Fleet {
                     score,
                 },
             );
+            worst(top)
+        };
+        let walk =
+            |list: &[Entry],
+             headroom: u64,
+             top: &mut Vec<Candidate>,
+             consider: &mut dyn FnMut(&Entry, &mut Vec<Candidate>) -> Option<u64>| {
+                for entry in list {
+                    if top.len() == n
+                        && let Some(last) = top.last()
+                        && entry.sum.saturating_add(headroom) < last.score.total
+                    {
+                        break;
+                    }
+                    consider(entry, top);
+                }
+            };
+        match client {
+            None => walk(&self.order, bonus_max + tag_max, top, &mut consider),
+            Some(c) => {
+                walk(&self.placeless, bonus_max + tag_max, top, &mut consider);
+                let worst = (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total));
+                let entries = &self.entries;
+                self.tree.search(
+                    c.unit(),
+                    w.geo,
+                    bonus_max + tag_max,
+                    worst,
+                    |index| match &entries[index as usize] {
+                        Ok(entry) => consider(entry, top),
+                        Err(_) => (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total)),
+                    },
+                );
+            }
         }
         cut
     }

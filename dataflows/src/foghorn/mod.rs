@@ -24,6 +24,7 @@
 //! own figure, else upload over connections, else 128 KiB/s; clamped to 64 KiB/s–1 MiB/s).
 
 pub mod fleet;
+mod kdtree;
 pub mod score;
 mod state;
 mod window;

@@ -324,6 +324,15 @@ pub struct Trig {
 }
 
 impl Trig {
+    /// The position as a unit vector (x towards 0°N 0°E, z towards the north pole).
+    pub fn unit(&self) -> [f64; 3] {
+        [
+            self.cos_lat * self.cos_lon,
+            self.cos_lat * self.sin_lon,
+            self.sin_lat,
+        ]
+    }
+
     /// From degrees.
     pub fn new(latitude: f64, longitude: f64) -> Trig {
         let (lat, lon) = (
@@ -445,6 +454,10 @@ mod tests {
 
     #[test]
     fn tag_adjustments_parse_and_refuse_clearly() {
+        // Tags are matched as symbols; only names some event carried exist as symbols.
+        for tag in ["edge", "eu", "gpu"] {
+            Sym::new(tag);
+        }
         let adj = parse_tag_adjust(r#"{"edge, EU": 100, "-gpu": -50}"#).unwrap();
         assert_eq!(adj.len(), 2);
         assert!(adj.iter().any(|a| a.invert && a.adjust == -50));

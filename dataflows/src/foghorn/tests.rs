@@ -275,14 +275,19 @@ proptest! {
         };
         let before = dedup(before);
         // Changes for nodes the snapshot knows; others would need a full build.
+        // Load changes keep a node's place (a move rebuilds the snapshot instead).
         let changes: Vec<Arc<NodeLoad>> = dedup(after)
             .into_iter()
-            .filter(|n| before.iter().any(|b| b.node == n.node))
-            .map(Arc::new)
+            .filter_map(|mut n| {
+                let old = before.iter().find(|b| b.node == n.node)?;
+                n.latitude = old.latitude;
+                n.longitude = old.longitude;
+                Some(Arc::new(n))
+            })
             .collect();
         let base = Fleet::build(before.iter().cloned().map(Arc::new).collect(), Policy::default(), 1_000_000);
         let patched = base.with_changes(&changes, 1_000_000).expect("every changed node is known");
-        let mut merged = before;
+        let mut merged = before.clone();
         for change in &changes {
             let at = merged.iter().position(|n| n.node == change.node).unwrap();
             merged[at] = (**change).clone();
@@ -297,6 +302,14 @@ proptest! {
         }
         let unknown = Arc::new(NodeLoad { node: Sym::new("never-seen"), ..blank() });
         prop_assert!(base.with_changes(&[unknown], 1).is_none());
+        if let Some(first) = before.first() {
+            let moved = Arc::new(NodeLoad {
+                latitude: Some(first.latitude.unwrap_or(0.0) / 2.0 + 1.0),
+                longitude: Some(1.0),
+                ..first.clone()
+            });
+            prop_assert!(base.with_changes(&[moved], 1).is_none(), "a moved node needs a rebuild");
+        }
     }
 }
 

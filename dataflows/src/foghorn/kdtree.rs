@@ -1,0 +1,207 @@
+//! A k-d tree over node positions (unit vectors) for branch-and-bound routing.
+//!
+//! Each subtree knows the box around its nodes' unit vectors and the highest static score
+//! (cpu + ram + bw) among them. For a client, the largest dot product with any point of a box
+//! bounds the cosine of the closest angle, so `best static + geo bound + bonus + tags` bounds
+//! every score inside; subtrees are opened best bound first and the search stops when the best
+//! remaining bound cannot beat the candidates held. The tree's shape depends only on positions,
+//! so a change of load updates the bounds along one path and nothing else.
+
+use std::collections::BinaryHeap;
+
+/// Most nodes in a leaf.
+const LEAF: usize = 8;
+
+#[derive(Clone, Debug)]
+struct Cell {
+    lo: [f64; 3],
+    hi: [f64; 3],
+    /// Highest static sum of a routable node inside, `None` when there is none.
+    best: Option<u64>,
+    start: u32,
+    end: u32,
+    children: Option<(u32, u32)>,
+    parent: u32,
+}
+
+/// The tree; items are node indices.
+#[derive(Clone, Debug, Default)]
+pub struct Tree {
+    cells: Vec<Cell>,
+    items: Vec<u32>,
+    points: Vec<[f64; 3]>,
+    /// Leaf cell of each node index (`u32::MAX` for nodes without a place).
+    leaf_of: Vec<u32>,
+}
+
+/// The geo term's upper bound for a cosine bound (see [`super::score::geo_term`]).
+pub fn geo_bound(weight: u64, cos_bound: f64) -> u64 {
+    // The margin covers rounding between this dot product and the trigonometric form.
+    let d = (cos_bound + 1e-9).clamp(-1.0, 1.0).acos() / std::f64::consts::PI;
+    weight.saturating_sub((weight as f64 * d) as u64)
+}
+
+impl Tree {
+    /// Builds the tree over `(node index, unit vector)` for `count` nodes in all; `sum` gives a
+    /// node's static sum when it is routable.
+    pub fn build(
+        placed: &[(u32, [f64; 3])],
+        count: usize,
+        sum: impl Fn(u32) -> Option<u64>,
+    ) -> Tree {
+        let mut tree = Tree {
+            cells: Vec::with_capacity(placed.len() / LEAF * 2 + 1),
+            items: Vec::with_capacity(placed.len()),
+            points: vec![[0.0; 3]; count],
+            leaf_of: vec![u32::MAX; count],
+        };
+        for &(index, point) in placed {
+            tree.points[index as usize] = point;
+        }
+        let mut items: Vec<u32> = placed.iter().map(|p| p.0).collect();
+        if !items.is_empty() {
+            tree.split(&mut items, 0, u32::MAX, &sum);
+        }
+        tree.items = items;
+        tree
+    }
+
+    fn split(
+        &mut self,
+        items: &mut [u32],
+        offset: usize,
+        parent: u32,
+        sum: &impl Fn(u32) -> Option<u64>,
+    ) -> u32 {
+        let mut lo = [f64::INFINITY; 3];
+        let mut hi = [f64::NEG_INFINITY; 3];
+        for &i in items.iter() {
+            let p = self.points[i as usize];
+            for axis in 0..3 {
+                lo[axis] = lo[axis].min(p[axis]);
+                hi[axis] = hi[axis].max(p[axis]);
+            }
+        }
+        let id = u32::try_from(self.cells.len()).expect("fewer than 2^32 cells");
+        self.cells.push(Cell {
+            lo,
+            hi,
+            best: None,
+            start: offset as u32,
+            end: (offset + items.len()) as u32,
+            children: None,
+            parent,
+        });
+        if items.len() <= LEAF {
+            for &i in items.iter() {
+                self.leaf_of[i as usize] = id;
+            }
+            self.cells[id as usize].best = items.iter().filter_map(|&i| sum(i)).max();
+            return id;
+        }
+        let axis = (0..3)
+            .max_by(|&a, &b| (hi[a] - lo[a]).total_cmp(&(hi[b] - lo[b])))
+            .unwrap_or(0);
+        let mid = items.len() / 2;
+        let points = &self.points;
+        items.select_nth_unstable_by(mid, |&a, &b| {
+            points[a as usize][axis].total_cmp(&points[b as usize][axis])
+        });
+        let (left_items, right_items) = items.split_at_mut(mid);
+        let left = self.split(left_items, offset, id, sum);
+        let right = self.split(right_items, offset + mid, id, sum);
+        let best = self.cells[left as usize]
+            .best
+            .max(self.cells[right as usize].best);
+        let cell = &mut self.cells[id as usize];
+        cell.children = Some((left, right));
+        cell.best = best;
+        id
+    }
+
+    /// True when node `index` sits at `point` in the tree (or is absent and `point` is none).
+    pub fn placed_at(&self, index: u32, point: Option<[f64; 3]>) -> bool {
+        match (self.leaf_of.get(index as usize), point) {
+            (Some(&u32::MAX), None) => true,
+            (Some(&leaf), Some(p)) if leaf != u32::MAX => self.points[index as usize] == p,
+            _ => false,
+        }
+    }
+
+    /// Refreshes the bounds on the path from node `index` to the root.
+    pub fn update(&mut self, index: u32, sum: impl Fn(u32) -> Option<u64>) {
+        let Some(&leaf) = self.leaf_of.get(index as usize) else {
+            return;
+        };
+        if leaf == u32::MAX {
+            return;
+        }
+        let cell = &self.cells[leaf as usize];
+        let mut best = self.items[cell.start as usize..cell.end as usize]
+            .iter()
+            .filter_map(|&i| sum(i))
+            .max();
+        let mut at = leaf;
+        loop {
+            self.cells[at as usize].best = best;
+            let parent = self.cells[at as usize].parent;
+            if parent == u32::MAX {
+                return;
+            }
+            let (l, r) = self.cells[parent as usize]
+                .children
+                .expect("a parent has children");
+            best = self.cells[l as usize].best.max(self.cells[r as usize].best);
+            at = parent;
+        }
+    }
+
+    /// Visits nodes best bound first. `extra` is added to every bound (stream bonus and
+    /// positive tag adjustments); `visit` scores a node and returns the score a node must
+    /// beat from now on (`None` while fewer than the wanted candidates are held).
+    pub fn search(
+        &self,
+        client: [f64; 3],
+        geo_weight: u64,
+        extra: u64,
+        mut worst: Option<u64>,
+        mut visit: impl FnMut(u32) -> Option<u64>,
+    ) {
+        let Some(root) = self.cells.first() else {
+            return;
+        };
+        let bound = |cell: &Cell| -> Option<u64> {
+            let best = cell.best?;
+            let dot: f64 = client
+                .iter()
+                .zip(cell.lo.iter().zip(&cell.hi))
+                .map(|(q, (lo, hi))| (q * lo).max(q * hi))
+                .sum();
+            Some(best + geo_bound(geo_weight, dot) + extra)
+        };
+        let mut open: BinaryHeap<(u64, std::cmp::Reverse<u32>)> = BinaryHeap::new();
+        if let Some(b) = bound(root) {
+            open.push((b, std::cmp::Reverse(0)));
+        }
+        while let Some((b, std::cmp::Reverse(id))) = open.pop() {
+            if worst.is_some_and(|w| b < w) {
+                return;
+            }
+            let cell = &self.cells[id as usize];
+            match cell.children {
+                None => {
+                    for &index in &self.items[cell.start as usize..cell.end as usize] {
+                        worst = visit(index);
+                    }
+                }
+                Some((left, right)) => {
+                    for child in [left, right] {
+                        if let Some(b) = bound(&self.cells[child as usize]) {
+                            open.push((b, std::cmp::Reverse(child)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
