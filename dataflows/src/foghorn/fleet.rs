@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use super::NodeLoad;
 use super::kdtree::Tree;
 use super::score::{
-    Breakdown, Cutoff, Reject, Request, Trig, Weights, check, finish, geo_term, static_terms,
-    tag_sum,
+    Breakdown, Cutoff, Reject, Request, Trig, Weights, check_request, finish, gate, geo_term,
+    static_terms, tag_sum,
 };
 
 /// Weights and the opt-in cutoff: what `/?weights=` and the config change at run time.
@@ -121,8 +121,11 @@ pub struct Fleet {
     static_furthest: Option<Reject>,
 }
 
-fn entry(index: u32, node: &NodeLoad, weights: &Weights) -> Result<Entry, Reject> {
+/// A node's entry: its static terms, or why no request can have it (its figures, or the
+/// request-independent gate at `watermark`).
+fn entry(index: u32, node: &NodeLoad, weights: &Weights, watermark: i64) -> Result<Entry, Reject> {
     let (cpu, ram, bw) = static_terms(node, weights)?;
+    gate(node, watermark)?;
     Ok(Entry {
         index,
         cpu,
@@ -163,7 +166,7 @@ impl Fleet {
             .enumerate()
             .map(|(index, node)| {
                 let index = u32::try_from(index).expect("fewer than 2^32 nodes");
-                entry(index, node, &policy.weights)
+                entry(index, node, &policy.weights, watermark)
             })
             .collect();
         let placed: Vec<(u32, [f64; 3])> = nodes
@@ -203,8 +206,18 @@ impl Fleet {
                 return None;
             }
             nodes[at] = Arc::clone(node);
-            entries[at] = entry(index, node, &self.policy.weights);
+            entries[at] = entry(index, node, &self.policy.weights, watermark);
             indices.push(index);
+        }
+        if watermark != self.watermark {
+            // Event time moved: nodes may have gone stale (or, going back, fresh again).
+            for (at, node) in nodes.iter().enumerate() {
+                if node.is_stale(watermark) != node.is_stale(self.watermark) {
+                    let index = at as u32;
+                    entries[at] = entry(index, node, &self.policy.weights, watermark);
+                    indices.push(index);
+                }
+            }
         }
         let mut tree = self.tree.clone();
         for index in indices {
@@ -309,7 +322,7 @@ impl Fleet {
             let worst = |top: &Vec<Candidate>| {
                 (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total))
             };
-            if let Err(reject) = check(node, request, self.watermark, cutoff) {
+            if let Err(reject) = check_request(node, request, cutoff) {
                 cut |= reject == Reject::Cutoff;
                 *furthest = (*furthest).max(Some(reject));
                 return worst(top);

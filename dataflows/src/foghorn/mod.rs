@@ -33,9 +33,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hashbrown::HashMap;
 use keel_operators::maintain::{GlobalWatermark, Maintain};
 use keel_operators::sym::Sym;
 use keel_sources::event::{Event, EventKind, NodeMode, NodeStream};
+use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
@@ -338,13 +340,13 @@ pub fn publish_fleet<'scope>(
         Exchange::new(|_: &i64| 0),
         "FoghornPublish",
         move |_, _| {
-            let mut nodes: BTreeMap<Sym, Arc<NodeLoad>> = BTreeMap::new();
+            let mut nodes: HashMap<Sym, Arc<NodeLoad>, FxBuildHasher> = HashMap::default();
             let mut pending: BTreeMap<u64, Vec<NodeLoad>> = BTreeMap::new();
             let mut marks: BTreeMap<u64, i64> = BTreeMap::new();
             let mut watermark = i64::MIN;
             let mut published_mark = i64::MIN;
             let mut dirty = false;
-            let mut changed: BTreeMap<Sym, Arc<NodeLoad>> = BTreeMap::new();
+            let mut changed: HashMap<Sym, Arc<NodeLoad>, FxBuildHasher> = HashMap::default();
             let mut last = Instant::now()
                 .checked_sub(Duration::from_secs(3600))
                 .unwrap_or_else(Instant::now);
@@ -396,7 +398,7 @@ pub fn publish_fleet<'scope>(
                     || (watermark > published_mark && (elapsed >= every.watermark || finished));
                 if due {
                     let changes: Vec<Arc<NodeLoad>> =
-                        std::mem::take(&mut changed).into_values().collect();
+                        changed.drain().map(|(_, load)| load).collect();
                     cell.publish_changes(&changes, || nodes.values().cloned().collect(), watermark);
                     published_mark = watermark;
                     dirty = false;

@@ -364,6 +364,12 @@ pub fn check(
     watermark: i64,
     cutoff: &Cutoff,
 ) -> Result<(), Reject> {
+    gate(node, watermark)?;
+    check_request(node, request, cutoff)
+}
+
+/// The checks that do not depend on the request: fresh, healthy, in normal mode.
+pub fn gate(node: &NodeLoad, watermark: i64) -> Result<(), Reject> {
     if node.is_stale(watermark) {
         return Err(Reject::Stale);
     }
@@ -373,6 +379,11 @@ pub fn check(
     if node.mode != NodeMode::Normal {
         return Err(Reject::Mode);
     }
+    Ok(())
+}
+
+/// The checks that depend on the request: capability, origin, ingest headroom, cutoff.
+pub fn check_request(node: &NodeLoad, request: &Request, cutoff: &Cutoff) -> Result<(), Reject> {
     if let Some(cap) = request.needed_capability()
         && !node.capabilities.is_empty()
         && !node.capabilities.contains(&cap)
@@ -396,7 +407,7 @@ pub fn check(
         }
         Purpose::View => {}
     }
-    if cutoff.excludes(node) {
+    if !cutoff.is_off() && cutoff.excludes(node) {
         return Err(Reject::Cutoff);
     }
     Ok(())

@@ -189,19 +189,17 @@ impl EpochState for FoghornState {
     fn close(&mut self, watermark: i64, output: &mut Vec<NodeLoad>) {
         let moved = watermark > self.watermark;
         self.watermark = self.watermark.max(watermark);
-        let mut recompute: Vec<Sym> = self.dirty.drain().collect();
         if moved {
             // The watermark alone changes a node only when events leave its window.
             for &node in &self.windowed {
                 if let Some(state) = self.nodes.get_mut(&node)
                     && state.prune(self.watermark)
                 {
-                    recompute.push(node);
+                    self.dirty.insert(node);
                 }
             }
         }
-        recompute.sort_unstable();
-        recompute.dedup();
+        let recompute: Vec<Sym> = self.dirty.drain().collect();
         for node in recompute {
             let Some(state) = self.nodes.get_mut(&node) else {
                 continue;

@@ -300,6 +300,16 @@ proptest! {
             };
             prop_assert_eq!(summary(&patched), summary(&fresh));
         }
+        // Event time alone moving on turns nodes stale in a patched snapshot too.
+        let later = base.with_changes(&[], 1_050_000).expect("no node changed");
+        let later_fresh = Fleet::build(before.iter().cloned().map(Arc::new).collect(), Policy::default(), 1_050_000);
+        for request in &requests {
+            let summary = |fleet: &Fleet| match fleet.route(request, 3) {
+                Ok(r) => Ok(r.candidates.iter().map(|c| (c.node.node, c.score)).collect::<Vec<_>>()),
+                Err(e) => Err(e),
+            };
+            prop_assert_eq!(summary(&later), summary(&later_fresh));
+        }
         let unknown = Arc::new(NodeLoad { node: Sym::new("never-seen"), ..blank() });
         prop_assert!(base.with_changes(&[unknown], 1).is_none());
         if let Some(first) = before.first() {
