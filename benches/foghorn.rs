@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench --bench foghorn -- [--nodes 1000,10000] [--requests 200000] [--seconds 10]
-//!                                [--connections 32]
+//!                                [--connections 32,128]
 //! ```
 //!
 //! For each fleet size it prints:
@@ -13,7 +13,8 @@
 //!    request — on the same requests. Both must choose the same node for every request.
 //! 2. **HTTP on loopback**: requests/s and latency reported by `wrk` against `GET /<stream>` on
 //!    the Foghorn port, with the engine running and every decision fed back into it, and the
-//!    CPU the Keel process used meanwhile.
+//!    CPU the Keel process used meanwhile; once per `--connections` value (a balancer serves
+//!    many clients at once; more connections let each wake-up serve several requests).
 //! 3. **Freshness**: time from a node update entering the engine (sent into its input) to the
 //!    routing snapshot holding it, measured every 20 ms while `wrk` runs, and once idle.
 //!
@@ -46,7 +47,7 @@ struct Options {
     nodes: Vec<usize>,
     requests: usize,
     seconds: u64,
-    connections: usize,
+    connections: Vec<usize>,
 }
 
 fn parse_args() -> Options {
@@ -54,7 +55,7 @@ fn parse_args() -> Options {
         nodes: vec![1000, 10_000],
         requests: 200_000,
         seconds: 10,
-        connections: 32,
+        connections: vec![32, 128],
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -69,7 +70,10 @@ fn parse_args() -> Options {
             "--requests" => options.requests = value().parse().expect("--requests takes a number"),
             "--seconds" => options.seconds = value().parse().expect("--seconds takes a number"),
             "--connections" => {
-                options.connections = value().parse().expect("--connections takes a number");
+                options.connections = value()
+                    .split(',')
+                    .map(|n| n.parse().expect("--connections takes numbers"))
+                    .collect();
             }
             "--bench" => {}
             other => panic!("unknown option {other}"),
@@ -340,7 +344,7 @@ fn wrk_script(dir: &std::path::Path, rng: &mut Rng) -> std::path::PathBuf {
 }
 
 /// Returns the HTTP table row and the freshness table row.
-fn http_and_freshness(count: usize, options: &Options) -> (String, String) {
+fn http_and_freshness(count: usize, connections: usize, options: &Options) -> (String, String) {
     let handles = Handles::default();
     let (source, sender) = MemorySource::new("bench", 65_536);
     let engine_handles = handles.clone();
@@ -391,7 +395,7 @@ fn http_and_freshness(count: usize, options: &Options) -> (String, String) {
     let output = Command::new("wrk")
         .args([
             "-t1",
-            &format!("-c{}", options.connections),
+            &format!("-c{connections}"),
             &format!("-d{}s", options.seconds),
             "--latency",
             "-s",
@@ -427,16 +431,15 @@ fn http_and_freshness(count: usize, options: &Options) -> (String, String) {
     let stats = handles.foghorn.as_ref();
     let routed = stats.routed.load(Ordering::Relaxed);
     let row = format!(
-        "| {count} | {} | {} | {} | {} | {cores:.2} | {routed} | {non2xx} |",
+        "| {count} | {connections} | {} | {} | {} | {cores:.2} | {routed} | {non2xx} |",
         rps.trim_start_matches("Requests/sec:").trim(),
         field("50%").trim_start_matches("50%").trim(),
         field("99%").trim_start_matches("99%").trim(),
-        options.connections,
     );
     let (i50, i99, _, imax) = summarize(idle);
     let (b50, b99, _, bmax) = summarize(busy.clone());
     let fresh = format!(
-        "| {count} | {i50:.2} | {i99:.2} | {imax:.2} | {} | {b50:.2} | {b99:.2} | {bmax:.2} |",
+        "| {count} | {connections} | {i50:.2} | {i99:.2} | {imax:.2} | {} | {b50:.2} | {b99:.2} | {bmax:.2} |",
         busy.len()
     );
     server.stop();
