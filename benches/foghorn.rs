@@ -463,18 +463,22 @@ fn main() {
     }
     println!("\n### HTTP `GET /<stream>` on loopback (wrk, one thread, decisions fed back)\n");
     println!(
-        "| nodes | requests/s | latency p50 | latency p99 | connections | Keel cores | decisions | status |"
+        "| nodes | connections | requests/s | latency p50 | latency p99 | Keel cores | decisions | status |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut freshness = Vec::new();
     for &count in &options.nodes {
-        let (row, fresh) = http_and_freshness(count, &options);
-        println!("{row}");
-        freshness.push(fresh);
+        for &connections in &options.connections {
+            let (row, fresh) = http_and_freshness(count, connections, &options);
+            println!("{row}");
+            freshness.push(fresh);
+        }
     }
     println!("\n### Freshness: node update sent → used by routing (ms)\n");
-    println!("| nodes | idle p50 | idle p99 | idle max | probes under wrk | p50 | p99 | max |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| nodes | wrk connections | idle p50 | idle p99 | idle max | probes under wrk | p50 | p99 | max |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in freshness {
         println!("{row}");
     }
