@@ -170,6 +170,10 @@ struct RunArgs {
     /// `off` serves none.
     #[arg(long)]
     foghorn_grpc_listen: Option<String>,
+    /// A GeoIP database (MaxMind DB format, e.g. GeoLite2-City.mmdb) that places clients whose
+    /// requests carry no coordinates, by their address.
+    #[arg(long)]
+    geoip_mmdb: Option<PathBuf>,
     /// Shared secret for bearer JWTs (HS256). Without one (here or in the config file) a
     /// development secret is generated and a tenant and an admin token are printed.
     #[arg(long, env = "KEEL_JWT_SECRET", hide_env_values = true)]
@@ -373,9 +377,14 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let foghorn = if foghorn_listen == "off" {
         None
     } else {
+        let geoip = args
+            .geoip_mmdb
+            .clone()
+            .or(settings.foghorn.geoip_mmdb.clone());
         Some(crate::foghorn::FoghornServer::start(
             &foghorn_listen,
             foghorn_grpc.as_deref(),
+            geoip.as_deref(),
             &handles,
         )?)
     };

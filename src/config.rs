@@ -24,6 +24,7 @@
 //! grpc_listen = "127.0.0.1:18019"           # gRPC Route; "off" serves none
 //! weights = { cpu = 500, ram = 500, bw = 1000, geo = 1000, bonus = 50 }
 //! cutoff = { cpu_percent = 90.0, bw_percent = 95.0 }   # opt-in; absent = the platform's gradient only
+//! # geoip_mmdb = "/var/lib/GeoIP/GeoLite2-City.mmdb"   # places clients that send no coordinates
 //! ```
 
 use std::path::Path;
@@ -60,6 +61,8 @@ pub struct FoghornConfig {
     /// Opt-in hard utilisation cutoff.
     #[serde(default)]
     pub cutoff: Option<Cutoff>,
+    /// A GeoIP database (MaxMind DB format) placing clients that send no coordinates.
+    pub geoip_mmdb: Option<std::path::PathBuf>,
 }
 
 impl FoghornConfig {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use keel_api::foghorn::Foghorn;
+use keel_api::foghorn::{Foghorn, GeoIp};
 use tokio::sync::oneshot;
 
 use crate::engine::Handles;
@@ -30,7 +30,12 @@ fn bind(address: &str, what: &str) -> anyhow::Result<std::net::TcpListener> {
 impl FoghornServer {
     /// Binds `http` (and `grpc`), failing at once if either cannot be had, and serves routing
     /// from the engine's fleet snapshots.
-    pub fn start(http: &str, grpc: Option<&str>, handles: &Handles) -> anyhow::Result<Self> {
+    pub fn start(
+        http: &str,
+        grpc: Option<&str>,
+        geoip: Option<&std::path::Path>,
+        handles: &Handles,
+    ) -> anyhow::Result<Self> {
         let http_listener = bind(http, "Foghorn HTTP")?;
         let grpc_listener = grpc.map(|g| bind(g, "Foghorn gRPC")).transpose()?;
         let http = http_listener.local_addr()?;
@@ -38,11 +43,15 @@ impl FoghornServer {
             .as_ref()
             .map(std::net::TcpListener::local_addr)
             .transpose()?;
-        let service = Arc::new(Foghorn::new(
+        let mut service = Foghorn::new(
             handles.fleet.clone(),
             handles.injector.clone(),
             handles.foghorn.clone(),
-        ));
+        );
+        if let Some(path) = geoip {
+            service = service.with_geoip(GeoIp::open(path).map_err(|e| anyhow::anyhow!(e))?);
+        }
+        let service = Arc::new(service);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("keel-foghorn")
@@ -74,7 +83,9 @@ impl FoghornServer {
                             return;
                         }
                     };
-                    let result = axum::serve(listener, keel_api::foghorn::router(served))
+                    let app = keel_api::foghorn::router(served)
+                        .into_make_service_with_connect_info::<SocketAddr>();
+                    let result = axum::serve(listener, app)
                         .with_graceful_shutdown(async {
                             let _ = stopped.await;
                         })

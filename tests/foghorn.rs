@@ -116,6 +116,10 @@ struct Fixture {
 
 impl Fixture {
     fn start(nodes: &[Node]) -> Fixture {
+        Fixture::start_with(nodes, None)
+    }
+
+    fn start_with(nodes: &[Node], geoip: Option<&std::path::Path>) -> Fixture {
         let handles = Handles::default();
         let (source, sender) = MemorySource::new("memory", 1024);
         let engine_handles = handles.clone();
@@ -125,7 +129,8 @@ impl Fixture {
         };
         let engine =
             std::thread::spawn(move || engine::run(Arc::new(source), &options, &engine_handles));
-        let server = FoghornServer::start("127.0.0.1:0", Some("127.0.0.1:0"), &handles).unwrap();
+        let server =
+            FoghornServer::start("127.0.0.1:0", Some("127.0.0.1:0"), geoip, &handles).unwrap();
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .max_redirects(0)
             .http_status_as_error(false)
@@ -559,4 +564,139 @@ fn decisions_feed_back_as_pending_viewers_and_move_later_viewers() {
             .sum::<u64>()
             == 3
     });
+}
+
+/// A MaxMind DB file, written from the format's specification: an IPv4 search tree with 24-bit
+/// records that leads one /24 network to a record `{"location": {"latitude", "longitude"}}`,
+/// then the metadata map.
+fn mmdb_one_network(net: [u8; 3], latitude: f64, longitude: f64) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.push(0x40 | s.len() as u8);
+        out.extend_from_slice(s.as_bytes());
+    }
+    fn double(out: &mut Vec<u8>, v: f64) {
+        out.push(0x68);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    fn uint16(out: &mut Vec<u8>, v: u16) {
+        out.push(0xa2);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    fn uint32(out: &mut Vec<u8>, v: u32) {
+        out.push(0xc4);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    let node_count: u32 = 24;
+    let mut out = Vec::new();
+    for depth in 0..24usize {
+        let bit = (net[depth / 8] >> (7 - depth % 8)) & 1;
+        // The last bit of the network leads to the data section's first record.
+        let next = if depth == 23 {
+            node_count + 16
+        } else {
+            depth as u32 + 1
+        };
+        let (left, right) = if bit == 0 {
+            (next, node_count)
+        } else {
+            (node_count, next)
+        };
+        for record in [left, right] {
+            out.extend_from_slice(&record.to_be_bytes()[1..]);
+        }
+    }
+    out.extend_from_slice(&[0; 16]);
+    out.push(0xe1);
+    string(&mut out, "location");
+    out.push(0xe2);
+    string(&mut out, "latitude");
+    double(&mut out, latitude);
+    string(&mut out, "longitude");
+    double(&mut out, longitude);
+    out.extend_from_slice(b"\xab\xcd\xefMaxMind.com");
+    out.push(0xe9);
+    string(&mut out, "binary_format_major_version");
+    uint16(&mut out, 2);
+    string(&mut out, "binary_format_minor_version");
+    uint16(&mut out, 0);
+    string(&mut out, "build_epoch");
+    out.extend_from_slice(&[0x08, 0x02]);
+    out.extend_from_slice(&1_700_000_000u64.to_be_bytes());
+    string(&mut out, "database_type");
+    string(&mut out, "Keel-Test-City");
+    string(&mut out, "description");
+    out.push(0xe1);
+    string(&mut out, "en");
+    string(&mut out, "one network, for tests");
+    string(&mut out, "ip_version");
+    uint16(&mut out, 4);
+    string(&mut out, "languages");
+    out.extend_from_slice(&[0x01, 0x04]);
+    string(&mut out, "en");
+    string(&mut out, "node_count");
+    uint32(&mut out, node_count);
+    string(&mut out, "record_size");
+    uint16(&mut out, 24);
+    out
+}
+
+#[test]
+fn clients_without_coordinates_are_placed_by_geoip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("city.mmdb");
+    // 203.0.113.0/24 is in Seoul: Tokyo is the nearer node.
+    std::fs::write(&path, mmdb_one_network([203, 0, 113], 37.56, 126.97)).unwrap();
+    let mut nodes = two_cities();
+    // Without a place, Amsterdam wins on load.
+    nodes[1].cpu_tenths = 500;
+    let f = Fixture::start_with(&nodes, Some(&path));
+    assert_eq!(
+        f.get("/demo", &[]).2,
+        "edge-ams.edge.example",
+        "loopback is not in the database"
+    );
+    for header in ["X-Forwarded-For", "CF-Connecting-IP", "X-Real-IP"] {
+        let (_, _, body) = f.get("/demo", &[(header, "203.0.113.9")]);
+        assert_eq!(body, "edge-tyo.edge.example", "{header}");
+    }
+    let (_, _, body) = f.get("/demo", &[("X-Forwarded-For", "203.0.113.9, 10.0.0.1")]);
+    assert_eq!(body, "edge-tyo.edge.example");
+    // Coordinates given win over the address.
+    let (_, _, body) = f.get(
+        "/demo?lat=52.37&lon=4.9",
+        &[("X-Forwarded-For", "203.0.113.9")],
+    );
+    assert_eq!(body, "edge-ams.edge.example");
+    let (_, json) = f.get_json("/v1/foghorn/route?stream=demo");
+    assert!(json["client"].is_null(), "{json}");
+    let grpc = format!(
+        "http://{}",
+        f.server.as_ref().unwrap().grpc_address().unwrap()
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let response = runtime
+        .block_on(call_route(
+            &grpc,
+            RouteRequest {
+                stream: "demo".into(),
+                client_ip: "203.0.113.200".into(),
+                ..RouteRequest::default()
+            },
+        ))
+        .unwrap();
+    assert_eq!(response.candidates[0].node_id, "edge-tyo");
+
+    // A file that is not a database is refused at start, with the reason.
+    let bad = dir.path().join("bad.mmdb");
+    std::fs::write(&bad, b"not a database").unwrap();
+    let error = FoghornServer::start("127.0.0.1:0", None, Some(&bad), &Handles::default())
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        error.contains("cannot use") && error.contains("bad.mmdb"),
+        "{error}"
+    );
 }

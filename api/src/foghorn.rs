@@ -81,8 +81,51 @@ pub struct Asker {
 pub struct Foghorn {
     fleet: Arc<FleetCell>,
     injector: Injector,
+    geoip: Option<GeoIp>,
     /// Counters.
     pub stats: Arc<FoghornStats>,
+}
+
+/// A GeoIP database (MaxMind DB format: GeoLite2/GeoIP2 City, DB-IP City Lite), read into
+/// memory, for clients whose requests carry no coordinates.
+pub struct GeoIp {
+    reader: maxminddb::Reader<Vec<u8>>,
+}
+
+impl std::fmt::Debug for GeoIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeoIp")
+            .field("database_type", &self.reader.metadata.database_type)
+            .finish()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct CityRecord {
+    location: Option<CityLocation>,
+}
+
+#[derive(serde::Deserialize)]
+struct CityLocation {
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+}
+
+impl GeoIp {
+    /// Opens `path`, saying clearly what is wrong when it cannot.
+    pub fn open(path: &std::path::Path) -> Result<GeoIp, String> {
+        let reader = maxminddb::Reader::open_readfile(path)
+            .map_err(|e| format!("cannot use {} as a GeoIP database: {e}", path.display()))?;
+        Ok(GeoIp { reader })
+    }
+
+    /// The place the database gives for `ip`, if any.
+    pub fn place(&self, ip: std::net::IpAddr) -> Option<Place> {
+        let found = self.reader.lookup(ip).ok()?;
+        let record: CityRecord = found.decode().ok()??;
+        let location = record.location?;
+        Place::new(location.latitude?, location.longitude?).ok()
+    }
 }
 
 fn wall_clock_ms() -> i64 {
@@ -114,8 +157,20 @@ impl Foghorn {
         Foghorn {
             fleet,
             injector,
+            geoip: None,
             stats,
         }
+    }
+
+    /// Places clients without coordinates by their address in `geoip`.
+    pub fn with_geoip(mut self, geoip: GeoIp) -> Foghorn {
+        self.geoip = Some(geoip);
+        self
+    }
+
+    /// Where a client is by its address, when a GeoIP database is configured.
+    pub fn place_of(&self, ip: std::net::IpAddr) -> Option<Place> {
+        self.geoip.as_ref()?.place(ip)
     }
 
     /// The current snapshot.
@@ -336,6 +391,20 @@ fn parse_coordinate(text: &str, what: &str) -> Result<f64, String> {
         .map_err(|_| format!("{what} {text:?} is not a number"))
 }
 
+/// The client's address: `CF-Connecting-IP`, the first `X-Forwarded-For`, `X-Real-IP`, else
+/// the connection's peer. Used only to look the place up; never stored or sent on.
+pub fn client_ip(headers: &HeaderMap, peer: Option<std::net::IpAddr>) -> Option<std::net::IpAddr> {
+    header_text(headers, "cf-connecting-ip")
+        .and_then(|v| v.parse().ok())
+        .or_else(|| {
+            header_text(headers, "x-forwarded-for")
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .or_else(|| header_text(headers, "x-real-ip").and_then(|v| v.parse().ok()))
+        .or(peer)
+}
+
 /// The client's place from headers or parameters; a present but invalid pair is an error.
 pub fn client_place(
     headers: &HeaderMap,
@@ -387,12 +456,24 @@ pub fn stream_name(param: &str) -> &str {
 
 /// Builds a request from the query and headers every routing endpoint shares.
 fn request_from(
+    foghorn: &Foghorn,
     stream: Option<&str>,
     purpose: Purpose,
-    headers: &HeaderMap,
+    request: &axum::extract::Request,
     params: &BTreeMap<String, String>,
 ) -> Result<Request, String> {
-    let client = client_place(headers, params)?;
+    let headers = request.headers();
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let client = match client_place(headers, params)? {
+        Some(place) => Some(place),
+        None if foghorn.geoip.is_some() => {
+            client_ip(headers, peer).and_then(|ip| foghorn.place_of(ip))
+        }
+        None => None,
+    };
     let tags = match header_text(headers, "x-tag-adjust").or(params
         .get("tag_adjust")
         .map(String::as_str)
@@ -453,11 +534,11 @@ pub fn router(foghorn: Arc<Foghorn>) -> Router {
 async fn view(
     State(foghorn): State<Arc<Foghorn>>,
     Path(stream): Path<String>,
-    request: axum::extract::Request,
+    http: axum::extract::Request,
 ) -> Response {
-    let params = params_of(request.uri());
-    let headers = request.headers();
-    let request = match request_from(Some(&stream), Purpose::View, headers, &params) {
+    let params = params_of(http.uri());
+    let headers = http.headers();
+    let request = match request_from(&foghorn, Some(&stream), Purpose::View, &http, &params) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
@@ -526,14 +607,14 @@ fn encode(text: &str) -> String {
     out
 }
 
-async fn root(State(foghorn): State<Arc<Foghorn>>, request: axum::extract::Request) -> Response {
-    let params = params_of(request.uri());
-    let headers = request.headers();
+async fn root(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Request) -> Response {
+    let params = params_of(http.uri());
+    let headers = http.headers();
     if let Some(stream) = params.get("source") {
-        return source(&foghorn, stream, &params, headers);
+        return source(&foghorn, stream, &params, &http);
     }
     if let Some(cpu) = params.get("ingest") {
-        return ingest(&foghorn, cpu, &params, headers);
+        return ingest(&foghorn, cpu, &params, &http);
     }
     if params.contains_key("lstserver") {
         let fleet = foghorn.fleet();
@@ -589,7 +670,7 @@ async fn root(State(foghorn): State<Arc<Foghorn>>, request: axum::extract::Reque
         );
     }
     // Plain `GET /`: the best host for a viewer of no particular stream.
-    let request = match request_from(None, Purpose::View, headers, &params) {
+    let request = match request_from(&foghorn, None, Purpose::View, &http, &params) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
@@ -603,12 +684,13 @@ fn source(
     foghorn: &Foghorn,
     stream: &str,
     params: &BTreeMap<String, String>,
-    headers: &HeaderMap,
+    http: &axum::extract::Request,
 ) -> Response {
+    let headers = http.headers();
     if stream_name(stream).is_empty() {
         return bad_request("source needs a stream name");
     }
-    let request = match request_from(Some(stream), Purpose::Source, headers, params) {
+    let request = match request_from(foghorn, Some(stream), Purpose::Source, http, params) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
@@ -629,8 +711,9 @@ fn ingest(
     foghorn: &Foghorn,
     cpu: &str,
     params: &BTreeMap<String, String>,
-    headers: &HeaderMap,
+    http: &axum::extract::Request,
 ) -> Response {
+    let headers = http.headers();
     let cpu = if cpu.trim().is_empty() {
         0.0
     } else {
@@ -643,7 +726,7 @@ fn ingest(
             }
         }
     };
-    let request = match request_from(None, Purpose::Ingest(cpu), headers, params) {
+    let request = match request_from(foghorn, None, Purpose::Ingest(cpu), http, params) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
@@ -771,12 +854,9 @@ pub fn candidate_json(c: &keel_dataflows::foghorn::Candidate, client: Option<Pla
     })
 }
 
-async fn route_json(
-    State(foghorn): State<Arc<Foghorn>>,
-    request: axum::extract::Request,
-) -> Response {
-    let params = params_of(request.uri());
-    let headers = request.headers();
+async fn route_json(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Request) -> Response {
+    let params = params_of(http.uri());
+    let headers = http.headers();
     let fail = |reason: String| {
         (
             StatusCode::BAD_REQUEST,
@@ -809,7 +889,7 @@ async fn route_json(
     if purpose == Purpose::Source && stream.is_none_or(|s| stream_name(s).is_empty()) {
         return fail("purpose=source needs a stream".to_owned());
     }
-    let request = match request_from(stream, purpose, headers, &params) {
+    let request = match request_from(&foghorn, stream, purpose, &http, &params) {
         Ok(request) => request,
         Err(reason) => return fail(reason),
     };

@@ -59,6 +59,10 @@ pub struct RouteRequest {
     /// Client country code.
     #[prost(string, tag = "10")]
     pub client_country: String,
+    /// Client address, to place the client with the GeoIP database when no coordinates are
+    /// given (used for the look-up only).
+    #[prost(string, tag = "11")]
+    pub client_ip: String,
 }
 
 /// `ScoreBreakdown`.
@@ -227,7 +231,12 @@ fn to_response(routed: &Routed, client: Option<Place>) -> RouteResponse {
 
 /// Answers one `Route` call.
 pub fn route(foghorn: &Foghorn, message: &RouteRequest) -> Result<RouteResponse, Status> {
-    let request = to_request(message)?;
+    let mut request = to_request(message)?;
+    if request.client.is_none()
+        && let Ok(ip) = message.client_ip.trim().parse()
+    {
+        request.client = foghorn.place_of(ip);
+    }
     let n = match message.n {
         0 => 1,
         n if n as usize <= MAX_CANDIDATES => n as usize,
