@@ -377,10 +377,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let foghorn = if foghorn_listen == "off" {
         None
     } else {
-        let geoip = args
-            .geoip_mmdb
-            .clone()
-            .or(settings.foghorn.geoip_mmdb.clone());
+        let geoip = args.geoip_mmdb.clone().or(settings.foghorn.geoip_mmdb);
         Some(crate::foghorn::FoghornServer::start(
             &foghorn_listen,
             foghorn_grpc.as_deref(),
