@@ -220,10 +220,36 @@ impl Fleet {
             }
         }
         let mut tree = self.tree.clone();
-        for index in indices {
+        for &index in &indices {
             tree.update(index, |i| entries[i as usize].as_ref().ok().map(|e| e.sum));
         }
-        let (order, placeless, static_furthest) = walks(&entries);
+        // The previous ranking without the changed nodes, plus their new entries: nearly
+        // sorted, which the sort finishes in about linear time.
+        indices.sort_unstable();
+        indices.dedup();
+        let changed = |index: u32| indices.binary_search(&index).is_ok();
+        let mut order: Vec<Entry> = self
+            .order
+            .iter()
+            .filter(|e| !changed(e.index))
+            .copied()
+            .collect();
+        order.extend(
+            indices
+                .iter()
+                .filter_map(|&i| entries[i as usize].as_ref().ok().copied()),
+        );
+        order.sort_by(rank);
+        let placeless = if self.placeless.is_empty() && order.iter().all(|e| e.trig.is_some()) {
+            Vec::new()
+        } else {
+            order.iter().filter(|e| e.trig.is_none()).copied().collect()
+        };
+        let static_furthest = entries
+            .iter()
+            .filter_map(|e| e.as_ref().err())
+            .max()
+            .copied();
         Some(Fleet {
             built: Instant::now(),
             policy: self.policy,

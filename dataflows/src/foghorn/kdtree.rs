@@ -8,6 +8,7 @@
 //! so a change of load updates the bounds along one path and nothing else.
 
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 
 /// Most nodes in a leaf.
 const LEAF: usize = 8;
@@ -24,10 +25,16 @@ struct Cell {
     parent: u32,
 }
 
-/// The tree; items are node indices.
+/// The tree; items are node indices. Everything but the cells' bounds is fixed once built, so
+/// a patched snapshot shares it.
 #[derive(Clone, Debug, Default)]
 pub struct Tree {
     cells: Vec<Cell>,
+    shape: Arc<Shape>,
+}
+
+#[derive(Debug, Default)]
+struct Shape {
     items: Vec<u32>,
     points: Vec<[f64; 3]>,
     /// Leaf cell of each node index (`u32::MAX` for nodes without a place).
@@ -49,95 +56,45 @@ impl Tree {
         count: usize,
         sum: impl Fn(u32) -> Option<u64>,
     ) -> Tree {
-        let mut tree = Tree {
-            cells: Vec::with_capacity(placed.len() / LEAF * 2 + 1),
-            items: Vec::with_capacity(placed.len()),
+        let mut shape = Shape {
+            items: Vec::new(),
             points: vec![[0.0; 3]; count],
             leaf_of: vec![u32::MAX; count],
         };
         for &(index, point) in placed {
-            tree.points[index as usize] = point;
+            shape.points[index as usize] = point;
         }
+        let mut cells = Vec::with_capacity(placed.len() / LEAF * 2 + 1);
         let mut items: Vec<u32> = placed.iter().map(|p| p.0).collect();
         if !items.is_empty() {
-            tree.split(&mut items, 0, u32::MAX, &sum);
+            split(&mut cells, &mut shape, &mut items, 0, u32::MAX, &sum);
         }
-        tree.items = items;
-        tree
-    }
-
-    fn split(
-        &mut self,
-        items: &mut [u32],
-        offset: usize,
-        parent: u32,
-        sum: &impl Fn(u32) -> Option<u64>,
-    ) -> u32 {
-        let mut lo = [f64::INFINITY; 3];
-        let mut hi = [f64::NEG_INFINITY; 3];
-        for &i in items.iter() {
-            let p = self.points[i as usize];
-            for axis in 0..3 {
-                lo[axis] = lo[axis].min(p[axis]);
-                hi[axis] = hi[axis].max(p[axis]);
-            }
+        shape.items = items;
+        Tree {
+            cells,
+            shape: Arc::new(shape),
         }
-        let id = u32::try_from(self.cells.len()).expect("fewer than 2^32 cells");
-        self.cells.push(Cell {
-            lo,
-            hi,
-            best: None,
-            start: offset as u32,
-            end: (offset + items.len()) as u32,
-            children: None,
-            parent,
-        });
-        if items.len() <= LEAF {
-            for &i in items.iter() {
-                self.leaf_of[i as usize] = id;
-            }
-            self.cells[id as usize].best = items.iter().filter_map(|&i| sum(i)).max();
-            return id;
-        }
-        let axis = (0..3)
-            .max_by(|&a, &b| (hi[a] - lo[a]).total_cmp(&(hi[b] - lo[b])))
-            .unwrap_or(0);
-        let mid = items.len() / 2;
-        let points = &self.points;
-        items.select_nth_unstable_by(mid, |&a, &b| {
-            points[a as usize][axis].total_cmp(&points[b as usize][axis])
-        });
-        let (left_items, right_items) = items.split_at_mut(mid);
-        let left = self.split(left_items, offset, id, sum);
-        let right = self.split(right_items, offset + mid, id, sum);
-        let best = self.cells[left as usize]
-            .best
-            .max(self.cells[right as usize].best);
-        let cell = &mut self.cells[id as usize];
-        cell.children = Some((left, right));
-        cell.best = best;
-        id
     }
 
     /// True when node `index` sits at `point` in the tree (or is absent and `point` is none).
     pub fn placed_at(&self, index: u32, point: Option<[f64; 3]>) -> bool {
-        match (self.leaf_of.get(index as usize), point) {
+        match (self.shape.leaf_of.get(index as usize), point) {
             (Some(&u32::MAX), None) => true,
-            (Some(&leaf), Some(p)) if leaf != u32::MAX => self.points[index as usize] == p,
+            (Some(&leaf), Some(p)) if leaf != u32::MAX => self.shape.points[index as usize] == p,
             _ => false,
         }
     }
 
     /// Refreshes the bounds on the path from node `index` to the root.
     pub fn update(&mut self, index: u32, sum: impl Fn(u32) -> Option<u64>) {
-        let Some(&leaf) = self.leaf_of.get(index as usize) else {
+        let Some(&leaf) = self.shape.leaf_of.get(index as usize) else {
             return;
         };
         if leaf == u32::MAX {
             return;
         }
         let cell = &self.cells[leaf as usize];
-        let mut best = self.items[cell.start as usize..cell.end as usize]
+        let mut best = self.shape.items[cell.start as usize..cell.end as usize]
             .iter()
             .filter_map(|&i| sum(i))
             .max();
@@ -190,7 +147,7 @@ impl Tree {
             let cell = &self.cells[id as usize];
             match cell.children {
                 None => {
-                    for &index in &self.items[cell.start as usize..cell.end as usize] {
+                    for &index in &self.shape.items[cell.start as usize..cell.end as usize] {
                         worst = visit(index);
                     }
                 }
@@ -204,4 +161,56 @@ impl Tree {
             }
         }
     }
+}
+
+fn split(
+    cells: &mut Vec<Cell>,
+    shape: &mut Shape,
+    items: &mut [u32],
+    offset: usize,
+    parent: u32,
+    sum: &impl Fn(u32) -> Option<u64>,
+) -> u32 {
+    let mut lo = [f64::INFINITY; 3];
+    let mut hi = [f64::NEG_INFINITY; 3];
+    for &i in items.iter() {
+        let p = shape.points[i as usize];
+        for axis in 0..3 {
+            lo[axis] = lo[axis].min(p[axis]);
+            hi[axis] = hi[axis].max(p[axis]);
+        }
+    }
+    let id = u32::try_from(cells.len()).expect("fewer than 2^32 cells");
+    cells.push(Cell {
+        lo,
+        hi,
+        best: None,
+        start: offset as u32,
+        end: (offset + items.len()) as u32,
+        children: None,
+        parent,
+    });
+    if items.len() <= LEAF {
+        for &i in items.iter() {
+            shape.leaf_of[i as usize] = id;
+        }
+        cells[id as usize].best = items.iter().filter_map(|&i| sum(i)).max();
+        return id;
+    }
+    let axis = (0..3)
+        .max_by(|&a, &b| (hi[a] - lo[a]).total_cmp(&(hi[b] - lo[b])))
+        .unwrap_or(0);
+    let mid = items.len() / 2;
+    let points = &shape.points;
+    items.select_nth_unstable_by(mid, |&a, &b| {
+        points[a as usize][axis].total_cmp(&points[b as usize][axis])
+    });
+    let (left_items, right_items) = items.split_at_mut(mid);
+    let left = split(cells, shape, left_items, offset, id, sum);
+    let right = split(cells, shape, right_items, offset + mid, id, sum);
+    let best = cells[left as usize].best.max(cells[right as usize].best);
+    let cell = &mut cells[id as usize];
+    cell.children = Some((left, right));
+    cell.best = best;
+    id
 }
