@@ -3,11 +3,10 @@
 //! Each subtree knows the box around its nodes' unit vectors and the highest static score
 //! (cpu + ram + bw) among them. For a client, the largest dot product with any point of a box
 //! bounds the cosine of the closest angle, so `best static + geo bound + bonus + tags` bounds
-//! every score inside; subtrees are opened best bound first and the search stops when the best
-//! remaining bound cannot beat the candidates held. The tree's shape depends only on positions,
+//! every score inside; subtrees are opened depth first, the better bound first, and skipped
+//! when their bound cannot beat the candidates held. The tree's shape depends only on positions,
 //! so a change of load updates the bounds along one path and nothing else.
 
-use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 /// Most nodes in a leaf.
@@ -113,7 +112,7 @@ impl Tree {
         }
     }
 
-    /// Visits nodes best bound first. `extra` is added to every bound (stream bonus and
+    /// Visits nodes, the better bound first. `extra` is added to every bound (stream bonus and
     /// positive tag adjustments); `visit` scores a node and returns the score a node must
     /// beat from now on (`None` while fewer than the wanted candidates are held).
     pub fn search(
@@ -136,13 +135,15 @@ impl Tree {
                 .sum();
             Some(best + geo_bound(geo_weight, dot) + extra)
         };
-        let mut open: BinaryHeap<(u64, std::cmp::Reverse<u32>)> = BinaryHeap::new();
+        // Depth first, the child with the better bound first: cheaper than a priority queue,
+        // and the good candidates it finds early prune the rest.
+        let mut open: Vec<(u64, u32)> = Vec::with_capacity(64);
         if let Some(b) = bound(root) {
-            open.push((b, std::cmp::Reverse(0)));
+            open.push((b, 0));
         }
-        while let Some((b, std::cmp::Reverse(id))) = open.pop() {
+        while let Some((b, id)) = open.pop() {
             if worst.is_some_and(|w| b < w) {
-                return;
+                continue;
             }
             let cell = &self.cells[id as usize];
             match cell.children {
@@ -152,11 +153,16 @@ impl Tree {
                     }
                 }
                 Some((left, right)) => {
-                    for child in [left, right] {
-                        if let Some(b) = bound(&self.cells[child as usize]) {
-                            open.push((b, std::cmp::Reverse(child)));
-                        }
-                    }
+                    let l = bound(&self.cells[left as usize]).map(|b| (b, left));
+                    let r = bound(&self.cells[right as usize]).map(|b| (b, right));
+                    let (first, second) = if l.map(|x| x.0) >= r.map(|x| x.0) {
+                        (l, r)
+                    } else {
+                        (r, l)
+                    };
+                    // The stack pops the last pushed: push the weaker child first.
+                    open.extend(second);
+                    open.extend(first);
                 }
             }
         }
