@@ -278,6 +278,26 @@ async fn the_dashboard_signs_in_draws_live_numbers_and_runs_sql_in_a_real_browse
             "chart {i} is blank: {drawn}"
         );
     }
+    // Routing scores: a row per node of the tenant that routing knows, from GraphQL `nodes`.
+    let known = live
+        .handles
+        .fleet
+        .snapshot()
+        .nodes()
+        .iter()
+        .filter(|n| n.tenant.to_string() == a)
+        .count();
+    assert!(known > 0, "routing knows the tenant's nodes");
+    let shown = browser
+        .wait_for(
+            &format!(
+                "!!document.querySelector('#scores table') && document.querySelector('#scores table').dataset.rows === '{known}'"
+            ),
+            "document.getElementById('scores').innerText",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(shown.as_str().unwrap().contains("routable"), "{shown}");
     let page_text = browser.eval("document.body.innerText").await;
     for host in &fleet.hosts {
         assert!(

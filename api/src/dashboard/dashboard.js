@@ -244,6 +244,39 @@ function barChart(canvas, bars, fixedMax) {
   });
 }
 
+// ---- routing scores (GraphQL nodes, polled) ----------------------------------------------
+
+const SCORES =
+  "{ nodes { nodeId score { cpu ram bw staticTotal pendingViewers eligible reason } } }";
+
+async function pollScores() {
+  if (!state.token) return;
+  try {
+    const response = await fetch("/graphql", {
+      method: "POST",
+      headers: { Authorization: "Bearer " + state.token, "Content-Type": "application/json" },
+      body: JSON.stringify({ query: SCORES }),
+    });
+    const body = await response.json();
+    const nodes = (body.data && body.data.nodes) || [];
+    const rows = nodes
+      .filter((n) => n.score)
+      .map((n) => ({
+        node: n.nodeId,
+        score: n.score.staticTotal,
+        cpu: n.score.cpu,
+        ram: n.score.ram,
+        bw: n.score.bw,
+        pending: n.score.pendingViewers,
+        routable: n.score.eligible ? "yes" : "no (" + n.score.reason + ")",
+      }))
+      .sort((a, b) => b.score - a.score);
+    $("scores").replaceChildren(table(rows));
+  } catch (error) {
+    $("scores").textContent = String(error);
+  }
+}
+
 // ---- SQL console -----------------------------------------------------------------------
 
 async function runSql() {
@@ -293,4 +326,5 @@ $("signin").addEventListener("click", () => signIn($("token").value));
 $("signout").addEventListener("click", signOut);
 $("run-sql").addEventListener("click", runSql);
 setInterval(tick, 1000);
+setInterval(pollScores, 2000);
 if (state.token) connect();
