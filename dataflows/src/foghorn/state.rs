@@ -10,8 +10,6 @@
 //!   order, each connect answering the oldest open decision before it. Each one adds the
 //!   node's estimate of a viewer's bandwidth to `add_bandwidth`.
 
-use std::collections::BTreeMap;
-
 use hashbrown::{HashMap, HashSet};
 use keel_operators::maintain::EpochState;
 use keel_operators::sym::Sym;
@@ -26,10 +24,12 @@ use super::{LoadInput, NodeLoad, PENDING_MS, viewer_bandwidth};
 struct NodeState {
     latest: Option<(Stamp, Uuid, NodeUpdate)>,
     /// Stream events newer than the latest update: stamp, viewers, inputs, ended.
-    presence: BTreeMap<Sym, (Stamp, u64, u64, bool)>,
+    presence: HashMap<Sym, (Stamp, u64, u64, bool), FxBuildHasher>,
     /// Decisions and connects within the pending window, per stream.
-    window: BTreeMap<Sym, Window>,
+    window: HashMap<Sym, Window, FxBuildHasher>,
     emitted: Option<NodeLoad>,
+    /// The update or the presence changed since the last close (not only the window).
+    figures_changed: bool,
 }
 
 impl NodeState {
@@ -97,16 +97,45 @@ impl NodeState {
             streams,
             connections: update.connections,
         };
+        (load.pending_viewers, load.add_bandwidth) = self.pending(&load);
+        Some(load)
+    }
+
+    /// Pending viewers and their bandwidth, with estimates from `figures`.
+    fn pending(&self, figures: &NodeLoad) -> (u64, u64) {
+        let (mut viewers, mut bandwidth) = (0u64, 0u64);
         for (stream, events) in &self.window {
             let open = events.pending();
             if open > 0 {
-                load.pending_viewers += open;
-                load.add_bandwidth = load
-                    .add_bandwidth
-                    .saturating_add(open.saturating_mul(viewer_bandwidth(&load, *stream)));
+                viewers += open;
+                bandwidth = bandwidth
+                    .saturating_add(open.saturating_mul(viewer_bandwidth(figures, *stream)));
             }
         }
-        Some(load)
+        (viewers, bandwidth)
+    }
+
+    /// The load to report now, if it changed. When only the window changed, the figures of
+    /// the last report are reused, so a viewer connecting costs no copy of the node's figures.
+    fn changed_load(&mut self) -> Option<NodeLoad> {
+        if !std::mem::take(&mut self.figures_changed)
+            && let Some(emitted) = &self.emitted
+        {
+            let pending = self.pending(emitted);
+            if pending == (emitted.pending_viewers, emitted.add_bandwidth) {
+                return None;
+            }
+            let mut load = emitted.clone();
+            (load.pending_viewers, load.add_bandwidth) = pending;
+            self.emitted = Some(load.clone());
+            return Some(load);
+        }
+        let load = self.load();
+        if load.is_some() && load != self.emitted {
+            self.emitted.clone_from(&load);
+            return load;
+        }
+        None
     }
 }
 
@@ -140,6 +169,7 @@ impl EpochState for FoghornState {
                 }
                 state.presence.retain(|_, p| p.0 > stamp);
                 state.latest = Some((stamp, tenant, update));
+                state.figures_changed = true;
             }
             LoadInput::Presence {
                 stream,
@@ -161,6 +191,7 @@ impl EpochState for FoghornState {
                 if stamp >= entry.0 {
                     *entry = (stamp, viewers, inputs, ended);
                 }
+                state.figures_changed = true;
             }
             LoadInput::Decision {
                 stream, time, id, ..
@@ -208,11 +239,7 @@ impl EpochState for FoghornState {
             if state.window.is_empty() {
                 self.windowed.remove(&node);
             }
-            let load = state.load();
-            if load.is_some() && load != state.emitted {
-                output.extend(load.clone());
-                state.emitted = load;
-            }
+            output.extend(state.changed_load());
         }
     }
 }
