@@ -344,19 +344,26 @@ impl Fleet {
         // Scores one node and keeps it if it is among the best `n`; returns the score a node
         // must reach from now on (once `n` are held).
         let mut consider = |entry: &Entry, top: &mut Vec<Candidate>| -> Option<u64> {
-            let node = &self.nodes[entry.index as usize];
             let worst = |top: &Vec<Candidate>| {
                 (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total))
             };
+            let geo = match (&client, &entry.trig) {
+                (Some(c), Some(t)) => geo_term(w.geo, c, t),
+                _ => 0,
+            };
+            // A node that cannot beat the candidates held even with the bonus and every
+            // positive adjustment is passed over before its figures are read.
+            if let Some(bar) = worst(top)
+                && entry.sum + geo + bonus_max + tag_max < bar
+            {
+                return Some(bar);
+            }
+            let node = &self.nodes[entry.index as usize];
             if let Err(reject) = check_request(node, request, cutoff) {
                 cut |= reject == Reject::Cutoff;
                 *furthest = (*furthest).max(Some(reject));
                 return worst(top);
             }
-            let geo = match (&client, &entry.trig) {
-                (Some(c), Some(t)) => geo_term(w.geo, c, t),
-                _ => 0,
-            };
             let bonus = match request.stream {
                 Some(s) if node.stream(s).is_some() => w.bonus,
                 _ => 0,
