@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keel::engine::{self, EngineOptions, Handles};
 use keel::foghorn::FoghornServer;
-use keel_api::foghorn_grpc::{RouteRequest, call_route};
+use keel_api::foghorn_grpc::{RouteRequest, RouteResponse, call_route};
 use keel_operators::time::format_rfc3339;
 use keel_sinks::hub::RowFilter;
 use keel_sources::memory::{MemorySender, MemorySource, OwnedRecord};
@@ -196,6 +196,19 @@ impl Fixture {
             .map(|v| v.to_str().unwrap().to_owned());
         let body = response.body_mut().read_to_string().unwrap();
         (status, location, body)
+    }
+
+    /// Calls gRPC `Route` on the fixture's gRPC port.
+    fn grpc(&self, request: RouteRequest) -> Result<RouteResponse, tonic::Status> {
+        let url = format!(
+            "http://{}",
+            self.server.as_ref().unwrap().grpc_address().unwrap()
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(call_route(&url, request))
     }
 
     fn get_json(&self, path: &str) -> (u16, Value) {
@@ -469,25 +482,14 @@ fn json_route_ranks_candidates_with_their_breakdown_and_grpc_agrees() {
         );
     }
 
-    let grpc = format!(
-        "http://{}",
-        f.server.as_ref().unwrap().grpc_address().unwrap()
-    );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let response = runtime
-        .block_on(call_route(
-            &grpc,
-            RouteRequest {
-                stream: "demo".into(),
-                latitude: Some(48.85),
-                longitude: Some(2.35),
-                n: 2,
-                ..RouteRequest::default()
-            },
-        ))
+    let response = f
+        .grpc(RouteRequest {
+            stream: "demo".into(),
+            latitude: Some(48.85),
+            longitude: Some(2.35),
+            n: 2,
+            ..RouteRequest::default()
+        })
         .unwrap();
     assert_eq!(response.candidates.len(), 2);
     assert_eq!(response.candidates[0].node_id, "edge-ams");
@@ -503,15 +505,12 @@ fn json_route_ranks_candidates_with_their_breakdown_and_grpc_agrees() {
         grpc_b.cpu,
         candidates[0]["breakdown"]["cpu"].as_u64().unwrap()
     );
-    let refused = runtime
-        .block_on(call_route(
-            &grpc,
-            RouteRequest {
-                latitude: Some(100.0),
-                longitude: Some(0.0),
-                ..RouteRequest::default()
-            },
-        ))
+    let refused = f
+        .grpc(RouteRequest {
+            latitude: Some(100.0),
+            longitude: Some(0.0),
+            ..RouteRequest::default()
+        })
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(
@@ -669,23 +668,12 @@ fn clients_without_coordinates_are_placed_by_geoip() {
     assert_eq!(body, "edge-ams.edge.example");
     let (_, json) = f.get_json("/v1/foghorn/route?stream=demo");
     assert!(json["client"].is_null(), "{json}");
-    let grpc = format!(
-        "http://{}",
-        f.server.as_ref().unwrap().grpc_address().unwrap()
-    );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let response = runtime
-        .block_on(call_route(
-            &grpc,
-            RouteRequest {
-                stream: "demo".into(),
-                client_ip: "203.0.113.200".into(),
-                ..RouteRequest::default()
-            },
-        ))
+    let response = f
+        .grpc(RouteRequest {
+            stream: "demo".into(),
+            client_ip: "203.0.113.200".into(),
+            ..RouteRequest::default()
+        })
         .unwrap();
     assert_eq!(response.candidates[0].node_id, "edge-tyo");
 

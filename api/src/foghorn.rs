@@ -260,15 +260,10 @@ impl Foghorn {
             score: chosen.map(|c| c.score.total.to_string()),
             node_latitude: chosen_place.map(|p| coarse(p.latitude)),
             node_longitude: chosen_place.map(|p| coarse(p.longitude)),
-            routing_distance_km: match (request.client, chosen_place) {
-                (Some(a), Some(b)) => Some(keel_sources::event::great_circle_km(
-                    a.latitude,
-                    a.longitude,
-                    b.latitude,
-                    b.longitude,
-                )),
-                _ => None,
-            },
+            routing_distance_km: request
+                .client
+                .zip(chosen_place)
+                .map(|(a, b)| a.distance_km(b)),
         };
         let tenant = tenant.to_string();
         let record = DecisionRecord {
@@ -833,15 +828,7 @@ fn set_weights(foghorn: &Foghorn, text: &str) -> Response {
 
 /// One candidate as the JSON and gRPC APIs show it.
 pub fn candidate_json(c: &keel_dataflows::foghorn::Candidate, client: Option<Place>) -> Value {
-    let distance = match (client, c.node.place()) {
-        (Some(a), Some(b)) => Some(keel_sources::event::great_circle_km(
-            a.latitude,
-            a.longitude,
-            b.latitude,
-            b.longitude,
-        )),
-        _ => None,
-    };
+    let distance = client.zip(c.node.place()).map(|(a, b)| a.distance_km(b));
     json!({
         "node_id": c.node.node.as_str(),
         "host": c.node.host_name(),

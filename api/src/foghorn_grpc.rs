@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 
 use keel_dataflows::foghorn::score::known;
 use keel_dataflows::foghorn::{Place, Purpose, Request, Routed, TagAdjust};
-use keel_operators::sym::Sym;
 use keel_sources::codec::internal_name;
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, UnaryService};
@@ -161,29 +160,12 @@ fn to_request(message: &RouteRequest) -> Result<Request, Status> {
             ));
         }
     };
-    let mut tags = Vec::with_capacity(message.tag_adjust.len());
-    for (key, &adjust) in &message.tag_adjust {
-        let (invert, list) = match key.strip_prefix('-') {
-            Some(rest) => (true, rest),
-            None => (false, key.as_str()),
-        };
-        let names: Vec<Sym> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(|t| known(&t.to_ascii_lowercase()))
-            .collect();
-        if names.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "tag adjustment {key:?} names no tag"
-            )));
-        }
-        tags.push(TagAdjust {
-            tags: names,
-            invert,
-            adjust,
-        });
-    }
+    let tags = message
+        .tag_adjust
+        .iter()
+        .map(|(key, &adjust)| TagAdjust::new(key, adjust))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Status::invalid_argument)?;
     Ok(Request {
         stream: (!stream.is_empty()).then(|| known(stream)),
         purpose,
@@ -212,15 +194,7 @@ fn to_response(routed: &Routed, client: Option<Place>) -> RouteResponse {
                     bonus: c.score.bonus,
                     tags: c.score.tags,
                 }),
-                distance_km: match (client, c.node.place()) {
-                    (Some(a), Some(b)) => Some(keel_sources::event::great_circle_km(
-                        a.latitude,
-                        a.longitude,
-                        b.latitude,
-                        b.longitude,
-                    )),
-                    _ => None,
-                },
+                distance_km: client.zip(c.node.place()).map(|(a, b)| a.distance_km(b)),
                 pending_viewers: c.node.pending_viewers,
                 add_bandwidth: c.node.add_bandwidth,
             })

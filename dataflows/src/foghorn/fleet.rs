@@ -146,13 +146,12 @@ fn rank(a: &Entry, b: &Entry) -> std::cmp::Ordering {
     b.sum.cmp(&a.sum).then(a.index.cmp(&b.index))
 }
 
-/// The parts derived from `entries`: the two walks and the furthest static reject.
-fn walks(entries: &[Result<Entry, Reject>]) -> (Vec<Entry>, Vec<Entry>, Option<Reject>) {
-    let mut order: Vec<Entry> = entries.iter().filter_map(|e| e.ok()).collect();
-    order.sort_by(rank);
+/// What follows from the ranking and the entries: the walk for nodes without a place, and the
+/// furthest reject of nodes no request can have.
+fn rest_of(order: &[Entry], entries: &[Result<Entry, Reject>]) -> (Vec<Entry>, Option<Reject>) {
     let placeless = order.iter().filter(|e| e.trig.is_none()).copied().collect();
     let furthest = entries.iter().filter_map(|e| e.err()).max();
-    (order, placeless, furthest)
+    (placeless, furthest)
 }
 
 impl Fleet {
@@ -177,7 +176,9 @@ impl Fleet {
         let tree = Tree::build(&placed, nodes.len(), |i| {
             entries[i as usize].as_ref().ok().map(|e| e.sum)
         });
-        let (order, placeless, static_furthest) = walks(&entries);
+        let mut order: Vec<Entry> = entries.iter().filter_map(|e| e.ok()).collect();
+        order.sort_by(rank);
+        let (placeless, static_furthest) = rest_of(&order, &entries);
         Fleet {
             built: Instant::now(),
             policy,
@@ -240,16 +241,7 @@ impl Fleet {
                 .filter_map(|&i| entries[i as usize].as_ref().ok().copied()),
         );
         order.sort_by(rank);
-        let placeless = if self.placeless.is_empty() && order.iter().all(|e| e.trig.is_some()) {
-            Vec::new()
-        } else {
-            order.iter().filter(|e| e.trig.is_none()).copied().collect()
-        };
-        let static_furthest = entries
-            .iter()
-            .filter_map(|e| e.as_ref().err())
-            .max()
-            .copied();
+        let (placeless, static_furthest) = rest_of(&order, &entries);
         Some(Fleet {
             built: Instant::now(),
             policy: self.policy,

@@ -127,18 +127,12 @@ pub struct TagAdjust {
     pub adjust: i64,
 }
 
-/// Reads the platform's tag-adjust JSON, `{"tag1,tag2": 100, "-tag3": -50}`.
-pub fn parse_tag_adjust(text: &str) -> Result<Vec<TagAdjust>, String> {
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-        .map_err(|e| format!("tag adjustments must be a JSON object of numbers: {e}"))?;
-    let mut adjustments = Vec::with_capacity(map.len());
-    for (key, value) in map {
-        let adjust = value
-            .as_i64()
-            .ok_or_else(|| format!("tag adjustment {key:?}: {value} is not an integer"))?;
+impl TagAdjust {
+    /// One adjustment from its key (`"tag1,tag2"`, or `"-tag"` for nodes without it).
+    pub fn new(key: &str, adjust: i64) -> Result<TagAdjust, String> {
         let (invert, list) = match key.strip_prefix('-') {
             Some(rest) => (true, rest),
-            None => (false, key.as_str()),
+            None => (false, key),
         };
         let tags: Vec<Sym> = list
             .split(',')
@@ -149,11 +143,24 @@ pub fn parse_tag_adjust(text: &str) -> Result<Vec<TagAdjust>, String> {
         if tags.is_empty() {
             return Err(format!("tag adjustment {key:?} names no tag"));
         }
-        adjustments.push(TagAdjust {
+        Ok(TagAdjust {
             tags,
             invert,
             adjust,
-        });
+        })
+    }
+}
+
+/// Reads the platform's tag-adjust JSON, `{"tag1,tag2": 100, "-tag3": -50}`.
+pub fn parse_tag_adjust(text: &str) -> Result<Vec<TagAdjust>, String> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| format!("tag adjustments must be a JSON object of numbers: {e}"))?;
+    let mut adjustments = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let adjust = value
+            .as_i64()
+            .ok_or_else(|| format!("tag adjustment {key:?}: {value} is not an integer"))?;
+        adjustments.push(TagAdjust::new(&key, adjust)?);
     }
     Ok(adjustments)
 }
@@ -168,6 +175,16 @@ pub struct Place {
 }
 
 impl Place {
+    /// Great-circle distance to `other` in km (as the platform's analytics compute it).
+    pub fn distance_km(self, other: Place) -> f64 {
+        keel_sources::event::great_circle_km(
+            self.latitude,
+            self.longitude,
+            other.latitude,
+            other.longitude,
+        )
+    }
+
     /// Checks the range: latitude within ±90, longitude within ±180, both finite.
     pub fn new(latitude: f64, longitude: f64) -> Result<Place, String> {
         if !(latitude.is_finite() && (-90.0..=90.0).contains(&latitude)) {

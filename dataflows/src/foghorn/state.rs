@@ -155,6 +155,7 @@ impl EpochState for FoghornState {
 
     fn apply(&mut self, input: LoadInput) {
         let node = input.node();
+        let decision = matches!(input, LoadInput::Decision { .. });
         let state = self.nodes.entry(node).or_default();
         match input {
             LoadInput::Node {
@@ -195,22 +196,15 @@ impl EpochState for FoghornState {
             }
             LoadInput::Decision {
                 stream, time, id, ..
-            } => {
-                state
-                    .window
-                    .entry(stream)
-                    .or_default()
-                    .insert((time, id), true);
-                self.windowed.insert(node);
             }
-            LoadInput::Connect {
+            | LoadInput::Connect {
                 stream, time, id, ..
             } => {
                 state
                     .window
                     .entry(stream)
                     .or_default()
-                    .insert((time, id), false);
+                    .insert((time, id), decision);
                 self.windowed.insert(node);
             }
         }
