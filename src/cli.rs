@@ -32,13 +32,141 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the engine and print a live summary until Ctrl-C (default source: the simulator).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write simulated events to an NDJSON file (as `kcat -J` prints them) or a Kafka topic.
     Simulate(SimulateArgs),
     /// Replay events through the dataflows, then answer one SQL query over the tables.
     Sql(SqlArgs),
     /// Print the GraphQL schema (SDL) that `/graphql` serves.
     GraphqlSchema,
+    /// Serve the Decklog gRPC ingest, handing accepted events to Kafka.
+    Decklog(DecklogArgs),
+    /// Serve the Helmsman adapter: MistServer trigger webhooks in, to Decklog, nothing lost.
+    Helmsman(HelmsmanArgs),
+    /// Drive Decklog (or the adapter, or Kafka itself) with generated viewer events and report
+    /// acknowledged events/s and ack latency.
+    Loadgen(LoadgenArgs),
+}
+
+/// TLS for Decklog.
+#[derive(Clone, Debug, Args)]
+struct DecklogTlsArgs {
+    /// Decklog's certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Decklog's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve Decklog without TLS (development only: tokens cross the network in the clear).
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+impl DecklogTlsArgs {
+    fn tls(&self) -> anyhow::Result<Option<keel_edge::decklog::Tls>> {
+        crate::edge::tls_choice(
+            self.tls_cert.as_ref(),
+            self.tls_key.as_ref(),
+            self.insecure_plaintext,
+        )
+    }
+}
+
+#[derive(Debug, Args)]
+struct DecklogArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:18006")]
+    listen: String,
+    /// Where accepted events go: `kafka://HOST:PORT/TOPIC`.
+    #[arg(long)]
+    kafka: String,
+    /// Seconds Kafka has to acknowledge an event before the producer is told to retry.
+    #[arg(long, default_value_t = 10.0)]
+    kafka_timeout: f64,
+    /// Shared secret for bearer JWTs (HS256).
+    #[arg(long, env = "KEEL_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// A TOML file whose `[[api.tokens]]` are the service tokens (admin = a platform service
+    /// naming each event's tenant; otherwise the token's tenant).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    tls: DecklogTlsArgs,
+}
+
+#[derive(Debug, Args)]
+struct HelmsmanArgs {
+    /// Address MistServer posts trigger webhooks to.
+    #[arg(long, default_value = "127.0.0.1:18007")]
+    listen: String,
+    /// Decklog's URL (`https://…` for TLS).
+    #[arg(long, default_value = "http://127.0.0.1:18006")]
+    decklog: String,
+    /// Bearer token for Decklog.
+    #[arg(long, env = "KEEL_DECKLOG_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Certificate authority to trust for an `https` Decklog (PEM).
+    #[arg(long)]
+    decklog_ca: Option<PathBuf>,
+    /// This node's id, stamped on every trigger.
+    #[arg(long)]
+    node_id: String,
+    /// The tenant of this node's triggers (needed when the token is a platform token).
+    #[arg(long)]
+    tenant: Option<uuid::Uuid>,
+    /// The write-ahead log directory (kept across restarts: what is in it is forwarded first).
+    #[arg(long, default_value = "keel-helmsman-wal")]
+    wal: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[group(id = "target", required = true, multiple = false)]
+struct LoadgenTarget {
+    /// Decklog's URL.
+    #[arg(long, group = "target")]
+    decklog: Option<String>,
+    /// The Helmsman adapter's URL (Mist webhooks, one per event).
+    #[arg(long, group = "target")]
+    webhook: Option<String>,
+    /// `kafka://HOST:PORT/TOPIC`: the same records straight to the broker, with Decklog's
+    /// producer settings (the ceiling for Decklog's rate).
+    #[arg(long, group = "target")]
+    kafka: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct LoadgenArgs {
+    #[command(flatten)]
+    target: LoadgenTarget,
+    /// Bearer token for Decklog.
+    #[arg(
+        long,
+        env = "KEEL_DECKLOG_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    token: String,
+    /// Certificate authority for an `https` Decklog (PEM).
+    #[arg(long)]
+    decklog_ca: Option<PathBuf>,
+    /// Events in all.
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Events per second in all; 0 sends as fast as they are acknowledged.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Events per call (1 uses `SendEvent`, more the `SendEvents` stream).
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Tenant named in every event.
+    #[arg(long, default_value = "5eed517e-ba5e-da7a-517e-ba5eda7a0001")]
+    tenant: uuid::Uuid,
+    /// Seed of the event ids (the same seed sends the same events again).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 /// Which wire version the simulator writes.
@@ -181,6 +309,25 @@ struct RunArgs {
     /// A TOML file with API settings and static tokens (see the README).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve the Decklog gRPC ingest here (off by default); accepted events go into this
+    /// engine, or to the topic of a `kafka://` source.
+    #[arg(long)]
+    decklog_listen: Option<String>,
+    #[command(flatten)]
+    decklog_tls: DecklogTlsArgs,
+    /// Serve the Helmsman adapter (MistServer trigger webhooks) here, forwarding to this run's
+    /// Decklog (needs --decklog-listen).
+    #[arg(long, requires = "decklog_listen")]
+    helmsman_listen: Option<String>,
+    /// The adapter's write-ahead log directory.
+    #[arg(long, default_value = "keel-helmsman-wal")]
+    helmsman_wal: PathBuf,
+    /// The node id the adapter stamps on triggers.
+    #[arg(long, default_value = "keel-local")]
+    helmsman_node: String,
+    /// The tenant of the adapter's triggers (default: the first simulated tenant).
+    #[arg(long)]
+    helmsman_tenant: Option<uuid::Uuid>,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -385,6 +532,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             &handles,
         )?)
     };
+    let edge = start_edge(args, &auth, &handles, &fleet_tenants)?;
     let shutdown = handles.shutdown.clone();
     ctrlc::set_handler(move || {
         if shutdown.swap(true, Ordering::SeqCst) {
@@ -409,6 +557,25 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 foghorn.address()
             ),
             None => eprintln!("keel: Foghorn routing on http://{}", foghorn.address()),
+        }
+    }
+    if let Some(edge) = &edge {
+        if let Some(address) = edge.decklog_address() {
+            eprintln!(
+                "keel: Decklog on {}://{address}, events to {}",
+                if args.decklog_tls.insecure_plaintext {
+                    "http"
+                } else {
+                    "https"
+                },
+                edge.handoff().map_or_else(String::new, |h| h.describe())
+            );
+        }
+        if let Some(address) = edge.helmsman_address() {
+            eprintln!(
+                "keel: Helmsman adapter on http://{address} (trigger log in {})",
+                args.helmsman_wal.display()
+            );
         }
     }
     if generated {
@@ -453,6 +620,73 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             .join("| ")
     );
     Ok(())
+}
+
+/// Starts Decklog (and the adapter) for `keel run`, when asked for.
+fn start_edge(
+    args: &RunArgs,
+    auth: &keel_api::auth::Auth,
+    handles: &Handles,
+    fleet_tenants: &[String],
+) -> anyhow::Result<Option<crate::edge::EdgeServer>> {
+    let Some(listen) = &args.decklog_listen else {
+        return Ok(None);
+    };
+    let tls = args.decklog_tls.tls()?;
+    let handoff = if args.source.starts_with("kafka://") {
+        let address = KafkaAddress::parse(&args.source)?;
+        keel_edge::handoff::Handoff::kafka(
+            &address.brokers,
+            &address.topic,
+            Duration::from_secs(10),
+        )
+        .map_err(anyhow::Error::msg)?
+    } else {
+        keel_edge::handoff::Handoff::engine(handles.injector.clone())
+    };
+    let helmsman = match &args.helmsman_listen {
+        None => None,
+        Some(helmsman_listen) => {
+            // The adapter talks to this run's Decklog with an internal platform token.
+            let token = auth
+                .issue(&keel_api::auth::Claims::admin(
+                    "helmsman-adapter",
+                    wall_clock_ms() / 1000 + 10 * 365 * 24 * 3600,
+                ))
+                .context("the adapter needs a JWT secret to call Decklog")?;
+            let ca_pem = args
+                .decklog_tls
+                .tls_cert
+                .as_ref()
+                .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+                .transpose()?;
+            let tenant = args
+                .helmsman_tenant
+                .map(|t| t.to_string())
+                .or_else(|| fleet_tenants.first().cloned());
+            Some(crate::edge::HelmsmanSettings {
+                listen: helmsman_listen.clone(),
+                adapter: keel_edge::helmsman::AdapterConfig {
+                    node_id: args.helmsman_node.clone(),
+                    tenant_id: tenant,
+                    decklog_url: String::new(),
+                    token,
+                    ca_pem,
+                    wal_dir: args.helmsman_wal.clone(),
+                },
+            })
+        }
+    };
+    crate::edge::EdgeServer::start(
+        Some(crate::edge::DecklogSettings {
+            listen: listen.clone(),
+            tls,
+            handoff,
+            auth: auth.clone(),
+        }),
+        helmsman,
+    )
+    .map(Some)
 }
 
 fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
@@ -582,6 +816,144 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {
+    let tls = args.tls.tls()?;
+    let settings = match &args.config {
+        Some(path) => crate::config::Config::load(path)?,
+        None => crate::config::Config::default(),
+    };
+    let secret = args.jwt_secret.clone().or(settings.api.jwt_secret.clone());
+    anyhow::ensure!(
+        secret.is_some() || !settings.api.tokens.is_empty(),
+        "Decklog needs credentials to check: --jwt-secret, or [[api.tokens]] in --config"
+    );
+    let auth = keel_api::auth::Auth::new(secret, settings.api.tokens)
+        .map_err(|problems| anyhow::anyhow!("settings: {problems}"))?;
+    let address = KafkaAddress::parse(&args.kafka)?;
+    let handoff = keel_edge::handoff::Handoff::kafka(
+        &address.brokers,
+        &address.topic,
+        Duration::from_secs_f64(args.kafka_timeout.max(1.0)),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let plaintext = tls.is_none();
+    let server = crate::edge::EdgeServer::start(
+        Some(crate::edge::DecklogSettings {
+            listen: args.listen.clone(),
+            tls,
+            handoff,
+            auth,
+        }),
+        None,
+    )?;
+    if let Some(address) = server.decklog_address() {
+        eprintln!(
+            "keel: Decklog on {}://{address}, events to {} (topic {})",
+            if plaintext { "http" } else { "https" },
+            address_brokers(&args.kafka),
+            KafkaAddress::parse(&args.kafka)?.topic
+        );
+    }
+    server.wait();
+    Ok(())
+}
+
+fn address_brokers(url: &str) -> String {
+    KafkaAddress::parse(url).map_or_else(|_| url.to_owned(), |a| a.brokers)
+}
+
+fn helmsman(args: &HelmsmanArgs) -> anyhow::Result<()> {
+    let ca_pem = args
+        .decklog_ca
+        .as_ref()
+        .map(|path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display())))
+        .transpose()?;
+    let server = crate::edge::EdgeServer::start(
+        None,
+        Some(crate::edge::HelmsmanSettings {
+            listen: args.listen.clone(),
+            adapter: keel_edge::helmsman::AdapterConfig {
+                node_id: args.node_id.clone(),
+                tenant_id: args.tenant.map(|t| t.to_string()),
+                decklog_url: args.decklog.clone(),
+                token: args.token.clone(),
+                ca_pem,
+                wal_dir: args.wal.clone(),
+            },
+        }),
+    )?;
+    if let (Some(address), Some(adapter)) = (server.helmsman_address(), server.adapter()) {
+        eprintln!(
+            "keel: Helmsman adapter on http://{address}, forwarding to {} ({} waiting in {})",
+            args.decklog,
+            adapter.pending_count(),
+            args.wal.display()
+        );
+    }
+    server.wait();
+    Ok(())
+}
+
+fn loadgen(args: &LoadgenArgs) -> anyhow::Result<()> {
+    let target = match (
+        &args.target.decklog,
+        &args.target.webhook,
+        &args.target.kafka,
+    ) {
+        (Some(url), _, _) => crate::loadgen::Target::Decklog {
+            url: url.clone(),
+            token: args.token.clone(),
+            ca_pem: args
+                .decklog_ca
+                .as_ref()
+                .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+                .transpose()?,
+        },
+        (_, Some(url), _) => crate::loadgen::Target::Webhook(url.trim_end_matches('/').to_owned()),
+        (_, _, Some(url)) => {
+            let address = KafkaAddress::parse(url)?;
+            crate::loadgen::Target::Kafka {
+                brokers: address.brokers,
+                topic: address.topic,
+            }
+        }
+        _ => bail!("say where the load goes: --decklog URL, --webhook URL or --kafka URL"),
+    };
+    let load = crate::loadgen::Load {
+        events: args.events,
+        rate: args.rate,
+        batch: args.batch,
+        connections: args.connections,
+        tenant: args.tenant,
+        seed: args.seed,
+    };
+    let started = Instant::now();
+    let report = crate::loadgen::run(&target, &load, |done| {
+        eprintln!(
+            "loadgen: {} / {} acknowledged ({} /s)",
+            group(done),
+            group(args.events),
+            group((done as f64 / started.elapsed().as_secs_f64().max(1e-9)) as u64)
+        );
+    })?;
+    println!(
+        "loadgen: {} events acknowledged in {:.2} s: {} events/s; ack latency per call of {} p50 {:.2} ms, p99 {:.2} ms; {} refused",
+        group(report.acknowledged),
+        report.elapsed.as_secs_f64(),
+        group(report.rate() as u64),
+        args.batch,
+        report.percentile(50.0).as_secs_f64() * 1e3,
+        report.percentile(99.0).as_secs_f64() * 1e3,
+        group(report.rejected)
+    );
+    anyhow::ensure!(
+        report.rejected == 0,
+        "{} events were refused",
+        report.rejected
+    );
+    Ok(())
+}
+
 /// Entry point of the `keel` binary.
 pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -600,6 +972,9 @@ pub fn main() -> ExitCode {
             print!("{}", keel_api::graphql::sdl());
             Ok(())
         }
+        Command::Decklog(args) => decklog(&args),
+        Command::Helmsman(args) => helmsman(&args),
+        Command::Loadgen(args) => loadgen(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

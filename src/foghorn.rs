@@ -20,7 +20,8 @@ pub struct FoghornServer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn bind(address: &str, what: &str) -> anyhow::Result<std::net::TcpListener> {
+/// Binds `address` for a server of its own runtime, saying `what` it was for when it cannot.
+pub(crate) fn bind(address: &str, what: &str) -> anyhow::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(address)
         .with_context(|| format!("cannot listen on {address} ({what})"))?;
     listener.set_nonblocking(true)?;

@@ -15,8 +15,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod engine;
 pub mod foghorn;
+pub mod loadgen;
 pub mod serve;
 pub mod summary;
 

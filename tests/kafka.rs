@@ -5,68 +5,17 @@
 
 mod common;
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{counts, replay, replay_file, write_values};
+use common::{broker, counts, fresh_topic, replay, replay_file, write_values};
 use keel::engine::{self, EngineOptions, Handles};
 use keel_sources::kafka::{KafkaAddress, KafkaMode, KafkaSource, KafkaWriter};
 use keel_sources::simulate::{SimConfig, Simulator, headers};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-
-fn broker() -> String {
-    let address = std::env::var("KEEL_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".to_owned());
-    let reachable = address
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
-    assert!(
-        reachable,
-        "no Kafka-protocol broker at {address}: run the tests with `scripts/test` (which starts one), \
-         or start tansu with `eval \"$(scripts/test-servers.sh start)\"`"
-    );
-    address
-}
-
-fn fresh_topic(brokers: &str, name: &str, partitions: i32) -> String {
-    let topic = format!(
-        "{name}_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_micros()
-    );
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let results = runtime
-        .block_on(admin.create_topics(
-            &[NewTopic::new(
-                &topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        ))
-        .unwrap();
-    for result in results {
-        result.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
-    }
-    topic
-}
 
 /// Produces `n` simulated records to `topic` and returns their values.
 fn produce(brokers: &str, topic: &str, config: SimConfig, n: usize) -> Vec<Vec<u8>> {

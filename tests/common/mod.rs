@@ -11,6 +11,11 @@ use keel_sinks::live::LiveTables;
 use keel_sources::file::FileSource;
 use keel_sources::simulate::{SimConfig, Simulator, write_kcat_line};
 use keel_sources::source::Source;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
 
 /// Every table as sorted JSON lines (explicit nulls), by table name.
 pub type Tables = BTreeMap<String, Vec<String>>;
@@ -94,4 +99,55 @@ pub fn write_values(path: &Path, values: &[Vec<u8>]) {
 /// Row counts per table, for messages.
 pub fn counts(tables: &Tables) -> BTreeMap<&str, usize> {
     tables.iter().map(|(k, v)| (k.as_str(), v.len())).collect()
+}
+
+/// The test broker's address (`KEEL_TEST_KAFKA`, default `127.0.0.1:19092`); a missing broker
+/// fails the test with instructions.
+pub fn broker() -> String {
+    let address = std::env::var("KEEL_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".to_owned());
+    let reachable = address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    assert!(
+        reachable,
+        "no Kafka-protocol broker at {address}: run the tests with `scripts/test` (which starts one), \
+         or start tansu with `eval \"$(scripts/test-servers.sh start)\"`"
+    );
+    address
+}
+
+/// A new topic with `partitions` partitions, named after `name`, this process and the time.
+pub fn fresh_topic(brokers: &str, name: &str, partitions: i32) -> String {
+    let topic = format!(
+        "{name}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    );
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = runtime
+        .block_on(admin.create_topics(
+            &[NewTopic::new(
+                &topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))
+        .unwrap();
+    for result in results {
+        result.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
+    }
+    topic
 }

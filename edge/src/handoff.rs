@@ -1,0 +1,266 @@
+//! Where accepted events go: Kafka (acknowledged only once the broker has them, through an
+//! idempotent producer with `acks=all`) or, in the embedded mode, straight into the engine's
+//! input. A bounded memory of recently delivered event ids makes a retried send of an event
+//! already handed off a no-op, so a producer that retries after a lost answer does not write it
+//! twice.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use keel_sources::memory::{Injector, OwnedRecord};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::envelope::Outgoing;
+
+/// Why a hand-off failed. Always external and worth retrying: the event itself was fine.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HandoffError(pub String);
+
+/// How one event of a delivery ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Written now.
+    New,
+    /// Already written by an earlier send; not written again.
+    Duplicate,
+}
+
+/// Counters for `/metrics` and the load generator.
+#[derive(Debug, Default)]
+pub struct HandoffStats {
+    /// Events written.
+    pub delivered: AtomicU64,
+    /// Events recognised as already written.
+    pub duplicates: AtomicU64,
+    /// Events whose hand-off failed (the producer was told to retry).
+    pub failed: AtomicU64,
+}
+
+/// How many delivered event ids are remembered for recognising retries.
+pub const REMEMBERED_IDS: usize = 1 << 20;
+
+enum Target {
+    Kafka {
+        producer: FutureProducer,
+        topic: String,
+    },
+    Engine(Injector),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Kafka { topic, .. } => write!(f, "Kafka topic {topic}"),
+            Target::Engine(_) => write!(f, "the embedded engine"),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Remembered {
+    ids: HashSet<Uuid>,
+    order: VecDeque<Uuid>,
+    /// Events being handed off now; the flag turns true when that attempt has ended.
+    in_flight: HashMap<Uuid, watch::Receiver<bool>>,
+}
+
+impl Remembered {
+    fn insert(&mut self, id: Uuid) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > REMEMBERED_IDS
+                && let Some(old) = self.order.pop_front()
+            {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
+/// The hand-off: cheap to clone, shared by every connection.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    target: Arc<Target>,
+    remembered: Arc<Mutex<Remembered>>,
+    /// Its counters.
+    pub stats: Arc<HandoffStats>,
+}
+
+impl Handoff {
+    fn with(target: Target) -> Self {
+        Handoff {
+            target: Arc::new(target),
+            remembered: Arc::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Hands off to `topic` on `brokers`; a send not acknowledged within `timeout` fails (and is
+    /// retried by the producer of the event).
+    pub fn kafka(brokers: &str, topic: &str, timeout: Duration) -> Result<Self, String> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("client.id", "keel-decklog")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("batch.size", "1000000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("message.timeout.ms", timeout.as_millis().to_string())
+            .create()
+            .map_err(|e| format!("cannot create a Kafka producer for {brokers}: {e}"))?;
+        Ok(Self::with(Target::Kafka {
+            producer,
+            topic: topic.to_owned(),
+        }))
+    }
+
+    /// Hands off into the embedded engine's input.
+    pub fn engine(injector: Injector) -> Self {
+        Self::with(Target::Engine(injector))
+    }
+
+    /// Where events go, for logs.
+    pub fn describe(&self) -> String {
+        format!("{:?}", self.target)
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Delivers `records`, answering for each in order once it is durable (or known to be).
+    ///
+    /// The hand-off itself runs as a task of its own: if the caller goes away mid-way (a
+    /// producer killed during its call), the attempt still finishes and is remembered, so the
+    /// producer's retry is recognised instead of written twice. A retry arriving while the
+    /// first attempt is still out waits for its outcome.
+    pub async fn deliver(&self, records: Vec<Outgoing>) -> Vec<Result<Delivered, HandoffError>> {
+        let mut results: Vec<Option<Result<Delivered, HandoffError>>> = vec![None; records.len()];
+        let mut waiting: Vec<(usize, Outgoing)> = records.into_iter().enumerate().collect();
+        while !waiting.is_empty() {
+            let mut fresh = Vec::new();
+            let mut blocked = Vec::new();
+            let mut watchers = Vec::new();
+            let (done, _) = watch::channel(false);
+            {
+                let mut remembered = self.remembered();
+                for (i, record) in waiting.drain(..) {
+                    if remembered.ids.contains(&record.event_id) {
+                        results[i] = Some(Ok(Delivered::Duplicate));
+                    } else if let Some(watcher) = remembered.in_flight.get(&record.event_id) {
+                        watchers.push(watcher.clone());
+                        blocked.push((i, record));
+                    } else {
+                        remembered
+                            .in_flight
+                            .insert(record.event_id, done.subscribe());
+                        fresh.push((i, record));
+                    }
+                }
+            }
+            if !fresh.is_empty() {
+                let this = self.clone();
+                let task = tokio::spawn(async move {
+                    let (indices, records): (Vec<usize>, Vec<Outgoing>) = fresh.into_iter().unzip();
+                    let outcomes = this.hand_off(&records).await;
+                    {
+                        let mut remembered = this.remembered();
+                        for (record, outcome) in records.iter().zip(&outcomes) {
+                            remembered.in_flight.remove(&record.event_id);
+                            if outcome.is_ok() {
+                                remembered.insert(record.event_id);
+                            }
+                        }
+                    }
+                    let _ = done.send(true);
+                    indices.into_iter().zip(outcomes).collect::<Vec<_>>()
+                });
+                match task.await {
+                    Ok(outcomes) => {
+                        for (i, outcome) in outcomes {
+                            results[i] = Some(outcome.map(|()| Delivered::New));
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "a hand-off task failed"),
+                }
+            }
+            for mut watcher in watchers {
+                let _ = watcher.wait_for(|ended| *ended).await;
+            }
+            // Look again: each blocked event is now remembered (a duplicate) or free to try.
+            waiting = blocked;
+        }
+        let results: Vec<_> = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(HandoffError("not delivered".to_owned()))))
+            .collect();
+        for result in &results {
+            let counter = match result {
+                Ok(Delivered::New) => &self.stats.delivered,
+                Ok(Delivered::Duplicate) => &self.stats.duplicates,
+                Err(_) => &self.stats.failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        results
+    }
+
+    async fn hand_off(&self, records: &[Outgoing]) -> Vec<Result<(), HandoffError>> {
+        match &*self.target {
+            Target::Kafka { producer, topic } => {
+                join_all(records.iter().map(|record| send(producer, topic, record))).await
+            }
+            Target::Engine(injector) => records
+                .iter()
+                .map(|record| {
+                    let pushed = injector.push(OwnedRecord {
+                        value: record.value.clone(),
+                        headers: record.headers.clone(),
+                    });
+                    if pushed {
+                        Ok(())
+                    } else {
+                        Err(HandoffError(
+                            "the engine's input is full; send again shortly".to_owned(),
+                        ))
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    record: &Outgoing,
+) -> Result<(), HandoffError> {
+    let key = record.event_id.to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (name, value) in &record.headers {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let message = FutureRecord::to(topic)
+        .key(&key)
+        .payload(&record.value)
+        .headers(headers);
+    producer
+        .send(message, Duration::from_secs(5))
+        .await
+        .map(drop)
+        .map_err(|(error, _)| HandoffError(format!("Kafka did not take the event: {error}")))
+}

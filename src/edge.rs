@@ -1,0 +1,232 @@
+//! Running the edge beside (or without) the engine: the Decklog gRPC ingest and the Helmsman
+//! adapter, on a runtime of their own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use keel_api::auth::{Auth, Scope};
+use keel_edge::decklog::{Authenticate, Decklog, Tls};
+use keel_edge::envelope::Caller;
+use keel_edge::handoff::Handoff;
+use keel_edge::helmsman::{Adapter, AdapterConfig};
+use tokio::sync::oneshot;
+
+use crate::foghorn::bind;
+
+/// The API's tokens and JWTs, as Decklog's credentials: an admin is a platform service acting
+/// for every tenant; anyone else sends for its own tenant only.
+#[derive(Clone, Debug)]
+pub struct EdgeAuth(pub Auth);
+
+impl Authenticate for EdgeAuth {
+    fn caller(&self, token: &str) -> Result<Caller, String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        match self.0.authenticate(token, now) {
+            Ok(principal) => Ok(match principal.scope {
+                Scope::All => Caller::Platform,
+                Scope::Tenant(tenant) => Caller::Tenant(tenant),
+            }),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
+/// How Decklog is served.
+#[derive(Debug)]
+pub struct DecklogSettings {
+    /// Address to listen on.
+    pub listen: String,
+    /// TLS material; `None` serves plaintext (only with the explicit development flag).
+    pub tls: Option<Tls>,
+    /// Where accepted events go.
+    pub handoff: Handoff,
+    /// Who may send.
+    pub auth: Auth,
+}
+
+/// How the Helmsman adapter is served.
+#[derive(Debug)]
+pub struct HelmsmanSettings {
+    /// Address Mist posts webhooks to.
+    pub listen: String,
+    /// The adapter's settings (log directory, Decklog address, token); an empty Decklog URL
+    /// means the Decklog started alongside.
+    pub adapter: AdapterConfig,
+}
+
+/// The running edge.
+#[derive(Debug)]
+pub struct EdgeServer {
+    decklog: Option<SocketAddr>,
+    helmsman: Option<SocketAddr>,
+    handoff: Option<Handoff>,
+    adapter: Option<Adapter>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The TLS material named by `--tls-cert`/`--tls-key`, or plaintext when `plaintext` says so;
+/// anything else is an error saying what to pass.
+pub fn tls_choice(
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    plaintext: bool,
+) -> anyhow::Result<Option<Tls>> {
+    match (cert, key, plaintext) {
+        (Some(cert), Some(key), false) => Ok(Some(
+            Tls::from_files(cert, key).map_err(anyhow::Error::msg)?,
+        )),
+        (None, None, true) => Ok(None),
+        (Some(_), Some(_), true) => {
+            anyhow::bail!("--insecure-plaintext and --tls-cert/--tls-key contradict each other")
+        }
+        (None, None, false) => anyhow::bail!(
+            "Decklog needs --tls-cert FILE --tls-key FILE, or --insecure-plaintext for development"
+        ),
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    }
+}
+
+impl EdgeServer {
+    /// Binds what is asked for, failing at once if an address cannot be had, and serves it.
+    pub fn start(
+        decklog: Option<DecklogSettings>,
+        helmsman: Option<HelmsmanSettings>,
+    ) -> anyhow::Result<Self> {
+        let decklog_listener = decklog
+            .as_ref()
+            .map(|d| bind(&d.listen, "Decklog gRPC"))
+            .transpose()?;
+        let helmsman_listener = helmsman
+            .as_ref()
+            .map(|h| bind(&h.listen, "Helmsman webhooks"))
+            .transpose()?;
+        let decklog_url = decklog
+            .as_ref()
+            .zip(decklog_listener.as_ref())
+            .map(|(d, l)| {
+                let port = l.local_addr().map_or(0, |a| a.port());
+                match d.tls {
+                    Some(_) => format!("https://localhost:{port}"),
+                    None => format!("http://127.0.0.1:{port}"),
+                }
+            });
+        let adapter = helmsman
+            .map(|mut h| {
+                if h.adapter.decklog_url.is_empty() {
+                    h.adapter.decklog_url = decklog_url.clone().unwrap_or_default();
+                }
+                let dir = h.adapter.wal_dir.clone();
+                Adapter::open(h.adapter)
+                    .with_context(|| format!("cannot open the trigger log in {}", dir.display()))
+            })
+            .transpose()?;
+        let decklog_address = decklog_listener
+            .as_ref()
+            .map(std::net::TcpListener::local_addr)
+            .transpose()?;
+        let helmsman_address = helmsman_listener
+            .as_ref()
+            .map(std::net::TcpListener::local_addr)
+            .transpose()?;
+        let handoff = decklog.as_ref().map(|d| d.handoff.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("keel-edge")
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served_adapter = adapter.clone();
+        let thread = std::thread::Builder::new()
+            .name("keel-edge".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    if let (Some(settings), Some(listener)) = (decklog, decklog_listener) {
+                        let service = Decklog::new(
+                            settings.handoff,
+                            std::sync::Arc::new(EdgeAuth(settings.auth)),
+                        );
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                tokio::spawn(async move {
+                                    if let Err(error) =
+                                        keel_edge::decklog::serve(listener, service, settings.tls)
+                                            .await
+                                    {
+                                        tracing::error!(%error, "Decklog stopped");
+                                    }
+                                });
+                            }
+                            Err(error) => tracing::error!(%error, "Decklog cannot use its socket"),
+                        }
+                    }
+                    if let (Some(adapter), Some(listener)) = (served_adapter, helmsman_listener) {
+                        tokio::spawn(adapter.clone().forward());
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                let router = adapter.router();
+                                tokio::spawn(async move {
+                                    if let Err(error) = axum::serve(listener, router).await {
+                                        tracing::error!(%error, "Helmsman adapter stopped");
+                                    }
+                                });
+                            }
+                            Err(error) => {
+                                tracing::error!(%error, "the Helmsman adapter cannot use its socket");
+                            }
+                        }
+                    }
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(EdgeServer {
+            decklog: decklog_address,
+            helmsman: helmsman_address,
+            handoff,
+            adapter,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where Decklog listens.
+    pub fn decklog_address(&self) -> Option<SocketAddr> {
+        self.decklog
+    }
+
+    /// Where the adapter listens.
+    pub fn helmsman_address(&self) -> Option<SocketAddr> {
+        self.helmsman
+    }
+
+    /// Decklog's hand-off (for its counters).
+    pub fn handoff(&self) -> Option<&Handoff> {
+        self.handoff.as_ref()
+    }
+
+    /// The adapter (for its counters).
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Blocks until the process is stopped.
+    pub fn wait(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for EdgeServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
