@@ -348,3 +348,119 @@ fn graphql_schema_prints_the_served_schema_and_matches_the_checked_in_copy() {
         "api/schema.graphql is stale: regenerate it with `keel graphql-schema > api/schema.graphql`"
     );
 }
+
+/// `keel run` with Decklog and the Helmsman adapter: MistServer trigger webhooks posted to the
+/// adapter (as `curl` would) arrive in the live tables, through the write-ahead log, Decklog's
+/// gRPC and the engine's input.
+#[test]
+fn run_takes_mist_webhooks_into_the_tables() {
+    use std::io::BufRead;
+    let wal = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "run",
+            "--rate",
+            "200",
+            "--listen",
+            "127.0.0.1:0",
+            "--pg-listen",
+            "off",
+            "--foghorn-listen",
+            "off",
+            "--decklog-listen",
+            "127.0.0.1:0",
+            "--insecure-plaintext",
+            "--helmsman-listen",
+            "127.0.0.1:0",
+            "--helmsman-wal",
+            wal.path().to_str().unwrap(),
+            "--summary-every",
+            "10",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut url, mut webhook, mut token, mut decklog) = (None, None, None, None);
+    while token.is_none() {
+        let line = lines.next().expect("keel run printed its banner").unwrap();
+        if let Some(rest) = line.strip_prefix("keel: dashboard and API on ") {
+            url = Some(rest.to_owned());
+        } else if let Some(rest) = line.strip_prefix("keel: Helmsman adapter on ") {
+            webhook = rest.split_whitespace().next().map(str::to_owned);
+        } else if let Some(rest) = line.strip_prefix("keel: Decklog on ") {
+            decklog = Some(rest.to_owned());
+        } else if let Some(rest) = line.trim().strip_prefix("tenant ") {
+            token = Some(rest.split_once(": ").unwrap().1.to_owned());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let (url, webhook, token) = (url.unwrap(), webhook.unwrap(), token.unwrap());
+    assert!(
+        decklog.unwrap().contains("the embedded engine"),
+        "Decklog hands off to the engine"
+    );
+    let post = |trigger: &str, body: &str| {
+        ureq::post(&format!("{webhook}/{trigger}"))
+            .send(body)
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    let answer = post(
+        "USER_NEW",
+        "live+webhook-demo\n203.0.113.9\n1\nHLS\nhttp://edge/hls/webhook-demo/index.m3u8\nw-1",
+    );
+    assert_eq!(answer, "true");
+    post("STREAM_BUFFER", "live+webhook-demo\nFULL\n");
+    let query = "SELECT internal_name, current_viewers, total_sessions, buffer_state FROM streams WHERE internal_name = 'webhook-demo'";
+    let started = Instant::now();
+    loop {
+        let out = keel(&[
+            "sql", "--url", &url, "--token", &token, "--format", "csv", query,
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        if text(&out.stdout)
+            == "internal_name,current_viewers,total_sessions,buffer_state\nwebhook-demo,1,1,FULL\n"
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{}",
+            text(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    post(
+        "USER_END",
+        "w-1\nlive+webhook-demo\nHLS\n203.0.113.9\n61\n1200\n98000\n",
+    );
+    // Viewer-seconds come from the session's event times (connect to disconnect), egress from
+    // the disconnect's byte count.
+    let query = "SELECT current_viewers, viewer_seconds > 0 AS watched, egress_bytes FROM streams WHERE internal_name = 'webhook-demo'";
+    let started = Instant::now();
+    loop {
+        let out = keel(&[
+            "sql", "--url", &url, "--token", &token, "--format", "csv", query,
+        ]);
+        if text(&out.stdout) == "current_viewers,watched,egress_bytes\n0,true,98000\n" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{}",
+            text(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let left: Vec<_> = std::fs::read_dir(wal.path()).unwrap().collect();
+    assert!(left.is_empty(), "every trigger was forwarded: {left:?}");
+}
