@@ -31,7 +31,7 @@ use rdkafka::config::ClientConfig;
 use support::cpu_seconds;
 use uuid::Uuid;
 
-const TOKEN: &str = "kt_bench-token";
+const TOKEN: &str = "kt_decklog-benchmark-token";
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();

@@ -533,6 +533,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         )?)
     };
     let edge = start_edge(args, &auth, &handles, &fleet_tenants)?;
+    if let Some(edge) = &edge {
+        handles.extra_metrics.add(edge.metrics());
+    }
     let shutdown = handles.shutdown.clone();
     ctrlc::set_handler(move || {
         if shutdown.swap(true, Ordering::SeqCst) {

@@ -212,6 +212,54 @@ impl EdgeServer {
         self.adapter.as_ref()
     }
 
+    /// A renderer of the edge's counters in Prometheus text, for `/metrics`.
+    pub fn metrics(&self) -> impl Fn(&mut String) + Send + Sync + 'static {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        let handoff = self.handoff.as_ref().map(|h| h.stats.clone());
+        let adapter = self.adapter.clone();
+        move |out: &mut String| {
+            if let Some(stats) = &handoff {
+                let _ = writeln!(
+                    out,
+                    "# HELP keel_decklog_events_total Events Decklog handed off, by outcome.\n# TYPE keel_decklog_events_total counter"
+                );
+                for (outcome, value) in [
+                    ("delivered", stats.delivered.load(Relaxed)),
+                    ("duplicate", stats.duplicates.load(Relaxed)),
+                    ("failed", stats.failed.load(Relaxed)),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "keel_decklog_events_total{{outcome=\"{outcome}\"}} {value}"
+                    );
+                }
+            }
+            if let Some(adapter) = &adapter {
+                let stats = &adapter.stats;
+                let _ = writeln!(
+                    out,
+                    "# HELP keel_helmsman_triggers_total Mist triggers the adapter logged, forwarded and set aside.\n# TYPE keel_helmsman_triggers_total counter"
+                );
+                for (state, value) in [
+                    ("received", stats.received.load(Relaxed)),
+                    ("forwarded", stats.forwarded.load(Relaxed)),
+                    ("dead", stats.dead.load(Relaxed)),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "keel_helmsman_triggers_total{{state=\"{state}\"}} {value}"
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "# HELP keel_helmsman_pending Triggers in the log not yet acknowledged by Decklog.\n# TYPE keel_helmsman_pending gauge\nkeel_helmsman_pending {}",
+                    adapter.pending_count()
+                );
+            }
+        }
+    }
+
     /// Blocks until the process is stopped.
     pub fn wait(mut self) {
         if let Some(thread) = self.thread.take() {

@@ -83,6 +83,8 @@ pub struct Handles {
     pub injector: Injector,
     /// Foghorn's routing counters.
     pub foghorn: Arc<keel_api::foghorn::FoghornStats>,
+    /// Metrics of the services beside the engine (the edge), shown by `/metrics`.
+    pub extra_metrics: Arc<keel_api::metrics::ExtraMetrics>,
 }
 
 impl Default for Handles {
@@ -99,6 +101,7 @@ impl Default for Handles {
             fleet: Arc::new(FleetCell::default()),
             injector: Injector::new("foghorn"),
             foghorn: Arc::default(),
+            extra_metrics: Arc::default(),
         }
     }
 }

@@ -63,6 +63,7 @@ impl Api {
             hub: handles.hub.clone(),
             fleet: handles.fleet.clone(),
             foghorn: handles.foghorn.clone(),
+            extra_metrics: handles.extra_metrics.clone(),
             limits,
         };
         let (stop, stopped) = oneshot::channel::<()>();

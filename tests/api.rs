@@ -41,6 +41,7 @@ fn state(handles: &Handles) -> ApiState {
         hub: handles.hub.clone(),
         fleet: handles.fleet.clone(),
         foghorn: handles.foghorn.clone(),
+        extra_metrics: handles.extra_metrics.clone(),
         limits: Limits::default(),
     }
 }

@@ -456,6 +456,18 @@ fn run_takes_mist_webhooks_into_the_tables() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let metrics = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("keel_decklog_events_total{outcome=\"delivered\"} 3")
+            && metrics.contains("keel_helmsman_triggers_total{state=\"forwarded\"} 3")
+            && metrics.contains("keel_helmsman_pending 0"),
+        "{metrics}"
+    );
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

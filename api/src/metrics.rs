@@ -91,6 +91,42 @@ impl Metrics {
     }
 }
 
+/// Metrics of services that run beside the API (the edge) and register themselves: each
+/// renderer appends its Prometheus text.
+#[derive(Default)]
+pub struct ExtraMetrics(Mutex<Vec<MetricsRenderer>>);
+
+/// Appends a service's Prometheus text.
+pub type MetricsRenderer = Box<dyn Fn(&mut String) + Send + Sync>;
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
+}
+
+impl ExtraMetrics {
+    /// Adds a renderer.
+    pub fn add(&self, render: impl Fn(&mut String) + Send + Sync + 'static) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::new(render));
+    }
+
+    /// Appends every renderer's text to `out`.
+    pub fn render(&self, out: &mut String) {
+        for render in self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            render(out);
+        }
+    }
+}
+
 /// The Prometheus text for the engine, the API and the live tables.
 pub fn render(stats: &EngineStats, metrics: &Metrics, tables: &LiveTables) -> String {
     let mut out = String::new();

@@ -51,6 +51,8 @@ pub struct ApiState {
     pub fleet: Arc<keel_dataflows::foghorn::FleetCell>,
     /// Foghorn's routing counters.
     pub foghorn: Arc<crate::foghorn::FoghornStats>,
+    /// Metrics of services beside the API (the edge).
+    pub extra_metrics: Arc<crate::metrics::ExtraMetrics>,
 }
 
 /// Bounds on what clients may hold.
@@ -179,6 +181,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut text = render_metrics(&state.stats, &state.metrics, &tables);
         crate::foghorn::render_metrics(&state.foghorn, &state.fleet.load(), &mut text);
+        state.extra_metrics.render(&mut text);
         text
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

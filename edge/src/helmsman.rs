@@ -26,6 +26,9 @@ use crate::wal::Wal;
 
 /// Triggers sent to Decklog per call.
 const BATCH: usize = 512;
+/// How long Mist may wait for the answer to a blocking trigger before it is given regardless
+/// (Mist itself gives up after 5 s).
+const BLOCKING_DEADLINE: Duration = Duration::from_secs(4);
 /// Longest wait between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -159,16 +162,39 @@ impl Adapter {
             trigger_unix_millis: header("x-trigger-unixmillis").parse().unwrap_or(0),
         };
         let trigger = parse(trigger_type, &body, &origin);
+        let blocking = trigger.blocking;
         let wal = self.wal.clone();
-        let written = tokio::task::spawn_blocking(move || wal.append(&trigger, received_ms)).await;
-        match written {
-            Ok(Ok(path)) => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
-                self.pending().insert(path);
-                self.wake.notify_one();
-                (StatusCode::OK, answer(trigger_type, &body)).into_response()
+        let this = self.clone();
+        // The write and its bookkeeping finish even if the answer has gone out already.
+        let mut write = tokio::spawn(async move {
+            let written =
+                tokio::task::spawn_blocking(move || wal.append(&trigger, received_ms)).await;
+            if let Ok(Ok(path)) = &written {
+                this.stats.received.fetch_add(1, Ordering::Relaxed);
+                this.pending().insert(path.clone());
+                this.wake.notify_one();
             }
-            Ok(Err(error)) => {
+            written
+        });
+        let written = if blocking {
+            // Mist waits on these (5 s, then it applies its default): answer in time even if
+            // the disk is slow; the trigger is still written and forwarded.
+            match tokio::time::timeout(BLOCKING_DEADLINE, &mut write).await {
+                Ok(written) => written,
+                Err(_) => {
+                    tracing::warn!(
+                        trigger_type,
+                        "the trigger log is slow; answered Mist before the write finished"
+                    );
+                    return (StatusCode::OK, answer(trigger_type, &body)).into_response();
+                }
+            }
+        } else {
+            write.await
+        };
+        match written {
+            Ok(Ok(Ok(_))) => (StatusCode::OK, answer(trigger_type, &body)).into_response(),
+            Ok(Ok(Err(error))) => {
                 tracing::error!(%error, dir = %self.wal.dir().display(), "cannot write the trigger log");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -176,7 +202,9 @@ impl Adapter {
                 )
                     .into_response()
             }
-            Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+            Ok(Err(error)) | Err(error) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
+            }
         }
     }
 
