@@ -325,7 +325,8 @@ struct RunArgs {
     /// The node id the adapter stamps on triggers.
     #[arg(long, default_value = "keel-local")]
     helmsman_node: String,
-    /// The tenant of the adapter's triggers (default: the first simulated tenant).
+    /// The tenant of the adapter's triggers (default: the first simulated tenant, the printed
+    /// development tenant).
     #[arg(long)]
     helmsman_tenant: Option<uuid::Uuid>,
     #[command(flatten)]
@@ -650,11 +651,21 @@ fn start_edge(
     let helmsman = match &args.helmsman_listen {
         None => None,
         Some(helmsman_listen) => {
-            // The adapter talks to this run's Decklog with an internal platform token.
+            // The adapter talks to this run's Decklog as a member of its tenant, so the
+            // tenant of its triggers comes from its credentials.
+            let tenant = args
+                .helmsman_tenant
+                .or_else(|| {
+                    fleet_tenants
+                        .first()
+                        .and_then(|t| uuid::Uuid::parse_str(t).ok())
+                })
+                .context("the adapter needs a tenant: pass --helmsman-tenant")?;
             let token = auth
-                .issue(&keel_api::auth::Claims::admin(
+                .issue(&keel_api::auth::Claims::member(
                     "helmsman-adapter",
-                    wall_clock_ms() / 1000 + 10 * 365 * 24 * 3600,
+                    tenant,
+                    wall_clock_ms() / 1000 + 365 * 24 * 3600,
                 ))
                 .context("the adapter needs a JWT secret to call Decklog")?;
             let ca_pem = args
@@ -663,15 +674,11 @@ fn start_edge(
                 .as_ref()
                 .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
                 .transpose()?;
-            let tenant = args
-                .helmsman_tenant
-                .map(|t| t.to_string())
-                .or_else(|| fleet_tenants.first().cloned());
             Some(crate::edge::HelmsmanSettings {
                 listen: helmsman_listen.clone(),
                 adapter: keel_edge::helmsman::AdapterConfig {
                     node_id: args.helmsman_node.clone(),
-                    tenant_id: tenant,
+                    tenant_id: Some(tenant.to_string()),
                     decklog_url: String::new(),
                     token,
                     ca_pem,

@@ -104,14 +104,25 @@ impl EdgeServer {
             .as_ref()
             .map(|h| bind(&h.listen, "Helmsman webhooks"))
             .transpose()?;
+        // The adapter beside its Decklog calls the address Decklog is bound to (loopback when
+        // bound to every interface); with TLS, a loopback address goes by `localhost`, the name
+        // a development certificate carries.
         let decklog_url = decklog
             .as_ref()
             .zip(decklog_listener.as_ref())
             .map(|(d, l)| {
-                let port = l.local_addr().map_or(0, |a| a.port());
-                match d.tls {
-                    Some(_) => format!("https://localhost:{port}"),
-                    None => format!("http://127.0.0.1:{port}"),
+                let bound = l
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+                let ip = if bound.ip().is_unspecified() {
+                    std::net::IpAddr::from([127, 0, 0, 1])
+                } else {
+                    bound.ip()
+                };
+                match (&d.tls, ip.is_loopback()) {
+                    (Some(_), true) => format!("https://localhost:{}", bound.port()),
+                    (Some(_), false) => format!("https://{}", SocketAddr::new(ip, bound.port())),
+                    (None, _) => format!("http://{}", SocketAddr::new(ip, bound.port())),
                 }
             });
         let adapter = helmsman

@@ -19,7 +19,6 @@ use keel_edge::decklog::Tls;
 use keel_edge::envelope::trigger_event_id;
 use keel_edge::handoff::Handoff;
 use keel_edge::helmsman::AdapterConfig;
-use keel_edge::mist::{Origin, parse};
 use keel_edge::proto::{
     BalancingEvent, Event, EventData, MistTrigger, Payload, StreamBufferTrigger,
     ViewerConnectTrigger,
@@ -198,6 +197,10 @@ fn decklog_serves_tls_and_refuses_bad_tokens() {
             .await
             .unwrap();
         assert_eq!((again.accepted, again.duplicates), (2, 2));
+        // The same request id from another tenant is another event, not a duplicate.
+        let mut theirs = connect_trigger("7");
+        theirs.tenant_id = Some(OTHER.into());
+        platform.send_event(theirs).await.unwrap();
     });
     let records = drained(&injector);
     let sessions: Vec<(&str, &str)> = records
@@ -211,7 +214,13 @@ fn decklog_serves_tls_and_refuses_bad_tokens() {
         .collect();
     assert_eq!(
         sessions,
-        [(TENANT, "1"), (OTHER, "6"), (TENANT, "7"), (TENANT, "9")]
+        [
+            (TENANT, "1"),
+            (OTHER, "6"),
+            (TENANT, "7"),
+            (TENANT, "9"),
+            (OTHER, "7")
+        ]
     );
 }
 
@@ -629,10 +638,6 @@ fn adapter_killed_mid_stream_loses_and_doubles_nothing() {
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
         .into();
-    let origin = Origin {
-        node_id: "edge-kill".into(),
-        ..Origin::default()
-    };
     let posted = Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
     let poster = {
         let (posted, agent, webhook) = (posted.clone(), agent.clone(), webhook.clone());
@@ -699,17 +704,27 @@ fn adapter_killed_mid_stream_loses_and_doubles_nothing() {
         acknowledged.len(),
         Duration::from_secs(60),
     );
-    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    // Each posted body is one viewer's end (its session id is unique): count records per session.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut keys = std::collections::HashSet::new();
     for message in &messages {
-        let key = Uuid::parse_str(std::str::from_utf8(message.key().unwrap()).unwrap()).unwrap();
-        *seen.entry(key).or_default() += 1;
+        let value: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        let session = value["data"]["viewer_disconnect"]["session_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            keys.insert(message.key().unwrap().to_vec()),
+            "an event id written twice"
+        );
+        *seen.entry(session).or_default() += 1;
     }
     let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubled.is_empty(), "written twice: {doubled:?}");
     for body in &acknowledged {
-        let id = trigger_event_id(&parse("USER_END", body.as_bytes(), &origin));
+        let session = body.lines().next().unwrap();
         assert_eq!(
-            seen.get(&id),
+            seen.get(session),
             Some(&1),
             "acknowledged trigger lost: {body:?}"
         );

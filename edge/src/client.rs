@@ -1,5 +1,7 @@
 //! A Decklog client: the Helmsman adapter's forwarder and `keel loadgen` use it.
 
+use std::time::Duration;
+
 use tonic::Status;
 use tonic::client::Grpc;
 use tonic::codegen::http;
@@ -21,8 +23,15 @@ impl DecklogClient {
     /// Connects to `url` (`http://host:port`, or `https://…` with `ca_pem` the certificate
     /// authority to trust) sending `token` with every call.
     pub async fn connect(url: &str, token: &str, ca_pem: Option<&[u8]>) -> Result<Self, String> {
+        // Bounded waits, and keepalives that notice a half-open connection, so a forwarder
+        // never hangs on a Decklog that went away.
         let mut endpoint = Channel::from_shared(url.to_owned())
-            .map_err(|e| format!("bad Decklog URL {url:?}: {e}"))?;
+            .map_err(|e| format!("bad Decklog URL {url:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         if let Some(ca) = ca_pem {
             endpoint = endpoint
                 .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))

@@ -43,6 +43,8 @@ pub const CHECK_HEALTH: &str = "/decklog.DecklogService/CheckHealth";
 
 /// Events of a `SendEvents` stream handed off together.
 const CHUNK: usize = 4096;
+/// Most events one `SendEvents` call may carry (its answer lists every refusal).
+pub const MAX_STREAM_EVENTS: u32 = 1 << 20;
 
 /// Who may send: maps a bearer token to a [`Caller`].
 pub trait Authenticate: Send + Sync + 'static {
@@ -120,6 +122,13 @@ impl Decklog {
         let mut chunk: Vec<(u32, Outgoing)> = Vec::with_capacity(CHUNK);
         let mut index = 0u32;
         while let Some(trigger) = stream.message().await? {
+            if index >= MAX_STREAM_EVENTS {
+                self.deliver_chunk(&mut chunk, &mut answer).await;
+                return Err(Status::invalid_argument(format!(
+                    "at most {MAX_STREAM_EVENTS} events per SendEvents call ({} stored; send the rest in another call)",
+                    answer.accepted
+                )));
+            }
             match trigger_record(&trigger, caller, now_ms()) {
                 Ok(record) => chunk.push((index, record)),
                 Err(reason) => answer.rejected.push(Rejection {

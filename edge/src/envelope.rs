@@ -350,6 +350,7 @@ pub fn v1_record(
     let tenant = tenant_of(
         data.get("tenant_id")
             .copied()
+            .filter(|t| !t.trim().is_empty())
             .or(Some(batch.tenant_id.as_str())),
         caller,
     )?;

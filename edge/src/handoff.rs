@@ -1,9 +1,14 @@
 //! Where accepted events go: Kafka (acknowledged only once the broker has them, through an
 //! idempotent producer with `acks=all`) or, in the embedded mode, straight into the engine's
-//! input. A bounded memory of recently delivered event ids makes a retried send of an event
-//! already handed off a no-op, so a producer that retries after a lost answer does not write it
-//! twice.
-
+//! input (acknowledged once queued there: the embedded engine keeps its state in memory, so an
+//! event acknowledged this way lives as long as the process does).
+//!
+//! Retries: the ids of the last [`REMEMBERED_IDS`] delivered events are remembered per tenant, in
+//! this process, so a producer's resend of an event already handed off (its answer lost, or the
+//! producer killed mid-call) is answered without a second write. That memory does not survive a
+//! restart and does not cover an attempt that timed out after the broker in fact wrote it; there
+//! the deterministic event id is what lets consumers (Keel's own decoder among them) drop the
+//! copy.
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,16 +69,48 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// An event's identity for recognising retries: ids are only unique within a tenant (one
+/// tenant's producer cannot make another's event look already written).
+type EventKey = (Uuid, Uuid);
+
+fn key(record: &Outgoing) -> EventKey {
+    (record.tenant, record.event_id)
+}
+
+/// Ends a hand-off attempt however it ends (a panic included): its events leave the in-flight
+/// set, delivered ones are remembered, and whoever waits on them is woken.
+struct Attempt {
+    handoff: Handoff,
+    keys: Vec<EventKey>,
+    delivered: Vec<bool>,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        {
+            let mut remembered = self.handoff.remembered();
+            for (i, key) in self.keys.iter().enumerate() {
+                remembered.in_flight.remove(key);
+                if self.delivered.get(i).copied().unwrap_or(false) {
+                    remembered.insert(*key);
+                }
+            }
+        }
+        let _ = self.done.send(true);
+    }
+}
+
 #[derive(Debug, Default)]
 struct Remembered {
-    ids: HashSet<Uuid>,
-    order: VecDeque<Uuid>,
+    ids: HashSet<EventKey>,
+    order: VecDeque<EventKey>,
     /// Events being handed off now; the flag turns true when that attempt has ended.
-    in_flight: HashMap<Uuid, watch::Receiver<bool>>,
+    in_flight: HashMap<EventKey, watch::Receiver<bool>>,
 }
 
 impl Remembered {
-    fn insert(&mut self, id: Uuid) {
+    fn insert(&mut self, id: EventKey) {
         if self.ids.insert(id) {
             self.order.push_back(id);
             if self.order.len() > REMEMBERED_IDS
@@ -157,15 +194,13 @@ impl Handoff {
             {
                 let mut remembered = self.remembered();
                 for (i, record) in waiting.drain(..) {
-                    if remembered.ids.contains(&record.event_id) {
+                    if remembered.ids.contains(&key(&record)) {
                         results[i] = Some(Ok(Delivered::Duplicate));
-                    } else if let Some(watcher) = remembered.in_flight.get(&record.event_id) {
+                    } else if let Some(watcher) = remembered.in_flight.get(&key(&record)) {
                         watchers.push(watcher.clone());
                         blocked.push((i, record));
                     } else {
-                        remembered
-                            .in_flight
-                            .insert(record.event_id, done.subscribe());
+                        remembered.in_flight.insert(key(&record), done.subscribe());
                         fresh.push((i, record));
                     }
                 }
@@ -174,17 +209,15 @@ impl Handoff {
                 let this = self.clone();
                 let task = tokio::spawn(async move {
                     let (indices, records): (Vec<usize>, Vec<Outgoing>) = fresh.into_iter().unzip();
-                    let outcomes = this.hand_off(&records).await;
-                    {
-                        let mut remembered = this.remembered();
-                        for (record, outcome) in records.iter().zip(&outcomes) {
-                            remembered.in_flight.remove(&record.event_id);
-                            if outcome.is_ok() {
-                                remembered.insert(record.event_id);
-                            }
-                        }
-                    }
-                    let _ = done.send(true);
+                    let mut attempt = Attempt {
+                        keys: records.iter().map(key).collect(),
+                        delivered: Vec::new(),
+                        handoff: this,
+                        done,
+                    };
+                    let outcomes = attempt.handoff.hand_off(&records).await;
+                    attempt.delivered = outcomes.iter().map(Result::is_ok).collect();
+                    drop(attempt);
                     indices.into_iter().zip(outcomes).collect::<Vec<_>>()
                 });
                 match task.await {

@@ -5,6 +5,11 @@
 //!
 //! Routes: `POST /` (trigger type from Mist's `X-Trigger` header) or `POST /{TRIGGER}`, and
 //! `GET /status` (JSON counters: received, pending, forwarded, dead, last error).
+//!
+//! One exception to "on disk before the answer": a blocking trigger (`USER_NEW`,
+//! `PUSH_REWRITE`) whose write takes longer than 4 s is answered anyway, because Mist gives up
+//! at 5 s and would then apply its own default to the viewer or publisher; the write still
+//! completes and is forwarded, but a crash in that window loses it (logged as a warning).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -93,8 +98,17 @@ pub struct Adapter {
     wal: Arc<Wal>,
     pending: Arc<Mutex<BTreeSet<PathBuf>>>,
     wake: Arc<Notify>,
+    nonce: Arc<AtomicU64>,
     /// Its counters.
     pub stats: Arc<AdapterStats>,
+}
+
+/// A start for the nonce that differs between runs (so a restart within the same millisecond
+/// does not repeat one).
+fn random_start() -> u64 {
+    let mut hash = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&(std::process::id(), std::time::Instant::now()), &mut hash);
+    std::hash::Hasher::finish(&hash) >> 16
 }
 
 fn now_ms() -> i64 {
@@ -119,6 +133,7 @@ impl Adapter {
             wal: Arc::new(wal),
             pending: Arc::new(Mutex::new(pending.into_iter().collect())),
             wake: Arc::new(Notify::new()),
+            nonce: Arc::new(AtomicU64::new(random_start())),
             stats: Arc::default(),
         })
     }
@@ -160,6 +175,7 @@ impl Adapter {
             received_ms,
             trigger_uuid: header("x-trigger-uuid"),
             trigger_unix_millis: header("x-trigger-unixmillis").parse().unwrap_or(0),
+            nonce: self.nonce.fetch_add(1, Ordering::Relaxed),
         };
         let trigger = parse(trigger_type, &body, &origin);
         let blocking = trigger.blocking;
@@ -248,7 +264,10 @@ impl Adapter {
                     triggers.push(trigger);
                     files.push(path.clone());
                 }
-                Err(error) => self.set_aside(path, &format!("unreadable log file: {error}")),
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                    self.set_aside(path, &format!("unreadable log file: {error}"));
+                }
+                Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
             }
         }
         if triggers.is_empty() {

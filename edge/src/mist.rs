@@ -37,6 +37,9 @@ pub struct Origin {
     pub trigger_uuid: String,
     /// Mist's `X-Trigger-UnixMillis`, when sent.
     pub trigger_unix_millis: i64,
+    /// Tells apart webhooks without Mist's trigger UUID that arrive in the same millisecond with
+    /// the same body (the adapter counts from a random start).
+    pub nonce: u64,
 }
 
 /// Triggers Mist waits on for an answer.
@@ -64,8 +67,12 @@ fn lines(body: &[u8]) -> Vec<&str> {
         .collect()
 }
 
-/// `hex(sha256(node ‖ 0 ‖ type ‖ 0 ‖ body [‖ 0 ‖ uuid ‖ millis]))`: the trigger's identity,
-/// the same for a re-delivery of the same webhook.
+/// `hex(sha256(node ‖ 0 ‖ type ‖ 0 ‖ body ‖ 0 ‖ natural key))`: the trigger's identity. The
+/// natural key is Mist's trigger UUID and time when Mist sends them (so a re-delivery of the same
+/// webhook is the same trigger); without them it is the arrival time and the adapter's nonce, so
+/// two genuine triggers with the same body (a stream's buffer going `EMPTY` twice) stay two
+/// events. Once computed, the id travels in the log with the trigger: every resend of it is the
+/// same event.
 pub fn source_event_id(origin: &Origin, trigger_type: &str, body: &[u8]) -> String {
     let mut hash = Sha256::new();
     hash.update(origin.node_id.as_bytes());
@@ -73,8 +80,10 @@ pub fn source_event_id(origin: &Origin, trigger_type: &str, body: &[u8]) -> Stri
     hash.update(trigger_type.as_bytes());
     hash.update([0]);
     hash.update(body);
-    if !origin.trigger_uuid.is_empty() {
-        hash.update([0]);
+    hash.update([0]);
+    if origin.trigger_uuid.is_empty() {
+        hash.update(format!("{}:{}", origin.received_ms, origin.nonce).as_bytes());
+    } else {
         hash.update(origin.trigger_uuid.as_bytes());
         hash.update(origin.trigger_unix_millis.to_string().as_bytes());
     }
@@ -232,11 +241,18 @@ fn payload(trigger_type: &str, body: &[u8], node: &str) -> Result<Payload, Strin
     })
 }
 
-/// Replaces a stream key (the last path segment of a push URL) so it is never stored.
+/// Replaces a stream key (the last path segment of a push URL, and any query string, where SRT
+/// and others carry it) so it is never stored.
 fn mask_key(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((url, _)) => (url, "?***"),
+        None => (url, ""),
+    };
     match url.rsplit_once('/') {
-        Some((base, key)) if !key.is_empty() && !base.ends_with('/') => format!("{base}/***"),
-        _ => url.to_owned(),
+        Some((base, key)) if !key.is_empty() && !base.ends_with('/') => {
+            format!("{base}/***{query}")
+        }
+        _ => format!("{url}{query}"),
     }
 }
 
@@ -291,9 +307,18 @@ fn track_list(stream: &str, json: &str) -> Result<StreamTrackListTrigger, String
 pub fn parse(trigger_type: &str, body: &[u8], origin: &Origin) -> MistTrigger {
     let request_id = source_event_id(origin, trigger_type, body);
     let payload = payload(trigger_type, body, &origin.node_id).unwrap_or_else(|reason| {
+        // A push URL may carry a stream key: such a body is never kept.
+        let (payload_raw, parse_error) = if trigger_type == "PUSH_REWRITE" {
+            (
+                Vec::new(),
+                format!("{reason} (body withheld: it may hold a stream key)"),
+            )
+        } else {
+            (body.to_vec(), reason)
+        };
         Payload::RawMistWebhook(RawMistWebhookTrigger {
-            payload_raw: body.to_vec(),
-            parse_error: reason,
+            payload_raw,
+            parse_error,
         })
     });
     MistTrigger {

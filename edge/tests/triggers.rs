@@ -162,11 +162,19 @@ fn blocking_triggers_are_answered_as_mist_expects() {
 fn identity_is_stable_per_webhook_and_distinct_across_them() {
     let body = b"sess-1\nlive+demo\nHLS\n1.2.3.4\n5\n6\n7";
     let a = parse("USER_END", body, &origin());
+    // The same webhook (same arrival, same nonce) is the same trigger…
+    assert_eq!(a.request_id, parse("USER_END", body, &origin()).request_id);
+    // …but the same body arriving again is a new one (a buffer can go EMPTY twice).
     let later = Origin {
         received_ms: NOW + 5000,
         ..origin()
     };
-    assert_eq!(a.request_id, parse("USER_END", body, &later).request_id);
+    assert_ne!(a.request_id, parse("USER_END", body, &later).request_id);
+    let next = Origin {
+        nonce: 1,
+        ..origin()
+    };
+    assert_ne!(a.request_id, parse("USER_END", body, &next).request_id);
     let other_node = Origin {
         node_id: "edge-2".into(),
         ..origin()
@@ -175,12 +183,43 @@ fn identity_is_stable_per_webhook_and_distinct_across_them() {
         a.request_id,
         parse("USER_END", body, &other_node).request_id
     );
+    // With Mist's trigger UUID, a re-delivery is the same trigger whenever it arrives.
     let with_uuid = Origin {
         trigger_uuid: "u-1".into(),
         trigger_unix_millis: 5,
         ..origin()
     };
-    assert_ne!(a.request_id, parse("USER_END", body, &with_uuid).request_id);
+    let redelivered = Origin {
+        received_ms: NOW + 9000,
+        nonce: 7,
+        ..with_uuid.clone()
+    };
+    assert_eq!(
+        parse("USER_END", body, &with_uuid).request_id,
+        parse("USER_END", body, &redelivered).request_id
+    );
+}
+
+#[test]
+fn stream_keys_are_never_kept() {
+    for url in [
+        "rtmp://ingest.example/live/sk_secret",
+        "srt://ingest.example:9000?streamid=sk_secret",
+    ] {
+        let push = record("PUSH_REWRITE", &format!("{url}\n198.51.100.4\nlive+demo"));
+        let kept = push["data"]["push_rewrite"]["push_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(!kept.contains("sk_secret"), "{kept}");
+    }
+    // A push body that cannot be read is not kept raw either.
+    let raw = record("PUSH_REWRITE", "rtmp://ingest.example/live/sk_secret");
+    let text = raw.to_string();
+    assert!(
+        !text.contains("sk_secret") && text.contains("withheld"),
+        "{text}"
+    );
 }
 
 fn v1_batch(events: Vec<EventData>) -> Event {

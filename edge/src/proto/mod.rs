@@ -723,7 +723,8 @@ pub struct RawMistWebhookTrigger {
 /// `SendEventsResponse`: the answer to a batch (Keel's client-streaming method).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct SendEventsResponse {
-    /// Events now durable (including ones already durable from an earlier send).
+    /// Events handed off now, or recognised as handed off by an earlier send (durable in Kafka;
+    /// in the embedded mode, queued in the engine's input).
     #[prost(uint32, tag = "1")]
     pub accepted: u32,
     /// Events refused, each with its position in the stream and the reason.
