@@ -120,6 +120,7 @@ fn main() {
             handoff: Handoff::kafka(&brokers, &decklog_topic, Duration::from_secs(30))
                 .expect("a producer"),
             auth,
+            metrics_listen: None,
         }),
         None,
     )

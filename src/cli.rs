@@ -80,6 +80,9 @@ struct DecklogArgs {
     /// Where accepted events go: `kafka://HOST:PORT/TOPIC`.
     #[arg(long)]
     kafka: String,
+    /// Where `/metrics` (Prometheus) and `/healthz` are served; `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:18016")]
+    metrics_listen: String,
     /// Seconds Kafka has to acknowledge an event before the producer is told to retry.
     #[arg(long, default_value_t = 10.0)]
     kafka_timeout: f64,
@@ -693,6 +696,7 @@ fn start_edge(
             tls,
             handoff,
             auth: auth.clone(),
+            metrics_listen: None,
         }),
         helmsman,
     )
@@ -853,6 +857,7 @@ fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {
             tls,
             handoff,
             auth,
+            metrics_listen: (args.metrics_listen != "off").then(|| args.metrics_listen.clone()),
         }),
         None,
     )?;
@@ -863,6 +868,9 @@ fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {
             address_brokers(&args.kafka),
             KafkaAddress::parse(&args.kafka)?.topic
         );
+    }
+    if let Some(address) = server.metrics_address() {
+        eprintln!("keel: Decklog metrics on http://{address}/metrics");
     }
     server.wait();
     Ok(())

@@ -45,6 +45,9 @@ pub struct DecklogSettings {
     pub handoff: Handoff,
     /// Who may send.
     pub auth: Auth,
+    /// Where to serve `/metrics` and `/healthz` for Decklog alone (`keel run` shows the edge's
+    /// counters on its API instead).
+    pub metrics_listen: Option<String>,
 }
 
 /// How the Helmsman adapter is served.
@@ -60,12 +63,49 @@ pub struct HelmsmanSettings {
 /// The running edge.
 #[derive(Debug)]
 pub struct EdgeServer {
+    metrics: Option<SocketAddr>,
     decklog: Option<SocketAddr>,
     helmsman: Option<SocketAddr>,
     handoff: Option<Handoff>,
     adapter: Option<Adapter>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Serves `/metrics` (Decklog's counters) and `/healthz` on `listener`.
+fn serve_metrics(
+    listener: std::net::TcpListener,
+    stats: std::sync::Arc<keel_edge::handoff::HandoffStats>,
+) {
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let stats = stats.clone();
+                async move {
+                    let mut text = String::new();
+                    stats.render(&mut text);
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => {
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, router).await {
+                    tracing::error!(%error, "Decklog metrics stopped");
+                }
+            });
+        }
+        Err(error) => tracing::error!(%error, "Decklog metrics cannot use their socket"),
+    }
 }
 
 /// The TLS material named by `--tls-cert`/`--tls-key`, or plaintext when `plaintext` says so;
@@ -100,6 +140,16 @@ impl EdgeServer {
             .as_ref()
             .map(|d| bind(&d.listen, "Decklog gRPC"))
             .transpose()?;
+        let metrics_listener = decklog
+            .as_ref()
+            .and_then(|d| d.metrics_listen.as_deref())
+            .map(|address| bind(address, "Decklog metrics"))
+            .transpose()?;
+        let metrics_address = metrics_listener
+            .as_ref()
+            .map(std::net::TcpListener::local_addr)
+            .transpose()?;
+        let metrics_stats = decklog.as_ref().map(|d| d.handoff.stats.clone());
         let helmsman_listener = helmsman
             .as_ref()
             .map(|h| bind(&h.listen, "Helmsman webhooks"))
@@ -155,6 +205,9 @@ impl EdgeServer {
             .name("keel-edge".into())
             .spawn(move || {
                 runtime.block_on(async move {
+                    if let (Some(listener), Some(stats)) = (metrics_listener, metrics_stats) {
+                        serve_metrics(listener, stats);
+                    }
                     if let (Some(settings), Some(listener)) = (decklog, decklog_listener) {
                         let service = Decklog::new(
                             settings.handoff,
@@ -194,6 +247,7 @@ impl EdgeServer {
                 });
             })?;
         Ok(EdgeServer {
+            metrics: metrics_address,
             decklog: decklog_address,
             helmsman: helmsman_address,
             handoff,
@@ -206,6 +260,11 @@ impl EdgeServer {
     /// Where Decklog listens.
     pub fn decklog_address(&self) -> Option<SocketAddr> {
         self.decklog
+    }
+
+    /// Where Decklog's own `/metrics` listens.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics
     }
 
     /// Where the adapter listens.
@@ -225,48 +284,14 @@ impl EdgeServer {
 
     /// A renderer of the edge's counters in Prometheus text, for `/metrics`.
     pub fn metrics(&self) -> impl Fn(&mut String) + Send + Sync + 'static {
-        use std::fmt::Write as _;
-        use std::sync::atomic::Ordering::Relaxed;
         let handoff = self.handoff.as_ref().map(|h| h.stats.clone());
         let adapter = self.adapter.clone();
         move |out: &mut String| {
             if let Some(stats) = &handoff {
-                let _ = writeln!(
-                    out,
-                    "# HELP keel_decklog_events_total Events Decklog handed off, by outcome.\n# TYPE keel_decklog_events_total counter"
-                );
-                for (outcome, value) in [
-                    ("delivered", stats.delivered.load(Relaxed)),
-                    ("duplicate", stats.duplicates.load(Relaxed)),
-                    ("failed", stats.failed.load(Relaxed)),
-                ] {
-                    let _ = writeln!(
-                        out,
-                        "keel_decklog_events_total{{outcome=\"{outcome}\"}} {value}"
-                    );
-                }
+                stats.render(out);
             }
             if let Some(adapter) = &adapter {
-                let stats = &adapter.stats;
-                let _ = writeln!(
-                    out,
-                    "# HELP keel_helmsman_triggers_total Mist triggers the adapter logged, forwarded and set aside.\n# TYPE keel_helmsman_triggers_total counter"
-                );
-                for (state, value) in [
-                    ("received", stats.received.load(Relaxed)),
-                    ("forwarded", stats.forwarded.load(Relaxed)),
-                    ("dead", stats.dead.load(Relaxed)),
-                ] {
-                    let _ = writeln!(
-                        out,
-                        "keel_helmsman_triggers_total{{state=\"{state}\"}} {value}"
-                    );
-                }
-                let _ = writeln!(
-                    out,
-                    "# HELP keel_helmsman_pending Triggers in the log not yet acknowledged by Decklog.\n# TYPE keel_helmsman_pending gauge\nkeel_helmsman_pending {}",
-                    adapter.pending_count()
-                );
+                adapter.render_metrics(out);
             }
         }
     }

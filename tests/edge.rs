@@ -110,6 +110,7 @@ fn decklog_serves_tls_and_refuses_bad_tokens() {
             tls: Some(Tls::from_files(&cert, &key).unwrap()),
             handoff: Handoff::engine(injector.clone()),
             auth: auth(),
+            metrics_listen: None,
         }),
         None,
     )
@@ -277,6 +278,7 @@ fn decklog_writes_both_versions_to_kafka_once() {
             tls: None,
             handoff: Handoff::kafka(&brokers, &topic, Duration::from_secs(10)).unwrap(),
             auth: auth(),
+            metrics_listen: None,
         }),
         None,
     )
@@ -490,6 +492,7 @@ fn adapter_keeps_triggers_through_a_decklog_outage() {
             tls: None,
             handoff: Handoff::engine(injector.clone()),
             auth: auth(),
+            metrics_listen: None,
         }),
         None,
     )
@@ -538,7 +541,8 @@ impl Drop for Process {
     }
 }
 
-/// Starts `keel` with `args`; returns it once a stderr line contains `ready`, with that line.
+/// Starts `keel` with `args`; returns it once a stderr line contains `ready`, with the lines
+/// printed until then.
 fn keel(args: &[&str], ready: &str) -> (Process, String) {
     let mut child = Process(
         Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -550,14 +554,17 @@ fn keel(args: &[&str], ready: &str) -> (Process, String) {
     );
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let started = Instant::now();
+    let mut printed = String::new();
     loop {
         let line = lines
             .next()
-            .unwrap_or_else(|| panic!("keel {args:?} exited before saying {ready:?}"))
+            .unwrap_or_else(|| panic!("keel {args:?} exited before saying {ready:?}: {printed}"))
             .unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
         if line.contains(ready) {
             std::thread::spawn(move || for _ in lines {});
-            return (child, line);
+            return (child, printed);
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
@@ -566,11 +573,14 @@ fn keel(args: &[&str], ready: &str) -> (Process, String) {
     }
 }
 
-fn address_in(line: &str) -> String {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix("http://"))
-        .map(|a| a.trim_end_matches(',').to_owned())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
+/// The address printed after `prefix` (e.g. `Decklog on http://`).
+fn address_after(printed: &str, prefix: &str) -> String {
+    printed
+        .lines()
+        .find_map(|line| line.split_once(prefix).map(|(_, rest)| rest))
+        .and_then(|rest| rest.split([',', ' ', '/']).next())
+        .unwrap_or_else(|| panic!("no {prefix:?} in {printed:?}"))
+        .to_owned()
 }
 
 fn start_adapter(decklog: &str, wal: &Path, port: u16) -> Process {
@@ -621,10 +631,16 @@ fn adapter_killed_mid_stream_loses_and_doubles_nothing() {
             "--config",
             config.to_str().unwrap(),
             "--insecure-plaintext",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
-        "Decklog on",
+        "Decklog metrics on",
     );
-    let decklog = format!("http://{}", address_in(&line));
+    let decklog = format!("http://{}", address_after(&line, "Decklog on http://"));
+    let decklog_metrics = format!(
+        "http://{}/metrics",
+        address_after(&line, "metrics on http://")
+    );
     let wal = dir.path().join("wal");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -721,6 +737,34 @@ fn adapter_killed_mid_stream_loses_and_doubles_nothing() {
     }
     let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubled.is_empty(), "written twice: {doubled:?}");
+    // Decklog's own counters agree: every record written once, and what the adapter resent
+    // after a kill was recognised.
+    let metrics = agent
+        .get(&decklog_metrics)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "keel_decklog_events_total{{outcome=\"delivered\"}} {}",
+            messages.len()
+        )),
+        "{} records in the topic; {metrics}",
+        messages.len()
+    );
+    let adapter_metrics = agent
+        .get(&format!("{webhook}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        adapter_metrics.contains("keel_helmsman_pending 0"),
+        "{adapter_metrics}"
+    );
     for body in &acknowledged {
         let session = body.lines().next().unwrap();
         assert_eq!(

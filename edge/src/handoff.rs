@@ -41,12 +41,34 @@ pub enum Delivered {
 /// Counters for `/metrics` and the load generator.
 #[derive(Debug, Default)]
 pub struct HandoffStats {
-    /// Events written.
+    /// Events written (counted when the write is acknowledged, even if its caller has gone).
     pub delivered: AtomicU64,
     /// Events recognised as already written.
     pub duplicates: AtomicU64,
     /// Events whose hand-off failed (the producer was told to retry).
     pub failed: AtomicU64,
+}
+
+impl HandoffStats {
+    /// Appends the counters in Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP keel_decklog_events_total Events Decklog handed off, by outcome.\n# TYPE keel_decklog_events_total counter"
+        );
+        for (outcome, value) in [
+            ("delivered", &self.delivered),
+            ("duplicate", &self.duplicates),
+            ("failed", &self.failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "keel_decklog_events_total{{outcome=\"{outcome}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+    }
 }
 
 /// How many delivered event ids are remembered for recognising retries.
@@ -217,6 +239,16 @@ impl Handoff {
                     };
                     let outcomes = attempt.handoff.hand_off(&records).await;
                     attempt.delivered = outcomes.iter().map(Result::is_ok).collect();
+                    // Counted here, not by the caller: a write counts even if its caller died.
+                    let stats = &attempt.handoff.stats;
+                    for outcome in &outcomes {
+                        let counter = if outcome.is_ok() {
+                            &stats.delivered
+                        } else {
+                            &stats.failed
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
                     drop(attempt);
                     indices.into_iter().zip(outcomes).collect::<Vec<_>>()
                 });
@@ -239,14 +271,13 @@ impl Handoff {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(HandoffError("not delivered".to_owned()))))
             .collect();
-        for result in &results {
-            let counter = match result {
-                Ok(Delivered::New) => &self.stats.delivered,
-                Ok(Delivered::Duplicate) => &self.stats.duplicates,
-                Err(_) => &self.stats.failed,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
+        let duplicates = results
+            .iter()
+            .filter(|r| matches!(r, Ok(Delivered::Duplicate)))
+            .count();
+        self.stats
+            .duplicates
+            .fetch_add(duplicates as u64, Ordering::Relaxed);
         results
     }
 

@@ -149,11 +149,42 @@ impl Adapter {
         self.pending().len()
     }
 
+    /// Appends the adapter's counters in Prometheus text.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP keel_helmsman_triggers_total Mist triggers the adapter logged, forwarded and set aside.\n# TYPE keel_helmsman_triggers_total counter"
+        );
+        for (state, value) in [
+            ("received", &self.stats.received),
+            ("forwarded", &self.stats.forwarded),
+            ("dead", &self.stats.dead),
+        ] {
+            let _ = writeln!(
+                out,
+                "keel_helmsman_triggers_total{{state=\"{state}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keel_helmsman_forward_failures_total Failed attempts to forward to Decklog.\n# TYPE keel_helmsman_forward_failures_total counter\nkeel_helmsman_forward_failures_total {}",
+            self.stats.retries.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keel_helmsman_pending Triggers in the log not yet acknowledged by Decklog.\n# TYPE keel_helmsman_pending gauge\nkeel_helmsman_pending {}",
+            self.pending_count()
+        );
+    }
+
     /// The HTTP routes Mist posts to.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/", post(root_trigger))
             .route("/status", get(status))
+            .route("/metrics", get(metrics))
             .route("/{trigger}", post(named_trigger))
             .with_state(self.clone())
     }
@@ -351,6 +382,19 @@ async fn named_trigger(
     adapter
         .receive(&kind.to_ascii_uppercase(), &headers, body)
         .await
+}
+
+async fn metrics(State(adapter): State<Adapter>) -> Response {
+    let mut text = String::new();
+    adapter.render_metrics(&mut text);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn status(State(adapter): State<Adapter>) -> Response {
