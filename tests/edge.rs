@@ -739,13 +739,16 @@ fn adapter_killed_mid_stream_loses_and_doubles_nothing() {
     assert!(doubled.is_empty(), "written twice: {doubled:?}");
     // Decklog's own counters agree: every record written once, and what the adapter resent
     // after a kill was recognised.
-    let metrics = agent
-        .get(&decklog_metrics)
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = |url: &str| -> String {
+        agent
+            .get(url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    let metrics = text(&decklog_metrics);
     assert!(
         metrics.contains(&format!(
             "keel_decklog_events_total{{outcome=\"delivered\"}} {}",
@@ -754,13 +757,7 @@ fn adapter_killed_mid_stream_loses_and_doubles_nothing() {
         "{} records in the topic; {metrics}",
         messages.len()
     );
-    let adapter_metrics = agent
-        .get(&format!("{webhook}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let adapter_metrics = text(&format!("{webhook}/metrics"));
     assert!(
         adapter_metrics.contains("keel_helmsman_pending 0"),
         "{adapter_metrics}"
