@@ -6,7 +6,7 @@
 //! ```
 //!
 //! The broker is the one at `KEEL_TEST_KAFKA` (`scripts/bench-decklog` starts tansu). In one
-//! run, on fresh topics of 4 partitions:
+//! run, on fresh topics of 4 partitions, each first warmed with 20,000 untimed events:
 //!
 //! 1. **Ceiling**: the same version-2 records Decklog would write, produced straight to the
 //!    broker with Decklog's producer settings (idempotent, `acks=all`), each acknowledged.
@@ -132,6 +132,19 @@ fn main() {
         ca_pem: None,
     };
 
+    // Warm both topics (partition leaders, producer connections) before anything is timed.
+    for (target, seed) in [
+        (
+            Target::Kafka {
+                brokers: brokers.clone(),
+                topic: ceiling_topic.clone(),
+            },
+            10,
+        ),
+        (decklog.clone(), 11),
+    ] {
+        measured("warm-up", &target, &load(20_000, batch, seed));
+    }
     let ceiling = measured(
         "broker ceiling",
         &Target::Kafka {
