@@ -959,7 +959,11 @@ fn loadgen(args: &LoadgenArgs) -> anyhow::Result<()> {
         group(report.acknowledged),
         report.elapsed.as_secs_f64(),
         group(report.rate() as u64),
-        args.batch,
+        if args.target.webhook.is_some() {
+            1
+        } else {
+            args.batch
+        },
         report.percentile(50.0).as_secs_f64() * 1e3,
         report.percentile(99.0).as_secs_f64() * 1e3,
         group(report.rejected)

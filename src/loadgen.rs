@@ -62,7 +62,7 @@ pub struct Report {
     pub rejected: u64,
     /// Wall time.
     pub elapsed: Duration,
-    /// Ack latency per call, sorted.
+    /// Ack latency per call (per post for webhooks), sorted.
     pub latencies: Vec<Duration>,
 }
 
@@ -240,20 +240,28 @@ pub fn run(target: &Target, load: &Load, mut progress: impl FnMut(u64)) -> anyho
                         (u64::from(answer.accepted), answer.rejected.len() as u64)
                     }
                     (Target::Webhook(url), _) => {
+                        // One webhook per event: each post is a call of its own.
                         let (url, agent) = (url.clone(), http.clone());
-                        tokio::task::spawn_blocking(move || {
+                        let (ok, posts) = tokio::task::spawn_blocking(move || {
                             let mut ok = 0;
+                            let mut posts = Vec::with_capacity(triggers.len());
                             for trigger in &triggers {
+                                let post = Instant::now();
                                 let response = agent
                                     .post(&format!("{url}/{}", trigger.trigger_type))
                                     .send(webhook_body(trigger));
                                 if response.is_ok_and(|r| r.status().is_success()) {
                                     ok += 1;
                                 }
+                                posts.push(post.elapsed());
                             }
-                            (ok, triggers.len() as u64 - ok)
+                            (ok, posts)
                         })
-                        .await?
+                        .await?;
+                        latencies.extend(posts);
+                        acknowledged.fetch_add(ok, Ordering::Relaxed);
+                        rejected.fetch_add(n - ok, Ordering::Relaxed);
+                        continue;
                     }
                     (Target::Kafka { .. }, _) => {
                         let handoff = handoff.as_ref().context("no producer")?;

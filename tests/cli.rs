@@ -382,7 +382,7 @@ fn run_takes_mist_webhooks_into_the_tables() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut url, mut webhook, mut token, mut decklog) = (None, None, None, None);
+    let (mut url, mut webhook, mut token, mut decklog, mut tenant) = (None, None, None, None, None);
     while token.is_none() {
         let line = lines.next().expect("keel run printed its banner").unwrap();
         if let Some(rest) = line.strip_prefix("keel: dashboard and API on ") {
@@ -392,15 +392,24 @@ fn run_takes_mist_webhooks_into_the_tables() {
         } else if let Some(rest) = line.strip_prefix("keel: Decklog on ") {
             decklog = Some(rest.to_owned());
         } else if let Some(rest) = line.trim().strip_prefix("tenant ") {
-            token = Some(rest.split_once(": ").unwrap().1.to_owned());
+            let (id, jwt) = rest.split_once(": ").unwrap();
+            tenant = Some(id.to_owned());
+            token = Some(jwt.to_owned());
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    let (url, webhook, token) = (url.unwrap(), webhook.unwrap(), token.unwrap());
+    let (url, webhook, token, tenant) = (
+        url.unwrap(),
+        webhook.unwrap(),
+        token.unwrap(),
+        tenant.unwrap(),
+    );
+    let decklog = decklog.unwrap();
     assert!(
-        decklog.unwrap().contains("the embedded engine"),
+        decklog.contains("the embedded engine"),
         "Decklog hands off to the engine"
     );
+    let decklog = decklog.split([',', ' ']).next().unwrap().to_owned();
     let post = |trigger: &str, body: &str| {
         ureq::post(&format!("{webhook}/{trigger}"))
             .send(body)
@@ -467,6 +476,52 @@ fn run_takes_mist_webhooks_into_the_tables() {
             && metrics.contains("keel_helmsman_triggers_total{state=\"forwarded\"} 3")
             && metrics.contains("keel_helmsman_pending 0"),
         "{metrics}"
+    );
+    // The load generator through both doors, as the tenant.
+    for args in [
+        vec![
+            "--decklog",
+            decklog.as_str(),
+            "--token",
+            token.as_str(),
+            "--events",
+            "200",
+            "--batch",
+            "50",
+        ],
+        vec![
+            "--webhook",
+            webhook.as_str(),
+            "--events",
+            "20",
+            "--connections",
+            "1",
+        ],
+    ] {
+        let mut all = vec!["loadgen", "--tenant", tenant.as_str()];
+        all.extend(args);
+        let out = keel(&all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let report = text(&out.stdout);
+        assert!(
+            report.contains("events acknowledged") && report.contains(" 0 refused"),
+            "{report}"
+        );
+    }
+    let out = keel(&[
+        "loadgen",
+        "--decklog",
+        &decklog,
+        "--token",
+        "kt_not-a-real-token-at-all",
+        "--events",
+        "10",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("invalid token"),
+        "{}",
+        text(&out.stderr)
     );
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
