@@ -22,12 +22,13 @@
 
 mod support;
 
+use keel_operators::time::now_ms;
 use support::cpu_seconds;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use keel::engine::{self, EngineOptions, Handles};
 use keel::foghorn::FoghornServer;
@@ -263,12 +264,6 @@ fn decision_latency(count: usize, options: &Options) {
         changed.len(),
         patch.as_secs_f64() * 1000.0
     );
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A version-2 `node_lifecycle_update` record for `load`, stamped `time`.

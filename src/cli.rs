@@ -1,5 +1,6 @@
 //! The command-line interface.
 
+use keel_operators::time::now_ms;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
@@ -408,12 +409,6 @@ struct SqlArgs {
     fleet: FleetArgs,
 }
 
-fn wall_clock_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn default_start() -> i64 {
     parse_rfc3339("2026-11-01T00:00:00Z").expect("a valid constant")
 }
@@ -469,7 +464,7 @@ fn run_engine(
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let options = args.engine.options()?;
-    let config = args.fleet.config(wall_clock_ms(), Some(args.rate))?;
+    let config = args.fleet.config(now_ms(), Some(args.rate))?;
     let settings = match &args.config {
         Some(path) => crate::config::Config::load(path)?,
         None => crate::config::Config::default(),
@@ -586,7 +581,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
     }
     if generated {
-        let expires = wall_clock_ms() / 1000 + 24 * 3600;
+        let expires = now_ms() / 1000 + 24 * 3600;
         let tenant = fleet_tenants
             .first()
             .and_then(|t| uuid::Uuid::parse_str(t).ok())
@@ -668,7 +663,7 @@ fn start_edge(
                 .issue(&keel_api::auth::Claims::member(
                     "helmsman-adapter",
                     tenant,
-                    wall_clock_ms() / 1000 + 365 * 24 * 3600,
+                    now_ms() / 1000 + 365 * 24 * 3600,
                 ))
                 .context("the adapter needs a JWT secret to call Decklog")?;
             let ca_pem = args
@@ -843,10 +838,10 @@ fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {
     );
     let auth = keel_api::auth::Auth::new(secret, settings.api.tokens)
         .map_err(|problems| anyhow::anyhow!("settings: {problems}"))?;
-    let address = KafkaAddress::parse(&args.kafka)?;
+    let kafka = KafkaAddress::parse(&args.kafka)?;
     let handoff = keel_edge::handoff::Handoff::kafka(
-        &address.brokers,
-        &address.topic,
+        &kafka.brokers,
+        &kafka.topic,
         Duration::from_secs_f64(args.kafka_timeout.max(1.0)),
     )
     .map_err(anyhow::Error::msg)?;
@@ -865,8 +860,8 @@ fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {
         eprintln!(
             "keel: Decklog on {}://{address}, events to {} (topic {})",
             if plaintext { "http" } else { "https" },
-            address_brokers(&args.kafka),
-            KafkaAddress::parse(&args.kafka)?.topic
+            kafka.brokers,
+            kafka.topic
         );
     }
     if let Some(address) = server.metrics_address() {
@@ -874,10 +869,6 @@ fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {
     }
     server.wait();
     Ok(())
-}
-
-fn address_brokers(url: &str) -> String {
-    KafkaAddress::parse(url).map_or_else(|_| url.to_owned(), |a| a.brokers)
 }
 
 fn helmsman(args: &HelmsmanArgs) -> anyhow::Result<()> {

@@ -21,10 +21,10 @@ pub struct EdgeAuth(pub Auth);
 
 impl Authenticate for EdgeAuth {
     fn caller(&self, token: &str) -> Result<Caller, String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        match self.0.authenticate(token, now) {
+        match self
+            .0
+            .authenticate(token, keel_operators::time::now_ms() / 1000)
+        {
             Ok(principal) => Ok(match principal.scope {
                 Scope::All => Caller::Platform,
                 Scope::Tenant(tenant) => Caller::Tenant(tenant),

@@ -17,10 +17,11 @@
 //! tells its source reader when a batch's epoch is published, which is when Kafka positions may
 //! be committed.
 
+use keel_operators::time::now_ms;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_api::metrics::EngineStats;
@@ -104,12 +105,6 @@ impl Default for Handles {
             extra_metrics: Arc::default(),
         }
     }
-}
-
-fn wall_clock_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Applies table changes on worker 0 once every worker has passed their epoch. Only worker 0
@@ -228,7 +223,7 @@ pub fn run(
                 handles.injector.drain_into(&mut batch, options.batch);
             }
             if !batch.is_empty() {
-                let now = wall_clock_ms();
+                let now = now_ms();
                 let mut newest = i64::MIN;
                 let (mut events, mut errors) = (0u64, 0u64);
                 let feeding = hub.wants_events();

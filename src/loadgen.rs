@@ -2,6 +2,7 @@
 //! with generated viewer triggers at a set rate and reports acknowledged events/s and ack
 //! latency.
 
+use keel_operators::time::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -128,12 +129,6 @@ pub fn trigger(i: u64, load: &Load, now_ms: i64) -> MistTrigger {
         schema_version: 2,
         ..MistTrigger::default()
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Mist's webhook body for a trigger made by [`trigger`].

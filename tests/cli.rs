@@ -218,29 +218,16 @@ fn run_serves_sql_to_the_printed_tenant_token() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut url, mut tenant, mut token, mut admin) = (None, None, None, None);
-    let (mut pg, mut foghorn) = (None, None);
-    while admin.is_none() {
-        let line = lines.next().expect("keel run printed its banner").unwrap();
-        if let Some(rest) = line.strip_prefix("keel: dashboard and API on ") {
-            url = Some(rest.to_owned());
-        } else if let Some(rest) = line.strip_prefix("keel: Foghorn routing on ") {
-            foghorn = rest.split_whitespace().next().map(str::to_owned);
-        } else if let Some(rest) = line.strip_prefix("keel: PostgreSQL protocol on ") {
-            pg = rest.split_whitespace().next().map(str::to_owned);
-        } else if let Some(rest) = line.trim().strip_prefix("tenant ") {
-            let (id, jwt) = rest.split_once(": ").unwrap();
-            tenant = Some(id.to_owned());
-            token = Some(jwt.to_owned());
-        } else if let Some(rest) = line.trim().strip_prefix("admin: ") {
-            admin = Some(rest.to_owned());
-        }
-    }
+    let banner = Banner::read(&mut lines);
     let (url, tenant, token, admin) = (
-        url.unwrap(),
-        tenant.unwrap(),
-        token.unwrap(),
-        admin.unwrap(),
+        banner.address("dashboard and API"),
+        banner.tenant.clone(),
+        banner.token.clone(),
+        banner.admin.clone(),
+    );
+    let (pg, foghorn) = (
+        banner.address("PostgreSQL protocol"),
+        banner.address("Foghorn routing"),
     );
     std::thread::sleep(Duration::from_millis(1500));
     let query = "SELECT DISTINCT tenant_id FROM streams ORDER BY tenant_id";
@@ -269,7 +256,6 @@ fn run_serves_sql_to_the_printed_tenant_token() {
 
     // psql on the printed address, with the printed token as password: the same rows.
     let (host, port) = pg
-        .expect("the PostgreSQL address is printed")
         .rsplit_once(':')
         .map(|(h, p)| (h.to_owned(), p.to_owned()))
         .unwrap();
@@ -294,7 +280,6 @@ fn run_serves_sql_to_the_printed_tenant_token() {
     assert!(page.contains("Keel — live dashboard"), "{page}");
 
     // Foghorn routes a viewer against the simulated fleet on its printed address.
-    let foghorn = foghorn.expect("the Foghorn address is printed");
     let servers = ureq::get(&format!("{foghorn}/?lstserver=1"))
         .call()
         .unwrap()
@@ -382,34 +367,19 @@ fn run_takes_mist_webhooks_into_the_tables() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut url, mut webhook, mut token, mut decklog, mut tenant) = (None, None, None, None, None);
-    while token.is_none() {
-        let line = lines.next().expect("keel run printed its banner").unwrap();
-        if let Some(rest) = line.strip_prefix("keel: dashboard and API on ") {
-            url = Some(rest.to_owned());
-        } else if let Some(rest) = line.strip_prefix("keel: Helmsman adapter on ") {
-            webhook = rest.split_whitespace().next().map(str::to_owned);
-        } else if let Some(rest) = line.strip_prefix("keel: Decklog on ") {
-            decklog = Some(rest.to_owned());
-        } else if let Some(rest) = line.trim().strip_prefix("tenant ") {
-            let (id, jwt) = rest.split_once(": ").unwrap();
-            tenant = Some(id.to_owned());
-            token = Some(jwt.to_owned());
-        }
-    }
+    let banner = Banner::read(&mut lines);
     std::thread::spawn(move || for _ in lines {});
     let (url, webhook, token, tenant) = (
-        url.unwrap(),
-        webhook.unwrap(),
-        token.unwrap(),
-        tenant.unwrap(),
+        banner.address("dashboard and API"),
+        banner.address("Helmsman adapter"),
+        banner.token.clone(),
+        banner.tenant.clone(),
     );
-    let decklog = decklog.unwrap();
     assert!(
-        decklog.contains("the embedded engine"),
+        banner.line("Decklog").contains("the embedded engine"),
         "Decklog hands off to the engine"
     );
-    let decklog = decklog.split([',', ' ']).next().unwrap().to_owned();
+    let decklog = banner.address("Decklog");
     let post = |trigger: &str, body: &str| {
         ureq::post(&format!("{webhook}/{trigger}"))
             .send(body)
@@ -530,4 +500,58 @@ fn run_takes_mist_webhooks_into_the_tables() {
     assert!(child.wait().unwrap().success());
     let left: Vec<_> = std::fs::read_dir(wal.path()).unwrap().collect();
     assert!(left.is_empty(), "every trigger was forwarded: {left:?}");
+}
+
+/// `keel run`'s start-up lines up to the admin token: each `keel: <what> on <rest>` by what, and
+/// the printed development tenant, its token and the admin token.
+struct Banner {
+    served: std::collections::HashMap<String, String>,
+    tenant: String,
+    token: String,
+    admin: String,
+}
+
+impl Banner {
+    fn read(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Banner {
+        let mut served = std::collections::HashMap::new();
+        let (mut tenant, mut token) = (None, None);
+        loop {
+            let line = lines.next().expect("keel run printed its banner").unwrap();
+            let trimmed = line.trim();
+            if let Some((what, rest)) = line
+                .strip_prefix("keel: ")
+                .and_then(|l| l.split_once(" on "))
+            {
+                served.insert(what.to_owned(), rest.to_owned());
+            } else if let Some(rest) = trimmed.strip_prefix("tenant ") {
+                let (id, jwt) = rest.split_once(": ").unwrap();
+                tenant = Some(id.to_owned());
+                token = Some(jwt.to_owned());
+            } else if let Some(admin) = trimmed.strip_prefix("admin: ") {
+                return Banner {
+                    served,
+                    tenant: tenant.expect("the tenant token comes first"),
+                    token: token.expect("the tenant token comes first"),
+                    admin: admin.to_owned(),
+                };
+            }
+        }
+    }
+
+    /// What follows `keel: <what> on `.
+    fn line(&self, what: &str) -> &str {
+        self.served
+            .get(what)
+            .unwrap_or_else(|| panic!("keel run did not print where {what} is: {:?}", self.served))
+    }
+
+    /// The address `keel: <what> on ` names first.
+    fn address(&self, what: &str) -> String {
+        let first = self
+            .line(what)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        first.trim_end_matches(',').to_owned()
+    }
 }

@@ -2,8 +2,9 @@
 //! the MistServer-compatible surface, the JSON route API and gRPC answer from them, and every
 //! decision comes back through the engine as a pending viewer (the feedback loop).
 
+use keel_operators::time::now_ms;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use keel::engine::{self, EngineOptions, Handles};
 use keel::foghorn::FoghornServer;
@@ -14,13 +15,6 @@ use keel_sources::memory::{MemorySender, MemorySource, OwnedRecord};
 use serde_json::{Value, json};
 
 const TENANT: &str = "7e1a0b0c-aaaa-4bbb-8ccc-000000000001";
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 /// One node as its poller reports it.
 #[derive(Clone)]

@@ -21,10 +21,10 @@
 //! Client location: headers `X-Latitude`/`X-Longitude`, then `CF-IPLatitude`/`CF-IPLongitude`,
 //! then `lat`/`lon` parameters. Tag adjustments: header `X-Tag-Adjust` or `tag_adjust`.
 
+use keel_operators::time::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -128,12 +128,6 @@ impl GeoIp {
     }
 }
 
-fn wall_clock_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// A fresh event id without a system call per decision: random bits drawn once, and a counter
 /// in the low 62 bits (which the version-4 layout leaves alone), so ids never repeat.
 fn decision_id() -> Uuid {
@@ -230,7 +224,7 @@ impl Foghorn {
         let time = if fleet.watermark() > 0 {
             fleet.watermark()
         } else {
-            wall_clock_ms()
+            now_ms()
         };
         let chosen_place = chosen.and_then(|c| c.node.place());
         let payload = DecisionPayload {

@@ -17,6 +17,7 @@
 //! gets a `missed` event instead). Client addresses are never sent: `host` and
 //! `connectionAddr` are always null.
 
+use keel_operators::time::now_ms;
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError};
@@ -49,7 +50,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::auth::{Principal, Scope};
-use crate::server::{ApiError, ApiState, now_millis, principal};
+use crate::server::{ApiError, ApiState, principal};
 use crate::signalman::{MAX_FRAME, admit};
 
 /// The schema type.
@@ -116,7 +117,7 @@ async fn connection_init(state: ApiState, payload: Value) -> Result<Data> {
         .ok_or_else(|| Error::new("unauthorized: missing bearer token in connection_init"))?;
     let caller = state
         .auth
-        .authenticate(token, now_millis() / 1000)
+        .authenticate(token, now_ms() / 1000)
         .map_err(|e| Error::new(format!("unauthorized: {e}")))?;
     let slot = admit(&state, &caller).ok_or_else(|| {
         Error::new(format!(
@@ -688,7 +689,7 @@ impl Query {
         let tenant = tenant_of(ctx, tenant_id.as_ref())?;
         read(ctx, |tables| {
             let mut o = PlatformOverview {
-                generated_at: format_rfc3339(now_millis()),
+                generated_at: format_rfc3339(now_ms()),
                 ..PlatformOverview::default()
             };
             let (mut egress, mut ingress, mut seconds) = (0u64, 0u64, 0f64);
@@ -1428,7 +1429,7 @@ impl Subscription {
                 Ok(TenantEvent {
                     event_type: "missed".to_owned(),
                     channel: "system".to_owned(),
-                    timestamp: format_rfc3339(now_millis()),
+                    timestamp: format_rfc3339(now_ms()),
                     tenant_id: None,
                     data: Json(serde_json::json!({ "count": missed })),
                     missed: Some(i64::try_from(missed).unwrap_or(i64::MAX)),

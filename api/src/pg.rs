@@ -11,6 +11,7 @@
 //! Errors carry SQLSTATE codes: `28P01` for a bad token, `42601` for a statement that does not
 //! parse or plan, `42501` for one that would change something.
 
+use keel_operators::time::now_ms;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -39,7 +40,7 @@ use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 
 use crate::auth::{Auth, Principal};
-use crate::server::{ApiState, now_millis};
+use crate::server::ApiState;
 use crate::sql::{SqlError, query};
 
 /// Serves the Postgres protocol on `listener` until the task is dropped.
@@ -126,7 +127,7 @@ impl AuthSource<Principal> for Tokens {
     ) -> PgWireResult<Option<Principal>> {
         let token = std::str::from_utf8(presented).unwrap_or_default();
         self.auth
-            .authenticate(token.trim(), now_millis() / 1000)
+            .authenticate(token.trim(), now_ms() / 1000)
             .map(Some)
             .map_err(|e| user_error("28P01", &format!("the password must be a Keel token: {e}")))
     }

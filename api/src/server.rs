@@ -11,8 +11,9 @@
 //! token decides whose rows it sees. Errors are one JSON shape, `{"error": {"code", "message"}}`,
 //! with the status that fits ([`ApiError`]).
 
+use keel_operators::time::now_ms;
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -187,13 +188,6 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// Wall-clock milliseconds since the Unix epoch.
-pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The caller of a request, from its `Authorization` header.
 pub fn principal(auth: &Auth, headers: &HeaderMap) -> Result<Principal, AuthError> {
     let value = headers
@@ -205,7 +199,7 @@ pub fn principal(auth: &Auth, headers: &HeaderMap) -> Result<Principal, AuthErro
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
         .ok_or(AuthError::Invalid)?;
-    auth.authenticate(token, now_millis() / 1000)
+    auth.authenticate(token, now_ms() / 1000)
 }
 
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";

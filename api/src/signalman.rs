@@ -22,6 +22,7 @@
 //! `{"type":"error","code":…,"message":…}` and the connection stays open; only frames beyond
 //! the transport limit ([`MAX_FRAME`]) close it (1009), and only it.
 
+use keel_operators::time::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -36,7 +37,7 @@ use keel_sinks::hub::{FeedFilter, Subscription, TenantSlot, Update, channel};
 use serde_json::{Value, json};
 
 use crate::auth::{AuthError, Principal, Scope};
-use crate::server::{ApiError, ApiState, now_millis, principal};
+use crate::server::{ApiError, ApiState, principal};
 
 /// Largest client message the protocol reads, bytes; longer ones get an error and are ignored.
 pub const MAX_MESSAGE: usize = 4096;
@@ -214,7 +215,7 @@ impl Connection {
             "type": "missed",
             "channel": "system",
             "data": {"count": count},
-            "timestamp": format_rfc3339(now_millis()),
+            "timestamp": format_rfc3339(now_ms()),
             "tenant_id": tenant,
         })
     }
@@ -321,7 +322,7 @@ impl Connection {
         let Some(token) = token else {
             return error("unauthorized", AuthError::Missing.to_string());
         };
-        match self.state.auth.authenticate(token, now_millis() / 1000) {
+        match self.state.auth.authenticate(token, now_ms() / 1000) {
             Ok(caller) => {
                 let Some(slot) = admit(&self.state, &caller) else {
                     let (_, body) = too_many(&self.state);

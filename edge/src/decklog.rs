@@ -5,6 +5,7 @@
 //! while the good ones of the same batch are kept; an event is acknowledged only when the
 //! hand-off has it (Kafka's acknowledgement, or the embedded engine's input).
 
+use keel_operators::time::now_ms;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -50,12 +51,6 @@ pub const MAX_STREAM_EVENTS: u32 = 1 << 20;
 pub trait Authenticate: Send + Sync + 'static {
     /// The caller behind `token`, or why it is refused (said to the caller).
     fn caller(&self, token: &str) -> Result<Caller, String>;
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The service state shared by every connection.

@@ -11,6 +11,7 @@
 //! at 5 s and would then apply its own default to the viewer or publisher; the write still
 //! completes and is forwarded, but a crash in that window loses it (logged as a warning).
 
+use keel_operators::time::now_ms;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -109,12 +110,6 @@ fn random_start() -> u64 {
     let mut hash = std::collections::hash_map::DefaultHasher::new();
     std::hash::Hash::hash(&(std::process::id(), std::time::Instant::now()), &mut hash);
     std::hash::Hasher::finish(&hash) >> 16
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Adapter {

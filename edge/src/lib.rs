@@ -8,13 +8,14 @@
 //!   from the producer's request id), tenant (from the caller's credentials, fail closed), time,
 //!   headers — checked by the engine's own decoder.
 //! - [`handoff`]: where accepted events go: Kafka, acknowledged once the broker has them, or the
-//!   embedded engine's input; a retried send of a delivered event is not written twice.
+//!   embedded engine's input; a retried send of an event this process has delivered is not
+//!   written twice.
 //! - [`decklog`]: the gRPC service (version 2 `SendEvent` + batch `SendEvents`, version 1
 //!   `StreamEvents`, `SendBalancingEvent`, `CheckHealth`), bearer tokens, TLS.
 //! - [`client`]: a Decklog client.
 //! - [`mist`], [`wal`], [`helmsman`]: the adapter MistServer posts trigger webhooks to; every
-//!   trigger is on disk before Mist is answered and is forwarded oldest first until Decklog
-//!   has it.
+//!   trigger is on disk before Mist is answered (a blocking one whose write takes over 4 s
+//!   excepted) and is forwarded oldest first until Decklog has it.
 //!
 //! ```
 //! use keel_edge::mist::{Origin, parse};
