@@ -1,17 +1,23 @@
 //! # keel
 //!
-//! The `keel` binary's library: command-line interface and the wiring of sources, dataflows and
-//! sinks into a running engine.
+//! The `keel` binary's library: command-line interface and the wiring of sources, dataflows,
+//! sinks and services into a running engine.
 //!
-//! - [`engine`]: one source → the Periscope dataflow on timely workers → live tables.
-//! - [`cli`]: `keel run`, `keel simulate`, `keel sql`.
+//! - [`engine`]: one source → the Periscope and Foghorn dataflows on timely workers → live
+//!   tables and the routing snapshot.
+//! - [`cli`]: `keel run`, `simulate`, `sql`, `graphql-schema`, `decklog`, `helmsman`, `loadgen`.
 //! - [`config`]: the TOML settings file.
 //! - [`serve`]: running the HTTP API beside the engine, and the `keel sql --url` client.
+//! - [`foghorn`]: Foghorn's routing fronts (HTTP, gRPC) on a runtime of their own.
+//! - [`edge`]: Decklog and the Helmsman adapter on a runtime of their own; Decklog's
+//!   credentials from the API's.
+//! - [`loadgen`]: the load generator behind `keel loadgen` and the Decklog benchmark.
 //! - [`summary`]: the one-line live summary `keel run` prints.
 //!
 //! The crates underneath, in dependency order: `keel-operators` (domain-free operators),
-//! `keel-sources` (event model, codecs, connectors), `keel-dataflows` (Periscope),
-//! `keel-sinks` (live tables), `keel-api` (SQL).
+//! `keel-sources` (event model, codecs, connectors), `keel-dataflows` (Periscope, Foghorn),
+//! `keel-sinks` (live tables), `keel-api` (SQL, GraphQL, feeds, routing fronts), `keel-edge`
+//! (Decklog, the Helmsman adapter).
 
 pub mod cli;
 pub mod config;
