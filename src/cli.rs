@@ -47,6 +47,8 @@ enum Command {
     /// Drive Decklog (or the adapter, or Kafka itself) with generated viewer events and report
     /// acknowledged events/s and ack latency.
     Loadgen(LoadgenArgs),
+    /// Create the ClickHouse database and tables that `keel run --clickhouse` writes.
+    Migrate(crate::store::StoreArgs),
 }
 
 /// TLS for Decklog.
@@ -334,6 +336,8 @@ struct RunArgs {
     #[arg(long)]
     helmsman_tenant: Option<uuid::Uuid>,
     #[command(flatten)]
+    store: crate::store::StoreArgs,
+    #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
     fleet: FleetArgs,
@@ -477,7 +481,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         },
         || Ok(SimSource::new(config, None, Some(args.rate))),
     )?;
-    let handles = Handles::default();
+    let durable = args.store.start()?;
+    let handles = Handles {
+        durable: durable.clone(),
+        ..Handles::default()
+    };
+    if let Some(durable) = &durable {
+        let stats = durable.stats();
+        handles.extra_metrics.add(move |out| stats.render(out));
+    }
     let listen = args
         .listen
         .clone()
@@ -596,6 +608,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         eprintln!("  tenant {tenant}: {member}");
         eprintln!("  admin: {admin}");
     }
+    if let Some(durable) = &durable {
+        let clickhouse = durable.clickhouse();
+        eprintln!(
+            "keel: tables stored in ClickHouse {} at {}, database {}",
+            clickhouse.version(),
+            clickhouse.url(),
+            clickhouse.database()
+        );
+    }
     let every = Duration::from_secs_f64(args.summary_every.max(0.05));
     let mut previous = Snapshot::default();
     let snapshot = |handles: &Handles| {
@@ -612,6 +633,14 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         previous = now;
         last = elapsed;
     })?;
+    if let Some(durable) = &durable
+        && !durable.finish(Duration::from_secs(30))
+    {
+        eprintln!(
+            "keel: ClickHouse did not take the last epochs; their positions are not committed and \
+             the next run reads them again"
+        );
+    }
     let now = snapshot(&handles);
     println!(
         "stopped: {}",
@@ -988,6 +1017,7 @@ pub fn main() -> ExitCode {
         Command::Decklog(args) => decklog(&args),
         Command::Helmsman(args) => helmsman(&args),
         Command::Loadgen(args) => loadgen(&args),
+        Command::Migrate(args) => crate::store::migrate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

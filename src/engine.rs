@@ -29,6 +29,7 @@ use keel_dataflows::foghorn::{FleetCell, LoadInput, PublishEvery, foghorn, publi
 use keel_dataflows::periscope::{PeriscopeChange, periscope};
 use keel_dataflows::signalman;
 use keel_operators::table::TableSet;
+use keel_sinks::durable::Durable;
 use keel_sinks::hub::{FeedItem, Hub, channel};
 use keel_sinks::live::LiveTables;
 use keel_sources::codec::{TimeBounds, decode_checked};
@@ -52,6 +53,9 @@ pub struct EngineOptions {
     pub batch: usize,
     /// Most unpublished batches per worker before it waits for the dataflow.
     pub max_inflight: usize,
+    /// Most batches per worker not yet stored by the durable sinks before it stops reading
+    /// (backpressure while a store is slow or down).
+    pub max_undurable: usize,
     /// Event times accepted.
     pub time_bounds: TimeBounds,
 }
@@ -62,6 +66,7 @@ impl Default for EngineOptions {
             workers: 1,
             batch: 8192,
             max_inflight: 8,
+            max_undurable: 512,
             time_bounds: TimeBounds::default(),
         }
     }
@@ -86,6 +91,9 @@ pub struct Handles {
     pub foghorn: Arc<keel_api::foghorn::FoghornStats>,
     /// Metrics of the services beside the engine (the edge), shown by `/metrics`.
     pub extra_metrics: Arc<keel_api::metrics::ExtraMetrics>,
+    /// The durable stores (ClickHouse), when configured: source positions are committed only
+    /// for epochs they hold.
+    pub durable: Option<Arc<Durable>>,
 }
 
 impl Default for Handles {
@@ -103,15 +111,18 @@ impl Default for Handles {
             injector: Injector::new("foghorn"),
             foghorn: Arc::default(),
             extra_metrics: Arc::default(),
+            durable: None,
         }
     }
 }
 
-/// Applies table changes on worker 0 once every worker has passed their epoch. Only worker 0
-/// holds `tables`; the other workers' instances receive nothing.
+/// Applies table changes on worker 0 once every worker has passed their epoch, and stages them
+/// for the durable stores when there are any. Only worker 0 holds `tables`; the other workers'
+/// instances receive nothing.
 fn publish<'scope>(
     changes: StreamVec<'scope, u64, PeriscopeChange>,
     tables: Option<Arc<RwLock<LiveTables>>>,
+    durable: Option<Arc<Durable>>,
 ) -> StreamVec<'scope, u64, ()> {
     changes.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
         Exchange::new(|_: &PeriscopeChange| 0),
@@ -147,15 +158,24 @@ fn publish<'scope>(
                 if ready.is_empty() && closed.is_none() {
                     return;
                 }
+                let mut changes = Vec::new();
+                for time in ready {
+                    let (_cap, mut at) = pending.remove(&time).expect("ready times are pending");
+                    changes.append(&mut at);
+                }
+                if let Some(durable) = &durable {
+                    durable.stage(closed, |stage| {
+                        for change in &changes {
+                            change.clone().apply_to(stage);
+                        }
+                    });
+                }
                 let mut tables = tables
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 tables.begin_epoch();
-                for time in ready {
-                    let (_cap, changes) = pending.remove(&time).expect("ready times are pending");
-                    for change in changes {
-                        change.apply_to(&mut *tables);
-                    }
+                for change in changes {
+                    change.apply_to(&mut *tables);
                 }
                 if let Some(closed) = closed
                     && tables.epoch().is_none_or(|e| e < closed)
@@ -188,13 +208,16 @@ pub fn run(
         let probe = probe::Handle::new();
         let tables = (index == 0).then(|| handles.tables.clone());
         let fleet = (index == 0).then(|| handles.fleet.clone());
+        let durable = handles.durable.clone().filter(|_| index == 0);
+        let stored = |epoch: u64| handles.durable.as_ref().is_none_or(|d| d.covers(epoch));
         let (mut events_in, mut errors_in, mut marks_in, mut loads_in) = worker
             .dataflow::<u64, _, _>(|scope| {
                 let (events_in, events) = scope.new_input::<Event>();
                 let (errors_in, errors) = scope.new_input::<IngestError>();
                 let (marks_in, marks) = scope.new_input::<i64>();
                 let (loads_in, loads) = scope.new_input::<LoadInput>();
-                publish(periscope(events, errors, marks.clone()), tables).probe_with(&probe);
+                publish(periscope(events, errors, marks.clone()), tables, durable)
+                    .probe_with(&probe);
                 publish_fleet(
                     foghorn(loads, marks.clone()),
                     marks,
@@ -286,8 +309,9 @@ pub fn run(
             let mut rounds = 0;
             worker.step();
             loop {
+                // Commit what is published and stored; count what is not yet published.
                 while let Some(&oldest) = inflight.front() {
-                    if probe.less_equal(&oldest) {
+                    if probe.less_equal(&oldest) || !stored(oldest) {
                         break;
                     }
                     inflight.pop_front();
@@ -295,12 +319,19 @@ pub fn run(
                         .commit(oldest)
                         .map_err(|e| format!("worker {index}: {e}"))?;
                 }
-                if inflight.len() <= allowed {
+                let unpublished = inflight.iter().filter(|e| probe.less_equal(e)).count();
+                let unstored = inflight.len();
+                if unpublished <= allowed && unstored <= options.max_undurable {
                     break;
                 }
-                if caught_up {
+                if handles.shutdown.load(Ordering::Relaxed) && unpublished <= allowed {
+                    break;
+                }
+                if caught_up || unpublished <= allowed {
+                    // Waiting for a caught-up source's last epochs (briefly), or for the stores
+                    // (as long as it takes): park rather than spin, the writer needs the CPU.
                     rounds += 1;
-                    if rounds > 100 {
+                    if caught_up && rounds > 100 && unstored <= options.max_undurable {
                         break;
                     }
                     worker.step_or_park(Some(Duration::from_micros(100)));
@@ -320,7 +351,15 @@ pub fn run(
         while !probe.done() {
             worker.step();
         }
+        // Give the stores a last chance to take everything; epochs they have not confirmed stay
+        // uncommitted, and the next run re-reads them.
+        if let Some(durable) = &handles.durable {
+            durable.sync(Duration::from_secs(30));
+        }
         while let Some(oldest) = inflight.pop_front() {
+            if !stored(oldest) {
+                break;
+            }
             reader
                 .commit(oldest)
                 .map_err(|e| format!("worker {index}: {e}"))?;

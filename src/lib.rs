@@ -5,18 +5,20 @@
 //!
 //! - [`engine`]: one source → the Periscope and Foghorn dataflows on timely workers → live
 //!   tables and the routing snapshot.
-//! - [`cli`]: `keel run`, `simulate`, `sql`, `graphql-schema`, `decklog`, `helmsman`, `loadgen`.
+//! - [`cli`]: `keel run`, `simulate`, `sql`, `graphql-schema`, `decklog`, `helmsman`, `loadgen`,
+//!   `migrate`.
 //! - [`config`]: the TOML settings file.
 //! - [`serve`]: running the HTTP API beside the engine, and the `keel sql --url` client.
 //! - [`foghorn`]: Foghorn's routing fronts (HTTP, gRPC) on a runtime of their own.
 //! - [`edge`]: Decklog and the Helmsman adapter on a runtime of their own; Decklog's
 //!   credentials from the API's.
 //! - [`loadgen`]: the load generator behind `keel loadgen` and the Decklog benchmark.
+//! - [`store`]: the durable stores of `keel run` (ClickHouse) and `keel migrate`.
 //! - [`summary`]: the one-line live summary `keel run` prints.
 //!
 //! The crates underneath, in dependency order: `keel-operators` (domain-free operators),
 //! `keel-sources` (event model, codecs, connectors), `keel-dataflows` (Periscope, Foghorn),
-//! `keel-sinks` (live tables), `keel-api` (SQL, GraphQL, feeds, routing fronts), `keel-edge`
+//! `keel-sinks` (live tables, ClickHouse, the durable writer), `keel-api` (SQL, GraphQL, feeds, routing fronts), `keel-edge`
 //! (Decklog, the Helmsman adapter).
 
 pub mod cli;
@@ -26,6 +28,7 @@ pub mod engine;
 pub mod foghorn;
 pub mod loadgen;
 pub mod serve;
+pub mod store;
 pub mod summary;
 
 #[doc = include_str!("../README.md")]

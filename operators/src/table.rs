@@ -52,6 +52,12 @@ pub trait Row:
     /// The columns the key is made of, in the key's order (a tuple key serializes as an array
     /// of them). Empty: lookups by key are not offered.
     const KEY_COLUMNS: &'static [&'static str] = &[];
+    /// Text columns with few distinct values, which stores may dictionary-encode (ClickHouse
+    /// `LowCardinality`).
+    const LOW_CARDINALITY: &'static [&'static str] = &[];
+    /// How long stores keep a row after its first timestamp key column, in days (`None`: for
+    /// ever). Only meaningful for rows keyed by a time window.
+    const RETENTION_DAYS: Option<u32> = None;
     /// The tenant this row belongs to, if it belongs to one.
     fn tenant(&self) -> Option<&str> {
         None

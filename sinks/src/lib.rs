@@ -4,8 +4,14 @@
 //! [`Row`](keel_operators::table::Row) trait and serde, never through a concrete type.
 //!
 //! - [`live`]: in-memory live tables, applied per epoch and read as Arrow snapshots.
+//! - [`clickhouse`]: ClickHouse tables mirroring the live tables (`ReplacingMergeTree`, one
+//!   version column), created by `keel migrate`, read back for checks.
+//! - [`durable`]: changes staged per closed epoch, written in batches by a thread of their own,
+//!   and the watermark of epochs safely stored (source positions are committed below it).
 //! - [`hub`]: pushes each epoch's net table changes, and decoded events, to subscribers without
 //!   ever waiting for one.
 
+pub mod clickhouse;
+pub mod durable;
 pub mod hub;
 pub mod live;

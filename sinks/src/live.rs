@@ -89,7 +89,7 @@ impl<R: Row> fmt::Debug for LiveTable<R> {
     }
 }
 
-fn fields_of<R: Row>(name: &'static str) -> Vec<FieldRef> {
+pub(crate) fn fields_of<R: Row>(name: &'static str) -> Vec<FieldRef> {
     let options = TracingOptions::default()
         .allow_null_fields(true)
         .strings_as_large_utf8(false);

@@ -49,6 +49,8 @@ pub struct StreamRow {
 }
 
 impl Row for StreamRow {
+    const LOW_CARDINALITY: &'static [&'static str] =
+        &["status", "node_id", "buffer_state", "quality_tier"];
     const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "internal_name"];
     fn tenant(&self) -> Option<&str> {
         Some(self.tenant_id.as_str())
@@ -92,6 +94,8 @@ pub struct ViewerSessionRow {
 }
 
 impl Row for ViewerSessionRow {
+    const LOW_CARDINALITY: &'static [&'static str] =
+        &["node_id", "connector", "country_code", "city"];
     const KEY_COLUMNS: &'static [&'static str] =
         &["tenant_id", "internal_name", "node_id", "session_id"];
     fn tenant(&self) -> Option<&str> {
@@ -145,6 +149,7 @@ pub struct NodeRow {
 }
 
 impl Row for NodeRow {
+    const LOW_CARDINALITY: &'static [&'static str] = &["location", "mode"];
     const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "node_id"];
     fn tenant(&self) -> Option<&str> {
         Some(self.tenant_id.as_str())
@@ -178,6 +183,7 @@ pub struct CountryRow {
 }
 
 impl Row for CountryRow {
+    const LOW_CARDINALITY: &'static [&'static str] = &["country_code"];
     const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "internal_name", "country_code"];
     fn tenant(&self) -> Option<&str> {
         Some(self.tenant_id.as_str())
@@ -208,6 +214,7 @@ pub struct UsageRow {
 }
 
 impl Row for UsageRow {
+    const RETENTION_DAYS: Option<u32> = Some(180);
     const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "internal_name", "window_start"];
     fn tenant(&self) -> Option<&str> {
         Some(self.tenant_id.as_str())
@@ -247,6 +254,8 @@ pub struct HealthRow {
 }
 
 impl Row for HealthRow {
+    const RETENTION_DAYS: Option<u32> = Some(180);
+    const LOW_CARDINALITY: &'static [&'static str] = &["quality_tier"];
     const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "internal_name", "window_start"];
     fn tenant(&self) -> Option<&str> {
         Some(self.tenant_id.as_str())
@@ -276,6 +285,7 @@ pub struct RoutingRow {
 }
 
 impl Row for RoutingRow {
+    const RETENTION_DAYS: Option<u32> = Some(365);
     const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "hour"];
     fn tenant(&self) -> Option<&str> {
         Some(self.tenant_id.as_str())
@@ -329,6 +339,7 @@ pub struct UnknownEventRow {
 }
 
 impl Row for UnknownEventRow {
+    const LOW_CARDINALITY: &'static [&'static str] = &["event_type"];
     const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "event_type"];
     fn tenant(&self) -> Option<&str> {
         Some(self.tenant_id.as_str())

@@ -1,0 +1,363 @@
+//! Durable outputs: table changes staged per closed epoch, written in large batches by a thread
+//! of their own, and a watermark of what is safely stored.
+//!
+//! The engine's publisher stages each closed epoch's changes ([`Durable::stage`]). Staged rows
+//! are kept per table and key, so a key changed in many epochs is written once, with its newest
+//! row: what waits to be written is bounded by the number of keys, not by time. A writer thread
+//! flushes everything staged about once per `every` (one insert per table), and when the stores
+//! have it all, raises the durable watermark to the newest epoch it included
+//! ([`Durable::covers`]). The engine commits source positions only for epochs below that mark,
+//! so a crash re-reads whatever might not be stored, and stops reading when too many epochs wait
+//! (backpressure while a store is down).
+//!
+//! A failed write keeps its rows (newer changes to the same keys win) and is retried with
+//! exponential backoff from 0.5 s to 30 s; each failure is logged and counted.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use keel_operators::table::{Change, Row, TableSink};
+
+use crate::clickhouse::{ClickHouse, ClickHouseError, TableSpec};
+
+/// Counters of the durable writer, shown by `/metrics` and the summary line.
+#[derive(Debug, Default)]
+pub struct DurableStats {
+    /// Rows (and tombstones) written.
+    pub rows_written: AtomicU64,
+    /// Inserts that succeeded.
+    pub inserts: AtomicU64,
+    /// Flushes that failed and were retried.
+    pub failures: AtomicU64,
+    /// Rows staged and not yet written.
+    pub pending_rows: AtomicU64,
+    /// The last failure, cleared by the next success.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// Rows staged for one table: the newest encoded line per key.
+#[derive(Debug, Default)]
+struct Pending {
+    lines: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct Staged {
+    tables: HashMap<&'static str, Pending>,
+    /// The newest epoch whose changes are all staged, plus one (0: none).
+    closed: u64,
+    /// Microseconds of the last version handed out.
+    last_version: u64,
+}
+
+struct Shared {
+    staged: Mutex<Staged>,
+    wake: Condvar,
+    /// The newest epoch stored everywhere, plus one (0: none).
+    durable: AtomicU64,
+    stop: AtomicBool,
+    stats: Arc<DurableStats>,
+}
+
+/// Where closed epochs become durable: ClickHouse tables (more stores later).
+pub struct Durable {
+    shared: Arc<Shared>,
+    clickhouse: ClickHouse,
+    specs: HashMap<&'static str, TableSpec>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("clickhouse", &self.clickhouse)
+            .field("durable", &self.shared.durable.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// The staging side, handed to a dataflow's change type as a [`TableSink`].
+#[derive(Debug)]
+pub struct Stage<'a> {
+    staged: &'a mut Staged,
+    specs: &'a HashMap<&'static str, TableSpec>,
+    features: crate::clickhouse::Features,
+    version: u64,
+    added: u64,
+}
+
+impl TableSink for Stage<'_> {
+    fn apply<R: Row>(&mut self, table: &'static str, change: Change<R>) {
+        let Some(spec) = self.specs.get(table) else {
+            return;
+        };
+        let key = serde_json::to_vec(&change.key()).expect("keys serialize");
+        let mut line = Vec::with_capacity(256);
+        spec.encode(&change, self.version, self.features, &mut line);
+        let pending = self.staged.tables.entry(table).or_default();
+        if pending.lines.insert(key, line).is_none() {
+            self.added += 1;
+        }
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Durable {
+    /// Starts a writer into `clickhouse` for the tables of `specs`, flushing about once per
+    /// `every`. The tables must exist (`keel migrate`).
+    pub fn start(
+        clickhouse: ClickHouse,
+        specs: Vec<TableSpec>,
+        every: Duration,
+    ) -> Result<Arc<Durable>, ClickHouseError> {
+        clickhouse.check_tables(&specs)?;
+        let shared = Arc::new(Shared {
+            staged: Mutex::new(Staged::default()),
+            wake: Condvar::new(),
+            durable: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            stats: Arc::default(),
+        });
+        let specs: HashMap<&'static str, TableSpec> =
+            specs.into_iter().map(|s| (s.name, s)).collect();
+        let durable = Arc::new(Durable {
+            shared: shared.clone(),
+            clickhouse: clickhouse.clone(),
+            specs,
+            writer: Mutex::new(None),
+        });
+        let writer = std::thread::Builder::new()
+            .name("keel-durable".into())
+            .spawn(move || write_loop(&shared, &clickhouse, every))
+            .map_err(|e| ClickHouseError::Config(format!("cannot start the writer: {e}")))?;
+        *durable
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(writer);
+        Ok(durable)
+    }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> Arc<DurableStats> {
+        self.shared.stats.clone()
+    }
+
+    /// The ClickHouse the writer writes to.
+    pub fn clickhouse(&self) -> &ClickHouse {
+        &self.clickhouse
+    }
+
+    /// Stages the changes `fill` hands to its sink, then marks every epoch up to `closed` as
+    /// staged. Call once per closed epoch, with all of that epoch's changes.
+    pub fn stage(&self, closed: Option<u64>, fill: impl FnOnce(&mut Stage<'_>)) {
+        let mut staged = self
+            .shared
+            .staged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let version = now_micros().max(staged.last_version + 1);
+        staged.last_version = version;
+        let mut stage = Stage {
+            staged: &mut staged,
+            specs: &self.specs,
+            features: self.clickhouse.features(),
+            version,
+            added: 0,
+        };
+        fill(&mut stage);
+        let added = stage.added;
+        if let Some(closed) = closed {
+            staged.closed = staged.closed.max(closed + 1);
+        }
+        self.shared
+            .stats
+            .pending_rows
+            .fetch_add(added, Ordering::Relaxed);
+    }
+
+    /// Whether everything up to `epoch` is stored.
+    pub fn covers(&self, epoch: u64) -> bool {
+        self.shared.durable.load(Ordering::Acquire) > epoch
+    }
+
+    /// Writes what is staged now and waits up to `timeout` for it to be stored. Returns whether
+    /// everything staged was stored.
+    pub fn sync(&self, timeout: Duration) -> bool {
+        let target = self
+            .shared
+            .staged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed;
+        let deadline = Instant::now() + timeout;
+        while self.shared.durable.load(Ordering::Acquire) < target {
+            if Instant::now() >= deadline || self.shared.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            self.shared.wake.notify_all();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// [`sync`](Durable::sync), then stops the writer.
+    pub fn finish(&self, timeout: Duration) -> bool {
+        let stored = self.sync(timeout);
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        if let Some(writer) = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = writer.join();
+        }
+        stored
+    }
+}
+
+fn write_loop(shared: &Shared, clickhouse: &ClickHouse, every: Duration) {
+    let mut backoff = Duration::from_millis(500);
+    let mut last = Instant::now();
+    loop {
+        // Wait for the interval (or a finish request), then take everything staged.
+        let (tables, closed) = {
+            let mut staged = shared.staged.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let waited = last.elapsed();
+                if waited >= every {
+                    break;
+                }
+                let (next, timeout) = shared
+                    .wake
+                    .wait_timeout(staged, every - waited)
+                    .unwrap_or_else(PoisonError::into_inner);
+                staged = next;
+                if !timeout.timed_out() {
+                    // A finish request: write at once.
+                    break;
+                }
+            }
+            (std::mem::take(&mut staged.tables), staged.closed)
+        };
+        last = Instant::now();
+        match write_all(clickhouse, &shared.stats, tables) {
+            Ok(()) => {
+                shared.durable.fetch_max(closed, Ordering::AcqRel);
+                backoff = Duration::from_millis(500);
+                *shared
+                    .stats
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            Err((error, unwritten)) => {
+                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, retry_in = ?backoff, "durable write failed; positions are not committed until it succeeds");
+                *shared
+                    .stats
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+                let mut staged = shared.staged.lock().unwrap_or_else(PoisonError::into_inner);
+                for (table, pending) in unwritten {
+                    let now = staged.tables.entry(table).or_default();
+                    for (key, line) in pending.lines {
+                        // A change staged meanwhile is newer: keep it.
+                        if now.lines.contains_key(&key) {
+                            shared.stats.pending_rows.fetch_sub(1, Ordering::Relaxed);
+                        } else {
+                            now.lines.insert(key, line);
+                        }
+                    }
+                }
+                drop(staged);
+                let sleep_until = Instant::now() + backoff;
+                while Instant::now() < sleep_until && !shared.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                last = Instant::now() - every;
+            }
+        }
+    }
+}
+
+type Unwritten = Vec<(&'static str, Pending)>;
+
+/// Writes every table's pending rows; on failure returns the tables not yet written.
+fn write_all(
+    clickhouse: &ClickHouse,
+    stats: &DurableStats,
+    tables: HashMap<&'static str, Pending>,
+) -> Result<(), (ClickHouseError, Unwritten)> {
+    let mut tables: Vec<(&'static str, Pending)> = tables.into_iter().collect();
+    tables.sort_by_key(|(name, _)| *name);
+    let mut rest = tables.into_iter();
+    while let Some((table, pending)) = rest.next() {
+        if pending.lines.is_empty() {
+            continue;
+        }
+        let rows = pending.lines.len() as u64;
+        let mut body = Vec::with_capacity(pending.lines.values().map(Vec::len).sum());
+        for line in pending.lines.values() {
+            body.extend_from_slice(line);
+        }
+        if let Err(error) = clickhouse.insert(table, &body) {
+            let mut unwritten = vec![(table, pending)];
+            unwritten.extend(rest);
+            return Err((error, unwritten));
+        }
+        stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+        stats.inserts.fetch_add(1, Ordering::Relaxed);
+        stats.pending_rows.fetch_sub(rows, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+impl DurableStats {
+    /// Appends these counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let failing = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        let _ = write!(
+            out,
+            "# HELP keel_durable_rows_written_total Rows and tombstones written to ClickHouse.\n\
+             # TYPE keel_durable_rows_written_total counter\n\
+             keel_durable_rows_written_total {}\n\
+             # HELP keel_durable_inserts_total Inserts into ClickHouse that succeeded.\n\
+             # TYPE keel_durable_inserts_total counter\n\
+             keel_durable_inserts_total {}\n\
+             # HELP keel_durable_failures_total Flushes that failed and are retried.\n\
+             # TYPE keel_durable_failures_total counter\n\
+             keel_durable_failures_total {}\n\
+             # HELP keel_durable_pending_rows Rows staged and not yet written.\n\
+             # TYPE keel_durable_pending_rows gauge\n\
+             keel_durable_pending_rows {}\n\
+             # HELP keel_durable_failing Whether the last flush failed (1) or succeeded (0).\n\
+             # TYPE keel_durable_failing gauge\n\
+             keel_durable_failing {}\n",
+            self.rows_written.load(Ordering::Relaxed),
+            self.inserts.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+            self.pending_rows.load(Ordering::Relaxed),
+            u8::from(failing),
+        );
+    }
+}
