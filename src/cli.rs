@@ -286,6 +286,10 @@ struct RunArgs {
     /// Kafka consumer group.
     #[arg(long, default_value = "keel-periscope")]
     group: String,
+    /// How far back a Kafka source reads at start to rebuild the state (`24h`, `90m`, `7d`,
+    /// `all` for the whole topic, `none` to resume at the committed positions with empty state).
+    #[arg(long, default_value = "24h", value_parser = parse_horizon)]
+    state_horizon: Horizon,
     /// Seconds between summary lines.
     #[arg(long, default_value_t = 1.0)]
     summary_every: f64,
@@ -466,6 +470,37 @@ fn run_engine(
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?
 }
 
+/// How far back a live Kafka source reads at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Horizon {
+    None,
+    Back(Duration),
+}
+
+fn parse_horizon(text: &str) -> Result<Horizon, String> {
+    match text {
+        "none" => return Ok(Horizon::None),
+        // Older than any record a broker holds.
+        "all" => return Ok(Horizon::Back(Duration::from_secs(100 * 365 * 86_400))),
+        _ => {}
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit: use s, m, h or d (e.g. 24h)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 24h"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Horizon::Back(Duration::from_secs(number * seconds)))
+}
+
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let options = args.engine.options()?;
     let config = args.fleet.config(now_ms(), Some(args.rate))?;
@@ -474,13 +509,26 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         None => crate::config::Config::default(),
     };
     let fleet_tenants = Simulator::new(config.clone()).tenants();
-    let source = open_source(
-        &args.source,
-        KafkaMode::Live {
-            group: args.group.clone(),
-        },
-        || Ok(SimSource::new(config, None, Some(args.rate))),
-    )?;
+    let source: Arc<dyn Source> = if args.source.starts_with("kafka://") {
+        let kafka = KafkaSource::new(
+            KafkaAddress::parse(&args.source)?,
+            KafkaMode::Live {
+                group: args.group.clone(),
+            },
+        );
+        Arc::new(match args.state_horizon {
+            Horizon::None => kafka,
+            Horizon::Back(horizon) => kafka.with_state_horizon(horizon),
+        })
+    } else {
+        open_source(
+            &args.source,
+            KafkaMode::Replay {
+                idle: Duration::ZERO,
+            },
+            || Ok(SimSource::new(config, None, Some(args.rate))),
+        )?
+    };
     let durable = args.store.start()?;
     let handles = Handles {
         durable: durable.clone(),
@@ -1028,6 +1076,34 @@ pub fn main() -> ExitCode {
             }
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_horizons() {
+        assert_eq!(
+            parse_horizon("24h"),
+            Ok(Horizon::Back(Duration::from_secs(86_400)))
+        );
+        assert_eq!(
+            parse_horizon("90m"),
+            Ok(Horizon::Back(Duration::from_secs(5_400)))
+        );
+        assert_eq!(
+            parse_horizon("7d"),
+            Ok(Horizon::Back(Duration::from_secs(604_800)))
+        );
+        assert_eq!(parse_horizon("none"), Ok(Horizon::None));
+        assert!(
+            matches!(parse_horizon("all"), Ok(Horizon::Back(d)) if d.as_secs() > 3_000_000_000)
+        );
+        for bad in ["24", "h", "1w", "-1h", "1.5h", ""] {
+            assert!(parse_horizon(bad).is_err(), "{bad}");
         }
     }
 }

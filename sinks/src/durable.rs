@@ -276,10 +276,13 @@ fn write_loop(shared: &Shared, clickhouse: &ClickHouse, every: Duration) {
                     let now = staged.tables.entry(table).or_default();
                     for (key, line) in pending.lines {
                         // A change staged meanwhile is newer: keep it.
-                        if now.lines.contains_key(&key) {
-                            shared.stats.pending_rows.fetch_sub(1, Ordering::Relaxed);
-                        } else {
-                            now.lines.insert(key, line);
+                        match now.lines.entry(key) {
+                            std::collections::hash_map::Entry::Occupied(_) => {
+                                shared.stats.pending_rows.fetch_sub(1, Ordering::Relaxed);
+                            }
+                            std::collections::hash_map::Entry::Vacant(slot) => {
+                                slot.insert(line);
+                            }
                         }
                     }
                 }

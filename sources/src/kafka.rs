@@ -10,17 +10,29 @@
 //!   round-robin, no group and no commits; a worker is done when its partitions have been silent
 //!   for the idle time. This is how `keel sql --source kafka://…` reads a topic once.
 //!
+//! **Recovery.** Keel's state lives in memory, so a live member rebuilds it when it is handed a
+//! partition: with a state horizon ([`KafkaSource::with_state_horizon`]) it starts reading at
+//! the earlier of the group's committed position and the first record newer than now − horizon
+//! (found by timestamp), so the state covers the horizon and nothing after the last commit is
+//! skipped. Results of the re-read epochs are written again; stores apply them idempotently.
+//! Positions are never committed below where the group stood, so a recovery that is interrupted
+//! does not move the group back. Without a horizon the member resumes at the committed position.
+//!
 //! Broker trouble (unreachable, rebalancing) is logged and retried by the client; only
 //! configuration mistakes stop the source.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use keel_operators::sym::Sym;
+use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::{IngestError, SourceError, excerpt};
@@ -81,6 +93,8 @@ pub struct KafkaSource {
     mode: KafkaMode,
     /// Extra client settings (`key=value`), applied last.
     settings: Vec<(String, String)>,
+    /// How far back a live member reads to rebuild its state.
+    horizon: Option<Duration>,
 }
 
 impl KafkaSource {
@@ -90,7 +104,14 @@ impl KafkaSource {
             address,
             mode,
             settings: Vec::new(),
+            horizon: None,
         }
+    }
+
+    /// Rebuilds state at start from the records of the last `horizon` (live mode).
+    pub fn with_state_horizon(mut self, horizon: Duration) -> Self {
+        self.horizon = Some(horizon);
+        self
     }
 
     /// Adds a librdkafka setting (for example `security.protocol=ssl`).
@@ -128,7 +149,15 @@ impl KafkaSource {
 
 impl Source for KafkaSource {
     fn open(&self, worker: usize, workers: usize) -> Result<Box<dyn SourceReader>, SourceError> {
-        let consumer: BaseConsumer = self.client_config().create()?;
+        let context = Recovery {
+            horizon: match self.mode {
+                KafkaMode::Live { .. } => self.horizon,
+                KafkaMode::Replay { .. } => None,
+            },
+            floors: Arc::default(),
+        };
+        let floors = context.floors.clone();
+        let consumer: BaseConsumer<Recovery> = self.client_config().create_with_context(context)?;
         let topic = &self.address.topic;
         match &self.mode {
             KafkaMode::Live { .. } => consumer.subscribe(&[topic])?,
@@ -166,6 +195,7 @@ impl Source for KafkaSource {
             last_record: Instant::now(),
             reading: HashMap::new(),
             epochs: BTreeMap::new(),
+            floors,
         }))
     }
 
@@ -187,8 +217,106 @@ impl Source for KafkaSource {
     }
 }
 
+/// Where a live member starts on each partition it is handed (see the module's recovery notes).
+struct Recovery {
+    horizon: Option<Duration>,
+    /// The group's committed position per partition when it was handed to this member: commits
+    /// below it are skipped.
+    floors: Arc<Mutex<HashMap<i32, i64>>>,
+}
+
+impl ClientContext for Recovery {}
+
+impl Recovery {
+    /// Sets each partition of `assigned` to its recovery start.
+    fn starts(
+        &self,
+        consumer: &BaseConsumer<Recovery>,
+        horizon: Duration,
+        assigned: &mut TopicPartitionList,
+    ) -> KafkaResult<()> {
+        let timeout = Duration::from_secs(10);
+        let committed = consumer.committed_offsets(assigned.clone(), timeout)?;
+        let since = keel_operators::time::now_ms() - horizon.as_millis() as i64;
+        let mut by_time = TopicPartitionList::new();
+        for element in assigned.elements() {
+            by_time.add_partition_offset(
+                element.topic(),
+                element.partition(),
+                Offset::Offset(since),
+            )?;
+        }
+        let by_time = consumer.offsets_for_times(by_time, timeout)?;
+        let mut floors = self.floors.lock().unwrap_or_else(PoisonError::into_inner);
+        for element in assigned.clone().elements() {
+            let (topic, partition) = (element.topic(), element.partition());
+            let committed =
+                committed
+                    .find_partition(topic, partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+            let from_time = by_time.find_partition(topic, partition).map(|e| e.offset());
+            let start = match (from_time, committed) {
+                (Some(Offset::Offset(t)), Some(c)) => Offset::Offset(t.min(c)),
+                (Some(Offset::Offset(t)), None) => Offset::Offset(t),
+                // Nothing newer than the horizon: resume where the group stood.
+                (Some(Offset::End), Some(c)) => Offset::Offset(c),
+                (Some(Offset::End), None) => Offset::End,
+                (_, _) => Offset::Beginning,
+            };
+            if let Some(c) = committed {
+                floors.insert(partition, c);
+            }
+            tracing::info!(partition, ?committed, ?start, "kafka: recovering state");
+            assigned.set_partition_offset(topic, partition, start)?;
+        }
+        Ok(())
+    }
+}
+
+impl ConsumerContext for Recovery {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Recovery>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(horizon) = self.horizon
+                    && let Err(error) = self.starts(consumer, horizon, partitions)
+                {
+                    // Without the positions the state cannot be rebuilt exactly from the
+                    // horizon: read everything instead, which is slower but never wrong.
+                    tracing::warn!(%error, "kafka: cannot find recovery positions; reading the partitions from their beginning");
+                    for element in partitions.clone().elements() {
+                        let _ = partitions.set_partition_offset(
+                            element.topic(),
+                            element.partition(),
+                            Offset::Beginning,
+                        );
+                    }
+                }
+                consumer.assign(partitions)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => consumer.unassign(),
+            other => {
+                tracing::warn!(error = ?other, "kafka: rebalance failed");
+                consumer.unassign()
+            }
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "kafka: applying a rebalance");
+        }
+    }
+}
+
 struct KafkaReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Recovery>,
+    /// Committed positions the group had when partitions were handed over.
+    floors: Arc<Mutex<HashMap<i32, i64>>>,
     topic: Sym,
     replay_idle: Option<Duration>,
     last_record: Instant,
@@ -271,6 +399,12 @@ impl SourceReader for KafkaReader {
                 let entry = next.entry(partition).or_insert(offset);
                 *entry = (*entry).max(offset);
             }
+        }
+        let floors = self.floors.lock().unwrap_or_else(PoisonError::into_inner);
+        next.retain(|partition, offset| floors.get(partition).is_none_or(|f| *offset > *f));
+        drop(floors);
+        if next.is_empty() {
+            return Ok(());
         }
         let mut list = TopicPartitionList::new();
         for (partition, offset) in next {

@@ -1,0 +1,451 @@
+//! Durable outputs against real servers: Keel consuming a topic on the test broker (tansu) into
+//! ClickHouse 18.16 (both started by `scripts/test-servers.sh start kafka clickhouse`), killed with
+//! SIGKILL at random points and restarted, must leave exactly the tables of an uninterrupted run;
+//! and while ClickHouse is unreachable it must stop committing positions, then catch up.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use common::{broker, fresh_topic};
+use keel::store::specs;
+use keel_sinks::clickhouse::ClickHouse;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+const PARTITIONS: i32 = 4;
+
+/// The test ClickHouse (`KEEL_TEST_CLICKHOUSE`, default http://127.0.0.1:18123); a missing
+/// server fails the test with instructions.
+fn clickhouse_url() -> String {
+    let url =
+        std::env::var("KEEL_TEST_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:18123".into());
+    let reachable = ClickHouse::connect(&url, "default").is_ok();
+    assert!(
+        reachable,
+        "no ClickHouse at {url}: run the tests with `scripts/test` (which starts one), or start it \
+         with `eval \"$(scripts/test-servers.sh start kafka clickhouse)\"`"
+    );
+    url
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "{name}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    )
+}
+
+/// Fills a fresh topic with `records` simulated records (a share of them malformed).
+fn seeded_topic(brokers: &str, records: u64) -> String {
+    let topic = fresh_topic(brokers, "durable", PARTITIONS);
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "simulate",
+            "--events",
+            &records.to_string(),
+            "--out",
+            &format!("kafka://{brokers}/{topic}"),
+            "--malformed",
+            "0.01",
+            "--seed",
+            "11",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    topic
+}
+
+fn migrate(url: &str, database: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "migrate",
+            "--clickhouse",
+            url,
+            "--clickhouse-database",
+            database,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("has 9 tables"), "{said}");
+}
+
+/// A running `keel run`, killed when dropped; its summary lines arrive on `progress` as the
+/// number of records (events and errors) read so far.
+struct Keel {
+    child: Child,
+    progress: Receiver<u64>,
+    /// Everything it printed on stderr.
+    log: Arc<std::sync::Mutex<String>>,
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_count(text: &str) -> u64 {
+    text.trim().replace(',', "").parse().unwrap_or(0)
+}
+
+impl Keel {
+    fn start(brokers: &str, topic: &str, group: &str, url: &str, database: &str) -> Keel {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args([
+                "run",
+                "--source",
+                &format!("kafka://{brokers}/{topic}"),
+                "--group",
+                group,
+                "--clickhouse",
+                url,
+                "--clickhouse-database",
+                database,
+                "--flush-every",
+                "0.3",
+                "--batch",
+                "512",
+                "--summary-every",
+                "0.1",
+                "--listen",
+                "127.0.0.1:0",
+                "--pg-listen",
+                "off",
+                "--foghorn-listen",
+                "off",
+                "--foghorn-grpc-listen",
+                "off",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (sender, progress) = channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // "[  1s]  2,000 events/s | 12,084 events | … | 3 errors"
+                let fields: Vec<&str> = line.split(" | ").collect();
+                let events = fields
+                    .iter()
+                    .find(|f| f.ends_with(" events") && !f.contains("events/s"));
+                let errors = fields.iter().find(|f| f.ends_with(" errors"));
+                if let (Some(events), Some(errors)) = (events, errors) {
+                    let events = parse_count(
+                        events
+                            .trim_start_matches("stopped: ")
+                            .trim_end_matches(" events"),
+                    );
+                    let errors = parse_count(errors.trim_end_matches(" errors"));
+                    if sender.send(events + errors).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let into = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                into.lock().unwrap().push_str(&line);
+                into.lock().unwrap().push('\n');
+            }
+        });
+        Keel {
+            child,
+            progress,
+            log,
+        }
+    }
+
+    /// Waits until it has read at least `records`; panics after `timeout`.
+    fn wait_for(&self, records: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.progress.recv_timeout(left) {
+                Ok(read) if read >= records => return read,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "keel did not read {records} records within {timeout:?}; its log:\n{}",
+                    self.log.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    /// Waits until its stderr contains `text`.
+    fn wait_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log.lock().unwrap().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "keel did not print {text:?}; its log:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops it with Ctrl-C (SIGINT) and checks that it stored everything and exited cleanly.
+    fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "keel exited with {status}; its log:\n{}",
+                    self.log.lock().unwrap()
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "keel did not stop after SIGINT");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = self.log.lock().unwrap();
+        assert!(!log.contains("did not take the last epochs"), "{log}");
+    }
+}
+
+/// Every table's current rows in `database`, as ClickHouse returns them in key order.
+fn tables(url: &str, database: &str) -> Vec<(&'static str, String)> {
+    let clickhouse = ClickHouse::connect(url, database).unwrap();
+    specs()
+        .iter()
+        .map(|spec| (spec.name, clickhouse.current_rows(spec).unwrap()))
+        .collect()
+}
+
+/// The group's committed positions, summed over partitions (each is the next offset to read,
+/// so the sum is the number of records committed when offsets start at 0).
+fn committed(brokers: &str, topic: &str, group: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// A small random number from the clock (the kill points only need to differ between runs;
+/// they are printed so a failure can be related to them).
+fn random_fraction(salt: u64) -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mixed =
+        (nanos ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (mixed >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[test]
+fn sigkill_at_random_points_leaves_the_tables_of_an_uninterrupted_run() {
+    let brokers = broker();
+    let url = clickhouse_url();
+    let records = 60_000u64;
+    let topic = seeded_topic(&brokers, records);
+
+    // The reference: one run, start to end.
+    let reference = unique("keel_ref");
+    migrate(&url, &reference);
+    let keel = Keel::start(&brokers, &topic, &unique("ref"), &url, &reference);
+    keel.wait_for(records, Duration::from_secs(240));
+    keel.stop();
+    let expected = tables(&url, &reference);
+    let rows = |name: &str| {
+        expected
+            .iter()
+            .find(|(t, _)| *t == name)
+            .map_or(0, |(_, text)| text.lines().count())
+    };
+    assert!(rows("streams") > 10, "{expected:?}");
+    assert!(rows("viewer_sessions") > 1_000);
+    assert!(
+        rows("ingest_errors") > 0,
+        "malformed records become error rows"
+    );
+
+    // The same topic, killed five times at random points while it reads and writes.
+    let killed = unique("keel_kill");
+    let group = unique("kill");
+    migrate(&url, &killed);
+    for round in 0..5u64 {
+        let keel = Keel::start(&brokers, &topic, &group, &url, &killed);
+        let point = (0.1 + 0.8 * random_fraction(round)) * records as f64;
+        let read = keel.wait_for(point as u64, Duration::from_secs(240));
+        // Let a flush or two land (writes in flight at the kill are the point).
+        std::thread::sleep(Duration::from_millis(
+            (random_fraction(round + 7) * 700.0) as u64,
+        ));
+        eprintln!("round {round}: SIGKILL after {read} of {records} records");
+        drop(keel);
+    }
+    let keel = Keel::start(&brokers, &topic, &group, &url, &killed);
+    keel.wait_for(records, Duration::from_secs(240));
+    keel.stop();
+
+    let got = tables(&url, &killed);
+    for ((table, want), (_, have)) in expected.iter().zip(&got) {
+        assert!(
+            want == have,
+            "{table} differs after the kills: {} rows expected, {} stored; first difference: {:?}",
+            want.lines().count(),
+            have.lines().count(),
+            want.lines().zip(have.lines()).find(|(a, b)| a != b)
+        );
+    }
+    // Everything read is committed, and nothing past the end.
+    assert_eq!(committed(&brokers, &topic, &group), records as i64);
+}
+
+/// A TCP proxy to ClickHouse that can be cut.
+struct Proxy {
+    up: Arc<AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    /// Refuses new connections and cuts the open ones (the client pools them).
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Forwards TCP connections to `target` while it is up; closes them at once otherwise.
+fn switchable_proxy(target: &str) -> (String, Proxy) {
+    let up = Arc::new(AtomicBool::new(true));
+    let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let proxy = Proxy {
+        up: up.clone(),
+        open: open.clone(),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let target = target
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            if !up.load(Ordering::SeqCst) {
+                drop(client);
+                continue;
+            }
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            open.lock().unwrap().push(client.try_clone().unwrap());
+            let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let mut buffer = [0u8; 64 * 1024];
+                    while let Ok(n) = from.read(&mut buffer) {
+                        if n == 0 || to.write_all(&buffer[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            };
+            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+            pipe(server, client);
+        }
+    });
+    (format!("http://{address}"), proxy)
+}
+
+#[test]
+fn an_unreachable_clickhouse_holds_back_commits_until_it_returns() {
+    let brokers = broker();
+    let url = clickhouse_url();
+    let records = 20_000u64;
+    let topic = seeded_topic(&brokers, records);
+    let database = unique("keel_outage");
+    migrate(&url, &database);
+    let (proxied, proxy) = switchable_proxy(&url);
+    let group = unique("outage");
+
+    let keel = Keel::start(&brokers, &topic, &group, &proxied, &database);
+    // Up for the start-up checks, then away while Keel reads.
+    keel.wait_log("tables stored in ClickHouse", Duration::from_secs(60));
+    proxy.cut();
+    // Whatever was committed before the outage stays put while ClickHouse is away.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = committed(&brokers, &topic, &group);
+    keel.wait_for(records, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(3));
+    let during = committed(&brokers, &topic, &group);
+    assert_eq!(
+        before, during,
+        "positions advanced while ClickHouse was unreachable"
+    );
+    assert!(
+        during < records as i64,
+        "everything was committed although ClickHouse was unreachable"
+    );
+    assert!(
+        keel.log.lock().unwrap().contains("durable write failed"),
+        "the failure is logged: {}",
+        keel.log.lock().unwrap()
+    );
+    proxy.restore();
+    keel.stop();
+    assert_eq!(committed(&brokers, &topic, &group), records as i64);
+    let stored = tables(&url, &database);
+    let sessions = stored
+        .iter()
+        .find(|(t, _)| *t == "viewer_sessions")
+        .map_or(0, |(_, text)| text.lines().count());
+    assert!(sessions > 100, "{sessions} sessions stored");
+}
