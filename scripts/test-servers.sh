@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (if needed) and starts the real servers the system tests use, on loopback only.
 #
-#   scripts/test-servers.sh start [kafka] [clickhouse]   start them (default: kafka); prints the
+#   scripts/test-servers.sh start [kafka] [clickhouse] [postgres]
+#                                                       start them (default: kafka); prints the
 #                                                       environment the tests and benchmarks read
 #   scripts/test-servers.sh stop                         stop whatever it started
 #
@@ -10,6 +11,8 @@
 # 127.0.0.1:$KEEL_KAFKA_PORT (default 19092).
 # ClickHouse: Debian's clickhouse-server (18.16), installed with apt-get if missing, HTTP on
 # 127.0.0.1:$KEEL_CLICKHOUSE_PORT (default 18123).
+# PostgreSQL: Debian's postgresql (15), installed with apt-get if missing, a throwaway cluster
+# (trust auth, fsync off) on 127.0.0.1:$KEEL_POSTGRES_PORT (default 15432), run as user postgres.
 # Clients the tests drive: psql (Debian postgresql-client) and a headless Chromium (Debian
 # chromium), installed with apt-get if missing.
 # State and logs go to $KEEL_SERVERS_DIR (default /tmp/keel-servers).
@@ -19,6 +22,7 @@ CACHE=${KEEL_CACHE:-$HOME/.cache/keel}
 DIR=${KEEL_SERVERS_DIR:-/tmp/keel-servers}
 KAFKA_PORT=${KEEL_KAFKA_PORT:-19092}
 CLICKHOUSE_PORT=${KEEL_CLICKHOUSE_PORT:-18123}
+POSTGRES_PORT=${KEEL_POSTGRES_PORT:-15432}
 TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
 
 log() { echo "[test-servers] $*" >&2; }
@@ -113,6 +117,36 @@ XML
   echo "export KEEL_TEST_CLICKHOUSE=http://127.0.0.1:$CLICKHOUSE_PORT"
 }
 
+start_postgres() {
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    log "installing postgresql from Debian"
+    apt_install postgresql
+  fi
+  local bin d="$DIR/postgres"
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  rm -rf "$d" && mkdir -p "$d"
+  local as=()
+  if [ "$(id -u)" = 0 ]; then
+    chown postgres:postgres "$d"
+    as=(runuser -u postgres --)
+  fi
+  "${as[@]}" "$bin/initdb" -D "$d/data" -U postgres --auth=trust --encoding=UTF8 \
+    --locale=C.UTF-8 -N >"$DIR/postgres-initdb.log" 2>&1 || {
+    cat "$DIR/postgres-initdb.log" >&2
+    exit 1
+  }
+  if ! "${as[@]}" "$bin/pg_ctl" -D "$d/data" -l "$d/server.log" -w -t 60 start \
+      -o "-c listen_addresses=127.0.0.1 -p $POSTGRES_PORT -k $d -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+      >/dev/null; then
+    log "postgres did not start; its log:"
+    cat "$d/server.log" >&2
+    exit 1
+  fi
+  echo "$bin" >"$DIR/postgres.bin"
+  log "postgres listening on 127.0.0.1:$POSTGRES_PORT"
+  echo "export KEEL_TEST_POSTGRES=postgres://postgres@127.0.0.1:$POSTGRES_PORT/postgres"
+}
+
 start() {
   mkdir -p "$DIR"
   stop >/dev/null 2>&1 || true
@@ -123,7 +157,8 @@ start() {
     case "$server" in
       kafka) start_kafka ;;
       clickhouse) start_clickhouse ;;
-      *) log "unknown server $server (kafka, clickhouse)"; exit 2 ;;
+      postgres) start_postgres ;;
+      *) log "unknown server $server (kafka, clickhouse, postgres)"; exit 2 ;;
     esac
   done
 }
@@ -163,6 +198,13 @@ stop() {
       log "$server stopped"
     fi
   done
+  if [ -f "$DIR/postgres.bin" ]; then
+    local as=()
+    [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
+    "${as[@]}" "$(cat "$DIR/postgres.bin")/pg_ctl" -D "$DIR/postgres/data" -m fast -w stop >/dev/null 2>&1 || true
+    rm -f "$DIR/postgres.bin"
+    log "postgres stopped"
+  fi
 }
 
 case "${1:-}" in

@@ -529,7 +529,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             || Ok(SimSource::new(config, None, Some(args.rate))),
         )?
     };
-    let durable = args.store.start()?;
+    let durable = args.store.start(
+        (args.source == "sim" || args.source == "simulator")
+            .then_some(crate::store::DEFAULT_SQLITE),
+    )?;
     let handles = Handles {
         durable: durable.clone(),
         ..Handles::default()
@@ -656,13 +659,23 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         eprintln!("  tenant {tenant}: {member}");
         eprintln!("  admin: {admin}");
     }
-    if let Some(durable) = &durable {
-        let clickhouse = durable.clickhouse();
+    if let Some(clickhouse) = durable.as_ref().and_then(|d| d.clickhouse()) {
         eprintln!(
             "keel: tables stored in ClickHouse {} at {}, database {}",
             clickhouse.version(),
             clickhouse.url(),
             clickhouse.database()
+        );
+    }
+    if durable.as_ref().is_some_and(|d| d.sql().is_some()) {
+        let url = args
+            .store
+            .database
+            .as_deref()
+            .unwrap_or(crate::store::DEFAULT_SQLITE);
+        eprintln!(
+            "keel: stream_analytics stored in {}",
+            crate::store::redact(url)
         );
     }
     let every = Duration::from_secs_f64(args.summary_every.max(0.05));
@@ -685,7 +698,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         && !durable.finish(Duration::from_secs(30))
     {
         eprintln!(
-            "keel: ClickHouse did not take the last epochs; their positions are not committed and \
+            "keel: the stores did not take the last epochs; their positions are not committed and \
              the next run reads them again"
         );
     }

@@ -1,5 +1,5 @@
 //! The durable stores of `keel run` and `keel migrate`: ClickHouse tables mirroring the live
-//! tables.
+//! tables, and the platform's `stream_analytics` table in PostgreSQL or a SQLite file.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,10 @@ use keel_dataflows::periscope::PeriscopeChange;
 use keel_operators::table::TableSet;
 use keel_sinks::clickhouse::{ClickHouse, Specs, TableSpec};
 use keel_sinks::durable::Durable;
+use keel_sinks::sql::SqlStore;
+
+/// The SQLite file `keel run` keeps `stream_analytics` in when it runs on the simulator.
+pub const DEFAULT_SQLITE: &str = "sqlite:keel-state.db";
 
 /// Where results are stored durably.
 #[derive(Clone, Debug, Args)]
@@ -21,6 +25,11 @@ pub struct StoreArgs {
     /// The ClickHouse database of Keel's tables.
     #[arg(long, default_value = "keel")]
     pub clickhouse_database: String,
+    /// The SQL database for `stream_analytics`: `postgres://USER@HOST:PORT/DB` or `sqlite:PATH`
+    /// (`keel run` on the simulator uses `sqlite:keel-state.db` unless told otherwise; `off`
+    /// keeps none).
+    #[arg(long, env = "KEEL_DATABASE")]
+    pub database: Option<String>,
     /// Seconds between writes to the stores (each write is one insert per changed table).
     #[arg(long, default_value_t = 1.0)]
     pub flush_every: f64,
@@ -44,38 +53,90 @@ impl StoreArgs {
         Ok(Some(client))
     }
 
-    /// Starts the durable writer, if a store is given; its tables must exist.
-    pub fn start(&self) -> anyhow::Result<Option<Arc<Durable>>> {
-        let Some(clickhouse) = self.clickhouse()? else {
+    /// The SQL database to use: the one given, else `default`; `off` means none.
+    fn database_url<'a>(&'a self, default: Option<&'a str>) -> Option<&'a str> {
+        match self.database.as_deref() {
+            Some("off") => None,
+            Some(url) => Some(url),
+            None => default,
+        }
+    }
+
+    /// Starts the durable writer, if a store is given (`default_database` when none is named);
+    /// its tables must exist, except a default SQLite file, which is migrated here.
+    pub fn start(&self, default_database: Option<&str>) -> anyhow::Result<Option<Arc<Durable>>> {
+        let clickhouse = self.clickhouse()?;
+        let database = self.database_url(default_database);
+        if clickhouse.is_none() && database.is_none() {
             return Ok(None);
-        };
+        }
         if !(self.flush_every.is_finite() && self.flush_every > 0.0) {
             anyhow::bail!("--flush-every must be a positive number of seconds");
         }
+        if self.database.is_none()
+            && let Some(url) = database
+        {
+            migrate_sql(url)?;
+        }
         let every = Duration::from_secs_f64(self.flush_every);
-        Ok(Some(Durable::start(clickhouse, specs(), every)?))
+        Ok(Some(Durable::start(clickhouse, specs(), database, every)?))
     }
 }
 
-/// `keel migrate`: creates the database and tables; prints what it did.
+fn migrate_sql(url: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime
+        .block_on(async {
+            let store = SqlStore::connect(url).await?;
+            store.migrate().await
+        })
+        .with_context(|| format!("database {url}"))
+}
+
+/// `keel migrate`: creates the ClickHouse database and tables, and `stream_analytics`; prints
+/// what it did.
 pub fn migrate(args: &StoreArgs) -> anyhow::Result<()> {
-    let Some(clickhouse) = args.clickhouse()? else {
-        anyhow::bail!("nothing to migrate: give --clickhouse URL");
-    };
-    let specs = specs();
-    clickhouse.migrate(&specs)?;
-    println!(
-        "ClickHouse {} at {}: database {} has {} tables ({}){}",
-        clickhouse.version(),
-        clickhouse.url(),
-        clickhouse.database(),
-        specs.len(),
-        specs.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
-        if clickhouse.features().datetime64 {
-            ""
-        } else {
-            "; an old server: times are Int64 milliseconds, no TTL or LowCardinality"
-        }
-    );
+    let clickhouse = args.clickhouse()?;
+    let database = args.database_url(None);
+    if clickhouse.is_none() && database.is_none() {
+        anyhow::bail!("nothing to migrate: give --clickhouse URL and/or --database URL");
+    }
+    if let Some(clickhouse) = clickhouse {
+        let specs = specs();
+        clickhouse.migrate(&specs)?;
+        println!(
+            "ClickHouse {} at {}: database {} has {} tables ({}){}",
+            clickhouse.version(),
+            clickhouse.url(),
+            clickhouse.database(),
+            specs.len(),
+            specs.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
+            if clickhouse.features().datetime64 {
+                ""
+            } else {
+                "; an old server: times are Int64 milliseconds, no TTL or LowCardinality"
+            }
+        );
+    }
+    if let Some(url) = database {
+        migrate_sql(url)?;
+        println!("{}: table stream_analytics is ready", redact(url));
+    }
     Ok(())
+}
+
+/// `url` without its password.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }

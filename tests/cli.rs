@@ -127,7 +127,9 @@ fn simulate_then_query() {
 
 #[test]
 fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
+    let workdir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(workdir.path())
         .args([
             "run",
             "--rate",
@@ -190,6 +192,30 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
         .parse()
         .unwrap();
     assert!(events > 3_000, "{stdout}");
+
+    // The embedded default keeps stream_analytics in a SQLite file beside it, every stream of
+    // the live tables, written before it exited.
+    let streams = last
+        .split(" | ")
+        .find_map(|f| f.strip_suffix(" live)"))
+        .and_then(|f| f.split(' ').next())
+        .and_then(|n| n.parse::<i64>().ok())
+        .expect("the summary counts streams");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stored, viewers): (i64, i64) = runtime.block_on(async {
+        use sqlx::Connection;
+        let url = format!("sqlite:{}", workdir.path().join("keel-state.db").display());
+        let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query_as("SELECT count(*), sum(total_connections) FROM stream_analytics")
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+    });
+    assert_eq!(stored, streams, "{stdout}");
+    assert!(viewers > 100, "{viewers} connections stored");
 }
 
 /// `keel run` serves the API on a real socket and prints development tokens; `keel sql --url`
@@ -197,7 +223,9 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
 #[test]
 fn run_serves_sql_to_the_printed_tenant_token() {
     use std::io::BufRead;
+    let workdir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(workdir.path())
         .args([
             "run",
             "--rate",
@@ -341,7 +369,9 @@ fn graphql_schema_prints_the_served_schema_and_matches_the_checked_in_copy() {
 fn run_takes_mist_webhooks_into_the_tables() {
     use std::io::BufRead;
     let wal = tempfile::tempdir().unwrap();
+    let workdir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(workdir.path())
         .args([
             "run",
             "--rate",

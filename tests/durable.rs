@@ -1,7 +1,8 @@
 //! Durable outputs against real servers: Keel consuming a topic on the test broker (tansu) into
-//! ClickHouse 18.16 (both started by `scripts/test-servers.sh start kafka clickhouse`), killed with
-//! SIGKILL at random points and restarted, must leave exactly the tables of an uninterrupted run;
-//! and while ClickHouse is unreachable it must stop committing positions, then catch up.
+//! ClickHouse 18.16 and PostgreSQL (all started by `scripts/test-servers.sh start kafka clickhouse
+//! postgres`), killed with SIGKILL at random points and restarted, must leave exactly the tables
+//! of an uninterrupted run; and while ClickHouse is unreachable it must stop committing
+//! positions, then catch up.
 
 mod common;
 
@@ -34,6 +35,51 @@ fn clickhouse_url() -> String {
          with `eval \"$(scripts/test-servers.sh start kafka clickhouse)\"`"
     );
     url
+}
+
+/// The test PostgreSQL (`KEEL_TEST_POSTGRES`); a missing server fails the test with
+/// instructions. Returns the URL of a new, empty database.
+fn fresh_postgres(name: &str) -> String {
+    let url = std::env::var("KEEL_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:15432/postgres".into());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut db = sqlx::PgConnection::connect(&url).await.unwrap_or_else(|e| {
+            panic!(
+                "no PostgreSQL at {url} ({e}): run the tests with `scripts/test` (which starts one), \
+                 or start it with `eval \"$(scripts/test-servers.sh start kafka clickhouse postgres)\"`"
+            )
+        });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut db)
+            .await
+            .unwrap();
+    });
+    let base = url.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+/// `stream_analytics` in `url`, one line per row in key order.
+fn stream_analytics(url: &str) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut db = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT string_agg(t::text, E'\\n' ORDER BY tenant_id, internal_name) FROM stream_analytics t",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+        .unwrap_or_default()
+    })
 }
 
 fn unique(name: &str) -> String {
@@ -72,7 +118,7 @@ fn seeded_topic(brokers: &str, records: u64) -> String {
     topic
 }
 
-fn migrate(url: &str, database: &str) {
+fn migrate(url: &str, database: &str, sql: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args([
             "migrate",
@@ -80,6 +126,8 @@ fn migrate(url: &str, database: &str) {
             url,
             "--clickhouse-database",
             database,
+            "--database",
+            sql,
         ])
         .output()
         .unwrap();
@@ -90,6 +138,7 @@ fn migrate(url: &str, database: &str) {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("has 9 tables"), "{said}");
+    assert!(said.contains("stream_analytics is ready"), "{said}");
 }
 
 /// A running `keel run`, killed when dropped; its summary lines arrive on `progress` as the
@@ -113,7 +162,14 @@ fn parse_count(text: &str) -> u64 {
 }
 
 impl Keel {
-    fn start(brokers: &str, topic: &str, group: &str, url: &str, database: &str) -> Keel {
+    fn start(
+        brokers: &str,
+        topic: &str,
+        group: &str,
+        url: &str,
+        database: &str,
+        sql: &str,
+    ) -> Keel {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
             .args([
                 "run",
@@ -125,6 +181,8 @@ impl Keel {
                 url,
                 "--clickhouse-database",
                 database,
+                "--database",
+                sql,
                 "--flush-every",
                 "0.3",
                 "--batch",
@@ -292,8 +350,16 @@ fn sigkill_at_random_points_leaves_the_tables_of_an_uninterrupted_run() {
 
     // The reference: one run, start to end.
     let reference = unique("keel_ref");
-    migrate(&url, &reference);
-    let keel = Keel::start(&brokers, &topic, &unique("ref"), &url, &reference);
+    let reference_sql = fresh_postgres(&reference);
+    migrate(&url, &reference, &reference_sql);
+    let keel = Keel::start(
+        &brokers,
+        &topic,
+        &unique("ref"),
+        &url,
+        &reference,
+        &reference_sql,
+    );
     keel.wait_for(records, Duration::from_secs(240));
     keel.stop();
     let expected = tables(&url, &reference);
@@ -309,13 +375,16 @@ fn sigkill_at_random_points_leaves_the_tables_of_an_uninterrupted_run() {
         rows("ingest_errors") > 0,
         "malformed records become error rows"
     );
+    let expected_sql = stream_analytics(&reference_sql);
+    assert_eq!(expected_sql.lines().count(), rows("streams"));
 
     // The same topic, killed five times at random points while it reads and writes.
     let killed = unique("keel_kill");
+    let killed_sql = fresh_postgres(&killed);
     let group = unique("kill");
-    migrate(&url, &killed);
+    migrate(&url, &killed, &killed_sql);
     for round in 0..5u64 {
-        let keel = Keel::start(&brokers, &topic, &group, &url, &killed);
+        let keel = Keel::start(&brokers, &topic, &group, &url, &killed, &killed_sql);
         let point = (0.1 + 0.8 * random_fraction(round)) * records as f64;
         let read = keel.wait_for(point as u64, Duration::from_secs(240));
         // Let a flush or two land (writes in flight at the kill are the point).
@@ -325,7 +394,7 @@ fn sigkill_at_random_points_leaves_the_tables_of_an_uninterrupted_run() {
         eprintln!("round {round}: SIGKILL after {read} of {records} records");
         drop(keel);
     }
-    let keel = Keel::start(&brokers, &topic, &group, &url, &killed);
+    let keel = Keel::start(&brokers, &topic, &group, &url, &killed, &killed_sql);
     keel.wait_for(records, Duration::from_secs(240));
     keel.stop();
 
@@ -339,6 +408,11 @@ fn sigkill_at_random_points_leaves_the_tables_of_an_uninterrupted_run() {
             want.lines().zip(have.lines()).find(|(a, b)| a != b)
         );
     }
+    let got_sql = stream_analytics(&killed_sql);
+    assert!(
+        expected_sql == got_sql,
+        "stream_analytics differs after the kills:\n{expected_sql}\n---\n{got_sql}"
+    );
     // Everything read is committed, and nothing past the end.
     assert_eq!(committed(&brokers, &topic, &group), records as i64);
 }
@@ -412,11 +486,12 @@ fn an_unreachable_clickhouse_holds_back_commits_until_it_returns() {
     let records = 20_000u64;
     let topic = seeded_topic(&brokers, records);
     let database = unique("keel_outage");
-    migrate(&url, &database);
+    let sql = fresh_postgres(&database);
+    migrate(&url, &database, &sql);
     let (proxied, proxy) = switchable_proxy(&url);
     let group = unique("outage");
 
-    let keel = Keel::start(&brokers, &topic, &group, &proxied, &database);
+    let keel = Keel::start(&brokers, &topic, &group, &proxied, &database, &sql);
     // Up for the start-up checks, then away while Keel reads.
     keel.wait_log("tables stored in ClickHouse", Duration::from_secs(60));
     proxy.cut();

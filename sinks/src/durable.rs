@@ -21,13 +21,32 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keel_operators::table::{Change, Row, TableSink};
 
-use crate::clickhouse::{ClickHouse, ClickHouseError, TableSpec};
+use serde_json::Value;
+
+use crate::clickhouse::{ClickHouse, ClickHouseError, Features, TableSpec};
+use crate::sql::{SOURCE_TABLE, SqlError, SqlStore, StagedRow};
+
+/// Why the durable stores could not start or write.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// ClickHouse.
+    #[error(transparent)]
+    ClickHouse(#[from] ClickHouseError),
+    /// PostgreSQL or SQLite.
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    /// Anything else (the writer thread, its runtime).
+    #[error("{0}")]
+    Other(String),
+}
 
 /// Counters of the durable writer, shown by `/metrics` and the summary line.
 #[derive(Debug, Default)]
 pub struct DurableStats {
-    /// Rows (and tombstones) written.
+    /// Rows (and tombstones) written to ClickHouse.
     pub rows_written: AtomicU64,
+    /// Rows upserted into (or deleted from) the SQL state table.
+    pub sql_rows_written: AtomicU64,
     /// Inserts that succeeded.
     pub inserts: AtomicU64,
     /// Flushes that failed and were retried.
@@ -47,6 +66,8 @@ struct Pending {
 #[derive(Debug, Default)]
 struct Staged {
     tables: HashMap<&'static str, Pending>,
+    /// `stream_analytics` rows by (tenant, internal name); `None` removes one.
+    sql: HashMap<(String, String), Option<Value>>,
     /// The newest epoch whose changes are all staged, plus one (0: none).
     closed: u64,
     /// Microseconds of the last version handed out.
@@ -62,10 +83,17 @@ struct Shared {
     stats: Arc<DurableStats>,
 }
 
-/// Where closed epochs become durable: ClickHouse tables (more stores later).
+/// The stores a [`Durable`] writes to.
+#[derive(Clone, Debug)]
+struct Stores {
+    clickhouse: Option<ClickHouse>,
+    sql: Option<(SqlStore, Arc<tokio::runtime::Runtime>)>,
+}
+
+/// Where closed epochs become durable: ClickHouse tables and the SQL state table.
 pub struct Durable {
     shared: Arc<Shared>,
-    clickhouse: ClickHouse,
+    stores: Stores,
     specs: HashMap<&'static str, TableSpec>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -73,7 +101,8 @@ pub struct Durable {
 impl std::fmt::Debug for Durable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Durable")
-            .field("clickhouse", &self.clickhouse)
+            .field("clickhouse", &self.stores.clickhouse)
+            .field("sql", &self.stores.sql.as_ref().map(|(s, _)| s))
             .field("durable", &self.shared.durable.load(Ordering::Relaxed))
             .finish()
     }
@@ -84,19 +113,40 @@ impl std::fmt::Debug for Durable {
 pub struct Stage<'a> {
     staged: &'a mut Staged,
     specs: &'a HashMap<&'static str, TableSpec>,
-    features: crate::clickhouse::Features,
+    /// The ClickHouse server's features, when there is one.
+    features: Option<Features>,
+    sql: bool,
     version: u64,
     added: u64,
 }
 
 impl TableSink for Stage<'_> {
     fn apply<R: Row>(&mut self, table: &'static str, change: Change<R>) {
-        let Some(spec) = self.specs.get(table) else {
+        if self.sql && table == SOURCE_TABLE {
+            let key = serde_json::to_value(change.key()).expect("keys serialize");
+            if let Some([Value::String(tenant), Value::String(name)]) =
+                key.as_array().map(Vec::as_slice)
+            {
+                let row = match &change {
+                    Change::Upsert(row) => Some(serde_json::to_value(row).expect("rows serialize")),
+                    Change::Delete(_) => None,
+                };
+                if self
+                    .staged
+                    .sql
+                    .insert((tenant.clone(), name.clone()), row)
+                    .is_none()
+                {
+                    self.added += 1;
+                }
+            }
+        }
+        let (Some(spec), Some(features)) = (self.specs.get(table), self.features) else {
             return;
         };
         let key = serde_json::to_vec(&change.key()).expect("keys serialize");
         let mut line = Vec::with_capacity(256);
-        spec.encode(&change, self.version, self.features, &mut line);
+        spec.encode(&change, self.version, features, &mut line);
         let pending = self.staged.tables.entry(table).or_default();
         if pending.lines.insert(key, line).is_none() {
             self.added += 1;
@@ -111,14 +161,34 @@ fn now_micros() -> u64 {
 }
 
 impl Durable {
-    /// Starts a writer into `clickhouse` for the tables of `specs`, flushing about once per
-    /// `every`. The tables must exist (`keel migrate`).
+    /// Starts a writer into `clickhouse` (the tables of `specs`) and the SQL state database at
+    /// `sql_url`, flushing about once per `every`. The tables must exist (`keel migrate`).
     pub fn start(
-        clickhouse: ClickHouse,
+        clickhouse: Option<ClickHouse>,
         specs: Vec<TableSpec>,
+        sql_url: Option<&str>,
         every: Duration,
-    ) -> Result<Arc<Durable>, ClickHouseError> {
-        clickhouse.check_tables(&specs)?;
+    ) -> Result<Arc<Durable>, StoreError> {
+        if let Some(clickhouse) = &clickhouse {
+            clickhouse.check_tables(&specs)?;
+        }
+        let sql = match sql_url {
+            Some(url) => {
+                let runtime = Arc::new(
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| StoreError::Other(format!("cannot start a runtime: {e}")))?,
+                );
+                let store = runtime.block_on(async {
+                    let store = SqlStore::connect(url).await?;
+                    store.check().await?;
+                    Ok::<_, SqlError>(store)
+                })?;
+                Some((store, runtime))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             staged: Mutex::new(Staged::default()),
             wake: Condvar::new(),
@@ -128,16 +198,17 @@ impl Durable {
         });
         let specs: HashMap<&'static str, TableSpec> =
             specs.into_iter().map(|s| (s.name, s)).collect();
+        let stores = Stores { clickhouse, sql };
         let durable = Arc::new(Durable {
             shared: shared.clone(),
-            clickhouse: clickhouse.clone(),
+            stores: stores.clone(),
             specs,
             writer: Mutex::new(None),
         });
         let writer = std::thread::Builder::new()
             .name("keel-durable".into())
-            .spawn(move || write_loop(&shared, &clickhouse, every))
-            .map_err(|e| ClickHouseError::Config(format!("cannot start the writer: {e}")))?;
+            .spawn(move || write_loop(&shared, &stores, every))
+            .map_err(|e| StoreError::Other(format!("cannot start the writer: {e}")))?;
         *durable
             .writer
             .lock()
@@ -151,8 +222,13 @@ impl Durable {
     }
 
     /// The ClickHouse the writer writes to.
-    pub fn clickhouse(&self) -> &ClickHouse {
-        &self.clickhouse
+    pub fn clickhouse(&self) -> Option<&ClickHouse> {
+        self.stores.clickhouse.as_ref()
+    }
+
+    /// The SQL state database the writer writes to.
+    pub fn sql(&self) -> Option<&SqlStore> {
+        self.stores.sql.as_ref().map(|(s, _)| s)
     }
 
     /// Stages the changes `fill` hands to its sink, then marks every epoch up to `closed` as
@@ -168,7 +244,8 @@ impl Durable {
         let mut stage = Stage {
             staged: &mut staged,
             specs: &self.specs,
-            features: self.clickhouse.features(),
+            features: self.stores.clickhouse.as_ref().map(ClickHouse::features),
+            sql: self.stores.sql.is_some(),
             version,
             added: 0,
         };
@@ -225,12 +302,12 @@ impl Durable {
     }
 }
 
-fn write_loop(shared: &Shared, clickhouse: &ClickHouse, every: Duration) {
+fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
     let mut backoff = Duration::from_millis(500);
     let mut last = Instant::now();
     loop {
         // Wait for the interval (or a finish request), then take everything staged.
-        let (tables, closed) = {
+        let (tables, sql, closed) = {
             let mut staged = shared.staged.lock().unwrap_or_else(PoisonError::into_inner);
             loop {
                 if shared.stop.load(Ordering::Acquire) {
@@ -250,10 +327,14 @@ fn write_loop(shared: &Shared, clickhouse: &ClickHouse, every: Duration) {
                     break;
                 }
             }
-            (std::mem::take(&mut staged.tables), staged.closed)
+            (
+                std::mem::take(&mut staged.tables),
+                std::mem::take(&mut staged.sql),
+                staged.closed,
+            )
         };
         last = Instant::now();
-        match write_all(clickhouse, &shared.stats, tables) {
+        match write_all(stores, &shared.stats, tables, sql) {
             Ok(()) => {
                 shared.durable.fetch_max(closed, Ordering::AcqRel);
                 backoff = Duration::from_millis(500);
@@ -263,7 +344,7 @@ fn write_loop(shared: &Shared, clickhouse: &ClickHouse, every: Duration) {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = None;
             }
-            Err((error, unwritten)) => {
+            Err((error, unwritten, unwritten_sql)) => {
                 shared.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, retry_in = ?backoff, "durable write failed; positions are not committed until it succeeds");
                 *shared
@@ -272,20 +353,31 @@ fn write_loop(shared: &Shared, clickhouse: &ClickHouse, every: Duration) {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
                 let mut staged = shared.staged.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut superseded = 0;
                 for (table, pending) in unwritten {
                     let now = staged.tables.entry(table).or_default();
                     for (key, line) in pending.lines {
                         // A change staged meanwhile is newer: keep it.
                         match now.lines.entry(key) {
-                            std::collections::hash_map::Entry::Occupied(_) => {
-                                shared.stats.pending_rows.fetch_sub(1, Ordering::Relaxed);
-                            }
+                            std::collections::hash_map::Entry::Occupied(_) => superseded += 1,
                             std::collections::hash_map::Entry::Vacant(slot) => {
                                 slot.insert(line);
                             }
                         }
                     }
                 }
+                for (key, row) in unwritten_sql {
+                    match staged.sql.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(_) => superseded += 1,
+                        std::collections::hash_map::Entry::Vacant(slot) => {
+                            slot.insert(row);
+                        }
+                    }
+                }
+                shared
+                    .stats
+                    .pending_rows
+                    .fetch_sub(superseded, Ordering::Relaxed);
                 drop(staged);
                 let sleep_until = Instant::now() + backoff;
                 while Instant::now() < sleep_until && !shared.stop.load(Ordering::Acquire) {
@@ -299,33 +391,51 @@ fn write_loop(shared: &Shared, clickhouse: &ClickHouse, every: Duration) {
 }
 
 type Unwritten = Vec<(&'static str, Pending)>;
+type SqlRows = HashMap<(String, String), Option<Value>>;
 
-/// Writes every table's pending rows; on failure returns the tables not yet written.
+/// Writes every table's pending rows, ClickHouse first; on failure returns what is not written.
 fn write_all(
-    clickhouse: &ClickHouse,
+    stores: &Stores,
     stats: &DurableStats,
     tables: HashMap<&'static str, Pending>,
-) -> Result<(), (ClickHouseError, Unwritten)> {
-    let mut tables: Vec<(&'static str, Pending)> = tables.into_iter().collect();
-    tables.sort_by_key(|(name, _)| *name);
-    let mut rest = tables.into_iter();
-    while let Some((table, pending)) = rest.next() {
-        if pending.lines.is_empty() {
-            continue;
+    sql: SqlRows,
+) -> Result<(), (StoreError, Unwritten, SqlRows)> {
+    if let Some(clickhouse) = &stores.clickhouse {
+        let mut tables: Vec<(&'static str, Pending)> = tables.into_iter().collect();
+        tables.sort_by_key(|(name, _)| *name);
+        let mut rest = tables.into_iter();
+        while let Some((table, pending)) = rest.next() {
+            if pending.lines.is_empty() {
+                continue;
+            }
+            let rows = pending.lines.len() as u64;
+            let mut body = Vec::with_capacity(pending.lines.values().map(Vec::len).sum());
+            for line in pending.lines.values() {
+                body.extend_from_slice(line);
+            }
+            if let Err(error) = clickhouse.insert(table, &body) {
+                let mut unwritten = vec![(table, pending)];
+                unwritten.extend(rest);
+                return Err((error.into(), unwritten, sql));
+            }
+            stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+            stats.inserts.fetch_add(1, Ordering::Relaxed);
+            stats.pending_rows.fetch_sub(rows, Ordering::Relaxed);
         }
-        let rows = pending.lines.len() as u64;
-        let mut body = Vec::with_capacity(pending.lines.values().map(Vec::len).sum());
-        for line in pending.lines.values() {
-            body.extend_from_slice(line);
+    }
+    if let Some((store, runtime)) = &stores.sql
+        && !sql.is_empty()
+    {
+        let rows: Vec<StagedRow> = sql
+            .iter()
+            .map(|((tenant, name), row)| (tenant.clone(), name.clone(), row.clone()))
+            .collect();
+        if let Err(error) = runtime.block_on(store.write(&rows)) {
+            return Err((error.into(), Vec::new(), sql));
         }
-        if let Err(error) = clickhouse.insert(table, &body) {
-            let mut unwritten = vec![(table, pending)];
-            unwritten.extend(rest);
-            return Err((error, unwritten));
-        }
-        stats.rows_written.fetch_add(rows, Ordering::Relaxed);
-        stats.inserts.fetch_add(1, Ordering::Relaxed);
-        stats.pending_rows.fetch_sub(rows, Ordering::Relaxed);
+        let n = rows.len() as u64;
+        stats.sql_rows_written.fetch_add(n, Ordering::Relaxed);
+        stats.pending_rows.fetch_sub(n, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -344,6 +454,9 @@ impl DurableStats {
             "# HELP keel_durable_rows_written_total Rows and tombstones written to ClickHouse.\n\
              # TYPE keel_durable_rows_written_total counter\n\
              keel_durable_rows_written_total {}\n\
+             # HELP keel_durable_sql_rows_written_total Rows upserted into stream_analytics.\n\
+             # TYPE keel_durable_sql_rows_written_total counter\n\
+             keel_durable_sql_rows_written_total {}\n\
              # HELP keel_durable_inserts_total Inserts into ClickHouse that succeeded.\n\
              # TYPE keel_durable_inserts_total counter\n\
              keel_durable_inserts_total {}\n\
@@ -357,6 +470,7 @@ impl DurableStats {
              # TYPE keel_durable_failing gauge\n\
              keel_durable_failing {}\n",
             self.rows_written.load(Ordering::Relaxed),
+            self.sql_rows_written.load(Ordering::Relaxed),
             self.inserts.load(Ordering::Relaxed),
             self.failures.load(Ordering::Relaxed),
             self.pending_rows.load(Ordering::Relaxed),

@@ -8,6 +8,8 @@
 //!   version column), created by `keel migrate`, read back for checks.
 //! - [`durable`]: changes staged per closed epoch, written in batches by a thread of their own,
 //!   and the watermark of epochs safely stored (source positions are committed below it).
+//! - [`sql`]: the platform's `stream_analytics` table in PostgreSQL or SQLite, upserted from
+//!   the `streams` rows.
 //! - [`hub`]: pushes each epoch's net table changes, and decoded events, to subscribers without
 //!   ever waiting for one.
 
@@ -15,3 +17,4 @@ pub mod clickhouse;
 pub mod durable;
 pub mod hub;
 pub mod live;
+pub mod sql;
