@@ -344,7 +344,12 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = None;
             }
-            Err((error, unwritten, unwritten_sql)) => {
+            Err(failed) => {
+                let Failed {
+                    error,
+                    tables: unwritten,
+                    sql: unwritten_sql,
+                } = *failed;
                 shared.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, retry_in = ?backoff, "durable write failed; positions are not committed until it succeeds");
                 *shared
@@ -393,13 +398,20 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
 type Unwritten = Vec<(&'static str, Pending)>;
 type SqlRows = HashMap<(String, String), Option<Value>>;
 
+/// A write that failed, with what it did not write.
+struct Failed {
+    error: StoreError,
+    tables: Unwritten,
+    sql: SqlRows,
+}
+
 /// Writes every table's pending rows, ClickHouse first; on failure returns what is not written.
 fn write_all(
     stores: &Stores,
     stats: &DurableStats,
     tables: HashMap<&'static str, Pending>,
     sql: SqlRows,
-) -> Result<(), (StoreError, Unwritten, SqlRows)> {
+) -> Result<(), Box<Failed>> {
     if let Some(clickhouse) = &stores.clickhouse {
         let mut tables: Vec<(&'static str, Pending)> = tables.into_iter().collect();
         tables.sort_by_key(|(name, _)| *name);
@@ -416,7 +428,11 @@ fn write_all(
             if let Err(error) = clickhouse.insert(table, &body) {
                 let mut unwritten = vec![(table, pending)];
                 unwritten.extend(rest);
-                return Err((error.into(), unwritten, sql));
+                return Err(Box::new(Failed {
+                    error: error.into(),
+                    tables: unwritten,
+                    sql,
+                }));
             }
             stats.rows_written.fetch_add(rows, Ordering::Relaxed);
             stats.inserts.fetch_add(1, Ordering::Relaxed);
@@ -431,7 +447,11 @@ fn write_all(
             .map(|((tenant, name), row)| (tenant.clone(), name.clone(), row.clone()))
             .collect();
         if let Err(error) = runtime.block_on(store.write(&rows)) {
-            return Err((error.into(), Vec::new(), sql));
+            return Err(Box::new(Failed {
+                error: error.into(),
+                tables: Vec::new(),
+                sql,
+            }));
         }
         let n = rows.len() as u64;
         stats.sql_rows_written.fetch_add(n, Ordering::Relaxed);
