@@ -47,8 +47,12 @@ enum Command {
     /// Drive Decklog (or the adapter, or Kafka itself) with generated viewer events and report
     /// acknowledged events/s and ack latency.
     Loadgen(LoadgenArgs),
-    /// Create the ClickHouse database and tables that `keel run --clickhouse` writes.
+    /// Create the ClickHouse database and tables, and `stream_analytics`, that `keel run` and
+    /// `keel backfill` write.
     Migrate(crate::store::StoreArgs),
+    /// Replay a time range of past events (Kafka or a file) through the dataflows into
+    /// ClickHouse and/or `stream_analytics`, with progress; running it again changes nothing.
+    Backfill(Box<crate::backfill::BackfillArgs>),
 }
 
 /// TLS for Decklog.
@@ -814,7 +818,14 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         for done in 0..args.events {
             value.clear();
             let record = simulator.next_record(&mut value);
-            writer.send(&record.event_id, &value, &headers(&record))?;
+            // Stamped with the event's time, as the platform's producers stamp records when
+            // they send them, so positions by time (recovery, backfill) find simulated history.
+            writer.send_stamped(
+                &record.event_id,
+                &value,
+                &headers(&record),
+                Some(record.time),
+            )?;
             report(done, false);
         }
         writer.flush(Duration::from_secs(60))?;
@@ -1079,6 +1090,7 @@ pub fn main() -> ExitCode {
         Command::Helmsman(args) => helmsman(&args),
         Command::Loadgen(args) => loadgen(&args),
         Command::Migrate(args) => crate::store::migrate(&args),
+        Command::Backfill(args) => crate::backfill::backfill(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,8 +5,9 @@
 //!
 //! - [`engine`]: one source → the Periscope and Foghorn dataflows on timely workers → live
 //!   tables and the routing snapshot.
+//! - [`backfill`]: `keel backfill`, a time range replayed into the durable stores.
 //! - [`cli`]: `keel run`, `simulate`, `sql`, `graphql-schema`, `decklog`, `helmsman`, `loadgen`,
-//!   `migrate`.
+//!   `migrate`, `backfill`.
 //! - [`config`]: the TOML settings file.
 //! - [`serve`]: running the HTTP API beside the engine, and the `keel sql --url` client.
 //! - [`foghorn`]: Foghorn's routing fronts (HTTP, gRPC) on a runtime of their own.
@@ -21,6 +22,7 @@
 //! `keel-sinks` (live tables, ClickHouse, the durable writer), `keel-api` (SQL, GraphQL, feeds, routing fronts), `keel-edge`
 //! (Decklog, the Helmsman adapter).
 
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod edge;

@@ -23,6 +23,8 @@ pub struct EngineStats {
     pub events: AtomicU64,
     /// Records refused (now rows of `ingest_errors`).
     pub errors: AtomicU64,
+    /// Events left out because their time is outside the range asked for (backfills).
+    pub skipped: AtomicU64,
     /// Newest event time seen, ms.
     pub newest_event: AtomicI64,
     /// When the engine's epoch clock started (epochs are microseconds since then).
@@ -36,6 +38,7 @@ impl Default for EngineStats {
             records: AtomicU64::new(0),
             events: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             newest_event: AtomicI64::new(i64::MIN),
             started: Instant::now(),
         }

@@ -21,7 +21,7 @@
 //! Broker trouble (unreachable, rebalancing) is logged and retried by the client; only
 //! configuration mistakes stop the source.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,8 @@ pub struct KafkaSource {
     settings: Vec<(String, String)>,
     /// How far back a live member reads to rebuild its state.
     horizon: Option<Duration>,
+    /// Replay only records whose broker timestamps fall in `[from, to)` (milliseconds).
+    range: Option<(i64, i64)>,
 }
 
 impl KafkaSource {
@@ -105,7 +107,86 @@ impl KafkaSource {
             mode,
             settings: Vec::new(),
             horizon: None,
+            range: None,
         }
+    }
+
+    /// In replay mode, reads each partition from its first record stamped at or after
+    /// `from_ms` (found with the broker's offsets-for-times, which may answer earlier) up to
+    /// its first record stamped at or after `to_ms`, or its end.
+    pub fn with_time_range(mut self, from_ms: i64, to_ms: i64) -> Self {
+        self.range = Some((from_ms, to_ms));
+        self
+    }
+
+    /// The topic's partitions.
+    fn partitions(&self, consumer: &BaseConsumer<Recovery>) -> Result<Vec<i32>, SourceError> {
+        let topic = &self.address.topic;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(SourceError::Config(format!(
+                "topic {topic} has no partitions on {}",
+                self.address.brokers
+            )));
+        }
+        Ok(partitions)
+    }
+
+    /// Where a replay of `partitions` starts: the first offset stamped at or after the range's
+    /// start (`Offset::End` when none is), else the beginning.
+    fn starts(
+        &self,
+        consumer: &BaseConsumer<Recovery>,
+        partitions: &[i32],
+    ) -> Result<HashMap<i32, Offset>, SourceError> {
+        let topic = &self.address.topic;
+        let Some((from, _)) = self.range else {
+            return Ok(partitions.iter().map(|p| (*p, Offset::Beginning)).collect());
+        };
+        let mut list = TopicPartitionList::new();
+        for p in partitions {
+            list.add_partition_offset(topic, *p, Offset::Offset(from))?;
+        }
+        let starts = consumer.offsets_for_times(list, Duration::from_secs(10))?;
+        Ok(partitions
+            .iter()
+            .map(|p| {
+                let start = starts
+                    .find_partition(topic, *p)
+                    .map_or(Offset::End, |e| e.offset());
+                (*p, start)
+            })
+            .collect())
+    }
+
+    /// How many records a replay will read, when the broker can tell (for progress): the sum of
+    /// each partition's end (or high watermark) minus its start.
+    pub fn estimate_records(&self) -> Result<Option<u64>, SourceError> {
+        let context = Recovery {
+            horizon: None,
+            floors: Arc::default(),
+        };
+        let consumer: BaseConsumer<Recovery> = self.client_config().create_with_context(context)?;
+        let partitions = self.partitions(&consumer)?;
+        let starts = self.starts(&consumer, &partitions)?;
+        let mut total = 0u64;
+        for (p, start) in starts {
+            let (low, high) =
+                consumer.fetch_watermarks(&self.address.topic, p, Duration::from_secs(10))?;
+            let start = match start {
+                Offset::Offset(o) => o,
+                Offset::End => continue,
+                _ => low,
+            };
+            total += high.saturating_sub(start).max(0) as u64;
+        }
+        Ok(Some(total))
     }
 
     /// Rebuilds state at start from the records of the last `horizon` (live mode).
@@ -137,7 +218,9 @@ impl KafkaSource {
                     .set("max.poll.interval.ms", "60000");
             }
             KafkaMode::Replay { .. } => {
-                config.set("group.id", "keel-replay");
+                config
+                    .set("group.id", "keel-replay")
+                    .set("enable.partition.eof", "true");
             }
         }
         for (key, value) in &self.settings {
@@ -159,29 +242,25 @@ impl Source for KafkaSource {
         let floors = context.floors.clone();
         let consumer: BaseConsumer<Recovery> = self.client_config().create_with_context(context)?;
         let topic = &self.address.topic;
+        let (mut finished, mut assigned) = (HashSet::new(), 0);
         match &self.mode {
             KafkaMode::Live { .. } => consumer.subscribe(&[topic])?,
             KafkaMode::Replay { .. } => {
-                let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-                let partitions: Vec<i32> = metadata
-                    .topics()
-                    .iter()
-                    .filter(|t| t.name() == topic)
-                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                    .collect();
-                if partitions.is_empty() {
-                    return Err(SourceError::Config(format!(
-                        "topic {topic} has no partitions on {}",
-                        self.address.brokers
-                    )));
-                }
-                let mut mine = TopicPartitionList::new();
-                for p in partitions
+                let partitions: Vec<i32> = self
+                    .partitions(&consumer)?
                     .into_iter()
                     .filter(|p| *p as usize % workers == worker)
-                {
-                    mine.add_partition_offset(topic, p, Offset::Beginning)?;
+                    .collect();
+                let mut mine = TopicPartitionList::new();
+                for (p, start) in self.starts(&consumer, &partitions)? {
+                    if start == Offset::End {
+                        // Nothing stamped in the range: finished before it starts.
+                        finished.insert(p);
+                        continue;
+                    }
+                    mine.add_partition_offset(topic, p, start)?;
                 }
+                assigned = partitions.len();
                 consumer.assign(&mine)?;
             }
         }
@@ -196,6 +275,9 @@ impl Source for KafkaSource {
             reading: HashMap::new(),
             epochs: BTreeMap::new(),
             floors,
+            stop_at: self.range.map(|(_, to)| to),
+            finished,
+            assigned,
         }))
     }
 
@@ -317,6 +399,12 @@ struct KafkaReader {
     consumer: BaseConsumer<Recovery>,
     /// Committed positions the group had when partitions were handed over.
     floors: Arc<Mutex<HashMap<i32, i64>>>,
+    /// Replay: a partition is finished at its first record stamped at or after this.
+    stop_at: Option<i64>,
+    /// Replay: partitions read to their end (or bound).
+    finished: HashSet<i32>,
+    /// Replay: partitions this reader was dealt.
+    assigned: usize,
     topic: Sym,
     replay_idle: Option<Duration>,
     last_record: Instant,
@@ -337,11 +425,23 @@ impl SourceReader for KafkaReader {
             wait = Duration::ZERO;
             let message = match result {
                 Ok(message) => message,
+                Err(rdkafka::error::KafkaError::PartitionEOF(partition)) => {
+                    if self.replay_idle.is_some() {
+                        self.finished.insert(partition);
+                    }
+                    continue;
+                }
                 Err(error) => {
                     tracing::warn!(%error, "kafka consumer");
                     break;
                 }
             };
+            if let (Some(stop), Some(stamp)) = (self.stop_at, message.timestamp().to_millis())
+                && stamp >= stop
+            {
+                self.finished.insert(message.partition());
+                continue;
+            }
             let position = Position::Kafka {
                 topic: self.topic,
                 partition: message.partition(),
@@ -372,6 +472,7 @@ impl SourceReader for KafkaReader {
             return Ok(Poll::Ready);
         }
         match self.replay_idle {
+            Some(_) if self.finished.len() >= self.assigned => Ok(Poll::Done),
             Some(idle) if self.last_record.elapsed() >= idle => Ok(Poll::Done),
             _ => Ok(Poll::Idle),
         }
@@ -456,6 +557,18 @@ impl KafkaWriter {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> Result<(), SourceError> {
+        self.send_stamped(key, value, headers, None)
+    }
+
+    /// [`send`](KafkaWriter::send) with the record's timestamp set (milliseconds; `None`: the
+    /// producer's clock), as a producer stamping events with their own time would.
+    pub fn send_stamped(
+        &self,
+        key: &str,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+        timestamp: Option<i64>,
+    ) -> Result<(), SourceError> {
         let mut owned = OwnedHeaders::new_with_capacity(headers.len());
         for (name, value) in headers {
             if !value.is_empty() {
@@ -469,6 +582,9 @@ impl KafkaWriter {
             .key(key)
             .payload(value)
             .headers(owned);
+        if let Some(timestamp) = timestamp {
+            record = record.timestamp(timestamp);
+        }
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
