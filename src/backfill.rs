@@ -22,6 +22,7 @@ use keel_sources::kafka::{KafkaAddress, KafkaMode, KafkaSource};
 use keel_sources::source::Source;
 
 use crate::engine::{self, Handles};
+
 use crate::summary::group;
 
 /// Records are positioned by broker time, events kept by their own time: reading starts this
@@ -171,36 +172,18 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let stats = handles.stats.clone();
-    let engine = {
-        let (options, handles) = (options.clone(), handles.clone());
-        std::thread::Builder::new()
-            .name("keel-engine".into())
-            .spawn(move || engine::run(source, &options, &handles))?
-    };
-    let mut printed = Instant::now();
-    while !engine.is_finished() {
-        std::thread::sleep(Duration::from_millis(100));
-        let every = if tty { 200 } else { 1000 };
-        if printed.elapsed() >= Duration::from_millis(every) {
-            printed = Instant::now();
-            let line = progress(
-                stats.records.load(Ordering::Relaxed),
-                expected,
-                started.elapsed(),
-            );
-            if tty {
-                eprint!("\r{line}   ");
-            } else {
-                eprintln!("{line}");
-            }
+    let every = Duration::from_millis(if tty { 200 } else { 1000 });
+    crate::cli::run_engine(source, &options, &handles, every, |elapsed| {
+        let line = progress(stats.records.load(Ordering::Relaxed), expected, elapsed);
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
         }
-    }
+    })?;
     if tty {
         eprintln!();
     }
-    engine
-        .join()
-        .map_err(|_| anyhow::anyhow!("the engine thread panicked"))??;
     if !durable.finish(Duration::from_secs(120)) {
         bail!(
             "the stores did not take every epoch (see the errors above); run the same backfill \

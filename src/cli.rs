@@ -446,7 +446,7 @@ fn open_source(
 }
 
 /// Runs the engine on a thread; calls `tick` every `every` until it finishes.
-fn run_engine(
+pub(crate) fn run_engine(
     source: Arc<dyn Source>,
     options: &EngineOptions,
     handles: &Handles,
