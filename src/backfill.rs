@@ -139,7 +139,10 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
                 args.source
             )
         };
-    let durable = args.store.start(None)?.context("no store to fill")?;
+    let durable = args
+        .store
+        .start(None, &args.source)?
+        .context("no store to fill")?;
     let handles = Handles {
         durable: Some(durable.clone()),
         ..Handles::default()

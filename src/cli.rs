@@ -536,6 +536,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let durable = args.store.start(
         (args.source == "sim" || args.source == "simulator")
             .then_some(crate::store::DEFAULT_SQLITE),
+        &args.source,
     )?;
     let handles = Handles {
         durable: durable.clone(),
@@ -670,6 +671,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             clickhouse.url(),
             clickhouse.database()
         );
+    }
+    if let Some(topic) = durable.as_ref().and_then(|d| d.dead_letter_topic()) {
+        eprintln!("keel: records that cannot be used are copied to topic {topic}");
     }
     if durable.as_ref().is_some_and(|d| d.sql().is_some()) {
         let url = args

@@ -33,6 +33,7 @@ use keel_sinks::durable::Durable;
 use keel_sinks::hub::{FeedItem, Hub, channel};
 use keel_sinks::live::LiveTables;
 use keel_sources::codec::{TimeBounds, decode_checked};
+use keel_sources::dead_letter::dead_letter;
 use keel_sources::error::IngestError;
 use keel_sources::event::Event;
 use keel_sources::memory::Injector;
@@ -238,6 +239,11 @@ pub fn run(
         let stats = &handles.stats;
         let hub = &handles.hub;
         let mut feed: Vec<Arc<FeedItem>> = Vec::new();
+        let dead_letters = handles
+            .durable
+            .as_ref()
+            .is_some_and(|d| d.keeps_dead_letters());
+        let mut letters = Vec::new();
         loop {
             if handles.shutdown.load(Ordering::Relaxed) {
                 break;
@@ -279,13 +285,23 @@ pub fn run(
                         }
                         Err(error) => {
                             errors += 1;
+                            if dead_letters {
+                                letters.push(dead_letter(Some(&record), &error, now));
+                            }
                             errors_in.send(error);
                         }
                     }
                 }
                 for error in batch.take_refused() {
                     errors += 1;
+                    if dead_letters {
+                        letters.push(dead_letter(None, &error, now));
+                    }
                     errors_in.send(error);
+                }
+                if let Some(durable) = &handles.durable {
+                    // Before the epoch enters the dataflow, so it cannot be stored without them.
+                    durable.stage_dead_letters(&mut letters);
                 }
                 if !feed.is_empty() {
                     hub.publish_events(&feed);

@@ -11,6 +11,8 @@ use keel_operators::table::TableSet;
 use keel_sinks::clickhouse::{ClickHouse, Specs, TableSpec};
 use keel_sinks::durable::Durable;
 use keel_sinks::sql::SqlStore;
+use keel_sources::dead_letter::DeadLetterWriter;
+use keel_sources::kafka::KafkaAddress;
 
 /// The SQLite file `keel run` keeps `stream_analytics` in when it runs on the simulator.
 pub const DEFAULT_SQLITE: &str = "sqlite:keel-state.db";
@@ -30,6 +32,10 @@ pub struct StoreArgs {
     /// keeps none).
     #[arg(long, env = "KEEL_DATABASE")]
     pub database: Option<String>,
+    /// Copy records that cannot be used to this Kafka topic as well (the platform's DLQ shape):
+    /// a topic name on the source's brokers, or `kafka://HOST:PORT/TOPIC`.
+    #[arg(long)]
+    pub dlq_topic: Option<String>,
     /// Seconds between writes to the stores (each write is one insert per changed table).
     #[arg(long, default_value_t = 1.0)]
     pub flush_every: f64,
@@ -62,12 +68,38 @@ impl StoreArgs {
         }
     }
 
+    /// The dead-letter topic, a bare name resolved against the `source`'s brokers.
+    fn dead_letters(&self, source: &str) -> anyhow::Result<Option<DeadLetterWriter>> {
+        let Some(topic) = &self.dlq_topic else {
+            return Ok(None);
+        };
+        let address = if topic.starts_with("kafka://") {
+            KafkaAddress::parse(topic)?
+        } else if source.starts_with("kafka://") {
+            KafkaAddress {
+                topic: topic.clone(),
+                ..KafkaAddress::parse(source)?
+            }
+        } else {
+            anyhow::bail!(
+                "--dlq-topic {topic:?} names no brokers: use kafka://HOST:PORT/TOPIC (the source is not Kafka)"
+            );
+        };
+        Ok(Some(DeadLetterWriter::new(address)?))
+    }
+
     /// Starts the durable writer, if a store is given (`default_database` when none is named);
-    /// its tables must exist, except a default SQLite file, which is migrated here.
-    pub fn start(&self, default_database: Option<&str>) -> anyhow::Result<Option<Arc<Durable>>> {
+    /// its tables must exist, except a default SQLite file, which is migrated here. `source` is
+    /// the engine's source (a bare `--dlq-topic` lives on its brokers).
+    pub fn start(
+        &self,
+        default_database: Option<&str>,
+        source: &str,
+    ) -> anyhow::Result<Option<Arc<Durable>>> {
         let clickhouse = self.clickhouse()?;
         let database = self.database_url(default_database);
-        if clickhouse.is_none() && database.is_none() {
+        let dead_letters = self.dead_letters(source)?;
+        if clickhouse.is_none() && database.is_none() && dead_letters.is_none() {
             return Ok(None);
         }
         if !(self.flush_every.is_finite() && self.flush_every > 0.0) {
@@ -79,7 +111,13 @@ impl StoreArgs {
             migrate_sql(url)?;
         }
         let every = Duration::from_secs_f64(self.flush_every);
-        Ok(Some(Durable::start(clickhouse, specs(), database, every)?))
+        Ok(Some(Durable::start(
+            clickhouse,
+            specs(),
+            database,
+            dead_letters,
+            every,
+        )?))
     }
 }
 

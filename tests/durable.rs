@@ -170,6 +170,18 @@ impl Keel {
         database: &str,
         sql: &str,
     ) -> Keel {
+        Keel::start_with(brokers, topic, group, url, database, sql, &[])
+    }
+
+    fn start_with(
+        brokers: &str,
+        topic: &str,
+        group: &str,
+        url: &str,
+        database: &str,
+        sql: &str,
+        extra: &[&str],
+    ) -> Keel {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
             .args([
                 "run",
@@ -201,6 +213,7 @@ impl Keel {
                 "--foghorn-grpc-listen",
                 "off",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -649,4 +662,109 @@ fn a_backfill_run_twice_or_interrupted_leaves_the_same_tables() {
         "an interrupted and repeated backfill differs"
     );
     assert_eq!(first_sql, stream_analytics(&other_sql));
+}
+
+/// Every record of `topic` (all partitions), as (partition, offset, key, value).
+fn read_all(brokers: &str, topic: &str) -> Vec<(i32, i64, String, Vec<u8>)> {
+    use rdkafka::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "keel-test-reader")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        list.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let (mut records, mut ended) = (Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ended < PARTITIONS && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => records.push((
+                m.partition(),
+                m.offset(),
+                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                m.payload().unwrap_or_default().to_vec(),
+            )),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => ended += 1,
+            _ => {}
+        }
+    }
+    records
+}
+
+#[test]
+fn records_that_cannot_be_used_reach_the_dead_letter_topic() {
+    use base64::Engine as _;
+    let brokers = broker();
+    let url = clickhouse_url();
+    let records = 20_000u64;
+    let topic = seeded_topic(&brokers, records);
+    let dlq = fresh_topic(&brokers, "dlq", PARTITIONS);
+    let database = unique("keel_dlq");
+    let sql = fresh_postgres(&database);
+    migrate(&url, &database, &sql);
+    let keel = Keel::start_with(
+        &brokers,
+        &topic,
+        &unique("dlq"),
+        &url,
+        &database,
+        &sql,
+        &["--dlq-topic", &dlq],
+    );
+    keel.wait_log("copied to topic", Duration::from_secs(60));
+    keel.wait_for(records, Duration::from_secs(120));
+    keel.stop();
+
+    // One letter per ingest_errors row, keyed by the same position.
+    let errors = tables(&url, &database)
+        .into_iter()
+        .find(|(t, _)| *t == "ingest_errors")
+        .unwrap()
+        .1;
+    let mut positions: Vec<String> = errors
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row["position"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(positions.len() > 50, "{} error rows", positions.len());
+    let letters = read_all(&brokers, &dlq);
+    let mut keys: Vec<String> = letters
+        .iter()
+        .map(|(_, _, key, _)| {
+            // "topic:partition:offset" names the same record as "kafka:topic/partition@offset".
+            let (rest, offset) = key.rsplit_once(':').unwrap();
+            let (topic, partition) = rest.rsplit_once(':').unwrap();
+            format!("kafka:{topic}/{partition}@{offset}")
+        })
+        .collect();
+    positions.sort();
+    keys.sort();
+    assert_eq!(keys, positions);
+
+    // Each letter carries the original bytes and says why.
+    let originals: std::collections::HashMap<(i32, i64), Vec<u8>> = read_all(&brokers, &topic)
+        .into_iter()
+        .map(|(p, o, _, v)| ((p, o), v))
+        .collect();
+    for (_, _, _, value) in &letters {
+        let letter: serde_json::Value = serde_json::from_slice(value).unwrap();
+        let at = (
+            letter["partition"].as_i64().unwrap() as i32,
+            letter["offset"].as_i64().unwrap(),
+        );
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(letter["value_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(&bytes, &originals[&at], "{letter}");
+        assert_eq!(letter["topic"], topic.as_str());
+        assert_eq!(letter["consumer"], "keel");
+        assert!(!letter["error"].as_str().unwrap().is_empty());
+    }
 }

@@ -23,6 +23,9 @@ use keel_operators::table::{Change, Row, TableSink};
 
 use serde_json::Value;
 
+use keel_sources::dead_letter::{DeadLetter, DeadLetterWriter};
+use keel_sources::error::SourceError;
+
 use crate::clickhouse::{ClickHouse, ClickHouseError, Features, TableSpec};
 use crate::sql::{SOURCE_TABLE, SqlError, SqlStore, StagedRow};
 
@@ -35,6 +38,9 @@ pub enum StoreError {
     /// PostgreSQL or SQLite.
     #[error(transparent)]
     Sql(#[from] SqlError),
+    /// The dead-letter topic.
+    #[error("dead-letter topic: {0}")]
+    DeadLetters(#[from] SourceError),
     /// Anything else (the writer thread, its runtime).
     #[error("{0}")]
     Other(String),
@@ -47,6 +53,8 @@ pub struct DurableStats {
     pub rows_written: AtomicU64,
     /// Rows upserted into (or deleted from) the SQL state table.
     pub sql_rows_written: AtomicU64,
+    /// Dead letters acknowledged by the broker.
+    pub dead_letters: AtomicU64,
     /// Inserts that succeeded.
     pub inserts: AtomicU64,
     /// Flushes that failed and were retried.
@@ -68,6 +76,8 @@ struct Staged {
     tables: HashMap<&'static str, Pending>,
     /// `stream_analytics` rows by (tenant, internal name); `None` removes one.
     sql: HashMap<(String, String), Option<Value>>,
+    /// Dead letters, in the order they were staged.
+    dead: Vec<DeadLetter>,
     /// The newest epoch whose changes are all staged, plus one (0: none).
     closed: u64,
     /// Microseconds of the last version handed out.
@@ -88,6 +98,7 @@ struct Shared {
 struct Stores {
     clickhouse: Option<ClickHouse>,
     sql: Option<(SqlStore, Arc<tokio::runtime::Runtime>)>,
+    dead_letters: Option<Arc<DeadLetterWriter>>,
 }
 
 /// Where closed epochs become durable: ClickHouse tables and the SQL state table.
@@ -161,12 +172,14 @@ fn now_micros() -> u64 {
 }
 
 impl Durable {
-    /// Starts a writer into `clickhouse` (the tables of `specs`) and the SQL state database at
-    /// `sql_url`, flushing about once per `every`. The tables must exist (`keel migrate`).
+    /// Starts a writer into `clickhouse` (the tables of `specs`), the SQL state database at
+    /// `sql_url` and the dead-letter topic, flushing about once per `every`. The tables must
+    /// exist (`keel migrate`).
     pub fn start(
         clickhouse: Option<ClickHouse>,
         specs: Vec<TableSpec>,
         sql_url: Option<&str>,
+        dead_letters: Option<DeadLetterWriter>,
         every: Duration,
     ) -> Result<Arc<Durable>, StoreError> {
         if let Some(clickhouse) = &clickhouse {
@@ -198,7 +211,11 @@ impl Durable {
         });
         let specs: HashMap<&'static str, TableSpec> =
             specs.into_iter().map(|s| (s.name, s)).collect();
-        let stores = Stores { clickhouse, sql };
+        let stores = Stores {
+            clickhouse,
+            sql,
+            dead_letters: dead_letters.map(Arc::new),
+        };
         let durable = Arc::new(Durable {
             shared: shared.clone(),
             stores: stores.clone(),
@@ -224,6 +241,38 @@ impl Durable {
     /// The ClickHouse the writer writes to.
     pub fn clickhouse(&self) -> Option<&ClickHouse> {
         self.stores.clickhouse.as_ref()
+    }
+
+    /// Whether dead letters are kept (a dead-letter topic is set).
+    pub fn keeps_dead_letters(&self) -> bool {
+        self.stores.dead_letters.is_some()
+    }
+
+    /// The dead-letter topic's writer, if there is one.
+    pub fn dead_letter_topic(&self) -> Option<&str> {
+        self.stores
+            .dead_letters
+            .as_deref()
+            .map(|w| w.address().topic.as_str())
+    }
+
+    /// Stages dead letters; call before the epoch holding their records enters the dataflow,
+    /// so the epoch is not stored before they are.
+    pub fn stage_dead_letters(&self, letters: &mut Vec<DeadLetter>) {
+        if letters.is_empty() || self.stores.dead_letters.is_none() {
+            letters.clear();
+            return;
+        }
+        let mut staged = self
+            .shared
+            .staged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.shared
+            .stats
+            .pending_rows
+            .fetch_add(letters.len() as u64, Ordering::Relaxed);
+        staged.dead.append(letters);
     }
 
     /// The SQL state database the writer writes to.
@@ -307,7 +356,7 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
     let mut last = Instant::now();
     loop {
         // Wait for the interval (or a finish request), then take everything staged.
-        let (tables, sql, closed) = {
+        let (tables, sql, dead, closed) = {
             let mut staged = shared.staged.lock().unwrap_or_else(PoisonError::into_inner);
             loop {
                 if shared.stop.load(Ordering::Acquire) {
@@ -330,11 +379,12 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
             (
                 std::mem::take(&mut staged.tables),
                 std::mem::take(&mut staged.sql),
+                std::mem::take(&mut staged.dead),
                 staged.closed,
             )
         };
         last = Instant::now();
-        match write_all(stores, &shared.stats, tables, sql) {
+        match write_all(stores, &shared.stats, tables, sql, dead) {
             Ok(()) => {
                 shared.durable.fetch_max(closed, Ordering::AcqRel);
                 backoff = Duration::from_millis(500);
@@ -349,6 +399,7 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
                     error,
                     tables: unwritten,
                     sql: unwritten_sql,
+                    dead: mut unwritten_dead,
                 } = *failed;
                 shared.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, retry_in = ?backoff, "durable write failed; positions are not committed until it succeeds");
@@ -383,6 +434,10 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
                     .stats
                     .pending_rows
                     .fetch_sub(superseded, Ordering::Relaxed);
+                // Letters are sent again in their order, ahead of newer ones (a letter the broker
+                // did take may then be there twice; its key tells the copies apart).
+                unwritten_dead.append(&mut staged.dead);
+                staged.dead = unwritten_dead;
                 drop(staged);
                 let sleep_until = Instant::now() + backoff;
                 while Instant::now() < sleep_until && !shared.stop.load(Ordering::Acquire) {
@@ -403,6 +458,7 @@ struct Failed {
     error: StoreError,
     tables: Unwritten,
     sql: SqlRows,
+    dead: Vec<DeadLetter>,
 }
 
 /// Writes every table's pending rows, ClickHouse first; on failure returns what is not written.
@@ -411,7 +467,23 @@ fn write_all(
     stats: &DurableStats,
     tables: HashMap<&'static str, Pending>,
     sql: SqlRows,
+    dead: Vec<DeadLetter>,
 ) -> Result<(), Box<Failed>> {
+    if let Some(writer) = &stores.dead_letters
+        && !dead.is_empty()
+    {
+        if let Err(error) = writer.send_all(&dead) {
+            return Err(Box::new(Failed {
+                error: error.into(),
+                tables: tables.into_iter().collect(),
+                sql,
+                dead,
+            }));
+        }
+        let n = dead.len() as u64;
+        stats.dead_letters.fetch_add(n, Ordering::Relaxed);
+        stats.pending_rows.fetch_sub(n, Ordering::Relaxed);
+    }
     if let Some(clickhouse) = &stores.clickhouse {
         let mut tables: Vec<(&'static str, Pending)> = tables.into_iter().collect();
         tables.sort_by_key(|(name, _)| *name);
@@ -432,6 +504,7 @@ fn write_all(
                     error: error.into(),
                     tables: unwritten,
                     sql,
+                    dead: Vec::new(),
                 }));
             }
             stats.rows_written.fetch_add(rows, Ordering::Relaxed);
@@ -451,6 +524,7 @@ fn write_all(
                 error: error.into(),
                 tables: Vec::new(),
                 sql,
+                dead: Vec::new(),
             }));
         }
         let n = rows.len() as u64;
@@ -477,6 +551,9 @@ impl DurableStats {
              # HELP keel_durable_sql_rows_written_total Rows upserted into stream_analytics.\n\
              # TYPE keel_durable_sql_rows_written_total counter\n\
              keel_durable_sql_rows_written_total {}\n\
+             # HELP keel_durable_dead_letters_total Dead letters acknowledged by the broker.\n\
+             # TYPE keel_durable_dead_letters_total counter\n\
+             keel_durable_dead_letters_total {}\n\
              # HELP keel_durable_inserts_total Inserts into ClickHouse that succeeded.\n\
              # TYPE keel_durable_inserts_total counter\n\
              keel_durable_inserts_total {}\n\
@@ -491,6 +568,7 @@ impl DurableStats {
              keel_durable_failing {}\n",
             self.rows_written.load(Ordering::Relaxed),
             self.sql_rows_written.load(Ordering::Relaxed),
+            self.dead_letters.load(Ordering::Relaxed),
             self.inserts.load(Ordering::Relaxed),
             self.failures.load(Ordering::Relaxed),
             self.pending_rows.load(Ordering::Relaxed),

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod codec;
+pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod file;

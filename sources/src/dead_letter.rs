@@ -1,0 +1,272 @@
+//! Dead letters: records that cannot be used, copied to a Kafka topic in the platform's DLQ
+//! shape so they can be inspected and replayed.
+//!
+//! Each dead letter's value is the JSON object the platform's consumers write
+//! (`topic, partition, offset, timestamp, tenant_id?, event_id?, event_type?, value_base64,
+//! headers, error, consumer`), its key `topic:partition:offset` (the position for records that
+//! did not come from Kafka), and its headers `tenant_id`, `event_type`, `source` (the consumer) and
+//! `original_topic`. Keel keeps the headers its codec reads (`tenant_id`, `event_type`,
+//! `event_id`, `source`), not the record key, so those are what a letter carries.
+//!
+//! [`DeadLetterWriter::send_all`] produces a batch and waits for every acknowledgement; the
+//! durable writer calls it before it lets the batch's epochs count as stored, so a record's
+//! position is never committed before its dead letter is in Kafka.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use serde_json::{Map, Value, json};
+
+use crate::error::{IngestError, SourceError};
+use crate::kafka::KafkaAddress;
+use crate::record::{Position, Record};
+
+/// The consumer name dead letters carry.
+pub const CONSUMER: &str = "keel";
+
+/// One record for the dead-letter topic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    /// Kafka key.
+    pub key: String,
+    /// The JSON value.
+    pub value: Vec<u8>,
+    /// Kafka headers.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// The dead letter of `record`, refused for `error`; `now` stamps it when the record carries no
+/// time of its own.
+pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -> DeadLetter {
+    let (topic, partition, offset, key) = match &error.position {
+        Position::Kafka {
+            topic,
+            partition,
+            offset,
+        } => (
+            topic.as_str().to_owned(),
+            Value::from(*partition),
+            Value::from(*offset),
+            format!("{topic}:{partition}:{offset}"),
+        ),
+        other => (
+            other.to_string(),
+            Value::Null,
+            Value::Null,
+            other.to_string(),
+        ),
+    };
+    let mut headers = Map::new();
+    let mut object = Map::new();
+    object.insert("topic".into(), Value::from(topic.clone()));
+    object.insert("partition".into(), partition);
+    object.insert("offset".into(), offset);
+    object.insert("timestamp".into(), Value::from(now));
+    if let Some(record) = record {
+        for (name, value) in [
+            ("tenant_id", &record.headers.tenant_id),
+            ("event_type", &record.headers.event_type),
+            ("event_id", &record.headers.event_id),
+            ("source", &record.headers.source),
+        ] {
+            if let Some(value) = value {
+                headers.insert(name.into(), Value::from(value.as_ref()));
+            }
+        }
+    }
+    let tenant = error
+        .tenant_id
+        .clone()
+        .or_else(|| headers.get("tenant_id")?.as_str().map(str::to_owned));
+    let event_type = error
+        .event_type
+        .clone()
+        .or_else(|| headers.get("event_type")?.as_str().map(str::to_owned));
+    if let Some(tenant) = &tenant {
+        object.insert("tenant_id".into(), Value::from(tenant.as_str()));
+    }
+    if let Some(id) = headers.get("event_id") {
+        object.insert("event_id".into(), id.clone());
+    }
+    if let Some(kind) = &event_type {
+        object.insert("event_type".into(), Value::from(kind.as_str()));
+    }
+    let value = record.map_or(&[][..], |r| r.value);
+    object.insert(
+        "value_base64".into(),
+        Value::from(base64::engine::general_purpose::STANDARD.encode(value)),
+    );
+    object.insert("headers".into(), Value::Object(headers));
+    object.insert("error".into(), Value::from(error.reason.as_str()));
+    object.insert("consumer".into(), json!(CONSUMER));
+    let mut letter_headers = vec![("source", CONSUMER.to_owned()), ("original_topic", topic)];
+    if let Some(tenant) = tenant {
+        letter_headers.push(("tenant_id", tenant));
+    }
+    if let Some(kind) = event_type {
+        letter_headers.push(("event_type", kind));
+    }
+    DeadLetter {
+        key,
+        value: serde_json::to_vec(&Value::Object(object)).expect("JSON values serialize"),
+        headers: letter_headers,
+    }
+}
+
+/// Counts deliveries that failed.
+#[derive(Clone, Debug, Default)]
+pub struct Deliveries {
+    failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            tracing::warn!(%error, "a dead letter was not delivered");
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Produces dead letters to one topic and waits for the broker's acknowledgements.
+pub struct DeadLetterWriter {
+    producer: ThreadedProducer<Deliveries>,
+    deliveries: Deliveries,
+    address: KafkaAddress,
+}
+
+impl std::fmt::Debug for DeadLetterWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetterWriter")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl DeadLetterWriter {
+    /// An idempotent producer (acks from all in-sync replicas) for `address`.
+    pub fn new(address: KafkaAddress) -> Result<Self, SourceError> {
+        let deliveries = Deliveries::default();
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &address.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create_with_context(deliveries.clone())?;
+        Ok(DeadLetterWriter {
+            producer,
+            deliveries,
+            address,
+        })
+    }
+
+    /// Where the letters go.
+    pub fn address(&self) -> &KafkaAddress {
+        &self.address
+    }
+
+    /// Produces every letter and waits until the broker has them all.
+    pub fn send_all(&self, letters: &[DeadLetter]) -> Result<(), SourceError> {
+        let failed_before = self.deliveries.failed.load(Ordering::Relaxed);
+        for letter in letters {
+            let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len());
+            for (name, value) in &letter.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let mut record = BaseRecord::to(&self.address.topic)
+                .key(&letter.key)
+                .payload(&letter.value)
+                .headers(headers);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        returned,
+                    )) => {
+                        record = returned;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((error, _)) => return Err(error.into()),
+                }
+            }
+        }
+        self.producer.flush(Duration::from_secs(60))?;
+        let failed = self.deliveries.failed.load(Ordering::Relaxed) - failed_before;
+        if failed > 0 {
+            return Err(SourceError::Config(format!(
+                "{failed} dead letters were not delivered to {}",
+                self.address.topic
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Headers;
+    use keel_operators::sym::Sym;
+    use std::borrow::Cow;
+
+    #[test]
+    fn letters_have_the_platform_shape() {
+        let record = Record {
+            position: Position::Kafka {
+                topic: Sym::new("analytics_events"),
+                partition: 2,
+                offset: 41,
+            },
+            value: b"{not json",
+            headers: Headers {
+                tenant_id: Some(Cow::Borrowed("t-1")),
+                event_type: Some(Cow::Borrowed("viewer_connect")),
+                event_id: None,
+                source: Some(Cow::Borrowed("decklog")),
+            },
+        };
+        let error = IngestError {
+            position: record.position.clone(),
+            reason: "not JSON".into(),
+            event_type: None,
+            tenant_id: None,
+            excerpt: String::new(),
+        };
+        let letter = dead_letter(Some(&record), &error, 7);
+        assert_eq!(letter.key, "analytics_events:2:41");
+        let value: Value = serde_json::from_slice(&letter.value).unwrap();
+        assert_eq!(value["topic"], "analytics_events");
+        assert_eq!(value["partition"], 2);
+        assert_eq!(value["offset"], 41);
+        assert_eq!(value["timestamp"], 7);
+        assert_eq!(value["tenant_id"], "t-1");
+        assert_eq!(value["event_type"], "viewer_connect");
+        assert!(value.get("event_id").is_none());
+        assert_eq!(value["value_base64"], "e25vdCBqc29u");
+        assert_eq!(value["headers"]["source"], "decklog");
+        assert_eq!(value["error"], "not JSON");
+        assert_eq!(value["consumer"], "keel");
+        assert!(
+            letter
+                .headers
+                .contains(&("original_topic", "analytics_events".into()))
+        );
+        assert!(letter.headers.contains(&("source", "keel".into())));
+    }
+}
