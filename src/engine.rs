@@ -28,7 +28,7 @@ use keel_api::metrics::EngineStats;
 use keel_dataflows::foghorn::{FleetCell, LoadInput, PublishEvery, foghorn, publish_fleet};
 use keel_dataflows::periscope::{PeriscopeChange, periscope};
 use keel_dataflows::signalman;
-use keel_operators::table::TableSet;
+use keel_operators::table::{Change, TableSet, TableSink as _};
 use keel_sinks::durable::Durable;
 use keel_sinks::hub::{FeedItem, Hub, channel};
 use keel_sinks::live::LiveTables;
@@ -244,6 +244,11 @@ pub fn run(
             .as_ref()
             .is_some_and(|d| d.keeps_dead_letters());
         let mut letters = Vec::new();
+        let raw_events = handles
+            .durable
+            .as_ref()
+            .is_some_and(|d| d.writes(crate::store::RAW_EVENTS));
+        let mut raw = Vec::new();
         loop {
             if handles.shutdown.load(Ordering::Relaxed) {
                 break;
@@ -270,6 +275,9 @@ pub fn run(
                             skipped += 1;
                         }
                         Ok(event) => {
+                            if raw_events {
+                                raw.push(crate::store::RawEventRow::new(&event, &record));
+                            }
                             newest = newest.max(event.time);
                             events += 1;
                             if feeding {
@@ -302,6 +310,13 @@ pub fn run(
                 if let Some(durable) = &handles.durable {
                     // Before the epoch enters the dataflow, so it cannot be stored without them.
                     durable.stage_dead_letters(&mut letters);
+                    if !raw.is_empty() {
+                        durable.stage(None, |stage| {
+                            for row in raw.drain(..) {
+                                stage.apply(crate::store::RAW_EVENTS, Change::Upsert(row));
+                            }
+                        });
+                    }
                 }
                 if !feed.is_empty() {
                     hub.publish_events(&feed);

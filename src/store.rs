@@ -7,12 +7,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use keel_dataflows::periscope::PeriscopeChange;
-use keel_operators::table::TableSet;
+use keel_dataflows::privacy::scrub_json;
+use keel_operators::table::{Row, TableSet};
 use keel_sinks::clickhouse::{ClickHouse, Specs, TableSpec};
 use keel_sinks::durable::Durable;
 use keel_sinks::sql::SqlStore;
 use keel_sources::dead_letter::DeadLetterWriter;
+use keel_sources::event::{Event, EventKind};
 use keel_sources::kafka::KafkaAddress;
+use keel_sources::record::Record;
+use serde::{Deserialize, Serialize};
 
 /// The SQLite file `keel run` keeps `stream_analytics` in when it runs on the simulator.
 pub const DEFAULT_SQLITE: &str = "sqlite:keel-state.db";
@@ -36,9 +40,70 @@ pub struct StoreArgs {
     /// a topic name on the source's brokers, or `kafka://HOST:PORT/TOPIC`.
     #[arg(long)]
     pub dlq_topic: Option<String>,
+    /// Also keep every valid event in ClickHouse table `events_raw` (keyed by tenant, time and
+    /// event id; client addresses masked), as the platform's ingest keeps its event tables.
+    #[arg(long, requires = "clickhouse")]
+    pub raw_events: bool,
     /// Seconds between writes to the stores (each write is one insert per changed table).
     #[arg(long, default_value_t = 1.0)]
     pub flush_every: f64,
+}
+
+/// The ClickHouse table of raw events (`--raw-events`).
+pub const RAW_EVENTS: &str = "events_raw";
+
+/// One valid event as `events_raw` keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RawEventRow {
+    /// Tenant UUID.
+    pub tenant_id: String,
+    /// Event time.
+    pub time: i64,
+    /// Event id (the envelope's, or the codec's deterministic one).
+    pub event_id: String,
+    /// The platform's event type name (`unknown` types keep their own name).
+    pub event_type: String,
+    /// The stream's internal name, for stream events.
+    pub internal_name: Option<String>,
+    /// Where the record was read.
+    pub position: String,
+    /// The record as received, client addresses masked.
+    pub payload: String,
+}
+
+impl Row for RawEventRow {
+    type Key = (String, i64, String);
+    const KEY_COLUMNS: &'static [&'static str] = &["tenant_id", "time", "event_id"];
+    const TIMESTAMPS: &'static [&'static str] = &["time"];
+    const LOW_CARDINALITY: &'static [&'static str] = &["event_type"];
+    const RETENTION_DAYS: Option<u32> = Some(90);
+    fn tenant(&self) -> Option<&str> {
+        Some(&self.tenant_id)
+    }
+    fn key(&self) -> Self::Key {
+        (self.tenant_id.clone(), self.time, self.event_id.clone())
+    }
+}
+
+impl RawEventRow {
+    /// The row of `event`, read from `record`.
+    pub fn new(event: &Event, record: &Record<'_>) -> RawEventRow {
+        RawEventRow {
+            tenant_id: event.tenant.to_string(),
+            time: event.time,
+            event_id: event.id.to_string(),
+            event_type: match &event.kind {
+                EventKind::Unknown(unknown) => unknown.event_type.as_str().to_owned(),
+                kind => kind.type_name().to_owned(),
+            },
+            internal_name: event
+                .kind
+                .stream()
+                .map(|s| s.internal_name.as_str().to_owned()),
+            position: record.position.to_string(),
+            payload: scrub_json(&String::from_utf8_lossy(record.value)),
+        }
+    }
 }
 
 /// The specs of every Periscope output table.
@@ -46,6 +111,17 @@ pub fn specs() -> Vec<TableSpec> {
     let mut specs = Specs::default();
     PeriscopeChange::declare_all(&mut specs);
     specs.0
+}
+
+impl StoreArgs {
+    /// The ClickHouse tables these options write.
+    pub fn specs(&self) -> Vec<TableSpec> {
+        let mut all = specs();
+        if self.raw_events {
+            all.push(TableSpec::of::<RawEventRow>(RAW_EVENTS));
+        }
+        all
+    }
 }
 
 impl StoreArgs {
@@ -113,7 +189,7 @@ impl StoreArgs {
         let every = Duration::from_secs_f64(self.flush_every);
         Ok(Some(Durable::start(
             clickhouse,
-            specs(),
+            self.specs(),
             database,
             dead_letters,
             every,
@@ -142,7 +218,7 @@ pub fn migrate(args: &StoreArgs) -> anyhow::Result<()> {
         anyhow::bail!("nothing to migrate: give --clickhouse URL and/or --database URL");
     }
     if let Some(clickhouse) = clickhouse {
-        let specs = specs();
+        let specs = args.specs();
         clickhouse.migrate(&specs)?;
         println!(
             "ClickHouse {} at {}: database {} has {} tables ({}){}",

@@ -697,7 +697,7 @@ fn read_all(brokers: &str, topic: &str) -> Vec<(i32, i64, String, Vec<u8>)> {
 }
 
 #[test]
-fn records_that_cannot_be_used_reach_the_dead_letter_topic() {
+fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
     use base64::Engine as _;
     let brokers = broker();
     let url = clickhouse_url();
@@ -707,6 +707,44 @@ fn records_that_cannot_be_used_reach_the_dead_letter_topic() {
     let database = unique("keel_dlq");
     let sql = fresh_postgres(&database);
     migrate(&url, &database, &sql);
+    // Without its table, --raw-events is refused with the command that makes it.
+    let refused = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "run",
+            "--source",
+            &format!("kafka://{brokers}/{topic}"),
+            "--clickhouse",
+            &url,
+            "--clickhouse-database",
+            &database,
+            "--raw-events",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("events_raw") && said.contains("keel migrate"),
+        "{said}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "migrate",
+            "--clickhouse",
+            &url,
+            "--clickhouse-database",
+            &database,
+            "--raw-events",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let keel = Keel::start_with(
         &brokers,
         &topic,
@@ -714,7 +752,7 @@ fn records_that_cannot_be_used_reach_the_dead_letter_topic() {
         &url,
         &database,
         &sql,
-        &["--dlq-topic", &dlq],
+        &["--dlq-topic", &dlq, "--raw-events"],
     );
     keel.wait_log("copied to topic", Duration::from_secs(60));
     keel.wait_for(records, Duration::from_secs(120));
@@ -748,11 +786,43 @@ fn records_that_cannot_be_used_reach_the_dead_letter_topic() {
     keys.sort();
     assert_eq!(keys, positions);
 
+    // Every valid record is in events_raw once, by event id, and no client address is.
+    let clickhouse = ClickHouse::connect(&url, &database).unwrap();
+    let counts = clickhouse
+        .query(&format!(
+            "SELECT count(), uniqExact(event_id), countIf(match(payload, '\\\\b\\\\d{{1,3}}\\\\.\\\\d{{1,3}}\\\\.\\\\d{{1,3}}\\\\.\\\\d{{1,3}}\\\\b')), \
+             0 \
+             FROM `{database}`.events_raw FINAL FORMAT TabSeparated"
+        ))
+        .unwrap();
+    let counts: Vec<u64> = counts
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(counts[0], counts[1], "one row per event id");
+    assert!(
+        counts[0] + positions.len() as u64 <= records && counts[0] * 100 >= records * 95,
+        "{counts:?} raw events of {records} records"
+    );
+    assert_eq!(counts[2], 0, "a client address reached events_raw");
+
     // Each letter carries the original bytes and says why.
     let originals: std::collections::HashMap<(i32, i64), Vec<u8>> = read_all(&brokers, &topic)
         .into_iter()
         .map(|(p, o, _, v)| ((p, o), v))
         .collect();
+    let dotted_quad = |bytes: &[u8]| {
+        String::from_utf8_lossy(bytes)
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .any(|word| {
+                let parts: Vec<&str> = word.split('.').collect();
+                parts.len() == 4 && parts.iter().all(|p| (1..=3).contains(&p.len()))
+            })
+    };
+    assert!(
+        originals.values().any(|v| dotted_quad(v)),
+        "the simulated records carry client addresses (so events_raw had some to remove)"
+    );
     for (_, _, _, value) in &letters {
         let letter: serde_json::Value = serde_json::from_slice(value).unwrap();
         let at = (

@@ -243,6 +243,11 @@ impl Durable {
         self.stores.clickhouse.as_ref()
     }
 
+    /// Whether ClickHouse table `name` is written.
+    pub fn writes(&self, name: &str) -> bool {
+        self.stores.clickhouse.is_some() && self.specs.contains_key(name)
+    }
+
     /// Whether dead letters are kept (a dead-letter topic is set).
     pub fn keeps_dead_letters(&self) -> bool {
         self.stores.dead_letters.is_some()
