@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs (if needed) and starts the real servers the system tests use, on loopback only.
 #
-#   scripts/test-servers.sh start [kafka] [clickhouse] [postgres]
+#   scripts/test-servers.sh start [kafka] [clickhouse] [postgres] [chdb]
 #                                                       start them (default: kafka); prints the
 #                                                       environment the tests and benchmarks read
 #   scripts/test-servers.sh stop                         stop whatever it started
@@ -11,6 +11,8 @@
 # 127.0.0.1:$KEEL_KAFKA_PORT (default 19092).
 # ClickHouse: Debian's clickhouse-server (18.16), installed with apt-get if missing, HTTP on
 # 127.0.0.1:$KEEL_CLICKHOUSE_PORT (default 18123).
+# Current ClickHouse semantics: PyPI chdb-core (pinned) behind scripts/chdb-server.py, a small
+# ClickHouse HTTP interface, on 127.0.0.1:$KEEL_CHDB_PORT (default 18130).
 # PostgreSQL: Debian's postgresql (15), installed with apt-get if missing, a throwaway cluster
 # (trust auth, fsync off) on 127.0.0.1:$KEEL_POSTGRES_PORT (default 15432), run as user postgres.
 # Clients the tests drive: psql (Debian postgresql-client) and a headless Chromium (Debian
@@ -23,6 +25,8 @@ DIR=${KEEL_SERVERS_DIR:-/tmp/keel-servers}
 KAFKA_PORT=${KEEL_KAFKA_PORT:-19092}
 CLICKHOUSE_PORT=${KEEL_CLICKHOUSE_PORT:-18123}
 POSTGRES_PORT=${KEEL_POSTGRES_PORT:-15432}
+CHDB_PORT=${KEEL_CHDB_PORT:-18130}
+CHDB_VERSION=26.9.0
 TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
 
 log() { echo "[test-servers] $*" >&2; }
@@ -117,6 +121,28 @@ XML
   echo "export KEEL_TEST_CLICKHOUSE=http://127.0.0.1:$CLICKHOUSE_PORT"
 }
 
+start_chdb() {
+  local venv="$CACHE/venv-chdb"
+  if ! "$venv/bin/python" -c "import chdb, sys; sys.exit(chdb.__version__ != '$CHDB_VERSION')" 2>/dev/null; then
+    log "installing chdb-core $CHDB_VERSION (PyPI) into $venv"
+    mkdir -p "$CACHE"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --no-deps "chdb-core==$CHDB_VERSION"
+  fi
+  local here d="$DIR/chdb"
+  here=$(cd "$(dirname "$0")" && pwd)
+  rm -rf "$d" && mkdir -p "$d"
+  "$venv/bin/python" "$here/chdb-server.py" --port "$CHDB_PORT" --path "$d" >"$DIR/chdb.log" 2>&1 &
+  echo $! >"$DIR/chdb.pid"
+  if ! wait_for_port "$CHDB_PORT" 60; then
+    log "chdb-server did not start; its log:"
+    cat "$DIR/chdb.log" >&2
+    exit 1
+  fi
+  log "chdb (ClickHouse $("$venv/bin/python" -c 'import chdb; print(chdb.__version__)')) listening on 127.0.0.1:$CHDB_PORT"
+  echo "export KEEL_TEST_CHDB=http://127.0.0.1:$CHDB_PORT"
+}
+
 start_postgres() {
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     log "installing postgresql from Debian"
@@ -158,7 +184,8 @@ start() {
       kafka) start_kafka ;;
       clickhouse) start_clickhouse ;;
       postgres) start_postgres ;;
-      *) log "unknown server $server (kafka, clickhouse, postgres)"; exit 2 ;;
+      chdb) start_chdb ;;
+      *) log "unknown server $server (kafka, clickhouse, postgres, chdb)"; exit 2 ;;
     esac
   done
 }
@@ -191,7 +218,7 @@ start_kafka() {
 }
 
 stop() {
-  for server in tansu clickhouse; do
+  for server in tansu clickhouse chdb; do
     if [ -f "$DIR/$server.pid" ]; then
       kill "$(cat "$DIR/$server.pid")" 2>/dev/null || true
       rm -f "$DIR/$server.pid"

@@ -838,3 +838,88 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
         assert!(!letter["error"].as_str().unwrap().is_empty());
     }
 }
+
+/// `rows` (JSONEachRow) as values, with 64-bit integers that a server quoted turned back into
+/// numbers, so two ClickHouse versions' answers compare by value.
+fn normalized(rows: &str) -> Vec<serde_json::Value> {
+    fn fix(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(text) => {
+                if let Ok(n) = text.parse::<i64>() {
+                    *value = n.into();
+                } else if let Ok(n) = text.parse::<u64>() {
+                    *value = n.into();
+                }
+            }
+            serde_json::Value::Object(map) => map.values_mut().for_each(fix),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(fix),
+            _ => {}
+        }
+    }
+    rows.lines()
+        .map(|line| {
+            let mut value = serde_json::from_str(line).unwrap();
+            fix(&mut value);
+            value
+        })
+        .collect()
+}
+
+/// Equal values; floats within 1e-12 relative (the old server prints 17 digits, the current
+/// one the shortest form, and the test's JSON parser may round either by one unit).
+fn same(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            (x - y).abs() <= 1e-12 * x.abs().max(y.abs())
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same(v, w))
+        }
+        _ => a == b,
+    }
+}
+
+#[test]
+fn current_clickhouse_semantics_hold_the_same_tables_as_the_old_server() {
+    let brokers = broker();
+    let old = clickhouse_url();
+    let current =
+        std::env::var("KEEL_TEST_CHDB").unwrap_or_else(|_| "http://127.0.0.1:18130".into());
+    let server = ClickHouse::connect(&current, "default").unwrap_or_else(|e| {
+        panic!(
+            "no current-ClickHouse test server at {current} ({e}): run the tests with \
+             `scripts/test`, or start it with `eval \"$(scripts/test-servers.sh start chdb)\"`"
+        )
+    });
+    assert!(server.features().datetime64 && server.features().is_deleted);
+    let records = 20_000u64;
+    let topic = seeded_topic(&brokers, records);
+    let mut answers = Vec::new();
+    for url in [&old, &current] {
+        let database = unique("keel_versions");
+        let sql = fresh_postgres(&database);
+        migrate(url, &database, &sql);
+        let keel = Keel::start(&brokers, &topic, &unique("versions"), url, &database, &sql);
+        keel.wait_for(records, Duration::from_secs(120));
+        keel.stop();
+        answers.push(tables(url, &database));
+    }
+    for ((table, on_old), (_, on_current)) in answers[0].iter().zip(&answers[1]) {
+        let (on_old, on_current) = (normalized(on_old), normalized(on_current));
+        assert!(
+            !on_old.is_empty() || *table == "unknown_events",
+            "{table} is empty"
+        );
+        assert!(
+            on_old.len() == on_current.len()
+                && on_old.iter().zip(&on_current).all(|(a, b)| same(a, b)),
+            "{table} differs between ClickHouse 18.16 and current ClickHouse: first difference {:?}",
+            on_old.iter().zip(&on_current).find(|(a, b)| !same(a, b))
+        );
+    }
+}
