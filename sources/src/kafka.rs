@@ -319,7 +319,27 @@ impl Recovery {
     ) -> KafkaResult<()> {
         let timeout = Duration::from_secs(10);
         let committed = consumer.committed_offsets(assigned.clone(), timeout)?;
-        let since = keel_operators::time::now_ms() - horizon.as_millis() as i64;
+        let since = keel_operators::time::now_ms().saturating_sub(horizon.as_millis() as i64);
+        if since <= 0 {
+            // A horizon older than any timestamp: everything.
+            for element in assigned.clone().elements() {
+                if let Offset::Offset(c) = committed
+                    .find_partition(element.topic(), element.partition())
+                    .map_or(Offset::Invalid, |e| e.offset())
+                {
+                    self.floors
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(element.partition(), c);
+                }
+                assigned.set_partition_offset(
+                    element.topic(),
+                    element.partition(),
+                    Offset::Beginning,
+                )?;
+            }
+            return Ok(());
+        }
         let mut by_time = TopicPartitionList::new();
         for element in assigned.elements() {
             by_time.add_partition_offset(
