@@ -73,8 +73,8 @@ fn session(i: u64) -> ViewerSessionRow {
         country_code: Sym::new(["NL", "DE", "US", "BR"][i as usize % 4]),
         city: Some(Sym::new("Amsterdam")),
         connected_at: 1_793_491_200_000 + i as i64,
-        disconnected_at: (i % 3 != 0).then_some(1_793_491_260_000 + i as i64),
-        duration_s: (i % 3 != 0).then_some(60.0),
+        disconnected_at: (!i.is_multiple_of(3)).then_some(1_793_491_260_000 + i as i64),
+        duration_s: (!i.is_multiple_of(3)).then_some(60.0),
         down_bytes: i * 1_000,
         up_bytes: i * 10,
     }
@@ -106,7 +106,10 @@ fn sink(url: &str, rows: u64) {
         epoch += 1;
     }
     let staged = started.elapsed().as_secs_f64();
-    assert!(durable.finish(Duration::from_secs(600)), "the sink did not finish");
+    assert!(
+        durable.finish(Duration::from_secs(600)),
+        "the sink did not finish"
+    );
     let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
     let stored: u64 = clickhouse
         .query(&format!(
@@ -204,7 +207,12 @@ fn fill(brokers: &str, hours: u64) -> (String, u64) {
             break;
         }
         writer
-            .send_stamped(&record.event_id, &value, &headers(&record), Some(record.time))
+            .send_stamped(
+                &record.event_id,
+                &value,
+                &headers(&record),
+                Some(record.time),
+            )
             .unwrap();
         records += 1;
         if records.is_multiple_of(1_000_000) {
@@ -318,10 +326,7 @@ fn main() {
     sink(&url, rows);
     let (topic, records) = fill(&brokers, hours);
     let broker = broker_read(&brokers, &topic, records);
-    let address = KafkaAddress {
-        brokers: brokers.clone(),
-        topic: topic.clone(),
-    };
+    let address = KafkaAddress { brokers, topic };
     engine_run(
         "backfill",
         KafkaSource::new(

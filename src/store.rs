@@ -131,7 +131,7 @@ impl StoreArgs {
             return Ok(None);
         };
         let client = ClickHouse::connect(url, &self.clickhouse_database)
-            .with_context(|| format!("ClickHouse at {url}"))?;
+            .with_context(|| format!("ClickHouse at {}", redact(url)))?;
         Ok(Some(client))
     }
 
@@ -206,7 +206,7 @@ fn migrate_sql(url: &str) -> anyhow::Result<()> {
             let store = SqlStore::connect(url).await?;
             store.migrate().await
         })
-        .with_context(|| format!("database {url}"))
+        .with_context(|| format!("database {}", redact(url)))
 }
 
 /// `keel migrate`: creates the ClickHouse database and tables, and `stream_analytics`; prints

@@ -379,6 +379,50 @@ impl TableSpec {
     }
 }
 
+/// `http://USER:PASSWORD@HOST:PORT` → (`http://HOST:PORT`, `Basic …`); passwords are
+/// percent-decoded.
+fn split_credentials(url: &str) -> (String, Option<String>) {
+    use base64::Engine as _;
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let credentials = &rest[..at];
+    let decoded = percent_decode(credentials);
+    let token = base64::engine::general_purpose::STANDARD.encode(decoded);
+    (
+        format!("{scheme}://{}", &rest[at + 1..]),
+        Some(format!("Basic {token}")),
+    )
+}
+
+/// `%XX` escapes decoded (`+` stays `+`, as in a URL's user part).
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 fn leak(text: &str) -> &'static str {
     Box::leak(text.to_owned().into_boxed_str())
 }
@@ -397,7 +441,10 @@ impl TableRegistry for Specs {
 #[derive(Clone)]
 pub struct ClickHouse {
     agent: ureq::Agent,
+    /// The server's address, without credentials.
     url: String,
+    /// `Basic …` when the URL carried a user.
+    authorization: Option<String>,
     database: String,
     version: Version,
     features: Features,
@@ -448,9 +495,11 @@ impl ClickHouse {
             .timeout_global(Some(Duration::from_secs(300)))
             .build()
             .into();
+        let (url, authorization) = split_credentials(url.trim_end_matches('/'));
         let mut client = ClickHouse {
             agent,
-            url: url.trim_end_matches('/').to_owned(),
+            url,
+            authorization,
             database: database.to_owned(),
             version: Version(0, 0),
             features: Features::of(Version(0, 0)),
@@ -491,6 +540,9 @@ impl ClickHouse {
         what: &str,
     ) -> Result<String, ClickHouseError> {
         let mut request = self.agent.post(&self.url);
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
+        }
         if let Some(query) = query {
             request = request.query("query", query);
         }
@@ -703,6 +755,21 @@ mod tests {
         assert_eq!(lines[1]["start"], "1970-01-01T00:00:00.005Z");
         assert_eq!(lines[1]["_deleted"], 1);
         assert!(lines[1].get("live").is_none());
+    }
+
+    #[test]
+    fn credentials_leave_the_url_for_a_header() {
+        assert_eq!(
+            split_credentials("http://127.0.0.1:8123"),
+            ("http://127.0.0.1:8123".to_owned(), None)
+        );
+        let (url, auth) = split_credentials("https://keel:s%40cret@ch.example:8443");
+        assert_eq!(url, "https://ch.example:8443");
+        // base64("keel:s@cret")
+        assert_eq!(auth.as_deref(), Some("Basic a2VlbDpzQGNyZXQ="));
+        // base64("u:a+b")
+        let (_, auth) = split_credentials("http://u:a+b@h:1/");
+        assert_eq!(auth.as_deref(), Some("Basic dTphK2I="));
     }
 
     #[test]
