@@ -9,8 +9,14 @@
 //! - [`registry`]: clusters, tokens (by hash) and nodes in SQLite or PostgreSQL, with atomic
 //!   single-use redemption, replay-safe joins and tenant-segmented peer lists.
 //!
-//! Tunnels (boringtun), the agent and mesh DNS come next.
+//! - [`keys`]: WireGuard keys as `wg` writes them;
+//! - [`tunnel`]: the data plane — WireGuard tunnels (boringtun) to the peers over UDP, packets
+//!   routed by allowed addresses and dropped when their source is not the peer's.
+//!
+//! The agent (`keel mesh join`, TUN device, peer sync) and mesh DNS come next.
 
 pub mod address;
+pub mod keys;
 pub mod registry;
 pub mod token;
+pub mod tunnel;

@@ -1,0 +1,412 @@
+//! The data plane: WireGuard tunnels (boringtun) between this node and its peers.
+//!
+//! [`Router`] is the tunnel state without any I/O: packets from the node's interface go in
+//! through [`Router::outbound`] (the peer is chosen by the destination address among the peers'
+//! allowed addresses, then encrypted), datagrams from the network through [`Router::inbound`]
+//! (the peer is found from the handshake's static key or the session index, decrypted, and the
+//! inner packet delivered only if its source address is one the peer is allowed to use — a
+//! packet from any other source is dropped and counted). [`run`] drives a router with a UDP
+//! socket and a pair of channels standing for the interface (a TUN device, or a test).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::keys::WireguardKey;
+
+/// Room for any datagram: the largest IP packet plus WireGuard's overhead.
+const BUFFER: usize = 65_535 + 32;
+
+/// An IPv4 range a peer may use, `a.b.c.d/n` (a node's own address is a `/32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowedIp {
+    network: u32,
+    prefix: u8,
+}
+
+impl AllowedIp {
+    /// Parses `a.b.c.d/n` (or a bare address, a `/32`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (address, prefix) = text.split_once('/').unwrap_or((text, "32"));
+        let address: Ipv4Addr = address.trim().parse().ok()?;
+        let prefix: u8 = prefix.trim().parse().ok().filter(|p| *p <= 32)?;
+        Some(AllowedIp {
+            network: u32::from(address) & Self::mask(prefix),
+            prefix,
+        })
+    }
+
+    fn mask(prefix: u8) -> u32 {
+        u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+    }
+
+    /// Whether `address` lies in the range.
+    pub fn contains(&self, address: Ipv4Addr) -> bool {
+        u32::from(address) & Self::mask(self.prefix) == self.network
+    }
+}
+
+/// A peer as the tunnel needs it.
+#[derive(Clone, Debug)]
+pub struct PeerSpec {
+    /// Its name (for status and logs).
+    pub name: String,
+    /// Its WireGuard public key.
+    pub public_key: [u8; 32],
+    /// Where to send to it, until it is heard from elsewhere.
+    pub endpoint: Option<SocketAddr>,
+    /// The addresses it may use.
+    pub allowed: Vec<AllowedIp>,
+    /// Keepalive interval in seconds, to hold NAT mappings open.
+    pub keepalive: Option<u16>,
+}
+
+/// What the tunnel counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TunnelStats {
+    /// Packets from the interface sent encrypted to a peer.
+    pub sent: u64,
+    /// Packets from peers delivered to the interface.
+    pub delivered: u64,
+    /// Packets from the interface for an address no peer may use (or a peer with no endpoint).
+    pub no_route: u64,
+    /// Decrypted packets whose source address their peer may not use.
+    pub bad_source: u64,
+    /// Datagrams from keys or sessions this node does not know.
+    pub unknown_peer: u64,
+    /// Datagrams that are not WireGuard or failed to decrypt.
+    pub invalid: u64,
+}
+
+/// Something the router wants done.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send this datagram to that address.
+    Network(SocketAddr, Vec<u8>),
+    /// Hand this packet to the interface.
+    Device(Vec<u8>),
+}
+
+struct Slot {
+    spec: PeerSpec,
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+}
+
+/// One node's tunnels to its peers.
+pub struct Router {
+    secret: StaticSecret,
+    public: PublicKey,
+    peers: Vec<Option<Slot>>,
+    stats: TunnelStats,
+    buffer: Vec<u8>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("peers", &self.peer_names())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The destination address of an IPv4 packet.
+fn destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    (packet.len() >= 20 && packet[0] >> 4 == 4)
+        .then(|| Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
+}
+
+impl Router {
+    /// A router for the node with `key`, talking to `peers`.
+    pub fn new(key: &WireguardKey, peers: Vec<PeerSpec>) -> Self {
+        let secret = key.secret().clone();
+        let public = PublicKey::from(&secret);
+        let mut router = Router {
+            secret,
+            public,
+            peers: Vec::new(),
+            stats: TunnelStats::default(),
+            buffer: vec![0; BUFFER],
+        };
+        router.set_peers(peers);
+        router
+    }
+
+    /// Replaces the peer list. Peers that stay (same key) keep their slot and sessions; peers
+    /// that go lose theirs at once, so a revoked node cannot exchange another packet.
+    pub fn set_peers(&mut self, peers: Vec<PeerSpec>) {
+        for slot in &mut self.peers {
+            if slot
+                .as_ref()
+                .is_some_and(|s| !peers.iter().any(|p| p.public_key == s.spec.public_key))
+            {
+                *slot = None;
+            }
+        }
+        for spec in peers {
+            if let Some(slot) = self
+                .peers
+                .iter_mut()
+                .flatten()
+                .find(|s| s.spec.public_key == spec.public_key)
+            {
+                slot.endpoint = slot.endpoint.or(spec.endpoint);
+                slot.spec = spec;
+                continue;
+            }
+            // The session index names the slot: a new peer takes a free slot or a new one.
+            let index = self
+                .peers
+                .iter()
+                .position(Option::is_none)
+                .unwrap_or(self.peers.len());
+            let slot = Slot {
+                tunn: Tunn::new(
+                    self.secret.clone(),
+                    PublicKey::from(spec.public_key),
+                    None,
+                    spec.keepalive,
+                    u32::try_from(index).expect("fewer than 2^24 peers"),
+                    None,
+                ),
+                endpoint: spec.endpoint,
+                spec,
+            };
+            if index == self.peers.len() {
+                self.peers.push(Some(slot));
+            } else {
+                self.peers[index] = Some(slot);
+            }
+        }
+    }
+
+    /// The peers' names, in slot order.
+    pub fn peer_names(&self) -> Vec<String> {
+        self.peers
+            .iter()
+            .flatten()
+            .map(|s| s.spec.name.clone())
+            .collect()
+    }
+
+    /// What the router counted so far.
+    pub fn stats(&self) -> TunnelStats {
+        self.stats
+    }
+
+    /// Seconds since each peer's last handshake, by name.
+    pub fn handshakes(&self) -> Vec<(String, Option<Duration>)> {
+        self.peers
+            .iter()
+            .flatten()
+            .map(|s| (s.spec.name.clone(), s.tunn.time_since_last_handshake()))
+            .collect()
+    }
+
+    /// A packet from the interface: encrypted for the peer that may receive its destination.
+    pub fn outbound(&mut self, packet: &[u8], out: &mut Vec<Output>) {
+        let Some(destination) = destination(packet) else {
+            self.stats.no_route += 1;
+            return;
+        };
+        let peer = self.peers.iter_mut().flatten().find(|slot| {
+            slot.spec
+                .allowed
+                .iter()
+                .any(|range| range.contains(destination))
+        });
+        let Some(slot) = peer else {
+            self.stats.no_route += 1;
+            return;
+        };
+        let Some(endpoint) = slot.endpoint else {
+            self.stats.no_route += 1;
+            return;
+        };
+        match slot.tunn.encapsulate(packet, &mut self.buffer) {
+            TunnResult::WriteToNetwork(datagram) => {
+                out.push(Output::Network(endpoint, datagram.to_vec()));
+                self.stats.sent += 1;
+            }
+            // Queued until the handshake completes.
+            TunnResult::Done => self.stats.sent += 1,
+            _ => self.stats.invalid += 1,
+        }
+    }
+
+    /// The slot a datagram belongs to.
+    fn slot_of(&self, datagram: &[u8]) -> Result<Option<usize>, ()> {
+        match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => {
+                let Ok(half) = parse_handshake_anon(&self.secret, &self.public, &init) else {
+                    return Ok(None);
+                };
+                Ok(self.peers.iter().position(|slot| {
+                    slot.as_ref()
+                        .is_some_and(|s| s.spec.public_key == half.peer_static_public)
+                }))
+            }
+            Ok(Packet::HandshakeResponse(p)) => Ok(Some((p.receiver_idx >> 8) as usize)),
+            Ok(Packet::PacketCookieReply(p)) => Ok(Some((p.receiver_idx >> 8) as usize)),
+            Ok(Packet::PacketData(p)) => Ok(Some((p.receiver_idx >> 8) as usize)),
+            Err(_) => Err(()),
+        }
+    }
+
+    /// A datagram from the network: handshakes answered, data decrypted and delivered when its
+    /// source address is one its peer may use.
+    pub fn inbound(&mut self, from: SocketAddr, datagram: &[u8], out: &mut Vec<Output>) {
+        let index = match self.slot_of(datagram) {
+            Ok(Some(index)) if self.peers.get(index).is_some_and(Option::is_some) => index,
+            Ok(_) => {
+                self.stats.unknown_peer += 1;
+                return;
+            }
+            Err(()) => {
+                self.stats.invalid += 1;
+                return;
+            }
+        };
+        let slot = self.peers[index].as_mut().expect("checked");
+        let mut input: &[u8] = datagram;
+        loop {
+            match slot.tunn.decapsulate(Some(from.ip()), input, &mut self.buffer) {
+                TunnResult::WriteToNetwork(reply) => {
+                    slot.endpoint = Some(from);
+                    out.push(Output::Network(from, reply.to_vec()));
+                    // Packets queued behind the handshake follow.
+                    input = &[];
+                    continue;
+                }
+                TunnResult::WriteToTunnelV4(packet, source) => {
+                    if slot.spec.allowed.iter().any(|range| range.contains(source)) {
+                        slot.endpoint = Some(from);
+                        out.push(Output::Device(packet.to_vec()));
+                        self.stats.delivered += 1;
+                    } else {
+                        self.stats.bad_source += 1;
+                    }
+                }
+                TunnResult::WriteToTunnelV6(..) => self.stats.bad_source += 1,
+                TunnResult::Err(_) => self.stats.invalid += 1,
+                TunnResult::Done => {}
+            }
+            break;
+        }
+    }
+
+    /// Timers: handshake retries, rekeying and keepalives.
+    pub fn tick(&mut self, out: &mut Vec<Output>) {
+        for slot in self.peers.iter_mut().flatten() {
+            if let TunnResult::WriteToNetwork(datagram) = slot.tunn.update_timers(&mut self.buffer)
+                && let Some(endpoint) = slot.endpoint
+            {
+                out.push(Output::Network(endpoint, datagram.to_vec()));
+            }
+        }
+    }
+}
+
+/// A shared router, so status and peer updates can reach it while [`run`] drives it.
+pub type SharedRouter = Arc<Mutex<Router>>;
+
+/// Drives `router` until `from_device` closes: datagrams from `socket` and packets from the
+/// interface (`from_device`) go through it, decrypted packets go to `to_device`, and timers tick
+/// every 250 ms.
+pub async fn run(
+    router: SharedRouter,
+    socket: UdpSocket,
+    mut from_device: mpsc::Receiver<Vec<u8>>,
+    to_device: mpsc::Sender<Vec<u8>>,
+) -> std::io::Result<()> {
+    let mut datagram = vec![0u8; BUFFER];
+    let mut ticks = tokio::time::interval(Duration::from_millis(250));
+    let mut outputs = Vec::new();
+    loop {
+        tokio::select! {
+            received = socket.recv_from(&mut datagram) => {
+                let (len, from) = received?;
+                router.lock().expect("router").inbound(from, &datagram[..len], &mut outputs);
+            }
+            packet = from_device.recv() => {
+                let Some(packet) = packet else { return Ok(()) };
+                router.lock().expect("router").outbound(&packet, &mut outputs);
+            }
+            _ = ticks.tick() => router.lock().expect("router").tick(&mut outputs),
+        }
+        for output in outputs.drain(..) {
+            match output {
+                Output::Network(to, bytes) => {
+                    // A peer that is away is WireGuard's to retry, not ours.
+                    let _ = socket.send_to(&bytes, to).await;
+                }
+                Output::Device(packet) => {
+                    if to_device.send(packet).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The peer specs for a node's peer list from the registry.
+pub fn peer_specs(peers: &[crate::registry::Peer]) -> Vec<PeerSpec> {
+    use base64::Engine as _;
+    peers
+        .iter()
+        .filter_map(|peer| {
+            let key: [u8; 32] = base64::engine::general_purpose::STANDARD
+                .decode(&peer.public_key)
+                .ok()?
+                .try_into()
+                .ok()?;
+            Some(PeerSpec {
+                name: peer.name.clone(),
+                public_key: key,
+                endpoint: peer
+                    .endpoint
+                    .as_deref()
+                    .and_then(|e| e.parse::<SocketAddr>().ok()),
+                allowed: peer
+                    .allowed_ips
+                    .iter()
+                    .filter_map(|a| AllowedIp::parse(a))
+                    .collect(),
+                keepalive: Some(25),
+            })
+        })
+        .collect()
+}
+
+/// A minimal IPv4/UDP packet from `source` to `destination` carrying `payload` (for tests and
+/// probes; checksums left zero, which UDP over IPv4 allows).
+pub fn udp_packet(source: Ipv4Addr, destination: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = 28 + payload.len();
+    let mut packet = Vec::with_capacity(total);
+    packet.extend_from_slice(&[0x45, 0]);
+    packet.extend_from_slice(&u16::try_from(total).expect("fits").to_be_bytes());
+    packet.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    packet.extend_from_slice(&source.octets());
+    packet.extend_from_slice(&destination.octets());
+    packet.extend_from_slice(&40_000u16.to_be_bytes());
+    packet.extend_from_slice(&40_001u16.to_be_bytes());
+    packet.extend_from_slice(&u16::try_from(8 + payload.len()).expect("fits").to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    packet
+}
+
+/// The source address of an IPv4 packet.
+pub fn source(packet: &[u8]) -> Option<IpAddr> {
+    (packet.len() >= 20 && packet[0] >> 4 == 4)
+        .then(|| IpAddr::V4(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15])))
+}
