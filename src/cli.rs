@@ -53,6 +53,8 @@ enum Command {
     /// Replay a time range of past events (Kafka or a file) through the dataflows into
     /// ClickHouse and/or `stream_analytics`, with progress; running it again changes nothing.
     Backfill(Box<crate::backfill::BackfillArgs>),
+    /// The Privateer mesh's control plane: join tokens and nodes.
+    Mesh(crate::mesh::MeshArgs),
 }
 
 /// TLS for Decklog.
@@ -483,11 +485,15 @@ enum Horizon {
 
 fn parse_horizon(text: &str) -> Result<Horizon, String> {
     match text {
-        "none" => return Ok(Horizon::None),
+        "none" => Ok(Horizon::None),
         // Older than any record a broker holds.
-        "all" => return Ok(Horizon::Back(Duration::from_secs(100 * 365 * 86_400))),
-        _ => {}
+        "all" => Ok(Horizon::Back(Duration::from_secs(100 * 365 * 86_400))),
+        _ => parse_duration(text).map(Horizon::Back),
     }
+}
+
+/// A duration written as a whole number with a unit: `90s`, `15m`, `24h`, `7d`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("{text:?} has no unit: use s, m, h or d (e.g. 24h)"))?;
@@ -502,7 +508,10 @@ fn parse_horizon(text: &str) -> Result<Horizon, String> {
         "d" => 86_400,
         _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
     };
-    Ok(Horizon::Back(Duration::from_secs(number * seconds)))
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
@@ -1095,6 +1104,7 @@ pub fn main() -> ExitCode {
         Command::Loadgen(args) => loadgen(&args),
         Command::Migrate(args) => crate::store::migrate(&args),
         Command::Backfill(args) => crate::backfill::backfill(&args),
+        Command::Mesh(args) => crate::mesh::mesh(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

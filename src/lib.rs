@@ -7,20 +7,21 @@
 //!   tables and the routing snapshot.
 //! - [`backfill`]: `keel backfill`, a time range replayed into the durable stores.
 //! - [`cli`]: `keel run`, `simulate`, `sql`, `graphql-schema`, `decklog`, `helmsman`, `loadgen`,
-//!   `migrate`, `backfill`.
+//!   `migrate`, `backfill`, `mesh`.
 //! - [`config`]: the TOML settings file.
 //! - [`serve`]: running the HTTP API beside the engine, and the `keel sql --url` client.
 //! - [`foghorn`]: Foghorn's routing fronts (HTTP, gRPC) on a runtime of their own.
 //! - [`edge`]: Decklog and the Helmsman adapter on a runtime of their own; Decklog's
 //!   credentials from the API's.
 //! - [`loadgen`]: the load generator behind `keel loadgen` and the Decklog benchmark.
+//! - [`mesh`]: `keel mesh`, the Privateer control plane's operator commands.
 //! - [`store`]: the durable stores of `keel run` (ClickHouse) and `keel migrate`.
 //! - [`summary`]: the one-line live summary `keel run` prints.
 //!
 //! The crates underneath, in dependency order: `keel-operators` (domain-free operators),
 //! `keel-sources` (event model, codecs, connectors), `keel-dataflows` (Periscope, Foghorn),
 //! `keel-sinks` (live tables, ClickHouse, the durable writer), `keel-api` (SQL, GraphQL, feeds, routing fronts), `keel-edge`
-//! (Decklog, the Helmsman adapter).
+//! (Decklog, the Helmsman adapter), `keel-mesh` (join tokens, node registry, WireGuard tunnels).
 
 pub mod backfill;
 pub mod cli;
@@ -29,6 +30,7 @@ pub mod edge;
 pub mod engine;
 pub mod foghorn;
 pub mod loadgen;
+pub mod mesh;
 pub mod serve;
 pub mod store;
 pub mod summary;

@@ -280,9 +280,11 @@ macro_rules! node_of {
             name: row.try_get("node_name")?,
             tenant: row.try_get("tenant_id")?,
             public_key: row.try_get("public_key")?,
-            address: address.parse().map_err(|_| sqlx::Error::Decode(
-                format!("mesh_nodes.address {address:?} is not an IPv4 address").into(),
-            ))?,
+            address: address.parse().map_err(|_| {
+                sqlx::Error::Decode(
+                    format!("mesh_nodes.address {address:?} is not an IPv4 address").into(),
+                )
+            })?,
             endpoint: row.try_get("endpoint")?,
             joined_at: row.try_get("joined_at")?,
             revoked_at: row.try_get("revoked_at")?,
@@ -408,11 +410,15 @@ impl Registry {
         now: i64,
     ) -> Result<Issued, RegistryError> {
         if request.uses == 0 {
-            return Err(RegistryError::Request("a token needs at least one use".into()));
+            return Err(RegistryError::Request(
+                "a token needs at least one use".into(),
+            ));
         }
         let ttl = i64::try_from(request.ttl.as_secs()).unwrap_or(i64::MAX / 2);
         if ttl == 0 {
-            return Err(RegistryError::Request("a token needs a positive lifetime".into()));
+            return Err(RegistryError::Request(
+                "a token needs a positive lifetime".into(),
+            ));
         }
         if self.cluster_cidr(&request.cluster).await?.is_none() {
             return Err(RegistryError::Cluster(format!(
@@ -487,7 +493,9 @@ impl Registry {
         check_name(&request.name).map_err(JoinError::Request)?;
         check_public_key(&request.public_key).map_err(JoinError::Request)?;
         if let Some(endpoint) = &request.endpoint
-            && endpoint.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err())
+            && endpoint
+                .rsplit_once(':')
+                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
         {
             return Err(JoinError::Request(format!(
                 "endpoint {endpoint:?} is not host:port"

@@ -248,7 +248,8 @@ impl TokenVerifier {
 
     /// This verifier, also accepting `key`'s tokens (a key being rotated out).
     pub fn with_key(mut self, key: &TokenKey) -> Self {
-        self.keys.push((key.kid.clone(), key.signing.verifying_key()));
+        self.keys
+            .push((key.kid.clone(), key.signing.verifying_key()));
         self
     }
 
@@ -259,7 +260,9 @@ impl TokenVerifier {
         let (Some(header), Some(body), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(TokenError::Malformed("a token has three dot-separated parts"));
+            return Err(TokenError::Malformed(
+                "a token has three dot-separated parts",
+            ));
         };
         let decode = |part: &str| URL_SAFE_NO_PAD.decode(part);
         let header: Header = decode(header)
@@ -278,7 +281,9 @@ impl TokenVerifier {
         let signature = decode(signature)
             .ok()
             .and_then(|bytes| Signature::from_slice(&bytes).ok())
-            .ok_or(TokenError::Malformed("the signature is not 64 base64url bytes"))?;
+            .ok_or(TokenError::Malformed(
+                "the signature is not 64 base64url bytes",
+            ))?;
         let signed = &token.trim()[..token.trim().rfind('.').expect("three parts")];
         key.verify(signed.as_bytes(), &signature)
             .map_err(|_| TokenError::Signature)?;
@@ -401,7 +406,9 @@ mod tests {
         let key = TokenKey::from_seed([7; 32]);
         let token = key.sign(&claims(1_000));
         assert_eq!(
-            key.verifier().with_audience("keel-api").verify(&token, 1_000),
+            key.verifier()
+                .with_audience("keel-api")
+                .verify(&token, 1_000),
             Err(TokenError::Audience {
                 expected: "keel-api".into(),
                 found: AUDIENCE.into()
@@ -434,6 +441,9 @@ mod tests {
         }
         std::fs::write(&path, "not hex").unwrap();
         let error = TokenKey::load_or_create(&path).unwrap_err();
-        assert!(error.to_string().contains("not a mesh signing key"), "{error}");
+        assert!(
+            error.to_string().contains("not a mesh signing key"),
+            "{error}"
+        );
     }
 }

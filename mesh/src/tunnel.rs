@@ -278,7 +278,10 @@ impl Router {
         let slot = self.peers[index].as_mut().expect("checked");
         let mut input: &[u8] = datagram;
         loop {
-            match slot.tunn.decapsulate(Some(from.ip()), input, &mut self.buffer) {
+            match slot
+                .tunn
+                .decapsulate(Some(from.ip()), input, &mut self.buffer)
+            {
                 TunnResult::WriteToNetwork(reply) => {
                     slot.endpoint = Some(from);
                     out.push(Output::Network(from, reply.to_vec()));
@@ -399,7 +402,11 @@ pub fn udp_packet(source: Ipv4Addr, destination: Ipv4Addr, payload: &[u8]) -> Ve
     packet.extend_from_slice(&destination.octets());
     packet.extend_from_slice(&40_000u16.to_be_bytes());
     packet.extend_from_slice(&40_001u16.to_be_bytes());
-    packet.extend_from_slice(&u16::try_from(8 + payload.len()).expect("fits").to_be_bytes());
+    packet.extend_from_slice(
+        &u16::try_from(8 + payload.len())
+            .expect("fits")
+            .to_be_bytes(),
+    );
     packet.extend_from_slice(&[0, 0]);
     packet.extend_from_slice(payload);
     packet
@@ -407,6 +414,9 @@ pub fn udp_packet(source: Ipv4Addr, destination: Ipv4Addr, payload: &[u8]) -> Ve
 
 /// The source address of an IPv4 packet.
 pub fn source(packet: &[u8]) -> Option<IpAddr> {
-    (packet.len() >= 20 && packet[0] >> 4 == 4)
-        .then(|| IpAddr::V4(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15])))
+    (packet.len() >= 20 && packet[0] >> 4 == 4).then(|| {
+        IpAddr::V4(Ipv4Addr::new(
+            packet[12], packet[13], packet[14], packet[15],
+        ))
+    })
 }

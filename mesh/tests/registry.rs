@@ -14,7 +14,10 @@ use keel_mesh::token::{AUDIENCE, Bootstrap, TokenError, TokenKey};
 const NOW: i64 = 1_800_000_000;
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
 }
 
 /// The registries every scenario runs on: a fresh SQLite file and the test PostgreSQL.
@@ -142,7 +145,10 @@ async fn a_token_joins_one_node_once_and_a_replay_gets_the_same_identity() {
                 NOW + 10,
             )
             .await;
-        assert!(matches!(stolen, Err(JoinError::UsedUp(_))), "{db}: {stolen:?}");
+        assert!(
+            matches!(stolen, Err(JoinError::UsedUp(_))),
+            "{db}: {stolen:?}"
+        );
     }
 }
 
@@ -225,7 +231,10 @@ async fn expired_tampered_foreign_and_revoked_tokens_are_refused() {
                 NOW + 3,
             )
             .await;
-        assert!(matches!(result, Err(JoinError::Revoked(_))), "{db}: {result:?}");
+        assert!(
+            matches!(result, Err(JoinError::Revoked(_))),
+            "{db}: {result:?}"
+        );
         assert!(registry.nodes(&cluster).await.unwrap().is_empty(), "{db}");
         // Genuine but never recorded here (another registry issued it): unknown.
         let dir2 = tempfile::tempdir().unwrap();
@@ -244,7 +253,10 @@ async fn expired_tampered_foreign_and_revoked_tokens_are_refused() {
                 NOW,
             )
             .await;
-        assert!(matches!(result, Err(JoinError::Unknown(_))), "{db}: {result:?}");
+        assert!(
+            matches!(result, Err(JoinError::Unknown(_))),
+            "{db}: {result:?}"
+        );
     }
 }
 
@@ -271,7 +283,10 @@ async fn a_reusable_token_stops_at_its_limit_and_sweeping_removes_expired_ones()
         let fourth = registry
             .join(&key.verifier(), &join_request(&issued.token, "n3", 13), NOW)
             .await;
-        assert!(matches!(fourth, Err(JoinError::UsedUp(_))), "{db}: {fourth:?}");
+        assert!(
+            matches!(fourth, Err(JoinError::UsedUp(_))),
+            "{db}: {fourth:?}"
+        );
         // Bad requests are refused before any use is taken.
         let spare = issue(&registry, &key, &cluster, None, 1).await;
         for (name, public_key, why) in [
@@ -305,7 +320,10 @@ async fn a_reusable_token_stops_at_its_limit_and_sweeping_removes_expired_ones()
         let result = registry
             .join(&key.verifier(), &join_request(&unused.token, "n5", 22), NOW)
             .await;
-        assert!(matches!(result, Err(JoinError::Unknown(_))), "{db}: {result:?}");
+        assert!(
+            matches!(result, Err(JoinError::Unknown(_))),
+            "{db}: {result:?}"
+        );
         assert!(
             registry
                 .issue_token(
@@ -338,8 +356,7 @@ async fn two_nodes_racing_for_one_token_exactly_one_wins() {
                 .map(|n| {
                     let registry = registry.clone();
                     let verifier = key.verifier();
-                    let request =
-                        join_request(&issued.token, &format!("r{round}-{n}"), 30 + n);
+                    let request = join_request(&issued.token, &format!("r{round}-{n}"), 30 + n);
                     tokio::spawn(async move { registry.join(&verifier, &request, NOW).await })
                 })
                 .collect();
@@ -450,11 +467,18 @@ async fn clusters_keep_their_range_and_a_full_range_says_so() {
                 .await
                 .unwrap();
             let address = identity.node.address;
-            assert!(address != Ipv4Addr::new(10, 99, 0, 1), "{db}: gateway handed out");
+            assert!(
+                address != Ipv4Addr::new(10, 99, 0, 1),
+                "{db}: gateway handed out"
+            );
             assert!(taken.insert(address), "{db}: {address} twice");
         }
         let full = registry
-            .join(&key.verifier(), &join_request(&issued.token, "h13", 99), NOW)
+            .join(
+                &key.verifier(),
+                &join_request(&issued.token, "h13", 99),
+                NOW,
+            )
             .await;
         assert!(matches!(full, Err(JoinError::Full(_))), "{db}: {full:?}");
         let missing = registry

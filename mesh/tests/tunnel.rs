@@ -174,7 +174,11 @@ async fn peers_talk_forged_sources_and_other_tenants_are_dropped_and_revocation_
     core.send(blue.address, red.address, b"forged").await;
     core.send(core.address, red.address, b"genuine").await;
     let packet = red.next(WAIT).await.expect("the genuine packet");
-    assert_eq!(payload(&packet), b"genuine", "the forged packet was delivered");
+    assert_eq!(
+        payload(&packet),
+        b"genuine",
+        "the forged packet was delivered"
+    );
     let after = red.stats();
     assert_eq!(after.bad_source, before.bad_source + 1);
     assert_eq!(after.delivered, before.delivered + 1);
@@ -206,7 +210,10 @@ async fn peers_talk_forged_sources_and_other_tenants_are_dropped_and_revocation_
     assert!(red.router.lock().unwrap().peer_names().is_empty());
     let before = red.stats();
     core.send(core.address, red.address, b"still there?").await;
-    assert!(red.next(QUIET).await.is_none(), "a revoked node got through");
+    assert!(
+        red.next(QUIET).await.is_none(),
+        "a revoked node got through"
+    );
     let after = red.stats();
     assert!(after.unknown_peer + after.invalid > before.unknown_peer + before.invalid);
     // core's own list is emptied too when it syncs.
