@@ -8,15 +8,23 @@
 //! with mode 0600.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
 use clap::{Args, Subcommand};
+use keel_api::auth::{Auth, Scope};
 use keel_mesh::address::MeshCidr;
 use keel_mesh::keys::WireguardKey;
-use keel_mesh::registry::{Registry, TokenRequest};
-use keel_mesh::token::{Bootstrap, TokenKey};
+use keel_mesh::registry::{JoinError, JoinRequest, Registry, TokenRequest};
+use keel_mesh::token::{Bootstrap, TokenKey, TokenVerifier};
 use keel_operators::time::format_rfc3339;
+use serde::Deserialize;
+use serde_json::json;
 
 /// Expired tokens are kept this long (so a late join is told "expired", not "unknown"), then
 /// swept whenever a token is issued.
@@ -38,6 +46,8 @@ enum MeshCommand {
     Nodes(ControlArgs),
     /// Revoke a node: it leaves every peer list.
     RevokeNode(RevokeNodeArgs),
+    /// Serve the control plane's HTTP API: nodes join, administrators issue tokens.
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +96,30 @@ struct CreateTokenArgs {
     /// The URL where nodes redeem the token.
     #[arg(long, default_value = "http://127.0.0.1:18012")]
     control_url: String,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:18012")]
+    listen: String,
+    /// Shared secret for administrators' bearer JWTs (HS256, role admin).
+    #[arg(long, env = "KEEL_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// A TOML file whose `[[api.tokens]]` with role admin may issue and revoke tokens.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The cluster's mesh range, used when the cluster is new.
+    #[arg(long, default_value = "10.88.0.0/16")]
+    cidr: MeshCidr,
+    /// The bootstrap peer's WireGuard endpoint that issued tokens name, `host:port`.
+    #[arg(long, default_value = "127.0.0.1:51820")]
+    endpoint: String,
+    /// The URL that issued tokens name for redeeming them [default: http://LISTEN].
+    #[arg(long)]
+    control_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +210,7 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
                 }
             }
             MeshCommand::Nodes(control) => list_nodes(control).await,
+            MeshCommand::Serve(args) => serve(args).await,
             MeshCommand::RevokeNode(args) => {
                 let registry = args.control.registry().await?;
                 if registry
@@ -200,13 +235,7 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
 }
 
 async fn create_token(args: &CreateTokenArgs) -> anyhow::Result<()> {
-    if args
-        .endpoint
-        .rsplit_once(':')
-        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-    {
-        anyhow::bail!("--endpoint {:?} is not host:port", args.endpoint);
-    }
+    check_endpoint(&args.endpoint)?;
     let key = args.control.signing_key()?;
     let wireguard = args.control.wireguard_key()?;
     let registry = args.control.registry().await?;
@@ -287,5 +316,267 @@ async fn list_nodes(control: &ControlArgs) -> anyhow::Result<()> {
             }
         );
     }
+    Ok(())
+}
+
+fn check_endpoint(endpoint: &str) -> anyhow::Result<()> {
+    if endpoint
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    {
+        anyhow::bail!("--endpoint {endpoint:?} is not host:port");
+    }
+    Ok(())
+}
+
+/// What the control plane's handlers share.
+#[derive(Clone)]
+struct Control {
+    registry: Registry,
+    key: Arc<TokenKey>,
+    verifier: TokenVerifier,
+    auth: Option<Auth>,
+    bootstrap: Bootstrap,
+    cluster: String,
+}
+
+/// A JSON error answer.
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+/// The status a refused join gets.
+fn join_status(e: &JoinError) -> StatusCode {
+    match e {
+        JoinError::Token(_) | JoinError::Unknown(_) | JoinError::Expired(_) => {
+            StatusCode::UNAUTHORIZED
+        }
+        JoinError::Revoked(_) => StatusCode::FORBIDDEN,
+        JoinError::UsedUp(_) => StatusCode::CONFLICT,
+        JoinError::Request(_) => StatusCode::BAD_REQUEST,
+        JoinError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+        JoinError::Registry(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl Control {
+    /// The answer for anyone but an administrator: 401 or 403 with the reason.
+    fn refuse_unless_admin(&self, headers: &HeaderMap) -> Option<Response> {
+        let Some(auth) = &self.auth else {
+            return Some(error(
+                StatusCode::UNAUTHORIZED,
+                "this control plane has no administrator credentials (--jwt-secret or --config)",
+            ));
+        };
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        match auth.authenticate(token.trim(), now()) {
+            Ok(principal) if principal.scope == Scope::All => None,
+            Ok(_) => Some(error(
+                StatusCode::FORBIDDEN,
+                "only administrators may manage join tokens",
+            )),
+            Err(e) => Some(error(StatusCode::UNAUTHORIZED, e)),
+        }
+    }
+}
+
+async fn join_handler(State(control): State<Control>, body: axum::body::Bytes) -> Response {
+    let request: JoinRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body must be JSON {{\"token\", \"name\", \"public_key\", \"endpoint\"}}: {e}"
+                ),
+            );
+        }
+    };
+    match control
+        .registry
+        .join(&control.verifier, &request, now())
+        .await
+    {
+        Ok(identity) => axum::Json(identity).into_response(),
+        Err(e) => {
+            if matches!(e, JoinError::Registry(_)) {
+                tracing::error!("mesh join: {e}");
+            }
+            error(join_status(&e), e)
+        }
+    }
+}
+
+/// `POST /api/v1/mesh/tokens`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    uses: Option<u32>,
+    #[serde(default)]
+    tenant: Option<uuid::Uuid>,
+}
+
+async fn create_handler(
+    State(control): State<Control>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refused) = control.refuse_unless_admin(&headers) {
+        return refused;
+    }
+    let request: CreateToken = if body.is_empty() {
+        CreateToken::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body must be JSON {{\"ttl\", \"uses\", \"tenant\"}}: {e}"),
+                );
+            }
+        }
+    };
+    let ttl = match crate::cli::parse_duration(request.ttl.as_deref().unwrap_or("24h")) {
+        Ok(ttl) => ttl,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
+    };
+    let issued = control
+        .registry
+        .issue_token(
+            &control.key,
+            TokenRequest {
+                cluster: control.cluster.clone(),
+                tenant: request.tenant.map(|t| t.to_string()),
+                ttl,
+                uses: request.uses.unwrap_or(1),
+                bootstrap: control.bootstrap.clone(),
+            },
+            now(),
+        )
+        .await;
+    match issued {
+        Ok(issued) => (
+            StatusCode::CREATED,
+            axum::Json(json!({
+                "token": issued.token,
+                "id": issued.claims.jti,
+                "cluster": issued.claims.cluster,
+                "tenant": issued.claims.tenant,
+                "uses": issued.claims.uses,
+                "expires_at": issued.claims.exp,
+            })),
+        )
+            .into_response(),
+        Err(keel_mesh::registry::RegistryError::Request(m)) => error(StatusCode::BAD_REQUEST, m),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn revoke_handler(
+    State(control): State<Control>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(refused) = control.refuse_unless_admin(&headers) {
+        return refused;
+    }
+    match control.registry.revoke_token(&id, now()).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no unrevoked token {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct NodesQuery {
+    cluster: Option<String>,
+}
+
+async fn nodes_handler(
+    State(control): State<Control>,
+    headers: HeaderMap,
+    Query(query): Query<NodesQuery>,
+) -> Response {
+    if let Some(refused) = control.refuse_unless_admin(&headers) {
+        return refused;
+    }
+    let cluster = query.cluster.unwrap_or(control.cluster.clone());
+    match control.registry.nodes(&cluster).await {
+        Ok(nodes) => axum::Json(nodes).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `keel mesh serve`: the control plane's HTTP API until Ctrl-C.
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    check_endpoint(&args.endpoint)?;
+    let settings = match &args.config {
+        Some(path) => crate::config::Config::load(path)?,
+        None => crate::config::Config::default(),
+    };
+    let secret = args.jwt_secret.clone().or(settings.api.jwt_secret.clone());
+    let auth = if secret.is_some() || !settings.api.tokens.is_empty() {
+        Some(
+            Auth::new(secret, settings.api.tokens)
+                .map_err(|problems| anyhow::anyhow!("settings: {problems}"))?,
+        )
+    } else {
+        None
+    };
+    let key = args.control.signing_key()?;
+    let wireguard = args.control.wireguard_key()?;
+    let registry = args.control.registry().await?;
+    registry
+        .ensure_cluster(&args.control.cluster, args.cidr, now())
+        .await?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let control = Control {
+        registry,
+        verifier: key.verifier(),
+        key: Arc::new(key),
+        auth,
+        bootstrap: Bootstrap {
+            public_key: wireguard.public_base64(),
+            endpoint: args.endpoint.clone(),
+            control: args
+                .control_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{local}")),
+        },
+        cluster: args.control.cluster.clone(),
+    };
+    if control.auth.is_none() {
+        eprintln!(
+            "keel mesh: no administrator credentials (--jwt-secret or --config): tokens can only \
+             be issued with `keel mesh token create` on this machine"
+        );
+    }
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/mesh/join", post(join_handler))
+        .route("/api/v1/mesh/tokens", post(create_handler))
+        .route("/api/v1/mesh/tokens/{id}", delete(revoke_handler))
+        .route("/api/v1/mesh/nodes", get(nodes_handler))
+        .with_state(control);
+    eprintln!(
+        "keel mesh: control plane for cluster {} listening on http://{local}",
+        args.control.cluster
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     Ok(())
 }

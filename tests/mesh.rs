@@ -181,3 +181,162 @@ fn bad_options_say_what_is_wrong() {
         text(&out.stderr)
     );
 }
+
+/// `keel mesh serve` on a free port, with the address it printed.
+struct Served {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path, secret: &str) -> Served {
+    use std::io::BufRead as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["mesh", "serve", "--listen", "127.0.0.1:0"])
+        .env("KEEL_MESH_DIR", dir)
+        .env("KEEL_JWT_SECRET", secret)
+        .env_remove("KEEL_MESH_REGISTRY")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("keel mesh serve ended before listening")
+            .unwrap();
+        if let Some((_, url)) = line.split_once("listening on ") {
+            break url.trim().to_owned();
+        }
+    };
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Served { child, url }
+}
+
+fn call(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut request = ureq::http::Request::builder().method(method).uri(url);
+    if let Some(token) = bearer {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
+    let mut response = agent.run(request.body(body.to_owned()).unwrap()).unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+#[test]
+fn the_control_plane_issues_tokens_to_administrators_and_joins_nodes_over_http() {
+    use keel_api::auth::{Auth, Claims};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "mesh-test-secret-of-some-length";
+    let served = serve(dir.path(), secret);
+    let url = &served.url;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let auth = Auth::new(Some(secret.into()), vec![]).unwrap();
+    let exp = 4_000_000_000;
+    let admin = auth.issue(&Claims::admin("ops", exp)).unwrap();
+    let member = auth
+        .issue(&Claims::member("u", uuid::Uuid::new_v4(), exp))
+        .unwrap();
+    let tokens = format!("{url}/api/v1/mesh/tokens");
+
+    // Only administrators issue tokens.
+    let (status, body) = call(&agent, "POST", &tokens, None, "");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"], "missing bearer token");
+    let (status, body) = call(&agent, "POST", &tokens, Some(&member), "");
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = call(&agent, "POST", &tokens, Some("forged"), "");
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = call(&agent, "POST", &tokens, Some(&admin), r#"{"ttl":"soon"}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("ttl"), "{body}");
+    let (status, body) = call(&agent, "POST", &tokens, Some(&admin), r#"{"uses":0}"#);
+    assert_eq!(status, 400, "{body}");
+    let (status, issued) = call(
+        &agent,
+        "POST",
+        &tokens,
+        Some(&admin),
+        r#"{"ttl":"10m","uses":1}"#,
+    );
+    assert_eq!(status, 201, "{issued}");
+    let token = issued["token"].as_str().unwrap();
+
+    // A node joins with it; asking again gets the same identity; a second node is refused.
+    let join = format!("{url}/api/v1/mesh/join");
+    let request = |name: &str, key: u8| {
+        serde_json::json!({
+            "token": token,
+            "name": name,
+            "public_key": base64::engine::general_purpose::STANDARD.encode([key; 32]),
+            "endpoint": "192.0.2.1:51820",
+        })
+        .to_string()
+    };
+    let (status, first) = call(&agent, "POST", &join, None, &request("edge-1", 1));
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["mesh_cidr"], "10.88.0.0/16");
+    assert_eq!(first["replayed"], false);
+    let (status, again) = call(&agent, "POST", &join, None, &request("edge-1", 1));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["node"]["address"], first["node"]["address"]);
+    let (status, body) = call(&agent, "POST", &join, None, &request("edge-2", 2));
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("used up"),
+        "{body}"
+    );
+    let (status, body) = call(&agent, "POST", &join, None, "{not json");
+    assert_eq!(status, 400, "{body}");
+    let tampered = request("edge-3", 3).replace(&token[token.len() - 6..], "AAAAAA");
+    let (status, body) = call(&agent, "POST", &join, None, &tampered);
+    assert_eq!(status, 401, "{body}");
+
+    // The node list, and revocation of an unused token.
+    let (status, nodes) = call(
+        &agent,
+        "GET",
+        &format!("{url}/api/v1/mesh/nodes"),
+        Some(&admin),
+        "",
+    );
+    assert_eq!(status, 200, "{nodes}");
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+    let (_, spare) = call(&agent, "POST", &tokens, Some(&admin), "");
+    let id = spare["id"].as_str().unwrap();
+    let (status, _) = call(
+        &agent,
+        "DELETE",
+        &format!("{tokens}/{id}"),
+        Some(&admin),
+        "",
+    );
+    assert_eq!(status, 204);
+    let spare_token = spare["token"].as_str().unwrap();
+    let body = request("edge-4", 4).replace(token, spare_token);
+    let (status, refused) = call(&agent, "POST", &join, None, &body);
+    assert_eq!(status, 403, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("revoked"));
+}
