@@ -19,6 +19,7 @@ use axum::routing::{delete, get, post};
 use clap::{Args, Subcommand};
 use keel_api::auth::{Auth, Scope};
 use keel_mesh::address::MeshCidr;
+use keel_mesh::agent::{NodeState, peek_claims};
 use keel_mesh::keys::WireguardKey;
 use keel_mesh::registry::{JoinError, JoinRequest, Registry, TokenRequest};
 use keel_mesh::token::{Bootstrap, TokenKey, TokenVerifier};
@@ -48,6 +49,10 @@ enum MeshCommand {
     RevokeNode(RevokeNodeArgs),
     /// Serve the control plane's HTTP API: nodes join, administrators issue tokens.
     Serve(ServeArgs),
+    /// Join this node to the mesh (crash-safe: an interrupted join resumes with the same key).
+    Join(JoinArgs),
+    /// Show this node's mesh identity and last known peers.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,6 +216,8 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
             }
             MeshCommand::Nodes(control) => list_nodes(control).await,
             MeshCommand::Serve(args) => serve(args).await,
+            MeshCommand::Join(args) => join(args),
+            MeshCommand::Status(args) => status(args),
             MeshCommand::RevokeNode(args) => {
                 let registry = args.control.registry().await?;
                 if registry
@@ -578,5 +585,198 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    /// The join token (from `keel mesh token create` or the control plane's API); not needed
+    /// to resume an interrupted join.
+    #[arg(long, env = "KEEL_MESH_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// This node's name in the mesh, a DNS label [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// This node's WireGuard endpoint others reach it at, `host:port`.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// The control plane's URL [default: the one the token names].
+    #[arg(long)]
+    control: Option<String>,
+    /// Directory of this node's mesh state (key, enrollment, last known peers).
+    #[arg(long, env = "KEEL_MESH_NODE_DIR", default_value = "keel-mesh-node")]
+    node_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Directory of this node's mesh state.
+    #[arg(long, env = "KEEL_MESH_NODE_DIR", default_value = "keel-mesh-node")]
+    node_dir: PathBuf,
+}
+
+/// This machine's host name as a mesh name, if it is one.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()?;
+    let name = name.trim().split('.').next()?.to_ascii_lowercase();
+    keel_mesh::registry::check_name(&name).ok().map(|()| name)
+}
+
+/// `keel mesh join`: enrolls this node, crash-safely.
+fn join(args: &JoinArgs) -> anyhow::Result<()> {
+    let state = NodeState::open(&args.node_dir)
+        .with_context(|| format!("node state in {}", args.node_dir.display()))?;
+    if let Some(done) = state.enrollment()? {
+        let node = &done.identity.node;
+        eprintln!(
+            "already in the mesh: {} is {} in cluster {} ({} peer{} known); `keel mesh status` shows more",
+            node.name,
+            node.address,
+            node.cluster,
+            done.identity.peers.len(),
+            if done.identity.peers.len() == 1 {
+                ""
+            } else {
+                "s"
+            }
+        );
+        return Ok(());
+    }
+    let earlier = state.pending()?;
+    if let Some(earlier) = &earlier {
+        eprintln!(
+            "resuming the join of {} begun at {} (same key)",
+            earlier.name,
+            format_rfc3339(earlier.started_at * 1000)
+        );
+    }
+    let token = args
+        .token
+        .clone()
+        .or_else(|| earlier.as_ref().map(|p| p.token.clone()))
+        .context("no join token: give --token (or KEEL_MESH_JOIN_TOKEN)")?;
+    let claims = peek_claims(&token).context("--token is not a join token")?;
+    let name = args
+        .name
+        .clone()
+        .or_else(|| earlier.as_ref().map(|p| p.name.clone()))
+        .or_else(host_name)
+        .context("this host's name is not a DNS label: give --name")?;
+    keel_mesh::registry::check_name(&name).map_err(anyhow::Error::msg)?;
+    if let Some(endpoint) = &args.endpoint {
+        check_endpoint(endpoint)?;
+    }
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| claims.bootstrap.control.clone());
+    let pending = state.begin(&name, &token, &control, args.endpoint.as_deref(), now())?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(15)))
+        .build()
+        .into();
+    let url = format!("{}/api/v1/mesh/join", control.trim_end_matches('/'));
+    let body = serde_json::to_string(&JoinRequest {
+        token: pending.token.clone(),
+        name: pending.name.clone(),
+        public_key: pending.public_key.clone(),
+        endpoint: pending.endpoint.clone(),
+    })?;
+    let mut response = agent
+        .post(&url)
+        .header("content-type", "application/json")
+        .send(&body)
+        .with_context(|| {
+            format!("cannot reach the control plane at {url}; the join is kept, run the same command again")
+        })?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    if status != 200 {
+        let reason = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        if (400..500).contains(&status) {
+            state.abandon()?;
+            anyhow::bail!("the control plane refused the join ({status}): {reason}");
+        }
+        anyhow::bail!(
+            "the control plane failed ({status}): {reason}; the join is kept, run the same command again"
+        );
+    }
+    let identity: keel_mesh::registry::Identity =
+        serde_json::from_str(&text).context("the control plane's answer")?;
+    if std::env::var_os("KEEL_MESH_TEST_CRASH_AFTER_JOIN").is_some() {
+        // Test hook: die between the control plane's answer and recording it.
+        std::process::exit(86);
+    }
+    let enrollment = state.complete(&pending, identity, now())?;
+    let node = &enrollment.identity.node;
+    eprintln!(
+        "joined: {} is {} in cluster {} ({}), {} peer{}{}",
+        node.name,
+        node.address,
+        node.cluster,
+        enrollment.identity.mesh_cidr,
+        enrollment.identity.peers.len(),
+        if enrollment.identity.peers.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        if enrollment.identity.replayed {
+            " (the control plane already had this join)"
+        } else {
+            ""
+        }
+    );
+    eprintln!(
+        "tunnel: not started — the TUN data plane is not wired into `keel mesh join` yet; the \
+         key and peers are in {}",
+        args.node_dir.display()
+    );
+    Ok(())
+}
+
+/// `keel mesh status`: this node's identity and last known peers.
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let state = NodeState::open(&args.node_dir)?;
+    let Some(enrollment) = state.enrollment()? else {
+        if let Some(pending) = state.pending()? {
+            anyhow::bail!(
+                "not joined yet: the join of {} begun at {} did not finish; run `keel mesh join` again",
+                pending.name,
+                format_rfc3339(pending.started_at * 1000)
+            );
+        }
+        anyhow::bail!("not joined: run `keel mesh join --token …`");
+    };
+    let identity = state.last_known()?.unwrap_or(enrollment.identity);
+    let node = &identity.node;
+    println!(
+        "{} {} in cluster {} ({}), revision {}, control plane {}",
+        node.name,
+        node.address,
+        node.cluster,
+        identity.mesh_cidr,
+        identity.revision,
+        enrollment.control
+    );
+    println!(
+        "{:<24} {:<18} {:<22} segment",
+        "peer", "allowed", "endpoint"
+    );
+    for peer in &identity.peers {
+        println!(
+            "{:<24} {:<18} {:<22} {}",
+            peer.name,
+            peer.allowed_ips.join(","),
+            peer.endpoint.as_deref().unwrap_or("-"),
+            peer.tenant.as_deref().unwrap_or("shared")
+        );
+    }
     Ok(())
 }

@@ -340,3 +340,88 @@ fn the_control_plane_issues_tokens_to_administrators_and_joins_nodes_over_http()
     assert_eq!(status, 403, "{refused}");
     assert!(refused["error"].as_str().unwrap().contains("revoked"));
 }
+
+#[test]
+fn a_join_that_dies_before_saving_its_answer_resumes_with_the_same_identity() {
+    let control_dir = tempfile::tempdir().unwrap();
+    let node_dir = tempfile::tempdir().unwrap();
+    let served = serve(control_dir.path(), "mesh-test-secret-of-some-length");
+    let out = keel(control_dir.path(), &["token", "create", "--ttl", "10m"]);
+    let token = text(&out.stdout).trim().to_owned();
+    let node = |args: &[&str], crash: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command
+            .args(["mesh"])
+            .args(args)
+            .args(["--node-dir", node_dir.path().to_str().unwrap()])
+            .env_remove("KEEL_MESH_JOIN_TOKEN");
+        if crash {
+            command.env("KEEL_MESH_TEST_CRASH_AFTER_JOIN", "1");
+        }
+        command.output().unwrap()
+    };
+    let join = [
+        "join",
+        "--token",
+        &token,
+        "--name",
+        "edge-1",
+        "--control",
+        &served.url,
+    ];
+    // Dies after the control plane registered it, before recording the answer.
+    let out = node(&join, true);
+    assert_eq!(out.status.code(), Some(86), "{}", text(&out.stderr));
+    assert!(node_dir.path().join("pending-enrollment.json").exists());
+    assert!(!node_dir.path().join("enrollment.json").exists());
+    let listing = text(&keel(control_dir.path(), &["nodes"]).stdout);
+    assert!(listing.contains("edge-1"), "{listing}");
+    let out = node(&["status"], false);
+    assert!(
+        text(&out.stderr).contains("did not finish"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Run again with nothing but the directory: same key, same identity, no use taken.
+    let out = node(&["join", "--control", &served.url], false);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming the join of edge-1"), "{stderr}");
+    assert!(stderr.contains("already had this join"), "{stderr}");
+    assert!(!node_dir.path().join("pending-enrollment.json").exists());
+    let enrollment: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node_dir.path().join("enrollment.json")).unwrap())
+            .unwrap();
+    let address = enrollment["identity"]["node"]["address"].as_str().unwrap();
+    assert!(listing.contains(address), "{listing} lacks {address}");
+    let key = keel_mesh::keys::WireguardKey::load_or_create(&node_dir.path().join("wireguard.key"))
+        .unwrap();
+    assert_eq!(
+        enrollment["identity"]["node"]["public_key"],
+        key.public_base64()
+    );
+    let status = node(&["status"], false);
+    assert!(
+        text(&status.stdout).contains(&format!("edge-1 {address}")),
+        "{}",
+        text(&status.stdout)
+    );
+    // A joined node says so; a refused join says why and leaves nothing pending.
+    let out = node(&join, false);
+    assert!(text(&out.stderr).contains("already in the mesh"));
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["mesh", "join", "--token", &token, "--name", "edge-2"])
+        .args(["--control", &served.url])
+        .args(["--node-dir", other.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("refused the join (409)"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!other.path().join("pending-enrollment.json").exists());
+}

@@ -13,9 +13,13 @@
 //! - [`tunnel`]: the data plane — WireGuard tunnels (boringtun) to the peers over UDP, packets
 //!   routed by allowed addresses and dropped when their source is not the peer's.
 //!
-//! The agent (`keel mesh join`, TUN device, peer sync) and mesh DNS come next.
+//! - [`agent`]: a node's join kept on disk — the pending enrollment written before asking, the
+//!   answer recorded before the pending file goes — so a crash at any point is safe.
+//!
+//! The agent's TUN device and peer sync, and mesh DNS, come next.
 
 pub mod address;
+pub mod agent;
 pub mod keys;
 pub mod registry;
 pub mod token;
