@@ -53,6 +53,8 @@ enum MeshCommand {
     Join(JoinArgs),
     /// Show this node's mesh identity and last known peers.
     Status(StatusArgs),
+    /// Answer `<node>.internal` for this node's mesh on loopback; forward other names.
+    Dns(DnsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +220,7 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
             MeshCommand::Serve(args) => serve(args).await,
             MeshCommand::Join(args) => join(args),
             MeshCommand::Status(args) => status(args),
+            MeshCommand::Dns(args) => dns(args).await,
             MeshCommand::RevokeNode(args) => {
                 let registry = args.control.registry().await?;
                 if registry
@@ -779,4 +782,61 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+struct DnsArgs {
+    /// Directory of this node's mesh state (its names come from the last known peers).
+    #[arg(long, env = "KEEL_MESH_NODE_DIR", default_value = "keel-mesh-node")]
+    node_dir: PathBuf,
+    /// Address to answer on.
+    #[arg(long, default_value = "127.0.0.1:53")]
+    listen: String,
+    /// The resolver other names go to, `host:port`; without it they get SERVFAIL.
+    #[arg(long)]
+    upstream: Option<std::net::SocketAddr>,
+}
+
+/// `keel mesh dns`: mesh DNS from the node's last known peers, re-read every 5 seconds.
+async fn dns(args: &DnsArgs) -> anyhow::Result<()> {
+    let state = NodeState::open(&args.node_dir)?;
+    let load = |state: &NodeState| -> anyhow::Result<std::collections::HashMap<_, _>> {
+        let identity = state
+            .last_known()?
+            .context("not joined: run `keel mesh join --token …` first")?;
+        Ok(keel_mesh::dns::names_of(&identity))
+    };
+    let names: keel_mesh::dns::Names = Arc::new(std::sync::RwLock::new(load(&state)?));
+    let socket = tokio::net::UdpSocket::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot answer DNS on {}", args.listen))?;
+    let local = socket.local_addr()?;
+    eprintln!(
+        "keel mesh: DNS for {} names of .{} listening on {local}{}",
+        names.read().expect("names").len(),
+        keel_mesh::dns::ZONE,
+        args.upstream.map_or_else(
+            || ", no upstream".to_owned(),
+            |u| format!(", others to {u}")
+        )
+    );
+    let reload = {
+        let names = names.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                match load(&state) {
+                    Ok(fresh) => *names.write().expect("names") = fresh,
+                    // Keep answering from what was last read.
+                    Err(e) => tracing::warn!("mesh DNS: {e:#}"),
+                }
+            }
+        }
+    };
+    tokio::select! {
+        served = keel_mesh::dns::serve(socket, names, args.upstream) => Ok(served?),
+        () = reload => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
 }

@@ -425,3 +425,86 @@ fn a_join_that_dies_before_saving_its_answer_resumes_with_the_same_identity() {
     );
     assert!(!other.path().join("pending-enrollment.json").exists());
 }
+
+#[test]
+fn a_joined_node_resolves_its_peers_by_name() {
+    use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use std::io::BufRead as _;
+    let control_dir = tempfile::tempdir().unwrap();
+    let served = serve(control_dir.path(), "mesh-test-secret-of-some-length");
+    let out = keel(control_dir.path(), &["token", "create", "--uses", "2"]);
+    let token = text(&out.stdout).trim().to_owned();
+    let nodes: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (n, dir) in nodes.iter().enumerate() {
+        let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args([
+                "mesh",
+                "join",
+                "--token",
+                &token,
+                "--name",
+                &format!("n{n}"),
+            ])
+            .args(["--control", &served.url])
+            .args(["--node-dir", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    // The second node joined last, so its peer list already holds the first.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["mesh", "dns", "--listen", "127.0.0.1:0"])
+        .args(["--node-dir", nodes[1].path().to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let address: std::net::SocketAddr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .parse()
+        .unwrap();
+    let ask = |name: &str| {
+        let mut query = Message::new();
+        query
+            .set_id(7)
+            .set_message_type(MessageType::Query)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        socket.send_to(&query.to_vec().unwrap(), address).unwrap();
+        let mut buffer = [0u8; 1500];
+        let len = socket.recv(&mut buffer).unwrap();
+        Message::from_vec(&buffer[..len]).unwrap()
+    };
+    let enrollment = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("enrollment.json")).unwrap()).unwrap()
+    };
+    for (n, dir) in nodes.iter().enumerate() {
+        let expected: std::net::Ipv4Addr = enrollment(dir.path())["identity"]["node"]["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let answer = ask(&format!("n{n}.internal."));
+        let found: Vec<_> = answer
+            .answers()
+            .iter()
+            .filter_map(|r| match r.data() {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(found, [expected], "n{n}");
+    }
+    assert_eq!(ask("n9.internal.").response_code(), ResponseCode::NXDomain);
+    assert_eq!(ask("example.com.").response_code(), ResponseCode::ServFail);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -16,10 +16,14 @@
 //! - [`agent`]: a node's join kept on disk — the pending enrollment written before asking, the
 //!   answer recorded before the pending file goes — so a crash at any point is safe.
 //!
-//! The agent's TUN device and peer sync, and mesh DNS, come next.
+//! - [`dns`]: mesh DNS — `<node>.internal` from the peer list, NXDOMAIN for other `.internal`
+//!   names, the rest forwarded upstream.
+//!
+//! The agent's TUN device and peer sync come next.
 
 pub mod address;
 pub mod agent;
+pub mod dns;
 pub mod keys;
 pub mod registry;
 pub mod token;
