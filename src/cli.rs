@@ -53,7 +53,8 @@ enum Command {
     /// Replay a time range of past events (Kafka or a file) through the dataflows into
     /// ClickHouse and/or `stream_analytics`, with progress; running it again changes nothing.
     Backfill(Box<crate::backfill::BackfillArgs>),
-    /// The Privateer mesh's control plane: join tokens and nodes.
+    /// The Privateer mesh: join tokens and nodes, the control plane's API, and a node's join,
+    /// status and DNS.
     Mesh(crate::mesh::MeshArgs),
 }
 
@@ -941,17 +942,10 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
 
 fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {
     let tls = args.tls.tls()?;
-    let settings = match &args.config {
-        Some(path) => crate::config::Config::load(path)?,
-        None => crate::config::Config::default(),
-    };
-    let secret = args.jwt_secret.clone().or(settings.api.jwt_secret.clone());
-    anyhow::ensure!(
-        secret.is_some() || !settings.api.tokens.is_empty(),
-        "Decklog needs credentials to check: --jwt-secret, or [[api.tokens]] in --config"
-    );
-    let auth = keel_api::auth::Auth::new(secret, settings.api.tokens)
-        .map_err(|problems| anyhow::anyhow!("settings: {problems}"))?;
+    let auth = crate::config::credentials(args.jwt_secret.as_deref(), args.config.as_deref())?
+        .context(
+            "Decklog needs credentials to check: --jwt-secret, or [[api.tokens]] in --config",
+        )?;
     let kafka = KafkaAddress::parse(&args.kafka)?;
     let handoff = keel_edge::handoff::Handoff::kafka(
         &kafka.brokers,

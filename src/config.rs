@@ -163,6 +163,25 @@ impl Config {
     }
 }
 
+/// The bearer credentials `--jwt-secret` and the `[[api.tokens]]` of a settings file give (the
+/// flag wins over the file's `jwt_secret`); none when neither gives any.
+pub fn credentials(
+    jwt_secret: Option<&str>,
+    config: Option<&Path>,
+) -> anyhow::Result<Option<keel_api::auth::Auth>> {
+    let settings = match config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let secret = jwt_secret.map(str::to_owned).or(settings.api.jwt_secret);
+    if secret.is_none() && settings.api.tokens.is_empty() {
+        return Ok(None);
+    }
+    keel_api::auth::Auth::new(secret, settings.api.tokens)
+        .map(Some)
+        .map_err(|problems| anyhow::anyhow!("settings: {problems}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

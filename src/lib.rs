@@ -14,7 +14,8 @@
 //! - [`edge`]: Decklog and the Helmsman adapter on a runtime of their own; Decklog's
 //!   credentials from the API's.
 //! - [`loadgen`]: the load generator behind `keel loadgen` and the Decklog benchmark.
-//! - [`mesh`]: `keel mesh`, the Privateer control plane's operator commands.
+//! - [`mesh`]: `keel mesh`, the Privateer mesh's commands: the control plane's (tokens, nodes,
+//!   HTTP API) and a node's (join, status, DNS).
 //! - [`store`]: the durable stores of `keel run` (ClickHouse) and `keel migrate`.
 //! - [`summary`]: the one-line live summary `keel run` prints.
 //!

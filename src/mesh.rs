@@ -1,15 +1,17 @@
-//! `keel mesh`: the Privateer control plane's operator commands — issue and revoke join tokens,
-//! list and revoke nodes.
+//! `keel mesh`: the Privateer mesh's commands. For the control plane: issue and revoke join
+//! tokens, list and revoke nodes, and serve its HTTP API (`serve`). For a node: join the mesh
+//! crash-safely (`join`), show its identity and peers (`status`) and answer mesh DNS (`dns`).
 //!
 //! The control plane keeps its state in a data directory (`--data-dir`, default `keel-mesh`):
 //! `signing.key` (the Ed25519 key join tokens are signed with), `wireguard.key` (its own
 //! WireGuard key: it is the bootstrap peer tokens point at) and, unless `--registry` names
 //! another database, the registry `registry.db` (SQLite). Every file is made on first use, keys
-//! with mode 0600.
+//! with mode 0600. A node keeps its own state in `--node-dir` (default `keel-mesh-node`, see
+//! `keel_mesh::agent`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{Path, Query, State};
@@ -80,6 +82,29 @@ struct ControlArgs {
     cluster: String,
 }
 
+/// What issued tokens are for: the cluster's range and the bootstrap peer's endpoint.
+#[derive(Debug, Args)]
+struct IssuingArgs {
+    /// The cluster's mesh range, used when the cluster is new.
+    #[arg(long, default_value = "10.88.0.0/16")]
+    cidr: MeshCidr,
+    /// The bootstrap peer's WireGuard endpoint (this control plane's) that tokens name,
+    /// `host:port`.
+    #[arg(long, default_value = "127.0.0.1:51820")]
+    endpoint: String,
+}
+
+/// Issues a token, first sweeping tokens long expired.
+async fn issue(
+    registry: &Registry,
+    key: &TokenKey,
+    request: TokenRequest,
+) -> Result<keel_mesh::registry::Issued, keel_mesh::registry::RegistryError> {
+    let now = now();
+    registry.sweep_tokens(now, SWEEP_GRACE).await?;
+    registry.issue_token(key, request, now).await
+}
+
 #[derive(Debug, Args)]
 struct CreateTokenArgs {
     #[command(flatten)]
@@ -94,12 +119,8 @@ struct CreateTokenArgs {
     /// nodes.
     #[arg(long)]
     tenant: Option<uuid::Uuid>,
-    /// The cluster's mesh range, used when the cluster is new.
-    #[arg(long, default_value = "10.88.0.0/16")]
-    cidr: MeshCidr,
-    /// The bootstrap peer's WireGuard endpoint (this control plane's), `host:port`.
-    #[arg(long, default_value = "127.0.0.1:51820")]
-    endpoint: String,
+    #[command(flatten)]
+    issuing: IssuingArgs,
     /// The URL where nodes redeem the token.
     #[arg(long, default_value = "http://127.0.0.1:18012")]
     control_url: String,
@@ -118,12 +139,8 @@ struct ServeArgs {
     /// A TOML file whose `[[api.tokens]]` with role admin may issue and revoke tokens.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The cluster's mesh range, used when the cluster is new.
-    #[arg(long, default_value = "10.88.0.0/16")]
-    cidr: MeshCidr,
-    /// The bootstrap peer's WireGuard endpoint that issued tokens name, `host:port`.
-    #[arg(long, default_value = "127.0.0.1:51820")]
-    endpoint: String,
+    #[command(flatten)]
+    issuing: IssuingArgs,
     /// The URL that issued tokens name for redeeming them [default: http://LISTEN].
     #[arg(long)]
     control_url: Option<String>,
@@ -145,10 +162,9 @@ struct RevokeNodeArgs {
     name: String,
 }
 
+/// Unix seconds.
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    keel_operators::time::now_ms() / 1000
 }
 
 impl ControlArgs {
@@ -167,18 +183,7 @@ impl ControlArgs {
 
     /// Makes the data directory, readable by its owner only.
     fn ensure_dir(&self) -> anyhow::Result<()> {
-        if self.data_dir.is_dir() {
-            return Ok(());
-        }
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::DirBuilderExt as _;
-            builder.mode(0o700);
-        }
-        builder
-            .create(&self.data_dir)
+        keel_mesh::files::create_private_dir(&self.data_dir)
             .with_context(|| format!("making {}", self.data_dir.display()))
     }
 
@@ -245,42 +250,36 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
 }
 
 async fn create_token(args: &CreateTokenArgs) -> anyhow::Result<()> {
-    check_endpoint(&args.endpoint)?;
+    check_endpoint(&args.issuing.endpoint)?;
     let key = args.control.signing_key()?;
     let wireguard = args.control.wireguard_key()?;
     let registry = args.control.registry().await?;
-    let now = now();
     registry
-        .ensure_cluster(&args.control.cluster, args.cidr, now)
+        .ensure_cluster(&args.control.cluster, args.issuing.cidr, now())
         .await?;
-    registry.sweep_tokens(now, SWEEP_GRACE).await?;
-    let issued = registry
-        .issue_token(
-            &key,
-            TokenRequest {
-                cluster: args.control.cluster.clone(),
-                tenant: args.tenant.map(|t| t.to_string()),
-                ttl: args.ttl,
-                uses: args.uses,
-                bootstrap: Bootstrap {
-                    public_key: wireguard.public_base64(),
-                    endpoint: args.endpoint.clone(),
-                    control: args.control_url.clone(),
-                },
+    let issued = issue(
+        &registry,
+        &key,
+        TokenRequest {
+            cluster: args.control.cluster.clone(),
+            tenant: args.tenant.map(|t| t.to_string()),
+            ttl: args.ttl,
+            uses: args.uses,
+            bootstrap: Bootstrap {
+                public_key: wireguard.public_base64(),
+                endpoint: args.issuing.endpoint.clone(),
+                control: args.control_url.clone(),
             },
-            now,
-        )
-        .await?;
+        },
+    )
+    .await?;
     let claims = &issued.claims;
     eprintln!(
         "join token {} for cluster {} ({}), {}, {} use{}, valid until {}; revoke with \
          `keel mesh token revoke {}`",
         claims.jti,
         claims.cluster,
-        registry
-            .cluster_cidr(&claims.cluster)
-            .await?
-            .map_or_else(String::new, |c| c.to_string()),
+        args.issuing.cidr,
         claims.tenant.as_deref().map_or_else(
             || "shared platform node".to_owned(),
             |t| format!("tenant {t}")
@@ -329,14 +328,9 @@ async fn list_nodes(control: &ControlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks an `--endpoint` option.
 fn check_endpoint(endpoint: &str) -> anyhow::Result<()> {
-    if endpoint
-        .rsplit_once(':')
-        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-    {
-        anyhow::bail!("--endpoint {endpoint:?} is not host:port");
-    }
-    Ok(())
+    keel_mesh::registry::check_endpoint(endpoint).map_err(|e| anyhow::anyhow!("--{e}"))
 }
 
 /// What the control plane's handlers share.
@@ -378,12 +372,7 @@ impl Control {
                 "this control plane has no administrator credentials (--jwt-secret or --config)",
             ));
         };
-        let token = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        match auth.authenticate(token.trim(), now()) {
+        match keel_api::server::principal(auth, headers) {
             Ok(principal) if principal.scope == Scope::All => None,
             Ok(_) => Some(error(
                 StatusCode::FORBIDDEN,
@@ -458,20 +447,18 @@ async fn create_handler(
         Ok(ttl) => ttl,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
     };
-    let issued = control
-        .registry
-        .issue_token(
-            &control.key,
-            TokenRequest {
-                cluster: control.cluster.clone(),
-                tenant: request.tenant.map(|t| t.to_string()),
-                ttl,
-                uses: request.uses.unwrap_or(1),
-                bootstrap: control.bootstrap.clone(),
-            },
-            now(),
-        )
-        .await;
+    let issued = issue(
+        &control.registry,
+        &control.key,
+        TokenRequest {
+            cluster: control.cluster.clone(),
+            tenant: request.tenant.map(|t| t.to_string()),
+            ttl,
+            uses: request.uses.unwrap_or(1),
+            bootstrap: control.bootstrap.clone(),
+        },
+    )
+    .await;
     match issued {
         Ok(issued) => (
             StatusCode::CREATED,
@@ -527,25 +514,13 @@ async fn nodes_handler(
 
 /// `keel mesh serve`: the control plane's HTTP API until Ctrl-C.
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    check_endpoint(&args.endpoint)?;
-    let settings = match &args.config {
-        Some(path) => crate::config::Config::load(path)?,
-        None => crate::config::Config::default(),
-    };
-    let secret = args.jwt_secret.clone().or(settings.api.jwt_secret.clone());
-    let auth = if secret.is_some() || !settings.api.tokens.is_empty() {
-        Some(
-            Auth::new(secret, settings.api.tokens)
-                .map_err(|problems| anyhow::anyhow!("settings: {problems}"))?,
-        )
-    } else {
-        None
-    };
+    check_endpoint(&args.issuing.endpoint)?;
+    let auth = crate::config::credentials(args.jwt_secret.as_deref(), args.config.as_deref())?;
     let key = args.control.signing_key()?;
     let wireguard = args.control.wireguard_key()?;
     let registry = args.control.registry().await?;
     registry
-        .ensure_cluster(&args.control.cluster, args.cidr, now())
+        .ensure_cluster(&args.control.cluster, args.issuing.cidr, now())
         .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -558,7 +533,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         auth,
         bootstrap: Bootstrap {
             public_key: wireguard.public_base64(),
-            endpoint: args.endpoint.clone(),
+            endpoint: args.issuing.endpoint.clone(),
             control: args
                 .control_url
                 .clone()

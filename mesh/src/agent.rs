@@ -14,9 +14,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
+use crate::files::{create_private_dir, write_private};
 use crate::keys::WireguardKey;
 use crate::registry::Identity;
-use crate::token::{JoinClaims, write_private};
+use crate::token::JoinClaims;
 
 /// A join begun and not yet recorded as done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,14 +88,7 @@ pub fn peek_claims(token: &str) -> Option<JoinClaims> {
 impl NodeState {
     /// The state in `dir`, made (mode 0700) if missing.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::DirBuilderExt as _;
-            builder.mode(0o700);
-        }
-        builder.create(dir)?;
+        create_private_dir(dir)?;
         Ok(NodeState {
             dir: dir.to_owned(),
         })

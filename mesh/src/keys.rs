@@ -8,7 +8,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::token::{random_bytes, write_private};
+use crate::files::load_or_make;
+use crate::token::random_bytes;
 
 /// A WireGuard private key.
 pub struct WireguardKey {
@@ -41,20 +42,16 @@ impl WireguardKey {
 
     /// The key kept in `path`, made and written there (mode 0600) if the file does not exist.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::from_base64(&text).ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}: not a WireGuard private key (base64)", path.display()),
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        load_or_make(
+            path,
+            "a WireGuard private key (base64)",
+            Self::from_base64,
+            || {
                 let key = Self::generate();
-                write_private(path, format!("{}\n", key.private_base64()).as_bytes())?;
-                Ok(key)
-            }
-            Err(e) => Err(e),
-        }
+                let text = format!("{}\n", key.private_base64());
+                (key, text)
+            },
+        )
     }
 
     /// The private key as base64 (for the key file only).

@@ -2,28 +2,27 @@
 //!
 //! Privateer: the WireGuard mesh connecting the platform's nodes.
 //!
-//! Built so far: the control plane's half of joining —
+//! Built so far:
 //! - [`address`]: a cluster's mesh range and the deterministic address of each host in it;
 //! - [`token`]: join tokens, JWTs signed with Ed25519 that carry the cluster, tenant, expiry
 //!   and the bootstrap peer;
 //! - [`registry`]: clusters, tokens (by hash) and nodes in SQLite or PostgreSQL, with atomic
-//!   single-use redemption, replay-safe joins and tenant-segmented peer lists.
-//!
+//!   single-use redemption, replay-safe joins and tenant-segmented peer lists;
 //! - [`keys`]: WireGuard keys as `wg` writes them;
 //! - [`tunnel`]: the data plane — WireGuard tunnels (boringtun) to the peers over UDP, packets
-//!   routed by allowed addresses and dropped when their source is not the peer's.
-//!
+//!   routed by allowed addresses and dropped when their source is not the peer's;
 //! - [`agent`]: a node's join kept on disk — the pending enrollment written before asking, the
-//!   answer recorded before the pending file goes — so a crash at any point is safe.
-//!
+//!   answer recorded before the pending file goes — so a crash at any point is safe;
 //! - [`dns`]: mesh DNS — `<node>.internal` from the peer list, NXDOMAIN for other `.internal`
-//!   names, the rest forwarded upstream.
+//!   names, the rest forwarded upstream;
+//! - [`files`]: private files and directories for keys and join state.
 //!
 //! The agent's TUN device and peer sync come next.
 
 pub mod address;
 pub mod agent;
 pub mod dns;
+pub mod files;
 pub mod keys;
 pub mod registry;
 pub mod token;

@@ -226,6 +226,14 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a WireGuard endpoint: `host:port`.
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    match endpoint.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("endpoint {endpoint:?} is not host:port")),
+    }
+}
+
 /// Checks a WireGuard public key: 32 bytes in standard base64.
 pub fn check_public_key(key: &str) -> Result<(), String> {
     match STANDARD.decode(key) {
@@ -492,14 +500,8 @@ impl Registry {
         let claims = verifier.verify(&request.token, now)?;
         check_name(&request.name).map_err(JoinError::Request)?;
         check_public_key(&request.public_key).map_err(JoinError::Request)?;
-        if let Some(endpoint) = &request.endpoint
-            && endpoint
-                .rsplit_once(':')
-                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-        {
-            return Err(JoinError::Request(format!(
-                "endpoint {endpoint:?} is not host:port"
-            )));
+        if let Some(endpoint) = &request.endpoint {
+            check_endpoint(endpoint).map_err(JoinError::Request)?;
         }
         let hash = token_hash(&claims.jti);
         if let Some(node) = self.replay(&claims, &hash, request).await? {

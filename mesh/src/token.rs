@@ -7,7 +7,6 @@
 //! and revocable (see [`crate::registry`]).
 
 use std::fmt;
-use std::io::Write as _;
 use std::path::Path;
 
 use base64::Engine as _;
@@ -15,6 +14,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+use crate::files::load_or_make;
 
 /// The audience join tokens are issued for; a token for anything else is refused.
 pub const AUDIENCE: &str = "keel-mesh-join";
@@ -160,25 +161,19 @@ impl TokenKey {
     /// The key kept in `path` (64 hex digits), made and written there (mode 0600) if the file
     /// does not exist yet.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let seed: [u8; 32] = unhex(&text)
-                    .and_then(|bytes| bytes.try_into().ok())
-                    .ok_or_else(|| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            format!("{}: not a mesh signing key (64 hex digits)", path.display()),
-                        )
-                    })?;
-                Ok(Self::from_seed(seed))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        load_or_make(
+            path,
+            "a mesh signing key (64 hex digits)",
+            |text| {
+                let seed: [u8; 32] = unhex(text)?.try_into().ok()?;
+                Some(Self::from_seed(seed))
+            },
+            || {
                 let key = Self::generate();
-                write_private(path, hex(key.signing.as_bytes()).as_bytes())?;
-                Ok(key)
-            }
-            Err(e) => Err(e),
-        }
+                let text = hex(key.signing.as_bytes());
+                (key, text)
+            },
+        )
     }
 
     /// The key id tokens carry in `kid`.
@@ -207,29 +202,6 @@ impl TokenKey {
         let signature = self.signing.sign(signed.as_bytes());
         format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
     }
-}
-
-/// Writes `contents` to a new file at `path` readable by its owner only, atomically (a
-/// temporary file renamed into place, synced first).
-pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension("tmp");
-    {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&temporary)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&temporary, path)?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// Checks join tokens' signatures, audience and validity window.

@@ -8,7 +8,7 @@
 //! packet from any other source is dropped and counted). [`run`] drives a router with a UDP
 //! socket and a pair of channels standing for the interface (a TUN device, or a test).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -413,10 +413,7 @@ pub fn udp_packet(source: Ipv4Addr, destination: Ipv4Addr, payload: &[u8]) -> Ve
 }
 
 /// The source address of an IPv4 packet.
-pub fn source(packet: &[u8]) -> Option<IpAddr> {
-    (packet.len() >= 20 && packet[0] >> 4 == 4).then(|| {
-        IpAddr::V4(Ipv4Addr::new(
-            packet[12], packet[13], packet[14], packet[15],
-        ))
-    })
+pub fn source(packet: &[u8]) -> Option<Ipv4Addr> {
+    (packet.len() >= 20 && packet[0] >> 4 == 4)
+        .then(|| Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
 }

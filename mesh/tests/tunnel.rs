@@ -11,7 +11,7 @@ use keel_mesh::keys::WireguardKey;
 use keel_mesh::registry::{Identity, JoinRequest, Registry, TokenRequest};
 use keel_mesh::token::{Bootstrap, TokenKey};
 use keel_mesh::tunnel::{
-    AllowedIp, PeerSpec, Router, SharedRouter, TunnelStats, peer_specs, run, udp_packet,
+    AllowedIp, PeerSpec, Router, SharedRouter, TunnelStats, peer_specs, run, source, udp_packet,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -51,10 +51,6 @@ impl Node {
 
 fn payload(packet: &[u8]) -> &[u8] {
     &packet[28..]
-}
-
-fn packet_source(packet: &[u8]) -> Ipv4Addr {
-    Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15])
 }
 
 /// Joins `name` through the registry and starts its tunnel on a loopback socket.
@@ -157,7 +153,7 @@ async fn peers_talk_forged_sources_and_other_tenants_are_dropped_and_revocation_
     core.send(core.address, red.address, b"hello red").await;
     let packet = red.next(WAIT).await.expect("red got core's packet");
     assert_eq!(payload(&packet), b"hello red");
-    assert_eq!(packet_source(&packet), core.address);
+    assert_eq!(source(&packet), Some(core.address));
     // And back.
     red.send(red.address, core.address, b"hello core").await;
     let packet = core.next(WAIT).await.expect("core got red's answer");
