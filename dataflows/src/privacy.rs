@@ -39,6 +39,13 @@ fn scrub_value(value: &mut Value) -> bool {
     match value {
         Value::Object(map) => {
             let mut changed = false;
+            // Keys can be addresses too (a map keyed by client); masked alike.
+            if map.keys().any(|key| mask_ipv4(key) != *key) {
+                for (key, v) in std::mem::take(map) {
+                    map.insert(mask_ipv4(&key), v);
+                }
+                changed = true;
+            }
             for (key, v) in map.iter_mut() {
                 let address = ADDRESS_KEYS.contains(&key.to_ascii_lowercase().as_str());
                 if address && !matches!(v, Value::Null) && *v != Value::String(String::new()) {
@@ -131,6 +138,8 @@ mod tests {
             "version strings stay: {scrubbed}"
         );
         assert!(scrubbed.contains("\"n\":12"));
+        let keyed = scrub_json(r#"{"by_client":{"203.0.113.9":3}}"#);
+        assert_eq!(keyed, r#"{"by_client":{"x.x.x.x":3}}"#);
         assert_eq!(
             mask_ipv4("{\"a\":\"10.0.0.1\" truncated"),
             "{\"a\":\"x.x.x.x\" truncated"
