@@ -15,8 +15,8 @@
 # ClickHouse HTTP interface, on 127.0.0.1:$KEEL_CHDB_PORT (default 18130).
 # PostgreSQL: Debian's postgresql (15), installed with apt-get if missing, a throwaway cluster
 # (trust auth, fsync off) on 127.0.0.1:$KEEL_POSTGRES_PORT (default 15432), run as user postgres.
-# Clients the tests drive: psql (Debian postgresql-client) and a headless Chromium (Debian
-# chromium), installed with apt-get if missing.
+# Clients the tests drive: psql (Debian postgresql-client), a headless Chromium (Debian
+# chromium) and ping (Debian iputils-ping), installed with apt-get if missing.
 # State and logs go to $KEEL_SERVERS_DIR (default /tmp/keel-servers).
 set -euo pipefail
 
@@ -194,6 +194,8 @@ install_clients() {
   local missing=()
   command -v psql >/dev/null || missing+=(postgresql-client)
   command -v chromium >/dev/null || missing+=(chromium)
+  # The mesh's namespace test pings across the tunnel.
+  command -v ping >/dev/null || missing+=(iputils-ping)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]} from Debian"
     apt_install "${missing[@]}"

@@ -315,6 +315,10 @@ struct RunArgs {
     /// `off` serves none.
     #[arg(long)]
     foghorn_grpc_listen: Option<String>,
+    /// Serve the mesh control plane (as `keel mesh serve` does) here too; off by default. Its
+    /// state is in `keel-mesh` (or `KEEL_MESH_DIR`); the API's admin tokens manage it.
+    #[arg(long)]
+    mesh_listen: Option<String>,
     /// A GeoIP database (MaxMind DB format, e.g. GeoLite2-City.mmdb) that places clients whose
     /// requests carry no coordinates, by their address.
     #[arg(long)]
@@ -613,6 +617,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(edge) = &edge {
         handles.extra_metrics.add(edge.metrics());
     }
+    let mesh = args
+        .mesh_listen
+        .as_deref()
+        .map(|listen| crate::mesh::start_control_plane(listen, auth.clone()))
+        .transpose()?;
     let shutdown = handles.shutdown.clone();
     ctrlc::set_handler(move || {
         if shutdown.swap(true, Ordering::SeqCst) {
@@ -638,6 +647,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             ),
             None => eprintln!("keel: Foghorn routing on http://{}", foghorn.address()),
         }
+    }
+    if let Some(mesh) = mesh {
+        eprintln!("keel: mesh control plane on http://{mesh}");
     }
     if let Some(edge) = &edge {
         if let Some(address) = edge.decklog_address() {

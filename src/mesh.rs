@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::extract::{Path, Query, State};
@@ -24,6 +24,7 @@ use keel_mesh::address::MeshCidr;
 use keel_mesh::agent::{NodeState, peek_claims};
 use keel_mesh::keys::WireguardKey;
 use keel_mesh::registry::{JoinError, JoinRequest, Registry, TokenRequest};
+use keel_mesh::sync::SyncRequest;
 use keel_mesh::token::{Bootstrap, TokenKey, TokenVerifier};
 use keel_operators::time::format_rfc3339;
 use serde::Deserialize;
@@ -202,6 +203,10 @@ impl ControlArgs {
 
 /// `keel mesh …`.
 pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
+    if let MeshCommand::Join(args) = &args.command {
+        // Blocking HTTP first, then a runtime of its own for the agent.
+        return join(args);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -223,7 +228,7 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
             }
             MeshCommand::Nodes(control) => list_nodes(control).await,
             MeshCommand::Serve(args) => serve(args).await,
-            MeshCommand::Join(args) => join(args),
+            MeshCommand::Join(_) => unreachable!("handled above"),
             MeshCommand::Status(args) => status(args),
             MeshCommand::Dns(args) => dns(args).await,
             MeshCommand::RevokeNode(args) => {
@@ -342,6 +347,11 @@ struct Control {
     auth: Option<Auth>,
     bootstrap: Bootstrap,
     cluster: String,
+    /// The control plane's WireGuard key: nodes prove theirs against it when they sync.
+    wireguard: Arc<WireguardKey>,
+    /// The served cluster's revision, watched so that waiting syncs answer when it changes:
+    /// at once for changes made here, within [`REVISION_POLL`] for changes made elsewhere.
+    revision: Arc<tokio::sync::watch::Sender<i64>>,
 }
 
 /// A JSON error answer.
@@ -400,7 +410,10 @@ async fn join_handler(State(control): State<Control>, body: axum::body::Bytes) -
         .join(&control.verifier, &request, now())
         .await
     {
-        Ok(identity) => axum::Json(identity).into_response(),
+        Ok(identity) => {
+            control.publish(&identity.node.cluster, identity.revision);
+            axum::Json(identity).into_response()
+        }
         Err(e) => {
             if matches!(e, JoinError::Registry(_)) {
                 tracing::error!("mesh join: {e}");
@@ -492,6 +505,117 @@ async fn revoke_handler(
     }
 }
 
+/// How often the control plane reads its cluster's revision (other processes, such as
+/// `keel mesh revoke-node`, change it too).
+const REVISION_POLL: Duration = Duration::from_millis(500);
+
+impl Control {
+    /// The node a sync request names, or the answer saying it is unknown.
+    async fn node(&self, request: &SyncRequest) -> Result<keel_mesh::registry::Node, Response> {
+        match self.registry.node(&request.cluster, &request.name).await {
+            Ok(Some(node)) => Ok(node),
+            Ok(None) => Err(error(
+                StatusCode::NOT_FOUND,
+                format!("cluster {} has no node {}", request.cluster, request.name),
+            )),
+            Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        }
+    }
+
+    /// Publishes `cluster`'s revision `now` to waiting syncs, if it is the served cluster.
+    fn publish(&self, cluster: &str, now: i64) {
+        if cluster == self.cluster {
+            self.revision.send_if_modified(|r| {
+                let newer = now > *r;
+                if newer {
+                    *r = now;
+                }
+                newer
+            });
+        }
+    }
+
+    /// Waits until `cluster`'s revision passes `after`, for at most `wait`.
+    async fn wait_for_change(&self, cluster: &str, after: i64, wait: Duration) {
+        if cluster == self.cluster {
+            let mut revision = self.revision.subscribe();
+            let _ = tokio::time::timeout(wait, revision.wait_for(|r| *r > after)).await;
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline {
+            if matches!(self.registry.revision(cluster).await, Ok(Some(r)) if r > after) {
+                return;
+            }
+            tokio::time::sleep(REVISION_POLL).await;
+        }
+    }
+}
+
+/// `POST /api/v1/mesh/sync`: a node's current peer list, waiting (up to `wait` seconds) for a
+/// revision newer than `after`. The node proves its key (see `keel_mesh::sync`).
+async fn sync_handler(State(control): State<Control>, body: axum::body::Bytes) -> Response {
+    let request: SyncRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body must be JSON {{\"cluster\", \"name\", \"ts\", \"mac\", \"after\", \"wait\"}}: {e}"
+                ),
+            );
+        }
+    };
+    let node = match control.node(&request).await {
+        Ok(node) => node,
+        Err(refused) => return refused,
+    };
+    if let Err(e) = request.verify(&control.wireguard, &node.public_key, now()) {
+        return error(StatusCode::UNAUTHORIZED, e);
+    }
+    if let (Some(after), Some(wait), None) = (request.after, request.wait, node.revoked_at) {
+        let wait = Duration::from_secs(u64::from(wait.min(keel_mesh::sync::MAX_WAIT)));
+        control.wait_for_change(&request.cluster, after, wait).await;
+    }
+    // Read again: the node may have been revoked while the request waited.
+    let node = match control.node(&request).await {
+        Ok(node) => node,
+        Err(refused) => return refused,
+    };
+    match control.registry.identity(node, false).await {
+        Ok(identity) => axum::Json(identity).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `DELETE /api/v1/mesh/nodes/{name}` (administrators): revokes a node of the served cluster.
+async fn revoke_node_handler(
+    State(control): State<Control>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Some(refused) = control.refuse_unless_admin(&headers) {
+        return refused;
+    }
+    match control
+        .registry
+        .revoke_node(&control.cluster, &name, now())
+        .await
+    {
+        Ok(true) => {
+            if let Ok(Some(now)) = control.registry.revision(&control.cluster).await {
+                control.publish(&control.cluster, now);
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("cluster {} has no active node {name}", control.cluster),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct NodesQuery {
     cluster: Option<String>,
@@ -512,10 +636,12 @@ async fn nodes_handler(
     }
 }
 
-/// `keel mesh serve`: the control plane's HTTP API until Ctrl-C.
-async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+/// The control plane's HTTP API bound to `args.listen`: the listener and the routes.
+async fn control_plane(
+    args: &ServeArgs,
+    auth: Option<Auth>,
+) -> anyhow::Result<(tokio::net::TcpListener, axum::Router)> {
     check_endpoint(&args.issuing.endpoint)?;
-    let auth = crate::config::credentials(args.jwt_secret.as_deref(), args.config.as_deref())?;
     let key = args.control.signing_key()?;
     let wireguard = args.control.wireguard_key()?;
     let registry = args.control.registry().await?;
@@ -526,7 +652,15 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr()?;
+    let first = registry
+        .revision(&args.control.cluster)
+        .await?
+        .unwrap_or_default();
+    let revision = Arc::new(tokio::sync::watch::Sender::new(first));
+    let wireguard = Arc::new(wireguard);
     let control = Control {
+        wireguard: wireguard.clone(),
+        revision,
         registry,
         verifier: key.verifier(),
         key: Arc::new(key),
@@ -541,11 +675,18 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         },
         cluster: args.control.cluster.clone(),
     };
-    if control.auth.is_none() {
-        eprintln!(
-            "keel mesh: no administrator credentials (--jwt-secret or --config): tokens can only \
-             be issued with `keel mesh token create` on this machine"
-        );
+    {
+        // Changes made by other processes (`keel mesh revoke-node`) reach waiting syncs too.
+        let control = control.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(REVISION_POLL);
+            loop {
+                every.tick().await;
+                if let Ok(Some(now)) = control.registry.revision(&control.cluster).await {
+                    control.publish(&control.cluster, now);
+                }
+            }
+        });
     }
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -553,10 +694,26 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .route("/api/v1/mesh/tokens", post(create_handler))
         .route("/api/v1/mesh/tokens/{id}", delete(revoke_handler))
         .route("/api/v1/mesh/nodes", get(nodes_handler))
+        .route("/api/v1/mesh/nodes/{name}", delete(revoke_node_handler))
+        .route("/api/v1/mesh/sync", post(sync_handler))
         .with_state(control);
+    Ok((listener, app))
+}
+
+/// `keel mesh serve`: the control plane's HTTP API until Ctrl-C.
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let auth = crate::config::credentials(args.jwt_secret.as_deref(), args.config.as_deref())?;
+    if auth.is_none() {
+        eprintln!(
+            "keel mesh: no administrator credentials (--jwt-secret or --config): tokens can only \
+             be issued with `keel mesh token create` on this machine"
+        );
+    }
+    let (listener, app) = control_plane(args, auth).await?;
     eprintln!(
-        "keel mesh: control plane for cluster {} listening on http://{local}",
-        args.control.cluster
+        "keel mesh: control plane for cluster {} listening on http://{}",
+        args.control.cluster,
+        listener.local_addr()?
     );
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
@@ -566,10 +723,52 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The control plane inside `keel run` (`--mesh-listen`): served on a thread of its own, with
+/// `keel mesh serve`'s defaults (data directory `keel-mesh` or `KEEL_MESH_DIR`, cluster
+/// `default`) and the run's API credentials for administrators. Its address once it listens.
+pub fn start_control_plane(listen: &str, auth: Auth) -> anyhow::Result<std::net::SocketAddr> {
+    #[derive(clap::Parser)]
+    struct Embedded {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    let args = <Embedded as clap::Parser>::try_parse_from(["keel", "--listen", listen])
+        .context("mesh control plane settings")?
+        .serve;
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("mesh-control".into())
+        .spawn(move || {
+            let served = (|| -> anyhow::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let (listener, app) = match control_plane(&args, Some(auth)).await {
+                        Ok(bound) => bound,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return Ok(());
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(listener.local_addr()?));
+                    axum::serve(listener, app).await?;
+                    Ok(())
+                })
+            })();
+            if let Err(e) = served {
+                tracing::error!("mesh control plane: {e:#}");
+            }
+        })?;
+    ready
+        .recv()
+        .context("the mesh control plane's thread ended before it listened")?
+}
+
 #[derive(Debug, Args)]
 struct JoinArgs {
     /// The join token (from `keel mesh token create` or the control plane's API); not needed
-    /// to resume an interrupted join.
+    /// to resume an interrupted join or to restart a joined node.
     #[arg(long, env = "KEEL_MESH_JOIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// This node's name in the mesh, a DNS label [default: the host name].
@@ -581,9 +780,27 @@ struct JoinArgs {
     /// The control plane's URL [default: the one the token names].
     #[arg(long)]
     control: Option<String>,
-    /// Directory of this node's mesh state (key, enrollment, last known peers).
+    /// Directory of this node's mesh state (key, enrollment, last known peers, status).
     #[arg(long, env = "KEEL_MESH_NODE_DIR", default_value = "keel-mesh-node")]
     node_dir: PathBuf,
+    /// Record the join and stop, without starting the tunnel (a later `keel mesh join` starts
+    /// it).
+    #[arg(long)]
+    enroll_only: bool,
+    /// The TUN interface the mesh address goes on.
+    #[arg(long, default_value = "keel0")]
+    interface: String,
+    /// The UDP address the tunnel listens on [default: 0.0.0.0 and the --endpoint's port,
+    /// else 0.0.0.0:51820].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Where mesh DNS answers (`<node>.internal`), or `off`.
+    #[arg(long, default_value = "127.0.0.1:53")]
+    dns: String,
+    /// The resolver other names go to, `host:port` [default: the first non-loopback
+    /// nameserver of /etc/resolv.conf].
+    #[arg(long)]
+    dns_upstream: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -602,26 +819,44 @@ fn host_name() -> Option<String> {
     keel_mesh::registry::check_name(&name).ok().map(|()| name)
 }
 
-/// `keel mesh join`: enrolls this node, crash-safely.
+/// `keel mesh join`: enrolls this node (crash-safely) unless it already is, then runs the
+/// agent — tunnel, peer sync, mesh DNS — until Ctrl-C or SIGTERM.
 fn join(args: &JoinArgs) -> anyhow::Result<()> {
     let state = NodeState::open(&args.node_dir)
         .with_context(|| format!("node state in {}", args.node_dir.display()))?;
-    if let Some(done) = state.enrollment()? {
-        let node = &done.identity.node;
+    let enrollment = match state.enrollment()? {
+        Some(_)
+            if args.token.is_some()
+                && state
+                    .last_known()?
+                    .is_some_and(|known| known.node.revoked_at.is_some()) =>
+        {
+            eprintln!("this node was revoked; joining again with the new token and a new key");
+            state.forget()?;
+            enroll(args, &state)?
+        }
+        Some(done) => {
+            let node = &done.identity.node;
+            eprintln!(
+                "already in the mesh: {} is {} in cluster {}",
+                node.name, node.address, node.cluster,
+            );
+            done
+        }
+        None => enroll(args, &state)?,
+    };
+    if args.enroll_only {
         eprintln!(
-            "already in the mesh: {} is {} in cluster {} ({} peer{} known); `keel mesh status` shows more",
-            node.name,
-            node.address,
-            node.cluster,
-            done.identity.peers.len(),
-            if done.identity.peers.len() == 1 {
-                ""
-            } else {
-                "s"
-            }
+            "tunnel: not started (--enroll-only); `keel mesh join --node-dir {}` starts it",
+            args.node_dir.display()
         );
         return Ok(());
     }
+    run_agent(args, &state, &enrollment)
+}
+
+/// Asks the control plane to enroll this node, recording the join on disk before asking.
+fn enroll(args: &JoinArgs, state: &NodeState) -> anyhow::Result<keel_mesh::agent::Enrollment> {
     let earlier = state.pending()?;
     if let Some(earlier) = &earlier {
         eprintln!(
@@ -651,11 +886,6 @@ fn join(args: &JoinArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| claims.bootstrap.control.clone());
     let pending = state.begin(&name, &token, &control, args.endpoint.as_deref(), now())?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(15)))
-        .build()
-        .into();
     let url = format!("{}/api/v1/mesh/join", control.trim_end_matches('/'));
     let body = serde_json::to_string(&JoinRequest {
         token: pending.token.clone(),
@@ -663,20 +893,12 @@ fn join(args: &JoinArgs) -> anyhow::Result<()> {
         public_key: pending.public_key.clone(),
         endpoint: pending.endpoint.clone(),
     })?;
-    let mut response = agent
-        .post(&url)
-        .header("content-type", "application/json")
-        .send(&body)
+    let (status, text) = post_json(&http_agent(Duration::from_secs(15)), &url, &body)
         .with_context(|| {
             format!("cannot reach the control plane at {url}; the join is kept, run the same command again")
         })?;
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().unwrap_or_default();
     if status != 200 {
-        let reason = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or(text);
+        let reason = error_text(&text);
         if (400..500).contains(&status) {
             state.abandon()?;
             anyhow::bail!("the control plane refused the join ({status}): {reason}");
@@ -700,26 +922,345 @@ fn join(args: &JoinArgs) -> anyhow::Result<()> {
         node.cluster,
         enrollment.identity.mesh_cidr,
         enrollment.identity.peers.len(),
-        if enrollment.identity.peers.len() == 1 {
-            ""
-        } else {
-            "s"
-        },
+        plural(enrollment.identity.peers.len()),
         if enrollment.identity.replayed {
             " (the control plane already had this join)"
         } else {
             ""
         }
     );
-    eprintln!(
-        "tunnel: not started — the TUN data plane is not wired into `keel mesh join` yet; the \
-         key and peers are in {}",
-        args.node_dir.display()
-    );
-    Ok(())
+    Ok(enrollment)
 }
 
-/// `keel mesh status`: this node's identity and last known peers.
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+/// POSTs JSON; the status and body of whatever came back.
+fn post_json(agent: &ureq::Agent, url: &str, body: &str) -> Result<(u16, String), ureq::Error> {
+    let mut response = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)?;
+    let status = response.status().as_u16();
+    Ok((
+        status,
+        response.body_mut().read_to_string().unwrap_or_default(),
+    ))
+}
+
+/// The `error` of a JSON error answer, else the whole text.
+fn error_text(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| text.to_owned())
+}
+
+/// How long a sync waits for a change before asking again, seconds.
+const SYNC_WAIT: u32 = 25;
+/// How long the agent waits after a failed sync before polling again.
+const SYNC_RETRY: Duration = Duration::from_secs(30);
+/// How often the agent rewrites `status.json`.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// What peer sync knows, shared with the status writer.
+#[derive(Debug, Default)]
+struct SyncState {
+    revision: i64,
+    revoked: bool,
+    last_sync: Option<i64>,
+    error: Option<String>,
+    /// A sync is waiting at the control plane for the next change.
+    waiting: bool,
+}
+
+/// The first non-loopback nameserver of /etc/resolv.conf, port 53.
+fn system_resolver() -> Option<std::net::SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<std::net::IpAddr>().ok())
+        .find(|ip| !ip.is_loopback())
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+}
+
+/// Runs the node's agent: the TUN device and the boringtun loop over the last known peers,
+/// peer sync with the control plane, mesh DNS and the status file.
+fn run_agent(
+    args: &JoinArgs,
+    state: &NodeState,
+    enrollment: &keel_mesh::agent::Enrollment,
+) -> anyhow::Result<()> {
+    use keel_mesh::tunnel::{Router, peer_specs};
+    let key = state
+        .key()?
+        .with_context(|| format!("{}: wireguard.key is missing", args.node_dir.display()))?;
+    let identity = state.last_known()?.unwrap_or(enrollment.identity.clone());
+    let cidr: MeshCidr = identity
+        .mesh_cidr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the cluster's range {}: {e}", identity.mesh_cidr))?;
+    let listen = args.listen.unwrap_or_else(|| {
+        let port = identity
+            .node
+            .endpoint
+            .as_deref()
+            .and_then(|e| e.rsplit_once(':'))
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or(51_820);
+        std::net::SocketAddr::from(([0, 0, 0, 0], port))
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let device = keel_mesh::device::TunDevice::open(
+            &args.interface,
+            identity.node.address,
+            cidr.prefix(),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "joined as {} ({}), but the tunnel cannot start: {e}. The join is kept: run \
+                 `keel mesh join --node-dir {}` again once that is fixed",
+                identity.node.name,
+                identity.node.address,
+                args.node_dir.display()
+            )
+        })?;
+        let socket = tokio::net::UdpSocket::bind(listen)
+            .await
+            .with_context(|| format!("the tunnel cannot listen on udp {listen}"))?;
+        let router = Arc::new(std::sync::Mutex::new(Router::new(
+            &key,
+            peer_specs(&identity.peers),
+        )));
+        let names: keel_mesh::dns::Names =
+            Arc::new(std::sync::RwLock::new(keel_mesh::dns::names_of(&identity)));
+        let dns = if args.dns == "off" {
+            "off".to_owned()
+        } else {
+            match tokio::net::UdpSocket::bind(&args.dns).await {
+                Ok(socket) => {
+                    let upstream = args.dns_upstream.or_else(system_resolver);
+                    tokio::spawn(keel_mesh::dns::serve(socket, names.clone(), upstream));
+                    format!(
+                        "on {}{}",
+                        args.dns,
+                        upstream.map_or_else(
+                            || ", no upstream".to_owned(),
+                            |u| format!(", others to {u}")
+                        )
+                    )
+                }
+                Err(e) => format!("off (cannot listen on {}: {e})", args.dns),
+            }
+        };
+        let sync = Arc::new(std::sync::Mutex::new(SyncState {
+            revision: identity.revision,
+            revoked: identity.node.revoked_at.is_some(),
+            ..SyncState::default()
+        }));
+        eprintln!(
+            "mesh up: {} is {}/{} on {}, tunnel on udp {listen}, {} peer{}; DNS {dns}; peers \
+             from {}",
+            identity.node.name,
+            identity.node.address,
+            cidr.prefix(),
+            device.name(),
+            identity.peers.len(),
+            plural(identity.peers.len()),
+            enrollment.control
+        );
+        {
+            let (router, names, sync, state) =
+                (router.clone(), names.clone(), sync.clone(), state.clone());
+            let (enrollment, identity) = (enrollment.clone(), identity.clone());
+            std::thread::Builder::new()
+                .name("mesh-sync".into())
+                .spawn(move || {
+                    sync_peers(&key, &enrollment, identity, &router, &names, &sync, &state);
+                })?;
+        }
+        let status = {
+            let (router, sync, state) = (router.clone(), sync.clone(), state.clone());
+            let interface = device.name().to_owned();
+            async move {
+                let mut every = tokio::time::interval(STATUS_EVERY);
+                loop {
+                    every.tick().await;
+                    let report = {
+                        let router = router.lock().expect("router");
+                        let sync = sync.lock().expect("sync");
+                        keel_mesh::agent::AgentStatus {
+                            pid: std::process::id(),
+                            updated_at: now(),
+                            interface: interface.clone(),
+                            listen: listen.to_string(),
+                            revision: sync.revision,
+                            revoked: sync.revoked,
+                            last_sync: sync.last_sync,
+                            sync_error: sync.error.clone(),
+                            sync_waiting: sync.waiting,
+                            stats: router.stats(),
+                            peers: router.peer_status(),
+                        }
+                    };
+                    if let Err(e) = state.save_status(&report) {
+                        tracing::warn!("mesh status: {e}");
+                    }
+                }
+            }
+        };
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            ran = keel_mesh::tunnel::run(router, socket, device) => ran.context("the tunnel")?,
+            () = status => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("mesh down (interrupted)"),
+            _ = terminate.recv() => eprintln!("mesh down (terminated)"),
+        }
+        Ok(())
+    })
+}
+
+/// Keeps the peers current: asks the control plane for changes (each request waits up to
+/// [`SYNC_WAIT`] seconds for a new revision, so changes arrive as they happen), polls again
+/// [`SYNC_RETRY`] after a failure, and applies each new list to the tunnel, DNS and the last
+/// known peers on disk. A revoked node is left with no peers at all.
+fn sync_peers(
+    key: &WireguardKey,
+    enrollment: &keel_mesh::agent::Enrollment,
+    mut known: keel_mesh::registry::Identity,
+    router: &keel_mesh::tunnel::SharedRouter,
+    names: &keel_mesh::dns::Names,
+    sync: &std::sync::Mutex<SyncState>,
+    state: &NodeState,
+) {
+    let agent = http_agent(Duration::from_secs(u64::from(SYNC_WAIT) + 15));
+    let url = format!(
+        "{}/api/v1/mesh/sync",
+        enrollment.control.trim_end_matches('/')
+    );
+    let node = &enrollment.identity.node;
+    let mut first = true;
+    loop {
+        let Some(mut request) = SyncRequest::new(
+            key,
+            &enrollment.control_public_key,
+            &node.cluster,
+            &node.name,
+            now(),
+        ) else {
+            sync.lock().expect("sync").error = Some(
+                "the enrollment has no usable control-plane key: join again with a new token"
+                    .into(),
+            );
+            return;
+        };
+        // The first request answers at once, so a restarted node catches up straight away.
+        if !first {
+            request.after = Some(known.revision);
+            request.wait = Some(SYNC_WAIT);
+        }
+        first = false;
+        sync.lock().expect("sync").waiting = request.wait.is_some();
+        let asked = Instant::now();
+        let answer = serde_json::to_string(&request)
+            .map_err(anyhow::Error::from)
+            .and_then(|body| Ok(post_json(&agent, &url, &body)?));
+        let failure = match answer {
+            Ok((200, text)) => match serde_json::from_str::<keel_mesh::registry::Identity>(&text) {
+                Ok(identity) => {
+                    let changed = identity.peers != known.peers
+                        || identity.node.revoked_at != known.node.revoked_at;
+                    if changed {
+                        apply(&identity, router, names, state);
+                    }
+                    let mut shared = sync.lock().expect("sync");
+                    shared.revision = identity.revision;
+                    shared.last_sync = Some(now());
+                    shared.error = None;
+                    if identity.node.revoked_at.is_some() && !shared.revoked {
+                        eprintln!(
+                            "this node was revoked: all peers removed; `keel mesh join --token …` \
+                             with a new token joins again"
+                        );
+                    }
+                    shared.revoked = identity.node.revoked_at.is_some();
+                    drop(shared);
+                    // A control plane that answers a waiting sync at once without a change
+                    // (a revoked node's, or one that cannot wait) is asked again only after
+                    // the polling interval.
+                    let unchanged = request.after == Some(identity.revision);
+                    known = identity;
+                    if unchanged && asked.elapsed() < Duration::from_secs(1) {
+                        std::thread::sleep(SYNC_RETRY);
+                    }
+                    None
+                }
+                Err(e) => Some(format!("the control plane's answer: {e}")),
+            },
+            Ok((status, text)) => Some(format!("sync refused ({status}): {}", error_text(&text))),
+            Err(e) => Some(format!("cannot reach {url}: {e:#}")),
+        };
+        if let Some(failure) = failure {
+            tracing::warn!("mesh sync: {failure}; using the last known peers");
+            let mut shared = sync.lock().expect("sync");
+            shared.error = Some(failure);
+            shared.waiting = false;
+            drop(shared);
+            std::thread::sleep(SYNC_RETRY);
+        }
+    }
+}
+
+/// Puts a new peer list in force: tunnel, DNS names, and the last known list on disk.
+fn apply(
+    identity: &keel_mesh::registry::Identity,
+    router: &keel_mesh::tunnel::SharedRouter,
+    names: &keel_mesh::dns::Names,
+    state: &NodeState,
+) {
+    router
+        .lock()
+        .expect("router")
+        .set_peers(keel_mesh::tunnel::peer_specs(&identity.peers));
+    *names.write().expect("names") = keel_mesh::dns::names_of(identity);
+    if let Err(e) = state.save_peers(identity) {
+        tracing::warn!("mesh: cannot keep the peer list: {e}");
+    }
+    eprintln!(
+        "peers: revision {}, {} peer{}",
+        identity.revision,
+        identity.peers.len(),
+        plural(identity.peers.len())
+    );
+}
+
+/// Human-readable bytes.
+fn bytes(n: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let value = n as f64;
+    match n {
+        0..1_024 => format!("{n} B"),
+        1_024..1_048_576 => format!("{:.1} KiB", value / 1_024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", value / 1_048_576.0),
+        _ => format!("{:.2} GiB", value / 1_073_741_824.0),
+    }
+}
+
+/// `keel mesh status`: this node's identity, its peers and — when the agent runs — each
+/// tunnel's last handshake and traffic.
 fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let state = NodeState::open(&args.node_dir)?;
     let Some(enrollment) = state.enrollment()? else {
@@ -732,28 +1273,82 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
         }
         anyhow::bail!("not joined: run `keel mesh join --token …`");
     };
-    let identity = state.last_known()?.unwrap_or(enrollment.identity);
+    let identity = state.last_known()?.unwrap_or(enrollment.identity.clone());
     let node = &identity.node;
     println!(
-        "{} {} in cluster {} ({}), revision {}, control plane {}",
+        "{} {} in cluster {} ({}), revision {}, control plane {}{}",
         node.name,
         node.address,
         node.cluster,
         identity.mesh_cidr,
         identity.revision,
-        enrollment.control
+        enrollment.control,
+        if node.revoked_at.is_some() {
+            " — REVOKED"
+        } else {
+            ""
+        }
     );
+    let report = state.status()?;
+    let alive = report.as_ref().filter(|r| {
+        now() - r.updated_at <= 10 && std::path::Path::new(&format!("/proc/{}", r.pid)).exists()
+    });
+    match (alive, &report) {
+        (Some(r), _) => println!(
+            "agent: running (pid {}) on {}, udp {}; peer sync {}",
+            r.pid,
+            r.interface,
+            r.listen,
+            match (&r.sync_error, r.sync_waiting, r.last_sync) {
+                (Some(e), _, last) => format!(
+                    "failing ({e}), last answer {}",
+                    last.map_or_else(|| "never".to_owned(), |t| format!("{} s ago", now() - t))
+                ),
+                (None, true, _) => "live (waiting for changes)".to_owned(),
+                (None, false, Some(t)) => format!("answered {} s ago", now() - t),
+                (None, false, None) => "starting".to_owned(),
+            }
+        ),
+        (None, Some(r)) => println!(
+            "agent: not running (last report {})",
+            format_rfc3339(r.updated_at * 1000)
+        ),
+        (None, None) => println!("agent: not running (`keel mesh join` starts it)"),
+    }
     println!(
-        "{:<24} {:<18} {:<22} segment",
-        "peer", "allowed", "endpoint"
+        "{:<24} {:<18} {:<22} {:>10} {:>10}  {:<10} segment",
+        "peer", "allowed", "endpoint", "sent", "received", "handshake"
     );
     for peer in &identity.peers {
+        let live = alive.and_then(|r| r.peers.iter().find(|p| p.name == peer.name));
         println!(
-            "{:<24} {:<18} {:<22} {}",
+            "{:<24} {:<18} {:<22} {:>10} {:>10}  {:<10} {}",
             peer.name,
             peer.allowed_ips.join(","),
-            peer.endpoint.as_deref().unwrap_or("-"),
-            peer.tenant.as_deref().unwrap_or("shared")
+            live.and_then(|p| p.endpoint.clone())
+                .or_else(|| peer.endpoint.clone())
+                .unwrap_or_else(|| "-".into()),
+            live.map_or_else(|| "-".into(), |p| bytes(p.sent_bytes)),
+            live.map_or_else(|| "-".into(), |p| bytes(p.received_bytes)),
+            live.map_or_else(
+                || "-".into(),
+                |p| p
+                    .handshake_secs_ago
+                    .map_or_else(|| "none yet".into(), |s| format!("{s} s ago"))
+            ),
+            peer.tenant.as_deref().unwrap_or("shared"),
+        );
+    }
+    if let Some(r) = alive {
+        println!(
+            "tunnel: {} packets sent, {} delivered, {} not routable (no peer, or not IPv4), {} \
+             from a source their peer may not use, {} from unknown peers, {} invalid",
+            r.stats.sent,
+            r.stats.delivered,
+            r.stats.no_route,
+            r.stats.bad_source,
+            r.stats.unknown_peer,
+            r.stats.invalid
         );
     }
     Ok(())

@@ -368,6 +368,7 @@ fn a_join_that_dies_before_saving_its_answer_resumes_with_the_same_identity() {
         "edge-1",
         "--control",
         &served.url,
+        "--enroll-only",
     ];
     // Dies after the control plane registered it, before recording the answer.
     let out = node(&join, true);
@@ -384,7 +385,7 @@ fn a_join_that_dies_before_saving_its_answer_resumes_with_the_same_identity() {
     );
 
     // Run again with nothing but the directory: same key, same identity, no use taken.
-    let out = node(&["join", "--control", &served.url], false);
+    let out = node(&["join", "--control", &served.url, "--enroll-only"], false);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("resuming the join of edge-1"), "{stderr}");
@@ -413,7 +414,7 @@ fn a_join_that_dies_before_saving_its_answer_resumes_with_the_same_identity() {
     let other = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["mesh", "join", "--token", &token, "--name", "edge-2"])
-        .args(["--control", &served.url])
+        .args(["--control", &served.url, "--enroll-only"])
         .args(["--node-dir", other.path().to_str().unwrap()])
         .output()
         .unwrap();
@@ -446,7 +447,7 @@ fn a_joined_node_resolves_its_peers_by_name() {
                 "--name",
                 &format!("n{n}"),
             ])
-            .args(["--control", &served.url])
+            .args(["--control", &served.url, "--enroll-only"])
             .args(["--node-dir", dir.path().to_str().unwrap()])
             .output()
             .unwrap();
@@ -507,4 +508,216 @@ fn a_joined_node_resolves_its_peers_by_name() {
     assert_eq!(ask("example.com.").response_code(), ResponseCode::ServFail);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn keel_run_serves_the_control_plane_with_its_own_admin_tokens() {
+    use std::io::BufRead as _;
+    let workdir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(workdir.path())
+        .args(["run", "--rate", "100", "--listen", "127.0.0.1:0"])
+        .args(["--pg-listen", "off", "--foghorn-listen", "off"])
+        .args(["--foghorn-grpc-listen", "off", "--summary-every", "5"])
+        .args(["--mesh-listen", "127.0.0.1:0"])
+        .env("KEEL_MESH_DIR", workdir.path().join("mesh"))
+        .env_remove("KEEL_JWT_SECRET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut url, mut admin) = (None, None);
+    while url.is_none() || admin.is_none() {
+        let line = lines
+            .next()
+            .expect("keel run ended before printing its mesh address and tokens")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("keel: mesh control plane on ") {
+            url = Some(rest.trim().to_owned());
+        }
+        if let Some(rest) = line.trim().strip_prefix("admin: ") {
+            admin = Some(rest.trim().to_owned());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let (url, admin) = (url.unwrap(), admin.unwrap());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let tokens = format!("{url}/api/v1/mesh/tokens");
+    let (status, body) = call(&agent, "POST", &tokens, None, "");
+    assert_eq!(status, 401, "{body}");
+    let (status, issued) = call(&agent, "POST", &tokens, Some(&admin), r#"{"ttl":"5m"}"#);
+    assert_eq!(status, 201, "{issued}");
+    let key = keel_mesh::keys::WireguardKey::generate();
+    let request = serde_json::json!({
+        "token": issued["token"],
+        "name": "edge-1",
+        "public_key": key.public_base64(),
+    })
+    .to_string();
+    let (status, identity) = call(
+        &agent,
+        "POST",
+        &format!("{url}/api/v1/mesh/join"),
+        None,
+        &request,
+    );
+    assert_eq!(status, 200, "{identity}");
+    assert!(workdir.path().join("mesh/registry.db").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_node_syncs_with_its_own_key_and_changes_are_pushed_to_it() {
+    use keel_api::auth::{Auth, Claims};
+    use keel_mesh::keys::WireguardKey;
+    use keel_mesh::sync::SyncRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "mesh-test-secret-of-some-length";
+    let served = serve(dir.path(), secret);
+    let url = served.url.clone();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let admin = Auth::new(Some(secret.into()), vec![])
+        .unwrap()
+        .issue(&Claims::admin("ops", 4_000_000_000))
+        .unwrap();
+    let (_, issued) = call(
+        &agent,
+        "POST",
+        &format!("{url}/api/v1/mesh/tokens"),
+        Some(&admin),
+        r#"{"uses":3}"#,
+    );
+    let token = issued["token"].as_str().unwrap().to_owned();
+    let control_key = keel_mesh::agent::peek_claims(&token)
+        .unwrap()
+        .bootstrap
+        .public_key;
+    let keys: Vec<WireguardKey> = (0..3).map(|_| WireguardKey::generate()).collect();
+    let join = |name: &str, key: &WireguardKey| {
+        let body = serde_json::json!({
+            "token": token, "name": name, "public_key": key.public_base64(),
+        })
+        .to_string();
+        call(
+            &agent,
+            "POST",
+            &format!("{url}/api/v1/mesh/join"),
+            None,
+            &body,
+        )
+    };
+    let (status, first) = join("edge-1", &keys[0]);
+    assert_eq!(status, 200, "{first}");
+    let sync_url = format!("{url}/api/v1/mesh/sync");
+    let sync = |key: &WireguardKey, name: &str, after: Option<i64>| {
+        let mut request = SyncRequest::new(key, &control_key, "default", name, now()).unwrap();
+        request.after = after;
+        request.wait = after.map(|_| 20);
+        call(
+            &agent,
+            "POST",
+            &sync_url,
+            None,
+            &serde_json::to_string(&request).unwrap(),
+        )
+    };
+
+    // Another key, an unknown node, a damaged body: refused with the reason.
+    let (status, body) = sync(&keys[1], "edge-1", None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("registered key"));
+    let (status, body) = sync(&keys[0], "edge-9", None);
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = call(&agent, "POST", &sync_url, None, "{}");
+    assert_eq!(status, 400, "{body}");
+    let (status, now_known) = sync(&keys[0], "edge-1", None);
+    assert_eq!(status, 200, "{now_known}");
+    let revision = now_known["revision"].as_i64().unwrap();
+
+    // A waiting sync is answered as soon as another node joins, not at the end of its wait.
+    let waiting = {
+        let sync = sync_url.clone();
+        let control_key = control_key.clone();
+        let key = WireguardKey::from_base64(&keys[0].private_base64()).unwrap();
+        std::thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut request =
+                SyncRequest::new(&key, &control_key, "default", "edge-1", now()).unwrap();
+            request.after = Some(revision);
+            request.wait = Some(20);
+            let started = std::time::Instant::now();
+            let (status, body) = call(
+                &agent,
+                "POST",
+                &sync,
+                None,
+                &serde_json::to_string(&request).unwrap(),
+            );
+            (status, body, started.elapsed())
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (status, _) = join("edge-2", &keys[1]);
+    assert_eq!(status, 200);
+    let (status, pushed, took) = waiting.join().unwrap();
+    assert_eq!(status, 200, "{pushed}");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "answered after {took:?}"
+    );
+    assert!(pushed["revision"].as_i64().unwrap() > revision);
+    let names = |identity: &serde_json::Value| -> Vec<String> {
+        identity["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&pushed), ["edge-2"]);
+
+    // Revoked over the API: the node itself hears it has no peers, the others drop it.
+    let (status, body) = call(
+        &agent,
+        "DELETE",
+        &format!("{url}/api/v1/mesh/nodes/edge-2"),
+        Some(&admin),
+        "",
+    );
+    assert_eq!(status, 204, "{body}");
+    let (status, revoked) = sync(&keys[1], "edge-2", None);
+    assert_eq!(status, 200, "{revoked}");
+    assert!(revoked["node"]["revoked_at"].is_i64(), "{revoked}");
+    assert!(names(&revoked).is_empty(), "{revoked}");
+    let (_, after) = sync(&keys[0], "edge-1", None);
+    assert!(names(&after).is_empty(), "{after}");
+    let (status, _) = call(
+        &agent,
+        "DELETE",
+        &format!("{url}/api/v1/mesh/nodes/edge-2"),
+        Some(&admin),
+        "",
+    );
+    assert_eq!(status, 404);
+}
+
+/// Unix seconds.
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .try_into()
+        .unwrap()
 }

@@ -18,6 +18,7 @@ use crate::files::{create_private_dir, write_private};
 use crate::keys::WireguardKey;
 use crate::registry::Identity;
 use crate::token::JoinClaims;
+use crate::tunnel::{PeerStatus, TunnelStats};
 
 /// A join begun and not yet recorded as done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +48,40 @@ pub struct Enrollment {
     pub control: String,
     /// When the answer was recorded, Unix seconds.
     pub enrolled_at: i64,
+    /// The control plane's WireGuard public key (from the token): peer sync proves the node's
+    /// key against it.
+    #[serde(default)]
+    pub control_public_key: String,
+}
+
+/// What a running agent reports about itself, rewritten every few seconds for
+/// `keel mesh status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The agent's process id.
+    pub pid: u32,
+    /// When this was written, Unix seconds.
+    pub updated_at: i64,
+    /// The TUN interface.
+    pub interface: String,
+    /// The UDP address the tunnel listens on.
+    pub listen: String,
+    /// The peer list's revision.
+    pub revision: i64,
+    /// Whether the control plane said this node is revoked.
+    pub revoked: bool,
+    /// When the control plane last answered a sync, Unix seconds.
+    pub last_sync: Option<i64>,
+    /// The last sync's error, when it failed.
+    pub sync_error: Option<String>,
+    /// Whether a sync is waiting at the control plane for the next change (peer sync is
+    /// live).
+    #[serde(default)]
+    pub sync_waiting: bool,
+    /// The tunnel's counters.
+    pub stats: TunnelStats,
+    /// Each peer's tunnel.
+    pub peers: Vec<PeerStatus>,
 }
 
 /// A node's mesh state directory.
@@ -59,6 +94,7 @@ const PENDING: &str = "pending-enrollment.json";
 const ENROLLMENT: &str = "enrollment.json";
 const PEERS: &str = "last-known-peers.json";
 const KEY: &str = "wireguard.key";
+const STATUS: &str = "status.json";
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
     match std::fs::read(path) {
@@ -151,6 +187,9 @@ impl NodeState {
             identity,
             control: pending.control.clone(),
             enrolled_at: now,
+            control_public_key: peek_claims(&pending.token)
+                .map(|claims| claims.bootstrap.public_key)
+                .unwrap_or_default(),
         };
         write_json(&self.dir.join(ENROLLMENT), &enrollment)?;
         self.abandon()?;
@@ -174,6 +213,28 @@ impl NodeState {
     /// The last known good identity and peer list.
     pub fn last_known(&self) -> std::io::Result<Option<Identity>> {
         read_json(&self.dir.join(PEERS))
+    }
+
+    /// Forgets a finished join (the node was revoked and joins again with a new token); the
+    /// key goes with it, so the new join gets a new one.
+    pub fn forget(&self) -> std::io::Result<()> {
+        for file in [ENROLLMENT, PEERS, KEY, STATUS] {
+            match std::fs::remove_file(self.dir.join(file)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Records what the running agent is doing.
+    pub fn save_status(&self, status: &AgentStatus) -> std::io::Result<()> {
+        write_json(&self.dir.join(STATUS), status)
+    }
+
+    /// What the agent last recorded, if it ever ran.
+    pub fn status(&self) -> std::io::Result<Option<AgentStatus>> {
+        read_json(&self.dir.join(STATUS))
     }
 
     /// The node's WireGuard key, once joined.

@@ -15,15 +15,17 @@
 //!   answer recorded before the pending file goes — so a crash at any point is safe;
 //! - [`dns`]: mesh DNS — `<node>.internal` from the peer list, NXDOMAIN for other `.internal`
 //!   names, the rest forwarded upstream;
-//! - [`files`]: private files and directories for keys and join state.
-//!
-//! The agent's TUN device and peer sync come next.
+//! - [`files`]: private files and directories for keys and join state;
+//! - [`device`]: the node's TUN device, with clear errors when it cannot be made;
+//! - [`sync`]: peer sync requests, authenticated by the node's WireGuard key.
 
 pub mod address;
 pub mod agent;
+pub mod device;
 pub mod dns;
 pub mod files;
 pub mod keys;
 pub mod registry;
+pub mod sync;
 pub mod token;
 pub mod tunnel;

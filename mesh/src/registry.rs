@@ -730,13 +730,32 @@ impl Registry {
         .map_err(database("listing nodes"))
     }
 
-    /// The node `name` of `cluster`, if registered.
+    /// The node `name` of `cluster`, if registered (revoked or not).
     pub async fn node(&self, cluster: &str, name: &str) -> Result<Option<Node>, RegistryError> {
-        Ok(self
-            .nodes(cluster)
-            .await?
-            .into_iter()
-            .find(|node| node.name == name))
+        on_pool!(self, pool => async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                node_columns!(),
+                " FROM mesh_nodes WHERE cluster_id = $1 AND node_name = $2"
+            ))
+            .bind(cluster)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+            row.map(|row| Ok(node_of!(row))).transpose()
+        }.await)
+        .map_err(database("reading a node"))
+    }
+
+    /// The revision of `cluster`: it changes whenever a node joins or is revoked.
+    pub async fn revision(&self, cluster: &str) -> Result<Option<i64>, RegistryError> {
+        on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT revision FROM mesh_clusters WHERE cluster_id = $1",
+        )
+        .bind(cluster)
+        .fetch_optional(pool)
+        .await)
+        .map_err(database("reading a cluster's revision"))
     }
 
     /// What `node` should know now: its cluster's revision and the peers it may talk to. A

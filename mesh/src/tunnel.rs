@@ -6,7 +6,7 @@
 //! (the peer is found from the handshake's static key or the session index, decrypted, and the
 //! inner packet delivered only if its source address is one the peer is allowed to use — a
 //! packet from any other source is dropped and counted). [`run`] drives a router with a UDP
-//! socket and a pair of channels standing for the interface (a TUN device, or a test).
+//! socket and an [`Interface`]: a TUN device, or a pair of channels in tests.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -29,6 +29,12 @@ const BUFFER: usize = 65_535 + 32;
 pub struct AllowedIp {
     network: u32,
     prefix: u8,
+}
+
+impl std::fmt::Display for AllowedIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", Ipv4Addr::from(self.network), self.prefix)
+    }
 }
 
 impl AllowedIp {
@@ -69,7 +75,7 @@ pub struct PeerSpec {
 }
 
 /// What the tunnel counted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct TunnelStats {
     /// Packets from the interface sent encrypted to a peer.
     pub sent: u64,
@@ -83,6 +89,23 @@ pub struct TunnelStats {
     pub unknown_peer: u64,
     /// Datagrams that are not WireGuard or failed to decrypt.
     pub invalid: u64,
+}
+
+/// One peer's tunnel as `keel mesh status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    /// The peer's name.
+    pub name: String,
+    /// Where its packets go (the last address it was heard from, else its registered one).
+    pub endpoint: Option<String>,
+    /// The addresses it may use.
+    pub allowed: Vec<String>,
+    /// Seconds since the last completed handshake; none before the first.
+    pub handshake_secs_ago: Option<u64>,
+    /// Bytes sent to it through the tunnel (WireGuard payload).
+    pub sent_bytes: u64,
+    /// Bytes received from it.
+    pub received_bytes: u64,
 }
 
 /// Something the router wants done.
@@ -211,6 +234,25 @@ impl Router {
             .collect()
     }
 
+    /// Each peer's endpoint, last handshake and traffic, by slot.
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .flatten()
+            .map(|s| {
+                let (handshake, sent, received, _, _) = s.tunn.stats();
+                PeerStatus {
+                    name: s.spec.name.clone(),
+                    endpoint: s.endpoint.map(|e| e.to_string()),
+                    allowed: s.spec.allowed.iter().map(ToString::to_string).collect(),
+                    handshake_secs_ago: handshake.map(|d| d.as_secs()),
+                    sent_bytes: sent as u64,
+                    received_bytes: received as u64,
+                }
+            })
+            .collect()
+    }
+
     /// A packet from the interface: encrypted for the peer that may receive its destination.
     pub fn outbound(&mut self, packet: &[u8], out: &mut Vec<Output>) {
         let Some(destination) = destination(packet) else {
@@ -321,16 +363,49 @@ impl Router {
 /// A shared router, so status and peer updates can reach it while [`run`] drives it.
 pub type SharedRouter = Arc<Mutex<Router>>;
 
-/// Drives `router` until `from_device` closes: datagrams from `socket` and packets from the
-/// interface (`from_device`) go through it, decrypted packets go to `to_device`, and timers tick
-/// every 250 ms.
-pub async fn run(
+/// The node's side of the tunnel: where cleartext packets come from and go to — a TUN device
+/// ([`crate::device`]) or, in tests, a pair of channels.
+pub trait Interface {
+    /// The next packet from the node, into `buffer`; `None` when the interface is gone.
+    fn recv(&mut self, buffer: &mut [u8]) -> impl Future<Output = std::io::Result<Option<usize>>>;
+    /// Hands a decrypted packet to the node; `false` when the interface is gone.
+    fn send(&mut self, packet: &[u8]) -> impl Future<Output = bool>;
+}
+
+/// An interface made of two channels: packets from the node arrive on the receiver, packets
+/// for it leave on the sender.
+#[derive(Debug)]
+pub struct Channels {
+    /// Packets from the node.
+    pub from_node: mpsc::Receiver<Vec<u8>>,
+    /// Packets for the node.
+    pub to_node: mpsc::Sender<Vec<u8>>,
+}
+
+impl Interface for Channels {
+    async fn recv(&mut self, buffer: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Ok(self.from_node.recv().await.map(|packet| {
+            let len = packet.len().min(buffer.len());
+            buffer[..len].copy_from_slice(&packet[..len]);
+            len
+        }))
+    }
+
+    async fn send(&mut self, packet: &[u8]) -> bool {
+        self.to_node.send(packet.to_vec()).await.is_ok()
+    }
+}
+
+/// Drives `router` until the interface closes: datagrams from `socket` and packets from the
+/// interface go through it, decrypted packets go back to the interface, and timers tick every
+/// 250 ms.
+pub async fn run<I: Interface>(
     router: SharedRouter,
     socket: UdpSocket,
-    mut from_device: mpsc::Receiver<Vec<u8>>,
-    to_device: mpsc::Sender<Vec<u8>>,
+    mut interface: I,
 ) -> std::io::Result<()> {
     let mut datagram = vec![0u8; BUFFER];
+    let mut packet = vec![0u8; BUFFER];
     let mut ticks = tokio::time::interval(Duration::from_millis(250));
     let mut outputs = Vec::new();
     loop {
@@ -339,9 +414,9 @@ pub async fn run(
                 let (len, from) = received?;
                 router.lock().expect("router").inbound(from, &datagram[..len], &mut outputs);
             }
-            packet = from_device.recv() => {
-                let Some(packet) = packet else { return Ok(()) };
-                router.lock().expect("router").outbound(&packet, &mut outputs);
+            read = interface.recv(&mut packet) => {
+                let Some(len) = read? else { return Ok(()) };
+                router.lock().expect("router").outbound(&packet[..len], &mut outputs);
             }
             _ = ticks.tick() => router.lock().expect("router").tick(&mut outputs),
         }
@@ -352,7 +427,7 @@ pub async fn run(
                     let _ = socket.send_to(&bytes, to).await;
                 }
                 Output::Device(packet) => {
-                    if to_device.send(packet).await.is_err() {
+                    if !interface.send(&packet).await {
                         return Ok(());
                     }
                 }

@@ -11,7 +11,8 @@ use keel_mesh::keys::WireguardKey;
 use keel_mesh::registry::{Identity, JoinRequest, Registry, TokenRequest};
 use keel_mesh::token::{Bootstrap, TokenKey};
 use keel_mesh::tunnel::{
-    AllowedIp, PeerSpec, Router, SharedRouter, TunnelStats, peer_specs, run, source, udp_packet,
+    AllowedIp, Channels, PeerSpec, Router, SharedRouter, TunnelStats, peer_specs, run, source,
+    udp_packet,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -98,7 +99,14 @@ async fn start(
     let router = Arc::new(Mutex::new(Router::new(&key, Vec::new())));
     let (send, from_device) = mpsc::channel(64);
     let (to_device, receive) = mpsc::channel(64);
-    tokio::spawn(run(router.clone(), socket, from_device, to_device));
+    tokio::spawn(run(
+        router.clone(),
+        socket,
+        Channels {
+            from_node: from_device,
+            to_node: to_device,
+        },
+    ));
     let node = Node {
         name,
         address: identity.node.address,
