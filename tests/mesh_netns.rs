@@ -213,6 +213,25 @@ fn ping_within(ns: &str, target: &str, within: Duration) {
     }
 }
 
+/// Receives one TCP connection on port 7000 and prints the SHA-256 of what came.
+const RECEIVE: &str = "import hashlib, socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 7000)); s.listen(1); s.settimeout(30)
+c, _ = s.accept(); h = hashlib.sha256()
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    h.update(b)
+print(h.hexdigest())";
+
+/// Sends 32 MiB of varied bytes to port 7000 of argv[1] and prints their SHA-256.
+const SEND: &str = "import hashlib, socket, sys
+h = hashlib.sha256(); c = socket.create_connection((sys.argv[1], 7000), timeout=30)
+for i in range(512):
+    b = hashlib.sha512(str(i).encode()).digest() * 1024
+    h.update(b); c.sendall(b)
+c.close(); print(h.hexdigest())";
+
 fn address_of(lab: &Lab, node: usize) -> String {
     let enrollment: serde_json::Value = serde_json::from_slice(
         &std::fs::read(lab.path(&format!("node{node}")).join("enrollment.json")).unwrap(),
@@ -325,6 +344,27 @@ fn three_namespaces_join_ping_by_name_and_a_revoked_node_is_cut_off() {
         .success(),
         "an unknown mesh name resolved"
     );
+
+    // A bulk TCP transfer (segmentation offloads on the TUN device and the UDP socket) arrives
+    // byte for byte.
+    let receiver = Command::new("ip")
+        .args(["netns", "exec", &n2, "python3", "-c", RECEIVE])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = run(
+        "ip",
+        &["netns", "exec", &n1, "python3", "-c", SEND, &addresses[1]],
+    );
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    let received = receiver.wait_with_output().unwrap();
+    assert_eq!(
+        text(&received.stdout).trim(),
+        text(&sent.stdout).trim(),
+        "the bytes received through the tunnel differ from those sent"
+    );
+    assert!(text(&sent.stdout).trim().len() == 64);
 
     // Status shows the running agent, a handshake and traffic with each peer.
     std::thread::sleep(Duration::from_millis(2_500));

@@ -75,7 +75,7 @@ fn node(spec: &str) {
         let device = TunDevice::open("keel0", address, prefix.parse().unwrap()).unwrap();
         let socket = tokio::net::UdpSocket::bind(listen).await.unwrap();
         let router = Arc::new(Mutex::new(Router::new(&key, vec![spec])));
-        eprintln!("ready");
+        eprintln!("ready (offload {})", device.offload());
         run(router, socket, device).await.unwrap();
     });
 }
@@ -101,24 +101,26 @@ impl Drop for Lab {
     }
 }
 
-/// Waits for a child's first stderr line containing `needle`.
-fn wait_ready(child: &mut Child, needle: &str) {
+/// Waits for a child's first stderr line containing `needle`, and returns it.
+fn wait_ready(child: &mut Child, needle: &str) -> String {
     use std::io::BufRead as _;
     let stderr = child.stderr.take().expect("piped");
     let mut lines = std::io::BufReader::new(stderr).lines();
-    loop {
+    let found = loop {
         match lines.next() {
-            Some(Ok(line)) if line.contains(needle) => break,
+            Some(Ok(line)) if line.contains(needle) => break line,
             Some(Ok(_)) => {}
             other => panic!("the child ended before saying {needle:?}: {other:?}"),
         }
-    }
+    };
     // Keep draining so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
+    found
 }
 
-/// iperf3 from namespace `ns` to `target` for `seconds`: bits per second received.
-fn iperf(ns: &str, target: &str, seconds: u32) -> f64 {
+/// iperf3 from namespace `ns` to `target` for `seconds`: bits per second received, and the
+/// sender's retransmitted segments.
+fn iperf(ns: &str, target: &str, seconds: u32) -> (f64, u64) {
     let out = sh(
         "ip",
         &[
@@ -135,9 +137,13 @@ fn iperf(ns: &str, target: &str, seconds: u32) -> f64 {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("iperf3 to {target}: {e}: {}", text(&out.stderr)));
-    report["end"]["sum_received"]["bits_per_second"]
+    let rate = report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .unwrap_or_else(|| panic!("iperf3 to {target} reported no rate: {report}"))
+        .unwrap_or_else(|| panic!("iperf3 to {target} reported no rate: {report}"));
+    let retransmits = report["end"]["sum_sent"]["retransmits"]
+        .as_u64()
+        .unwrap_or_default();
+    (rate, retransmits)
 }
 
 fn ping_once(ns: &str, target: &str) -> bool {
@@ -210,7 +216,7 @@ fn main() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        wait_ready(&mut child, "ready");
+        println!("node {}: {}", i + 1, wait_ready(&mut child, "ready"));
         lab.children.push(child);
     }
     let server = Command::new("ip")
@@ -229,10 +235,11 @@ fn main() {
     }
     let (mut bare, mut tunnel) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let veth = iperf(&a, "10.232.0.2", seconds);
-        let keel = iperf(&a, "10.89.0.2", seconds);
+        let (veth, veth_retransmits) = iperf(&a, "10.232.0.2", seconds);
+        let (keel, keel_retransmits) = iperf(&a, "10.89.0.2", seconds);
         println!(
-            "round {round}: bare veth {:.2} Gbit/s, Keel tunnel {:.2} Gbit/s",
+            "round {round}: bare veth {:.2} Gbit/s ({veth_retransmits} retransmits), Keel \
+             tunnel {:.2} Gbit/s ({keel_retransmits} retransmits)",
             veth / 1e9,
             keel / 1e9
         );

@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::tunnel::Interface;
+use crate::tunnel::{Batch, HEADROOM, Interface};
 
 /// The interface's MTU: 1500 less WireGuard's 80 bytes of overhead over IPv6, as `wg-quick`
 /// picks.
@@ -53,50 +53,65 @@ pub enum DeviceError {
     },
 }
 
-/// A TUN device carrying the mesh's packets.
+/// A TUN device carrying the mesh's packets. Where the kernel allows it the device runs with
+/// offloads: a read may hand over one large TCP segment that is split here into packets of the
+/// MTU, and packets written together are coalesced back into large segments, so the kernel's
+/// TCP sees a few big packets instead of many small ones.
 pub struct TunDevice {
     device: tun_rs::AsyncDevice,
     name: String,
+    offload: bool,
+    original: Vec<u8>,
+    gro: tun_rs::GROTable,
 }
 
 impl std::fmt::Debug for TunDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunDevice")
             .field("name", &self.name)
+            .field("offload", &self.offload)
             .finish_non_exhaustive()
     }
 }
 
+fn build(
+    name: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+    offload: bool,
+) -> std::io::Result<tun_rs::AsyncDevice> {
+    tun_rs::DeviceBuilder::new()
+        .name(name)
+        .ipv4(address, prefix, None)
+        .mtu(MTU)
+        .offload(offload)
+        .enable(true)
+        .build_async()
+}
+
 impl TunDevice {
-    /// Makes interface `name` with `address/prefix`, MTU [`MTU`], up. The kernel routes the
-    /// prefix's range into it.
+    /// Makes interface `name` with `address/prefix`, MTU [`MTU`], up, with offloads when the
+    /// kernel has them. The kernel routes the prefix's range into it.
     pub fn open(name: &str, address: Ipv4Addr, prefix: u8) -> Result<Self, DeviceError> {
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err(DeviceError::NoTun {
                 name: name.to_owned(),
             });
         }
-        let device = tun_rs::DeviceBuilder::new()
-            .name(name)
-            .ipv4(address, prefix, None)
-            .mtu(MTU)
-            .enable(true)
-            .build_async()
-            .map_err(|source| match source.raw_os_error() {
-                Some(1) => DeviceError::NotPermitted {
-                    name: name.to_owned(),
-                },
-                Some(13) => DeviceError::NoAccess {
-                    name: name.to_owned(),
-                },
-                _ => DeviceError::Other {
-                    name: name.to_owned(),
-                    source,
-                },
-            })?;
+        let (device, offload) = match build(name, address, prefix, true) {
+            Ok(device) => (device, true),
+            Err(first) => match build(name, address, prefix, false) {
+                Ok(device) => (device, false),
+                // The first error says more (permission, no module).
+                Err(_) => return Err(classify(name, first)),
+            },
+        };
         Ok(TunDevice {
             device,
             name: name.to_owned(),
+            offload,
+            original: vec![0; tun_rs::VIRTIO_NET_HDR_LEN + 65_535],
+            gro: tun_rs::GROTable::new(),
         })
     }
 
@@ -104,15 +119,49 @@ impl TunDevice {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Whether the device runs with offloads.
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+}
+
+fn classify(name: &str, source: std::io::Error) -> DeviceError {
+    match source.raw_os_error() {
+        Some(1) => DeviceError::NotPermitted {
+            name: name.to_owned(),
+        },
+        Some(13) => DeviceError::NoAccess {
+            name: name.to_owned(),
+        },
+        _ => DeviceError::Other {
+            name: name.to_owned(),
+            source,
+        },
+    }
 }
 
 impl Interface for TunDevice {
-    async fn recv(&mut self, buffer: &mut [u8]) -> std::io::Result<Option<usize>> {
-        self.device.recv(buffer).await.map(Some)
+    async fn recv(&mut self, batch: &mut Batch) -> std::io::Result<bool> {
+        let count = self
+            .device
+            .recv_multiple(
+                &mut self.original,
+                &mut batch.bufs,
+                &mut batch.sizes,
+                HEADROOM,
+            )
+            .await?;
+        batch.count = count;
+        Ok(true)
     }
 
-    async fn send(&mut self, packet: &[u8]) -> bool {
-        match self.device.send(packet).await {
+    async fn send(&mut self, packets: &mut [Vec<u8>]) -> bool {
+        match self
+            .device
+            .send_multiple(&mut self.gro, packets, HEADROOM)
+            .await
+        {
             Ok(_) => true,
             // A packet the kernel will not take (e.g. malformed) is dropped, not fatal.
             Err(e) => e.kind() != std::io::ErrorKind::BrokenPipe,

@@ -363,13 +363,53 @@ impl Router {
 /// A shared router, so status and peer updates can reach it while [`run`] drives it.
 pub type SharedRouter = Arc<Mutex<Router>>;
 
+/// Room kept in front of every packet handed to an [`Interface`], for a device's own header
+/// (a TUN device with offloads writes its 10-byte virtio header there).
+pub const HEADROOM: usize = 16;
+
+/// The UDP socket's send and receive buffers, bytes.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Most datagrams taken from the socket in one go before their packets go to the interface
+/// together (which lets a device coalesce them).
+const BURST: usize = 64;
+
+/// Packets read from the node in one go: each sits at [`HEADROOM`] in a buffer of its own.
+#[derive(Debug)]
+pub struct Batch {
+    pub(crate) bufs: Vec<Vec<u8>>,
+    pub(crate) sizes: Vec<usize>,
+    pub(crate) count: usize,
+}
+
+impl Batch {
+    /// Room for `slots` packets of up to `size` bytes each.
+    pub fn new(slots: usize, size: usize) -> Self {
+        Batch {
+            bufs: vec![vec![0; HEADROOM + size]; slots.max(1)],
+            sizes: vec![0; slots.max(1)],
+            count: 0,
+        }
+    }
+
+    /// The packets read.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.bufs[..self.count]
+            .iter()
+            .zip(&self.sizes)
+            .map(|(buf, &size)| &buf[HEADROOM..HEADROOM + size])
+    }
+}
+
 /// The node's side of the tunnel: where cleartext packets come from and go to — a TUN device
 /// ([`crate::device`]) or, in tests, a pair of channels.
 pub trait Interface {
-    /// The next packet from the node, into `buffer`; `None` when the interface is gone.
-    fn recv(&mut self, buffer: &mut [u8]) -> impl Future<Output = std::io::Result<Option<usize>>>;
-    /// Hands a decrypted packet to the node; `false` when the interface is gone.
-    fn send(&mut self, packet: &[u8]) -> impl Future<Output = bool>;
+    /// Waits for packets from the node and puts them in `batch`; `false` when the interface
+    /// is gone.
+    fn recv(&mut self, batch: &mut Batch) -> impl Future<Output = std::io::Result<bool>>;
+    /// Hands decrypted packets to the node, each at [`HEADROOM`] in its buffer (the buffers
+    /// may be changed); `false` when the interface is gone.
+    fn send(&mut self, packets: &mut [Vec<u8>]) -> impl Future<Output = bool>;
 }
 
 /// An interface made of two channels: packets from the node arrive on the receiver, packets
@@ -383,55 +423,152 @@ pub struct Channels {
 }
 
 impl Interface for Channels {
-    async fn recv(&mut self, buffer: &mut [u8]) -> std::io::Result<Option<usize>> {
-        Ok(self.from_node.recv().await.map(|packet| {
-            let len = packet.len().min(buffer.len());
-            buffer[..len].copy_from_slice(&packet[..len]);
-            len
-        }))
+    async fn recv(&mut self, batch: &mut Batch) -> std::io::Result<bool> {
+        let Some(packet) = self.from_node.recv().await else {
+            return Ok(false);
+        };
+        let buf = &mut batch.bufs[0];
+        buf.truncate(HEADROOM);
+        buf.extend_from_slice(&packet);
+        batch.sizes[0] = packet.len();
+        batch.count = 1;
+        Ok(true)
     }
 
-    async fn send(&mut self, packet: &[u8]) -> bool {
-        self.to_node.send(packet.to_vec()).await.is_ok()
+    async fn send(&mut self, packets: &mut [Vec<u8>]) -> bool {
+        for packet in packets.iter() {
+            if self
+                .to_node
+                .send(packet[HEADROOM..].to_vec())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
     }
 }
 
 /// Drives `router` until the interface closes: datagrams from `socket` and packets from the
 /// interface go through it, decrypted packets go back to the interface, and timers tick every
-/// 250 ms.
+/// 250 ms. Work is done in bursts — all the packets one device read gave, or the datagrams
+/// waiting on the socket (up to 64 reads) — under one lock of the router; a burst's decrypted
+/// packets go to the interface together, and its datagrams for one peer leave in one send
+/// where the kernel offers UDP segmentation (GSO), as they arrive coalesced where it offers
+/// GRO.
 pub async fn run<I: Interface>(
     router: SharedRouter,
     socket: UdpSocket,
     mut interface: I,
 ) -> std::io::Result<()> {
-    let mut datagram = vec![0u8; BUFFER];
-    let mut packet = vec![0u8; BUFFER];
+    let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
+    // Bursts of segmented datagrams overflow the default buffers (and then TCP inside the
+    // tunnel backs off); the kernel caps these at net.core.{r,w}mem_max.
+    let _ = udp.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
+    let _ = udp.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
+    let mut received = vec![0u8; 4 * BUFFER];
+    let mut batch = Batch::new(BURST, BUFFER);
     let mut ticks = tokio::time::interval(Duration::from_millis(250));
     let mut outputs = Vec::new();
+    let mut to_node: Vec<Vec<u8>> = Vec::new();
+    let mut waiting = 0;
+    let mut segments = Vec::with_capacity(BUFFER);
     loop {
         tokio::select! {
-            received = socket.recv_from(&mut datagram) => {
-                let (len, from) = received?;
-                router.lock().expect("router").inbound(from, &datagram[..len], &mut outputs);
-            }
-            read = interface.recv(&mut packet) => {
-                let Some(len) = read? else { return Ok(()) };
-                router.lock().expect("router").outbound(&packet[..len], &mut outputs);
-            }
-            _ = ticks.tick() => router.lock().expect("router").tick(&mut outputs),
-        }
-        for output in outputs.drain(..) {
-            match output {
-                Output::Network(to, bytes) => {
-                    // A peer that is away is WireGuard's to retry, not ours.
-                    let _ = socket.send_to(&bytes, to).await;
-                }
-                Output::Device(packet) => {
-                    if !interface.send(&packet).await {
-                        return Ok(());
+            ready = socket.readable() => {
+                ready?;
+                let mut router = router.lock().expect("router");
+                for _ in 0..BURST {
+                    let mut meta = [quinn_udp::RecvMeta::default()];
+                    let read = socket.try_io(tokio::io::Interest::READABLE, || {
+                        udp.recv(
+                            (&socket).into(),
+                            &mut [std::io::IoSliceMut::new(&mut received)],
+                            &mut meta,
+                        )
+                    });
+                    match read {
+                        Ok(_) => {
+                            let [meta] = meta;
+                            let stride = meta.stride.max(1);
+                            for datagram in received[..meta.len].chunks(stride) {
+                                router.inbound(meta.addr, datagram, &mut outputs);
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
                     }
                 }
             }
+            read = interface.recv(&mut batch) => {
+                if !read? {
+                    return Ok(());
+                }
+                let mut router = router.lock().expect("router");
+                for packet in batch.packets() {
+                    router.outbound(packet, &mut outputs);
+                }
+            }
+            _ = ticks.tick() => router.lock().expect("router").tick(&mut outputs),
+        }
+        let mut pending = outputs.drain(..).peekable();
+        while let Some(output) = pending.next() {
+            match output {
+                Output::Network(to, first) => {
+                    // Same-peer datagrams of one size (the last may be shorter) go as one
+                    // segmented send.
+                    segments.clear();
+                    segments.extend_from_slice(&first);
+                    let size = first.len();
+                    let mut count = 1;
+                    while count < udp.max_gso_segments()
+                        && segments.len() + size <= 65_000
+                        && let Some(Output::Network(next_to, next)) = pending.peek()
+                        && *next_to == to
+                        && next.len() <= size
+                    {
+                        let last = next.len() < size;
+                        segments.extend_from_slice(next);
+                        count += 1;
+                        pending.next();
+                        if last {
+                            break;
+                        }
+                    }
+                    let transmit = quinn_udp::Transmit {
+                        destination: to,
+                        ecn: None,
+                        contents: &segments,
+                        segment_size: (count > 1).then_some(size),
+                        src_ip: None,
+                    };
+                    // A peer that is away is WireGuard's to retry, not ours.
+                    let _ = socket
+                        .async_io(tokio::io::Interest::WRITABLE, || {
+                            udp.send((&socket).into(), &transmit)
+                        })
+                        .await;
+                }
+                Output::Device(packet) => {
+                    // Buffers are kept from burst to burst.
+                    if to_node.len() == waiting {
+                        to_node.push(Vec::with_capacity(HEADROOM + BUFFER));
+                    }
+                    let buf = &mut to_node[waiting];
+                    buf.clear();
+                    buf.resize(HEADROOM, 0);
+                    buf.extend_from_slice(&packet);
+                    waiting += 1;
+                }
+            }
+        }
+        drop(pending);
+        if waiting > 0 {
+            if !interface.send(&mut to_node[..waiting]).await {
+                return Ok(());
+            }
+            waiting = 0;
         }
     }
 }
