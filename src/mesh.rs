@@ -142,9 +142,18 @@ struct ServeArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     issuing: IssuingArgs,
-    /// The URL that issued tokens name for redeeming them [default: http://LISTEN].
+    /// The URL that issued tokens name for redeeming them [default: http://LISTEN, or
+    /// https://LISTEN with --tls-cert].
     #[arg(long)]
     control_url: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key. Nodes trust it through
+    /// the public roots, or `keel mesh join --control-ca` for a private CA or a self-signed
+    /// certificate.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -640,6 +649,7 @@ async fn nodes_handler(
 async fn control_plane(
     args: &ServeArgs,
     auth: Option<Auth>,
+    scheme: &str,
 ) -> anyhow::Result<(tokio::net::TcpListener, axum::Router)> {
     check_endpoint(&args.issuing.endpoint)?;
     let key = args.control.signing_key()?;
@@ -671,7 +681,7 @@ async fn control_plane(
             control: args
                 .control_url
                 .clone()
-                .unwrap_or_else(|| format!("http://{local}")),
+                .unwrap_or_else(|| format!("{scheme}://{local}")),
         },
         cluster: args.control.cluster.clone(),
     };
@@ -700,7 +710,7 @@ async fn control_plane(
     Ok((listener, app))
 }
 
-/// `keel mesh serve`: the control plane's HTTP API until Ctrl-C.
+/// `keel mesh serve`: the control plane's HTTP API (HTTPS with `--tls-cert`) until Ctrl-C.
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let auth = crate::config::credentials(args.jwt_secret.as_deref(), args.config.as_deref())?;
     if auth.is_none() {
@@ -709,18 +719,93 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
              be issued with `keel mesh token create` on this machine"
         );
     }
-    let (listener, app) = control_plane(args, auth).await?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let (listener, app) = control_plane(args, auth, scheme).await?;
+    let local = listener.local_addr()?;
     eprintln!(
-        "keel mesh: control plane for cluster {} listening on http://{}",
+        "keel mesh: control plane for cluster {} listening on {scheme}://{local}",
         args.control.cluster,
-        listener.local_addr()?
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    if tls.is_none() && !local.ip().is_loopback() {
+        eprintln!(
+            "keel mesh: warning: join tokens and administrators' credentials cross the network \
+             in plain text; give --tls-cert and --tls-key"
+        );
+    }
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await?;
+        }
+        Some(acceptor) => tokio::select! {
+            served = serve_tls(listener, app, acceptor) => served?,
+            () = stop => {}
+        },
+    }
     Ok(())
+}
+
+/// A TLS acceptor from PEM files.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "--tls-cert {}: no certificate in it",
+        cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("the TLS certificate and key do not go together")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` over TLS: each connection's handshake and requests on a task of its own, so a
+/// slow or broken client holds up nobody else.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> anyhow::Result<()> {
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!("mesh control plane: TLS handshake: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
 }
 
 /// The control plane inside `keel run` (`--mesh-listen`): served on a thread of its own, with
@@ -744,7 +829,7 @@ pub fn start_control_plane(listen: &str, auth: Auth) -> anyhow::Result<std::net:
                     .enable_all()
                     .build()?;
                 runtime.block_on(async {
-                    let (listener, app) = match control_plane(&args, Some(auth)).await {
+                    let (listener, app) = match control_plane(&args, Some(auth), "http").await {
                         Ok(bound) => bound,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -780,6 +865,10 @@ struct JoinArgs {
     /// The control plane's URL [default: the one the token names].
     #[arg(long)]
     control: Option<String>,
+    /// A CA certificate (PEM) that an `https://` control plane's certificate chains to — its
+    /// own certificate when self-signed [default: the public web roots]. Kept for peer sync.
+    #[arg(long)]
+    control_ca: Option<PathBuf>,
     /// Directory of this node's mesh state (key, enrollment, last known peers, status).
     #[arg(long, env = "KEEL_MESH_NODE_DIR", default_value = "keel-mesh-node")]
     node_dir: PathBuf,
@@ -885,7 +974,21 @@ fn enroll(args: &JoinArgs, state: &NodeState) -> anyhow::Result<keel_mesh::agent
         .control
         .clone()
         .unwrap_or_else(|| claims.bootstrap.control.clone());
-    let pending = state.begin(&name, &token, &control, args.endpoint.as_deref(), now())?;
+    let control_ca = match &args.control_ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--control-ca {}", path.display()))?,
+        ),
+        None => earlier.as_ref().and_then(|p| p.control_ca.clone()),
+    };
+    let pending = state.begin(
+        &name,
+        &token,
+        &control,
+        args.endpoint.as_deref(),
+        control_ca.as_deref(),
+        now(),
+    )?;
     let url = format!("{}/api/v1/mesh/join", control.trim_end_matches('/'));
     let body = serde_json::to_string(&JoinRequest {
         token: pending.token.clone(),
@@ -893,10 +996,19 @@ fn enroll(args: &JoinArgs, state: &NodeState) -> anyhow::Result<keel_mesh::agent
         public_key: pending.public_key.clone(),
         endpoint: pending.endpoint.clone(),
     })?;
-    let (status, text) = post_json(&http_agent(Duration::from_secs(15)), &url, &body)
-        .with_context(|| {
-            format!("cannot reach the control plane at {url}; the join is kept, run the same command again")
-        })?;
+    let agent = http_agent(Duration::from_secs(15), pending.control_ca.as_deref())?;
+    let (status, text) = post_json(&agent, &url, &body).map_err(|e| {
+        let hint = if e.to_string().contains("certificate") {
+            " (if the control plane's certificate is self-signed or from a private CA, give it \
+             with --control-ca; a self-signed one must not be marked CA:TRUE)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!(
+            "cannot reach the control plane at {url}: {e}{hint}; the join is kept, run the \
+             same command again"
+        )
+    })?;
     if status != 200 {
         let reason = error_text(&text);
         if (400..500).contains(&status) {
@@ -936,12 +1048,32 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn http_agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// An HTTP client for the control plane: `https://` URLs are checked against `ca` (PEM), or
+/// the public web roots without one.
+fn http_agent(timeout: Duration, ca: Option<&str>) -> anyhow::Result<ureq::Agent> {
+    use ureq::tls::{PemItem, RootCerts, TlsConfig};
+    let roots = match ca {
+        Some(pem) => {
+            let certs: Vec<_> = ureq::tls::parse_pem(pem.as_bytes())
+                .filter_map(|item| match item {
+                    Ok(PemItem::Certificate(cert)) => Some(cert),
+                    _ => None,
+                })
+                .collect();
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "the control plane's CA has no certificate"
+            );
+            RootCerts::new_with_certs(&certs)
+        }
+        None => RootCerts::WebPki,
+    };
+    Ok(ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
+        .tls_config(TlsConfig::builder().root_certs(roots).build())
         .build()
-        .into()
+        .into())
 }
 
 /// POSTs JSON; the status and body of whatever came back.
@@ -1146,7 +1278,16 @@ fn sync_peers(
     sync: &std::sync::Mutex<SyncState>,
     state: &NodeState,
 ) {
-    let agent = http_agent(Duration::from_secs(u64::from(SYNC_WAIT) + 15));
+    let agent = match http_agent(
+        Duration::from_secs(u64::from(SYNC_WAIT) + 15),
+        enrollment.control_ca.as_deref(),
+    ) {
+        Ok(agent) => agent,
+        Err(e) => {
+            sync.lock().expect("sync").error = Some(format!("{e:#}"));
+            return;
+        }
+    };
     let url = format!(
         "{}/api/v1/mesh/sync",
         enrollment.control.trim_end_matches('/')

@@ -196,9 +196,14 @@ impl Drop for Served {
 }
 
 fn serve(dir: &Path, secret: &str) -> Served {
+    serve_with(dir, secret, &[])
+}
+
+fn serve_with(dir: &Path, secret: &str, extra: &[&str]) -> Served {
     use std::io::BufRead as _;
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["mesh", "serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .env("KEEL_MESH_DIR", dir)
         .env("KEEL_JWT_SECRET", secret)
         .env_remove("KEEL_MESH_REGISTRY")
@@ -720,4 +725,85 @@ fn now() -> i64 {
         .as_secs()
         .try_into()
         .unwrap()
+}
+
+#[test]
+fn over_https_a_node_joins_only_when_it_trusts_the_control_planes_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let control = dir.path().join("control");
+    let served = serve_with(
+        &control,
+        "mesh-test-secret-of-some-length",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        served.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        served.url
+    );
+    let out = keel(
+        &control,
+        &[
+            "token",
+            "create",
+            "--uses",
+            "2",
+            "--control-url",
+            &served.url,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_owned();
+    let join = |node: &Path, ca: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command
+            .args(["mesh", "join", "--token", &token, "--name", "edge-1"])
+            .args(["--enroll-only", "--node-dir", node.to_str().unwrap()])
+            .env_remove("KEEL_MESH_JOIN_TOKEN");
+        if let Some(ca) = ca {
+            command.arg("--control-ca").arg(ca);
+        }
+        command.output().unwrap()
+    };
+    // Without the certificate the node refuses the control plane, and keeps its join.
+    let node = dir.path().join("node");
+    let out = join(&node, None);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the control plane"),
+        "{stderr}"
+    );
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    assert!(node.join("pending-enrollment.json").exists());
+    // With it, the join goes through, and the certificate is kept for peer sync.
+    let out = join(&node, Some(&cert));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let enrollment: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.join("enrollment.json")).unwrap()).unwrap();
+    assert_eq!(enrollment["control"], served.url.as_str());
+    assert!(
+        enrollment["control_ca"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    // Plain HTTP to the HTTPS port gets nowhere.
+    let plain = served.url.replace("https://", "http://");
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["mesh", "join", "--token", &token, "--name", "edge-2"])
+        .args(["--control", &plain, "--enroll-only", "--node-dir"])
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stderr));
 }

@@ -35,6 +35,10 @@ pub struct Pending {
     pub control: String,
     /// The node's own WireGuard endpoint, if it gave one.
     pub endpoint: Option<String>,
+    /// The certificate (PEM) an `https://` control plane's must chain to, when not a public
+    /// one.
+    #[serde(default)]
+    pub control_ca: Option<String>,
     /// When the join began, Unix seconds.
     pub started_at: i64,
 }
@@ -52,6 +56,10 @@ pub struct Enrollment {
     /// key against it.
     #[serde(default)]
     pub control_public_key: String,
+    /// The certificate (PEM) an `https://` control plane's must chain to, when not a public
+    /// one.
+    #[serde(default)]
+    pub control_ca: Option<String>,
 }
 
 /// What a running agent reports about itself, rewritten every few seconds for
@@ -148,6 +156,7 @@ impl NodeState {
         token: &str,
         control: &str,
         endpoint: Option<&str>,
+        control_ca: Option<&str>,
         now: i64,
     ) -> std::io::Result<Pending> {
         let (private_key, public_key) = match self.pending()? {
@@ -164,6 +173,7 @@ impl NodeState {
             token: token.to_owned(),
             control: control.to_owned(),
             endpoint: endpoint.map(str::to_owned),
+            control_ca: control_ca.map(str::to_owned),
             started_at: now,
         };
         write_json(&self.dir.join(PENDING), &pending)?;
@@ -190,6 +200,7 @@ impl NodeState {
             control_public_key: peek_claims(&pending.token)
                 .map(|claims| claims.bootstrap.public_key)
                 .unwrap_or_default(),
+            control_ca: pending.control_ca.clone(),
         };
         write_json(&self.dir.join(ENROLLMENT), &enrollment)?;
         self.abandon()?;
@@ -276,10 +287,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = NodeState::open(&dir.path().join("node")).unwrap();
         assert!(state.pending().unwrap().is_none());
-        let first = state.begin("n", "t1", "http://c", None, 10).unwrap();
+        let first = state.begin("n", "t1", "http://c", None, None, 10).unwrap();
         // A crash here: the next attempt reuses the key, even with a new token.
         let again = NodeState::open(&dir.path().join("node")).unwrap();
-        let second = again.begin("n", "t2", "http://c", None, 20).unwrap();
+        let second = again.begin("n", "t2", "http://c", None, None, 20).unwrap();
         assert_eq!(second.public_key, first.public_key);
         assert_eq!(second.token, "t2");
         let enrollment = again
@@ -296,9 +307,9 @@ mod tests {
             second.public_key
         );
         // After an abandoned join a new one makes a new key.
-        let third = again.begin("n", "t3", "http://c", None, 40).unwrap();
+        let third = again.begin("n", "t3", "http://c", None, None, 40).unwrap();
         again.abandon().unwrap();
-        let fourth = again.begin("n", "t4", "http://c", None, 50).unwrap();
+        let fourth = again.begin("n", "t4", "http://c", None, None, 50).unwrap();
         assert_ne!(fourth.public_key, third.public_key);
         #[cfg(unix)]
         {
