@@ -24,7 +24,7 @@ use keel_mesh::address::MeshCidr;
 use keel_mesh::agent::{NodeState, peek_claims};
 use keel_mesh::keys::WireguardKey;
 use keel_mesh::registry::{JoinError, JoinRequest, Registry, TokenRequest};
-use keel_mesh::sync::SyncRequest;
+use keel_mesh::sync::{ANSWER_MAC_HEADER, SharedKey, SyncRequest};
 use keel_mesh::token::{Bootstrap, TokenKey, TokenVerifier};
 use keel_operators::time::format_rfc3339;
 use serde::Deserialize;
@@ -375,7 +375,7 @@ fn join_status(e: &JoinError) -> StatusCode {
             StatusCode::UNAUTHORIZED
         }
         JoinError::Revoked(_) => StatusCode::FORBIDDEN,
-        JoinError::UsedUp(_) => StatusCode::CONFLICT,
+        JoinError::UsedUp(_) | JoinError::NameTaken(_) => StatusCode::CONFLICT,
         JoinError::Request(_) => StatusCode::BAD_REQUEST,
         JoinError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
         JoinError::Registry(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -421,7 +421,8 @@ async fn join_handler(State(control): State<Control>, body: axum::body::Bytes) -
     {
         Ok(identity) => {
             control.publish(&identity.node.cluster, identity.revision);
-            axum::Json(identity).into_response()
+            let key = SharedKey::between(&control.wireguard, &request.public_key);
+            signed_json(&identity, key.as_ref())
         }
         Err(e) => {
             if matches!(e, JoinError::Registry(_)) {
@@ -579,9 +580,10 @@ async fn sync_handler(State(control): State<Control>, body: axum::body::Bytes) -
         Ok(node) => node,
         Err(refused) => return refused,
     };
-    if let Err(e) = request.verify(&control.wireguard, &node.public_key, now()) {
-        return error(StatusCode::UNAUTHORIZED, e);
-    }
+    let key = match request.verify(&control.wireguard, &node.public_key, now()) {
+        Ok(key) => key,
+        Err(e) => return error(StatusCode::UNAUTHORIZED, e),
+    };
     if let (Some(after), Some(wait), None) = (request.after, request.wait, node.revoked_at) {
         let wait = Duration::from_secs(u64::from(wait.min(keel_mesh::sync::MAX_WAIT)));
         control.wait_for_change(&request.cluster, after, wait).await;
@@ -592,9 +594,28 @@ async fn sync_handler(State(control): State<Control>, body: axum::body::Bytes) -
         Err(refused) => return refused,
     };
     match control.registry.identity(node, false).await {
-        Ok(identity) => axum::Json(identity).into_response(),
+        Ok(identity) => signed_json(&identity, Some(&key)),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+/// A JSON answer carrying the HMAC of its body under the key shared with the node, so the node
+/// knows it comes from its control plane.
+fn signed_json<T: serde::Serialize>(value: &T, key: Option<&SharedKey>) -> Response {
+    let body = match serde_json::to_vec(value) {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let mac = key.map(|key| key.answer_mac(&body));
+    let mut response = (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
+    if let Some(mac) = mac.and_then(|m| axum::http::HeaderValue::from_str(&m).ok()) {
+        response.headers_mut().insert(ANSWER_MAC_HEADER, mac);
+    }
+    response
 }
 
 /// `DELETE /api/v1/mesh/nodes/{name}` (administrators): revokes a node of the served cluster.
@@ -730,6 +751,12 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         "keel mesh: control plane for cluster {} listening on {scheme}://{local}",
         args.control.cluster,
     );
+    if args.control_url.is_none() && local.ip().is_unspecified() {
+        eprintln!(
+            "keel mesh: warning: tokens will name {scheme}://{local}, which nodes cannot reach; \
+             give --control-url with an address they can"
+        );
+    }
     if tls.is_none() && !local.ip().is_loopback() {
         eprintln!(
             "keel mesh: warning: join tokens and administrators' credentials cross the network \
@@ -788,7 +815,15 @@ async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
 ) -> anyhow::Result<()> {
     loop {
-        let (tcp, _) = listener.accept().await?;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            // Out of file descriptors and the like: wait a moment, keep serving.
+            Err(e) => {
+                tracing::warn!("mesh control plane: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
             let tls =
@@ -802,6 +837,8 @@ async fn serve_tls(
                 };
             let service = hyper_util::service::TowerToHyperService::new(app);
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await;
         });
@@ -879,6 +916,10 @@ struct JoinArgs {
     /// The TUN interface the mesh address goes on.
     #[arg(long, default_value = "keel0")]
     interface: String,
+    /// The TUN interface's MTU: the underlay's MTU less 80 (WireGuard's overhead); the default
+    /// suits a 1500-byte underlay.
+    #[arg(long, default_value_t = keel_mesh::device::MTU, value_parser = clap::value_parser!(u16).range(576..=9000))]
+    mtu: u16,
     /// The UDP address the tunnel listens on [default: 0.0.0.0 and the --endpoint's port,
     /// else 0.0.0.0:51820].
     #[arg(long)]
@@ -997,7 +1038,7 @@ fn enroll(args: &JoinArgs, state: &NodeState) -> anyhow::Result<keel_mesh::agent
         endpoint: pending.endpoint.clone(),
     })?;
     let agent = http_agent(Duration::from_secs(15), pending.control_ca.as_deref())?;
-    let (status, text) = post_json(&agent, &url, &body).map_err(|e| {
+    let answer = post_json(&agent, &url, &body).map_err(|e| {
         let hint = if e.to_string().contains("certificate") {
             " (if the control plane's certificate is self-signed or from a private CA, give it \
              with --control-ca; a self-signed one must not be marked CA:TRUE)"
@@ -1009,8 +1050,9 @@ fn enroll(args: &JoinArgs, state: &NodeState) -> anyhow::Result<keel_mesh::agent
              same command again"
         )
     })?;
+    let status = answer.status;
     if status != 200 {
-        let reason = error_text(&text);
+        let reason = error_text(&answer.text);
         if (400..500).contains(&status) {
             state.abandon()?;
             anyhow::bail!("the control plane refused the join ({status}): {reason}");
@@ -1019,8 +1061,17 @@ fn enroll(args: &JoinArgs, state: &NodeState) -> anyhow::Result<keel_mesh::agent
             "the control plane failed ({status}): {reason}; the join is kept, run the same command again"
         );
     }
+    let mac_key = WireguardKey::from_base64(&pending.private_key)
+        .and_then(|key| SharedKey::between(&key, &claims.bootstrap.public_key))
+        .context("the token's control-plane key is not a WireGuard key")?;
+    anyhow::ensure!(
+        answer.signed_by(&mac_key),
+        "the answer from {url} is not signed by the control plane the token names (its key \
+         {}); the join is kept, check --control and run the same command again",
+        claims.bootstrap.public_key
+    );
     let identity: keel_mesh::registry::Identity =
-        serde_json::from_str(&text).context("the control plane's answer")?;
+        serde_json::from_str(&answer.text).context("the control plane's answer")?;
     if std::env::var_os("KEEL_MESH_TEST_CRASH_AFTER_JOIN").is_some() {
         // Test hook: die between the control plane's answer and recording it.
         std::process::exit(86);
@@ -1076,17 +1127,36 @@ fn http_agent(timeout: Duration, ca: Option<&str>) -> anyhow::Result<ureq::Agent
         .into())
 }
 
-/// POSTs JSON; the status and body of whatever came back.
-fn post_json(agent: &ureq::Agent, url: &str, body: &str) -> Result<(u16, String), ureq::Error> {
+/// What the control plane answered: status, body and the body's MAC header, if any.
+struct Answer {
+    status: u16,
+    text: String,
+    mac: Option<String>,
+}
+
+impl Answer {
+    /// Whether the body carries a valid MAC under `key`.
+    fn signed_by(&self, key: &SharedKey) -> bool {
+        self.mac
+            .as_deref()
+            .is_some_and(|mac| key.check_answer(self.text.as_bytes(), mac))
+    }
+}
+
+/// POSTs JSON; whatever came back.
+fn post_json(agent: &ureq::Agent, url: &str, body: &str) -> Result<Answer, ureq::Error> {
     let mut response = agent
         .post(url)
         .header("content-type", "application/json")
         .send(body)?;
     let status = response.status().as_u16();
-    Ok((
-        status,
-        response.body_mut().read_to_string().unwrap_or_default(),
-    ))
+    let mac = response
+        .headers()
+        .get(ANSWER_MAC_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    Ok(Answer { status, text, mac })
 }
 
 /// The `error` of a JSON error answer, else the whole text.
@@ -1159,6 +1229,7 @@ fn run_agent(
             &args.interface,
             identity.node.address,
             cidr.prefix(),
+            args.mtu,
         )
         .map_err(|e| {
             anyhow::anyhow!(
@@ -1231,7 +1302,7 @@ fn run_agent(
                 loop {
                     every.tick().await;
                     let report = {
-                        let router = router.lock().expect("router");
+                        let mut router = router.lock().expect("router");
                         let sync = sync.lock().expect("sync");
                         keel_mesh::agent::AgentStatus {
                             pid: std::process::id(),
@@ -1293,65 +1364,70 @@ fn sync_peers(
         enrollment.control.trim_end_matches('/')
     );
     let node = &enrollment.identity.node;
+    let Some(mac_key) = SharedKey::between(key, &enrollment.control_public_key) else {
+        sync.lock().expect("sync").error = Some(
+            "the enrollment has no usable control-plane key: join again with a new token".into(),
+        );
+        return;
+    };
     let mut first = true;
     loop {
-        let Some(mut request) = SyncRequest::new(
-            key,
-            &enrollment.control_public_key,
-            &node.cluster,
-            &node.name,
-            now(),
-        ) else {
-            sync.lock().expect("sync").error = Some(
-                "the enrollment has no usable control-plane key: join again with a new token"
-                    .into(),
-            );
-            return;
-        };
         // The first request answers at once, so a restarted node catches up straight away.
-        if !first {
-            request.after = Some(known.revision);
-            request.wait = Some(SYNC_WAIT);
-        }
+        let (after, wait) = if first {
+            (None, None)
+        } else {
+            (Some(known.revision), Some(SYNC_WAIT))
+        };
         first = false;
+        let request = SyncRequest::new(&mac_key, &node.cluster, &node.name, now(), after, wait);
         sync.lock().expect("sync").waiting = request.wait.is_some();
         let asked = Instant::now();
         let answer = serde_json::to_string(&request)
             .map_err(anyhow::Error::from)
             .and_then(|body| Ok(post_json(&agent, &url, &body)?));
         let failure = match answer {
-            Ok((200, text)) => match serde_json::from_str::<keel_mesh::registry::Identity>(&text) {
-                Ok(identity) => {
-                    let changed = identity.peers != known.peers
-                        || identity.node.revoked_at != known.node.revoked_at;
-                    if changed {
-                        apply(&identity, router, names, state);
-                    }
-                    let mut shared = sync.lock().expect("sync");
-                    shared.revision = identity.revision;
-                    shared.last_sync = Some(now());
-                    shared.error = None;
-                    if identity.node.revoked_at.is_some() && !shared.revoked {
-                        eprintln!(
-                            "this node was revoked: all peers removed; `keel mesh join --token …` \
+            Ok(answer) if answer.status == 200 && !answer.signed_by(&mac_key) => {
+                Some("the answer is not signed by this node's control plane; ignored".to_owned())
+            }
+            Ok(answer) if answer.status == 200 => {
+                match serde_json::from_str::<keel_mesh::registry::Identity>(&answer.text) {
+                    Ok(identity) => {
+                        let changed = identity.peers != known.peers
+                            || identity.node.revoked_at != known.node.revoked_at;
+                        if changed {
+                            apply(&identity, router, names, state);
+                        }
+                        let mut shared = sync.lock().expect("sync");
+                        shared.revision = identity.revision;
+                        shared.last_sync = Some(now());
+                        shared.error = None;
+                        if identity.node.revoked_at.is_some() && !shared.revoked {
+                            eprintln!(
+                                "this node was revoked: all peers removed; `keel mesh join --token …` \
                              with a new token joins again"
-                        );
+                            );
+                        }
+                        shared.revoked = identity.node.revoked_at.is_some();
+                        drop(shared);
+                        // A control plane that answers a waiting sync at once without a change
+                        // (a revoked node's, or one that cannot wait) is asked again only after
+                        // the polling interval.
+                        let unchanged = request.after == Some(identity.revision);
+                        known = identity;
+                        if unchanged && asked.elapsed() < Duration::from_secs(1) {
+                            sync.lock().expect("sync").waiting = false;
+                            std::thread::sleep(SYNC_RETRY);
+                        }
+                        None
                     }
-                    shared.revoked = identity.node.revoked_at.is_some();
-                    drop(shared);
-                    // A control plane that answers a waiting sync at once without a change
-                    // (a revoked node's, or one that cannot wait) is asked again only after
-                    // the polling interval.
-                    let unchanged = request.after == Some(identity.revision);
-                    known = identity;
-                    if unchanged && asked.elapsed() < Duration::from_secs(1) {
-                        std::thread::sleep(SYNC_RETRY);
-                    }
-                    None
+                    Err(e) => Some(format!("the control plane's answer: {e}")),
                 }
-                Err(e) => Some(format!("the control plane's answer: {e}")),
-            },
-            Ok((status, text)) => Some(format!("sync refused ({status}): {}", error_text(&text))),
+            }
+            Ok(answer) => Some(format!(
+                "sync refused ({}): {}",
+                answer.status,
+                error_text(&answer.text)
+            )),
             Err(e) => Some(format!("cannot reach {url}: {e:#}")),
         };
         if let Some(failure) = failure {

@@ -580,7 +580,7 @@ fn keel_run_serves_the_control_plane_with_its_own_admin_tokens() {
 fn a_node_syncs_with_its_own_key_and_changes_are_pushed_to_it() {
     use keel_api::auth::{Auth, Claims};
     use keel_mesh::keys::WireguardKey;
-    use keel_mesh::sync::SyncRequest;
+    use keel_mesh::sync::{ANSWER_MAC_HEADER, SharedKey, SyncRequest};
     let dir = tempfile::tempdir().unwrap();
     let secret = "mesh-test-secret-of-some-length";
     let served = serve(dir.path(), secret);
@@ -623,9 +623,8 @@ fn a_node_syncs_with_its_own_key_and_changes_are_pushed_to_it() {
     assert_eq!(status, 200, "{first}");
     let sync_url = format!("{url}/api/v1/mesh/sync");
     let sync = |key: &WireguardKey, name: &str, after: Option<i64>| {
-        let mut request = SyncRequest::new(key, &control_key, "default", name, now()).unwrap();
-        request.after = after;
-        request.wait = after.map(|_| 20);
+        let shared = SharedKey::between(key, &control_key).unwrap();
+        let request = SyncRequest::new(&shared, "default", name, now(), after, after.map(|_| 20));
         call(
             &agent,
             "POST",
@@ -645,6 +644,25 @@ fn a_node_syncs_with_its_own_key_and_changes_are_pushed_to_it() {
     assert_eq!(status, 400, "{body}");
     let (status, now_known) = sync(&keys[0], "edge-1", None);
     assert_eq!(status, 200, "{now_known}");
+    // The answer carries the MAC of its body under the key the node shares with the control
+    // plane, and no other key checks it.
+    let shared = SharedKey::between(&keys[0], &control_key).unwrap();
+    let request = SyncRequest::new(&shared, "default", "edge-1", now(), None, None);
+    let mut response = agent
+        .post(&sync_url)
+        .send(serde_json::to_string(&request).unwrap())
+        .unwrap();
+    let mac = response
+        .headers()
+        .get(ANSWER_MAC_HEADER)
+        .expect("a MAC header")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.body_mut().read_to_string().unwrap();
+    assert!(shared.check_answer(body.as_bytes(), &mac));
+    let other = SharedKey::between(&keys[1], &control_key).unwrap();
+    assert!(!other.check_answer(body.as_bytes(), &mac));
     let revision = now_known["revision"].as_i64().unwrap();
 
     // A waiting sync is answered as soon as another node joins, not at the end of its wait.
@@ -657,10 +675,15 @@ fn a_node_syncs_with_its_own_key_and_changes_are_pushed_to_it() {
                 .http_status_as_error(false)
                 .build()
                 .into();
-            let mut request =
-                SyncRequest::new(&key, &control_key, "default", "edge-1", now()).unwrap();
-            request.after = Some(revision);
-            request.wait = Some(20);
+            let shared = SharedKey::between(&key, &control_key).unwrap();
+            let request = SyncRequest::new(
+                &shared,
+                "default",
+                "edge-1",
+                now(),
+                Some(revision),
+                Some(20),
+            );
             let started = std::time::Instant::now();
             let (status, body) = call(
                 &agent,

@@ -416,6 +416,26 @@ fn three_namespaces_join_ping_by_name_and_a_revoked_node_is_cut_off() {
     assert_eq!(known["peers"], serde_json::json!([]), "{known}");
     // The remaining two still talk.
     ping_within(&n1, "node-2.internal", Duration::from_secs(5));
+
+    // With the control plane gone, a restarted agent comes up from its last known peers.
+    for child in lab.children.iter_mut().take(2) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let dir1 = lab.path("node1");
+    lab.spawn(
+        &n1,
+        &["mesh", "join", "--node-dir", dir1.to_str().unwrap()],
+        "node1-again.log",
+    );
+    lab.wait_for_log("node1-again.log", "mesh up", Duration::from_secs(20));
+    assert!(
+        lab.log("node1-again.log").contains("1 peer;"),
+        "{}",
+        lab.log("node1-again.log")
+    );
+    ping_within(&n1, "node-2.internal", Duration::from_secs(10));
+    ping_within(&n2, &addresses[0], Duration::from_secs(10));
 }
 
 #[test]

@@ -72,7 +72,13 @@ fn node(spec: &str) {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let device = TunDevice::open("keel0", address, prefix.parse().unwrap()).unwrap();
+        let device = TunDevice::open(
+            "keel0",
+            address,
+            prefix.parse().unwrap(),
+            keel_mesh::device::MTU,
+        )
+        .unwrap();
         let socket = tokio::net::UdpSocket::bind(listen).await.unwrap();
         let router = Arc::new(Mutex::new(Router::new(&key, vec![spec])));
         eprintln!("ready (offload {})", device.offload());
@@ -188,6 +194,21 @@ fn main() {
         ip(&["netns", "add", ns]);
         lab.namespaces.push(ns.clone());
         ip(&["-n", ns, "link", "set", "lo", "up"]);
+        // Each transfer starts afresh: no slow-start threshold remembered from an earlier
+        // connection to the same address.
+        let out = sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.tcp_no_metrics_save=1",
+            ],
+        );
+        assert!(out.status.success(), "sysctl: {}", text(&out.stderr));
     }
     ip(&[
         "-n", &a, "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", &b,

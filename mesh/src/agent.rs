@@ -240,7 +240,8 @@ impl NodeState {
 
     /// Records what the running agent is doing.
     pub fn save_status(&self, status: &AgentStatus) -> std::io::Result<()> {
-        write_json(&self.dir.join(STATUS), status)
+        let bytes = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+        crate::files::write_private_unsynced(&self.dir.join(STATUS), &bytes)
     }
 
     /// What the agent last recorded, if it ever ran.

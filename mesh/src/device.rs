@@ -8,8 +8,9 @@ use std::net::Ipv4Addr;
 
 use crate::tunnel::{Batch, HEADROOM, Interface};
 
-/// The interface's MTU: 1500 less WireGuard's 80 bytes of overhead over IPv6, as `wg-quick`
-/// picks.
+/// The interface's default MTU: 1500 less WireGuard's 80 bytes of overhead over IPv6, as
+/// `wg-quick` picks. On an underlay with a smaller MTU, use that less 80: the tunnel's
+/// datagrams are sent with "don't fragment", and larger ones are dropped by the kernel.
 pub const MTU: u16 = 1420;
 
 /// Why the TUN device could not be made.
@@ -78,29 +79,30 @@ fn build(
     name: &str,
     address: Ipv4Addr,
     prefix: u8,
+    mtu: u16,
     offload: bool,
 ) -> std::io::Result<tun_rs::AsyncDevice> {
     tun_rs::DeviceBuilder::new()
         .name(name)
         .ipv4(address, prefix, None)
-        .mtu(MTU)
+        .mtu(mtu)
         .offload(offload)
         .enable(true)
         .build_async()
 }
 
 impl TunDevice {
-    /// Makes interface `name` with `address/prefix`, MTU [`MTU`], up, with offloads when the
-    /// kernel has them. The kernel routes the prefix's range into it.
-    pub fn open(name: &str, address: Ipv4Addr, prefix: u8) -> Result<Self, DeviceError> {
+    /// Makes interface `name` with `address/prefix` and `mtu` (normally [`MTU`]), up, with
+    /// offloads when the kernel has them. The kernel routes the prefix's range into it.
+    pub fn open(name: &str, address: Ipv4Addr, prefix: u8, mtu: u16) -> Result<Self, DeviceError> {
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err(DeviceError::NoTun {
                 name: name.to_owned(),
             });
         }
-        let (device, offload) = match build(name, address, prefix, true) {
+        let (device, offload) = match build(name, address, prefix, mtu, true) {
             Ok(device) => (device, true),
-            Err(first) => match build(name, address, prefix, false) {
+            Err(first) => match build(name, address, prefix, mtu, false) {
                 Ok(device) => (device, false),
                 // The first error says more (permission, no module).
                 Err(_) => return Err(classify(name, first)),
@@ -143,7 +145,8 @@ fn classify(name: &str, source: std::io::Error) -> DeviceError {
 
 impl Interface for TunDevice {
     async fn recv(&mut self, batch: &mut Batch) -> std::io::Result<bool> {
-        let count = self
+        batch.count = 0;
+        match self
             .device
             .recv_multiple(
                 &mut self.original,
@@ -151,8 +154,23 @@ impl Interface for TunDevice {
                 &mut batch.sizes,
                 HEADROOM,
             )
-            .await?;
-        batch.count = count;
+            .await
+        {
+            Ok(count) => batch.count = count,
+            // A segment that cannot be split into the batch (say, one of a connection with a
+            // tiny MSS) is dropped, as a NIC would; TCP sends it again smaller.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Other
+                        | std::io::ErrorKind::InvalidInput
+                        | std::io::ErrorKind::InvalidData
+                ) =>
+            {
+                batch.dropped += 1;
+            }
+            Err(e) => return Err(e),
+        }
         Ok(true)
     }
 

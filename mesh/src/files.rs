@@ -6,6 +6,16 @@ use std::path::Path;
 /// Writes `contents` to a new file at `path` readable by its owner only, atomically (a
 /// temporary file renamed into place, synced first).
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    replace_private(path, contents, true)
+}
+
+/// As [`write_private`], without waiting for the disk: for reports rewritten every few seconds,
+/// which a crash may lose but must never leave half written.
+pub fn write_private_unsynced(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    replace_private(path, contents, false)
+}
+
+fn replace_private(path: &Path, contents: &[u8], sync: bool) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
     {
         let mut options = std::fs::OpenOptions::new();
@@ -17,10 +27,12 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         }
         let mut file = options.open(&temporary)?;
         file.write_all(contents)?;
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
     }
     std::fs::rename(&temporary, path)?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+    if sync && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::File::open(parent)?.sync_all()?;
     }
     Ok(())

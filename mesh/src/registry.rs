@@ -101,6 +101,12 @@ pub enum JoinError {
     /// The request is unusable (name, key, endpoint).
     #[error("{0}")]
     Request(String),
+    /// An active node has this name with another key.
+    #[error(
+        "the name {0} belongs to an active node with another key; revoke that node first \
+         (`keel mesh revoke-node {0}`) to give its name to a new one"
+    )]
+    NameTaken(String),
     /// The cluster's range has no address left.
     #[error("cluster {0} has no mesh address left")]
     Full(String),
@@ -312,6 +318,7 @@ enum Attempt {
     Joined(Node),
     Refused,
     Full,
+    Taken,
 }
 
 impl Registry {
@@ -524,6 +531,7 @@ impl Registry {
         match outcome {
             Attempt::Joined(node) => self.identity(node, false).await,
             Attempt::Full => Err(JoinError::Full(claims.cluster)),
+            Attempt::Taken => Err(JoinError::NameTaken(request.name.clone())),
             Attempt::Refused => {
                 // Lost a race with our own earlier attempt? Then that identity is ours.
                 if let Some(node) = self.replay(&claims, &hash, request).await? {
@@ -586,14 +594,22 @@ impl Registry {
             };
             let cluster: String = row.try_get("cluster_id")?;
             let tenant: Option<String> = row.try_get("tenant_id")?;
-            let same_name: Option<String> = sqlx::query_scalar(
-                "SELECT address FROM mesh_nodes WHERE cluster_id = $1 AND node_name = $2",
+            let same_name: Option<(String, String, Option<i64>)> = sqlx::query_as(
+                "SELECT address, public_key, revoked_at FROM mesh_nodes
+                 WHERE cluster_id = $1 AND node_name = $2",
             )
             .bind(&cluster)
             .bind(&request.name)
             .fetch_optional(&mut *tx)
             .await?;
-            let address = match same_name.and_then(|a| a.parse::<Ipv4Addr>().ok()) {
+            // An active node keeps its name: another key must wait until it is revoked.
+            if let Some((_, key, None)) = &same_name
+                && *key != request.public_key
+            {
+                tx.rollback().await?;
+                return Ok(Attempt::Taken);
+            }
+            let address = match same_name.and_then(|(a, _, _)| a.parse::<Ipv4Addr>().ok()) {
                 Some(address) => address,
                 None => {
                     let taken: Vec<String> =

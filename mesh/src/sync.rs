@@ -3,11 +3,13 @@
 //!
 //! The node and the control plane share a secret without sending it: X25519 of the node's
 //! private key and the control plane's public key (named in the join token) equals X25519 of
-//! the control plane's private key and the node's registered public key. A sync request
-//! carries the cluster, the node's name, the time and an HMAC-SHA256 of those under a key
-//! derived from that secret; the control plane recomputes it from the registry's public key
-//! and accepts it within [`SKEW`] of its own clock. A revoked node still authenticates, and is
-//! told it has no peers.
+//! the control plane's private key and the node's registered public key ([`SharedKey`]). A
+//! sync request carries the cluster, the node's name, the time, the revision it has and how
+//! long it will wait, with an HMAC-SHA256 of all of them under that key; the control plane
+//! recomputes it from the registry's public key and accepts it within [`SKEW`] of its own clock.
+//! The answer — and the answer to the join itself — carries the HMAC of its body in
+//! [`ANSWER_MAC_HEADER`], so a node takes peers only from its own control plane, even over
+//! plain HTTP. A revoked node still authenticates, and is told it has no peers.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -58,22 +60,17 @@ pub enum SyncError {
     BadKey,
 }
 
-fn mac_key(shared: &[u8; 32]) -> [u8; 32] {
-    let mut hash = Sha256::new();
-    hash.update(b"keel-mesh-sync-key\0");
-    hash.update(shared);
-    hash.finalize().into()
-}
+/// The header an answer's HMAC travels in.
+pub const ANSWER_MAC_HEADER: &str = "x-keel-mesh-mac";
 
-fn mac_of(key: &[u8; 32], cluster: &str, name: &str, ts: i64) -> Hmac<Sha256> {
-    let mut mac = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(b"keel-mesh-sync\0");
-    mac.update(cluster.as_bytes());
-    mac.update(b"\0");
-    mac.update(name.as_bytes());
-    mac.update(b"\0");
-    mac.update(ts.to_string().as_bytes());
-    mac
+/// The key a node and its control plane share: derived from X25519 of one's private key and
+/// the other's public key, so only the two of them can make it.
+pub struct SharedKey([u8; 32]);
+
+impl std::fmt::Debug for SharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedKey(..)")
+    }
 }
 
 fn public_key(base64: &str) -> Option<x25519_dalek::PublicKey> {
@@ -81,52 +78,102 @@ fn public_key(base64: &str) -> Option<x25519_dalek::PublicKey> {
     Some(x25519_dalek::PublicKey::from(bytes))
 }
 
+impl SharedKey {
+    /// The key between `ours` and the public key `theirs` (base64); `None` when `theirs` is not
+    /// a WireGuard key or a degenerate one (which would make the key public).
+    pub fn between(ours: &WireguardKey, theirs: &str) -> Option<Self> {
+        let shared = ours.secret().diffie_hellman(&public_key(theirs)?);
+        if !shared.was_contributory() {
+            return None;
+        }
+        let mut hash = Sha256::new();
+        hash.update(b"keel-mesh-sync-key\0");
+        hash.update(shared.as_bytes());
+        Some(SharedKey(hash.finalize().into()))
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256>>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    fn request_mac(&self, request: &SyncRequest) -> Hmac<Sha256> {
+        let optional = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+        self.mac(&[
+            b"keel-mesh-sync",
+            request.cluster.as_bytes(),
+            request.name.as_bytes(),
+            request.ts.to_string().as_bytes(),
+            optional(request.after.map(|a| a.to_string())).as_bytes(),
+            optional(request.wait.map(|w| w.to_string())).as_bytes(),
+        ])
+    }
+
+    /// The MAC of an answer's body, base64url, for [`ANSWER_MAC_HEADER`].
+    pub fn answer_mac(&self, body: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(
+            self.mac(&[b"keel-mesh-answer", body])
+                .finalize()
+                .into_bytes(),
+        )
+    }
+
+    /// Whether `mac` is the MAC of the answer `body`.
+    pub fn check_answer(&self, body: &[u8], mac: &str) -> bool {
+        URL_SAFE_NO_PAD.decode(mac.trim()).is_ok_and(|given| {
+            self.mac(&[b"keel-mesh-answer", body])
+                .verify_slice(&given)
+                .is_ok()
+        })
+    }
+}
+
 impl SyncRequest {
-    /// A request by the node with `key`, for a control plane whose WireGuard public key is
-    /// `control_public` (base64). `None` when that key is not a WireGuard key.
+    /// A request by the node holding `key` (shared with its control plane), signed over every
+    /// field.
     pub fn new(
-        key: &WireguardKey,
-        control_public: &str,
+        key: &SharedKey,
         cluster: &str,
         name: &str,
         now: i64,
-    ) -> Option<Self> {
-        let shared = key.secret().diffie_hellman(&public_key(control_public)?);
-        let mac = mac_of(&mac_key(shared.as_bytes()), cluster, name, now);
-        Some(SyncRequest {
+        after: Option<i64>,
+        wait: Option<u32>,
+    ) -> Self {
+        let mut request = SyncRequest {
             cluster: cluster.to_owned(),
             name: name.to_owned(),
             ts: now,
-            mac: URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()),
-            after: None,
-            wait: None,
-        })
+            mac: String::new(),
+            after,
+            wait,
+        };
+        request.mac = URL_SAFE_NO_PAD.encode(key.request_mac(&request).finalize().into_bytes());
+        request
     }
 
     /// Checks the request on the control plane (key `control`) against the node's registered
-    /// public key (base64).
+    /// public key (base64); the key shared with the node, for signing the answer.
     pub fn verify(
         &self,
         control: &WireguardKey,
         node_public: &str,
         now: i64,
-    ) -> Result<(), SyncError> {
+    ) -> Result<SharedKey, SyncError> {
         if (self.ts - now).abs() > SKEW {
             return Err(SyncError::Skew(self.ts - now));
         }
-        let node = public_key(node_public).ok_or(SyncError::BadKey)?;
-        let shared = control.secret().diffie_hellman(&node);
+        let key = SharedKey::between(control, node_public).ok_or(SyncError::BadKey)?;
         let given = URL_SAFE_NO_PAD
             .decode(&self.mac)
             .map_err(|_| SyncError::BadMac)?;
-        mac_of(
-            &mac_key(shared.as_bytes()),
-            &self.cluster,
-            &self.name,
-            self.ts,
-        )
-        .verify_slice(&given)
-        .map_err(|_| SyncError::BadMac)
+        key.request_mac(self)
+            .verify_slice(&given)
+            .map_err(|_| SyncError::BadMac)?;
+        Ok(key)
     }
 }
 
@@ -139,50 +186,77 @@ mod tests {
         let control = WireguardKey::generate();
         let node = WireguardKey::generate();
         let other = WireguardKey::generate();
-        let request =
-            SyncRequest::new(&node, &control.public_base64(), "c", "edge-1", 1_000).unwrap();
+        let shared = SharedKey::between(&node, &control.public_base64()).unwrap();
+        let request = SyncRequest::new(&shared, "c", "edge-1", 1_000, Some(4), Some(25));
+        let verified = request
+            .verify(&control, &node.public_base64(), 1_010)
+            .unwrap();
+        // Another node's key, any field changed, a stale time, a damaged MAC.
         assert_eq!(
-            request.verify(&control, &node.public_base64(), 1_010),
-            Ok(())
+            request
+                .verify(&control, &other.public_base64(), 1_010)
+                .unwrap_err(),
+            SyncError::BadMac
         );
-        // Another node's key, a changed name or cluster, a stale time, a damaged MAC.
+        let changes: [fn(&mut SyncRequest); 5] = [
+            |r| r.name = "edge-2".into(),
+            |r| r.cluster = "d".into(),
+            |r| r.after = Some(3),
+            |r| r.wait = None,
+            |r| r.ts += 1,
+        ];
+        for change in changes {
+            let mut altered = request.clone();
+            change(&mut altered);
+            assert_eq!(
+                altered
+                    .verify(&control, &node.public_base64(), 1_010)
+                    .unwrap_err(),
+                SyncError::BadMac,
+                "{altered:?}"
+            );
+        }
         assert_eq!(
-            request.verify(&control, &other.public_base64(), 1_010),
-            Err(SyncError::BadMac)
-        );
-        let mut renamed = request.clone();
-        renamed.name = "edge-2".into();
-        assert_eq!(
-            renamed.verify(&control, &node.public_base64(), 1_010),
-            Err(SyncError::BadMac)
-        );
-        let mut moved = request.clone();
-        moved.cluster = "d".into();
-        assert_eq!(
-            moved.verify(&control, &node.public_base64(), 1_010),
-            Err(SyncError::BadMac)
-        );
-        assert_eq!(
-            request.verify(&control, &node.public_base64(), 1_000 + SKEW + 1),
-            Err(SyncError::Skew(-SKEW - 1))
+            request
+                .verify(&control, &node.public_base64(), 1_000 + SKEW + 1)
+                .unwrap_err(),
+            SyncError::Skew(-SKEW - 1)
         );
         let mut damaged = request.clone();
         damaged.mac = "not base64!".into();
         assert_eq!(
-            damaged.verify(&control, &node.public_base64(), 1_000),
-            Err(SyncError::BadMac)
+            damaged
+                .verify(&control, &node.public_base64(), 1_000)
+                .unwrap_err(),
+            SyncError::BadMac
         );
         assert_eq!(
-            request.verify(&control, "short", 1_000),
-            Err(SyncError::BadKey)
+            request.verify(&control, "short", 1_000).unwrap_err(),
+            SyncError::BadKey
         );
+        // A degenerate registered key (all zeros) would make the shared key public: refused.
+        let zero = STANDARD.encode([0u8; 32]);
+        assert_eq!(
+            request.verify(&control, &zero, 1_000).unwrap_err(),
+            SyncError::BadKey
+        );
+        assert!(SharedKey::between(&node, &zero).is_none());
+        assert!(SharedKey::between(&node, "garbage").is_none());
         // A request made for another control plane does not pass this one.
-        let elsewhere =
-            SyncRequest::new(&node, &other.public_base64(), "c", "edge-1", 1_000).unwrap();
+        let elsewhere = SharedKey::between(&node, &other.public_base64()).unwrap();
+        let misdirected = SyncRequest::new(&elsewhere, "c", "edge-1", 1_000, None, None);
         assert_eq!(
-            elsewhere.verify(&control, &node.public_base64(), 1_000),
-            Err(SyncError::BadMac)
+            misdirected
+                .verify(&control, &node.public_base64(), 1_000)
+                .unwrap_err(),
+            SyncError::BadMac
         );
-        assert!(SyncRequest::new(&node, "garbage", "c", "n", 1).is_none());
+        // Answers: the control plane's MAC checks on the node, and nothing altered passes.
+        let body = br#"{"peers":[]}"#;
+        let mac = verified.answer_mac(body);
+        assert!(shared.check_answer(body, &mac));
+        assert!(!shared.check_answer(br#"{"peers":[1]}"#, &mac));
+        assert!(!shared.check_answer(body, "AAAA"));
+        assert!(!elsewhere.check_answer(body, &mac));
     }
 }

@@ -87,7 +87,8 @@ pub struct TunnelStats {
     pub bad_source: u64,
     /// Datagrams from keys or sessions this node does not know.
     pub unknown_peer: u64,
-    /// Datagrams that are not WireGuard or failed to decrypt.
+    /// Datagrams that are not WireGuard or failed to decrypt, and device reads that could not
+    /// be split into packets.
     pub invalid: u64,
 }
 
@@ -121,6 +122,9 @@ struct Slot {
     spec: PeerSpec,
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
+    /// When the last handshake completed, as last seen (boringtun forgets it when sessions
+    /// expire).
+    last_handshake: Option<std::time::Instant>,
 }
 
 /// One node's tunnels to its peers.
@@ -201,6 +205,7 @@ impl Router {
                     None,
                 ),
                 endpoint: spec.endpoint,
+                last_handshake: None,
                 spec,
             };
             if index == self.peers.len() {
@@ -235,17 +240,20 @@ impl Router {
     }
 
     /// Each peer's endpoint, last handshake and traffic, by slot.
-    pub fn peer_status(&self) -> Vec<PeerStatus> {
+    pub fn peer_status(&mut self) -> Vec<PeerStatus> {
         self.peers
-            .iter()
+            .iter_mut()
             .flatten()
             .map(|s| {
                 let (handshake, sent, received, _, _) = s.tunn.stats();
+                if let Some(ago) = handshake {
+                    s.last_handshake = std::time::Instant::now().checked_sub(ago);
+                }
                 PeerStatus {
                     name: s.spec.name.clone(),
                     endpoint: s.endpoint.map(|e| e.to_string()),
                     allowed: s.spec.allowed.iter().map(ToString::to_string).collect(),
-                    handshake_secs_ago: handshake.map(|d| d.as_secs()),
+                    handshake_secs_ago: s.last_handshake.map(|t| t.elapsed().as_secs()),
                     sent_bytes: sent as u64,
                     received_bytes: received as u64,
                 }
@@ -367,6 +375,9 @@ pub type SharedRouter = Arc<Mutex<Router>>;
 /// (a TUN device with offloads writes its 10-byte virtio header there).
 pub const HEADROOM: usize = 16;
 
+/// Packets one device read may give.
+const SEGMENTS: usize = 128;
+
 /// The UDP socket's send and receive buffers, bytes.
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -380,6 +391,8 @@ pub struct Batch {
     pub(crate) bufs: Vec<Vec<u8>>,
     pub(crate) sizes: Vec<usize>,
     pub(crate) count: usize,
+    /// Reads the device could not split into the batch, dropped.
+    pub(crate) dropped: u64,
 }
 
 impl Batch {
@@ -389,6 +402,7 @@ impl Batch {
             bufs: vec![vec![0; HEADROOM + size]; slots.max(1)],
             sizes: vec![0; slots.max(1)],
             count: 0,
+            dropped: 0,
         }
     }
 
@@ -468,7 +482,8 @@ pub async fn run<I: Interface>(
     let _ = udp.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
     let _ = udp.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
     let mut received = vec![0u8; 4 * BUFFER];
-    let mut batch = Batch::new(BURST, BUFFER);
+    // As many packets as a 64 KiB segment splits into at any MSS down to 536 bytes.
+    let mut batch = Batch::new(SEGMENTS, BUFFER);
     let mut ticks = tokio::time::interval(Duration::from_millis(250));
     let mut outputs = Vec::new();
     let mut to_node: Vec<Vec<u8>> = Vec::new();
@@ -506,6 +521,7 @@ pub async fn run<I: Interface>(
                     return Ok(());
                 }
                 let mut router = router.lock().expect("router");
+                router.stats.invalid += std::mem::take(&mut batch.dropped);
                 for packet in batch.packets() {
                     router.outbound(packet, &mut outputs);
                 }
@@ -569,6 +585,8 @@ pub async fn run<I: Interface>(
                 return Ok(());
             }
             waiting = 0;
+            // Keep buffers for one full burst, no more.
+            to_node.truncate(SEGMENTS);
         }
     }
 }

@@ -13,6 +13,9 @@ use keel_mesh::token::{AUDIENCE, Bootstrap, TokenError, TokenKey};
 
 const NOW: i64 = 1_800_000_000;
 
+/// The TTL of the sweeping test's tokens, shorter than every other test's.
+const SWEPT_TTL: u64 = 600;
+
 fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
@@ -64,13 +67,26 @@ async fn issue(
     tenant: Option<&str>,
     uses: u32,
 ) -> Issued {
+    issue_for(registry, key, cluster, tenant, uses, 3600).await
+}
+
+/// A token valid `ttl` seconds from `NOW`. Sweeping deletes expired tokens of every cluster, so
+/// the sweeping test gives its tokens a TTL no other test uses.
+async fn issue_for(
+    registry: &Registry,
+    key: &TokenKey,
+    cluster: &str,
+    tenant: Option<&str>,
+    uses: u32,
+    ttl: u64,
+) -> Issued {
     registry
         .issue_token(
             key,
             TokenRequest {
                 cluster: cluster.into(),
                 tenant: tenant.map(str::to_owned),
-                ttl: Duration::from_secs(3600),
+                ttl: Duration::from_secs(ttl),
                 uses,
                 bootstrap: bootstrap(),
             },
@@ -266,7 +282,7 @@ async fn a_reusable_token_stops_at_its_limit_and_sweeping_removes_expired_ones()
     let key = TokenKey::generate();
     for (db, registry) in registries(&dir).await {
         let cluster = cluster(&registry, "10.88.0.0/16").await;
-        let issued = issue(&registry, &key, &cluster, None, 3).await;
+        let issued = issue_for(&registry, &key, &cluster, None, 3, SWEPT_TTL).await;
         let mut addresses = HashSet::new();
         for n in 0..3u8 {
             let identity = registry
@@ -288,7 +304,7 @@ async fn a_reusable_token_stops_at_its_limit_and_sweeping_removes_expired_ones()
             "{db}: {fourth:?}"
         );
         // Bad requests are refused before any use is taken.
-        let spare = issue(&registry, &key, &cluster, None, 1).await;
+        let spare = issue_for(&registry, &key, &cluster, None, 1, SWEPT_TTL).await;
         for (name, public_key, why) in [
             ("Bad_Name", wg_key(20), "DNS label"),
             ("ok", "short".to_owned(), "WireGuard public key"),
@@ -309,11 +325,11 @@ async fn a_reusable_token_stops_at_its_limit_and_sweeping_removes_expired_ones()
             .join(&key.verifier(), &join_request(&spare.token, "n4", 21), NOW)
             .await
             .expect("the refused requests used nothing up");
-        // Sweeping: an hour past expiry with a minute's grace removes all three; a join with one
+        // Sweeping: two minutes past expiry with a minute's grace removes all three; a join with one
         // is then refused as unknown even at a time its signature still allows.
-        let unused = issue(&registry, &key, &cluster, None, 1).await;
+        let unused = issue_for(&registry, &key, &cluster, None, 1, SWEPT_TTL).await;
         let swept = registry
-            .sweep_tokens(NOW + 3600 + 120, Duration::from_secs(60))
+            .sweep_tokens(NOW + SWEPT_TTL as i64 + 120, Duration::from_secs(60))
             .await
             .unwrap();
         assert!(swept >= 3, "{db}: swept {swept}");
@@ -495,5 +511,58 @@ async fn clusters_keep_their_range_and_a_full_range_says_so() {
             )
             .await;
         assert!(matches!(missing, Err(RegistryError::Cluster(_))), "{db}");
+    }
+}
+
+#[tokio::test]
+async fn an_active_nodes_name_is_not_taken_by_another_key_until_it_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TokenKey::generate();
+    for (db, registry) in registries(&dir).await {
+        let cluster = cluster(&registry, "10.88.0.0/16").await;
+        let issued = issue(&registry, &key, &cluster, None, 3).await;
+        let first = registry
+            .join(
+                &key.verifier(),
+                &join_request(&issued.token, "edge-1", 1),
+                NOW,
+            )
+            .await
+            .unwrap();
+        // Another key asking for the same name is refused, and uses nothing up.
+        let taken = registry
+            .join(
+                &key.verifier(),
+                &join_request(&issued.token, "edge-1", 2),
+                NOW,
+            )
+            .await;
+        assert!(
+            matches!(taken, Err(JoinError::NameTaken(ref name)) if name == "edge-1"),
+            "{db}: {taken:?}"
+        );
+        let node = registry.node(&cluster, "edge-1").await.unwrap().unwrap();
+        assert_eq!(node.public_key, first.node.public_key, "{db}");
+        // Revoked, the name goes to the new key, at the same address.
+        assert!(registry.revoke_node(&cluster, "edge-1", NOW).await.unwrap());
+        let again = registry
+            .join(
+                &key.verifier(),
+                &join_request(&issued.token, "edge-1", 2),
+                NOW,
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.node.address, first.node.address, "{db}");
+        assert_eq!(again.node.public_key, wg_key(2), "{db}");
+        // Two uses taken: the refused attempt took none, so a third node still joins.
+        registry
+            .join(
+                &key.verifier(),
+                &join_request(&issued.token, "edge-3", 3),
+                NOW,
+            )
+            .await
+            .unwrap();
     }
 }
