@@ -109,13 +109,72 @@ pub struct PeerStatus {
     pub received_bytes: u64,
 }
 
-/// Something the router wants done.
-#[derive(Debug, PartialEq, Eq)]
+/// Something the router wants done, its bytes in [`Outputs`].
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// Send this datagram to that address.
-    Network(SocketAddr, Vec<u8>),
-    /// Hand this packet to the interface.
-    Device(Vec<u8>),
+    /// Send these bytes to that address.
+    Network(SocketAddr, std::ops::Range<usize>),
+    /// Hand these bytes (a packet) to the interface.
+    Device(std::ops::Range<usize>),
+}
+
+/// What the router wants done for a burst: the datagrams and packets, their bytes one after
+/// another in one buffer kept from burst to burst (so a burst allocates nothing, and the
+/// datagrams for one peer lie side by side, ready to leave in one segmented send).
+#[derive(Debug, Default)]
+pub struct Outputs {
+    bytes: Vec<u8>,
+    items: Vec<Output>,
+}
+
+/// Room a datagram may need beyond its packet: WireGuard's header, tag and padding, or a whole
+/// handshake message.
+const OVERHEAD: usize = 32 + 16;
+const SMALLEST: usize = 256;
+
+impl Outputs {
+    /// Empties it, keeping the buffers.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.items.clear();
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// What to do, in order.
+    pub fn items(&self) -> &[Output] {
+        &self.items
+    }
+
+    /// The bytes of `range`.
+    pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.bytes[range]
+    }
+
+    /// Lets `write` fill up to `room` bytes at the end; what it wrote becomes a datagram for
+    /// the address it names, or a packet for the device without one. Nothing when it wrote
+    /// nothing.
+    fn push(
+        &mut self,
+        room: usize,
+        write: impl FnOnce(&mut [u8]) -> Option<(usize, Option<SocketAddr>)>,
+    ) {
+        let start = self.bytes.len();
+        self.bytes.resize(start + room.max(SMALLEST), 0);
+        match write(&mut self.bytes[start..]) {
+            Some((len, to)) => {
+                self.bytes.truncate(start + len);
+                self.items.push(match to {
+                    Some(to) => Output::Network(to, start..start + len),
+                    None => Output::Device(start..start + len),
+                });
+            }
+            None => self.bytes.truncate(start),
+        }
+    }
 }
 
 struct Slot {
@@ -133,7 +192,6 @@ pub struct Router {
     public: PublicKey,
     peers: Vec<Option<Slot>>,
     stats: TunnelStats,
-    buffer: Vec<u8>,
 }
 
 impl std::fmt::Debug for Router {
@@ -161,7 +219,6 @@ impl Router {
             public,
             peers: Vec::new(),
             stats: TunnelStats::default(),
-            buffer: vec![0; BUFFER],
         };
         router.set_peers(peers);
         router
@@ -262,7 +319,7 @@ impl Router {
     }
 
     /// A packet from the interface: encrypted for the peer that may receive its destination.
-    pub fn outbound(&mut self, packet: &[u8], out: &mut Vec<Output>) {
+    pub fn outbound(&mut self, packet: &[u8], out: &mut Outputs) {
         let Some(destination) = destination(packet) else {
             self.stats.no_route += 1;
             return;
@@ -281,15 +338,24 @@ impl Router {
             self.stats.no_route += 1;
             return;
         };
-        match slot.tunn.encapsulate(packet, &mut self.buffer) {
-            TunnResult::WriteToNetwork(datagram) => {
-                out.push(Output::Network(endpoint, datagram.to_vec()));
-                self.stats.sent += 1;
+        let stats = &mut self.stats;
+        out.push(packet.len() + OVERHEAD, |room| {
+            match slot.tunn.encapsulate(packet, room) {
+                TunnResult::WriteToNetwork(datagram) => {
+                    stats.sent += 1;
+                    Some((datagram.len(), Some(endpoint)))
+                }
+                // Queued until the handshake completes.
+                TunnResult::Done => {
+                    stats.sent += 1;
+                    None
+                }
+                _ => {
+                    stats.invalid += 1;
+                    None
+                }
             }
-            // Queued until the handshake completes.
-            TunnResult::Done => self.stats.sent += 1,
-            _ => self.stats.invalid += 1,
-        }
+        });
     }
 
     /// The slot a datagram belongs to.
@@ -313,7 +379,7 @@ impl Router {
 
     /// A datagram from the network: handshakes answered, data decrypted and delivered when its
     /// source address is one its peer may use.
-    pub fn inbound(&mut self, from: SocketAddr, datagram: &[u8], out: &mut Vec<Output>) {
+    pub fn inbound(&mut self, from: SocketAddr, datagram: &[u8], out: &mut Outputs) {
         let index = match self.slot_of(datagram) {
             Ok(Some(index)) if self.peers.get(index).is_some_and(Option::is_some) => index,
             Ok(_) => {
@@ -326,44 +392,63 @@ impl Router {
             }
         };
         let slot = self.peers[index].as_mut().expect("checked");
+        let stats = &mut self.stats;
+        // Decrypted in place at the end of the outputs: a reply (handshake) goes back to the
+        // sender, then packets queued behind the handshake follow; data goes to the device.
         let mut input: &[u8] = datagram;
         loop {
-            match slot
-                .tunn
-                .decapsulate(Some(from.ip()), input, &mut self.buffer)
-            {
-                TunnResult::WriteToNetwork(reply) => {
-                    slot.endpoint = Some(from);
-                    out.push(Output::Network(from, reply.to_vec()));
-                    // Packets queued behind the handshake follow.
-                    input = &[];
-                    continue;
-                }
-                TunnResult::WriteToTunnelV4(packet, source) => {
-                    if slot.spec.allowed.iter().any(|range| range.contains(source)) {
+            let mut again = false;
+            // Flushing what waited for the handshake may give a full-size data packet.
+            let room = if input.is_empty() {
+                BUFFER
+            } else {
+                input.len() + OVERHEAD
+            };
+            out.push(room, |room| {
+                match slot.tunn.decapsulate(Some(from.ip()), input, room) {
+                    TunnResult::WriteToNetwork(reply) => {
                         slot.endpoint = Some(from);
-                        out.push(Output::Device(packet.to_vec()));
-                        self.stats.delivered += 1;
-                    } else {
-                        self.stats.bad_source += 1;
+                        again = true;
+                        Some((reply.len(), Some(from)))
                     }
+                    TunnResult::WriteToTunnelV4(packet, source) => {
+                        if slot.spec.allowed.iter().any(|range| range.contains(source)) {
+                            slot.endpoint = Some(from);
+                            stats.delivered += 1;
+                            Some((packet.len(), None))
+                        } else {
+                            stats.bad_source += 1;
+                            None
+                        }
+                    }
+                    TunnResult::WriteToTunnelV6(..) => {
+                        stats.bad_source += 1;
+                        None
+                    }
+                    TunnResult::Err(_) => {
+                        stats.invalid += 1;
+                        None
+                    }
+                    TunnResult::Done => None,
                 }
-                TunnResult::WriteToTunnelV6(..) => self.stats.bad_source += 1,
-                TunnResult::Err(_) => self.stats.invalid += 1,
-                TunnResult::Done => {}
+            });
+            if !again {
+                break;
             }
-            break;
+            input = &[];
         }
     }
 
     /// Timers: handshake retries, rekeying and keepalives.
-    pub fn tick(&mut self, out: &mut Vec<Output>) {
+    pub fn tick(&mut self, out: &mut Outputs) {
         for slot in self.peers.iter_mut().flatten() {
-            if let TunnResult::WriteToNetwork(datagram) = slot.tunn.update_timers(&mut self.buffer)
-                && let Some(endpoint) = slot.endpoint
-            {
-                out.push(Output::Network(endpoint, datagram.to_vec()));
-            }
+            let Some(endpoint) = slot.endpoint else {
+                continue;
+            };
+            out.push(SMALLEST, |room| match slot.tunn.update_timers(room) {
+                TunnResult::WriteToNetwork(datagram) => Some((datagram.len(), Some(endpoint))),
+                _ => None,
+            });
         }
     }
 }
@@ -485,10 +570,9 @@ pub async fn run<I: Interface>(
     // As many packets as a 64 KiB segment splits into at any MSS down to 536 bytes.
     let mut batch = Batch::new(SEGMENTS, BUFFER);
     let mut ticks = tokio::time::interval(Duration::from_millis(250));
-    let mut outputs = Vec::new();
+    let mut outputs = Outputs::default();
     let mut to_node: Vec<Vec<u8>> = Vec::new();
     let mut waiting = 0;
-    let mut segments = Vec::with_capacity(BUFFER);
     loop {
         tokio::select! {
             ready = socket.readable() => {
@@ -528,34 +612,35 @@ pub async fn run<I: Interface>(
             }
             _ = ticks.tick() => router.lock().expect("router").tick(&mut outputs),
         }
-        let mut pending = outputs.drain(..).peekable();
-        while let Some(output) = pending.next() {
-            match output {
+        let items = outputs.items();
+        let mut next = 0;
+        while next < items.len() {
+            match &items[next] {
                 Output::Network(to, first) => {
-                    // Same-peer datagrams of one size (the last may be shorter) go as one
-                    // segmented send.
-                    segments.clear();
-                    segments.extend_from_slice(&first);
+                    // Same-peer datagrams of one size (the last may be shorter) lie side by
+                    // side in the buffer: they go as one segmented send.
                     let size = first.len();
+                    let mut end = first.end;
                     let mut count = 1;
+                    next += 1;
                     while count < udp.max_gso_segments()
-                        && segments.len() + size <= 65_000
-                        && let Some(Output::Network(next_to, next)) = pending.peek()
-                        && *next_to == to
-                        && next.len() <= size
+                        && end - first.start + size <= 65_000
+                        && let Some(Output::Network(next_to, range)) = items.get(next)
+                        && next_to == to
+                        && range.start == end
+                        && range.len() <= size
                     {
-                        let last = next.len() < size;
-                        segments.extend_from_slice(next);
+                        end = range.end;
                         count += 1;
-                        pending.next();
-                        if last {
+                        next += 1;
+                        if range.len() < size {
                             break;
                         }
                     }
                     let transmit = quinn_udp::Transmit {
-                        destination: to,
+                        destination: *to,
                         ecn: None,
-                        contents: &segments,
+                        contents: outputs.bytes(first.start..end),
                         segment_size: (count > 1).then_some(size),
                         src_ip: None,
                     };
@@ -566,7 +651,8 @@ pub async fn run<I: Interface>(
                         })
                         .await;
                 }
-                Output::Device(packet) => {
+                Output::Device(range) => {
+                    next += 1;
                     // Buffers are kept from burst to burst.
                     if to_node.len() == waiting {
                         to_node.push(Vec::with_capacity(HEADROOM + BUFFER));
@@ -574,12 +660,12 @@ pub async fn run<I: Interface>(
                     let buf = &mut to_node[waiting];
                     buf.clear();
                     buf.resize(HEADROOM, 0);
-                    buf.extend_from_slice(&packet);
+                    buf.extend_from_slice(outputs.bytes(range.clone()));
                     waiting += 1;
                 }
             }
         }
-        drop(pending);
+        outputs.clear();
         if waiting > 0 {
             if !interface.send(&mut to_node[..waiting]).await {
                 return Ok(());
