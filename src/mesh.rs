@@ -1559,13 +1559,20 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
     if let Some(r) = alive {
         println!(
             "tunnel: {} packets sent, {} delivered, {} not routable (no peer, or not IPv4), {} \
-             from a source their peer may not use, {} from unknown peers, {} invalid",
+             from a source their peer may not use, {} from unknown peers, {} invalid, {} refused \
+             by the kernel{}",
             r.stats.sent,
             r.stats.delivered,
             r.stats.no_route,
             r.stats.bad_source,
             r.stats.unknown_peer,
-            r.stats.invalid
+            r.stats.invalid,
+            r.stats.refused,
+            if r.stats.refused > 0 {
+                " (too big for the underlay? give `keel mesh join --mtu` its MTU less 80)"
+            } else {
+                ""
+            }
         );
     }
     Ok(())

@@ -82,7 +82,10 @@ impl Lab {
     /// pair into the bridge at 10.231.0.(10+n), loopback up, resolving through 127.0.0.1.
     fn new(nodes: usize) -> Lab {
         check_machine();
-        let prefix = format!("keel{}", std::process::id());
+        // Unique per lab: tests of this file run side by side in one process.
+        static LABS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let lab = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("keel{}x{lab}", std::process::id());
         let mut lab = Lab {
             prefix,
             namespaces: Vec::new(),
@@ -140,6 +143,78 @@ impl Lab {
             .unwrap();
         }
         lab
+    }
+
+    /// Starts the control plane in the hub and joins `nodes` nodes (`node-N`, state in
+    /// `nodeN`, log `nodeN.log`); their mesh addresses.
+    fn mesh(&mut self, nodes: usize) -> Vec<String> {
+        let hub = self.ns("hub");
+        let control = self.path("control");
+        let control = control.to_str().unwrap().to_owned();
+        let listen = format!("{CONTROL}:18012");
+        let endpoint = format!("{CONTROL}:51820");
+        self.spawn(
+            &hub,
+            &[
+                "mesh",
+                "serve",
+                "--data-dir",
+                &control,
+                "--listen",
+                &listen,
+                "--endpoint",
+                &endpoint,
+            ],
+            "control.log",
+        );
+        self.wait_for_log("control.log", "listening on", Duration::from_secs(20));
+        let url = format!("http://{listen}");
+        let uses = nodes.to_string();
+        let out = self
+            .keel(
+                &hub,
+                &[
+                    "mesh",
+                    "token",
+                    "create",
+                    "--data-dir",
+                    &control,
+                    "--uses",
+                    &uses,
+                    "--ttl",
+                    "10m",
+                    "--endpoint",
+                    &endpoint,
+                    "--control-url",
+                    &url,
+                ],
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let token = text(&out.stdout).trim().to_owned();
+        for n in 1..=nodes {
+            let ns = self.ns(&format!("n{n}"));
+            let dir = self.path(&format!("node{n}"));
+            self.spawn(
+                &ns,
+                &[
+                    "mesh",
+                    "join",
+                    "--token",
+                    &token,
+                    "--name",
+                    &format!("node-{n}"),
+                    "--endpoint",
+                    &format!("10.231.0.{}:51820", 10 + n),
+                    "--node-dir",
+                    dir.to_str().unwrap(),
+                ],
+                &format!("node{n}.log"),
+            );
+            self.wait_for_log(&format!("node{n}.log"), "mesh up", Duration::from_secs(20));
+        }
+        (1..=nodes).map(|n| address_of(self, n)).collect()
     }
 
     fn ns(&self, name: &str) -> String {
@@ -249,68 +324,7 @@ fn three_namespaces_join_ping_by_name_and_a_revoked_node_is_cut_off() {
     let hub = lab.ns("hub");
     let control = lab.path("control");
     let control = control.to_str().unwrap().to_owned();
-    let url = format!("http://{CONTROL}:18012");
-    lab.spawn(
-        &hub,
-        &[
-            "mesh",
-            "serve",
-            "--data-dir",
-            &control,
-            "--listen",
-            &format!("{CONTROL}:18012"),
-            "--endpoint",
-            &format!("{CONTROL}:51820"),
-        ],
-        "control.log",
-    );
-    lab.wait_for_log("control.log", "listening on", Duration::from_secs(20));
-    let out = lab
-        .keel(
-            &hub,
-            &[
-                "mesh",
-                "token",
-                "create",
-                "--data-dir",
-                &control,
-                "--uses",
-                "3",
-                "--ttl",
-                "10m",
-                "--endpoint",
-                &format!("{CONTROL}:51820"),
-                "--control-url",
-                &url,
-            ],
-        )
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let token = text(&out.stdout).trim().to_owned();
-
-    for n in 1..=3 {
-        let ns = lab.ns(&format!("n{n}"));
-        let dir = lab.path(&format!("node{n}"));
-        lab.spawn(
-            &ns,
-            &[
-                "mesh",
-                "join",
-                "--token",
-                &token,
-                "--name",
-                &format!("node-{n}"),
-                "--endpoint",
-                &format!("10.231.0.{}:51820", 10 + n),
-                "--node-dir",
-                dir.to_str().unwrap(),
-            ],
-            &format!("node{n}.log"),
-        );
-        lab.wait_for_log(&format!("node{n}.log"), "mesh up", Duration::from_secs(20));
-    }
-    let addresses: Vec<String> = (1..=3).map(|n| address_of(&lab, n)).collect();
+    let addresses = lab.mesh(3);
     let (n1, n2, n3) = (lab.ns("n1"), lab.ns("n2"), lab.ns("n3"));
 
     // Every node reaches every other by address; the first learnt of the later two by sync.
@@ -506,4 +520,91 @@ fn without_the_privilege_the_join_is_kept_and_the_agent_says_what_is_missing() {
     );
     assert!(stderr.contains("The join is kept"), "{stderr}");
     assert!(node.join("enrollment.json").exists());
+}
+
+#[test]
+fn on_a_smaller_underlay_mtu_refused_datagrams_show_and_mtu_fixes_them() {
+    let mut lab = Lab::new(2);
+    let (n1, n2) = (lab.ns("n1"), lab.ns("n2"));
+    // The first node's underlay carries 1400 bytes: the default tunnel MTU (1420) is too big.
+    ip(&["-n", &n1, "link", "set", "eth0", "mtu", "1400"]);
+    let addresses = lab.mesh(2);
+    ping_within(&n1, &addresses[1], Duration::from_secs(10));
+    let big = |from: &str, to: &str| {
+        run(
+            "ip",
+            &[
+                "netns", "exec", from, "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1350", to,
+            ],
+        )
+        .status
+        .success()
+    };
+    assert!(
+        !big(&n1, &addresses[1]),
+        "a 1378-byte packet crossed a 1400-byte underlay inside WireGuard"
+    );
+    std::thread::sleep(Duration::from_millis(2_500));
+    let dir1 = lab.path("node1");
+    let status = lab
+        .keel(
+            &n1,
+            &["mesh", "status", "--node-dir", dir1.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
+    let shown = text(&status.stdout);
+    assert!(
+        shown.contains("refused by the kernel (too big for the underlay?"),
+        "{shown}"
+    );
+    // Restarted with the underlay's MTU less 80, the same packet goes through.
+    for child in lab.children.iter_mut().skip(1) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    for (n, ns) in [(1, &n1), (2, &n2)] {
+        let dir = lab.path(&format!("node{n}"));
+        lab.spawn(
+            ns,
+            &[
+                "mesh",
+                "join",
+                "--mtu",
+                "1320",
+                "--node-dir",
+                dir.to_str().unwrap(),
+            ],
+            &format!("node{n}-again.log"),
+        );
+        lab.wait_for_log(
+            &format!("node{n}-again.log"),
+            "mesh up",
+            Duration::from_secs(20),
+        );
+    }
+    ping_within(&n1, &addresses[1], Duration::from_secs(10));
+    assert!(
+        !big(&n1, &addresses[1]),
+        "a packet above the interface's MTU was sent whole"
+    );
+    let fits = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &n1,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1290",
+            &addresses[1],
+        ],
+    );
+    assert!(fits.status.success(), "{}", text(&fits.stdout));
 }

@@ -90,6 +90,10 @@ pub struct TunnelStats {
     /// Datagrams that are not WireGuard or failed to decrypt, and device reads that could not
     /// be split into packets.
     pub invalid: u64,
+    /// Datagrams the kernel would not send: too big for the underlay (they go with "don't
+    /// fragment"; a smaller `--mtu` fixes it) or otherwise refused.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// One peer's tunnel as `keel mesh status` shows it.
@@ -460,6 +464,12 @@ pub type SharedRouter = Arc<Mutex<Router>>;
 /// (a TUN device with offloads writes its 10-byte virtio header there).
 pub const HEADROOM: usize = 16;
 
+/// The errors that mean the kernel would not send a datagram (Linux numbers): too big for the
+/// interface, a segmented send it will not do, an I/O error from the device.
+const EMSGSIZE: i32 = 90;
+const EINVAL: i32 = 22;
+const EIO: i32 = 5;
+
 /// Packets one device read may give.
 const SEGMENTS: usize = 128;
 
@@ -644,12 +654,25 @@ pub async fn run<I: Interface>(
                         segment_size: (count > 1).then_some(size),
                         src_ip: None,
                     };
-                    // A peer that is away is WireGuard's to retry, not ours.
+                    // A peer that is away is WireGuard's to retry, not ours; a datagram the
+                    // kernel refuses (too big for the underlay, say) is counted.
+                    let mut refused = false;
                     let _ = socket
                         .async_io(tokio::io::Interest::WRITABLE, || {
-                            udp.send((&socket).into(), &transmit)
+                            match udp.try_send((&socket).into(), &transmit) {
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(e),
+                                Err(e) => {
+                                    refused =
+                                        matches!(e.raw_os_error(), Some(EMSGSIZE | EINVAL | EIO));
+                                    Ok(())
+                                }
+                                Ok(()) => Ok(()),
+                            }
                         })
                         .await;
+                    if refused {
+                        router.lock().expect("router").stats.refused += count as u64;
+                    }
                 }
                 Output::Device(range) => {
                     next += 1;
