@@ -316,7 +316,9 @@ struct RunArgs {
     #[arg(long)]
     foghorn_grpc_listen: Option<String>,
     /// Serve the mesh control plane (as `keel mesh serve` does) here too; off by default. Its
-    /// state is in `keel-mesh` (or `KEEL_MESH_DIR`); the API's admin tokens manage it.
+    /// state is in `keel-mesh` (or `KEEL_MESH_DIR`), the URL and WireGuard endpoint its tokens
+    /// name come from `KEEL_MESH_CONTROL_URL` and `KEEL_MESH_ENDPOINT`; the API's admin tokens
+    /// manage it.
     #[arg(long)]
     mesh_listen: Option<String>,
     /// A GeoIP database (MaxMind DB format, e.g. GeoLite2-City.mmdb) that places clients whose

@@ -91,7 +91,7 @@ struct IssuingArgs {
     cidr: MeshCidr,
     /// The bootstrap peer's WireGuard endpoint (this control plane's) that tokens name,
     /// `host:port`.
-    #[arg(long, default_value = "127.0.0.1:51820")]
+    #[arg(long, env = "KEEL_MESH_ENDPOINT", default_value = "127.0.0.1:51820")]
     endpoint: String,
 }
 
@@ -144,7 +144,7 @@ struct ServeArgs {
     issuing: IssuingArgs,
     /// The URL that issued tokens name for redeeming them [default: http://LISTEN, or
     /// https://LISTEN with --tls-cert].
-    #[arg(long)]
+    #[arg(long, env = "KEEL_MESH_CONTROL_URL")]
     control_url: Option<String>,
     /// Serve HTTPS with this certificate chain (PEM); needs --tls-key. Nodes trust it through
     /// the public roots, or `keel mesh join --control-ca` for a private CA or a self-signed
@@ -846,8 +846,9 @@ async fn serve_tls(
 }
 
 /// The control plane inside `keel run` (`--mesh-listen`): served on a thread of its own, with
-/// `keel mesh serve`'s defaults (data directory `keel-mesh` or `KEEL_MESH_DIR`, cluster
-/// `default`) and the run's API credentials for administrators. Its address once it listens.
+/// `keel mesh serve`'s defaults and environment (data directory `keel-mesh` or `KEEL_MESH_DIR`,
+/// `KEEL_MESH_REGISTRY`, `KEEL_MESH_CONTROL_URL`, `KEEL_MESH_ENDPOINT`, cluster `default`) and
+/// the run's API credentials for administrators. Its address once it listens.
 pub fn start_control_plane(listen: &str, auth: Auth) -> anyhow::Result<std::net::SocketAddr> {
     #[derive(clap::Parser)]
     struct Embedded {
@@ -873,7 +874,14 @@ pub fn start_control_plane(listen: &str, auth: Auth) -> anyhow::Result<std::net:
                             return Ok(());
                         }
                     };
-                    let _ = ready_tx.send(Ok(listener.local_addr()?));
+                    let local = listener.local_addr()?;
+                    if args.control_url.is_none() && local.ip().is_unspecified() {
+                        eprintln!(
+                            "keel: warning: mesh tokens will name http://{local}, which nodes \
+                             cannot reach; set KEEL_MESH_CONTROL_URL"
+                        );
+                    }
+                    let _ = ready_tx.send(Ok(local));
                     axum::serve(listener, app).await?;
                     Ok(())
                 })

@@ -14,6 +14,8 @@ fn keel(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .env("KEEL_MESH_DIR", dir)
         .env_remove("KEEL_MESH_REGISTRY")
+        .env_remove("KEEL_MESH_CONTROL_URL")
+        .env_remove("KEEL_MESH_ENDPOINT")
         .output()
         .unwrap()
 }
@@ -207,6 +209,8 @@ fn serve_with(dir: &Path, secret: &str, extra: &[&str]) -> Served {
         .env("KEEL_MESH_DIR", dir)
         .env("KEEL_JWT_SECRET", secret)
         .env_remove("KEEL_MESH_REGISTRY")
+        .env_remove("KEEL_MESH_CONTROL_URL")
+        .env_remove("KEEL_MESH_ENDPOINT")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -526,6 +530,8 @@ fn keel_run_serves_the_control_plane_with_its_own_admin_tokens() {
         .args(["--foghorn-grpc-listen", "off", "--summary-every", "5"])
         .args(["--mesh-listen", "127.0.0.1:0"])
         .env("KEEL_MESH_DIR", workdir.path().join("mesh"))
+        .env("KEEL_MESH_CONTROL_URL", "https://mesh.example:18012")
+        .env("KEEL_MESH_ENDPOINT", "192.0.2.1:51820")
         .env_remove("KEEL_JWT_SECRET")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -556,6 +562,10 @@ fn keel_run_serves_the_control_plane_with_its_own_admin_tokens() {
     assert_eq!(status, 401, "{body}");
     let (status, issued) = call(&agent, "POST", &tokens, Some(&admin), r#"{"ttl":"5m"}"#);
     assert_eq!(status, 201, "{issued}");
+    // The token names what the environment said, not the listening address.
+    let claims = keel_mesh::agent::peek_claims(issued["token"].as_str().unwrap()).unwrap();
+    assert_eq!(claims.bootstrap.control, "https://mesh.example:18012");
+    assert_eq!(claims.bootstrap.endpoint, "192.0.2.1:51820");
     let key = keel_mesh::keys::WireguardKey::generate();
     let request = serde_json::json!({
         "token": issued["token"],

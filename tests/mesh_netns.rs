@@ -233,7 +233,9 @@ impl Lab {
             .args(args)
             .env_remove("KEEL_MESH_JOIN_TOKEN")
             .env_remove("KEEL_MESH_DIR")
-            .env_remove("KEEL_MESH_NODE_DIR");
+            .env_remove("KEEL_MESH_NODE_DIR")
+            .env_remove("KEEL_MESH_CONTROL_URL")
+            .env_remove("KEEL_MESH_ENDPOINT");
         command
     }
 
