@@ -1,6 +1,7 @@
 //! `keel mesh`: the Privateer mesh's commands. For the control plane: issue and revoke join
-//! tokens, list and revoke nodes, and serve its HTTP API (`serve`). For a node: join the mesh
-//! crash-safely (`join`), show its identity and peers (`status`) and answer mesh DNS (`dns`).
+//! tokens, list and revoke nodes, and serve its HTTP API (`serve`, or inside `keel run`). For a
+//! node: join the mesh crash-safely and run its agent — tunnel, peer sync, mesh DNS — (`join`),
+//! show its identity, peers and tunnels (`status`) and answer mesh DNS alone (`dns`).
 //!
 //! The control plane keeps its state in a data directory (`--data-dir`, default `keel-mesh`):
 //! `signing.key` (the Ed25519 key join tokens are signed with), `wireguard.key` (its own
@@ -203,6 +204,22 @@ impl ControlArgs {
         TokenKey::load_or_create(&path).with_context(|| format!("{}", path.display()))
     }
 
+    /// What issuing tokens needs: the signing key, the control plane's WireGuard key and the
+    /// registry, with the cluster made (with `issuing`'s range) if it is new.
+    async fn open(
+        &self,
+        issuing: &IssuingArgs,
+    ) -> anyhow::Result<(TokenKey, WireguardKey, Registry)> {
+        check_endpoint(&issuing.endpoint)?;
+        let key = self.signing_key()?;
+        let wireguard = self.wireguard_key()?;
+        let registry = self.registry().await?;
+        registry
+            .ensure_cluster(&self.cluster, issuing.cidr, now())
+            .await?;
+        Ok((key, wireguard, registry))
+    }
+
     fn wireguard_key(&self) -> anyhow::Result<WireguardKey> {
         self.ensure_dir()?;
         let path = self.data_dir.join("wireguard.key");
@@ -264,13 +281,7 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
 }
 
 async fn create_token(args: &CreateTokenArgs) -> anyhow::Result<()> {
-    check_endpoint(&args.issuing.endpoint)?;
-    let key = args.control.signing_key()?;
-    let wireguard = args.control.wireguard_key()?;
-    let registry = args.control.registry().await?;
-    registry
-        .ensure_cluster(&args.control.cluster, args.issuing.cidr, now())
-        .await?;
+    let (key, wireguard, registry) = args.control.open(&args.issuing).await?;
     let issued = issue(
         &registry,
         &key,
@@ -672,13 +683,7 @@ async fn control_plane(
     auth: Option<Auth>,
     scheme: &str,
 ) -> anyhow::Result<(tokio::net::TcpListener, axum::Router)> {
-    check_endpoint(&args.issuing.endpoint)?;
-    let key = args.control.signing_key()?;
-    let wireguard = args.control.wireguard_key()?;
-    let registry = args.control.registry().await?;
-    registry
-        .ensure_cluster(&args.control.cluster, args.issuing.cidr, now())
-        .await?;
+    let (key, wireguard, registry) = args.control.open(&args.issuing).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -1264,14 +1269,7 @@ fn run_agent(
                 Ok(socket) => {
                     let upstream = args.dns_upstream.or_else(system_resolver);
                     tokio::spawn(keel_mesh::dns::serve(socket, names.clone(), upstream));
-                    format!(
-                        "on {}{}",
-                        args.dns,
-                        upstream.map_or_else(
-                            || ", no upstream".to_owned(),
-                            |u| format!(", others to {u}")
-                        )
-                    )
+                    format!("on {}{}", args.dns, upstream_text(upstream))
                 }
                 Err(e) => format!("off (cannot listen on {}: {e})", args.dns),
             }
@@ -1599,6 +1597,14 @@ struct DnsArgs {
     upstream: Option<std::net::SocketAddr>,
 }
 
+/// Where mesh DNS sends other names, for start-up messages.
+fn upstream_text(upstream: Option<std::net::SocketAddr>) -> String {
+    upstream.map_or_else(
+        || ", no upstream".to_owned(),
+        |u| format!(", others to {u}"),
+    )
+}
+
 /// `keel mesh dns`: mesh DNS from the node's last known peers, re-read every 5 seconds.
 async fn dns(args: &DnsArgs) -> anyhow::Result<()> {
     let state = NodeState::open(&args.node_dir)?;
@@ -1617,10 +1623,7 @@ async fn dns(args: &DnsArgs) -> anyhow::Result<()> {
         "keel mesh: DNS for {} names of .{} listening on {local}{}",
         names.read().expect("names").len(),
         keel_mesh::dns::ZONE,
-        args.upstream.map_or_else(
-            || ", no upstream".to_owned(),
-            |u| format!(", others to {u}")
-        )
+        upstream_text(args.upstream)
     );
     let reload = {
         let names = names.clone();

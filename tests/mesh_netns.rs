@@ -217,6 +217,36 @@ impl Lab {
         (1..=nodes).map(|n| address_of(self, n)).collect()
     }
 
+    /// `keel mesh status` of node `n` once its agent has reported (it does every 2 s).
+    fn status(&self, n: usize) -> String {
+        std::thread::sleep(Duration::from_millis(2_500));
+        let dir = self.path(&format!("node{n}"));
+        let out = self
+            .keel(
+                &self.ns(&format!("n{n}")),
+                &["mesh", "status", "--node-dir", dir.to_str().unwrap()],
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    /// Stops node `n`'s agent (started by [`Lab::mesh`]) and starts it again from its state
+    /// with `extra` options; its new log.
+    fn restart(&mut self, n: usize, extra: &[&str]) -> String {
+        let child = &mut self.children[n];
+        let _ = child.kill();
+        child.wait().unwrap();
+        let dir = self.path(&format!("node{n}"));
+        let log = format!("node{n}-again.log");
+        let mut args = vec!["mesh", "join", "--node-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.spawn(&self.ns(&format!("n{n}")), &args, &log);
+        self.wait_for_log(&log, "mesh up", Duration::from_secs(20));
+        self.log(&log)
+    }
+
     fn ns(&self, name: &str) -> String {
         format!("{}-{name}", self.prefix)
     }
@@ -383,17 +413,7 @@ fn three_namespaces_join_ping_by_name_and_a_revoked_node_is_cut_off() {
     assert!(text(&sent.stdout).trim().len() == 64);
 
     // Status shows the running agent, a handshake and traffic with each peer.
-    std::thread::sleep(Duration::from_millis(2_500));
-    let dir1 = lab.path("node1");
-    let status = lab
-        .keel(
-            &n1,
-            &["mesh", "status", "--node-dir", dir1.to_str().unwrap()],
-        )
-        .output()
-        .unwrap();
-    let shown = text(&status.stdout);
-    assert!(status.status.success(), "{}", text(&status.stderr));
+    let shown = lab.status(1);
     assert!(shown.contains("agent: running"), "{shown}");
     for peer in ["node-2", "node-3"] {
         let line = shown
@@ -434,22 +454,10 @@ fn three_namespaces_join_ping_by_name_and_a_revoked_node_is_cut_off() {
     ping_within(&n1, "node-2.internal", Duration::from_secs(5));
 
     // With the control plane gone, a restarted agent comes up from its last known peers.
-    for child in lab.children.iter_mut().take(2) {
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-    let dir1 = lab.path("node1");
-    lab.spawn(
-        &n1,
-        &["mesh", "join", "--node-dir", dir1.to_str().unwrap()],
-        "node1-again.log",
-    );
-    lab.wait_for_log("node1-again.log", "mesh up", Duration::from_secs(20));
-    assert!(
-        lab.log("node1-again.log").contains("1 peer;"),
-        "{}",
-        lab.log("node1-again.log")
-    );
+    lab.children[0].kill().unwrap();
+    lab.children[0].wait().unwrap();
+    let log = lab.restart(1, &[]);
+    assert!(log.contains("1 peer;"), "{log}");
     ping_within(&n1, "node-2.internal", Duration::from_secs(10));
     ping_within(&n2, &addresses[0], Duration::from_secs(10));
 }
@@ -527,7 +535,7 @@ fn without_the_privilege_the_join_is_kept_and_the_agent_says_what_is_missing() {
 #[test]
 fn on_a_smaller_underlay_mtu_refused_datagrams_show_and_mtu_fixes_them() {
     let mut lab = Lab::new(2);
-    let (n1, n2) = (lab.ns("n1"), lab.ns("n2"));
+    let n1 = lab.ns("n1");
     // The first node's underlay carries 1400 bytes: the default tunnel MTU (1420) is too big.
     ip(&["-n", &n1, "link", "set", "eth0", "mtu", "1400"]);
     let addresses = lab.mesh(2);
@@ -546,44 +554,14 @@ fn on_a_smaller_underlay_mtu_refused_datagrams_show_and_mtu_fixes_them() {
         !big(&n1, &addresses[1]),
         "a 1378-byte packet crossed a 1400-byte underlay inside WireGuard"
     );
-    std::thread::sleep(Duration::from_millis(2_500));
-    let dir1 = lab.path("node1");
-    let status = lab
-        .keel(
-            &n1,
-            &["mesh", "status", "--node-dir", dir1.to_str().unwrap()],
-        )
-        .output()
-        .unwrap();
-    let shown = text(&status.stdout);
+    let shown = lab.status(1);
     assert!(
         shown.contains("refused by the kernel (too big for the underlay?"),
         "{shown}"
     );
     // Restarted with the underlay's MTU less 80, the same packet goes through.
-    for child in lab.children.iter_mut().skip(1) {
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-    for (n, ns) in [(1, &n1), (2, &n2)] {
-        let dir = lab.path(&format!("node{n}"));
-        lab.spawn(
-            ns,
-            &[
-                "mesh",
-                "join",
-                "--mtu",
-                "1320",
-                "--node-dir",
-                dir.to_str().unwrap(),
-            ],
-            &format!("node{n}-again.log"),
-        );
-        lab.wait_for_log(
-            &format!("node{n}-again.log"),
-            "mesh up",
-            Duration::from_secs(20),
-        );
+    for n in 1..=2 {
+        lab.restart(n, &["--mtu", "1320"]);
     }
     ping_within(&n1, &addresses[1], Duration::from_secs(10));
     assert!(

@@ -6,7 +6,8 @@
 //! which the registry answers with the identity it already gave, using nothing up. Once the
 //! answer is in, the key goes to `wireguard.key`, the identity to `enrollment.json` and the peer
 //! list to `last-known-peers.json` (each written atomically), and only then is the pending file
-//! removed.
+//! removed. A running agent rewrites `status.json` (its tunnels and peer sync) every few
+//! seconds, for `keel mesh status`.
 
 use std::path::{Path, PathBuf};
 

@@ -291,15 +291,6 @@ impl Router {
         self.stats
     }
 
-    /// Seconds since each peer's last handshake, by name.
-    pub fn handshakes(&self) -> Vec<(String, Option<Duration>)> {
-        self.peers
-            .iter()
-            .flatten()
-            .map(|s| (s.spec.name.clone(), s.tunn.time_since_last_handshake()))
-            .collect()
-    }
-
     /// Each peer's endpoint, last handshake and traffic, by slot.
     pub fn peer_status(&mut self) -> Vec<PeerStatus> {
         self.peers

@@ -166,11 +166,11 @@ async fn peers_talk_forged_sources_and_other_tenants_are_dropped_and_revocation_
     red.send(red.address, core.address, b"hello core").await;
     let packet = core.next(WAIT).await.expect("core got red's answer");
     assert_eq!(payload(&packet), b"hello core");
-    let handshakes = core.router.lock().unwrap().handshakes();
+    let peers = core.router.lock().unwrap().peer_status();
     assert!(
-        handshakes
+        peers
             .iter()
-            .any(|(name, since)| name == "red" && since.is_some())
+            .any(|peer| peer.name == "red" && peer.handshake_secs_ago.is_some())
     );
 
     // core sends a packet claiming to come from blue's address: red drops it.
