@@ -18,16 +18,15 @@
 //! keyed by a time window, by tenant otherwise, so one key always lands in one partition (a
 //! `ReplacingMergeTree` only replaces within a partition).
 //!
-//! Everything goes over the HTTP interface (`INSERT … FORMAT JSONEachRow`, one request per
-//! table and flush) with a blocking client; the writer runs on a thread of its own.
+//! Everything goes over the HTTP interface (`INSERT … FORMAT RowBinary`, one request per table
+//! and flush, rows encoded by [`crate::rowbinary`]) with a blocking client; the writer runs on a
+//! thread of its own.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use arrow::datatypes::DataType;
-use keel_operators::table::{Change, Row, TableRegistry};
-use keel_operators::time::format_rfc3339;
-use serde_json::{Map, Value};
+use keel_operators::table::{Row, TableRegistry};
 
 use crate::live::fields_of;
 
@@ -123,7 +122,7 @@ impl Features {
 
 /// How a column is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Text,
     UInt,
     Int,
@@ -137,11 +136,13 @@ enum Kind {
 
 /// One column of a table.
 #[derive(Clone, Debug)]
-struct Column {
-    name: String,
-    kind: Kind,
-    nullable: bool,
+pub(crate) struct Column {
+    pub(crate) name: String,
+    pub(crate) kind: Kind,
+    pub(crate) nullable: bool,
     low_cardinality: bool,
+    /// Part of the table's key.
+    pub(crate) key: bool,
 }
 
 /// The shape of one output table, taken from its row type.
@@ -149,8 +150,8 @@ struct Column {
 pub struct TableSpec {
     /// Table name (as the live table's).
     pub name: &'static str,
-    columns: Vec<Column>,
-    key: Vec<&'static str>,
+    pub(crate) columns: Vec<Column>,
+    pub(crate) key: Vec<&'static str>,
     tenant: bool,
     retention_days: Option<u32>,
 }
@@ -158,7 +159,7 @@ pub struct TableSpec {
 impl TableSpec {
     /// The spec of a table of `R` rows.
     pub fn of<R: Row>(name: &'static str) -> TableSpec {
-        let columns = fields_of::<R>(name)
+        let mut columns = fields_of::<R>(name)
             .iter()
             .map(|field| {
                 let kind = match field.data_type() {
@@ -180,6 +181,7 @@ impl TableSpec {
                     nullable: field.is_nullable(),
                     low_cardinality: kind == Kind::Text
                         && R::LOW_CARDINALITY.contains(&field.name().as_str()),
+                    key: false,
                 }
             })
             .collect::<Vec<_>>();
@@ -191,6 +193,9 @@ impl TableSpec {
         } else {
             R::KEY_COLUMNS.to_vec()
         };
+        for column in &mut columns {
+            column.key = key.contains(&column.name.as_str());
+        }
         TableSpec {
             name,
             tenant: columns.iter().any(|c| c.name == "tenant_id" && !c.nullable),
@@ -293,63 +298,6 @@ impl TableSpec {
             );
         }
         sql
-    }
-
-    /// One `JSONEachRow` line for `change`, staged at `version`.
-    pub fn encode<R: Row>(
-        &self,
-        change: &Change<R>,
-        version: u64,
-        features: Features,
-        out: &mut Vec<u8>,
-    ) {
-        let mut object = match change {
-            Change::Upsert(row) => match serde_json::to_value(row) {
-                Ok(Value::Object(map)) => map,
-                _ => Map::new(),
-            },
-            Change::Delete(key) => {
-                let key = serde_json::to_value(key).unwrap_or(Value::Null);
-                let values = match key {
-                    Value::Array(values) if self.key.len() > 1 => values,
-                    single => vec![single],
-                };
-                self.key
-                    .iter()
-                    .map(|k| (k.to_string(), Value::Null))
-                    .zip(values)
-                    .map(|((k, _), v)| (k, v))
-                    .collect()
-            }
-        };
-        for column in &self.columns {
-            let Some(value) = object.get_mut(&column.name) else {
-                continue;
-            };
-            match column.kind {
-                Kind::Time if features.datetime64 => {
-                    if let Some(ms) = value.as_i64() {
-                        *value = Value::String(format_rfc3339(ms));
-                    }
-                }
-                Kind::Bool => {
-                    if let Some(b) = value.as_bool() {
-                        *value = Value::from(u8::from(b));
-                    }
-                }
-                Kind::Json if !value.is_null() => {
-                    *value = Value::String(value.to_string());
-                }
-                _ => {}
-            }
-        }
-        object.insert("_version".into(), Value::from(version));
-        object.insert(
-            "_deleted".into(),
-            Value::from(u8::from(matches!(change, Change::Delete(_)))),
-        );
-        serde_json::to_writer(&mut *out, &object).expect("JSON values always serialize");
-        out.push(b'\n');
     }
 
     /// A query for the table's current rows (no bookkeeping columns), in key order, as
@@ -580,13 +528,11 @@ impl ClickHouse {
         self.post(None, sql.as_bytes(), sql)
     }
 
-    /// Inserts `JSONEachRow` lines into `table` of Keel's database.
-    pub fn insert(&self, table: &str, lines: &[u8]) -> Result<(), ClickHouseError> {
-        let query = format!(
-            "INSERT INTO `{}`.`{table}` FORMAT JSONEachRow",
-            self.database
-        );
-        self.post(Some(&query), lines, &query).map(drop)
+    /// Inserts rows encoded by [`TableSpec::encode`] (`RowBinary`) into `table` of Keel's
+    /// database.
+    pub fn insert(&self, table: &str, rows: &[u8]) -> Result<(), ClickHouseError> {
+        let query = format!("INSERT INTO `{}`.`{table}` FORMAT RowBinary", self.database);
+        self.post(Some(&query), rows, &query).map(drop)
     }
 
     /// Creates the database and every table of `specs` that does not exist yet; returns the
@@ -638,19 +584,21 @@ impl ClickHouse {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde::{Deserialize, Serialize};
 
+    /// A row with one column of each kind the sinks handle; the encoder's tests use it too.
     #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    struct Window {
-        tenant_id: String,
-        name: String,
-        start: i64,
-        ended: Option<i64>,
-        live: bool,
-        tags: Vec<String>,
-        state: Option<String>,
+    pub(crate) struct Window {
+        pub tenant_id: String,
+        pub name: String,
+        pub start: i64,
+        pub ended: Option<i64>,
+        pub live: bool,
+        pub tags: Vec<String>,
+        pub state: Option<String>,
+        pub share: f64,
     }
 
     impl Row for Window {
@@ -661,18 +609,6 @@ mod tests {
         const RETENTION_DAYS: Option<u32> = Some(30);
         fn key(&self) -> Self::Key {
             (self.tenant_id.clone(), self.name.clone(), self.start)
-        }
-    }
-
-    fn row() -> Window {
-        Window {
-            tenant_id: "t".into(),
-            name: "a".into(),
-            start: 1_700_000_000_123,
-            ended: None,
-            live: true,
-            tags: vec!["x".into()],
-            state: Some("DRY".into()),
         }
     }
 
@@ -695,7 +631,7 @@ mod tests {
             sql,
             "CREATE TABLE IF NOT EXISTS `keel`.`windows` (`tenant_id` String, `name` String, \
              `start` Int64, `ended` Nullable(Int64), `live` UInt8, `tags` String, \
-             `state` Nullable(String), `_version` UInt64, `_deleted` UInt8) \
+             `state` Nullable(String), `share` Float64, `_version` UInt64, `_deleted` UInt8) \
              ENGINE = ReplacingMergeTree(`_version`) \
              PARTITION BY (toYYYYMM(toDateTime(intDiv(`start`, 1000))), `tenant_id`) \
              ORDER BY (`tenant_id`, `name`, `start`)"
@@ -723,38 +659,6 @@ mod tests {
             sql.ends_with("TTL toDateTime(`start`) + INTERVAL 30 DAY"),
             "{sql}"
         );
-    }
-
-    #[test]
-    fn rows_and_tombstones_encode_as_json_lines() {
-        let spec = TableSpec::of::<Window>("windows");
-        let mut out = Vec::new();
-        spec.encode(
-            &Change::Upsert(row()),
-            7,
-            Features::of(Version(18, 16)),
-            &mut out,
-        );
-        spec.encode(
-            &Change::<Window>::Delete(("t".into(), "a".into(), 5)),
-            8,
-            Features::of(Version(26, 9)),
-            &mut out,
-        );
-        let text = String::from_utf8(out).unwrap();
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(lines[0]["start"], 1_700_000_000_123i64);
-        assert_eq!(lines[0]["live"], 1);
-        assert_eq!(lines[0]["tags"], "[\"x\"]");
-        assert_eq!(lines[0]["_deleted"], 0);
-        assert_eq!(lines[0]["_version"], 7);
-        assert_eq!(lines[1]["tenant_id"], "t");
-        assert_eq!(lines[1]["start"], "1970-01-01T00:00:00.005Z");
-        assert_eq!(lines[1]["_deleted"], 1);
-        assert!(lines[1].get("live").is_none());
     }
 
     #[test]

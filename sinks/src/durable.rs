@@ -14,10 +14,15 @@
 //! exponential backoff from 0.5 s to 30 s; each failure is logged and counted.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use parking_lot::{Condvar, Mutex};
 
 use keel_operators::table::{Change, Row, TableSink};
 
@@ -26,7 +31,7 @@ use serde_json::Value;
 use keel_sources::dead_letter::{DeadLetter, DeadLetterWriter};
 use keel_sources::error::SourceError;
 
-use crate::clickhouse::{ClickHouse, ClickHouseError, Features, TableSpec};
+use crate::clickhouse::{ClickHouse, ClickHouseError, TableSpec};
 use crate::sql::{SOURCE_TABLE, SqlError, SqlStore, StagedRow};
 
 /// Why the durable stores could not start or write.
@@ -61,14 +66,119 @@ pub struct DurableStats {
     pub failures: AtomicU64,
     /// Rows staged and not yet written.
     pub pending_rows: AtomicU64,
+    /// Rows that could not be encoded for their ClickHouse table (a row type that does not fit
+    /// its table; always 0 unless Keel has a bug).
+    pub encode_errors: AtomicU64,
     /// The last failure, cleared by the next success.
     pub last_error: Mutex<Option<String>>,
 }
 
-/// Rows staged for one table: the newest encoded line per key.
-#[derive(Debug, Default)]
+/// Rows staged for one table: the newest encoded row per key, back to back in one buffer that
+/// is the insert's body. Keys live back to back in a buffer of their own, so staging a row costs
+/// no allocation of its own.
+#[derive(Default)]
 struct Pending {
-    lines: HashMap<Vec<u8>, Vec<u8>>,
+    /// Encoded rows; a row replaced by a newer one for its key stays until compaction.
+    body: Vec<u8>,
+    /// Every key's bytes.
+    keys: Vec<u8>,
+    /// One entry per key: where its bytes and its newest row lie.
+    rows: HashTable<Slot>,
+    hasher: DefaultHashBuilder,
+    /// Bytes of `body` taken by replaced rows.
+    stale: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    hash: u64,
+    key: Range<usize>,
+    row: Range<usize>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("rows", &self.rows.len())
+            .field("bytes", &self.body.len())
+            .field("stale", &self.stale)
+            .finish()
+    }
+}
+
+impl Pending {
+    /// Records the row just appended to `body` from `start` as `key`'s newest; returns whether
+    /// the key is new.
+    fn staged(&mut self, key: &[u8], start: usize) -> bool {
+        let row = start..self.body.len();
+        let new = self.place(key, row, true);
+        // Keys changed in every epoch would otherwise grow the buffer with time.
+        if self.stale > (1 << 26) && self.stale > self.body.len() / 2 {
+            self.compact();
+        }
+        new
+    }
+
+    /// Points `key` at `row`: always when it is new, and when `replace` for a key already here.
+    /// Returns whether the key is new.
+    fn place(&mut self, key: &[u8], row: Range<usize>, replace: bool) -> bool {
+        let hash = self.hasher.hash_one(key);
+        let keys = &self.keys;
+        match self.rows.entry(
+            hash,
+            |slot| slot.hash == hash && keys[slot.key.clone()] == *key,
+            |slot| slot.hash,
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut slot) => {
+                if replace {
+                    let slot = slot.get_mut();
+                    self.stale += slot.row.len();
+                    slot.row = row;
+                }
+                false
+            }
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                let start = self.keys.len();
+                self.keys.extend_from_slice(key);
+                slot.insert(Slot {
+                    hash,
+                    key: start..self.keys.len(),
+                    row,
+                });
+                true
+            }
+        }
+    }
+
+    /// Drops replaced rows, so `body` holds each key's newest row once.
+    fn compact(&mut self) {
+        if self.stale == 0 {
+            return;
+        }
+        let mut body = Vec::with_capacity(self.body.len() - self.stale);
+        for slot in self.rows.iter_mut() {
+            let start = body.len();
+            body.extend_from_slice(&self.body[slot.row.clone()]);
+            slot.row = start..body.len();
+        }
+        self.body = body;
+        self.stale = 0;
+    }
+
+    /// Takes every row of `older` whose key has no newer row here; returns how many were
+    /// superseded.
+    fn keep_older(&mut self, older: &Pending) -> u64 {
+        let mut superseded = 0;
+        for slot in older.rows.iter() {
+            let start = self.body.len();
+            self.body.extend_from_slice(&older.body[slot.row.clone()]);
+            if !self.place(&older.keys[slot.key.clone()], start..self.body.len(), false) {
+                self.body.truncate(start);
+                superseded += 1;
+            }
+        }
+        superseded
+    }
 }
 
 #[derive(Debug, Default)]
@@ -124,9 +234,12 @@ impl std::fmt::Debug for Durable {
 pub struct Stage<'a> {
     staged: &'a mut Staged,
     specs: &'a HashMap<&'static str, TableSpec>,
-    /// The ClickHouse server's features, when there is one.
-    features: Option<Features>,
+    /// Whether ClickHouse is written.
+    clickhouse: bool,
     sql: bool,
+    /// The key bytes of the change being staged (reused).
+    key: Vec<u8>,
+    stats: &'a DurableStats,
     version: u64,
     added: u64,
 }
@@ -152,15 +265,23 @@ impl TableSink for Stage<'_> {
                 }
             }
         }
-        let (Some(spec), Some(features)) = (self.specs.get(table), self.features) else {
+        let Some(spec) = self.specs.get(table).filter(|_| self.clickhouse) else {
             return;
         };
-        let key = serde_json::to_vec(&change.key()).expect("keys serialize");
-        let mut line = Vec::with_capacity(256);
-        spec.encode(&change, self.version, features, &mut line);
         let pending = self.staged.tables.entry(table).or_default();
-        if pending.lines.insert(key, line).is_none() {
-            self.added += 1;
+        let start = pending.body.len();
+        self.key.clear();
+        match spec.encode(&change, self.version, &mut pending.body, &mut self.key) {
+            Ok(()) => {
+                if pending.staged(&self.key, start) {
+                    self.added += 1;
+                }
+            }
+            Err(error) => {
+                // A row type that does not fit its table: a bug, reported without stopping.
+                tracing::error!(%error, "row not staged for ClickHouse");
+                self.stats.encode_errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -226,10 +347,7 @@ impl Durable {
             .name("keel-durable".into())
             .spawn(move || write_loop(&shared, &stores, every))
             .map_err(|e| StoreError::Other(format!("cannot start the writer: {e}")))?;
-        *durable
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(writer);
+        *durable.writer.lock() = Some(writer);
         Ok(durable)
     }
 
@@ -268,11 +386,7 @@ impl Durable {
             letters.clear();
             return;
         }
-        let mut staged = self
-            .shared
-            .staged
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut staged = self.shared.staged.lock();
         self.shared
             .stats
             .pending_rows
@@ -288,18 +402,16 @@ impl Durable {
     /// Stages the changes `fill` hands to its sink, then marks every epoch up to `closed` as
     /// staged. Call once per closed epoch, with all of that epoch's changes.
     pub fn stage(&self, closed: Option<u64>, fill: impl FnOnce(&mut Stage<'_>)) {
-        let mut staged = self
-            .shared
-            .staged
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut staged = self.shared.staged.lock();
         let version = now_micros().max(staged.last_version + 1);
         staged.last_version = version;
         let mut stage = Stage {
             staged: &mut staged,
             specs: &self.specs,
-            features: self.stores.clickhouse.as_ref().map(ClickHouse::features),
+            clickhouse: self.stores.clickhouse.is_some(),
             sql: self.stores.sql.is_some(),
+            key: Vec::new(),
+            stats: &self.shared.stats,
             version,
             added: 0,
         };
@@ -322,12 +434,7 @@ impl Durable {
     /// Writes what is staged now and waits up to `timeout` for it to be stored. Returns whether
     /// everything staged was stored.
     pub fn sync(&self, timeout: Duration) -> bool {
-        let target = self
-            .shared
-            .staged
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .closed;
+        let target = self.shared.staged.lock().closed;
         let deadline = Instant::now() + timeout;
         while self.shared.durable.load(Ordering::Acquire) < target {
             if Instant::now() >= deadline || self.shared.stop.load(Ordering::Acquire) {
@@ -344,12 +451,7 @@ impl Durable {
         let stored = self.sync(timeout);
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake.notify_all();
-        if let Some(writer) = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        if let Some(writer) = self.writer.lock().take() {
             let _ = writer.join();
         }
         stored
@@ -362,7 +464,7 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
     loop {
         // Wait for the interval (or a finish request), then take everything staged.
         let (tables, sql, dead, closed) = {
-            let mut staged = shared.staged.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut staged = shared.staged.lock();
             loop {
                 if shared.stop.load(Ordering::Acquire) {
                     return;
@@ -371,12 +473,13 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
                 if waited >= every {
                     break;
                 }
-                let (next, timeout) = shared
+                // parking_lot's lock is eventually fair: epochs staged back to back (a
+                // backfill) cannot keep the writer from taking its turn.
+                if !shared
                     .wake
-                    .wait_timeout(staged, every - waited)
-                    .unwrap_or_else(PoisonError::into_inner);
-                staged = next;
-                if !timeout.timed_out() {
+                    .wait_for(&mut staged, every - waited)
+                    .timed_out()
+                {
                     // A finish request: write at once.
                     break;
                 }
@@ -393,11 +496,7 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
             Ok(()) => {
                 shared.durable.fetch_max(closed, Ordering::AcqRel);
                 backoff = Duration::from_millis(500);
-                *shared
-                    .stats
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = None;
+                *shared.stats.last_error.lock() = None;
             }
             Err(failed) => {
                 let Failed {
@@ -408,24 +507,12 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
                 } = *failed;
                 shared.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, retry_in = ?backoff, "durable write failed; positions are not committed until it succeeds");
-                *shared
-                    .stats
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
-                let mut staged = shared.staged.lock().unwrap_or_else(PoisonError::into_inner);
+                *shared.stats.last_error.lock() = Some(error.to_string());
+                let mut staged = shared.staged.lock();
                 let mut superseded = 0;
                 for (table, pending) in unwritten {
-                    let now = staged.tables.entry(table).or_default();
-                    for (key, line) in pending.lines {
-                        // A change staged meanwhile is newer: keep it.
-                        match now.lines.entry(key) {
-                            std::collections::hash_map::Entry::Occupied(_) => superseded += 1,
-                            std::collections::hash_map::Entry::Vacant(slot) => {
-                                slot.insert(line);
-                            }
-                        }
-                    }
+                    // A change staged meanwhile is newer: keep it.
+                    superseded += staged.tables.entry(table).or_default().keep_older(&pending);
                 }
                 for (key, row) in unwritten_sql {
                     match staged.sql.entry(key) {
@@ -493,16 +580,13 @@ fn write_all(
         let mut tables: Vec<(&'static str, Pending)> = tables.into_iter().collect();
         tables.sort_by_key(|(name, _)| *name);
         let mut rest = tables.into_iter();
-        while let Some((table, pending)) = rest.next() {
-            if pending.lines.is_empty() {
+        while let Some((table, mut pending)) = rest.next() {
+            if pending.rows.is_empty() {
                 continue;
             }
-            let rows = pending.lines.len() as u64;
-            let mut body = Vec::with_capacity(pending.lines.values().map(Vec::len).sum());
-            for line in pending.lines.values() {
-                body.extend_from_slice(line);
-            }
-            if let Err(error) = clickhouse.insert(table, &body) {
+            let rows = pending.rows.len() as u64;
+            pending.compact();
+            if let Err(error) = clickhouse.insert(table, &pending.body) {
                 let mut unwritten = vec![(table, pending)];
                 unwritten.extend(rest);
                 return Err(Box::new(Failed {
@@ -543,11 +627,7 @@ impl DurableStats {
     /// Appends these counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let failing = self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some();
+        let failing = self.last_error.lock().is_some();
         let _ = write!(
             out,
             "# HELP keel_durable_rows_written_total Rows and tombstones written to ClickHouse.\n\
@@ -568,6 +648,9 @@ impl DurableStats {
              # HELP keel_durable_pending_rows Rows staged and not yet written.\n\
              # TYPE keel_durable_pending_rows gauge\n\
              keel_durable_pending_rows {}\n\
+             # HELP keel_durable_encode_errors_total Rows that could not be encoded for ClickHouse.\n\
+             # TYPE keel_durable_encode_errors_total counter\n\
+             keel_durable_encode_errors_total {}\n\
              # HELP keel_durable_failing Whether the last flush failed (1) or succeeded (0).\n\
              # TYPE keel_durable_failing gauge\n\
              keel_durable_failing {}\n",
@@ -577,7 +660,64 @@ impl DurableStats {
             self.inserts.load(Ordering::Relaxed),
             self.failures.load(Ordering::Relaxed),
             self.pending_rows.load(Ordering::Relaxed),
+            self.encode_errors.load(Ordering::Relaxed),
             u8::from(failing),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(pending: &mut Pending, key: &str, row: &str) -> bool {
+        let start = pending.body.len();
+        pending.body.extend_from_slice(row.as_bytes());
+        pending.staged(key.as_bytes(), start)
+    }
+
+    fn rows(pending: &Pending) -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = pending
+            .rows
+            .iter()
+            .map(|slot| {
+                (
+                    String::from_utf8(pending.keys[slot.key.clone()].to_vec()).unwrap(),
+                    String::from_utf8(pending.body[slot.row.clone()].to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn a_key_keeps_its_newest_row_and_compaction_drops_the_rest() {
+        let mut pending = Pending::default();
+        assert!(stage(&mut pending, "a", "a1"));
+        assert!(stage(&mut pending, "b", "b1"));
+        assert!(!stage(&mut pending, "a", "a22"));
+        assert_eq!(pending.stale, 2);
+        pending.compact();
+        assert_eq!(pending.stale, 0);
+        assert_eq!(pending.body.len(), 5);
+        assert_eq!(
+            rows(&pending),
+            [("a".into(), "a22".into()), ("b".into(), "b1".into())]
+        );
+    }
+
+    #[test]
+    fn rows_of_a_failed_write_yield_to_newer_ones() {
+        let mut failed = Pending::default();
+        stage(&mut failed, "a", "old-a");
+        stage(&mut failed, "b", "old-b");
+        let mut now = Pending::default();
+        stage(&mut now, "a", "new-a");
+        assert_eq!(now.keep_older(&failed), 1);
+        assert_eq!(
+            rows(&now),
+            [("a".into(), "new-a".into()), ("b".into(), "old-b".into())]
         );
     }
 }

@@ -6,6 +6,7 @@
 //! - [`live`]: in-memory live tables, applied per epoch and read as Arrow snapshots.
 //! - [`clickhouse`]: ClickHouse tables mirroring the live tables (`ReplacingMergeTree`, one
 //!   version column), created by `keel migrate`, read back for checks.
+//! - [`rowbinary`]: rows as ClickHouse `RowBinary`, serialized straight from the row types.
 //! - [`durable`]: changes staged per closed epoch, written in batches by a thread of their own,
 //!   and the watermark of epochs safely stored (source positions are committed below it).
 //! - [`sql`]: the platform's `stream_analytics` table in PostgreSQL or SQLite, upserted from
@@ -17,4 +18,5 @@ pub mod clickhouse;
 pub mod durable;
 pub mod hub;
 pub mod live;
+pub mod rowbinary;
 pub mod sql;
