@@ -758,7 +758,7 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
     keel.wait_for(records, Duration::from_secs(120));
     keel.stop();
 
-    // One letter per ingest_errors row, keyed by the same position.
+    // One letter per ingest_errors row, naming the same position.
     let errors = tables(&url, &database)
         .into_iter()
         .find(|(t, _)| *t == "ingest_errors")
@@ -773,18 +773,21 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
         .collect();
     assert!(positions.len() > 50, "{} error rows", positions.len());
     let letters = read_all(&brokers, &dlq);
-    let mut keys: Vec<String> = letters
+    let mut named: Vec<String> = letters
         .iter()
-        .map(|(_, _, key, _)| {
-            // "topic:partition:offset" names the same record as "kafka:topic/partition@offset".
-            let (rest, offset) = key.rsplit_once(':').unwrap();
-            let (topic, partition) = rest.rsplit_once(':').unwrap();
-            format!("kafka:{topic}/{partition}@{offset}")
+        .map(|(_, _, _, value)| {
+            let letter: serde_json::Value = serde_json::from_slice(value).unwrap();
+            format!(
+                "kafka:{}/{}@{}",
+                letter["topic"].as_str().unwrap(),
+                letter["partition"],
+                letter["offset"]
+            )
         })
         .collect();
     positions.sort();
-    keys.sort();
-    assert_eq!(keys, positions);
+    named.sort();
+    assert_eq!(named, positions);
 
     // Every valid record is in events_raw once, by event id, and no client address is.
     let clickhouse = ClickHouse::connect(&url, &database).unwrap();
@@ -807,10 +810,11 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
     assert_eq!(counts[2], 0, "a client address reached events_raw");
 
     // Each letter carries the original bytes and says why.
-    let originals: std::collections::HashMap<(i32, i64), Vec<u8>> = read_all(&brokers, &topic)
-        .into_iter()
-        .map(|(p, o, _, v)| ((p, o), v))
-        .collect();
+    let originals: std::collections::HashMap<(i32, i64), (String, Vec<u8>)> =
+        read_all(&brokers, &topic)
+            .into_iter()
+            .map(|(p, o, k, v)| ((p, o), (k, v)))
+            .collect();
     let dotted_quad = |bytes: &[u8]| {
         String::from_utf8_lossy(bytes)
             .split(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -820,10 +824,11 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
             })
     };
     assert!(
-        originals.values().any(|v| dotted_quad(v)),
+        originals.values().any(|(_, v)| dotted_quad(v)),
         "the simulated records carry client addresses (so events_raw had some to remove)"
     );
-    for (_, _, _, value) in &letters {
+    let mut keyed = 0;
+    for (_, _, key, value) in &letters {
         let letter: serde_json::Value = serde_json::from_slice(value).unwrap();
         let at = (
             letter["partition"].as_i64().unwrap() as i32,
@@ -832,11 +837,26 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(letter["value_base64"].as_str().unwrap())
             .unwrap();
-        assert_eq!(&bytes, &originals[&at], "{letter}");
+        let (original_key, original) = &originals[&at];
+        assert_eq!(&bytes, original, "{letter}");
+        // The letter keeps the record's key (the simulator keys records by event id), or
+        // names the record's position when it had none.
+        if original_key.is_empty() {
+            assert_eq!(*key, format!("{topic}:{}:{}", at.0, at.1));
+            assert!(letter.get("key_base64").is_none(), "{letter}");
+        } else {
+            keyed += 1;
+            assert_eq!(key, original_key);
+            let sent = base64::engine::general_purpose::STANDARD
+                .decode(letter["key_base64"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(sent, original_key.as_bytes());
+        }
         assert_eq!(letter["topic"], topic.as_str());
         assert_eq!(letter["consumer"], "keel");
         assert!(!letter["error"].as_str().unwrap().is_empty());
     }
+    assert!(keyed > 0, "no letter of a keyed record");
 }
 
 /// `rows` (JSONEachRow) as values, with 64-bit integers that a server quoted turned back into

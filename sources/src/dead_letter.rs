@@ -2,11 +2,12 @@
 //! shape so they can be inspected and replayed.
 //!
 //! Each dead letter's value is the JSON object the platform's consumers write
-//! (`topic, partition, offset, timestamp, tenant_id?, event_id?, event_type?, value_base64,
-//! headers, error, consumer`), its key `topic:partition:offset` (the position for records that
-//! did not come from Kafka), and its headers `tenant_id`, `event_type`, `source` (the consumer) and
-//! `original_topic`. Keel keeps the headers its codec reads (`tenant_id`, `event_type`,
-//! `event_id`, `source`), not the record key, so those are what a letter carries.
+//! (`topic, partition, offset, timestamp, tenant_id?, event_id?, event_type?, key_base64?,
+//! value_base64, headers, error, consumer`), its key the original record's key or, for a record
+//! without one, `topic:partition:offset` (the position for records that did not come from
+//! Kafka), and its headers `tenant_id`, `event_type`, `source` (the consumer) and
+//! `original_topic`. Of the original headers Keel keeps those its codec reads (`tenant_id`,
+//! `event_type`, `event_id`, `source`), so those are what a letter's `headers` object holds.
 //!
 //! [`DeadLetterWriter::send_all`] produces a batch and waits for every acknowledgement; the
 //! durable writer calls it before it lets the batch's epochs count as stored, so a record's
@@ -34,7 +35,7 @@ pub const CONSUMER: &str = "keel";
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetter {
     /// Kafka key.
-    pub key: String,
+    pub key: Vec<u8>,
     /// The JSON value.
     pub value: Vec<u8>,
     /// Kafka headers.
@@ -53,15 +54,17 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
             topic.as_str().to_owned(),
             Value::from(*partition),
             Value::from(*offset),
-            format!("{topic}:{partition}:{offset}"),
+            format!("{topic}:{partition}:{offset}").into_bytes(),
         ),
         other => (
             other.to_string(),
             Value::Null,
             Value::Null,
-            other.to_string(),
+            other.to_string().into_bytes(),
         ),
     };
+    let original_key = record.and_then(|r| r.headers.key.as_deref());
+    let key = original_key.map_or(key, <[u8]>::to_vec);
     let mut headers = Map::new();
     let mut object = Map::new();
     object.insert("topic".into(), Value::from(topic.clone()));
@@ -96,6 +99,12 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
     }
     if let Some(kind) = &event_type {
         object.insert("event_type".into(), Value::from(kind.as_str()));
+    }
+    if let Some(original) = original_key {
+        object.insert(
+            "key_base64".into(),
+            Value::from(base64::engine::general_purpose::STANDARD.encode(original)),
+        );
     }
     let value = record.map_or(&[][..], |r| r.value);
     object.insert(
@@ -239,6 +248,7 @@ mod tests {
                 event_type: Some(Cow::Borrowed("viewer_connect")),
                 event_id: None,
                 source: Some(Cow::Borrowed("decklog")),
+                key: None,
             },
         };
         let error = IngestError {
@@ -249,7 +259,7 @@ mod tests {
             excerpt: String::new(),
         };
         let letter = dead_letter(Some(&record), &error, 7);
-        assert_eq!(letter.key, "analytics_events:2:41");
+        assert_eq!(letter.key, b"analytics_events:2:41");
         let value: Value = serde_json::from_slice(&letter.value).unwrap();
         assert_eq!(value["topic"], "analytics_events");
         assert_eq!(value["partition"], 2);
@@ -258,6 +268,21 @@ mod tests {
         assert_eq!(value["tenant_id"], "t-1");
         assert_eq!(value["event_type"], "viewer_connect");
         assert!(value.get("event_id").is_none());
+        assert!(value.get("key_base64").is_none());
+
+        // A record with a key keeps it, as the letter's key and in the value.
+        let keyed = Record {
+            headers: Headers {
+                key: Some(Cow::Borrowed(&b"ev-9\xff"[..])),
+                ..record.headers.clone()
+            },
+            ..record
+        };
+        let letter = dead_letter(Some(&keyed), &error, 7);
+        assert_eq!(letter.key, b"ev-9\xff");
+        let value: Value = serde_json::from_slice(&letter.value).unwrap();
+        assert_eq!(value["key_base64"], "ZXYtOf8=");
+        assert_eq!(value["offset"], 41);
         assert_eq!(value["value_base64"], "e25vdCBqc29u");
         assert_eq!(value["headers"]["source"], "decklog");
         assert_eq!(value["error"], "not JSON");

@@ -2,7 +2,7 @@
 //!
 //! Each line is one record. A line that starts with `{"topic"` is read as a `kcat -J` envelope
 //! (`topic`, `partition`, `offset`, `headers` as a flat name/value array, `key`, `payload`): its
-//! payload is the record value, its headers are honoured, and its Kafka position is kept, so a
+//! payload is the record value, its headers are honoured, its key is kept for dead letters, and its Kafka position is kept, so a
 //! dump of a real topic replays exactly as consuming the topic would. Any other line is a bare
 //! record value. Blank lines are skipped.
 //!
@@ -208,11 +208,18 @@ fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
     let mut offset = None;
     let mut headers: Vec<(String, String)> = Vec::new();
     let mut payload = None;
+    let mut record_key = None;
     json.object(|json, key| {
         match &*key.get() {
             "topic" => topic = Some(json.string()?.get().into_owned()),
             "partition" => partition = json.scalar()?.ok(),
             "offset" => offset = json.scalar()?.ok(),
+            "key" => {
+                record_key = match json.scalar()? {
+                    Ok(Value::Str(text)) => Some(text.get().into_owned()),
+                    _ => None,
+                }
+            }
             "payload" => {
                 payload = match json.scalar()? {
                     Ok(Value::Str(text)) => Some(text.get().into_owned()),
@@ -259,6 +266,9 @@ fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
         payload.as_bytes(),
         headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
     );
+    if let Some(key) = record_key {
+        batch.set_key(key.as_bytes());
+    }
     Ok(())
 }
 
@@ -267,8 +277,8 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// Position, value and tenant header of a record read back.
-    type ReadBack = (String, String, Option<String>);
+    /// Position, value, tenant header and key of a record read back.
+    type ReadBack = (String, String, Option<String>, Option<String>);
 
     fn read_all(path: &Path, workers: usize) -> (Vec<ReadBack>, Vec<IngestError>) {
         let source = FileSource::open(path).unwrap();
@@ -289,6 +299,9 @@ mod tests {
                         r.position.to_string(),
                         String::from_utf8(r.value.to_vec()).unwrap(),
                         r.headers.tenant_id.map(|t| t.into_owned()),
+                        r.headers
+                            .key
+                            .map(|k| String::from_utf8_lossy(&k).into_owned()),
                     ));
                 }
                 refused.extend(batch.take_refused());
@@ -321,17 +334,20 @@ mod tests {
                     (
                         "file:".to_owned() + &path.display().to_string() + ":1",
                         r#"{"event_type":"a"}"#.to_owned(),
+                        None,
                         None
                     ),
                     (
                         "file:".to_owned() + &path.display().to_string() + ":5",
                         r#"{"event_type":"c"}"#.to_owned(),
+                        None,
                         None
                     ),
                     (
                         "kafka:analytics_events/2@41".to_owned(),
                         r#"{"event_type":"b"}"#.to_owned(),
-                        Some("t-1".to_owned())
+                        Some("t-1".to_owned()),
+                        Some("k".to_owned())
                     ),
                 ]
             );
@@ -359,7 +375,7 @@ mod tests {
         drop(f);
         let (records, _) = read_all(&path, 2);
         assert_eq!(records.len(), lines);
-        for (position, value, _) in &records {
+        for (position, value, _, _) in &records {
             let line: usize = position.rsplit(':').next().unwrap().parse().unwrap();
             assert!(
                 value.starts_with(&format!(r#"{{"n":{line},"#)),

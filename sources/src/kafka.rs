@@ -477,6 +477,9 @@ impl SourceReader for KafkaReader {
                         .flat_map(|h| h.iter())
                         .filter_map(|h| Some((h.key, h.value?)));
                     batch.push(position, payload, pairs);
+                    if let Some(key) = message.key() {
+                        batch.set_key(key);
+                    }
                 }
                 None => batch.refuse(IngestError {
                     position,

@@ -54,7 +54,8 @@ impl fmt::Display for Position {
     }
 }
 
-/// The Kafka headers the codec honours. Body fields win; headers fill in what the body lacks.
+/// The Kafka headers the codec honours (body fields win; headers fill in what the body lacks),
+/// and the record's key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Headers<'a> {
     /// `tenant_id` header.
@@ -65,6 +66,9 @@ pub struct Headers<'a> {
     pub event_id: Option<Cow<'a, str>>,
     /// `source` header.
     pub source: Option<Cow<'a, str>>,
+    /// The Kafka record key, when the record has one. Not a header, but it travels with them:
+    /// the codec ignores it and dead letters carry it back (`key_base64`).
+    pub key: Option<Cow<'a, [u8]>>,
 }
 
 impl<'a> Headers<'a> {

@@ -31,6 +31,7 @@ struct Entry {
     position: Position,
     value: Range<usize>,
     headers: [Option<Range<usize>>; 4],
+    key: Option<Range<usize>>,
 }
 
 /// Records read in one go, stored in one buffer, plus those the connector already refused
@@ -112,7 +113,19 @@ impl Batch {
             position,
             value,
             headers: kept,
+            key: None,
         });
+    }
+
+    /// Gives the record pushed last its Kafka key (an empty key counts as none).
+    pub fn set_key(&mut self, key: &[u8]) {
+        if key.is_empty() {
+            return;
+        }
+        let range = self.stash(key);
+        if let Some(entry) = self.entries.last_mut() {
+            entry.key = Some(range);
+        }
     }
 
     /// The records, borrowing from the batch.
@@ -128,6 +141,10 @@ impl Batch {
                 event_type: text(&entry.headers[1]),
                 event_id: text(&entry.headers[2]),
                 source: text(&entry.headers[3]),
+                key: entry
+                    .key
+                    .as_ref()
+                    .map(|r| std::borrow::Cow::Borrowed(&self.data[r.clone()])),
             };
             Record {
                 position: entry.position.clone(),
