@@ -13,12 +13,12 @@ use arc_swap::{ArcSwap, Guard};
 use keel_operators::sym::Sym;
 use serde::{Deserialize, Serialize};
 
-use super::NodeLoad;
 use super::kdtree::Tree;
 use super::score::{
-    Breakdown, Cutoff, Reject, Request, Trig, Weights, check_request, finish, gate, geo_term,
-    static_terms, tag_sum,
+    Breakdown, Cutoff, GeoCuts, Reject, Request, Trig, Weights, check_request, cos_angle, finish,
+    gate, geo_of_cos, static_terms, tag_sum,
 };
+use super::{NodeLoad, stale};
 
 /// Weights and the opt-in cutoff: what `/?weights=` and the config change at run time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -111,12 +111,18 @@ pub struct Fleet {
     nodes: Vec<Arc<NodeLoad>>,
     /// Static terms (or why there are none) by node index.
     entries: Vec<Result<Entry, Reject>>,
+    /// When each node was last heard from, by node index: staleness without reading the nodes.
+    seen_at: Vec<i64>,
     /// Routable nodes, best static sum first: the walk for clients without a place.
     order: Vec<Entry>,
     /// Routable nodes without a place, best static sum first.
     placeless: Vec<Entry>,
     /// Nodes with a place, for clients with one.
     tree: Tree,
+    /// Node changes patched into the tree's bounds since it was shaped.
+    tree_age: usize,
+    /// Which nodes' geo terms surely fall short, for the policy's geo weight.
+    cuts: Arc<GeoCuts>,
     /// The furthest check any node fails on its static terms alone.
     static_furthest: Option<Reject>,
 }
@@ -173,7 +179,7 @@ impl Fleet {
             .enumerate()
             .filter_map(|(index, node)| Some((index as u32, unit(node)?)))
             .collect();
-        let tree = Tree::build(&placed, nodes.len(), |i| {
+        let tree = Tree::build(&placed, nodes.len(), policy.weights.geo, |i| {
             entries[i as usize].as_ref().ok().map(|e| e.sum)
         });
         let mut order: Vec<Entry> = entries.iter().filter_map(|e| e.ok()).collect();
@@ -183,11 +189,14 @@ impl Fleet {
             built: Instant::now(),
             policy,
             watermark,
+            seen_at: nodes.iter().map(|n| n.seen_at).collect(),
             nodes,
             entries,
             order,
             placeless,
             tree,
+            tree_age: 0,
+            cuts: Arc::new(GeoCuts::new(policy.weights.geo)),
             static_furthest,
         }
     }
@@ -199,6 +208,7 @@ impl Fleet {
     pub fn with_changes(&self, changed: &[Arc<NodeLoad>], watermark: i64) -> Option<Fleet> {
         let mut nodes = self.nodes.clone();
         let mut entries = self.entries.clone();
+        let mut seen_at = self.seen_at.clone();
         let mut indices = Vec::with_capacity(changed.len());
         for node in changed {
             let at = nodes.binary_search_by(|n| n.node.cmp(&node.node)).ok()?;
@@ -207,23 +217,34 @@ impl Fleet {
                 return None;
             }
             nodes[at] = Arc::clone(node);
+            seen_at[at] = node.seen_at;
             entries[at] = entry(index, node, &self.policy.weights, watermark);
             indices.push(index);
         }
         if watermark != self.watermark {
             // Event time moved: nodes may have gone stale (or, going back, fresh again).
-            for (at, node) in nodes.iter().enumerate() {
-                if node.is_stale(watermark) != node.is_stale(self.watermark) {
+            for (at, &seen) in seen_at.iter().enumerate() {
+                if stale(seen, watermark) != stale(seen, self.watermark) {
                     let index = at as u32;
-                    entries[at] = entry(index, node, &self.policy.weights, watermark);
+                    entries[at] = entry(index, &nodes[at], &self.policy.weights, watermark);
                     indices.push(index);
                 }
             }
         }
-        let mut tree = self.tree.clone();
-        for &index in &indices {
-            tree.update(index, |i| entries[i as usize].as_ref().ok().map(|e| e.sum));
-        }
+        let sum = |i: u32| entries[i as usize].as_ref().ok().map(|e| e.sum);
+        let mut tree_age = self.tree_age + indices.len();
+        // Patched bounds loosen as scores drift from those the tree was shaped for: once a
+        // quarter of the fleet has changed, shape it afresh.
+        let tree = if tree_age > (nodes.len() / 4).max(64) {
+            tree_age = 0;
+            self.tree.rebuilt(self.policy.weights.geo, sum)
+        } else {
+            let mut tree = self.tree.clone();
+            for &index in &indices {
+                tree.update(index, sum);
+            }
+            tree
+        };
         // The previous ranking without the changed nodes, plus their new entries: nearly
         // sorted, which the sort finishes in about linear time.
         indices.sort_unstable();
@@ -248,9 +269,12 @@ impl Fleet {
             watermark,
             nodes,
             entries,
+            seen_at,
             order,
             placeless,
             tree,
+            tree_age,
+            cuts: Arc::clone(&self.cuts),
             static_furthest,
         })
     }
@@ -339,13 +363,22 @@ impl Fleet {
             let worst = |top: &Vec<Candidate>| {
                 (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total))
             };
-            let geo = match (&client, &entry.trig) {
-                (Some(c), Some(t)) => geo_term(w.geo, c, t),
-                _ => 0,
+            let cos = match (&client, &entry.trig) {
+                (Some(c), Some(t)) => Some(cos_angle(c, t)),
+                _ => None,
             };
             // A node that cannot beat the candidates held even with the bonus and every
-            // positive adjustment is passed over before its figures are read.
-            if let Some(bar) = worst(top)
+            // positive adjustment is passed over before its figures are read — most of them
+            // by the cosine alone, the rest once their geo term is known.
+            let bar = worst(top);
+            if let Some(bar) = bar
+                && let Some(needed) = bar.checked_sub(entry.sum + bonus_max + tag_max)
+                && cos.is_none_or(|c| self.cuts.surely_below(c, needed))
+            {
+                return Some(bar);
+            }
+            let geo = cos.map_or(0, |c| geo_of_cos(w.geo, c));
+            if let Some(bar) = bar
                 && entry.sum + geo + bonus_max + tag_max < bar
             {
                 return Some(bar);

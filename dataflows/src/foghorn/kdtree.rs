@@ -1,11 +1,21 @@
-//! A k-d tree over node positions (unit vectors) for branch-and-bound routing.
+//! A k-d tree over node positions (unit vectors) and static scores for branch-and-bound routing.
 //!
 //! Each subtree knows the box around its nodes' unit vectors and the highest static score
 //! (cpu + ram + bw) among them. For a client, the largest dot product with any point of a box
 //! bounds the cosine of the closest angle, so `best static + geo bound + bonus + tags` bounds
 //! every score inside; subtrees are opened depth first, the better bound first, and skipped
-//! when their bound cannot beat the candidates held. The tree's shape depends only on positions,
-//! so a change of load updates the bounds along one path and nothing else.
+//! when their bound cannot beat the candidates held.
+//!
+//! A cell is split along whichever spread is widest in points of score: one of the three axes
+//! of position (an angle's worth of the geo weight) or the static score itself. With the default
+//! weights the static scores of a fleet spread over more points than a continent's worth of geo
+//! term, so splitting on position alone leaves in every cell some node with a high static score,
+//! and every cell within a quarter of the globe has to be opened; grouping by score as well
+//! lets the bound of a cell of lightly loaded nodes differ from that of its busy neighbours.
+//!
+//! The shape is fixed when the tree is built: a change of load refreshes the bounds along one
+//! path and nothing else. Bounds stay correct as scores drift, only looser, so the snapshot
+//! rebuilds the tree after a share of its nodes has changed ([`Tree::rebuilt`]).
 
 use std::sync::Arc;
 
@@ -49,10 +59,11 @@ pub fn geo_bound(weight: u64, cos_bound: f64) -> u64 {
 
 impl Tree {
     /// Builds the tree over `(node index, unit vector)` for `count` nodes in all; `sum` gives a
-    /// node's static sum when it is routable.
+    /// node's static sum when it is routable, `geo_weight` weighs position against it.
     pub fn build(
         placed: &[(u32, [f64; 3])],
         count: usize,
+        geo_weight: u64,
         sum: impl Fn(u32) -> Option<u64>,
     ) -> Tree {
         let mut shape = Shape {
@@ -66,13 +77,33 @@ impl Tree {
         let mut cells = Vec::with_capacity(placed.len() / LEAF * 2 + 1);
         let mut items: Vec<u32> = placed.iter().map(|p| p.0).collect();
         if !items.is_empty() {
-            split(&mut cells, &mut shape, &mut items, 0, u32::MAX, &sum);
+            let mut split = Split {
+                cells: &mut cells,
+                shape: &mut shape,
+                // Points of geo term per unit of distance between unit vectors (about a radian).
+                per_unit: geo_weight as f64 / std::f64::consts::PI,
+                sum: &sum,
+            };
+            split.cell(&mut items, 0, u32::MAX);
         }
         shape.items = items;
         Tree {
             cells,
             shape: Arc::new(shape),
         }
+    }
+
+    /// The same nodes in a tree shaped afresh for the current static sums.
+    pub fn rebuilt(&self, geo_weight: u64, sum: impl Fn(u32) -> Option<u64>) -> Tree {
+        let placed: Vec<(u32, [f64; 3])> = self
+            .shape
+            .leaf_of
+            .iter()
+            .enumerate()
+            .filter(|(_, leaf)| **leaf != u32::MAX)
+            .map(|(index, _)| (index as u32, self.shape.points[index]))
+            .collect();
+        Tree::build(&placed, self.shape.leaf_of.len(), geo_weight, sum)
     }
 
     /// True when node `index` sits at `point` in the tree (or is absent and `point` is none).
@@ -169,54 +200,82 @@ impl Tree {
     }
 }
 
-fn split(
-    cells: &mut Vec<Cell>,
-    shape: &mut Shape,
-    items: &mut [u32],
-    offset: usize,
-    parent: u32,
-    sum: &impl Fn(u32) -> Option<u64>,
-) -> u32 {
-    let mut lo = [f64::INFINITY; 3];
-    let mut hi = [f64::NEG_INFINITY; 3];
-    for &i in items.iter() {
-        let p = shape.points[i as usize];
-        for axis in 0..3 {
-            lo[axis] = lo[axis].min(p[axis]);
-            hi[axis] = hi[axis].max(p[axis]);
-        }
+/// What building needs while it recurses.
+struct Split<'a, F> {
+    cells: &'a mut Vec<Cell>,
+    shape: &'a mut Shape,
+    per_unit: f64,
+    sum: &'a F,
+}
+
+impl<F: Fn(u32) -> Option<u64>> Split<'_, F> {
+    /// A node's static sum for the split (nodes no request can have count as 0).
+    fn key(&self, i: u32) -> u64 {
+        (self.sum)(i).unwrap_or(0)
     }
-    let id = u32::try_from(cells.len()).expect("fewer than 2^32 cells");
-    cells.push(Cell {
-        lo,
-        hi,
-        best: None,
-        start: offset as u32,
-        end: (offset + items.len()) as u32,
-        children: None,
-        parent,
-    });
-    if items.len() <= LEAF {
+
+    /// Makes the cell over `items` (which start at `offset` of the final order) and its subtree;
+    /// returns the cell's id.
+    fn cell(&mut self, items: &mut [u32], offset: usize, parent: u32) -> u32 {
+        let mut lo = [f64::INFINITY; 3];
+        let mut hi = [f64::NEG_INFINITY; 3];
+        let (mut least, mut most) = (u64::MAX, 0);
         for &i in items.iter() {
-            shape.leaf_of[i as usize] = id;
+            let p = self.shape.points[i as usize];
+            for axis in 0..3 {
+                lo[axis] = lo[axis].min(p[axis]);
+                hi[axis] = hi[axis].max(p[axis]);
+            }
+            let key = self.key(i);
+            least = least.min(key);
+            most = most.max(key);
         }
-        cells[id as usize].best = items.iter().filter_map(|&i| sum(i)).max();
-        return id;
+        let id = u32::try_from(self.cells.len()).expect("fewer than 2^32 cells");
+        self.cells.push(Cell {
+            lo,
+            hi,
+            best: None,
+            start: offset as u32,
+            end: (offset + items.len()) as u32,
+            children: None,
+            parent,
+        });
+        if items.len() <= LEAF {
+            for &i in items.iter() {
+                self.shape.leaf_of[i as usize] = id;
+            }
+            self.cells[id as usize].best = items.iter().filter_map(|&i| (self.sum)(i)).max();
+            return id;
+        }
+        // The widest spread in points of score: axes 0–2 are position, 3 the static sum.
+        let spread = |axis: usize| {
+            if axis == 3 {
+                (most - least) as f64
+            } else {
+                (hi[axis] - lo[axis]) * self.per_unit
+            }
+        };
+        let axis = (0..4)
+            .max_by(|&a, &b| spread(a).total_cmp(&spread(b)))
+            .unwrap_or(0);
+        let mid = items.len() / 2;
+        if axis == 3 {
+            items.select_nth_unstable_by_key(mid, |&i| self.key(i));
+        } else {
+            let points = &self.shape.points;
+            items.select_nth_unstable_by(mid, |&a, &b| {
+                points[a as usize][axis].total_cmp(&points[b as usize][axis])
+            });
+        }
+        let (left_items, right_items) = items.split_at_mut(mid);
+        let left = self.cell(left_items, offset, id);
+        let right = self.cell(right_items, offset + mid, id);
+        let best = self.cells[left as usize]
+            .best
+            .max(self.cells[right as usize].best);
+        let cell = &mut self.cells[id as usize];
+        cell.children = Some((left, right));
+        cell.best = best;
+        id
     }
-    let axis = (0..3)
-        .max_by(|&a, &b| (hi[a] - lo[a]).total_cmp(&(hi[b] - lo[b])))
-        .unwrap_or(0);
-    let mid = items.len() / 2;
-    let points = &shape.points;
-    items.select_nth_unstable_by(mid, |&a, &b| {
-        points[a as usize][axis].total_cmp(&points[b as usize][axis])
-    });
-    let (left_items, right_items) = items.split_at_mut(mid);
-    let left = split(cells, shape, left_items, offset, id, sum);
-    let right = split(cells, shape, right_items, offset + mid, id, sum);
-    let best = cells[left as usize].best.max(cells[right as usize].best);
-    let cell = &mut cells[id as usize];
-    cell.children = Some((left, right));
-    cell.best = best;
-    id
 }

@@ -105,6 +105,11 @@ pub struct NodeLoad {
     pub connections: u64,
 }
 
+/// True when an update seen at `seen_at` is more than [`STALE_MS`] older than `watermark`.
+pub fn stale(seen_at: i64, watermark: i64) -> bool {
+    watermark.saturating_sub(seen_at) > STALE_MS
+}
+
 impl NodeLoad {
     /// The bandwidth limit in force: the reported one, or 128 MiB/s when none was reported.
     pub fn bw_limit(&self) -> u64 {
@@ -117,7 +122,7 @@ impl NodeLoad {
 
     /// True when the newest update is more than [`STALE_MS`] older than `watermark`.
     pub fn is_stale(&self, watermark: i64) -> bool {
-        watermark.saturating_sub(self.seen_at) > STALE_MS
+        stale(self.seen_at, watermark)
     }
 
     /// The node's entry for `stream`. Symbols compare as numbers for equality but as text for

@@ -325,10 +325,79 @@ fn mul_div(a: u64, b: u64, c: u64) -> u64 {
 /// (radians): `W_geo − W_geo·d`, `d` the central angle over π.
 #[inline]
 pub fn geo_term(weight: u64, client: &Trig, node: &Trig) -> u64 {
+    geo_of_cos(weight, cos_angle(client, node))
+}
+
+/// The cosine of the central angle between two positions.
+#[inline]
+pub fn cos_angle(client: &Trig, node: &Trig) -> f64 {
     let cos_dlon = client.cos_lon * node.cos_lon + client.sin_lon * node.sin_lon;
-    let cos_angle = client.sin_lat * node.sin_lat + client.cos_lat * node.cos_lat * cos_dlon;
+    client.sin_lat * node.sin_lat + client.cos_lat * node.cos_lat * cos_dlon
+}
+
+/// The geo term for the cosine of the central angle (see [`geo_term`]).
+#[inline]
+pub fn geo_of_cos(weight: u64, cos_angle: f64) -> u64 {
     let d = cos_angle.clamp(-1.0, 1.0).acos() / std::f64::consts::PI;
     weight.saturating_sub((weight as f64 * d) as u64)
+}
+
+/// Cosines below which the geo term is surely smaller than a given value, so routing can pass
+/// over a node that cannot win without taking its arc cosine.
+///
+/// The term is `W − ⌊W·d⌋`; it is below `g` exactly when `⌊W·d⌋ ≥ m = W − g + 1`, which holds
+/// whenever the angle is at least `π·(m + δ)/W`, that is when the cosine is at most
+/// `cos(π·(m + δ)/W)`. The table keeps that cosine for every `m`, lowered by a margin far
+/// larger than the rounding of `acos` and of the product, so a pass is never wrong; a node
+/// near the line is simply scored in full.
+#[derive(Clone, Debug)]
+pub struct GeoCuts {
+    weight: u64,
+    /// Index `m` in `1..W`: the cosine at or below which `⌊W·d⌋ ≥ m`. Index `W` only for the
+    /// exact antipode, which is never passed over.
+    cos: Box<[f64]>,
+}
+
+impl GeoCuts {
+    /// Largest weight a table is made for; above it every node is scored in full.
+    const MAX_WEIGHT: u64 = 1 << 16;
+
+    /// The table for geo weight `weight`.
+    pub fn new(weight: u64) -> GeoCuts {
+        let size = if weight <= Self::MAX_WEIGHT {
+            weight as usize + 1
+        } else {
+            0
+        };
+        let cos = (0..size)
+            .map(|m| {
+                if m == 0 {
+                    f64::INFINITY
+                } else if m as u64 == weight {
+                    f64::NEG_INFINITY
+                } else {
+                    let angle = std::f64::consts::PI * (m as f64 + 1e-6) / weight as f64;
+                    angle.cos() - 1e-12
+                }
+            })
+            .collect();
+        GeoCuts { weight, cos }
+    }
+
+    /// True when a node at cosine `cos_angle` surely has a geo term below `needed`.
+    #[inline]
+    pub fn surely_below(&self, cos_angle: f64, needed: u64) -> bool {
+        if needed > self.weight {
+            return true;
+        }
+        if needed == 0 {
+            return false;
+        }
+        match self.cos.get((self.weight - needed + 1) as usize) {
+            Some(&cut) => cos_angle <= cut,
+            None => false,
+        }
+    }
 }
 
 /// Sines and cosines of a position, computed once per node and once per request.
@@ -507,6 +576,42 @@ mod tests {
             (0.0, f64::INFINITY),
         ] {
             assert!(Place::new(lat, lon).is_err());
+        }
+    }
+
+    #[test]
+    fn geo_cuts_never_pass_over_a_node_that_reaches_the_bar() {
+        use std::f64::consts::PI;
+        for weight in [1, 7, 1000, 1024, 65_536, 1 << 20] {
+            let cuts = GeoCuts::new(weight);
+            // Angles off the round fractions of π, so few sit on a cut's edge.
+            let spread: Vec<f64> = (0..20_000)
+                .map(|s| (PI * (f64::from(s) + 0.37) / 20_001.0).cos())
+                .collect();
+            let mut cosines = spread.clone();
+            // On and beside the edge of every cut, where rounding decides.
+            for m in 0..=weight.min(4096) {
+                let c = (PI * m as f64 / weight as f64).cos();
+                cosines.extend([c, c.next_up(), c.next_down()]);
+            }
+            cosines.extend([-1.5, -1.0, 0.0, 1.0, 1.5]);
+            for &cos in &cosines {
+                let geo = geo_of_cos(weight, cos);
+                for needed in [0, 1, geo, geo + 1, geo + 2, weight, weight + 1] {
+                    assert!(
+                        !cuts.surely_below(cos, needed) || geo < needed,
+                        "weight {weight}, cosine {cos}: term {geo} passed over for {needed}"
+                    );
+                }
+            }
+            // Away from the edges the cut is tight: one above the term is passed over.
+            if weight <= GeoCuts::MAX_WEIGHT {
+                let tight = spread
+                    .iter()
+                    .filter(|&&c| cuts.surely_below(c, geo_of_cos(weight, c) + 1))
+                    .count();
+                assert!(tight * 100 >= spread.len() * 99, "{weight}: {tight}");
+            }
         }
     }
 
