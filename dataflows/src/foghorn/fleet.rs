@@ -1,10 +1,14 @@
 //! The fleet snapshot routing reads, and the cell that publishes it without locks for readers.
 //!
-//! A [`Fleet`] is immutable: every node's load, plus the candidates ordered by the static part
-//! of their score (cpu + ram + bw, which depends only on the node and the weights). Routing
-//! walks that order and stops as soon as no remaining node could beat the ones it holds even
-//! with a perfect geo term, stream bonus and every positive tag adjustment; for the rest it
-//! calls [`score_node`]'s pieces, so the fast path and the formula cannot drift apart.
+//! A [`Fleet`] is immutable: every node's load and the static part of its score (cpu + ram +
+//! bw, which depends only on the node and the weights), with the nodes that have a place in a
+//! k-d tree over place and static score ([`super::kdtree`]) and the few without one in a list
+//! by static score. Routing opens the tree's cells best bound first and passes over every cell
+//! and node that could not beat the candidates it holds even with the stream bonus and every
+//! positive tag adjustment (and, for a client with a place, the best geo term the cell allows);
+//! for the rest it calls [`score_node`]'s pieces, so the fast path and the formula cannot drift
+//! apart. A patch (changed nodes) costs copies of the per-node arrays and work on the changed
+//! nodes only: nothing is re-sorted.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -113,8 +117,6 @@ pub struct Fleet {
     entries: Vec<Result<Entry, Reject>>,
     /// When each node was last heard from, by node index: staleness without reading the nodes.
     seen_at: Vec<i64>,
-    /// Routable nodes, best static sum first: the walk for clients without a place.
-    order: Vec<Entry>,
     /// Routable nodes without a place, best static sum first.
     placeless: Vec<Entry>,
     /// Nodes with a place, for clients with one.
@@ -123,9 +125,22 @@ pub struct Fleet {
     tree_age: usize,
     /// Which nodes' geo terms surely fall short, for the policy's geo weight.
     cuts: Arc<GeoCuts>,
-    /// The furthest check any node fails on its static terms alone.
-    static_furthest: Option<Reject>,
+    /// How many nodes fail each check on their static terms alone, by [`Reject`] in order.
+    rejected: [u32; REJECTS.len()],
 }
+
+/// Every reason a node is refused, in their order (a reason's index is its discriminant).
+const REJECTS: [Reject; 9] = [
+    Reject::Invalid,
+    Reject::Stale,
+    Reject::Unhealthy,
+    Reject::Mode,
+    Reject::Capability,
+    Reject::NoOrigin,
+    Reject::Full,
+    Reject::Bandwidth,
+    Reject::Cutoff,
+];
 
 /// A node's entry: its static terms, or why no request can have it (its figures, or the
 /// request-independent gate at `watermark`).
@@ -152,12 +167,23 @@ fn rank(a: &Entry, b: &Entry) -> std::cmp::Ordering {
     b.sum.cmp(&a.sum).then(a.index.cmp(&b.index))
 }
 
-/// What follows from the ranking and the entries: the walk for nodes without a place, and the
-/// furthest reject of nodes no request can have.
-fn rest_of(order: &[Entry], entries: &[Result<Entry, Reject>]) -> (Vec<Entry>, Option<Reject>) {
-    let placeless = order.iter().filter(|e| e.trig.is_none()).copied().collect();
-    let furthest = entries.iter().filter_map(|e| e.err()).max();
-    (placeless, furthest)
+/// The routable nodes without a place, best static sum first.
+fn placeless_of(entries: &[Result<Entry, Reject>]) -> Vec<Entry> {
+    let mut placeless: Vec<Entry> = entries
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.trig.is_none())
+        .collect();
+    placeless.sort_by(rank);
+    placeless
+}
+
+/// Counts `entry` (+1) or takes it back (−1) in the tally of static refusals.
+fn tally(rejected: &mut [u32; REJECTS.len()], entry: &Result<Entry, Reject>, add: bool) {
+    if let Err(reject) = entry {
+        let count = &mut rejected[*reject as usize];
+        *count = if add { *count + 1 } else { *count - 1 };
+    }
 }
 
 impl Fleet {
@@ -182,9 +208,11 @@ impl Fleet {
         let tree = Tree::build(&placed, nodes.len(), policy.weights.geo, |i| {
             entries[i as usize].as_ref().ok().map(|e| e.sum)
         });
-        let mut order: Vec<Entry> = entries.iter().filter_map(|e| e.ok()).collect();
-        order.sort_by(rank);
-        let (placeless, static_furthest) = rest_of(&order, &entries);
+        let mut rejected = [0; REJECTS.len()];
+        for e in &entries {
+            tally(&mut rejected, e, true);
+        }
+        let placeless = placeless_of(&entries);
         Fleet {
             built: Instant::now(),
             policy,
@@ -192,24 +220,31 @@ impl Fleet {
             seen_at: nodes.iter().map(|n| n.seen_at).collect(),
             nodes,
             entries,
-            order,
             placeless,
             tree,
             tree_age: 0,
             cuts: Arc::new(GeoCuts::new(policy.weights.geo)),
-            static_furthest,
+            rejected,
         }
     }
 
     /// This snapshot with `changed` nodes replaced, when every one of them is already known
     /// and has not moved (otherwise `None`: build afresh). Unchanged nodes keep their entries,
-    /// the tree keeps its shape (only the bounds on the changed nodes' paths are refreshed),
-    /// and the ranking, nearly sorted already, is re-sorted in about linear time.
+    /// the tree keeps its shape (only the bounds on the changed nodes' paths are refreshed, until
+    /// enough have changed to reshape it), the tally of refusals is adjusted for the changed
+    /// entries, and the list of nodes without a place is redone only if one of them changed.
     pub fn with_changes(&self, changed: &[Arc<NodeLoad>], watermark: i64) -> Option<Fleet> {
         let mut nodes = self.nodes.clone();
         let mut entries = self.entries.clone();
         let mut seen_at = self.seen_at.clone();
+        let mut rejected = self.rejected;
         let mut indices = Vec::with_capacity(changed.len());
+        let weights = &self.policy.weights;
+        let mut replace = |entries: &mut Vec<Result<Entry, Reject>>, at: usize, new| {
+            tally(&mut rejected, &entries[at], false);
+            tally(&mut rejected, &new, true);
+            entries[at] = new;
+        };
         for node in changed {
             let at = nodes.binary_search_by(|n| n.node.cmp(&node.node)).ok()?;
             let index = u32::try_from(at).expect("fewer than 2^32 nodes");
@@ -218,7 +253,7 @@ impl Fleet {
             }
             nodes[at] = Arc::clone(node);
             seen_at[at] = node.seen_at;
-            entries[at] = entry(index, node, &self.policy.weights, watermark);
+            replace(&mut entries, at, entry(index, node, weights, watermark));
             indices.push(index);
         }
         if watermark != self.watermark {
@@ -226,7 +261,11 @@ impl Fleet {
             for (at, &seen) in seen_at.iter().enumerate() {
                 if stale(seen, watermark) != stale(seen, self.watermark) {
                     let index = at as u32;
-                    entries[at] = entry(index, &nodes[at], &self.policy.weights, watermark);
+                    replace(
+                        &mut entries,
+                        at,
+                        entry(index, &nodes[at], weights, watermark),
+                    );
                     indices.push(index);
                 }
             }
@@ -245,24 +284,12 @@ impl Fleet {
             }
             tree
         };
-        // The previous ranking without the changed nodes, plus their new entries: nearly
-        // sorted, which the sort finishes in about linear time.
-        indices.sort_unstable();
-        indices.dedup();
-        let changed = |index: u32| indices.binary_search(&index).is_ok();
-        let mut order: Vec<Entry> = self
-            .order
-            .iter()
-            .filter(|e| !changed(e.index))
-            .copied()
-            .collect();
-        order.extend(
-            indices
-                .iter()
-                .filter_map(|&i| entries[i as usize].as_ref().ok().copied()),
-        );
-        order.sort_by(rank);
-        let (placeless, static_furthest) = rest_of(&order, &entries);
+        // Nodes without a place are few; their list is redone only when one of them changed.
+        let placeless = if indices.iter().any(|&i| !self.tree.contains(i)) {
+            placeless_of(&entries)
+        } else {
+            self.placeless.clone()
+        };
         Some(Fleet {
             built: Instant::now(),
             policy: self.policy,
@@ -270,12 +297,11 @@ impl Fleet {
             nodes,
             entries,
             seen_at,
-            order,
             placeless,
             tree,
             tree_age,
             cuts: Arc::clone(&self.cuts),
-            static_furthest,
+            rejected,
         })
     }
 
@@ -317,7 +343,12 @@ impl Fleet {
     /// The best `n` nodes for `request`, or why there is none.
     pub fn route(&self, request: &Request, n: usize) -> Result<Routed, NoNode> {
         let n = n.max(1);
-        let mut furthest = self.static_furthest;
+        let mut furthest = REJECTS
+            .iter()
+            .zip(&self.rejected)
+            .rev()
+            .find(|(_, count)| **count > 0)
+            .map(|(reject, _)| *reject);
         let mut top = Vec::with_capacity(n);
         let first = self.best(request, n, &self.policy.cutoff, &mut top, &mut furthest);
         if top.is_empty() && first && !self.policy.cutoff.is_off() {
@@ -419,39 +450,30 @@ impl Fleet {
             );
             worst(top)
         };
-        let walk =
-            |list: &[Entry],
-             headroom: u64,
-             top: &mut Vec<Candidate>,
-             consider: &mut dyn FnMut(&Entry, &mut Vec<Candidate>) -> Option<u64>| {
-                for entry in list {
-                    if top.len() == n
-                        && let Some(last) = top.last()
-                        && entry.sum.saturating_add(headroom) < last.score.total
-                    {
-                        break;
-                    }
-                    consider(entry, top);
-                }
-            };
-        match client {
-            None => walk(&self.order, bonus_max + tag_max, top, &mut consider),
-            Some(c) => {
-                walk(&self.placeless, bonus_max + tag_max, top, &mut consider);
-                let worst = (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total));
-                let entries = &self.entries;
-                self.tree.search(
-                    c.unit(),
-                    w.geo,
-                    bonus_max + tag_max,
-                    worst,
-                    |index| match &entries[index as usize] {
-                        Ok(entry) => consider(entry, top),
-                        Err(_) => (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total)),
-                    },
-                );
+        // Nodes without a place, best static sum first, until none left could win.
+        for entry in &self.placeless {
+            if top.len() == n
+                && let Some(last) = top.last()
+                && entry.sum.saturating_add(bonus_max + tag_max) < last.score.total
+            {
+                break;
             }
+            consider(entry, top);
         }
+        let worst = (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total));
+        let entries = &self.entries;
+        // A client without a place gets no geo term: the tree's bounds are its static ones.
+        let (point, geo_weight) = client.map_or(([0.0; 3], 0), |c| (c.unit(), w.geo));
+        self.tree.search(
+            point,
+            geo_weight,
+            bonus_max + tag_max,
+            worst,
+            |index| match &entries[index as usize] {
+                Ok(entry) => consider(entry, top),
+                Err(_) => (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total)),
+            },
+        );
         cut
     }
 }

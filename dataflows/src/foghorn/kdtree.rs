@@ -52,6 +52,9 @@ struct Shape {
 
 /// The geo term's upper bound for a cosine bound (see [`super::score::geo_term`]).
 pub fn geo_bound(weight: u64, cos_bound: f64) -> u64 {
+    if weight == 0 {
+        return 0;
+    }
     // The margin covers rounding between this dot product and the trigonometric form.
     let d = (cos_bound + 1e-9).clamp(-1.0, 1.0).acos() / std::f64::consts::PI;
     weight.saturating_sub((weight as f64 * d) as u64)
@@ -104,6 +107,14 @@ impl Tree {
             .map(|(index, _)| (index as u32, self.shape.points[index]))
             .collect();
         Tree::build(&placed, self.shape.leaf_of.len(), geo_weight, sum)
+    }
+
+    /// True when node `index` has a place in the tree.
+    pub fn contains(&self, index: u32) -> bool {
+        self.shape
+            .leaf_of
+            .get(index as usize)
+            .is_some_and(|&leaf| leaf != u32::MAX)
     }
 
     /// True when node `index` sits at `point` in the tree (or is absent and `point` is none).
