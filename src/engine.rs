@@ -45,6 +45,11 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Capability, Probe, probe};
 
+/// How long a caught-up engine lets its own records (routing decisions) gather before it reads
+/// them: under routing load this makes one epoch per millisecond rather than one per handful of
+/// decisions, and a decision still reaches the pending viewers well within Foghorn's 30 s.
+const INJECTED_LINGER: Duration = Duration::from_millis(1);
+
 /// How the engine runs.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -257,6 +262,7 @@ pub fn run(
             let poll = reader
                 .next_batch(&mut batch, options.batch)
                 .map_err(|e| format!("worker {index}: {e}"))?;
+            let from_source = batch.len();
             if index == 0 {
                 handles.injector.drain_into(&mut batch, options.batch);
             }
@@ -388,6 +394,11 @@ pub fn run(
                 Poll::Done => break,
                 Poll::Idle if batch.is_empty() => {
                     worker.step_or_park(Some(Duration::from_millis(2)));
+                }
+                // Only the engine's own records (routing decisions) came in: let them gather
+                // for a moment rather than open an epoch for every few of them.
+                Poll::Idle if from_source == 0 => {
+                    worker.step_or_park(Some(INJECTED_LINGER));
                 }
                 _ => {}
             }

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, Guard};
+use hashbrown::HashMap;
 use keel_operators::sym::Sym;
+use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 
 use super::kdtree::Tree;
@@ -113,6 +115,8 @@ pub struct Fleet {
     policy: Policy,
     watermark: i64,
     nodes: Vec<Arc<NodeLoad>>,
+    /// Each node's index by id (shared by the patches of one build, which keep the order).
+    positions: Arc<HashMap<Sym, u32, FxBuildHasher>>,
     /// Static terms (or why there are none) by node index.
     entries: Vec<Result<Entry, Reject>>,
     /// When each node was last heard from, by node index: staleness without reading the nodes.
@@ -213,11 +217,17 @@ impl Fleet {
             tally(&mut rejected, e, true);
         }
         let placeless = placeless_of(&entries);
+        let positions = nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| (node.node, index as u32))
+            .collect();
         Fleet {
             built: Instant::now(),
             policy,
             watermark,
             seen_at: nodes.iter().map(|n| n.seen_at).collect(),
+            positions: Arc::new(positions),
             nodes,
             entries,
             placeless,
@@ -246,8 +256,8 @@ impl Fleet {
             entries[at] = new;
         };
         for node in changed {
-            let at = nodes.binary_search_by(|n| n.node.cmp(&node.node)).ok()?;
-            let index = u32::try_from(at).expect("fewer than 2^32 nodes");
+            let index = *self.positions.get(&node.node)?;
+            let at = index as usize;
             if !self.tree.placed_at(index, unit(node)) {
                 return None;
             }
@@ -295,6 +305,7 @@ impl Fleet {
             policy: self.policy,
             watermark,
             nodes,
+            positions: Arc::clone(&self.positions),
             entries,
             seen_at,
             placeless,
@@ -328,10 +339,7 @@ impl Fleet {
     /// A node by id.
     pub fn node(&self, id: &str) -> Option<&Arc<NodeLoad>> {
         let id = Sym::find(id)?;
-        self.nodes
-            .binary_search_by(|n| n.node.cmp(&id))
-            .ok()
-            .map(|i| &self.nodes[i])
+        self.positions.get(&id).map(|&i| &self.nodes[i as usize])
     }
 
     /// A node by the host name the Mist API shows (or by id).
