@@ -84,16 +84,10 @@ impl FoghornServer {
                             return;
                         }
                     };
-                    let app = keel_api::foghorn::router(served)
-                        .into_make_service_with_connect_info::<SocketAddr>();
-                    let result = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stopped.await;
-                        })
-                        .await;
-                    if let Err(error) = result {
-                        tracing::error!(%error, "the Foghorn server stopped");
-                    }
+                    keel_api::foghorn_http::serve(listener, served, async {
+                        let _ = stopped.await;
+                    })
+                    .await;
                 });
             })?;
         Ok(FoghornServer {

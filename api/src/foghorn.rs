@@ -366,12 +366,24 @@ fn redirect(status: StatusCode, location: &str) -> Response {
     }
 }
 
-fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+/// Request headers as the routing handlers read them: by lower-case name, the first value if
+/// it is text, trimmed; an empty value counts as absent.
+pub trait Headers {
+    /// The value of header `name` (lower case).
+    fn text(&self, name: &str) -> Option<&str>;
+}
+
+impl Headers for HeaderMap {
+    fn text(&self, name: &str) -> Option<&str> {
+        self.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+fn header_text<'h>(headers: &'h (impl Headers + ?Sized), name: &str) -> Option<&'h str> {
+    headers.text(name)
 }
 
 fn parse_coordinate(text: &str, what: &str) -> Result<f64, String> {
@@ -382,7 +394,10 @@ fn parse_coordinate(text: &str, what: &str) -> Result<f64, String> {
 
 /// The client's address: `CF-Connecting-IP`, the first `X-Forwarded-For`, `X-Real-IP`, else
 /// the connection's peer. Used only to look the place up; never stored or sent on.
-pub fn client_ip(headers: &HeaderMap, peer: Option<std::net::IpAddr>) -> Option<std::net::IpAddr> {
+pub fn client_ip(
+    headers: &(impl Headers + ?Sized),
+    peer: Option<std::net::IpAddr>,
+) -> Option<std::net::IpAddr> {
     header_text(headers, "cf-connecting-ip")
         .and_then(|v| v.parse().ok())
         .or_else(|| {
@@ -396,7 +411,7 @@ pub fn client_ip(headers: &HeaderMap, peer: Option<std::net::IpAddr>) -> Option<
 
 /// The client's place from headers or parameters; a present but invalid pair is an error.
 pub fn client_place(
-    headers: &HeaderMap,
+    headers: &(impl Headers + ?Sized),
     params: &BTreeMap<String, String>,
 ) -> Result<Option<Place>, String> {
     let pairs = [
@@ -451,11 +466,22 @@ fn request_from(
     request: &axum::extract::Request,
     params: &BTreeMap<String, String>,
 ) -> Result<Request, String> {
-    let headers = request.headers();
     let peer = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
+    request_of(foghorn, stream, purpose, request.headers(), peer, params)
+}
+
+/// [`request_from`] for headers and a peer address read by any server.
+fn request_of(
+    foghorn: &Foghorn,
+    stream: Option<&str>,
+    purpose: Purpose,
+    headers: &(impl Headers + ?Sized),
+    peer: Option<std::net::IpAddr>,
+    params: &BTreeMap<String, String>,
+) -> Result<Request, String> {
     let client = match client_place(headers, params)? {
         Some(place) => Some(place),
         None if foghorn.geoip.is_some() => {
@@ -484,7 +510,7 @@ fn request_from(
     })
 }
 
-fn asker(headers: &HeaderMap, source: &'static str) -> Asker {
+fn asker(headers: &(impl Headers + ?Sized), source: &'static str) -> Asker {
     Asker {
         country: header_text(headers, "cf-ipcountry")
             .or(header_text(headers, "x-country-code"))
@@ -497,7 +523,12 @@ fn asker(headers: &HeaderMap, source: &'static str) -> Asker {
 
 /// The query parameters (later ones win), read without extracting a copy of the headers.
 fn params_of(uri: &axum::http::Uri) -> BTreeMap<String, String> {
-    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+    params_of_query(uri.query().unwrap_or(""))
+}
+
+/// The parameters of a query string (later ones win).
+pub fn params_of_query(query: &str) -> BTreeMap<String, String> {
+    form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
@@ -526,10 +557,39 @@ async fn view(
     http: axum::extract::Request,
 ) -> Response {
     let params = params_of(http.uri());
-    let headers = http.headers();
-    let request = match request_from(&foghorn, Some(&stream), Purpose::View, &http, &params) {
+    let peer = http
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    match view_answer(&foghorn, &stream, &params, http.headers(), peer) {
+        ViewAnswer::Host(host) => text(host),
+        ViewAnswer::Redirect(location) => redirect(StatusCode::TEMPORARY_REDIRECT, &location),
+        ViewAnswer::BadRequest(reason) => bad_request(reason),
+    }
+}
+
+/// What `GET /<stream>` answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ViewAnswer {
+    /// 200, the host as text (or the fallback when no node can serve).
+    Host(String),
+    /// 307 to this location (`?proto=`).
+    Redirect(String),
+    /// 400 with the reason.
+    BadRequest(String),
+}
+
+/// Routes a viewer of `stream` (the path segment, decoded) and records the decision.
+pub fn view_answer(
+    foghorn: &Foghorn,
+    stream: &str,
+    params: &BTreeMap<String, String>,
+    headers: &(impl Headers + ?Sized),
+    peer: Option<std::net::IpAddr>,
+) -> ViewAnswer {
+    let request = match request_of(foghorn, Some(stream), Purpose::View, headers, peer, params) {
         Ok(request) => request,
-        Err(reason) => return bad_request(reason),
+        Err(reason) => return ViewAnswer::BadRequest(reason),
     };
     let proto = params.get("proto").filter(|p| !p.is_empty());
     if let Some(proto) = proto
@@ -537,7 +597,7 @@ async fn view(
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
     {
-        return bad_request(format!("proto {proto:?} is not a URL scheme"));
+        return ViewAnswer::BadRequest(format!("proto {proto:?} is not a URL scheme"));
     }
     let location = |host: &str| {
         let rest: Vec<String> = params
@@ -556,22 +616,23 @@ async fn view(
             format!("?{}", rest.join("&"))
         };
         let proto = proto.map_or("http", String::as_str);
-        format!("{proto}://{host}/{}{query}", encode(&stream))
+        format!("{proto}://{host}/{}{query}", encode(stream))
     };
+    let mut answer = None;
     let routed = foghorn.decide(&request, 1, &asker(headers, "http"), |result| {
-        match (result, proto) {
+        let details = match (result, proto) {
             (Ok(r), Some(_)) => location(r.candidates[0].node.host_name()),
             (Ok(r), None) => r.candidates[0].node.host_name().to_owned(),
             (Err(_), _) => String::new(),
-        }
+        };
+        answer = Some(details.clone());
+        details
     });
-    match (routed, proto) {
-        (Ok(r), Some(_)) => redirect(
-            StatusCode::TEMPORARY_REDIRECT,
-            &location(r.candidates[0].node.host_name()),
-        ),
-        (Ok(r), None) => text(r.candidates[0].node.host_name()),
-        (Err(_), _) => text(fallback(&params, "localhost")),
+    match (routed, proto, answer) {
+        (Ok(_), Some(_), Some(location)) => ViewAnswer::Redirect(location),
+        (Ok(_), None, Some(host)) => ViewAnswer::Host(host),
+        (Ok(r), _, _) => ViewAnswer::Host(r.candidates[0].node.host_name().to_owned()),
+        (Err(_), _, _) => ViewAnswer::Host(fallback(params, "localhost")),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod dashboard;
 pub mod foghorn;
 pub mod foghorn_grpc;
+pub mod foghorn_http;
 pub mod format;
 pub mod graphql;
 pub mod metrics;
