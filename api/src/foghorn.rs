@@ -20,6 +20,9 @@
 //!
 //! Client location: headers `X-Latitude`/`X-Longitude`, then `CF-IPLatitude`/`CF-IPLongitude`,
 //! then `lat`/`lon` parameters. Tag adjustments: header `X-Tag-Adjust` or `tag_adjust`.
+//!
+//! The Foghorn port is served by [`crate::foghorn_http`], which answers `GET /<stream>` through
+//! [`view_answer`] itself and hands every other request to [`router`].
 
 use keel_operators::time::now_ms;
 use std::collections::BTreeMap;
