@@ -9,7 +9,9 @@
 //!
 //! Limits: a request head of at most 16 KiB and 64 headers (else 431), a body of at most 64 KiB
 //! with a `Content-Length` (else 413; chunked bodies get 501), 60 s of silence on a connection
-//! closes it. HTTP/1.0 connections close after the answer unless they ask to be kept alive.
+//! closes it. HTTP/1.0 connections close after the answer unless they ask to be kept alive. A
+//! stopping server accepts nothing more and closes each connection between requests, after
+//! answering what it has read (waiting at most [`DRAIN`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +35,8 @@ const MAX_HEADERS: usize = 64;
 const MAX_BODY: usize = 64 * 1024;
 /// A connection silent this long is closed.
 const IDLE: Duration = Duration::from_secs(60);
+/// How long a stopping server waits for its connections to finish their requests.
+pub const DRAIN: Duration = Duration::from_secs(5);
 /// The content type of text answers and refusals.
 const PLAIN: [(header::HeaderName, &str); 1] =
     [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
@@ -48,16 +52,30 @@ impl Headers for [httparse::Header<'_>] {
 }
 
 /// Serves `foghorn` on `listener` until `stop` completes.
+///
+/// On `stop` it accepts no more connections; each open one answers the requests it has read
+/// (reading the rest of one it has begun) and closes, and `serve` returns once all have, or
+/// after [`DRAIN`].
 pub async fn serve(listener: TcpListener, foghorn: Arc<Foghorn>, stop: impl Future<Output = ()>) {
     let router = router(foghorn.clone());
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             () = &mut stop => break,
+            // Finished connections are reaped as they go, so the set holds only open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, peer, foghorn.clone(), router.clone()));
+                    connections.spawn(connection(
+                        stream,
+                        peer,
+                        foghorn.clone(),
+                        router.clone(),
+                        stopped.clone(),
+                    ));
                 }
                 Err(error) => {
                     // Out of descriptors and the like: wait rather than spin.
@@ -66,6 +84,19 @@ pub async fn serve(listener: TcpListener, foghorn: Arc<Foghorn>, stop: impl Futu
                 }
             },
         }
+    }
+    drop(listener);
+    let _ = stopping.send(true);
+    let drained = tokio::time::timeout(DRAIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "Foghorn connections still busy at stop were closed"
+        );
+        connections.abort_all();
     }
 }
 
@@ -132,6 +163,7 @@ async fn connection(
     peer: SocketAddr,
     foghorn: Arc<Foghorn>,
     router: Router,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -172,14 +204,18 @@ async fn connection(
             }
             out.clear();
         }
-        if close {
+        // Stopping: close between requests, never in the middle of one.
+        if close || (*stopped.borrow() && buf.is_empty()) {
             let _ = stream.shutdown().await;
             return;
         }
         buf.reserve(4096);
-        match tokio::time::timeout(IDLE, stream.read_buf(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(_)) => {}
+        tokio::select! {
+            read = tokio::time::timeout(IDLE, stream.read_buf(&mut buf)) => match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                Ok(Ok(_)) => {}
+            },
+            _ = stopped.changed() => {}
         }
     }
 }
@@ -590,6 +626,43 @@ mod tests {
         assert_eq!(statuses(&fine), ["200 OK"], "{fine}");
         let _ = stop.send(());
         thread.join().expect("the server thread");
+    }
+
+    #[test]
+    fn a_stop_lets_a_begun_request_finish_and_closes_idle_connections() {
+        let (address, stop, thread) = server();
+        let mut idle = std::net::TcpStream::connect(address).expect("connects");
+        let mut begun = std::net::TcpStream::connect(address).expect("connects");
+        begun
+            .write_all(b"GET /demo HTTP/1.1\r\nX-Lat")
+            .expect("writes");
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = stop.send(());
+        std::thread::sleep(Duration::from_millis(100));
+        begun
+            .write_all(b"itude: 1\r\nX-Longitude: 2\r\n\r\n")
+            .expect("still open");
+        let mut answer = String::new();
+        begun
+            .read_to_string(&mut answer)
+            .expect("answered, then closed");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("localhost"), "{answer}");
+        let mut rest = Vec::new();
+        idle.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("a timeout");
+        assert_eq!(
+            idle.read_to_end(&mut rest).expect("closed"),
+            0,
+            "nothing sent"
+        );
+        thread
+            .join()
+            .expect("the server stopped once both were done");
+        assert!(
+            std::net::TcpStream::connect(address).is_err(),
+            "no longer listening"
+        );
     }
 
     #[test]
