@@ -385,10 +385,6 @@ impl Headers for HeaderMap {
     }
 }
 
-fn header_text<'h>(headers: &'h (impl Headers + ?Sized), name: &str) -> Option<&'h str> {
-    headers.text(name)
-}
-
 fn parse_coordinate(text: &str, what: &str) -> Result<f64, String> {
     text.trim()
         .parse::<f64>()
@@ -401,14 +397,16 @@ pub fn client_ip(
     headers: &(impl Headers + ?Sized),
     peer: Option<std::net::IpAddr>,
 ) -> Option<std::net::IpAddr> {
-    header_text(headers, "cf-connecting-ip")
+    headers
+        .text("cf-connecting-ip")
         .and_then(|v| v.parse().ok())
         .or_else(|| {
-            header_text(headers, "x-forwarded-for")
+            headers
+                .text("x-forwarded-for")
                 .and_then(|v| v.split(',').next())
                 .and_then(|v| v.trim().parse().ok())
         })
-        .or_else(|| header_text(headers, "x-real-ip").and_then(|v| v.parse().ok()))
+        .or_else(|| headers.text("x-real-ip").and_then(|v| v.parse().ok()))
         .or(peer)
 }
 
@@ -418,13 +416,10 @@ pub fn client_place(
     params: &BTreeMap<String, String>,
 ) -> Result<Option<Place>, String> {
     let pairs = [
+        (headers.text("x-latitude"), headers.text("x-longitude")),
         (
-            header_text(headers, "x-latitude"),
-            header_text(headers, "x-longitude"),
-        ),
-        (
-            header_text(headers, "cf-iplatitude"),
-            header_text(headers, "cf-iplongitude"),
+            headers.text("cf-iplatitude"),
+            headers.text("cf-iplongitude"),
         ),
         (
             params.get("lat").map(String::as_str),
@@ -469,11 +464,16 @@ fn request_from(
     request: &axum::extract::Request,
     params: &BTreeMap<String, String>,
 ) -> Result<Request, String> {
-    let peer = request
+    let peer = peer_of(request);
+    request_of(foghorn, stream, purpose, request.headers(), peer, params)
+}
+
+/// The connection's peer address, as axum's serving recorded it.
+fn peer_of(request: &axum::extract::Request) -> Option<std::net::IpAddr> {
+    request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
-    request_of(foghorn, stream, purpose, request.headers(), peer, params)
+        .map(|c| c.0.ip())
 }
 
 /// [`request_from`] for headers and a peer address read by any server.
@@ -492,7 +492,7 @@ fn request_of(
         }
         None => None,
     };
-    let tags = match header_text(headers, "x-tag-adjust").or(params
+    let tags = match headers.text("x-tag-adjust").or(params
         .get("tag_adjust")
         .map(String::as_str)
         .filter(|t| !t.is_empty()))
@@ -515,10 +515,13 @@ fn request_of(
 
 fn asker(headers: &(impl Headers + ?Sized), source: &'static str) -> Asker {
     Asker {
-        country: header_text(headers, "cf-ipcountry")
-            .or(header_text(headers, "x-country-code"))
+        country: headers
+            .text("cf-ipcountry")
+            .or(headers.text("x-country-code"))
             .map(|c| c.to_ascii_uppercase()),
-        tenant: header_text(headers, "x-tenant-id").and_then(|t| Uuid::parse_str(t).ok()),
+        tenant: headers
+            .text("x-tenant-id")
+            .and_then(|t| Uuid::parse_str(t).ok()),
         source,
         details: String::new(),
     }
@@ -560,11 +563,7 @@ async fn view(
     http: axum::extract::Request,
 ) -> Response {
     let params = params_of(http.uri());
-    let peer = http
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
-    match view_answer(&foghorn, &stream, &params, http.headers(), peer) {
+    match view_answer(&foghorn, &stream, &params, http.headers(), peer_of(&http)) {
         ViewAnswer::Host(host) => text(host),
         ViewAnswer::Redirect(location) => redirect(StatusCode::TEMPORARY_REDIRECT, &location),
         ViewAnswer::BadRequest(reason) => bad_request(reason),
@@ -576,7 +575,7 @@ async fn view(
 pub enum ViewAnswer {
     /// 200, the host as text (or the fallback when no node can serve).
     Host(String),
-    /// 307 to this location (`?proto=`).
+    /// 307 to this location (`?proto=`), a valid header value.
     Redirect(String),
     /// 400 with the reason.
     BadRequest(String),
@@ -621,21 +620,23 @@ pub fn view_answer(
         let proto = proto.map_or("http", String::as_str);
         format!("{proto}://{host}/{}{query}", encode(stream))
     };
-    let mut answer = None;
+    // What the answer points at is also the decision's details: made once, kept for both.
+    let mut target = String::new();
     let routed = foghorn.decide(&request, 1, &asker(headers, "http"), |result| {
-        let details = match (result, proto) {
+        target = match (result, proto) {
             (Ok(r), Some(_)) => location(r.candidates[0].node.host_name()),
             (Ok(r), None) => r.candidates[0].node.host_name().to_owned(),
             (Err(_), _) => String::new(),
         };
-        answer = Some(details.clone());
-        details
+        target.clone()
     });
-    match (routed, proto, answer) {
-        (Ok(_), Some(_), Some(location)) => ViewAnswer::Redirect(location),
-        (Ok(_), None, Some(host)) => ViewAnswer::Host(host),
-        (Ok(r), _, _) => ViewAnswer::Host(r.candidates[0].node.host_name().to_owned()),
-        (Err(_), _, _) => ViewAnswer::Host(fallback(params, "localhost")),
+    match (routed, proto) {
+        (Ok(_), Some(_)) if HeaderValue::from_str(&target).is_err() => {
+            ViewAnswer::BadRequest("the redirect target is not a valid header value".to_owned())
+        }
+        (Ok(_), Some(_)) => ViewAnswer::Redirect(target),
+        (Ok(_), None) => ViewAnswer::Host(target),
+        (Err(_), _) => ViewAnswer::Host(fallback(params, "localhost")),
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderValue, StatusCode, Version, header};
+use axum::http::{StatusCode, Version, header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
@@ -101,18 +101,22 @@ pub async fn serve(listener: TcpListener, foghorn: Arc<Foghorn>, stop: impl Futu
 }
 
 /// What the parser made of the front of a connection's buffer.
-enum Step {
+enum Step<'h, 'b> {
     /// More bytes are needed.
     More,
-    /// A complete request of `head + body` bytes.
-    Request { head: usize, body: usize },
+    /// A complete request: its parsed head, which is `head` bytes, and a body of `body` bytes.
+    Request {
+        request: httparse::Request<'h, 'b>,
+        head: usize,
+        body: usize,
+    },
     /// A request that cannot be served: answer and close.
     Refuse(StatusCode, String),
 }
 
-fn step(buf: &[u8]) -> Step {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
+/// Parses the request at the front of `buf` (once: the answer reads the same parse).
+fn step<'h, 'b>(buf: &'b [u8], headers: &'h mut [httparse::Header<'b>]) -> Step<'h, 'b> {
+    let mut request = httparse::Request::new(headers);
     let head = match request.parse(buf) {
         Ok(httparse::Status::Complete(head)) if head <= MAX_HEAD => head,
         Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Step::More,
@@ -155,7 +159,11 @@ fn step(buf: &[u8]) -> Step {
     if buf.len() < head + body {
         return Step::More;
     }
-    Step::Request { head, body }
+    Step::Request {
+        request,
+        head,
+        body,
+    }
 }
 
 async fn connection(
@@ -172,17 +180,22 @@ async fn connection(
         let mut close = false;
         // Answer every complete request already read, in order.
         loop {
-            match step(&buf[read..]) {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match step(&buf[read..], &mut headers) {
                 Step::More => break,
                 Step::Refuse(status, reason) => {
                     respond(&mut out, status, &PLAIN, reason.as_bytes(), false, false);
                     close = true;
                     break;
                 }
-                Step::Request { head, body } => {
+                Step::Request {
+                    request,
+                    head,
+                    body,
+                } => {
                     let keep = answer(
-                        &buf[read..read + head + body],
-                        head,
+                        &request,
+                        &buf[read + head..read + head + body],
                         peer,
                         &foghorn,
                         &router,
@@ -220,29 +233,16 @@ async fn connection(
     }
 }
 
-/// Answers the complete request in `bytes` (its head is `head` bytes) into `out`; false when
-/// the connection is to close after it.
+/// Answers `request` (with its `body`) into `out`; false when the connection is to close
+/// after it.
 async fn answer(
-    bytes: &[u8],
-    head: usize,
+    request: &httparse::Request<'_, '_>,
+    body: &[u8],
     peer: SocketAddr,
     foghorn: &Foghorn,
     router: &Router,
     out: &mut Vec<u8>,
 ) -> bool {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    if !matches!(request.parse(bytes), Ok(httparse::Status::Complete(_))) {
-        respond(
-            out,
-            StatusCode::BAD_REQUEST,
-            &PLAIN,
-            b"malformed request",
-            false,
-            false,
-        );
-        return false;
-    }
     let method = request.method.unwrap_or("GET");
     let target = request.path.unwrap_or("/");
     let http10 = request.version == Some(0);
@@ -274,40 +274,19 @@ async fn answer(
             ),
             None => ViewAnswer::BadRequest("the stream name is not valid UTF-8".to_owned()),
         };
-        let text = PLAIN;
-        match answer {
-            ViewAnswer::Host(host) => {
-                respond(out, StatusCode::OK, &text, host.as_bytes(), keep, head_only);
+        let (status, location, body) = match &answer {
+            ViewAnswer::Host(host) => (StatusCode::OK, None, host),
+            ViewAnswer::Redirect(location) => {
+                (StatusCode::TEMPORARY_REDIRECT, Some(location), location)
             }
-            ViewAnswer::Redirect(location) if HeaderValue::from_str(&location).is_ok() => {
-                let headers = [text[0].clone(), (header::LOCATION, location.as_str())];
-                respond(
-                    out,
-                    StatusCode::TEMPORARY_REDIRECT,
-                    &headers,
-                    location.as_bytes(),
-                    keep,
-                    head_only,
-                );
+            ViewAnswer::BadRequest(reason) => (StatusCode::BAD_REQUEST, None, reason),
+        };
+        match location {
+            Some(location) => {
+                let headers = [PLAIN[0].clone(), (header::LOCATION, location.as_str())];
+                respond(out, status, &headers, body.as_bytes(), keep, head_only);
             }
-            ViewAnswer::Redirect(_) => respond(
-                out,
-                StatusCode::BAD_REQUEST,
-                &text,
-                b"the redirect target is not a valid header value",
-                keep,
-                head_only,
-            ),
-            ViewAnswer::BadRequest(reason) => {
-                respond(
-                    out,
-                    StatusCode::BAD_REQUEST,
-                    &text,
-                    reason.as_bytes(),
-                    keep,
-                    head_only,
-                );
-            }
+            None => respond(out, status, &PLAIN, body.as_bytes(), keep, head_only),
         }
         return keep;
     }
@@ -323,7 +302,7 @@ async fn answer(
     for h in headers {
         builder = builder.header(h.name, h.value);
     }
-    let mut request = match builder.body(Body::from(bytes[head..].to_vec())) {
+    let mut request = match builder.body(Body::from(body.to_vec())) {
         Ok(request) => request,
         Err(error) => {
             let reason = format!("malformed request: {error}");
@@ -414,20 +393,20 @@ fn respond(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let _ = write!(
-        out,
-        "content-length: {}\r\ndate: {}\r\n{}\r\n",
-        body.len(),
-        date(),
-        if keep { "" } else { "connection: close\r\n" }
-    );
+    let _ = write!(out, "content-length: {}\r\ndate: ", body.len());
+    date_into(out);
+    out.extend_from_slice(if keep {
+        b"\r\n\r\n"
+    } else {
+        b"\r\nconnection: close\r\n\r\n"
+    });
     if !head_only {
         out.extend_from_slice(body);
     }
 }
 
-/// The `Date` header's value, formatted once a second per thread.
-fn date() -> String {
+/// Appends the `Date` header's value, formatted once a second per thread.
+fn date_into(out: &mut Vec<u8>) {
     thread_local! {
         static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
     }
@@ -440,8 +419,8 @@ fn date() -> String {
         if cell.0 != second || cell.1.is_empty() {
             *cell = (second, httpdate::fmt_http_date(now));
         }
-        cell.1.clone()
-    })
+        out.extend_from_slice(cell.1.as_bytes());
+    });
 }
 
 #[cfg(test)]
@@ -454,11 +433,30 @@ mod tests {
     use crate::foghorn::FoghornStats;
 
     /// A server on a loopback port with an empty fleet (every viewer gets the fallback).
-    fn server() -> (
-        SocketAddr,
-        tokio::sync::oneshot::Sender<()>,
-        std::thread::JoinHandle<()>,
-    ) {
+    struct Server {
+        address: SocketAddr,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Server {
+        /// Tells the server to stop, without waiting.
+        fn signal(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+
+        /// Stops the server and waits until `serve` has returned.
+        fn stop(mut self) {
+            self.signal();
+            if let Some(thread) = self.thread.take() {
+                thread.join().expect("the server thread");
+            }
+        }
+    }
+
+    fn server() -> Server {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
         listener.set_nonblocking(true).expect("non-blocking");
         let address = listener.local_addr().expect("an address");
@@ -481,7 +479,11 @@ mod tests {
                 .await;
             });
         });
-        (address, stop, thread)
+        Server {
+            address,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
     }
 
     /// Sends `chunks` (pausing between them) and reads until the server closes or `timeout`.
@@ -514,7 +516,8 @@ mod tests {
 
     #[test]
     fn pipelined_requests_are_answered_in_order_by_both_paths() {
-        let (address, stop, thread) = server();
+        let server = server();
+        let address = server.address;
         let text = exchange(
             address,
             &[b"GET /demo?fallback=edge.example HTTP/1.1\r\nHost: x\r\n\r\nGET /?lstserver=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"],
@@ -531,25 +534,25 @@ mod tests {
             text.ends_with("localhost"),
             "closed after the last answer: {text}"
         );
-        let _ = stop.send(());
-        thread.join().expect("the server thread");
+        server.stop();
     }
 
     #[test]
     fn a_request_split_over_many_writes_is_answered_once_whole() {
-        let (address, stop, thread) = server();
+        let server = server();
+        let address = server.address;
         let request = b"GET /caf%C3%A9?proto=hls HTTP/1.1\r\nX-Latitude: 1\r\nX-Longitude: 2\r\nConnection: close\r\n\r\n";
         let chunks: Vec<&[u8]> = request.chunks(7).collect();
         let text = exchange(address, &chunks);
         assert_eq!(statuses(&text), ["200 OK"], "{text}");
         assert!(text.ends_with("\r\n\r\nlocalhost"), "{text}");
-        let _ = stop.send(());
-        thread.join().expect("the server thread");
+        server.stop();
     }
 
     #[test]
     fn http_1_0_closes_unless_kept_alive_and_head_has_no_body() {
-        let (address, stop, thread) = server();
+        let server = server();
+        let address = server.address;
         let text = exchange(
             address,
             &[b"GET /demo HTTP/1.0\r\n\r\nGET /demo HTTP/1.0\r\n\r\n"],
@@ -571,13 +574,13 @@ mod tests {
             1,
             "HEAD sends no body: {text}"
         );
-        let _ = stop.send(());
-        thread.join().expect("the server thread");
+        server.stop();
     }
 
     #[test]
     fn bad_requests_get_their_reason_and_the_server_keeps_serving() {
-        let (address, stop, thread) = server();
+        let server = server();
+        let address = server.address;
         let malformed = exchange(address, &[b"GET /demo HTTP/1.1\r\nBad Header\r\n\r\n"]);
         assert_eq!(statuses(&malformed), ["400 Bad Request"], "{malformed}");
         assert!(malformed.contains("malformed request"), "{malformed}");
@@ -624,20 +627,20 @@ mod tests {
             &[b"GET /demo HTTP/1.1\r\nConnection: close\r\n\r\n"],
         );
         assert_eq!(statuses(&fine), ["200 OK"], "{fine}");
-        let _ = stop.send(());
-        thread.join().expect("the server thread");
+        server.stop();
     }
 
     #[test]
     fn a_stop_lets_a_begun_request_finish_and_closes_idle_connections() {
-        let (address, stop, thread) = server();
+        let mut server = server();
+        let address = server.address;
         let mut idle = std::net::TcpStream::connect(address).expect("connects");
         let mut begun = std::net::TcpStream::connect(address).expect("connects");
         begun
             .write_all(b"GET /demo HTTP/1.1\r\nX-Lat")
             .expect("writes");
         std::thread::sleep(Duration::from_millis(100));
-        let _ = stop.send(());
+        server.signal();
         std::thread::sleep(Duration::from_millis(100));
         begun
             .write_all(b"itude: 1\r\nX-Longitude: 2\r\n\r\n")
@@ -656,9 +659,8 @@ mod tests {
             0,
             "nothing sent"
         );
-        thread
-            .join()
-            .expect("the server stopped once both were done");
+        // Returns once serve has: both connections were done.
+        server.stop();
         assert!(
             std::net::TcpStream::connect(address).is_err(),
             "no longer listening"

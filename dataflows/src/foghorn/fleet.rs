@@ -146,6 +146,16 @@ const REJECTS: [Reject; 9] = [
     Reject::Cutoff,
 ];
 
+// The tally indexes by discriminant: the list must be the enum's order, to the last reason.
+const _: () = {
+    let mut i = 0;
+    while i < REJECTS.len() {
+        assert!(REJECTS[i] as usize == i);
+        i += 1;
+    }
+    assert!(Reject::Cutoff as usize + 1 == REJECTS.len());
+};
+
 /// A node's entry: its static terms, or why no request can have it (its figures, or the
 /// request-independent gate at `watermark`).
 fn entry(index: u32, node: &NodeLoad, weights: &Weights, watermark: i64) -> Result<Entry, Reject> {
