@@ -8,6 +8,7 @@
 //! jwt_secret = "a long random string"      # HS256 secret for the platform's JWTs
 //! max_connections_per_tenant = 2000         # live WebSocket connections (/ws, /graphql)
 //! subscriber_queue = 256                    # updates buffered per subscriber before it lags
+//! socket_send_buffer = 262144               # cap on each connection's kernel send buffer (bytes)
 //!
 //! [[api.tokens]]                            # static tokens, e.g. for Grafana
 //! name = "grafana"
@@ -116,6 +117,8 @@ pub struct ApiConfig {
     pub max_connections_per_tenant: Option<usize>,
     /// Updates buffered per subscriber before it counts as lagged.
     pub subscriber_queue: Option<usize>,
+    /// Cap on each API connection's kernel send buffer, in bytes (the kernel's autotuning if unset).
+    pub socket_send_buffer: Option<usize>,
 }
 
 impl ApiConfig {
@@ -127,11 +130,15 @@ impl ApiConfig {
                 .max_connections_per_tenant
                 .unwrap_or(defaults.connections_per_tenant),
             queue: self.subscriber_queue.unwrap_or(defaults.queue),
+            send_buffer: self.socket_send_buffer.or(defaults.send_buffer),
         };
         if limits.connections_per_tenant == 0 || limits.queue == 0 {
             anyhow::bail!(
                 "api.max_connections_per_tenant and api.subscriber_queue must be above 0"
             );
+        }
+        if limits.send_buffer.is_some_and(|bytes| bytes < 4096) {
+            anyhow::bail!("api.socket_send_buffer must be at least 4096 bytes");
         }
         Ok(limits)
     }
@@ -149,6 +156,7 @@ impl std::fmt::Debug for ApiConfig {
                 &self.max_connections_per_tenant,
             )
             .field("subscriber_queue", &self.subscriber_queue)
+            .field("socket_send_buffer", &self.socket_send_buffer)
             .finish()
     }
 }
@@ -200,8 +208,13 @@ mod tests {
         let config: Config = toml::from_str(&example).unwrap();
         assert_eq!(config.api.tokens.len(), 2);
         assert_eq!(config.api.limits().unwrap().connections_per_tenant, 2000);
+        assert_eq!(config.api.limits().unwrap().send_buffer, Some(262_144));
         let zero: Config = toml::from_str("[api]\nsubscriber_queue = 0").unwrap();
         assert!(zero.api.limits().is_err());
+        let tiny: Config = toml::from_str("[api]\nsocket_send_buffer = 100").unwrap();
+        assert!(tiny.api.limits().is_err());
+        let unset: Config = toml::from_str("[api]").unwrap();
+        assert_eq!(unset.api.limits().unwrap().send_buffer, None);
         assert!(!format!("{config:?}").contains("a long random string"));
         let bad: Result<Config, _> = toml::from_str("[api]\nlisten = 1\nunknown = true");
         assert!(bad.is_err());

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arrow::array::RecordBatch;
+use axum::serve::ListenerExt;
 use keel_api::auth::Auth;
 use keel_api::metrics::Metrics;
 use keel_api::server::{ApiState, Limits, router};
@@ -88,6 +89,12 @@ impl Api {
                             return;
                         }
                     };
+                    let send_buffer = limits.send_buffer;
+                    let listener = listener.tap_io(move |stream| {
+                        if let Some(bytes) = send_buffer {
+                            cap_send_buffer(stream, bytes);
+                        }
+                    });
                     let served = axum::serve(listener, router(state))
                         .with_graceful_shutdown(async {
                             let _ = stopped.await;
@@ -124,6 +131,13 @@ impl Api {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Fixes `stream`'s kernel send buffer at `bytes` (which also turns its autotuning off).
+fn cap_send_buffer(stream: &tokio::net::TcpStream, bytes: usize) {
+    if let Err(error) = socket2::SockRef::from(stream).set_send_buffer_size(bytes) {
+        tracing::warn!(%error, bytes, "cannot cap a connection's send buffer");
     }
 }
 

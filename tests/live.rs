@@ -745,8 +745,12 @@ async fn connect_stalling(host: &str, path: &str, headers: &[(&'static str, Stri
 async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
     let fleet = fleet(17, 20_000);
     let a = fleet.tenants[0].clone();
+    // Short queues, and kernel send buffers small enough that the stalled connections'
+    // megabytes cannot all hide in the kernel (autotuning would let them grow to several MiB,
+    // and then whether anyone lags would depend on the machine).
     let limits = Limits {
         queue: 16,
+        send_buffer: Some(16 * 1024),
         ..Limits::default()
     };
     let mut live = Live::start(limits, &fleet.tenants[1]);

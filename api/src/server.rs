@@ -63,6 +63,10 @@ pub struct Limits {
     pub connections_per_tenant: usize,
     /// Updates queued per subscription before it counts as lagging.
     pub queue: usize,
+    /// A cap on each API connection's kernel send buffer, in bytes; `None` leaves it to the
+    /// kernel's autotuning (up to several MiB per connection). With a cap, a client that stops
+    /// reading holds at most this much in the kernel besides its bounded queue.
+    pub send_buffer: Option<usize>,
 }
 
 impl Default for Limits {
@@ -70,6 +74,7 @@ impl Default for Limits {
         Limits {
             connections_per_tenant: 2000,
             queue: 256,
+            send_buffer: None,
         }
     }
 }
