@@ -34,9 +34,11 @@ use keel_sinks::hub::{FeedItem, Hub, channel};
 use keel_sinks::live::LiveTables;
 use keel_sources::codec::{TimeBounds, decode_checked};
 use keel_sources::dead_letter::dead_letter;
-use keel_sources::error::IngestError;
+use keel_sources::error::{IngestError, excerpt};
 use keel_sources::event::Event;
-use keel_sources::memory::Injector;
+use keel_sources::memory::{InjectedEvent, Injector};
+
+use crate::store::RawEventRow;
 use keel_sources::source::{Batch, Poll, Source};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
@@ -126,6 +128,39 @@ impl Default for Handles {
     }
 }
 
+/// The checks a decode would make of an event the engine's own service built typed: its time
+/// within `bounds`. With `raw`, also its raw row (from its record, or from the event itself in
+/// the moment before the service learnt that records are kept).
+fn injected_checked(
+    injected: InjectedEvent,
+    bounds: &TimeBounds,
+    now: i64,
+    raw: bool,
+) -> Result<(Event, Option<RawEventRow>), IngestError> {
+    let InjectedEvent {
+        position,
+        event,
+        record,
+    } = injected;
+    if let Err(reason) = bounds.check(event.time, now) {
+        return Err(IngestError {
+            position,
+            reason,
+            event_type: Some(event.kind.type_name().to_owned()),
+            tenant_id: Some(event.tenant.to_string()),
+            excerpt: record.map(|r| excerpt(&r.value)).unwrap_or_default(),
+        });
+    }
+    let row = raw.then(|| {
+        let value = match record {
+            Some(record) => record.value,
+            None => serde_json::to_vec(&event).unwrap_or_default(),
+        };
+        RawEventRow::of(&event, &position, &value)
+    });
+    Ok((event, row))
+}
+
 /// Applies table changes on worker 0 once every worker has passed their epoch, and stages them
 /// for the durable stores when there are any. Only worker 0 holds `tables`; the other workers'
 /// instances receive nothing.
@@ -209,6 +244,14 @@ pub fn run(
     if let Ok(mut kind) = handles.stats.source.lock() {
         *kind = source.kind().to_owned();
     }
+    // The engine's own services hand their events over typed; their records are built only
+    // when raw events are kept.
+    handles.injector.keep_records(
+        handles
+            .durable
+            .as_ref()
+            .is_some_and(|d| d.writes(crate::store::RAW_EVENTS)),
+    );
     let config = timely::Config::process(options.workers.max(1));
     let guards = timely::execute(config, move |worker| -> Result<(), String> {
         let index = worker.index();
@@ -254,6 +297,7 @@ pub fn run(
             .as_ref()
             .is_some_and(|d| d.writes(crate::store::RAW_EVENTS));
         let mut raw = Vec::new();
+        let mut injected = Vec::new();
         loop {
             if handles.shutdown.load(Ordering::Relaxed) {
                 break;
@@ -265,43 +309,61 @@ pub fn run(
             let from_source = batch.len();
             if index == 0 {
                 handles.injector.drain_into(&mut batch, options.batch);
+                handles.injector.drain_events(&mut injected, options.batch);
             }
-            if !batch.is_empty() {
+            let taken = batch.len() + injected.len();
+            if taken > 0 {
                 let now = now_ms();
                 let mut newest = i64::MIN;
                 let (mut events, mut errors, mut skipped) = (0u64, 0u64, 0u64);
                 let feeding = hub.wants_events();
+                // One event that passed its checks, with its raw row when raw events are kept.
+                let mut accept = |event: Event, raw_row: Option<RawEventRow>| {
+                    if options
+                        .event_range
+                        .is_some_and(|(from, to)| !(from..to).contains(&event.time))
+                    {
+                        skipped += 1;
+                        return;
+                    }
+                    raw.extend(raw_row);
+                    newest = newest.max(event.time);
+                    events += 1;
+                    if feeding {
+                        let bit = channel::parse(signalman::channel(&event.kind))
+                            .unwrap_or(channel::ANALYTICS);
+                        let redacted = signalman::redact(event.clone());
+                        feed.push(Arc::new(FeedItem::new(bit, redacted)));
+                    }
+                    if let Some(load) = LoadInput::from_event(&event) {
+                        loads_in.send(load);
+                    }
+                    events_in.send(event);
+                };
                 for record in batch.records() {
                     match decode_checked(&record, &options.time_bounds, now) {
-                        Ok(event)
-                            if options
-                                .event_range
-                                .is_some_and(|(from, to)| !(from..to).contains(&event.time)) =>
-                        {
-                            skipped += 1;
-                        }
                         Ok(event) => {
-                            if raw_events {
-                                raw.push(crate::store::RawEventRow::new(&event, &record));
-                            }
-                            newest = newest.max(event.time);
-                            events += 1;
-                            if feeding {
-                                let bit = channel::parse(signalman::channel(&event.kind))
-                                    .unwrap_or(channel::ANALYTICS);
-                                let redacted = signalman::redact(event.clone());
-                                feed.push(Arc::new(FeedItem::new(bit, redacted)));
-                            }
-                            if let Some(load) = LoadInput::from_event(&event) {
-                                loads_in.send(load);
-                            }
-                            events_in.send(event);
+                            let row = raw_events.then(|| RawEventRow::new(&event, &record));
+                            accept(event, row);
                         }
                         Err(error) => {
-                            errors += 1;
                             if dead_letters {
                                 letters.push(dead_letter(Some(&record), &error, now));
                             }
+                            errors += 1;
+                            errors_in.send(error);
+                        }
+                    }
+                }
+                // The engine's own events come typed: only the checks a decode would add.
+                for injected in injected.drain(..) {
+                    match injected_checked(injected, &options.time_bounds, now, raw_events) {
+                        Ok((event, row)) => accept(event, row),
+                        Err(error) => {
+                            if dead_letters {
+                                letters.push(dead_letter(None, &error, now));
+                            }
+                            errors += 1;
                             errors_in.send(error);
                         }
                     }
@@ -355,7 +417,7 @@ pub fn run(
             }
             // A source that could not fill a batch is caught up: publish what is in flight
             // before asking it again (which may block), so a new event shows at once.
-            let caught_up = batch.len() < options.batch;
+            let caught_up = taken < options.batch;
             let allowed = if caught_up { 0 } else { options.max_inflight };
             let mut rounds = 0;
             worker.step();
@@ -392,7 +454,7 @@ pub fn run(
             }
             match poll {
                 Poll::Done => break,
-                Poll::Idle if batch.is_empty() => {
+                Poll::Idle if taken == 0 => {
                     worker.step_or_park(Some(Duration::from_millis(2)));
                 }
                 // Only the engine's own records (routing decisions) came in: let them gather
@@ -430,4 +492,95 @@ pub fn run(
             .context("the source failed")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_operators::sym::Sym;
+    use keel_sources::codec::decode;
+    use keel_sources::event::{EventKind, RoutingDecision};
+    use keel_sources::memory::OwnedRecord;
+    use keel_sources::record::{Headers, Position, Record};
+
+    fn decision(time: i64) -> Event {
+        Event {
+            id: uuid::Uuid::from_u128(7),
+            tenant: uuid::Uuid::from_u128(0x5eed),
+            time,
+            kind: EventKind::Routing(RoutingDecision {
+                stream: None,
+                selected_node: Sym::new("edge-1"),
+                status: Sym::new("success"),
+                score: Some(42),
+                client_latitude: None,
+                client_longitude: None,
+                node_latitude: None,
+                node_longitude: None,
+                distance_km: None,
+                client_country: Sym::default(),
+            }),
+        }
+    }
+
+    fn injected(event: Event, record: Option<OwnedRecord>) -> InjectedEvent {
+        InjectedEvent {
+            position: Position::Memory {
+                source: Sym::new("foghorn"),
+                seq: 3,
+            },
+            event,
+            record,
+        }
+    }
+
+    #[test]
+    fn injected_events_get_the_time_checks_and_raw_rows_of_decoded_ones() {
+        let bounds = TimeBounds::default();
+        let now = 1_800_000_000_000;
+        let value = br#"{"event_id":"00000000-0000-0000-0000-000000000007","event_type":"load_balancing","timestamp":"2027-01-15T08:00:00Z","tenant_id":"00000000-0000-0000-0000-000000005eed","data":{"load_balancing_data":{"status":"success","selected_node_id":"edge-1","score":"42"}}}"#;
+        let record = OwnedRecord {
+            value: value.to_vec(),
+            headers: Vec::new(),
+        };
+        let wire = Record {
+            position: Position::Memory {
+                source: Sym::new("foghorn"),
+                seq: 3,
+            },
+            value,
+            headers: Headers::default(),
+        };
+        let event = decode(&wire).expect("the record decodes");
+        assert_eq!(event, decision(event.time));
+
+        // Kept records give the very row a decoded record would.
+        let (accepted, row) = injected_checked(
+            injected(event.clone(), Some(record.clone())),
+            &bounds,
+            now,
+            true,
+        )
+        .expect("in bounds");
+        assert_eq!(accepted, event);
+        assert_eq!(row, Some(RawEventRow::new(&event, &wire)));
+        // Without raw events, no row; without a record, one from the event itself.
+        let (_, row) = injected_checked(injected(event.clone(), None), &bounds, now, false)
+            .expect("in bounds");
+        assert_eq!(row, None);
+        let (_, row) =
+            injected_checked(injected(event.clone(), None), &bounds, now, true).expect("in bounds");
+        let row = row.expect("a row");
+        assert_eq!(row.event_id, event.id.to_string());
+        assert!(row.payload.contains("edge-1"), "{}", row.payload);
+
+        // Out of bounds: an error row naming the event, as a decode would write it.
+        let late = decision(now + 2 * keel_operators::time::HOUR);
+        let error = injected_checked(injected(late, Some(record)), &bounds, now, true)
+            .expect_err("too far ahead");
+        assert!(error.reason.contains("ahead"), "{}", error.reason);
+        assert_eq!(error.event_type.as_deref(), Some("load_balancing"));
+        assert_eq!(error.position.to_string(), wire.position.to_string());
+        assert!(error.excerpt.starts_with("{\"event_id\""));
+    }
 }

@@ -15,7 +15,7 @@ use keel_sinks::sql::SqlStore;
 use keel_sources::dead_letter::DeadLetterWriter;
 use keel_sources::event::{Event, EventKind};
 use keel_sources::kafka::KafkaAddress;
-use keel_sources::record::Record;
+use keel_sources::record::{Position, Record};
 use serde::{Deserialize, Serialize};
 
 /// The SQLite file `keel run` keeps `stream_analytics` in when it runs on the simulator.
@@ -88,6 +88,11 @@ impl Row for RawEventRow {
 impl RawEventRow {
     /// The row of `event`, read from `record`.
     pub fn new(event: &Event, record: &Record<'_>) -> RawEventRow {
+        RawEventRow::of(event, &record.position, record.value)
+    }
+
+    /// The row of `event`, read at `position` as `value`.
+    pub fn of(event: &Event, position: &Position, value: &[u8]) -> RawEventRow {
         RawEventRow {
             tenant_id: event.tenant.to_string(),
             time: event.time,
@@ -100,8 +105,8 @@ impl RawEventRow {
                 .kind
                 .stream()
                 .map(|s| s.internal_name.as_str().to_owned()),
-            position: record.position.to_string(),
-            payload: scrub_json(&String::from_utf8_lossy(record.value)),
+            position: position.to_string(),
+            payload: scrub_json(&String::from_utf8_lossy(value)),
         }
     }
 }

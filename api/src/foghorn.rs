@@ -3,8 +3,9 @@
 //!
 //! Every answer comes from the engine's latest [`Fleet`] snapshot (lock-free). Each routing
 //! decision (`/<stream>`, `/?source=`, `/?ingest=`, `/v1/foghorn/route`, gRPC `Route`) is
-//! written as a version-2 `load_balancing` record into the engine's input, where it becomes a
-//! pending viewer on the chosen node and a row of `routing_hourly`.
+//! handed to the engine's input as a typed `load_balancing` event (with its version-2 record
+//! when the engine keeps raw records), where it becomes a pending viewer on the chosen node and a
+//! row of `routing_hourly`.
 //!
 //! | request | answer |
 //! |---|---|
@@ -38,8 +39,10 @@ use keel_dataflows::foghorn::score::{is_unknown, known, parse_tag_adjust};
 use keel_dataflows::foghorn::{
     Fleet, FleetCell, NoNode, NodeLoad, Place, Policy, Purpose, Request, Routed, Weights,
 };
+use keel_operators::sym::Sym;
 use keel_operators::time::format_rfc3339;
 use keel_sources::codec::internal_name;
+use keel_sources::event::{Event, EventKind, RoutingDecision, StreamRef};
 use keel_sources::memory::{Injector, OwnedRecord};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -210,7 +213,8 @@ impl Foghorn {
         result
     }
 
-    /// Writes the decision as a version-2 `load_balancing` record into the engine's input.
+    /// Hands the decision to the engine as a typed `load_balancing` event, with its version-2
+    /// record when the engine keeps raw records. Decoding that record gives the same event.
     fn record(
         &self,
         fleet: &Fleet,
@@ -229,68 +233,135 @@ impl Foghorn {
         } else {
             now_ms()
         };
+        // A name no event carries is left out: decisions are events, and their stream
+        // names are interned when decoded.
+        let stream = request.stream.filter(|s| !is_unknown(*s)).and_then(|s| {
+            match internal_name(s.as_str()) {
+                "" => None,
+                name if name.len() == s.as_str().len() => Some(s),
+                name => Some(Sym::new(name)),
+            }
+        });
+        let country = asker
+            .country
+            .as_deref()
+            .filter(|c| !c.is_empty() && *c != "<nil>");
+        let client = request.client.map(|c| Place {
+            latitude: coarse(c.latitude),
+            longitude: coarse(c.longitude),
+        });
         let chosen_place = chosen.and_then(|c| c.node.place());
-        let payload = DecisionPayload {
-            status: if chosen.is_some() {
-                "success"
-            } else {
-                "failed"
-            },
-            event_type: "load_balancing",
-            source: asker.source,
-            details: match result {
-                Ok(_) => &asker.details,
-                Err(reason) => reason.message(),
-            },
-            // A name no event carries is left out: decisions are events, and their stream
-            // names are interned when decoded.
-            internal_name: request
-                .stream
-                .filter(|s| !is_unknown(*s))
-                .map(|s| s.as_str()),
-            latitude: request.client.map(|c| coarse(c.latitude)),
-            longitude: request.client.map(|c| coarse(c.longitude)),
-            client_country: asker.country.as_deref(),
-            candidates_count: result.as_ref().ok().map(|r| r.candidates.len() as u64),
-            selected_node: chosen.map(|c| c.node.host_name()),
-            selected_node_id: chosen.map(|c| c.node.node.as_str()),
-            score: chosen.map(|c| c.score.total.to_string()),
-            node_latitude: chosen_place.map(|p| coarse(p.latitude)),
-            node_longitude: chosen_place.map(|p| coarse(p.longitude)),
-            routing_distance_km: request
-                .client
-                .zip(chosen_place)
-                .map(|(a, b)| a.distance_km(b)),
+        let node_place = chosen_place.map(|p| Place {
+            latitude: coarse(p.latitude),
+            longitude: coarse(p.longitude),
+        });
+        let distance_km = request
+            .client
+            .zip(chosen_place)
+            .map(|(a, b)| a.distance_km(b))
+            .filter(|d| *d >= 0.0);
+        let event = Event {
+            id: decision_id(),
+            tenant,
+            time,
+            kind: EventKind::Routing(RoutingDecision {
+                stream: stream.map(|internal_name| StreamRef {
+                    internal_name,
+                    stream_id: None,
+                }),
+                selected_node: chosen.map_or_else(Sym::default, |c| selected_node(&c.node)),
+                status: if chosen.is_some() {
+                    success()
+                } else {
+                    failed()
+                },
+                score: chosen.map(|c| c.score.total),
+                client_latitude: client.map(|c| c.latitude),
+                client_longitude: client.map(|c| c.longitude),
+                node_latitude: node_place.map(|p| p.latitude),
+                node_longitude: node_place.map(|p| p.longitude),
+                distance_km,
+                client_country: country.map_or_else(Sym::default, Sym::new),
+            }),
         };
-        let tenant = tenant.to_string();
-        let record = DecisionRecord {
-            event_id: decision_id().to_string(),
-            event_type: "load_balancing",
-            timestamp: format_rfc3339(time),
-            source: "foghorn",
-            tenant_id: &tenant,
-            schema_version: 2,
-            data: DecisionData {
-                trigger_type: "LOAD_BALANCING",
-                node_id: chosen.map_or("", |c| c.node.node.as_str()),
-                timestamp: time.to_string(),
+        let wire = || {
+            let payload = DecisionPayload {
+                status: if chosen.is_some() {
+                    "success"
+                } else {
+                    "failed"
+                },
+                event_type: "load_balancing",
+                source: asker.source,
+                details: match result {
+                    Ok(_) => &asker.details,
+                    Err(reason) => reason.message(),
+                },
+                internal_name: stream.map(|s| s.as_str()),
+                latitude: client.map(|c| c.latitude),
+                longitude: client.map(|c| c.longitude),
+                client_country: country,
+                candidates_count: result.as_ref().ok().map(|r| r.candidates.len() as u64),
+                selected_node: chosen.map(|c| c.node.host_name()),
+                selected_node_id: chosen.map(|c| c.node.node.as_str()),
+                score: chosen.map(|c| c.score.total.to_string()),
+                node_latitude: node_place.map(|p| p.latitude),
+                node_longitude: node_place.map(|p| p.longitude),
+                routing_distance_km: distance_km,
+            };
+            let tenant = event.tenant.to_string();
+            let record = DecisionRecord {
+                event_id: event.id.to_string(),
+                event_type: "load_balancing",
+                timestamp: format_rfc3339(time),
+                source: "foghorn",
                 tenant_id: &tenant,
-                load_balancing_data: payload,
-            },
+                schema_version: 2,
+                data: DecisionData {
+                    trigger_type: "LOAD_BALANCING",
+                    node_id: chosen.map_or("", |c| c.node.node.as_str()),
+                    timestamp: time.to_string(),
+                    tenant_id: &tenant,
+                    load_balancing_data: payload,
+                },
+            };
+            OwnedRecord {
+                value: serde_json::to_vec(&record).expect("a decision serialises"),
+                headers: vec![
+                    ("event_type".into(), "load_balancing".into()),
+                    ("source".into(), "foghorn".into()),
+                ],
+            }
         };
-        let value = serde_json::to_vec(&record).expect("a decision serialises");
-        if self.injector.push(OwnedRecord {
-            value,
-            headers: vec![
-                ("event_type".into(), "load_balancing".into()),
-                ("source".into(), "foghorn".into()),
-            ],
-        }) {
+        let record = self.injector.keeps_records().then(wire);
+        if self.injector.push_event(event, record) {
             self.stats.events.fetch_add(1, Ordering::Relaxed);
         } else {
             self.stats.events_skipped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The chosen node as a decoded decision names it: its id, else its host name.
+fn selected_node(node: &NodeLoad) -> Sym {
+    let id = node.node.as_str();
+    if !id.is_empty() && id != "<nil>" {
+        return node.node;
+    }
+    match node.host_name() {
+        "" | "<nil>" => Sym::default(),
+        host => Sym::new(host),
+    }
+}
+
+fn success() -> Sym {
+    static SUCCESS: std::sync::OnceLock<Sym> = std::sync::OnceLock::new();
+    *SUCCESS.get_or_init(|| Sym::new("success"))
+}
+
+fn failed() -> Sym {
+    static FAILED: std::sync::OnceLock<Sym> = std::sync::OnceLock::new();
+    *FAILED.get_or_init(|| Sym::new("failed"))
 }
 
 /// A decision as a version-2 record (field names as the platform's `load_balancing_data`).
@@ -995,4 +1066,147 @@ pub fn render_metrics(stats: &FoghornStats, fleet: &Fleet, out: &mut String) {
         fleet.nodes().len() - stale,
         fleet.built().elapsed().as_secs_f64()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_sources::codec::decode;
+    use keel_sources::event::NodeMode;
+    use keel_sources::memory::InjectedEvent;
+    use keel_sources::record::{Headers, Record};
+    use proptest::prelude::*;
+
+    const STREAMS: [&str; 7] = [
+        "alpha",
+        "live+alpha",
+        "vod+beta",
+        "live+",
+        "live+live+gamma",
+        "quote\"back\\slash",
+        "never-seen-by-anyone",
+    ];
+    const COUNTRIES: [&str; 6] = ["NL", "us", "", "<nil>", "x\"y", "ÅLAND"];
+
+    fn node(i: usize, id: &str, host: &str, place: Option<(f64, f64)>) -> Arc<NodeLoad> {
+        Arc::new(NodeLoad {
+            node: Sym::new(id),
+            tenant: Uuid::from_u128(0x5eed_0000 + i as u128),
+            host: Sym::new(host),
+            seen_at: 1_000_000,
+            cpu_tenths: (i as u32 * 97) % 1000,
+            ram_current: 1 << 30,
+            ram_max: 8 << 30,
+            up_speed: 1_000_000 * i as u64,
+            down_speed: 0,
+            reported_bw_limit: 0,
+            add_bandwidth: 0,
+            pending_viewers: 0,
+            latitude: place.map(|p| p.0),
+            longitude: place.map(|p| p.1),
+            location: Sym::default(),
+            mode: NodeMode::Normal,
+            healthy: true,
+            capabilities: Vec::new(),
+            streams: Vec::new(),
+            connections: 0,
+        })
+    }
+
+    fn decoded(injected: &InjectedEvent) -> Event {
+        let record = injected.record.as_ref().expect("records are kept");
+        let mut headers = Headers::default();
+        for (name, value) in &record.headers {
+            headers.set(name, value.clone().into());
+        }
+        decode(&Record {
+            position: injected.position.clone(),
+            value: &record.value,
+            headers,
+        })
+        .unwrap_or_else(|e| panic!("the decision's record decodes: {e:?}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// The typed event Foghorn hands over is the event its own record decodes to, so the
+        /// engine may skip the decode.
+        #[test]
+        fn a_typed_decision_is_what_its_record_decodes_to(
+            places in proptest::collection::vec(
+                proptest::option::weighted(0.8, (-89.9f64..89.9, -179.9f64..179.9)), 0..6),
+            named in proptest::collection::vec(any::<bool>(), 6),
+            watermark in prop_oneof![Just(0i64), 1_000_000i64..2_000_000_000_000],
+            stream in proptest::option::of(0usize..STREAMS.len()),
+            client in proptest::option::of((-90.0f64..90.0, -180.0f64..180.0)),
+            country in proptest::option::of(0usize..COUNTRIES.len()),
+            asking_tenant in proptest::option::of(1u128..5),
+            purpose in 0u8..3,
+        ) {
+            // Names the fleet carries, so that requests for them are known.
+            for name in ["alpha", "beta", "gamma", "quote\"back\\slash", "live+gamma"] {
+                Sym::new(name);
+            }
+            let nodes: Vec<Arc<NodeLoad>> = places
+                .iter()
+                .enumerate()
+                .map(|(i, place)| {
+                    let id = if named[i] { format!("node-{i}") } else { String::new() };
+                    node(i, &id, &format!("https://edge-{i}.example:4433/"), *place)
+                })
+                .collect();
+            let cell = Arc::new(FleetCell::default());
+            cell.publish(nodes, watermark);
+            let injector = Injector::new("foghorn");
+            injector.keep_records(true);
+            let foghorn = Foghorn::new(cell, injector.clone(), Arc::new(FoghornStats::default()));
+            let mut request = Request::view(
+                stream.map(|s| stream_name(STREAMS[s])),
+                client.map(|(latitude, longitude)| Place { latitude, longitude }),
+            );
+            request.purpose = match purpose {
+                0 => Purpose::View,
+                1 => Purpose::Source,
+                _ => Purpose::Ingest(10.0),
+            };
+            let asker = Asker {
+                country: country.map(|c| COUNTRIES[c].to_ascii_uppercase()),
+                tenant: asking_tenant.map(Uuid::from_u128),
+                source: "http",
+                details: String::new(),
+            };
+            let result = foghorn.decide(&request, 3, &asker, host_of);
+            let mut out = Vec::new();
+            injector.drain_events(&mut out, usize::MAX);
+            let attributed = result.is_ok() || asking_tenant.is_some();
+            prop_assert_eq!(out.len(), usize::from(attributed));
+            for injected in &out {
+                prop_assert_eq!(&decoded(injected), &injected.event);
+            }
+        }
+    }
+
+    #[test]
+    fn records_are_built_only_when_the_engine_keeps_them() {
+        let cell = Arc::new(FleetCell::default());
+        cell.publish(vec![node(1, "node-1", "", Some((52.0, 4.0)))], 1_000_000);
+        let injector = Injector::new("foghorn");
+        let foghorn = Foghorn::new(cell, injector.clone(), Arc::new(FoghornStats::default()));
+        let request = Request::view(None, None);
+        let mut out = Vec::new();
+        foghorn
+            .decide(&request, 1, &Asker::default(), host_of)
+            .expect("a node");
+        injector.keep_records(true);
+        foghorn
+            .decide(&request, 1, &Asker::default(), host_of)
+            .expect("a node");
+        injector.drain_events(&mut out, usize::MAX);
+        assert_eq!(out.len(), 2);
+        assert!(out[0].record.is_none());
+        assert_eq!(decoded(&out[1]), out[1].event);
+        assert_ne!(out[0].event.id, out[1].event.id);
+        assert_ne!(out[0].position, out[1].position);
+    }
 }

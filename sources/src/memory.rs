@@ -11,6 +11,7 @@ use std::time::Duration;
 use keel_operators::sym::Sym;
 
 use crate::error::SourceError;
+use crate::event::Event;
 use crate::record::Position;
 use crate::source::{Batch, Poll, Source, SourceReader};
 
@@ -147,8 +148,22 @@ pub struct Injector {
 struct InjectorInner {
     label: Sym,
     queue: Mutex<Vec<OwnedRecord>>,
+    events: Mutex<Vec<(Event, Option<OwnedRecord>)>>,
+    keep_records: std::sync::atomic::AtomicBool,
     seq: std::sync::atomic::AtomicU64,
     dropped: std::sync::atomic::AtomicU64,
+}
+
+/// An event a service of the engine built itself, already typed (no decode needed), with its
+/// record when the engine keeps raw records (see [`Injector::keep_records`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct InjectedEvent {
+    /// Where it came from: the injector's label and a sequence shared with its records.
+    pub position: Position,
+    /// The event.
+    pub event: Event,
+    /// Its record, as a consumer on Kafka would have read it.
+    pub record: Option<OwnedRecord>,
 }
 
 /// Most records an [`Injector`] holds before it drops.
@@ -161,6 +176,8 @@ impl Injector {
             inner: Arc::new(InjectorInner {
                 label: Sym::new(label),
                 queue: Mutex::new(Vec::new()),
+                events: Mutex::new(Vec::new()),
+                keep_records: std::sync::atomic::AtomicBool::new(false),
                 seq: std::sync::atomic::AtomicU64::new(0),
                 dropped: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -216,6 +233,71 @@ impl Injector {
             );
         }
         taken.len()
+    }
+
+    /// Says whether events pushed with [`Injector::push_event`] must carry their records too
+    /// (the engine keeps raw records, e.g. for an `events_raw` table).
+    pub fn keep_records(&self, keep: bool) {
+        self.inner
+            .keep_records
+            .store(keep, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether events pushed with [`Injector::push_event`] must carry their records.
+    pub fn keeps_records(&self) -> bool {
+        self.inner
+            .keep_records
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Queues an already typed event, built by the engine's own service, so the engine need not
+    /// decode it; `record` is its wire form, needed only when [`Injector::keeps_records`].
+    /// False (and counted) when the queue is full.
+    pub fn push_event(&self, event: Event, record: Option<OwnedRecord>) -> bool {
+        let mut events = self
+            .inner
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if events.len() >= INJECT_CAPACITY {
+            self.inner
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        events.push((event, record));
+        true
+    }
+
+    /// Moves up to `max` queued typed events into `out`; returns how many.
+    pub fn drain_events(&self, out: &mut Vec<InjectedEvent>, max: usize) -> usize {
+        let mut events = self
+            .inner
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = events.len().min(max);
+        if n == 0 {
+            return 0;
+        }
+        let first = self
+            .inner
+            .seq
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        out.extend(
+            events
+                .drain(..n)
+                .enumerate()
+                .map(|(i, (event, record))| InjectedEvent {
+                    position: Position::Memory {
+                        source: self.inner.label,
+                        seq: first + i as u64,
+                    },
+                    event,
+                    record,
+                }),
+        );
+        n
     }
 
     /// Records refused because the queue was full.

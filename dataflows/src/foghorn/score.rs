@@ -15,13 +15,18 @@ use super::NodeLoad;
 /// (requests come from the public, and interned text lives for good): they all become one
 /// placeholder that no node carries, which answers the same as the name would.
 pub fn known(name: &str) -> Sym {
+    Sym::find(name).unwrap_or_else(unknown)
+}
+
+/// The one symbol [`known`] gives for every name nothing carries.
+fn unknown() -> Sym {
     static UNKNOWN: std::sync::OnceLock<Sym> = std::sync::OnceLock::new();
-    Sym::find(name).unwrap_or_else(|| *UNKNOWN.get_or_init(|| Sym::new("\u{1}unknown")))
+    *UNKNOWN.get_or_init(|| Sym::new("\u{1}unknown"))
 }
 
 /// True for a symbol [`known`] made from a name nothing carries.
 pub fn is_unknown(sym: Sym) -> bool {
-    sym == known("\u{1}unknown")
+    sym == unknown()
 }
 
 fn edge() -> Sym {

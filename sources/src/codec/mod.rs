@@ -220,7 +220,9 @@ impl Default for TimeBounds {
 }
 
 impl TimeBounds {
-    fn check(&self, time: i64, now: i64) -> Result<(), String> {
+    /// Whether an event at `time` is accepted when the local clock says `now` (ms); the reason
+    /// in words when it is not.
+    pub fn check(&self, time: i64, now: i64) -> Result<(), String> {
         use keel_operators::time::format_rfc3339;
         if time < self.earliest {
             return Err(format!(
