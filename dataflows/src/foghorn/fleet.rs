@@ -121,8 +121,14 @@ pub struct Fleet {
     entries: Vec<Result<Entry, Reject>>,
     /// When each node was last heard from, by node index: staleness without reading the nodes.
     seen_at: Vec<i64>,
+    /// Each node's static sum by node index (0 when it has none): the stream bonus pass reads
+    /// it for the few holders rather than their entries.
+    sums: Vec<u64>,
     /// Routable nodes without a place, best static sum first.
     placeless: Vec<Entry>,
+    /// The nodes carrying each stream (indices): the only ones a request for it can give the
+    /// stream bonus, so the tree's bounds leave the bonus out and these are considered apart.
+    holders: Arc<Holders>,
     /// Nodes with a place, for clients with one.
     tree: Tree,
     /// Node changes patched into the tree's bounds since it was shaped.
@@ -131,6 +137,69 @@ pub struct Fleet {
     cuts: Arc<GeoCuts>,
     /// How many nodes fail each check on their static terms alone, by [`Reject`] in order.
     rejected: [u32; REJECTS.len()],
+}
+
+/// A node with a place carrying a stream, with what the bonus pass needs to pass over it
+/// without reading its entry.
+#[derive(Clone, Copy, Debug)]
+struct Holder {
+    index: u32,
+    trig: Trig,
+}
+
+type Holders = HashMap<Sym, Arc<Vec<Holder>>, FxBuildHasher>;
+
+fn trig_of(node: &NodeLoad) -> Option<Trig> {
+    node.place().map(|p| Trig::new(p.latitude, p.longitude))
+}
+
+/// The placed nodes carrying each stream (those without a place are all considered anyway).
+fn holders_of(nodes: &[Arc<NodeLoad>]) -> Holders {
+    let mut lists: HashMap<Sym, Vec<Holder>, FxBuildHasher> = HashMap::default();
+    for (index, node) in nodes.iter().enumerate() {
+        let Some(trig) = trig_of(node) else {
+            continue;
+        };
+        let index = index as u32;
+        for stream in &node.streams {
+            let list = lists.entry(stream.name).or_default();
+            if list.last().is_none_or(|h| h.index != index) {
+                list.push(Holder { index, trig });
+            }
+        }
+    }
+    lists.into_iter().map(|(s, l)| (s, Arc::new(l))).collect()
+}
+
+fn sum_of(entry: &Result<Entry, Reject>) -> u64 {
+    entry.as_ref().map_or(0, |e| e.sum)
+}
+
+/// Moves node `at` in `holders` from the streams of `old` to those of `new` (same place).
+fn rehold(holders: &mut Arc<Holders>, at: u32, old: &NodeLoad, new: &NodeLoad) {
+    let Some(trig) = trig_of(new) else {
+        return;
+    };
+    let carries = |node: &NodeLoad, name: Sym| node.stream(name).is_some();
+    for stream in &old.streams {
+        if !carries(new, stream.name) {
+            let holders = Arc::make_mut(holders);
+            if let Some(list) = holders.get_mut(&stream.name) {
+                Arc::make_mut(list).retain(|h| h.index != at);
+                if list.is_empty() {
+                    holders.remove(&stream.name);
+                }
+            }
+        }
+    }
+    for stream in &new.streams {
+        if !carries(old, stream.name) {
+            let list = Arc::make_mut(holders).entry(stream.name).or_default();
+            if !list.iter().any(|h| h.index == at) {
+                Arc::make_mut(list).push(Holder { index: at, trig });
+            }
+        }
+    }
 }
 
 /// Every reason a node is refused, in their order (a reason's index is its discriminant).
@@ -227,6 +296,7 @@ impl Fleet {
             tally(&mut rejected, e, true);
         }
         let placeless = placeless_of(&entries);
+        let holders = Arc::new(holders_of(&nodes));
         let positions = nodes
             .iter()
             .enumerate()
@@ -237,10 +307,12 @@ impl Fleet {
             policy,
             watermark,
             seen_at: nodes.iter().map(|n| n.seen_at).collect(),
+            sums: entries.iter().map(sum_of).collect(),
             positions: Arc::new(positions),
             nodes,
             entries,
             placeless,
+            holders,
             tree,
             tree_age: 0,
             cuts: Arc::new(GeoCuts::new(policy.weights.geo)),
@@ -257,12 +329,15 @@ impl Fleet {
         let mut nodes = self.nodes.clone();
         let mut entries = self.entries.clone();
         let mut seen_at = self.seen_at.clone();
+        let mut sums = self.sums.clone();
         let mut rejected = self.rejected;
         let mut indices = Vec::with_capacity(changed.len());
+        let mut holders = Arc::clone(&self.holders);
         let weights = &self.policy.weights;
         let mut replace = |entries: &mut Vec<Result<Entry, Reject>>, at: usize, new| {
             tally(&mut rejected, &entries[at], false);
             tally(&mut rejected, &new, true);
+            sums[at] = sum_of(&new);
             entries[at] = new;
         };
         for node in changed {
@@ -271,6 +346,7 @@ impl Fleet {
             if !self.tree.placed_at(index, unit(node)) {
                 return None;
             }
+            rehold(&mut holders, index, &nodes[at], node);
             nodes[at] = Arc::clone(node);
             seen_at[at] = node.seen_at;
             replace(&mut entries, at, entry(index, node, weights, watermark));
@@ -318,7 +394,9 @@ impl Fleet {
             positions: Arc::clone(&self.positions),
             entries,
             seen_at,
+            sums,
             placeless,
+            holders,
             tree,
             tree_age,
             cuts: Arc::clone(&self.cuts),
@@ -422,7 +500,9 @@ impl Fleet {
             let bar = worst(top);
             if let Some(bar) = bar
                 && let Some(needed) = bar.checked_sub(entry.sum + bonus_max + tag_max)
-                && cos.is_none_or(|c| self.cuts.surely_below(c, needed))
+                // Without a geo term the node reaches the bar at best: a tie it may still win
+                // on its id.
+                && cos.map_or(needed > 0, |c| self.cuts.surely_below(c, needed))
             {
                 return Some(bar);
             }
@@ -480,18 +560,42 @@ impl Fleet {
         }
         let worst = (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total));
         let entries = &self.entries;
+        // Only the stream's holders can have its bonus: the tree's bounds leave it out, and the
+        // holders the search passed over are considered after it. Considering a node twice
+        // changes nothing (the bar only rises), except that one already held must not be added
+        // again.
+        let holders = request.stream.and_then(|s| self.holders.get(&s));
+        let extra = if holders.is_some() {
+            tag_max
+        } else {
+            bonus_max + tag_max
+        };
         // A client without a place gets no geo term: the tree's bounds are its static ones.
         let (point, geo_weight) = client.map_or(([0.0; 3], 0), |c| (c.unit(), w.geo));
-        self.tree.search(
-            point,
-            geo_weight,
-            bonus_max + tag_max,
-            worst,
-            |index| match &entries[index as usize] {
+        self.tree.search(point, geo_weight, extra, worst, |index| {
+            match &entries[index as usize] {
                 Ok(entry) => consider(entry, top),
                 Err(_) => (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total)),
-            },
-        );
+            }
+        });
+        // Most holders are passed over from their static sum and place alone.
+        for holder in holders.map_or(&[][..], |h| h.as_slice()) {
+            let reach = self.sums[holder.index as usize] + bonus_max + tag_max;
+            if let Some(bar) = (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total))
+                && let Some(needed) = bar.checked_sub(reach)
+                && client.as_ref().map_or(needed > 0, |c| {
+                    self.cuts.surely_below(cos_angle(c, &holder.trig), needed)
+                })
+            {
+                continue;
+            }
+            let node = &self.nodes[holder.index as usize];
+            if let Ok(entry) = &entries[holder.index as usize]
+                && !top.iter().any(|c| Arc::ptr_eq(&c.node, node))
+            {
+                consider(entry, top);
+            }
+        }
         cut
     }
 }

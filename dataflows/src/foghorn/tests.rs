@@ -672,3 +672,108 @@ fn decisions_raise_the_penalty_until_viewers_arrive_or_time_passes() {
         Some((0, 0))
     );
 }
+
+/// A fleet of `count` nodes with unique ids and no streams, except `stream` on the `holders`.
+fn with_holders(nodes: Vec<NodeLoad>, holders: &[usize], stream: Sym) -> Vec<NodeLoad> {
+    nodes
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut n)| {
+            n.node = Sym::new(&format!("holder-test-{i:03}"));
+            n.streams.clear();
+            if holders.contains(&i) {
+                n.streams.push(NodeStream {
+                    name: stream,
+                    viewers: 1,
+                    ..NodeStream::default()
+                });
+            }
+            n
+        })
+        .collect()
+}
+
+fn big_fleet_strategy() -> impl Strategy<Value = Vec<NodeLoad>> {
+    (60usize..240).prop_flat_map(|count| (0..count).map(node_strategy).collect::<Vec<_>>())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Only the few nodes carrying a stream can have its bonus, so the tree's bounds leave it
+    /// out and those nodes are considered apart: with a large bonus, fleets big enough for the
+    /// bounds to pass over most cells, and holders that move between patches, routing still
+    /// equals the plain formula.
+    #[test]
+    fn the_stream_bonus_reaches_holders_wherever_they_are(
+        nodes in big_fleet_strategy(),
+        holders in proptest::collection::vec(0usize..240, 0..6),
+        moved in proptest::collection::vec(0usize..240, 0..6),
+        bonus in 100u64..3000,
+        clients in proptest::collection::vec(
+            proptest::option::weighted(0.9, (-90.0f64..90.0, -180.0f64..180.0)), 1..6),
+        n in 1usize..4,
+    ) {
+        let stream = Sym::new(STREAMS[0]);
+        let policy = Policy {
+            weights: Weights { bonus, ..Weights::default() },
+            cutoff: Cutoff::default(),
+        };
+        let before = with_holders(nodes.clone(), &holders, stream);
+        let after = with_holders(nodes, &moved, stream);
+        let base = Fleet::build(before.iter().cloned().map(Arc::new).collect(), policy, 1_000_000);
+        let changes: Vec<Arc<NodeLoad>> = after.iter().cloned().map(Arc::new).collect();
+        let patched = base.with_changes(&changes, 1_000_000).expect("every node is known");
+        for (fleet, nodes) in [(&base, &before), (&patched, &after)] {
+            for client in &clients {
+                let request = Request::view(
+                    Some(STREAMS[0]),
+                    client.map(|(lat, lon)| Place::new(lat, lon).expect("in range")),
+                );
+                let want: Vec<(Sym, u64)> = reference_ranking(nodes, &request, &policy, 1_000_000)
+                    .into_iter()
+                    .take(n)
+                    .collect();
+                let got: Vec<(Sym, u64)> = fleet
+                    .route(&request, n)
+                    .map(|r| r.candidates.iter().map(|c| (c.node.node, c.score.total)).collect())
+                    .unwrap_or_default();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}
+
+/// Equal scores go to the lower node id, also when the search meets the higher one first and
+/// no geo term separates them (a client without a place).
+#[test]
+fn ties_without_a_geo_term_go_to_the_lower_id_whatever_the_search_order() {
+    for direction in [1.0, -1.0] {
+        let nodes: Vec<Arc<NodeLoad>> = (0..64)
+            .map(|i| {
+                Arc::new(NodeLoad {
+                    node: Sym::new(&format!("tie-{i:02}")),
+                    seen_at: 1_000_000,
+                    ram_max: 1 << 30,
+                    latitude: Some(direction * (-60.0 + 2.0 * f64::from(i))),
+                    longitude: Some(direction * (170.0 - 5.0 * f64::from(i))),
+                    ..blank()
+                })
+            })
+            .collect();
+        let fleet = Fleet::build(nodes, Policy::default(), 1_000_000);
+        for stream in [None, Some(STREAMS[0])] {
+            let routed = fleet.route(&Request::view(stream, None), 2).expect("nodes");
+            let ids: Vec<&str> = routed
+                .candidates
+                .iter()
+                .map(|c| c.node.node.as_str())
+                .collect();
+            assert_eq!(
+                ids,
+                ["tie-00", "tie-01"],
+                "direction {direction}, stream {stream:?}"
+            );
+        }
+    }
+}
