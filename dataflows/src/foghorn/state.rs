@@ -10,6 +10,8 @@
 //!   order, each connect answering the oldest open decision before it. Each one adds the
 //!   node's estimate of a viewer's bandwidth to `add_bandwidth`.
 
+use std::collections::BTreeMap;
+
 use hashbrown::{HashMap, HashSet};
 use keel_operators::maintain::EpochState;
 use keel_operators::sym::Sym;
@@ -30,6 +32,8 @@ struct NodeState {
     emitted: Option<NodeLoad>,
     /// The update or the presence changed since the last close (not only the window).
     figures_changed: bool,
+    /// The expiry bucket this node was last queued in (to queue it once per bucket).
+    queued: Option<i64>,
 }
 
 impl NodeState {
@@ -144,10 +148,14 @@ impl NodeState {
 pub struct FoghornState {
     nodes: HashMap<Sym, NodeState, FxBuildHasher>,
     dirty: HashSet<Sym, FxBuildHasher>,
-    /// Nodes with decisions or connects in their window: the watermark alone changes them.
-    windowed: HashSet<Sym, FxBuildHasher>,
+    /// Nodes by the expiry bucket of the decisions and connects in their windows: when the
+    /// watermark moves, only the nodes of the buckets it reaches are looked at.
+    expiry: BTreeMap<i64, Vec<Sym>>,
     watermark: i64,
 }
+
+/// Width of an expiry bucket, ms of event time.
+const EXPIRY_BUCKET_MS: i64 = 10;
 
 impl EpochState for FoghornState {
     type Input = LoadInput;
@@ -205,7 +213,11 @@ impl EpochState for FoghornState {
                     .entry(stream)
                     .or_default()
                     .insert((time, id), decision);
-                self.windowed.insert(node);
+                let bucket = time.div_euclid(EXPIRY_BUCKET_MS);
+                if state.queued != Some(bucket) {
+                    state.queued = Some(bucket);
+                    self.expiry.entry(bucket).or_default().push(node);
+                }
             }
         }
         self.dirty.insert(node);
@@ -215,13 +227,26 @@ impl EpochState for FoghornState {
         let moved = watermark > self.watermark;
         self.watermark = self.watermark.max(watermark);
         if moved {
-            // The watermark alone changes a node only when events leave its window.
-            for &node in &self.windowed {
-                if let Some(state) = self.nodes.get_mut(&node)
-                    && state.prune(self.watermark)
-                {
-                    self.dirty.insert(node);
+            // The watermark alone changes a node only when events leave its window: those of
+            // the buckets the horizon has reached (the last of them perhaps only in part).
+            let horizon = self.watermark.saturating_sub(PENDING_MS);
+            while let Some(mut entry) = self.expiry.first_entry() {
+                let bucket = *entry.key();
+                if bucket.saturating_mul(EXPIRY_BUCKET_MS) > horizon {
+                    break;
                 }
+                let whole = (bucket + 1).saturating_mul(EXPIRY_BUCKET_MS) <= horizon + 1;
+                for node in entry.get_mut().iter() {
+                    if let Some(state) = self.nodes.get_mut(node)
+                        && state.prune(self.watermark)
+                    {
+                        self.dirty.insert(*node);
+                    }
+                }
+                if !whole {
+                    break;
+                }
+                entry.remove();
             }
         }
         let recompute: Vec<Sym> = self.dirty.drain().collect();
@@ -230,9 +255,6 @@ impl EpochState for FoghornState {
                 continue;
             };
             state.prune(self.watermark);
-            if state.window.is_empty() {
-                self.windowed.remove(&node);
-            }
             output.extend(state.changed_load());
         }
     }

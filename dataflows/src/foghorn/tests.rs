@@ -777,3 +777,63 @@ fn ties_without_a_geo_term_go_to_the_lower_id_whatever_the_search_order() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Event time moving on with no new input lets decisions and connects leave the window on
+    /// time, at any step (window edges inside an expiry bucket or on its boundary).
+    #[test]
+    fn the_watermark_alone_expires_pending_viewers_like_the_reference(
+        inputs in proptest::collection::vec(input_strategy(), 0..60),
+        steps in proptest::collection::vec(prop_oneof![1i64..20, 20i64..40_000], 1..12),
+    ) {
+        let start = inputs.iter().map(|i| match i {
+            LoadInput::Node { time, .. } | LoadInput::Presence { time, .. } | LoadInput::Decision { time, .. } | LoadInput::Connect { time, .. } => *time,
+        }).max().unwrap_or(0);
+        let mut state = FoghornState::default();
+        for input in inputs.iter().cloned() {
+            state.apply(input);
+        }
+        let mut last: BTreeMap<Sym, NodeLoad> = Default::default();
+        let mut watermark = start;
+        for step in std::iter::once(0).chain(steps) {
+            watermark += step;
+            let mut out = Vec::new();
+            state.close(watermark, &mut out);
+            for load in out {
+                last.insert(load.node, load);
+            }
+            let got: Vec<Summary> = last
+                .values()
+                .map(|l| (l.node, l.pending_viewers, l.add_bandwidth, l.streams.iter().map(|s| (s.name, s.viewers, s.inputs)).collect()))
+                .collect();
+            prop_assert_eq!(got, reference_loads(&inputs, watermark), "at watermark {}", watermark);
+        }
+    }
+}
+
+/// A window edge inside an expiry bucket: the bucket's older event leaves first, the newer
+/// one when the watermark passes it, with no input in between.
+#[test]
+fn events_of_one_expiry_bucket_leave_one_by_one() {
+    let mut state = FoghornState::default();
+    let mut out = Vec::new();
+    state.apply(update("x", 0, 0, &[("a", 300_000)]));
+    for t in [1_000, 1_005] {
+        state.apply(LoadInput::Decision {
+            node: Sym::new("x"),
+            stream: Sym::new("a"),
+            time: t,
+            id: Uuid::from_u128(t as u128),
+        });
+    }
+    let mut pending_at = |watermark: i64| {
+        state.close(watermark, &mut out);
+        out.last().map(|l| l.pending_viewers)
+    };
+    assert_eq!(pending_at(1_005), Some(2));
+    assert_eq!(pending_at(31_000), Some(1));
+    assert_eq!(pending_at(31_004), Some(1));
+    assert_eq!(pending_at(31_005), Some(0));
+}
