@@ -639,18 +639,23 @@ proptest! {
     }
 }
 
+/// A routing decision for stream `a` on node `x` at `time`.
+fn decision_on_x(time: i64) -> LoadInput {
+    LoadInput::Decision {
+        node: Sym::new("x"),
+        stream: Sym::new("a"),
+        time,
+        id: Uuid::from_u128(time as u128),
+    }
+}
+
 #[test]
 fn decisions_raise_the_penalty_until_viewers_arrive_or_time_passes() {
     let mut state = FoghornState::default();
     let mut out = Vec::new();
     state.apply(update("x", 0, 0, &[("a", 300_000)]));
     for t in [1_000, 2_000] {
-        state.apply(LoadInput::Decision {
-            node: Sym::new("x"),
-            stream: Sym::new("a"),
-            time: t,
-            id: Uuid::from_u128(t as u128),
-        });
+        state.apply(decision_on_x(t));
     }
     state.close(2_000, &mut out);
     assert_eq!(
@@ -821,12 +826,7 @@ fn events_of_one_expiry_bucket_leave_one_by_one() {
     let mut out = Vec::new();
     state.apply(update("x", 0, 0, &[("a", 300_000)]));
     for t in [1_000, 1_005] {
-        state.apply(LoadInput::Decision {
-            node: Sym::new("x"),
-            stream: Sym::new("a"),
-            time: t,
-            id: Uuid::from_u128(t as u128),
-        });
+        state.apply(decision_on_x(t));
     }
     let mut pending_at = |watermark: i64| {
         state.close(watermark, &mut out);
