@@ -147,10 +147,17 @@ impl Sym {
         if text.is_empty() {
             return Some(Sym(0));
         }
-        if let Some(sym) = CACHE.with(|cache| cache.borrow().get(text).copied()) {
-            return Some(sym);
-        }
-        interner().find(text).map(Sym)
+        CACHE.with(|cache| {
+            if let Some(&sym) = cache.borrow().get(text) {
+                return Some(sym);
+            }
+            // Found names are cached too: a thread that only looks names up (routing) then
+            // stops taking the shard locks the interning threads take.
+            let table = interner();
+            let sym = Sym(table.find(text)?);
+            cache.borrow_mut().insert(table.entry(sym.0).text, sym);
+            Some(sym)
+        })
     }
 
     /// Interns `text` (or finds it) and returns its handle.
@@ -262,6 +269,27 @@ mod tests {
         // Outside the mode, deserializing interns as before.
         let outside: Sym = serde_json::from_str(r#""lookup-only-later""#).unwrap();
         assert_eq!(Sym::find("lookup-only-later"), Some(outside));
+    }
+
+    #[test]
+    fn a_thread_that_only_looks_up_finds_what_others_interned_and_nothing_else() {
+        let interned = std::thread::spawn(|| Sym::new("find-from-another-thread"))
+            .join()
+            .unwrap();
+        std::thread::spawn(move || {
+            assert_eq!(Sym::find("find-from-another-thread-not"), None);
+            for _ in 0..2 {
+                // Once from the shared table, then from this thread's cache.
+                assert_eq!(Sym::find("find-from-another-thread"), Some(interned));
+            }
+            assert_eq!(Sym::find("find-from-another-thread-not"), None);
+            assert_eq!(
+                CACHE.with(|c| c.borrow().get("find-from-another-thread").copied()),
+                Some(interned)
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
