@@ -8,7 +8,7 @@
 //! jwt_secret = "a long random string"      # HS256 secret for the platform's JWTs
 //! max_connections_per_tenant = 2000         # live WebSocket connections (/ws, /graphql)
 //! subscriber_queue = 256                    # updates buffered per subscriber before it lags
-//! socket_send_buffer = 262144               # cap on each connection's kernel send buffer (bytes)
+//! socket_send_buffer = 262144               # cap on each HTTP API connection's kernel send buffer
 //!
 //! [[api.tokens]]                            # static tokens, e.g. for Grafana
 //! name = "grafana"
@@ -117,7 +117,8 @@ pub struct ApiConfig {
     pub max_connections_per_tenant: Option<usize>,
     /// Updates buffered per subscriber before it counts as lagged.
     pub subscriber_queue: Option<usize>,
-    /// Cap on each API connection's kernel send buffer, in bytes (the kernel's autotuning if unset).
+    /// Cap on the kernel send buffer of each connection to the HTTP API port, in bytes (the
+    /// kernel's autotuning if unset; the PostgreSQL port is not affected).
     pub socket_send_buffer: Option<usize>,
 }
 

@@ -37,8 +37,7 @@ use keel_sources::dead_letter::dead_letter;
 use keel_sources::error::{IngestError, excerpt};
 use keel_sources::event::Event;
 use keel_sources::memory::{InjectedEvent, Injector};
-
-use crate::store::RawEventRow;
+use keel_sources::record::Record;
 use keel_sources::source::{Batch, Poll, Source};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
@@ -46,6 +45,8 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Capability, Probe, probe};
+
+use crate::store::RawEventRow;
 
 /// How long a caught-up engine lets its own records (routing decisions) gather before it reads
 /// them: under routing load this makes at most about 200 epochs a second rather than one per
@@ -246,14 +247,13 @@ pub fn run(
     if let Ok(mut kind) = handles.stats.source.lock() {
         *kind = source.kind().to_owned();
     }
+    let raw_events = handles
+        .durable
+        .as_ref()
+        .is_some_and(|d| d.writes(crate::store::RAW_EVENTS));
     // The engine's own services hand their events over typed; their records are built only
     // when raw events are kept.
-    handles.injector.keep_records(
-        handles
-            .durable
-            .as_ref()
-            .is_some_and(|d| d.writes(crate::store::RAW_EVENTS)),
-    );
+    handles.injector.keep_records(raw_events);
     let config = timely::Config::process(options.workers.max(1));
     let guards = timely::execute(config, move |worker| -> Result<(), String> {
         let index = worker.index();
@@ -294,10 +294,6 @@ pub fn run(
             .as_ref()
             .is_some_and(|d| d.keeps_dead_letters());
         let mut letters = Vec::new();
-        let raw_events = handles
-            .durable
-            .as_ref()
-            .is_some_and(|d| d.writes(crate::store::RAW_EVENTS));
         let mut raw = Vec::new();
         let mut injected = Vec::new();
         loop {
@@ -342,40 +338,32 @@ pub fn run(
                     }
                     events_in.send(event);
                 };
+                // One record that cannot be used: an error row, and a dead letter when kept.
+                let mut refuse = |record: Option<&Record<'_>>, error: IngestError| {
+                    if dead_letters {
+                        letters.push(dead_letter(record, &error, now));
+                    }
+                    errors += 1;
+                    errors_in.send(error);
+                };
                 for record in batch.records() {
                     match decode_checked(&record, &options.time_bounds, now) {
                         Ok(event) => {
                             let row = raw_events.then(|| RawEventRow::new(&event, &record));
                             accept(event, row);
                         }
-                        Err(error) => {
-                            if dead_letters {
-                                letters.push(dead_letter(Some(&record), &error, now));
-                            }
-                            errors += 1;
-                            errors_in.send(error);
-                        }
+                        Err(error) => refuse(Some(&record), error),
                     }
                 }
                 // The engine's own events come typed: only the checks a decode would add.
                 for injected in injected.drain(..) {
                     match injected_checked(injected, &options.time_bounds, now, raw_events) {
                         Ok((event, row)) => accept(event, row),
-                        Err(error) => {
-                            if dead_letters {
-                                letters.push(dead_letter(None, &error, now));
-                            }
-                            errors += 1;
-                            errors_in.send(error);
-                        }
+                        Err(error) => refuse(None, error),
                     }
                 }
                 for error in batch.take_refused() {
-                    errors += 1;
-                    if dead_letters {
-                        letters.push(dead_letter(None, &error, now));
-                    }
-                    errors_in.send(error);
+                    refuse(None, error);
                 }
                 if let Some(durable) = &handles.durable {
                     // Before the epoch enters the dataflow, so it cannot be stored without them.
@@ -503,7 +491,7 @@ mod tests {
     use keel_sources::codec::decode;
     use keel_sources::event::{EventKind, RoutingDecision};
     use keel_sources::memory::OwnedRecord;
-    use keel_sources::record::{Headers, Position, Record};
+    use keel_sources::record::Position;
 
     fn decision(time: i64) -> Event {
         Event {
@@ -545,14 +533,10 @@ mod tests {
             value: value.to_vec(),
             headers: Vec::new(),
         };
-        let wire = Record {
-            position: Position::Memory {
-                source: Sym::new("foghorn"),
-                seq: 3,
-            },
-            value,
-            headers: Headers::default(),
-        };
+        let wire = record.at(Position::Memory {
+            source: Sym::new("foghorn"),
+            seq: 3,
+        });
         let event = decode(&wire).expect("the record decodes");
         assert_eq!(event, decision(event.time));
 
@@ -578,7 +562,7 @@ mod tests {
 
         // Out of bounds: an error row naming the event, as a decode would write it.
         let late = decision(now + 2 * keel_operators::time::HOUR);
-        let error = injected_checked(injected(late, Some(record)), &bounds, now, true)
+        let error = injected_checked(injected(late, Some(record.clone())), &bounds, now, true)
             .expect_err("too far ahead");
         assert!(error.reason.contains("ahead"), "{}", error.reason);
         assert_eq!(error.event_type.as_deref(), Some("load_balancing"));

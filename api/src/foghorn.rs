@@ -1074,7 +1074,6 @@ mod tests {
     use keel_sources::codec::decode;
     use keel_sources::event::NodeMode;
     use keel_sources::memory::InjectedEvent;
-    use keel_sources::record::{Headers, Record};
     use proptest::prelude::*;
 
     const STREAMS: [&str; 7] = [
@@ -1115,16 +1114,8 @@ mod tests {
 
     fn decoded(injected: &InjectedEvent) -> Event {
         let record = injected.record.as_ref().expect("records are kept");
-        let mut headers = Headers::default();
-        for (name, value) in &record.headers {
-            headers.set(name, value.clone().into());
-        }
-        decode(&Record {
-            position: injected.position.clone(),
-            value: &record.value,
-            headers,
-        })
-        .unwrap_or_else(|e| panic!("the decision's record decodes: {e:?}"))
+        decode(&record.at(injected.position.clone()))
+            .unwrap_or_else(|e| panic!("the decision's record decodes: {e:?}"))
     }
 
     proptest! {

@@ -63,8 +63,8 @@ pub struct Limits {
     pub connections_per_tenant: usize,
     /// Updates queued per subscription before it counts as lagging.
     pub queue: usize,
-    /// A cap on each API connection's kernel send buffer, in bytes; `None` leaves it to the
-    /// kernel's autotuning (up to several MiB per connection). With a cap, a client that stops
+    /// A cap on the kernel send buffer of each connection to the HTTP API port, in bytes; `None`
+    /// leaves it to the kernel's autotuning (up to several MiB per connection). With a cap, a client that stops
     /// reading holds at most this much in the kernel besides its bounded queue.
     pub send_buffer: Option<usize>,
 }

@@ -214,10 +214,12 @@ pub fn trigger_record(
 /// Runs the record through the engine's own decoder (with its time bounds), so what is
 /// accepted here is what the dataflows can use.
 fn check(outgoing: &Outgoing, now_ms: i64) -> Result<(), String> {
-    let mut headers = Headers::default();
-    for (name, value) in &outgoing.headers {
-        headers.set(name, value.as_str().into());
-    }
+    let headers = Headers::from_pairs(
+        outgoing
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str())),
+    );
     let record = Record {
         position: Position::Memory {
             source: Sym::new(SOURCE),

@@ -12,7 +12,7 @@ use keel_operators::sym::Sym;
 
 use crate::error::SourceError;
 use crate::event::Event;
-use crate::record::Position;
+use crate::record::{Headers, Position, Record};
 use crate::source::{Batch, Poll, Source, SourceReader};
 
 /// One record: value and the headers Keel reads.
@@ -22,6 +22,19 @@ pub struct OwnedRecord {
     pub value: Vec<u8>,
     /// `(name, value)` headers.
     pub headers: Vec<(String, String)>,
+}
+
+impl OwnedRecord {
+    /// The record as the codec reads it, at `position`.
+    pub fn at(&self, position: Position) -> Record<'_> {
+        Record {
+            position,
+            value: &self.value,
+            headers: Headers::from_pairs(
+                self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ),
+        }
+    }
 }
 
 /// The sending side: cloneable, blocking when the channel is full (backpressure).
@@ -68,10 +81,7 @@ impl MemorySource {
 impl Source for MemorySource {
     fn open(&self, worker: usize, _workers: usize) -> Result<Box<dyn SourceReader>, SourceError> {
         let receiver = if worker == 0 {
-            self.receiver
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take()
+            locked(&self.receiver).take()
         } else {
             None
         };
@@ -166,6 +176,13 @@ pub struct InjectedEvent {
     pub record: Option<OwnedRecord>,
 }
 
+/// A lock, also after a holder panicked (the plain values behind these stay usable).
+fn locked<T>(queue: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Most records an [`Injector`] holds before it drops.
 pub const INJECT_CAPACITY: usize = 1 << 20;
 
@@ -186,29 +203,27 @@ impl Injector {
 
     /// Queues a record; false (and counted) when the queue is full.
     pub fn push(&self, record: OwnedRecord) -> bool {
-        let mut queue = self
-            .inner
-            .queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.push_bounded(&self.inner.queue, record)
+    }
+
+    /// Appends `item` to `queue` unless it holds [`INJECT_CAPACITY`] already (then counted as
+    /// dropped).
+    fn push_bounded<T>(&self, queue: &Mutex<Vec<T>>, item: T) -> bool {
+        let mut queue = locked(queue);
         if queue.len() >= INJECT_CAPACITY {
             self.inner
                 .dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return false;
         }
-        queue.push(record);
+        queue.push(item);
         true
     }
 
     /// Moves up to `max` queued records into `batch`; returns how many.
     pub fn drain_into(&self, batch: &mut Batch, max: usize) -> usize {
         let taken: Vec<OwnedRecord> = {
-            let mut queue = self
-                .inner
-                .queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut queue = locked(&self.inner.queue);
             if queue.is_empty() {
                 return 0;
             }
@@ -254,28 +269,12 @@ impl Injector {
     /// decode it; `record` is its wire form, needed only when [`Injector::keeps_records`].
     /// False (and counted) when the queue is full.
     pub fn push_event(&self, event: Event, record: Option<OwnedRecord>) -> bool {
-        let mut events = self
-            .inner
-            .events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if events.len() >= INJECT_CAPACITY {
-            self.inner
-                .dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return false;
-        }
-        events.push((event, record));
-        true
+        self.push_bounded(&self.inner.events, (event, record))
     }
 
     /// Moves up to `max` queued typed events into `out`; returns how many.
     pub fn drain_events(&self, out: &mut Vec<InjectedEvent>, max: usize) -> usize {
-        let mut events = self
-            .inner
-            .events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut events = locked(&self.inner.events);
         let n = events.len().min(max);
         if n == 0 {
             return 0;

@@ -72,6 +72,15 @@ pub struct Headers<'a> {
 }
 
 impl<'a> Headers<'a> {
+    /// The headers the codec reads among `(name, value)` pairs (later ones win).
+    pub fn from_pairs<'n>(pairs: impl IntoIterator<Item = (&'n str, &'a str)>) -> Headers<'a> {
+        let mut headers = Headers::default();
+        for (name, value) in pairs {
+            headers.set(name, Cow::Borrowed(value));
+        }
+        headers
+    }
+
     /// Records a header if it is one the codec reads; other names are ignored.
     pub fn set(&mut self, name: &str, value: Cow<'a, str>) {
         match name {

@@ -16,7 +16,7 @@ use keel_sinks::hub::RowFilter;
 use keel_sinks::live::LiveTables;
 use keel_sources::codec::{TimeBounds, decode_checked};
 use keel_sources::memory::{MemorySender, MemorySource, OwnedRecord};
-use keel_sources::record::{Headers, Position, Record};
+use keel_sources::record::Position;
 use keel_sources::simulate::{SimConfig, Simulator};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -101,15 +101,7 @@ pub fn accepted_for(records: &[OwnedRecord], tenant: &str) -> usize {
         .iter()
         .enumerate()
         .filter(|(seq, r)| {
-            let mut headers = Headers::default();
-            for (name, value) in &r.headers {
-                headers.set(name, value.clone().into());
-            }
-            let record = Record {
-                position: Position::Simulated { seq: *seq as u64 },
-                value: &r.value,
-                headers,
-            };
+            let record = r.at(Position::Simulated { seq: *seq as u64 });
             decode_checked(&record, &TimeBounds::default(), i64::MAX / 4)
                 .is_ok_and(|e| e.tenant.to_string() == tenant)
         })

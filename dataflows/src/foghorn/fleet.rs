@@ -251,6 +251,12 @@ fn rank(a: &Entry, b: &Entry) -> std::cmp::Ordering {
     b.sum.cmp(&a.sum).then(a.index.cmp(&b.index))
 }
 
+/// The score a node must reach to enter `top` once it holds `n` candidates (a tie may still
+/// win on the node id); `None` while there is room.
+fn bar(top: &[Candidate], n: usize) -> Option<u64> {
+    (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total))
+}
+
 /// The routable nodes without a place, best static sum first.
 fn placeless_of(entries: &[Result<Entry, Reject>]) -> Vec<Entry> {
     let mut placeless: Vec<Entry> = entries
@@ -488,9 +494,7 @@ impl Fleet {
         // Scores one node and keeps it if it is among the best `n`; returns the score a node
         // must reach from now on (once `n` are held).
         let mut consider = |entry: &Entry, top: &mut Vec<Candidate>| -> Option<u64> {
-            let worst = |top: &Vec<Candidate>| {
-                (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total))
-            };
+            let worst = |top: &Vec<Candidate>| bar(top, n);
             let cos = match (&client, &entry.trig) {
                 (Some(c), Some(t)) => Some(cos_angle(c, t)),
                 _ => None,
@@ -559,7 +563,7 @@ impl Fleet {
             }
             consider(entry, top);
         }
-        let worst = (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total));
+        let worst = bar(top, n);
         let entries = &self.entries;
         // Only the stream's holders can have its bonus: the tree's bounds leave it out, and the
         // holders the search passed over are considered after it. Considering a node twice
@@ -576,13 +580,13 @@ impl Fleet {
         self.tree.search(point, geo_weight, extra, worst, |index| {
             match &entries[index as usize] {
                 Ok(entry) => consider(entry, top),
-                Err(_) => (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total)),
+                Err(_) => bar(top, n),
             }
         });
         // Most holders are passed over from their static sum and place alone.
         for holder in holders.map_or(&[][..], |h| h.as_slice()) {
             let reach = self.sums[holder.index as usize] + bonus_max + tag_max;
-            if let Some(bar) = (top.len() == n).then(|| top.last().map_or(0, |c| c.score.total))
+            if let Some(bar) = bar(top, n)
                 && let Some(needed) = bar.checked_sub(reach)
                 && client.as_ref().map_or(needed > 0, |c| {
                     self.cuts.surely_below(cos_angle(c, &holder.trig), needed)

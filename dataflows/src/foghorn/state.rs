@@ -230,13 +230,13 @@ impl EpochState for FoghornState {
             // The watermark alone changes a node only when events leave its window: those of
             // the buckets the horizon has reached (the last of them perhaps only in part).
             let horizon = self.watermark.saturating_sub(PENDING_MS);
-            while let Some(mut entry) = self.expiry.first_entry() {
+            while let Some(entry) = self.expiry.first_entry() {
                 let bucket = *entry.key();
                 if bucket.saturating_mul(EXPIRY_BUCKET_MS) > horizon {
                     break;
                 }
                 let whole = (bucket + 1).saturating_mul(EXPIRY_BUCKET_MS) <= horizon + 1;
-                for node in entry.get_mut().iter() {
+                for node in entry.get() {
                     if let Some(state) = self.nodes.get_mut(node)
                         && state.prune(self.watermark)
                     {

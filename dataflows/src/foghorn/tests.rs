@@ -592,6 +592,34 @@ fn input_strategy() -> impl Strategy<Value = LoadInput> {
     ]
 }
 
+/// The newest event time among `inputs` (0 when there are none).
+fn newest_time(inputs: &[LoadInput]) -> i64 {
+    inputs
+        .iter()
+        .map(|i| match i {
+            LoadInput::Node { time, .. }
+            | LoadInput::Presence { time, .. }
+            | LoadInput::Decision { time, .. }
+            | LoadInput::Connect { time, .. } => *time,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The last loads reported, as the reference states them.
+fn summaries(last: &BTreeMap<Sym, NodeLoad>) -> Vec<Summary> {
+    last.values()
+        .map(|l| {
+            let streams = l
+                .streams
+                .iter()
+                .map(|s| (s.name, s.viewers, s.inputs))
+                .collect();
+            (l.node, l.pending_viewers, l.add_bandwidth, streams)
+        })
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -613,9 +641,7 @@ proptest! {
         if let Some(first) = inputs.first() {
             shuffled.push(first.clone());
         }
-        let watermark = inputs.iter().map(|i| match i {
-            LoadInput::Node { time, .. } | LoadInput::Presence { time, .. } | LoadInput::Decision { time, .. } | LoadInput::Connect { time, .. } => *time,
-        }).max().unwrap_or(0);
+        let watermark = newest_time(&inputs);
         let mut state = FoghornState::default();
         let mut last: BTreeMap<Sym, NodeLoad> = Default::default();
         let mut out = Vec::new();
@@ -631,10 +657,7 @@ proptest! {
             last.insert(load.node, load);
         }
         let want = reference_loads(&inputs, watermark);
-        let got: Vec<Summary> = last
-            .values()
-            .map(|l| (l.node, l.pending_viewers, l.add_bandwidth, l.streams.iter().map(|s| (s.name, s.viewers, s.inputs)).collect()))
-            .collect();
+        let got = summaries(&last);
         prop_assert_eq!(got, want);
     }
 }
@@ -793,9 +816,7 @@ proptest! {
         inputs in proptest::collection::vec(input_strategy(), 0..60),
         steps in proptest::collection::vec(prop_oneof![1i64..20, 20i64..40_000], 1..12),
     ) {
-        let start = inputs.iter().map(|i| match i {
-            LoadInput::Node { time, .. } | LoadInput::Presence { time, .. } | LoadInput::Decision { time, .. } | LoadInput::Connect { time, .. } => *time,
-        }).max().unwrap_or(0);
+        let start = newest_time(&inputs);
         let mut state = FoghornState::default();
         for input in inputs.iter().cloned() {
             state.apply(input);
@@ -809,10 +830,7 @@ proptest! {
             for load in out {
                 last.insert(load.node, load);
             }
-            let got: Vec<Summary> = last
-                .values()
-                .map(|l| (l.node, l.pending_viewers, l.add_bandwidth, l.streams.iter().map(|s| (s.name, s.viewers, s.inputs)).collect()))
-                .collect();
+            let got = summaries(&last);
             prop_assert_eq!(got, reference_loads(&inputs, watermark), "at watermark {}", watermark);
         }
     }
