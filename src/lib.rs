@@ -24,6 +24,12 @@
 //! `keel-sinks` (live tables, ClickHouse, the durable writer), `keel-api` (SQL, GraphQL, feeds, routing fronts), `keel-edge`
 //! (Decklog, the Helmsman adapter), `keel-mesh` (join tokens, node registry, WireGuard tunnels).
 
+/// Every program built on this library allocates with mimalloc: the engine, Decklog and the API
+/// allocate and free many small, short-lived objects across threads, where glibc's allocator
+/// spent a fifth of Decklog's CPU (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod backfill;
 pub mod cli;
 pub mod config;

@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use keel_sources::memory::{Injector, OwnedRecord};
-use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::sync::watch;
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::envelope::Outgoing;
@@ -74,9 +74,55 @@ impl HandoffStats {
 /// How many delivered event ids are remembered for recognising retries.
 pub const REMEMBERED_IDS: usize = 1 << 20;
 
+/// How long a record may wait for room in the producer's queue before its hand-off fails.
+const QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// The outcomes of one hand-off's records, filled in by the producer's delivery reports.
+struct Batch {
+    outcomes: Mutex<Vec<Result<(), HandoffError>>>,
+    /// Records not yet reported; the report that brings it to zero wakes the hand-off.
+    outstanding: std::sync::atomic::AtomicUsize,
+    done: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Batch {
+    fn report(&self, index: usize, outcome: Result<(), HandoffError>) {
+        if outcome.is_err() {
+            let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+            outcomes[index] = outcome;
+        }
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(done) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Routes the producer's delivery reports to the hand-off that sent each record: one wake-up
+/// per hand-off instead of one future per record.
+struct Reports;
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<(Arc<Batch>, usize)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (batch, index) = *opaque;
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((error, _)) => Err(HandoffError(format!(
+                "Kafka did not take the event: {error}"
+            ))),
+        };
+        batch.report(index, outcome);
+    }
+}
+
 enum Target {
     Kafka {
-        producer: FutureProducer,
+        producer: ThreadedProducer<Reports>,
         topic: String,
     },
     Engine(Injector),
@@ -144,6 +190,24 @@ impl Remembered {
     }
 }
 
+/// The producer settings of the hand-off: idempotent with `acks=all` (an acknowledged event is
+/// in every in-sync replica, once), lz4 batches, and a 2 ms linger so a lone event is not held
+/// back long. A send not acknowledged within `timeout` fails.
+pub fn producer_config(brokers: &str, timeout: Duration) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "keel-decklog")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("message.timeout.ms", timeout.as_millis().to_string());
+    config
+}
+
 /// The hand-off: cheap to clone, shared by every connection.
 #[derive(Clone, Debug)]
 pub struct Handoff {
@@ -165,17 +229,8 @@ impl Handoff {
     /// Hands off to `topic` on `brokers`; a send not acknowledged within `timeout` fails (and is
     /// retried by the producer of the event).
     pub fn kafka(brokers: &str, topic: &str, timeout: Duration) -> Result<Self, String> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("client.id", "keel-decklog")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("compression.type", "lz4")
-            .set("batch.size", "1000000")
-            .set("queue.buffering.max.messages", "1000000")
-            .set("message.timeout.ms", timeout.as_millis().to_string())
-            .create()
+        let producer: ThreadedProducer<Reports> = producer_config(brokers, timeout)
+            .create_with_context(Reports)
             .map_err(|e| format!("cannot create a Kafka producer for {brokers}: {e}"))?;
         Ok(Self::with(Target::Kafka {
             producer,
@@ -283,9 +338,7 @@ impl Handoff {
 
     async fn hand_off(&self, records: &[Outgoing]) -> Vec<Result<(), HandoffError>> {
         match &*self.target {
-            Target::Kafka { producer, topic } => {
-                join_all(records.iter().map(|record| send(producer, topic, record))).await
-            }
+            Target::Kafka { producer, topic } => send_all(producer, topic, records).await,
             Target::Engine(injector) => records
                 .iter()
                 .map(|record| {
@@ -306,12 +359,8 @@ impl Handoff {
     }
 }
 
-async fn send(
-    producer: &FutureProducer,
-    topic: &str,
-    record: &Outgoing,
-) -> Result<(), HandoffError> {
-    let key = record.event_id.to_string();
+/// A record's headers as the producer takes them.
+pub fn kafka_headers(record: &Outgoing) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
     for (name, value) in &record.headers {
         headers = headers.insert(Header {
@@ -319,13 +368,60 @@ async fn send(
             value: Some(value.as_bytes()),
         });
     }
-    let message = FutureRecord::to(topic)
-        .key(&key)
-        .payload(&record.value)
-        .headers(headers);
-    producer
-        .send(message, Duration::from_secs(5))
-        .await
-        .map(drop)
-        .map_err(|(error, _)| HandoffError(format!("Kafka did not take the event: {error}")))
+    headers
+}
+
+/// Sends `records` and waits until the broker has answered for every one.
+async fn send_all(
+    producer: &ThreadedProducer<Reports>,
+    topic: &str,
+    records: &[Outgoing],
+) -> Vec<Result<(), HandoffError>> {
+    if records.is_empty() {
+        return Vec::new();
+    }
+    let (done, finished) = oneshot::channel();
+    let batch = Arc::new(Batch {
+        outcomes: Mutex::new(vec![Ok(()); records.len()]),
+        outstanding: records.len().into(),
+        done: Mutex::new(Some(done)),
+    });
+    let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    for (index, record) in records.iter().enumerate() {
+        let key = record.event_id.hyphenated().encode_lower(&mut key);
+        let mut message = BaseRecord::with_opaque_to(topic, Box::new((batch.clone(), index)))
+            .key(key.as_bytes())
+            .payload(&record.value)
+            .headers(kafka_headers(record));
+        let waiting_since = std::time::Instant::now();
+        loop {
+            match producer.send(message) {
+                Ok(()) => break,
+                Err((error, back)) => {
+                    let full = error.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull);
+                    if !full || waiting_since.elapsed() >= QUEUE_WAIT {
+                        let reason = if full {
+                            format!("the producer's queue stayed full for {QUEUE_WAIT:?}")
+                        } else {
+                            error.to_string()
+                        };
+                        let (batch, index) = *back.delivery_opaque;
+                        batch.report(
+                            index,
+                            Err(HandoffError(format!(
+                                "Kafka did not take the event: {reason}"
+                            ))),
+                        );
+                        break;
+                    }
+                    message = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    // The reports arrive on the producer's polling thread; the last one wakes this task.
+    let _ = finished.await;
+    let outcomes = batch.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+    outcomes.clone()
 }
