@@ -51,7 +51,7 @@ use uuid::Uuid;
 
 use crate::auth::{Principal, Scope};
 use crate::server::{ApiError, ApiState, principal};
-use crate::signalman::{MAX_FRAME, admit};
+use crate::signalman::{MAX_FRAME, READ_BUFFER, admit};
 
 /// The schema type.
 pub type KeelSchema = Schema<Query, EmptyMutation, Subscription>;
@@ -96,6 +96,7 @@ pub async fn subscribe(
 ) -> Response {
     upgrade
         .protocols(["graphql-transport-ws", "graphql-ws"])
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
         .on_upgrade(move |socket| async move {

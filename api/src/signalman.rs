@@ -43,6 +43,11 @@ use crate::server::{ApiError, ApiState, principal};
 pub const MAX_MESSAGE: usize = 4096;
 /// Largest frame the transport accepts at all; beyond it the connection is closed.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// Bytes a WebSocket read asks the socket for at a time. Clients send little (subscriptions,
+/// pings), and the transport clears this much before every read attempt — which it makes each
+/// time a connection's task wakes, also to send — so the 128 KiB default cost a 128 KiB memset
+/// per message pushed.
+pub const READ_BUFFER: usize = 4096;
 /// How long a connection may stay unauthenticated.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the server pings.
@@ -74,6 +79,7 @@ pub async fn upgrade(
         None => None,
     };
     upgrade
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
         .on_upgrade(move |socket| async move {
