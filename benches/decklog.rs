@@ -2,7 +2,7 @@
 //! latency, beside the broker's own produce rate for the same records.
 //!
 //! ```text
-//! cargo bench --bench decklog -- [--events 1000000] [--batch 1000] [--connections 4]
+//! cargo bench --bench decklog -- [--events 1000000] [--batch 1000] [--connections 8]
 //! ```
 //!
 //! The broker is the one at `KEEL_TEST_KAFKA` (`scripts/bench-decklog` starts tansu). In one
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use keel::edge::{DecklogSettings, EdgeServer};
 use keel::loadgen::{Load, Report, Target, run, trigger};
 use keel_api::auth::{Auth, Role, StaticToken};
-use keel_edge::envelope::{Caller, trigger_record};
+use keel_edge::envelope::{Caller, trigger_into_record};
 use keel_edge::handoff::{Handoff, kafka_headers, producer_config};
 use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -122,7 +122,7 @@ fn broker_ceiling(brokers: &str, topic: &str, load: &Load) -> (f64, f64) {
         .as_millis() as i64;
     let records: Vec<_> = (0..load.events)
         .map(|i| {
-            trigger_record(&trigger(i, load, now), Caller::Tenant(load.tenant), now)
+            trigger_into_record(trigger(i, load, now), Caller::Tenant(load.tenant), now)
                 .expect("a valid record")
         })
         .collect();
@@ -175,7 +175,7 @@ fn main() {
     let brokers = std::env::var("KEEL_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
     let events = arg("--events", 1_000_000);
     let batch = arg("--batch", 1000) as usize;
-    let connections = arg("--connections", 4) as usize;
+    let connections = arg("--connections", 8) as usize;
     let tenant = Uuid::parse_str("5eed517e-ba5e-da7a-517e-ba5eda7a0001").expect("a UUID");
     let load = |events: u64, batch: usize, seed: u64| Load {
         events,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_edge::client::DecklogClient;
-use keel_edge::envelope::{Caller, Outgoing, trigger_record};
+use keel_edge::envelope::{Caller, Outgoing, trigger_into_record};
 use keel_edge::handoff::Handoff;
 use keel_edge::proto::{MistTrigger, Payload, ViewerConnectTrigger, ViewerDisconnectTrigger};
 use uuid::Uuid;
@@ -261,9 +261,9 @@ pub fn run(target: &Target, load: &Load, mut progress: impl FnMut(u64)) -> anyho
                     (Target::Kafka { .. }, _) => {
                         let handoff = handoff.as_ref().context("no producer")?;
                         let records: Vec<Outgoing> = triggers
-                            .iter()
+                            .into_iter()
                             .filter_map(|t| {
-                                trigger_record(t, Caller::Tenant(load.tenant), now).ok()
+                                trigger_into_record(t, Caller::Tenant(load.tenant), now).ok()
                             })
                             .collect();
                         let results = handoff.deliver(records).await;

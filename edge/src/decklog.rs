@@ -20,7 +20,9 @@ use tonic::transport::{Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_prost::ProstCodec;
 
-use crate::envelope::{Caller, Outgoing, balancing_record, trigger_record, v1_record};
+use crate::envelope::{
+    Caller, Outgoing, balancing_record, trigger_into_record, trigger_record, v1_record,
+};
 use crate::handoff::{Delivered, Handoff};
 use crate::proto::{
     BalancingEvent, Empty, Event, EventResponse, HealthRequest, HealthResponse, MistTrigger,
@@ -124,7 +126,7 @@ impl Decklog {
                     answer.accepted
                 )));
             }
-            match trigger_record(&trigger, caller, now_ms()) {
+            match trigger_into_record(trigger, caller, now_ms()) {
                 Ok(record) => chunk.push((index, record)),
                 Err(reason) => answer.rejected.push(Rejection {
                     index,

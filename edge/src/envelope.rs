@@ -143,6 +143,16 @@ pub fn trigger_record(
     caller: Caller,
     received_ms: i64,
 ) -> Result<Outgoing, String> {
+    trigger_into_record(trigger.clone(), caller, received_ms)
+}
+
+/// [`trigger_record`] for a trigger the caller no longer needs (Decklog's own path): the
+/// trigger becomes the record's `data` without being copied.
+pub fn trigger_into_record(
+    mut trigger: MistTrigger,
+    caller: Caller,
+    received_ms: i64,
+) -> Result<Outgoing, String> {
     let Some(payload) = &trigger.payload else {
         return Err("the trigger has no payload".to_owned());
     };
@@ -150,24 +160,24 @@ pub fn trigger_record(
         payload.own_tenant().or(trigger.tenant_id.as_deref()),
         caller,
     )?;
-    let event_id = trigger_event_id(trigger);
+    let event_type = payload.event_type();
+    let event_id = trigger_event_id(&trigger);
     let time = [trigger.trigger_unix_millis, to_millis(trigger.timestamp)]
         .into_iter()
         .find(|&t| t > 0)
         .unwrap_or(received_ms);
-    let mut data = trigger.clone();
-    data.tenant_id = Some(tenant.to_string());
-    data.event_id = event_id.to_string();
-    if data.schema_version == 0 {
-        data.schema_version = 2;
+    let (id_text, tenant_text) = (event_id.to_string(), tenant.to_string());
+    trigger.tenant_id = Some(tenant_text.clone());
+    trigger.event_id = id_text.clone();
+    if trigger.schema_version == 0 {
+        trigger.schema_version = 2;
     }
-    let event_type = payload.event_type();
     let envelope = V2Envelope {
-        event_id: event_id.to_string(),
+        event_id: id_text.clone(),
         event_type,
         timestamp: format_rfc3339(time),
         source: SOURCE,
-        tenant_id: tenant.to_string(),
+        tenant_id: tenant_text.clone(),
         schema_version: 2,
         source_region: &trigger.source_region,
         source_cluster_id: trigger.cluster_id.as_deref(),
@@ -175,14 +185,16 @@ pub fn trigger_record(
         stream_origin_cluster_id: trigger.origin_cluster_id.as_deref(),
         correlation_id: &trigger.correlation_id,
         causation_id: &trigger.causation_id,
-        data: &data,
+        data: &trigger,
     };
-    let value = serde_json::to_vec(&envelope).map_err(|e| format!("cannot encode: {e}"))?;
+    // Room for a typical record up front instead of growing by doubling.
+    let mut value = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut value, &envelope).map_err(|e| format!("cannot encode: {e}"))?;
     let mut headers = vec![
         ("source".to_owned(), SOURCE.to_owned()),
         ("event_type".to_owned(), event_type.to_owned()),
-        ("event_id".to_owned(), event_id.to_string()),
-        ("tenant_id".to_owned(), tenant.to_string()),
+        ("event_id".to_owned(), id_text),
+        ("tenant_id".to_owned(), tenant_text),
     ];
     for (name, value) in [
         ("source_region", Some(trigger.source_region.as_str())),
