@@ -28,11 +28,17 @@ struct NodeState {
     /// Stream events newer than the latest update: stamp, viewers, inputs, ended.
     presence: HashMap<Sym, (Stamp, u64, u64, bool), FxBuildHasher>,
     /// Decisions and connects within the pending window, per stream.
-    window: HashMap<Sym, Window, FxBuildHasher>,
+    window: HashMap<Sym, Pending, FxBuildHasher>,
     emitted: Option<NodeLoad>,
     /// The update or the presence changed since the last close (not only the window).
     figures_changed: bool,
-    /// The expiry bucket this node was last queued in (to queue it once per bucket).
+}
+
+/// One stream's window on a node.
+#[derive(Debug, Default)]
+struct Pending {
+    events: Window,
+    /// The expiry bucket this window was last queued in (to queue it once per bucket).
     queued: Option<i64>,
 }
 
@@ -41,14 +47,19 @@ impl NodeState {
         self.latest.as_ref().is_none_or(|(s, _, _)| stamp > *s)
     }
 
-    /// Drops events that left the window; returns whether any did.
-    fn prune(&mut self, watermark: i64) -> bool {
-        let horizon = watermark.saturating_sub(PENDING_MS);
-        let mut dropped = false;
-        self.window.retain(|_, events| {
-            dropped |= events.expire(horizon);
-            !events.is_empty()
-        });
+    /// Drops the events of `stream`'s window that are at or before `horizon`; returns whether
+    /// any were. `bucket` is the expiry bucket being emptied, if all of it is due: the window
+    /// is then no longer queued there.
+    fn prune(&mut self, stream: Sym, horizon: i64, bucket: Option<i64>) -> bool {
+        let Some(pending) = self.window.get_mut(&stream) else {
+            return false;
+        };
+        let dropped = pending.events.expire(horizon);
+        if pending.events.is_empty() {
+            self.window.remove(&stream);
+        } else if bucket.is_some() && pending.queued == bucket {
+            pending.queued = None;
+        }
         dropped
     }
 
@@ -108,8 +119,8 @@ impl NodeState {
     /// Pending viewers and their bandwidth, with estimates from `figures`.
     fn pending(&self, figures: &NodeLoad) -> (u64, u64) {
         let (mut viewers, mut bandwidth) = (0u64, 0u64);
-        for (stream, events) in &self.window {
-            let open = events.pending();
+        for (stream, pending) in &self.window {
+            let open = pending.events.pending();
             if open > 0 {
                 viewers += open;
                 bandwidth = bandwidth
@@ -148,9 +159,9 @@ impl NodeState {
 pub struct FoghornState {
     nodes: HashMap<Sym, NodeState, FxBuildHasher>,
     dirty: HashSet<Sym, FxBuildHasher>,
-    /// Nodes by the expiry bucket of the decisions and connects in their windows: when the
-    /// watermark moves, only the nodes of the buckets it reaches are looked at.
-    expiry: BTreeMap<i64, Vec<Sym>>,
+    /// (node, stream) windows by the expiry bucket of their decisions and connects: when the
+    /// watermark moves, only the windows of the buckets it reaches are looked at.
+    expiry: BTreeMap<i64, Vec<(Sym, Sym)>>,
     watermark: i64,
 }
 
@@ -208,15 +219,12 @@ impl EpochState for FoghornState {
             | LoadInput::Connect {
                 stream, time, id, ..
             } => {
-                state
-                    .window
-                    .entry(stream)
-                    .or_default()
-                    .insert((time, id), decision);
+                let pending = state.window.entry(stream).or_default();
+                pending.events.insert((time, id), decision);
                 let bucket = time.div_euclid(EXPIRY_BUCKET_MS);
-                if state.queued != Some(bucket) {
-                    state.queued = Some(bucket);
-                    self.expiry.entry(bucket).or_default().push(node);
+                if pending.queued != Some(bucket) {
+                    pending.queued = Some(bucket);
+                    self.expiry.entry(bucket).or_default().push((node, stream));
                 }
             }
         }
@@ -224,38 +232,34 @@ impl EpochState for FoghornState {
     }
 
     fn close(&mut self, watermark: i64, output: &mut Vec<NodeLoad>) {
-        let moved = watermark > self.watermark;
         self.watermark = self.watermark.max(watermark);
-        if moved {
-            // The watermark alone changes a node only when events leave its window: those of
-            // the buckets the horizon has reached (the last of them perhaps only in part).
-            let horizon = self.watermark.saturating_sub(PENDING_MS);
-            while let Some(entry) = self.expiry.first_entry() {
-                let bucket = *entry.key();
-                if bucket.saturating_mul(EXPIRY_BUCKET_MS) > horizon {
-                    break;
-                }
-                let whole = (bucket + 1).saturating_mul(EXPIRY_BUCKET_MS) <= horizon + 1;
-                for node in entry.get() {
-                    if let Some(state) = self.nodes.get_mut(node)
-                        && state.prune(self.watermark)
-                    {
-                        self.dirty.insert(*node);
-                    }
-                }
-                if !whole {
-                    break;
-                }
-                entry.remove();
+        // Events leave a window only through the buckets the horizon has reached (the last of
+        // them perhaps only in part): a late event is queued in its own bucket, so this also
+        // drops events that arrived already outside the window.
+        let horizon = self.watermark.saturating_sub(PENDING_MS);
+        while let Some(entry) = self.expiry.first_entry() {
+            let bucket = *entry.key();
+            if bucket.saturating_mul(EXPIRY_BUCKET_MS) > horizon {
+                break;
             }
+            let whole = (bucket + 1).saturating_mul(EXPIRY_BUCKET_MS) <= horizon + 1;
+            for &(node, stream) in entry.get() {
+                if let Some(state) = self.nodes.get_mut(&node)
+                    && state.prune(stream, horizon, whole.then_some(bucket))
+                {
+                    self.dirty.insert(node);
+                }
+            }
+            if !whole {
+                break;
+            }
+            entry.remove();
         }
         let recompute: Vec<Sym> = self.dirty.drain().collect();
         for node in recompute {
-            let Some(state) = self.nodes.get_mut(&node) else {
-                continue;
-            };
-            state.prune(self.watermark);
-            output.extend(state.changed_load());
+            if let Some(state) = self.nodes.get_mut(&node) {
+                output.extend(state.changed_load());
+            }
         }
     }
 }
