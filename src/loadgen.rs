@@ -88,46 +88,70 @@ const NODES: u64 = 20;
 
 /// Event `i` of a run: a viewer connecting (even) or leaving (odd).
 pub fn trigger(i: u64, load: &Load, now_ms: i64) -> MistTrigger {
-    let session = i / 2;
-    let stream = format!("live+load{}", session % STREAMS);
-    let node = format!("edge-{}", session % NODES);
-    let payload = if i.is_multiple_of(2) {
-        Payload::ViewerConnect(ViewerConnectTrigger {
-            stream_name: stream,
-            host: "192.0.2.1".to_owned(),
-            connector: "HLS".to_owned(),
-            session_id: format!("s{}-{session}", load.seed),
-            node_id: Some(node.clone()),
-            client_country: "NL".to_owned(),
-            ..ViewerConnectTrigger::default()
-        })
-    } else {
-        Payload::ViewerDisconnect(ViewerDisconnectTrigger {
-            session_id: format!("s{}-{session}", load.seed),
-            stream_name: stream,
-            connector: "HLS".to_owned(),
-            duration: 30,
-            down_bytes: 1_500_000,
-            up_bytes: 2_000,
-            node_id: node.clone(),
-            country_code: "NL".to_owned(),
-            ..ViewerDisconnectTrigger::default()
-        })
-    };
-    MistTrigger {
-        trigger_type: if i.is_multiple_of(2) {
-            "USER_NEW"
-        } else {
-            "USER_END"
+    Triggers::new(load).make(i, now_ms)
+}
+
+/// Makes a run's triggers, with the names they repeat (streams, nodes, the tenant) formatted
+/// once: the generator shares the machine with what it measures.
+#[derive(Clone, Debug)]
+pub struct Triggers {
+    seed: u64,
+    tenant: String,
+    streams: Vec<String>,
+    nodes: Vec<String>,
+}
+
+impl Triggers {
+    /// The generator of `load`'s triggers.
+    pub fn new(load: &Load) -> Self {
+        Triggers {
+            seed: load.seed,
+            tenant: load.tenant.to_string(),
+            streams: (0..STREAMS).map(|s| format!("live+load{s}")).collect(),
+            nodes: (0..NODES).map(|n| format!("edge-{n}")).collect(),
         }
-        .to_owned(),
-        node_id: node,
-        timestamp: now_ms,
-        request_id: format!("loadgen-{}-{i}", load.seed),
-        tenant_id: Some(load.tenant.to_string()),
-        payload: Some(payload),
-        schema_version: 2,
-        ..MistTrigger::default()
+    }
+
+    /// Event `i`: a viewer connecting (even) or leaving (odd).
+    pub fn make(&self, i: u64, now_ms: i64) -> MistTrigger {
+        let session = i / 2;
+        let stream = self.streams[(session % STREAMS) as usize].clone();
+        let node = &self.nodes[(session % NODES) as usize];
+        let session_id = format!("s{}-{session}", self.seed);
+        let connect = i.is_multiple_of(2);
+        let payload = if connect {
+            Payload::ViewerConnect(ViewerConnectTrigger {
+                stream_name: stream,
+                host: "192.0.2.1".to_owned(),
+                connector: "HLS".to_owned(),
+                session_id,
+                node_id: Some(node.clone()),
+                client_country: "NL".to_owned(),
+                ..ViewerConnectTrigger::default()
+            })
+        } else {
+            Payload::ViewerDisconnect(ViewerDisconnectTrigger {
+                session_id,
+                stream_name: stream,
+                connector: "HLS".to_owned(),
+                duration: 30,
+                down_bytes: 1_500_000,
+                up_bytes: 2_000,
+                node_id: node.clone(),
+                country_code: "NL".to_owned(),
+                ..ViewerDisconnectTrigger::default()
+            })
+        };
+        MistTrigger {
+            trigger_type: if connect { "USER_NEW" } else { "USER_END" }.to_owned(),
+            node_id: node.clone(),
+            timestamp: now_ms,
+            request_id: format!("loadgen-{}-{i}", self.seed),
+            tenant_id: Some(self.tenant.clone()),
+            payload: Some(payload),
+            schema_version: 2,
+            ..MistTrigger::default()
+        }
     }
 }
 
@@ -197,6 +221,7 @@ pub fn run(target: &Target, load: &Load, mut progress: impl FnMut(u64)) -> anyho
                 _ => None,
             };
             let http = webhook_agent();
+            let made = Triggers::new(&load);
             let begun = Instant::now();
             let mut sent = 0u64;
             loop {
@@ -212,8 +237,7 @@ pub fn run(target: &Target, load: &Load, mut progress: impl FnMut(u64)) -> anyho
                     }
                 }
                 let now = now_ms();
-                let triggers: Vec<MistTrigger> =
-                    (first..last).map(|i| trigger(i, &load, now)).collect();
+                let triggers: Vec<MistTrigger> = (first..last).map(|i| made.make(i, now)).collect();
                 let n = triggers.len() as u64;
                 sent += n;
                 let call = Instant::now();
