@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keel::edge::{DecklogSettings, EdgeServer};
-use keel::loadgen::{Load, Report, Target, run, trigger};
+use keel::loadgen::{Load, Report, Target, Triggers, run};
 use keel_api::auth::{Auth, Role, StaticToken};
 use keel_edge::envelope::{Caller, trigger_into_record};
 use keel_edge::handoff::{Handoff, kafka_headers, producer_config};
@@ -120,9 +120,10 @@ fn broker_ceiling(brokers: &str, topic: &str, load: &Load) -> (f64, f64) {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("a clock after 1970")
         .as_millis() as i64;
+    let triggers = Triggers::new(load);
     let records: Vec<_> = (0..load.events)
         .map(|i| {
-            trigger_into_record(trigger(i, load, now), Caller::Tenant(load.tenant), now)
+            trigger_into_record(triggers.make(i, now), Caller::Tenant(load.tenant), now)
                 .expect("a valid record")
         })
         .collect();

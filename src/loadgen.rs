@@ -86,11 +86,6 @@ impl Report {
 const STREAMS: u64 = 50;
 const NODES: u64 = 20;
 
-/// Event `i` of a run: a viewer connecting (even) or leaving (odd).
-pub fn trigger(i: u64, load: &Load, now_ms: i64) -> MistTrigger {
-    Triggers::new(load).make(i, now_ms)
-}
-
 /// Makes a run's triggers, with the names they repeat (streams, nodes, the tenant) formatted
 /// once: the generator shares the machine with what it measures.
 #[derive(Clone, Debug)]
@@ -155,7 +150,7 @@ impl Triggers {
     }
 }
 
-/// Mist's webhook body for a trigger made by [`trigger`].
+/// Mist's webhook body for a trigger made by [`Triggers::make`].
 fn webhook_body(trigger: &MistTrigger) -> String {
     match &trigger.payload {
         Some(Payload::ViewerConnect(c)) => format!(

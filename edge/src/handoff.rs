@@ -10,7 +10,7 @@
 //! the deterministic event id is what lets consumers (Keel's own decoder among them) drop the
 //! copy.
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,7 +81,7 @@ const QUEUE_WAIT: Duration = Duration::from_secs(5);
 struct Batch {
     outcomes: Mutex<Vec<Result<(), HandoffError>>>,
     /// Records not yet reported; the report that brings it to zero wakes the hand-off.
-    outstanding: std::sync::atomic::AtomicUsize,
+    outstanding: AtomicUsize,
     done: Mutex<Option<oneshot::Sender<()>>>,
 }
 
