@@ -2,11 +2,13 @@
 //! latency, beside the broker's own produce rate for the same records.
 //!
 //! ```text
-//! cargo bench --bench decklog -- [--events 1000000] [--batch 1000] [--connections 8]
+//! cargo bench --bench decklog -- [--events 1000000] [--batch 1000] [--connections 8] [--fresh-broker]
 //! ```
 //!
-//! The broker is the one at `KEEL_TEST_KAFKA` (`scripts/bench-decklog` starts tansu). In one
-//! run, on fresh topics of 4 partitions, each first warmed with 20,000 untimed events:
+//! The broker is the one at `KEEL_TEST_KAFKA` (`scripts/bench-decklog` starts tansu and passes
+//! `--fresh-broker`, which restarts it before each phase through `scripts/test-servers.sh`: its
+//! memory storage slows as it fills). In one run, each phase on a fresh topic of 4 partitions,
+//! first warmed with 20,000 untimed events:
 //!
 //! 1. **Ceiling**: the same version-2 records Decklog would write, made before the clock starts
 //!    and produced straight to the broker by one producer with Decklog's settings (idempotent,
@@ -172,23 +174,21 @@ fn row(what: &str, batch: usize, (report, cpu): &(Report, f64)) {
     );
 }
 
-fn main() {
-    let brokers = std::env::var("KEEL_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let events = arg("--events", 1_000_000);
-    let batch = arg("--batch", 1000) as usize;
-    let connections = arg("--connections", 8) as usize;
-    let tenant = Uuid::parse_str("5eed517e-ba5e-da7a-517e-ba5eda7a0001").expect("a UUID");
-    let load = |events: u64, batch: usize, seed: u64| Load {
-        events,
-        rate: 0.0,
-        batch,
-        connections,
-        tenant,
-        seed,
-    };
+/// Restarts the broker the benchmark was started with (`scripts/test-servers.sh start kafka`
+/// stops it first), so the next phase writes into an empty broker: tansu's memory storage slows
+/// as it fills, and a phase run after millions of stored records would measure that instead.
+fn fresh_broker() {
+    eprintln!("decklog bench: restarting the broker …");
+    let status = std::process::Command::new("scripts/test-servers.sh")
+        .args(["start", "kafka"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("scripts/test-servers.sh runs");
+    assert!(status.success(), "the broker did not restart: {status}");
+}
 
-    let ceiling_topic = create_topic(&brokers, "bench_ceiling");
-    let decklog_topic = create_topic(&brokers, "bench_decklog");
+/// A Decklog server handing off to `topic`, and the load generator's target for it.
+fn decklog(brokers: &str, topic: &str, tenant: Uuid) -> (EdgeServer, Target) {
     let auth = Auth::new(
         None,
         vec![StaticToken {
@@ -203,8 +203,7 @@ fn main() {
         Some(DecklogSettings {
             listen: "127.0.0.1:0".into(),
             tls: None,
-            handoff: Handoff::kafka(&brokers, &decklog_topic, Duration::from_secs(30))
-                .expect("a producer"),
+            handoff: Handoff::kafka(brokers, topic, Duration::from_secs(30)).expect("a producer"),
             auth,
             metrics_listen: None,
         }),
@@ -212,40 +211,84 @@ fn main() {
     )
     .expect("Decklog");
     let url = format!("http://{}", server.decklog_address().expect("an address"));
-    let decklog = Target::Decklog {
+    let target = Target::Decklog {
         url,
         token: TOKEN.into(),
         ca_pem: None,
     };
+    (server, target)
+}
 
-    // Warm both topics (partition leaders, producer connections) before anything is timed.
-    for (target, seed) in [
-        (
-            Target::Kafka {
-                brokers: brokers.clone(),
-                topic: ceiling_topic.clone(),
-            },
-            10,
-        ),
-        (decklog.clone(), 11),
-    ] {
-        measured("warm-up", &target, &load(20_000, batch, seed));
-    }
-    let handoff_alone = measured(
-        "hand-off alone",
-        &Target::Kafka {
-            brokers: brokers.clone(),
-            topic: ceiling_topic.clone(),
-        },
-        &load(events, batch, 1),
+fn main() {
+    let brokers = std::env::var("KEEL_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let events = arg("--events", 1_000_000);
+    let batch = arg("--batch", 1000) as usize;
+    let connections = arg("--connections", 8) as usize;
+    // Set by scripts/bench-decklog, which started the broker through scripts/test-servers.sh.
+    let fresh = std::env::args().any(|a| a == "--fresh-broker");
+    let tenant = Uuid::parse_str("5eed517e-ba5e-da7a-517e-ba5eda7a0001").expect("a UUID");
+    let load = |events: u64, batch: usize, seed: u64| Load {
+        events,
+        rate: 0.0,
+        batch,
+        connections,
+        tenant,
+        seed,
+    };
+    // Every phase writes to a topic of its own, warmed with 20,000 untimed events first
+    // (partition leaders, producer connections); with --fresh-broker, on a broker of its own.
+    let prepare = |name: &str| {
+        if fresh {
+            fresh_broker();
+        }
+        create_topic(&brokers, name)
+    };
+    let warm = |target: &Target| {
+        measured("warm-up", target, &load(20_000, batch, 10));
+    };
+    let kafka = |topic: String| Target::Kafka {
+        brokers: brokers.clone(),
+        topic,
+    };
+
+    let topic = prepare("bench_ceiling");
+    warm(&kafka(topic.clone()));
+    let ceiling = broker_ceiling(&brokers, &topic, &load(events, batch, 4));
+
+    let topic = prepare("bench_handoff");
+    warm(&kafka(topic.clone()));
+    let handoff_alone = measured("hand-off alone", &kafka(topic), &load(events, batch, 1));
+
+    let (mut delivered, mut duplicates, mut failed) = (0, 0, 0);
+    let mut through_decklog = |what: &str, name: &str, load: Load| {
+        let topic = prepare(name);
+        let (server, target) = decklog(&brokers, &topic, tenant);
+        warm(&target);
+        let result = measured(what, &target, &load);
+        let stats = &server.handoff().expect("a hand-off").stats;
+        delivered += stats.delivered.load(Ordering::Relaxed);
+        duplicates += stats.duplicates.load(Ordering::Relaxed);
+        failed += stats.failed.load(Ordering::Relaxed);
+        result
+    };
+    let batched = through_decklog(
+        "Decklog SendEvents",
+        "bench_batched",
+        load(events, batch, 2),
     );
-    let ceiling = broker_ceiling(&brokers, &ceiling_topic, &load(events, batch, 4));
-    let batched = measured("Decklog SendEvents", &decklog, &load(events, batch, 2));
     let single_events = (events / 20).max(1000);
-    let single = measured("Decklog SendEvent", &decklog, &load(single_events, 1, 3));
+    let single = through_decklog(
+        "Decklog SendEvent",
+        "bench_single",
+        load(single_events, 1, 3),
+    );
 
     println!("## Decklog into the broker ({brokers}), {connections} connections");
     println!();
+    if fresh {
+        println!("Each row on a freshly started broker.");
+        println!();
+    }
     println!(
         "| path | events per call | events | acknowledged events/s | ack p50 ms | ack p99 ms | CPU cores used |"
     );
@@ -262,11 +305,7 @@ fn main() {
         "Decklog batched reaches {:.0} % of the ceiling.",
         100.0 * batched.0.rate() / ceiling.0
     );
-    let stats = server.handoff().expect("a hand-off").stats.clone();
     eprintln!(
-        "decklog bench: hand-off delivered {}, duplicates {}, failed {}",
-        stats.delivered.load(Ordering::Relaxed),
-        stats.duplicates.load(Ordering::Relaxed),
-        stats.failed.load(Ordering::Relaxed)
+        "decklog bench: hand-off delivered {delivered}, duplicates {duplicates}, failed {failed}"
     );
 }
