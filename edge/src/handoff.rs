@@ -9,6 +9,7 @@
 //! restart and does not cover an attempt that timed out after the broker in fact wrote it; there
 //! the deterministic event id is what lets consumers (Keel's own decoder among them) drop the
 //! copy.
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -145,10 +146,11 @@ fn key(record: &Outgoing) -> EventKey {
     (record.tenant, record.event_id)
 }
 
-/// Ends a hand-off attempt however it ends (a panic included): its events leave the in-flight
-/// set, delivered ones are remembered, and whoever waits on them is woken.
+/// Ends a hand-off attempt however it ends (a panic included): its events stop being in flight,
+/// delivered ones are remembered, and whoever waits on them is woken.
 struct Attempt {
     handoff: Handoff,
+    number: u64,
     keys: Vec<EventKey>,
     delivered: Vec<bool>,
     done: watch::Sender<bool>,
@@ -158,10 +160,12 @@ impl Drop for Attempt {
     fn drop(&mut self) {
         {
             let mut remembered = self.handoff.remembered();
+            remembered.attempts.remove(&self.number);
             for (i, key) in self.keys.iter().enumerate() {
-                remembered.in_flight.remove(key);
                 if self.delivered.get(i).copied().unwrap_or(false) {
-                    remembered.insert(*key);
+                    remembered.delivered(*key);
+                } else {
+                    remembered.slots.remove(key);
                 }
             }
         }
@@ -169,23 +173,53 @@ impl Drop for Attempt {
     }
 }
 
-#[derive(Debug, Default)]
+/// What the retry memory knows of an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Being handed off by this attempt.
+    InFlight(u64),
+    /// Written.
+    Delivered,
+}
+
+/// The retry memory: one map answers both "already written?" and "being written now?", so an
+/// event costs one lookup when its hand-off starts and one when it ends.
+#[derive(Debug)]
 struct Remembered {
-    ids: HashSet<EventKey>,
+    /// How many delivered events are remembered ([`REMEMBERED_IDS`]).
+    limit: usize,
+    slots: HashMap<EventKey, Slot>,
+    /// Delivered events, oldest first, for forgetting beyond [`REMEMBERED_IDS`].
     order: VecDeque<EventKey>,
-    /// Events being handed off now; the flag turns true when that attempt has ended.
-    in_flight: HashMap<EventKey, watch::Receiver<bool>>,
+    /// Attempts under way; each one's flag turns true when it has ended.
+    attempts: HashMap<u64, watch::Receiver<bool>>,
+    next_attempt: u64,
 }
 
 impl Remembered {
-    fn insert(&mut self, id: EventKey) {
-        if self.ids.insert(id) {
-            self.order.push_back(id);
-            if self.order.len() > REMEMBERED_IDS
-                && let Some(old) = self.order.pop_front()
-            {
-                self.ids.remove(&old);
+    fn new(limit: usize) -> Self {
+        Remembered {
+            limit,
+            slots: HashMap::new(),
+            order: VecDeque::new(),
+            attempts: HashMap::new(),
+            next_attempt: 0,
+        }
+    }
+
+    fn delivered(&mut self, key: EventKey) {
+        match self.slots.get_mut(&key) {
+            Some(slot @ Slot::InFlight(_)) => *slot = Slot::Delivered,
+            Some(Slot::Delivered) => return,
+            None => {
+                self.slots.insert(key, Slot::Delivered);
             }
+        }
+        self.order.push_back(key);
+        if self.order.len() > self.limit
+            && let Some(old) = self.order.pop_front()
+        {
+            self.slots.remove(&old);
         }
     }
 }
@@ -221,7 +255,7 @@ impl Handoff {
     fn with(target: Target) -> Self {
         Handoff {
             target: Arc::new(target),
-            remembered: Arc::default(),
+            remembered: Arc::new(Mutex::new(Remembered::new(REMEMBERED_IDS))),
             stats: Arc::default(),
         }
     }
@@ -266,20 +300,37 @@ impl Handoff {
         while !waiting.is_empty() {
             let mut fresh = Vec::new();
             let mut blocked = Vec::new();
-            let mut watchers = Vec::new();
-            let (done, _) = watch::channel(false);
+            let mut watchers: Vec<watch::Receiver<bool>> = Vec::new();
+            let mut waited = HashSet::new();
+            let (done, ended) = watch::channel(false);
+            let number;
             {
                 let mut remembered = self.remembered();
+                number = remembered.next_attempt;
+                remembered.next_attempt += 1;
+                // Registered first: a record repeated within this call waits on this attempt.
+                remembered.attempts.insert(number, ended);
                 for (i, record) in waiting.drain(..) {
-                    if remembered.ids.contains(&key(&record)) {
-                        results[i] = Some(Ok(Delivered::Duplicate));
-                    } else if let Some(watcher) = remembered.in_flight.get(&key(&record)) {
-                        watchers.push(watcher.clone());
-                        blocked.push((i, record));
-                    } else {
-                        remembered.in_flight.insert(key(&record), done.subscribe());
-                        fresh.push((i, record));
+                    match remembered.slots.entry(key(&record)) {
+                        Entry::Occupied(slot) => match *slot.get() {
+                            Slot::Delivered => results[i] = Some(Ok(Delivered::Duplicate)),
+                            Slot::InFlight(other) => {
+                                if waited.insert(other)
+                                    && let Some(watcher) = remembered.attempts.get(&other)
+                                {
+                                    watchers.push(watcher.clone());
+                                }
+                                blocked.push((i, record));
+                            }
+                        },
+                        Entry::Vacant(slot) => {
+                            slot.insert(Slot::InFlight(number));
+                            fresh.push((i, record));
+                        }
                     }
+                }
+                if fresh.is_empty() {
+                    remembered.attempts.remove(&number);
                 }
             }
             if !fresh.is_empty() {
@@ -287,6 +338,7 @@ impl Handoff {
                 let task = tokio::spawn(async move {
                     let (indices, records): (Vec<usize>, Vec<Outgoing>) = fresh.into_iter().unzip();
                     let mut attempt = Attempt {
+                        number,
                         keys: records.iter().map(key).collect(),
                         delivered: Vec::new(),
                         handoff: this,
@@ -424,4 +476,189 @@ async fn send_all(
     let _ = finished.await;
     let outcomes = batch.outcomes.lock().unwrap_or_else(|e| e.into_inner());
     outcomes.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(tenant: u128, id: u128) -> Outgoing {
+        Outgoing {
+            event_id: Uuid::from_u128(id),
+            event_type: "viewer_connect".to_owned(),
+            tenant: Uuid::from_u128(tenant),
+            value: format!("{{\"id\":{id}}}").into_bytes(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn drained(injector: &Injector) -> Vec<String> {
+        let mut batch = keel_sources::source::Batch::default();
+        injector.drain_into(&mut batch, usize::MAX);
+        batch
+            .records()
+            .map(|r| String::from_utf8_lossy(r.value).into_owned())
+            .collect()
+    }
+
+    /// Eight concurrent calls of 40 events over a pool of 46 (tenant, id) pairs: repeats within a
+    /// call, across calls, and while another call has the same id in flight. Returns what was
+    /// sent and what each call was answered.
+    fn concurrent_calls(
+        runtime: &tokio::runtime::Runtime,
+        handoff: &Handoff,
+        round: u64,
+    ) -> Vec<(EventKey, Delivered)> {
+        let calls: Vec<Vec<Outgoing>> = (0..8u64)
+            .map(|call| {
+                (0..40u64)
+                    .map(|i| {
+                        let mixed = (round * 7919 + call * 104_729 + i * 31) % 97;
+                        record(1 + u128::from(mixed % 2), u128::from(mixed % 23))
+                    })
+                    .collect()
+            })
+            .collect();
+        let sent: Vec<Vec<EventKey>> = calls
+            .iter()
+            .map(|call| call.iter().map(key).collect())
+            .collect();
+        let answers = runtime.block_on(async {
+            let tasks: Vec<_> = calls
+                .into_iter()
+                .map(|call| {
+                    let handoff = handoff.clone();
+                    tokio::spawn(async move { handoff.deliver(call).await })
+                })
+                .collect();
+            let mut answers = Vec::new();
+            for task in tasks {
+                answers.push(task.await.expect("a call"));
+            }
+            answers
+        });
+        sent.into_iter()
+            .zip(answers)
+            .flat_map(|(keys, answers)| {
+                assert_eq!(keys.len(), answers.len());
+                keys.into_iter().zip(answers)
+            })
+            .map(|(key, answer)| (key, answer.unwrap_or_else(|e| panic!("round {round}: {e}"))))
+            .collect()
+    }
+
+    /// Each (tenant, id) was answered `New` exactly once and `Duplicate` every other time, the
+    /// counters agree, and nothing is left in flight. Returns how many distinct events there were.
+    fn each_new_once(handoff: &Handoff, answers: &[(EventKey, Delivered)], round: u64) -> usize {
+        let mut news: HashMap<EventKey, usize> = HashMap::new();
+        for (key, answer) in answers {
+            let count = news.entry(*key).or_default();
+            if *answer == Delivered::New {
+                *count += 1;
+            }
+        }
+        assert!(
+            news.values().all(|&n| n == 1),
+            "round {round}: not exactly one New per event: {news:?}"
+        );
+        let distinct = news.len();
+        let stats = &handoff.stats;
+        assert_eq!(stats.delivered.load(Ordering::Relaxed) as usize, distinct);
+        assert_eq!(
+            stats.duplicates.load(Ordering::Relaxed) as usize,
+            answers.len() - distinct
+        );
+        let remembered = handoff.remembered();
+        assert!(
+            remembered.attempts.is_empty(),
+            "round {round}: attempts left"
+        );
+        assert_eq!(remembered.slots.len(), distinct);
+        assert!(remembered.slots.values().all(|s| *s == Slot::Delivered));
+        distinct
+    }
+
+    #[test]
+    fn each_event_reaches_the_engine_once_whatever_the_retries() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .build()
+            .expect("a runtime");
+        for round in 0..20 {
+            let injector = Injector::new("test");
+            let handoff = Handoff::engine(injector.clone());
+            let answers = concurrent_calls(&runtime, &handoff, round);
+            let distinct = each_new_once(&handoff, &answers, round);
+            assert_eq!(drained(&injector).len(), distinct, "round {round}");
+        }
+    }
+
+    /// The same through Kafka (librdkafka's mock cluster), where a hand-off takes long enough
+    /// for calls to find each other's events in flight.
+    #[test]
+    fn each_event_is_written_to_kafka_once_whatever_the_retries() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+        for round in 0..5 {
+            let topic = format!("handoff-{round}");
+            cluster
+                .create_topic(&topic, 2, 1)
+                .expect("a topic on the mock cluster");
+            let handoff = Handoff::kafka(
+                &cluster.bootstrap_servers(),
+                &topic,
+                Duration::from_secs(10),
+            )
+            .expect("a producer");
+            let answers = concurrent_calls(&runtime, &handoff, round);
+            each_new_once(&handoff, &answers, round);
+        }
+    }
+
+    /// A failed hand-off is not remembered: the resend is written.
+    #[test]
+    fn a_failed_event_can_be_sent_again() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let injector = Injector::new("test");
+        let handoff = Handoff::engine(injector.clone());
+        // Fill the engine's input so the next push is refused.
+        for i in 0..keel_sources::memory::INJECT_CAPACITY {
+            assert!(injector.push(OwnedRecord {
+                value: i.to_string().into_bytes(),
+                headers: Vec::new(),
+            }));
+        }
+        let first = runtime.block_on(handoff.deliver(vec![record(1, 5)]));
+        assert!(first[0].is_err(), "{first:?}");
+        assert!(handoff.remembered().slots.is_empty());
+        drained(&injector);
+        let again = runtime.block_on(handoff.deliver(vec![record(1, 5)]));
+        assert_eq!(again, vec![Ok(Delivered::New)]);
+        assert_eq!(drained(&injector), vec!["{\"id\":5}".to_owned()]);
+    }
+
+    /// Beyond its limit the memory forgets the oldest delivered events, and only those.
+    #[test]
+    fn the_memory_forgets_oldest_first() {
+        let mut remembered = Remembered::new(3);
+        let keys: Vec<EventKey> = (0..5u128)
+            .map(|i| (Uuid::from_u128(1), Uuid::from_u128(i)))
+            .collect();
+        for key in &keys {
+            remembered.delivered(*key);
+        }
+        // Delivered twice still counts once.
+        remembered.delivered(keys[4]);
+        assert_eq!(remembered.order.len(), 3);
+        assert_eq!(remembered.slots.len(), 3);
+        for (i, key) in keys.iter().enumerate() {
+            assert_eq!(remembered.slots.contains_key(key), i >= 2, "key {i}");
+        }
+    }
 }
