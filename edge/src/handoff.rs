@@ -396,7 +396,11 @@ impl Handoff {
                 .map(|record| {
                     let pushed = injector.push(OwnedRecord {
                         value: record.value.clone(),
-                        headers: record.headers.clone(),
+                        headers: record
+                            .headers
+                            .iter()
+                            .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                            .collect(),
                     });
                     if pushed {
                         Ok(())
@@ -485,7 +489,7 @@ mod tests {
     fn record(tenant: u128, id: u128) -> Outgoing {
         Outgoing {
             event_id: Uuid::from_u128(id),
-            event_type: "viewer_connect".to_owned(),
+            event_type: "viewer_connect",
             tenant: Uuid::from_u128(tenant),
             value: format!("{{\"id\":{id}}}").into_bytes(),
             headers: Vec::new(),

@@ -156,7 +156,29 @@ pub fn format_rfc3339(t: i64) -> String {
     let minute = in_day % HOUR / MINUTE;
     let second = in_day % MINUTE / SECOND;
     let millis = in_day % SECOND;
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
+    if !(0..=9999).contains(&year) {
+        return format!(
+            "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z"
+        );
+    }
+    // Digits written in place: this runs once per record on the ingest paths, where the
+    // formatting machinery cost more than the arithmetic.
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    for (at, width, mut value) in [
+        (0, 4, year),
+        (5, 2, month),
+        (8, 2, day),
+        (11, 2, hour),
+        (14, 2, minute),
+        (17, 2, second),
+        (20, 3, millis),
+    ] {
+        for digit in text[at..at + width].iter_mut().rev() {
+            *digit = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 #[cfg(test)]
@@ -212,6 +234,27 @@ mod tests {
         #[test]
         fn format_then_parse_is_identity(t in -2_000_000_000_000i64..8_000_000_000_000i64) {
             prop_assert_eq!(parse_rfc3339(&format_rfc3339(t)), Some(t));
+        }
+
+        #[test]
+        fn format_writes_what_the_formatting_machinery_would(
+            t in prop_oneof![
+                // Years 0 to 9999, written digit by digit …
+                -62_167_219_200_000i64..253_402_300_800_000i64,
+                // … and far outside them, left to the formatting machinery.
+                -10_000_000_000_000_000i64..10_000_000_000_000_000i64,
+            ]
+        ) {
+            let (days, in_day) = (t.div_euclid(DAY), t.rem_euclid(DAY));
+            let (year, month, day) = civil_from_days(days);
+            let expected = format!(
+                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+                in_day / HOUR,
+                in_day % HOUR / MINUTE,
+                in_day % MINUTE / SECOND,
+                in_day % SECOND
+            );
+            prop_assert_eq!(format_rfc3339(t), expected);
         }
 
         #[test]
