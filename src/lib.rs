@@ -26,7 +26,8 @@
 
 /// Every program built on this library allocates with mimalloc: the engine, Decklog and the API
 /// allocate and free many small, short-lived objects across threads, where glibc's allocator
-/// spent a fifth of Decklog's CPU (see BENCHMARKS.md).
+/// spent a fifth of Decklog's CPU (see BENCHMARKS.md). With the crate's `override` feature the
+/// C libraries linked in (librdkafka above all) allocate with it too.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
