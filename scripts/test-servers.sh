@@ -222,7 +222,13 @@ start_kafka() {
 stop() {
   for server in tansu clickhouse chdb; do
     if [ -f "$DIR/$server.pid" ]; then
-      kill "$(cat "$DIR/$server.pid")" 2>/dev/null || true
+      local pid
+      pid=$(cat "$DIR/$server.pid")
+      kill "$pid" 2>/dev/null || true
+      # Gone before returning, so a start right after (a benchmark's fresh broker) neither
+      # reaches the old server on its port nor finds the port taken.
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
       rm -f "$DIR/$server.pid"
       log "$server stopped"
     fi

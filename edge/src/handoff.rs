@@ -183,7 +183,8 @@ enum Slot {
 }
 
 /// The retry memory: one map answers both "already written?" and "being written now?", so an
-/// event costs one lookup when its hand-off starts and one when it ends.
+/// event costs one lookup when its hand-off starts and one when it ends (plus one to forget the
+/// oldest event once the memory is full).
 #[derive(Debug)]
 struct Remembered {
     /// How many delivered events are remembered ([`REMEMBERED_IDS`]).
@@ -310,18 +311,28 @@ impl Handoff {
                 remembered.next_attempt += 1;
                 // Registered first: a record repeated within this call waits on this attempt.
                 remembered.attempts.insert(number, ended);
+                let Remembered {
+                    slots, attempts, ..
+                } = &mut *remembered;
                 for (i, record) in waiting.drain(..) {
-                    match remembered.slots.entry(key(&record)) {
-                        Entry::Occupied(slot) => match *slot.get() {
+                    match slots.entry(key(&record)) {
+                        Entry::Occupied(mut slot) => match *slot.get() {
                             Slot::Delivered => results[i] = Some(Ok(Delivered::Duplicate)),
-                            Slot::InFlight(other) => {
-                                if waited.insert(other)
-                                    && let Some(watcher) = remembered.attempts.get(&other)
-                                {
-                                    watchers.push(watcher.clone());
+                            Slot::InFlight(other) => match attempts.get(&other) {
+                                Some(watcher) => {
+                                    if waited.insert(other) {
+                                        watchers.push(watcher.clone());
+                                    }
+                                    blocked.push((i, record));
                                 }
-                                blocked.push((i, record));
-                            }
+                                // An attempt that ended without clearing its events (it cannot:
+                                // `Attempt` clears them however it ends): take the event over
+                                // rather than wait for nothing.
+                                None => {
+                                    slot.insert(Slot::InFlight(number));
+                                    fresh.push((i, record));
+                                }
+                            },
                         },
                         Entry::Vacant(slot) => {
                             slot.insert(Slot::InFlight(number));
@@ -334,16 +345,17 @@ impl Handoff {
                 }
             }
             if !fresh.is_empty() {
-                let this = self.clone();
+                let (indices, records): (Vec<usize>, Vec<Outgoing>) = fresh.into_iter().unzip();
+                // Made before the task is spawned: if the task never runs (the runtime shutting
+                // down), dropping it still clears these events from the memory.
+                let mut attempt = Attempt {
+                    number,
+                    keys: records.iter().map(key).collect(),
+                    delivered: Vec::new(),
+                    handoff: self.clone(),
+                    done,
+                };
                 let task = tokio::spawn(async move {
-                    let (indices, records): (Vec<usize>, Vec<Outgoing>) = fresh.into_iter().unzip();
-                    let mut attempt = Attempt {
-                        number,
-                        keys: records.iter().map(key).collect(),
-                        delivered: Vec::new(),
-                        handoff: this,
-                        done,
-                    };
                     let outcomes = attempt.handoff.hand_off(&records).await;
                     attempt.delivered = outcomes.iter().map(Result::is_ok).collect();
                     // Counted here, not by the caller: a write counts even if its caller died.
