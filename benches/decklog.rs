@@ -32,12 +32,12 @@ use keel::edge::{DecklogSettings, EdgeServer};
 use keel::loadgen::{Load, Report, Target, Triggers, run};
 use keel_api::auth::{Auth, Role, StaticToken};
 use keel_edge::envelope::{Caller, trigger_into_record};
-use keel_edge::handoff::{Handoff, kafka_headers, producer_config};
+use keel_edge::handoff::{Handoff, kafka_record, producer_config};
 use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use support::cpu_seconds;
 use uuid::Uuid;
 
@@ -135,13 +135,9 @@ fn broker_ceiling(brokers: &str, topic: &str, load: &Load) -> (f64, f64) {
         .expect("a producer");
     eprintln!("decklog bench: broker ceiling …");
     let (cpu, started) = (cpu_seconds(), Instant::now());
-    let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
     for record in &records {
-        let key = record.event_id.hyphenated().encode_lower(&mut key);
-        let mut message = BaseRecord::to(topic)
-            .key(key.as_bytes())
-            .payload(&record.value)
-            .headers(kafka_headers(record));
+        let mut key = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let mut message = kafka_record(topic, record, &mut key, ());
         while let Err((_, back)) = producer.send(message) {
             // The producer's queue is full: let the broker catch up.
             message = back;
