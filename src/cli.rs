@@ -20,6 +20,7 @@ use keel_sources::simulate::{SimConfig, SimSource, Simulator, Wire, headers, wri
 use keel_sources::source::Source;
 
 use crate::engine::{self, EngineOptions, Handles};
+use crate::reconcile::Coverage;
 use crate::summary::{Snapshot, group};
 
 /// Keel: incremental stream processing for FrameWorks live-video analytics.
@@ -490,6 +491,20 @@ enum Horizon {
     Back(Duration),
 }
 
+/// What a state rebuilt from the last `horizon` before `now` speaks for: windows from an hour
+/// after the horizon's start on (earlier ones may miss sessions that began before it), streams
+/// whose current session began after it; everything for a horizon reaching past any record.
+fn horizon_coverage(horizon: Duration, now: i64) -> Coverage {
+    let back = i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX);
+    if back >= 50 * 365 * 86_400_000 {
+        return Coverage::ALL;
+    }
+    Coverage {
+        since: now.saturating_sub(back).saturating_add(3_600_000),
+        until: i64::MAX,
+    }
+}
+
 fn parse_horizon(text: &str) -> Result<Horizon, String> {
     match text {
         "none" => Ok(Horizon::None),
@@ -522,7 +537,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let options = args.engine.options()?;
+    let mut options = args.engine.options()?;
     let config = args.fleet.config(now_ms(), Some(args.rate))?;
     let settings = match &args.config {
         Some(path) => crate::config::Config::load(path)?,
@@ -536,6 +551,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 group: args.group.clone(),
             },
         );
+        // A rebuilt state speaks for the stored rows of its horizon (see `reconcile`).
+        options.reconcile = match args.state_horizon {
+            Horizon::None => None,
+            Horizon::Back(horizon) => Some(horizon_coverage(horizon, now_ms())),
+        };
         Arc::new(match args.state_horizon {
             Horizon::None => kafka,
             Horizon::Back(horizon) => kafka.with_state_horizon(horizon),
@@ -1152,5 +1172,22 @@ mod tests {
         for bad in ["24", "h", "1w", "-1h", "1.5h", ""] {
             assert!(parse_horizon(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_horizon_covers_the_windows_it_replays_in_full() {
+        let now = 1_800_000_000_000;
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            horizon_coverage(day, now),
+            Coverage {
+                since: now - 86_400_000 + 3_600_000,
+                until: i64::MAX
+            }
+        );
+        let Ok(Horizon::Back(all)) = parse_horizon("all") else {
+            panic!("all is a horizon")
+        };
+        assert_eq!(horizon_coverage(all, now), Coverage::ALL);
     }
 }

@@ -19,7 +19,7 @@
 
 use keel_operators::time::now_ms;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Capability, Probe, probe};
 
+use crate::reconcile::{Coverage, reconcile};
 use crate::store::RawEventRow;
 
 /// How long a caught-up engine lets its own records (routing decisions) gather before it reads
@@ -72,6 +73,10 @@ pub struct EngineOptions {
     /// Only events with times in `[from, to)` (milliseconds) enter the dataflows; others are
     /// counted as skipped (backfills of a time range).
     pub event_range: Option<(i64, i64)>,
+    /// After a replay that rebuilt the state (a restart, a backfill), the stored rows this
+    /// state speaks for: once the source is caught up, ClickHouse rows it does not hold are
+    /// removed ([`crate::reconcile`]). `None`: no reconciliation.
+    pub reconcile: Option<Coverage>,
 }
 
 impl Default for EngineOptions {
@@ -83,6 +88,7 @@ impl Default for EngineOptions {
             max_undurable: 512,
             time_bounds: TimeBounds::default(),
             event_range: None,
+            reconcile: None,
         }
     }
 }
@@ -164,13 +170,75 @@ fn injected_checked(
     Ok((event, row))
 }
 
+/// How far the workers' replays (the reading that rebuilds the state) have come.
+#[derive(Debug, Default)]
+struct Replays {
+    /// Workers whose replay is over.
+    over: std::sync::atomic::AtomicUsize,
+    /// The newest first epoch after a worker's replay.
+    after: AtomicU64,
+}
+
+impl Replays {
+    /// Records that one worker's replay is over, at `epoch` (once per worker).
+    fn over_at(&self, epoch: u64) {
+        self.after.fetch_max(epoch, Ordering::AcqRel);
+        self.over.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Once every one of `workers` is over: the epoch from which the state holds every replay.
+    fn all_over(&self, workers: usize) -> Option<u64> {
+        (self.over.load(Ordering::Acquire) >= workers).then(|| self.after.load(Ordering::Acquire))
+    }
+}
+
+/// A reconciliation the publisher owes the stores: run once the live tables hold every epoch
+/// before the one where the last worker's replay was over.
+struct Owed {
+    coverage: Coverage,
+    replays: Arc<Replays>,
+    workers: usize,
+    /// Not before this (a failed attempt waits before the next).
+    not_before: std::time::Instant,
+}
+
+impl Owed {
+    /// Runs the reconciliation if it is due; returns whether it is done.
+    fn settle(&mut self, tables: &LiveTables, durable: &Durable) -> bool {
+        let replayed = self
+            .replays
+            .all_over(self.workers)
+            .is_some_and(|after| tables.epoch().is_some_and(|e| e.saturating_add(1) >= after));
+        if !replayed || std::time::Instant::now() < self.not_before {
+            return false;
+        }
+        match reconcile(tables, durable, self.coverage) {
+            Ok(done) => {
+                eprintln!(
+                    "keel: ClickHouse reconciled with the rebuilt state: {} stored keys compared, \
+                     {} stale viewers_by_country rows and {} stale usage_5m windows removed",
+                    done.compared, done.countries, done.windows
+                );
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reconciling ClickHouse with the rebuilt state failed; retrying in 5 s");
+                self.not_before = std::time::Instant::now() + Duration::from_secs(5);
+                false
+            }
+        }
+    }
+}
+
 /// Applies table changes on worker 0 once every worker has passed their epoch, and stages them
 /// for the durable stores when there are any. Only worker 0 holds `tables`; the other workers'
-/// instances receive nothing.
+/// instances receive nothing. With `owed`, it reconciles the stores with the live tables once,
+/// between two epochs, so no change is staged in the middle.
 fn publish<'scope>(
     changes: StreamVec<'scope, u64, PeriscopeChange>,
     tables: Option<Arc<RwLock<LiveTables>>>,
     durable: Option<Arc<Durable>>,
+    mut owed: Option<Owed>,
 ) -> StreamVec<'scope, u64, ()> {
     changes.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
         Exchange::new(|_: &PeriscopeChange| 0),
@@ -204,6 +272,14 @@ fn publish<'scope>(
                     None => pending.keys().next_back().copied(),
                 };
                 if ready.is_empty() && closed.is_none() {
+                    if let (Some(debt), Some(durable)) = (&mut owed, &durable) {
+                        let tables = tables
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if debt.settle(&tables, durable) {
+                            owed = None;
+                        }
+                    }
                     return;
                 }
                 let mut changes = Vec::new();
@@ -230,6 +306,11 @@ fn publish<'scope>(
                 {
                     tables.close_epoch(closed);
                 }
+                if let (Some(debt), Some(durable)) = (&mut owed, &durable)
+                    && debt.settle(&tables, durable)
+                {
+                    owed = None;
+                }
             }
         },
     )
@@ -254,6 +335,9 @@ pub fn run(
     // The engine's own services hand their events over typed; their records are built only
     // when raw events are kept.
     handles.injector.keep_records(raw_events);
+    // Each worker's replay is over when it has caught up with what its share held at the
+    // start, or at its source's end.
+    let replays = Arc::new(Replays::default());
     let config = timely::Config::process(options.workers.max(1));
     let guards = timely::execute(config, move |worker| -> Result<(), String> {
         let index = worker.index();
@@ -264,6 +348,15 @@ pub fn run(
         let tables = (index == 0).then(|| handles.tables.clone());
         let fleet = (index == 0).then(|| handles.fleet.clone());
         let durable = handles.durable.clone().filter(|_| index == 0);
+        let owed = options
+            .reconcile
+            .filter(|_| durable.as_ref().is_some_and(|d| d.clickhouse().is_some()))
+            .map(|coverage| Owed {
+                coverage,
+                replays: replays.clone(),
+                workers: worker.peers(),
+                not_before: std::time::Instant::now(),
+            });
         let stored = |epoch: u64| handles.durable.as_ref().is_none_or(|d| d.covers(epoch));
         let (mut events_in, mut errors_in, mut marks_in, mut loads_in) = worker
             .dataflow::<u64, _, _>(|scope| {
@@ -271,8 +364,13 @@ pub fn run(
                 let (errors_in, errors) = scope.new_input::<IngestError>();
                 let (marks_in, marks) = scope.new_input::<i64>();
                 let (loads_in, loads) = scope.new_input::<LoadInput>();
-                publish(periscope(events, errors, marks.clone()), tables, durable)
-                    .probe_with(&probe);
+                publish(
+                    periscope(events, errors, marks.clone()),
+                    tables,
+                    durable,
+                    owed,
+                )
+                .probe_with(&probe);
                 publish_fleet(
                     foghorn(loads, marks.clone()),
                     marks,
@@ -285,6 +383,7 @@ pub fn run(
         let clock = || handles.stats.clock();
         let mut epoch = 0u64;
         let mut inflight: VecDeque<u64> = VecDeque::new();
+        let mut replay_over = false;
         let mut batch = Batch::default();
         let stats = &handles.stats;
         let hub = &handles.hub;
@@ -408,6 +507,11 @@ pub fn run(
             // A source that could not fill a batch is caught up: publish what is in flight
             // before asking it again (which may block), so a new event shows at once.
             let caught_up = taken < options.batch;
+            // The replay that rebuilt the state is over (for a reconciliation owed to the stores).
+            if !replay_over && (matches!(poll, Poll::Done) || (caught_up && reader.replayed())) {
+                replay_over = true;
+                replays.over_at(epoch);
+            }
             let allowed = if caught_up { 0 } else { options.max_inflight };
             let mut rounds = 0;
             worker.step();

@@ -16,6 +16,7 @@
 //! - [`loadgen`]: the load generator behind `keel loadgen` and the Decklog benchmark.
 //! - [`mesh`]: `keel mesh`, the Privateer mesh's commands: the control plane's (tokens, nodes,
 //!   HTTP API) and a node's (join, status, DNS).
+//! - [`reconcile`]: after a replay, removing stored rows the rebuilt state no longer has.
 //! - [`store`]: the durable stores of `keel run` (ClickHouse) and `keel migrate`.
 //! - [`summary`]: the one-line live summary `keel run` prints.
 //!
@@ -39,6 +40,7 @@ pub mod engine;
 pub mod foghorn;
 pub mod loadgen;
 pub mod mesh;
+pub mod reconcile;
 pub mod serve;
 pub mod store;
 pub mod summary;

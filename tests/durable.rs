@@ -433,6 +433,166 @@ fn sigkill_at_random_points_leaves_the_tables_of_an_uninterrupted_run() {
     assert_eq!(committed(&brokers, &topic, &group), records as i64);
 }
 
+/// The current rows of one table in `database`, parsed.
+fn stored(url: &str, database: &str, table: &str) -> Vec<serde_json::Value> {
+    tables(url, database)
+        .into_iter()
+        .find(|(name, _)| *name == table)
+        .map(|(_, text)| {
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A version-2 viewer event of stream `demo` for the first simulated tenant, as the platform
+/// sends it.
+fn viewer_event(id: u32, trigger: &str, time: &str, payload: &serde_json::Value) -> String {
+    let event_type = if trigger == "USER_NEW" {
+        "viewer_connect"
+    } else {
+        "viewer_disconnect"
+    };
+    serde_json::json!({
+        "event_id": format!("00000000-0000-4000-8000-{id:012}"),
+        "event_type": event_type,
+        "timestamp": time,
+        "source": "foghorn",
+        "tenant_id": "5eed517e-ba5e-da7a-517e-ba5eda7a0001",
+        "schema_version": 2,
+        "data": {
+            "trigger_type": trigger,
+            "node_id": "edge-ams-1",
+            "stream_id": "5eedfeed-11fe-ca57-feed-11feca570001",
+            event_type: payload,
+        }
+    })
+    .to_string()
+}
+
+/// A disconnect read before its connect places the session at its end minus its duration, in
+/// the disconnect's country; the connect moves it, and the dataflow removes the rows of the
+/// first placement. A run that stored those rows and stopped before reading the connect leaves
+/// them in ClickHouse, and a restart that replays both events in one epoch never publishes
+/// them, so never removes them: the restarted engine compares the stored keys with its rebuilt
+/// state once its replay is over and removes what it no longer computes — and nothing of
+/// streams it does not hold.
+#[test]
+fn a_restart_removes_stored_rows_its_replay_no_longer_computes() {
+    // ClickHouse 18.16 (times as Int64), then current semantics (DateTime64, is_deleted).
+    restart_removes_stale_rows(&clickhouse_url());
+    restart_removes_stale_rows(&chdb_url());
+}
+
+/// The current-ClickHouse test server (chDB behind HTTP); a missing one fails with
+/// instructions.
+fn chdb_url() -> String {
+    let url = std::env::var("KEEL_TEST_CHDB").unwrap_or_else(|_| "http://127.0.0.1:18130".into());
+    if let Err(e) = ClickHouse::connect(&url, "default") {
+        panic!(
+            "no current-ClickHouse test server at {url} ({e}): run the tests with \
+             `scripts/test`, or start it with `eval \"$(scripts/test-servers.sh start chdb)\"`"
+        )
+    }
+    url
+}
+
+fn restart_removes_stale_rows(url: &str) {
+    use keel_sources::kafka::{KafkaAddress, KafkaWriter};
+    let brokers = broker();
+    let url = url.to_owned();
+    let topic = fresh_topic(&brokers, "reconcile", 1);
+    let writer =
+        KafkaWriter::new(&KafkaAddress::parse(&format!("kafka://{brokers}/{topic}")).unwrap())
+            .unwrap();
+    let disconnect = viewer_event(
+        1,
+        "USER_END",
+        "2026-11-01T10:30:00.000Z",
+        &serde_json::json!({"session_id": "s1", "stream_name": "live+demo", "connector": "HLS",
+            "host": "203.0.113.7", "duration": "1800", "up_bytes": "1000", "down_bytes": "90000",
+            "country_code": "NL", "city": "Amsterdam"}),
+    );
+    let connect = viewer_event(
+        2,
+        "USER_NEW",
+        "2026-11-01T10:20:00.000Z",
+        &serde_json::json!({"stream_name": "live+demo", "host": "203.0.113.7", "connector": "HLS",
+            "session_id": "s1", "client_country": "DE", "client_city": "Berlin"}),
+    );
+    writer.send("demo", disconnect.as_bytes(), &[]).unwrap();
+    writer.flush(Duration::from_secs(10)).unwrap();
+
+    let database = unique("keel_reconcile");
+    let sql = fresh_postgres(&database);
+    migrate(&url, &database, &sql);
+    let group = unique("reconcile");
+    let countries = |url: &str| {
+        let mut codes: Vec<String> = stored(url, &database, "viewers_by_country")
+            .iter()
+            .map(|r| format!("{}/{}", r["internal_name"], r["country_code"]))
+            .collect();
+        codes.sort();
+        codes
+    };
+    let windows = |url: &str| -> Vec<i64> {
+        stored(url, &database, "usage_5m")
+            .iter()
+            .filter(|r| r["internal_name"] == "demo")
+            .map(|r| {
+                r["window_start"]
+                    .as_i64()
+                    .or_else(|| r["window_start"].as_str()?.parse().ok())
+                    .unwrap()
+            })
+            .collect()
+    };
+    let at = |hh_mm: &str| {
+        keel_operators::time::parse_rfc3339(&format!("2026-11-01T{hh_mm}:00Z")).unwrap()
+    };
+
+    // First run: only the disconnect; the session is placed at 10:00–10:30 in NL.
+    let keel = Keel::start(&brokers, &topic, &group, &url, &database, &sql);
+    keel.wait_for(1, Duration::from_secs(120));
+    keel.stop();
+    assert_eq!(countries(&url), ["\"demo\"/\"NL\""]);
+    let first: Vec<i64> = ["10:00", "10:05", "10:10", "10:15", "10:20", "10:25"]
+        .iter()
+        .map(|t| at(t))
+        .collect();
+    assert_eq!(windows(&url), first);
+    // A row of a stream this topic never mentions (another source's, or older than any replay).
+    ClickHouse::connect(&url, &database)
+        .unwrap()
+        .query(&format!(
+            "INSERT INTO `{database}`.viewers_by_country FORMAT JSONEachRow \
+             {{\"tenant_id\":\"5eed517e-ba5e-da7a-517e-ba5eda7a0001\",\"stream_id\":\"x\",\
+             \"internal_name\":\"elsewhere\",\"country_code\":\"FR\",\"sessions\":3,\
+             \"current_viewers\":0,\"viewer_seconds\":9.5,\"egress_bytes\":7,\"_version\":1,\"_deleted\":0}}"
+        ))
+        .unwrap();
+
+    // The connect arrives; the restart replays both records in one epoch.
+    writer.send("demo", connect.as_bytes(), &[]).unwrap();
+    writer.flush(Duration::from_secs(10)).unwrap();
+    let keel = Keel::start(&brokers, &topic, &group, &url, &database, &sql);
+    keel.wait_for(2, Duration::from_secs(120));
+    keel.wait_log("ClickHouse reconciled", Duration::from_secs(60));
+    let log = keel.log.lock().unwrap().clone();
+    keel.stop();
+    assert!(
+        log.contains("1 stale viewers_by_country rows and 4 stale usage_5m windows removed"),
+        "{log}"
+    );
+    assert_eq!(
+        countries(&url),
+        ["\"demo\"/\"DE\"", "\"elsewhere\"/\"FR\""],
+        "the NL row of the first placement is removed, the other stream's row kept"
+    );
+    assert_eq!(windows(&url), [at("10:20"), at("10:25")]);
+}
+
 /// A TCP proxy to ClickHouse that can be cut.
 struct Proxy {
     up: Arc<AtomicBool>,
@@ -586,6 +746,13 @@ fn a_backfill_run_twice_or_interrupted_leaves_the_same_tables() {
     let said = backfill(&source, from, to, &url, &database, &sql);
     assert!(said.contains("backfill: "), "progress is shown: {said}");
     assert!(said.contains(" outside it"), "{said}");
+    // A first backfill into empty tables has nothing stale to remove.
+    assert!(
+        said.contains("ClickHouse reconciled with the rebuilt state: ")
+            && said
+                .contains("0 stale viewers_by_country rows and 0 stale usage_5m windows removed"),
+        "{said}"
+    );
     let first = tables(&url, &database);
     let first_sql = stream_analytics(&sql);
     let windows: Vec<serde_json::Value> = first
@@ -908,14 +1075,8 @@ fn same(a: &serde_json::Value, b: &serde_json::Value) -> bool {
 fn current_clickhouse_semantics_hold_the_same_tables_as_the_old_server() {
     let brokers = broker();
     let old = clickhouse_url();
-    let current =
-        std::env::var("KEEL_TEST_CHDB").unwrap_or_else(|_| "http://127.0.0.1:18130".into());
-    let server = ClickHouse::connect(&current, "default").unwrap_or_else(|e| {
-        panic!(
-            "no current-ClickHouse test server at {current} ({e}): run the tests with \
-             `scripts/test`, or start it with `eval \"$(scripts/test-servers.sh start chdb)\"`"
-        )
-    });
+    let current = chdb_url();
+    let server = ClickHouse::connect(&current, "default").unwrap();
     assert!(server.features().datetime64 && server.features().is_deleted);
     let records = 20_000u64;
     let topic = seeded_topic(&brokers, records);

@@ -303,9 +303,33 @@ impl TableSpec {
     /// A query for the table's current rows (no bookkeeping columns), in key order, as
     /// `JSONEachRow`; times as milliseconds whatever the server stores.
     pub fn select_current(&self, database: &str, features: Features) -> String {
-        let columns: Vec<String> = self
-            .columns
-            .iter()
+        self.select(self.columns.iter(), database, features, "")
+    }
+
+    /// A query for the keys of the table's current rows (not tombstoned), in key order, as
+    /// `JSONEachRow`; times as milliseconds whatever the server stores. With `since`, a table
+    /// of time windows answers only windows starting then or later.
+    pub fn select_keys(&self, database: &str, features: Features, since: Option<i64>) -> String {
+        let keys = self.key.iter().filter_map(|k| self.column(k));
+        let window = since.and_then(|since| Some((self.window_column()?, since)));
+        let filter = match window {
+            Some((column, since)) if features.datetime64 => {
+                format!(" AND toUnixTimestamp64Milli(`{}`) >= {since}", column.name)
+            }
+            Some((column, since)) => format!(" AND `{}` >= {since}", column.name),
+            None => String::new(),
+        };
+        self.select(keys, database, features, &filter)
+    }
+
+    fn select<'a>(
+        &self,
+        columns: impl Iterator<Item = &'a Column>,
+        database: &str,
+        features: Features,
+        filter: &str,
+    ) -> String {
+        let columns: Vec<String> = columns
             .map(|c| match c.kind {
                 Kind::Time if features.datetime64 && c.nullable => format!(
                     "if(isNull(`{0}`), NULL, toUnixTimestamp64Milli(assumeNotNull(`{0}`))) AS `{0}`",
@@ -319,11 +343,43 @@ impl TableSpec {
             .collect();
         let order: Vec<String> = self.key.iter().map(|k| format!("`{k}`")).collect();
         format!(
-            "SELECT {} FROM `{database}`.`{}` FINAL WHERE `_deleted` = 0 ORDER BY {} FORMAT JSONEachRow",
+            "SELECT {} FROM `{database}`.`{}` FINAL WHERE `_deleted` = 0{filter} ORDER BY {} FORMAT JSONEachRow",
             columns.join(", "),
             self.name,
             order.join(", ")
         )
+    }
+
+    /// Reads one line of [`select_keys`](TableSpec::select_keys)' answer as the row type's key:
+    /// the key columns in order (the server may quote 64-bit integers; they are read back as
+    /// numbers).
+    pub fn parse_key<K: serde::de::DeserializeOwned>(&self, line: &str) -> Result<K, String> {
+        let mut object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(line).map_err(|e| format!("{e} in {line:?}"))?;
+        let mut parts = Vec::with_capacity(self.key.len());
+        for name in &self.key {
+            let value = object
+                .remove(*name)
+                .ok_or_else(|| format!("no key column {name} in {line:?}"))?;
+            let numeric = self
+                .column(name)
+                .is_some_and(|c| matches!(c.kind, Kind::Int | Kind::UInt | Kind::Time));
+            parts.push(match value {
+                serde_json::Value::String(text) if numeric => {
+                    let number: serde_json::Number = text
+                        .parse()
+                        .map_err(|_| format!("{name} {text:?} is not a number"))?;
+                    serde_json::Value::Number(number)
+                }
+                other => other,
+            });
+        }
+        let key = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            serde_json::Value::Array(parts)
+        };
+        serde_json::from_value(key).map_err(|e| format!("{e} in {line:?}"))
     }
 }
 
@@ -581,6 +637,16 @@ impl ClickHouse {
     pub fn current_rows(&self, spec: &TableSpec) -> Result<String, ClickHouseError> {
         self.query(&spec.select_current(&self.database, self.features))
     }
+
+    /// The keys of the current rows of `spec`'s table (windows from `since` on, if given) as
+    /// `JSONEachRow` text, in key order.
+    pub fn current_keys(
+        &self,
+        spec: &TableSpec,
+        since: Option<i64>,
+    ) -> Result<String, ClickHouseError> {
+        self.query(&spec.select_keys(&self.database, self.features, since))
+    }
 }
 
 #[cfg(test)]
@@ -659,6 +725,54 @@ pub(crate) mod tests {
             sql.ends_with("TTL toDateTime(`start`) + INTERVAL 30 DAY"),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn key_queries_select_the_key_and_filter_windows() {
+        let spec = TableSpec::of::<Window>("windows");
+        let old = spec.select_keys("keel", Features::of(Version(18, 16)), Some(42));
+        assert_eq!(
+            old,
+            "SELECT `tenant_id`, `name`, `start` FROM `keel`.`windows` FINAL WHERE `_deleted` = 0 \
+             AND `start` >= 42 ORDER BY `tenant_id`, `name`, `start` FORMAT JSONEachRow"
+        );
+        let current = spec.select_keys("keel", Features::of(Version(26, 9)), None);
+        assert!(
+            current.starts_with(
+                "SELECT `tenant_id`, `name`, toUnixTimestamp64Milli(`start`) AS `start` FROM"
+            ),
+            "{current}"
+        );
+        assert!(!current.contains(">="), "{current}");
+        let since = spec.select_keys("keel", Features::of(Version(26, 9)), Some(7));
+        assert!(
+            since.contains("AND toUnixTimestamp64Milli(`start`) >= 7 ORDER BY"),
+            "{since}"
+        );
+    }
+
+    #[test]
+    fn stored_keys_read_back_as_the_row_type_keys() {
+        let spec = TableSpec::of::<Window>("windows");
+        // Servers may quote 64-bit integers.
+        let key: (String, String, i64) = spec
+            .parse_key(r#"{"tenant_id":"t","name":"n","start":"1730455200000"}"#)
+            .unwrap();
+        assert_eq!(key, ("t".into(), "n".into(), 1_730_455_200_000));
+        let key: (String, String, i64) = spec
+            .parse_key(r#"{"start":-5,"name":"n","tenant_id":"t"}"#)
+            .unwrap();
+        assert_eq!(key, ("t".into(), "n".into(), -5));
+        for bad in [
+            r#"{"tenant_id":"t","name":"n"}"#,
+            r#"{"tenant_id":"t","name":"n","start":"soon"}"#,
+            "not json",
+        ] {
+            assert!(
+                spec.parse_key::<(String, String, i64)>(bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

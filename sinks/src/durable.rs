@@ -199,6 +199,9 @@ struct Shared {
     wake: Condvar,
     /// The newest epoch stored everywhere, plus one (0: none).
     durable: AtomicU64,
+    /// The newest staging version stored everywhere (changes staged outside an epoch, such as
+    /// reconciliation's removals, are waited for by this).
+    written_version: AtomicU64,
     stop: AtomicBool,
     stats: Arc<DurableStats>,
 }
@@ -327,6 +330,7 @@ impl Durable {
             staged: Mutex::new(Staged::default()),
             wake: Condvar::new(),
             durable: AtomicU64::new(0),
+            written_version: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stats: Arc::default(),
         });
@@ -426,6 +430,46 @@ impl Durable {
             .fetch_add(added, Ordering::Relaxed);
     }
 
+    /// The keys of `table`'s rows that ClickHouse holds now (tombstoned ones left out; for a
+    /// table of time windows, only windows from `since` on when given). Empty when ClickHouse is
+    /// not written or does not keep this table.
+    pub fn stored_keys<R: Row>(
+        &self,
+        table: &'static str,
+        since: Option<i64>,
+    ) -> Result<Vec<R::Key>, StoreError> {
+        let (Some(clickhouse), Some(spec)) = (&self.stores.clickhouse, self.specs.get(table))
+        else {
+            return Ok(Vec::new());
+        };
+        clickhouse
+            .current_keys(spec, since)?
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                spec.parse_key(line)
+                    .map_err(|e| StoreError::Other(format!("{table}: a stored key: {e}")))
+            })
+            .collect()
+    }
+
+    /// Stages the removal of `keys` from `table`, as the dataflow's own deletions are staged.
+    /// Returns how many were staged.
+    pub fn stage_deletes<R: Row>(
+        &self,
+        table: &'static str,
+        keys: impl IntoIterator<Item = R::Key>,
+    ) -> u64 {
+        let mut staged = 0;
+        self.stage(None, |stage| {
+            for key in keys {
+                stage.apply(table, Change::<R>::Delete(key));
+                staged += 1;
+            }
+        });
+        staged
+    }
+
     /// Whether everything up to `epoch` is stored.
     pub fn covers(&self, epoch: u64) -> bool {
         self.shared.durable.load(Ordering::Acquire) > epoch
@@ -434,9 +478,14 @@ impl Durable {
     /// Writes what is staged now and waits up to `timeout` for it to be stored. Returns whether
     /// everything staged was stored.
     pub fn sync(&self, timeout: Duration) -> bool {
-        let target = self.shared.staged.lock().closed;
+        let (target, version) = {
+            let staged = self.shared.staged.lock();
+            (staged.closed, staged.last_version)
+        };
         let deadline = Instant::now() + timeout;
-        while self.shared.durable.load(Ordering::Acquire) < target {
+        while self.shared.durable.load(Ordering::Acquire) < target
+            || self.shared.written_version.load(Ordering::Acquire) < version
+        {
             if Instant::now() >= deadline || self.shared.stop.load(Ordering::Acquire) {
                 return false;
             }
@@ -463,7 +512,7 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
     let mut last = Instant::now();
     loop {
         // Wait for the interval (or a finish request), then take everything staged.
-        let (tables, sql, dead, closed) = {
+        let (tables, sql, dead, closed, version) = {
             let mut staged = shared.staged.lock();
             loop {
                 if shared.stop.load(Ordering::Acquire) {
@@ -489,12 +538,14 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
                 std::mem::take(&mut staged.sql),
                 std::mem::take(&mut staged.dead),
                 staged.closed,
+                staged.last_version,
             )
         };
         last = Instant::now();
         match write_all(stores, &shared.stats, tables, sql, dead) {
             Ok(()) => {
                 shared.durable.fetch_max(closed, Ordering::AcqRel);
+                shared.written_version.fetch_max(version, Ordering::AcqRel);
                 backoff = Duration::from_millis(500);
                 *shared.stats.last_error.lock() = None;
             }

@@ -171,6 +171,7 @@ impl KafkaSource {
         let context = Recovery {
             horizon: None,
             floors: Arc::default(),
+            replay_ends: Arc::default(),
         };
         let consumer: BaseConsumer<Recovery> = self.client_config().create_with_context(context)?;
         let partitions = self.partitions(&consumer)?;
@@ -213,9 +214,11 @@ impl KafkaSource {
         match &self.mode {
             KafkaMode::Live { group } => {
                 // Also bounds how long a rebalance waits for members that went away.
+                // End-of-partition events tell when a recovery's replay has reached the end.
                 config
                     .set("group.id", group)
-                    .set("max.poll.interval.ms", "60000");
+                    .set("max.poll.interval.ms", "60000")
+                    .set("enable.partition.eof", "true");
             }
             KafkaMode::Replay { .. } => {
                 config
@@ -238,8 +241,10 @@ impl Source for KafkaSource {
                 KafkaMode::Replay { .. } => None,
             },
             floors: Arc::default(),
+            replay_ends: Arc::default(),
         };
         let floors = context.floors.clone();
+        let replay_ends = context.replay_ends.clone();
         let consumer: BaseConsumer<Recovery> = self.client_config().create_with_context(context)?;
         let topic = &self.address.topic;
         let (mut finished, mut assigned) = (HashSet::new(), 0);
@@ -275,6 +280,9 @@ impl Source for KafkaSource {
             reading: HashMap::new(),
             epochs: BTreeMap::new(),
             floors,
+            replay_ends,
+            read_to: HashMap::new(),
+            at_end: HashSet::new(),
             stop_at: self.range.map(|(_, to)| to),
             finished,
             assigned,
@@ -305,6 +313,10 @@ struct Recovery {
     /// The group's committed position per partition when it was handed to this member: commits
     /// below it are skipped.
     floors: Arc<Mutex<HashMap<i32, i64>>>,
+    /// Per partition handed over for recovery, the offset its replay must reach (its high
+    /// watermark then; `i64::MIN` when it started there, `i64::MAX` when unknown: its end is
+    /// then seen only as the partition's end-of-file). `None` until partitions are handed over.
+    replay_ends: Arc<Mutex<Option<HashMap<i32, i64>>>>,
 }
 
 impl ClientContext for Recovery {}
@@ -376,6 +388,33 @@ impl Recovery {
         }
         Ok(())
     }
+
+    /// Remembers where the replay of each partition of `assigned` (at its recovery start) ends.
+    fn note_ends(&self, consumer: &BaseConsumer<Recovery>, assigned: &TopicPartitionList) {
+        let mut ends = HashMap::new();
+        for element in assigned.elements() {
+            let marks = consumer.fetch_watermarks(
+                element.topic(),
+                element.partition(),
+                Duration::from_secs(10),
+            );
+            let end = match (marks, element.offset()) {
+                (Ok((_, high)), Offset::Offset(start)) if start >= high => i64::MIN,
+                (Ok(_), Offset::End) => i64::MIN,
+                (Ok((low, high)), Offset::Beginning) if low >= high => i64::MIN,
+                (Ok((_, high)), _) => high,
+                (Err(error), _) => {
+                    tracing::warn!(%error, partition = element.partition(), "kafka: no high watermark; the replay ends at the partition's end");
+                    i64::MAX
+                }
+            };
+            ends.insert(element.partition(), end);
+        }
+        *self
+            .replay_ends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(ends);
+    }
 }
 
 impl ConsumerContext for Recovery {
@@ -401,9 +440,18 @@ impl ConsumerContext for Recovery {
                         );
                     }
                 }
+                if self.horizon.is_some() {
+                    self.note_ends(consumer, partitions);
+                }
                 consumer.assign(partitions)
             }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => consumer.unassign(),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                *self
+                    .replay_ends
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+                consumer.unassign()
+            }
             other => {
                 tracing::warn!(error = ?other, "kafka: rebalance failed");
                 consumer.unassign()
@@ -432,6 +480,12 @@ struct KafkaReader {
     reading: HashMap<i32, i64>,
     /// Next offsets per partition, by the epoch that holds the records before them.
     epochs: BTreeMap<u64, HashMap<i32, i64>>,
+    /// Live recovery: where each partition's replay ends (shared with the rebalance callback).
+    replay_ends: Arc<Mutex<Option<HashMap<i32, i64>>>>,
+    /// Live recovery: the next offset read per partition as of the last epoch mark.
+    read_to: HashMap<i32, i64>,
+    /// Live recovery: partitions whose end was reached.
+    at_end: HashSet<i32>,
 }
 
 impl SourceReader for KafkaReader {
@@ -448,6 +502,8 @@ impl SourceReader for KafkaReader {
                 Err(rdkafka::error::KafkaError::PartitionEOF(partition)) => {
                     if self.replay_idle.is_some() {
                         self.finished.insert(partition);
+                    } else {
+                        self.at_end.insert(partition);
                     }
                     continue;
                 }
@@ -501,7 +557,30 @@ impl SourceReader for KafkaReader {
         }
     }
 
+    fn replayed(&self) -> bool {
+        let ends = self
+            .replay_ends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        ends.as_ref().is_some_and(|ends| {
+            ends.iter().all(|(partition, end)| {
+                self.at_end.contains(partition)
+                    || self
+                        .read_to
+                        .get(partition)
+                        .or(self.reading.get(partition))
+                        .copied()
+                        .unwrap_or(i64::MIN)
+                        >= *end
+            })
+        })
+    }
+
     fn mark_epoch(&mut self, epoch: u64) {
+        for (partition, next) in &self.reading {
+            let to = self.read_to.entry(*partition).or_insert(*next);
+            *to = (*to).max(*next);
+        }
         if !self.reading.is_empty() {
             self.epochs.insert(epoch, std::mem::take(&mut self.reading));
         }

@@ -169,6 +169,12 @@ pub trait Source: Send + Sync {
 pub trait SourceReader: Send {
     /// Appends up to `max` records to `batch`.
     fn next_batch(&mut self, batch: &mut Batch, max: usize) -> Result<Poll, SourceError>;
+    /// Whether this reader has read everything its share held when it was handed out: a live
+    /// consumer's rebuild of its state is complete. Sources that end say so with
+    /// [`Poll::Done`] instead; this default says never.
+    fn replayed(&self) -> bool {
+        false
+    }
     /// Declares that the records read since the previous call belong to `epoch`.
     fn mark_epoch(&mut self, _epoch: u64) {}
     /// Every epoch up to and including `epoch` has been fully processed by every sink.

@@ -1,0 +1,95 @@
+//! Removing from ClickHouse the rows a stopped process left that its replay never publishes.
+//!
+//! The stores hold upserts of computed rows, so an engine that rebuilds its state by replaying
+//! its input writes every row it computes again, and the newest version wins. What a replay
+//! cannot overwrite is a row the stopped process stored and would later have removed. The
+//! dataflow removes rows in two tables: a `viewers_by_country` row and `usage_5m` windows when
+//! events arriving out of order move a session (a disconnect seen before its connect places the
+//! session at its end minus its duration, in the disconnect's country; the connect moves it).
+//! If the process stopped after storing such a row but before storing its removal, the replay,
+//! which may read both events into one epoch, never publishes the row and so never removes it.
+//!
+//! So once a restarted engine has caught up with its source, [`reconcile`] compares the keys
+//! ClickHouse holds in those two tables with the rebuilt live tables and stages the removal of
+//! every stored row the state covers but does not have. What the state covers is what the
+//! replay read in full ([`Coverage`]): rows of streams it rebuilt, windows inside its range. A
+//! row removed too early (its events not yet replayed) is written again by the replay, newer.
+
+use keel_dataflows::periscope::{CountryRow, StreamRow, UsageRow};
+use keel_operators::sym::Sym;
+use keel_sinks::durable::{Durable, StoreError};
+use keel_sinks::live::LiveTables;
+
+/// Which stored rows a rebuilt state speaks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coverage {
+    /// Windows starting at or after this (milliseconds), and streams whose current session
+    /// started then or later; `i64::MIN` covers every stream the state holds.
+    pub since: i64,
+    /// Windows starting before this (milliseconds).
+    pub until: i64,
+}
+
+impl Coverage {
+    /// A replay of the whole input: every stream and window the state holds.
+    pub const ALL: Coverage = Coverage {
+        since: i64::MIN,
+        until: i64::MAX,
+    };
+
+    fn window(&self, start: i64) -> bool {
+        (self.since..self.until).contains(&start)
+    }
+}
+
+/// What [`reconcile`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Stored `viewers_by_country` rows removed.
+    pub countries: u64,
+    /// Stored `usage_5m` windows removed.
+    pub windows: u64,
+    /// Stored keys compared.
+    pub compared: u64,
+}
+
+/// Stages, in `durable`, the removal of every stored `viewers_by_country` and `usage_5m` row
+/// that `coverage` says the state speaks for and `tables` does not hold. Call with the live
+/// tables locked against the publisher, so no change is staged between the comparison and the
+/// removals.
+pub fn reconcile(
+    tables: &LiveTables,
+    durable: &Durable,
+    coverage: Coverage,
+) -> Result<Reconciled, StoreError> {
+    let streams = tables.table::<StreamRow>("streams");
+    let rebuilt = |tenant: Sym, name: Sym| streams.get(&(tenant, name));
+    let whole_stream = |tenant: Sym, name: Sym| {
+        rebuilt(tenant, name).is_some_and(|s| {
+            coverage.since == i64::MIN || s.started_at.is_some_and(|t| t >= coverage.since)
+        })
+    };
+    let mut done = Reconciled::default();
+
+    let countries = tables.table::<CountryRow>("viewers_by_country");
+    let stored = durable.stored_keys::<CountryRow>("viewers_by_country", None)?;
+    done.compared += stored.len() as u64;
+    let stale: Vec<_> = stored
+        .into_iter()
+        .filter(|key| whole_stream(key.0, key.1) && countries.get(key).is_none())
+        .collect();
+    done.countries = durable.stage_deletes::<CountryRow>("viewers_by_country", stale);
+
+    let usage = tables.table::<UsageRow>("usage_5m");
+    let since = (coverage.since > i64::MIN).then_some(coverage.since);
+    let stored = durable.stored_keys::<UsageRow>("usage_5m", since)?;
+    done.compared += stored.len() as u64;
+    let stale: Vec<_> = stored
+        .into_iter()
+        .filter(|key| {
+            coverage.window(key.2) && rebuilt(key.0, key.1).is_some() && usage.get(key).is_none()
+        })
+        .collect();
+    done.windows = durable.stage_deletes::<UsageRow>("usage_5m", stale);
+    Ok(done)
+}
