@@ -192,6 +192,9 @@ struct StreamState {
     stream_id: Option<Uuid>,
     /// The id rows carry (`stream_id`, or derived), and whether rows were published with it.
     published_id: Option<Sym>,
+    /// The id text last made, and the `stream_id` it was made from (hashing and interning it
+    /// at every close was a few percent of the engine).
+    id_text: Option<(Option<Uuid>, Sym)>,
     status: Option<StatusMark>,
     started_at: Option<i64>,
     updated_at: i64,
@@ -222,6 +225,7 @@ impl StreamState {
             internal_name,
             stream_id: None,
             published_id: None,
+            id_text: None,
             status: None,
             started_at: None,
             updated_at: i64::MIN,
@@ -245,12 +249,19 @@ impl StreamState {
         }
     }
 
-    fn stream_id_sym(&self) -> Sym {
+    fn stream_id_sym(&mut self) -> Sym {
+        if let Some((from, text)) = self.id_text
+            && from == self.stream_id
+        {
+            return text;
+        }
         let id = self.stream_id.unwrap_or_else(|| {
             let name = format!("{}:{}", self.tenant, self.internal_name);
             Uuid::new_v5(&KEEL_NAMESPACE, name.as_bytes())
         });
-        Sym::new(&id.to_string())
+        let text = Sym::new(&id.to_string());
+        self.id_text = Some((self.stream_id, text));
+        text
     }
 
     fn absorb(&mut self, event: Event) {
