@@ -7,7 +7,7 @@
 //! does. Rows are upserts of computed state, so running the same backfill twice — or again
 //! after an interruption — leaves the same tables. Because Keel's state lives in memory, a
 //! re-run reads the range from its start again; what the stores already hold is replaced by
-//! equal rows, and stored rows of the range it no longer computes are removed at the end
+//! equal rows, and stored windows of the range it no longer computes are removed at the end
 //! ([`crate::reconcile`]).
 
 use std::io::IsTerminal as _;
@@ -152,12 +152,9 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
         workers: args.workers,
         batch: args.batch,
         event_range: Some((from, to)),
-        // The range's rows are the backfill's own: stored ones it no longer computes (left by
-        // an interrupted run) are removed.
-        reconcile: Some(crate::reconcile::Coverage {
-            since: from,
-            until: to,
-        }),
+        // The range's windows are the backfill's own: stored ones it no longer computes (left
+        // by an interrupted run) are removed.
+        reconcile: Some(crate::reconcile::Coverage::range(from, to)),
         ..engine::EngineOptions::default()
     };
     eprintln!(

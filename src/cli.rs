@@ -491,18 +491,11 @@ enum Horizon {
     Back(Duration),
 }
 
-/// What a state rebuilt from the last `horizon` before `now` speaks for: windows from an hour
-/// after the horizon's start on (earlier ones may miss sessions that began before it), streams
-/// whose current session began after it; everything for a horizon reaching past any record.
-fn horizon_coverage(horizon: Duration, now: i64) -> Coverage {
-    let back = i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX);
-    if back >= 50 * 365 * 86_400_000 {
-        return Coverage::ALL;
-    }
-    Coverage {
-        since: now.saturating_sub(back).saturating_add(3_600_000),
-        until: i64::MAX,
-    }
+/// What a state rebuilt from the last `horizon` speaks for: everything of its streams when the
+/// horizon reaches past any record (`all`); nothing otherwise, since sessions that began before
+/// a shorter horizon and are still open are missing from it.
+fn horizon_coverage(horizon: Duration) -> Option<Coverage> {
+    (horizon >= Duration::from_secs(50 * 365 * 86_400)).then_some(Coverage::ALL)
 }
 
 fn parse_horizon(text: &str) -> Result<Horizon, String> {
@@ -551,10 +544,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 group: args.group.clone(),
             },
         );
-        // A rebuilt state speaks for the stored rows of its horizon (see `reconcile`).
+        // A state rebuilt from the whole topic speaks for every stored row of its streams
+        // (see `reconcile`).
         options.reconcile = match args.state_horizon {
             Horizon::None => None,
-            Horizon::Back(horizon) => Some(horizon_coverage(horizon, now_ms())),
+            Horizon::Back(horizon) => horizon_coverage(horizon),
         };
         Arc::new(match args.state_horizon {
             Horizon::None => kafka,
@@ -1175,19 +1169,12 @@ mod tests {
     }
 
     #[test]
-    fn a_horizon_covers_the_windows_it_replays_in_full() {
-        let now = 1_800_000_000_000;
-        let day = Duration::from_secs(86_400);
-        assert_eq!(
-            horizon_coverage(day, now),
-            Coverage {
-                since: now - 86_400_000 + 3_600_000,
-                until: i64::MAX
-            }
-        );
+    fn only_a_replay_of_the_whole_topic_is_reconciled() {
+        assert_eq!(horizon_coverage(Duration::from_secs(86_400)), None);
+        assert_eq!(horizon_coverage(Duration::from_secs(365 * 86_400)), None);
         let Ok(Horizon::Back(all)) = parse_horizon("all") else {
             panic!("all is a horizon")
         };
-        assert_eq!(horizon_coverage(all, now), Coverage::ALL);
+        assert_eq!(horizon_coverage(all), Some(Coverage::ALL));
     }
 }

@@ -203,13 +203,13 @@ struct Owed {
 }
 
 impl Owed {
-    /// Runs the reconciliation if it is due; returns whether it is done.
-    fn settle(&mut self, tables: &LiveTables, durable: &Durable) -> bool {
-        let replayed = self
-            .replays
-            .all_over(self.workers)
-            .is_some_and(|after| tables.epoch().is_some_and(|e| e.saturating_add(1) >= after));
-        if !replayed || std::time::Instant::now() < self.not_before {
+    /// Runs the reconciliation if it is due; returns whether it is done. `last`: the input has
+    /// ended (every epoch is in the tables, and there is no later chance).
+    fn settle(&mut self, tables: &LiveTables, durable: &Durable, last: bool) -> bool {
+        let replayed = self.replays.all_over(self.workers).is_some_and(|after| {
+            last || tables.epoch().is_some_and(|e| e.saturating_add(1) >= after)
+        });
+        if !replayed || (!last && std::time::Instant::now() < self.not_before) {
             return false;
         }
         match reconcile(tables, durable, self.coverage) {
@@ -218,6 +218,13 @@ impl Owed {
                     "keel: ClickHouse reconciled with the rebuilt state: {} stored keys compared, \
                      {} stale viewers_by_country rows and {} stale usage_5m windows removed",
                     done.compared, done.countries, done.windows
+                );
+                true
+            }
+            Err(error) if last => {
+                eprintln!(
+                    "keel: could not reconcile ClickHouse with the rebuilt state ({error}); stored \
+                     rows this run no longer computes may remain until the next run"
                 );
                 true
             }
@@ -276,7 +283,7 @@ fn publish<'scope>(
                         let tables = tables
                             .write()
                             .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        if debt.settle(&tables, durable) {
+                        if debt.settle(&tables, durable, frontier.is_empty()) {
                             owed = None;
                         }
                     }
@@ -307,7 +314,7 @@ fn publish<'scope>(
                     tables.close_epoch(closed);
                 }
                 if let (Some(debt), Some(durable)) = (&mut owed, &durable)
-                    && debt.settle(&tables, durable)
+                    && debt.settle(&tables, durable, frontier.is_empty())
                 {
                     owed = None;
                 }

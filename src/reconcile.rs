@@ -12,30 +12,44 @@
 //! So once a restarted engine has caught up with its source, [`reconcile`] compares the keys
 //! ClickHouse holds in those two tables with the rebuilt live tables and stages the removal of
 //! every stored row the state covers but does not have. What the state covers is what the
-//! replay read in full ([`Coverage`]): rows of streams it rebuilt, windows inside its range. A
-//! row removed too early (its events not yet replayed) is written again by the replay, newer.
+//! replay read in full ([`Coverage`]): after a replay of the whole topic, every row of a stream
+//! it rebuilt; after a backfill, the windows of its range (a country row sums a stream's whole
+//! life, which a range does not hold). A state rebuilt from a shorter horizon covers nothing:
+//! sessions that began before the horizon and are still open are missing from it, so rows it
+//! lacks may still be right.
 
 use keel_dataflows::periscope::{CountryRow, StreamRow, UsageRow};
 use keel_operators::sym::Sym;
 use keel_sinks::durable::{Durable, StoreError};
 use keel_sinks::live::LiveTables;
 
-/// Which stored rows a rebuilt state speaks for.
+/// Which stored rows a rebuilt state speaks for (always only of streams the state holds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Coverage {
-    /// Windows starting at or after this (milliseconds), and streams whose current session
-    /// started then or later; `i64::MIN` covers every stream the state holds.
+    /// `usage_5m` windows starting at or after this (milliseconds).
     pub since: i64,
-    /// Windows starting before this (milliseconds).
+    /// `usage_5m` windows starting before this (milliseconds).
     pub until: i64,
+    /// `viewers_by_country` rows too (the state holds each stream's whole life).
+    pub countries: bool,
 }
 
 impl Coverage {
-    /// A replay of the whole input: every stream and window the state holds.
+    /// A replay of the whole input: every row of every stream the state holds.
     pub const ALL: Coverage = Coverage {
         since: i64::MIN,
         until: i64::MAX,
+        countries: true,
     };
+
+    /// A backfill of `[from, to)`: the windows of the range.
+    pub fn range(from: i64, to: i64) -> Coverage {
+        Coverage {
+            since: from,
+            until: to,
+            countries: false,
+        }
+    }
 
     fn window(&self, start: i64) -> bool {
         (self.since..self.until).contains(&start)
@@ -63,22 +77,19 @@ pub fn reconcile(
     coverage: Coverage,
 ) -> Result<Reconciled, StoreError> {
     let streams = tables.table::<StreamRow>("streams");
-    let rebuilt = |tenant: Sym, name: Sym| streams.get(&(tenant, name));
-    let whole_stream = |tenant: Sym, name: Sym| {
-        rebuilt(tenant, name).is_some_and(|s| {
-            coverage.since == i64::MIN || s.started_at.is_some_and(|t| t >= coverage.since)
-        })
-    };
+    let rebuilt = |tenant: Sym, name: Sym| streams.get(&(tenant, name)).is_some();
     let mut done = Reconciled::default();
 
-    let countries = tables.table::<CountryRow>("viewers_by_country");
-    let stored = durable.stored_keys::<CountryRow>("viewers_by_country", None)?;
-    done.compared += stored.len() as u64;
-    let stale: Vec<_> = stored
-        .into_iter()
-        .filter(|key| whole_stream(key.0, key.1) && countries.get(key).is_none())
-        .collect();
-    done.countries = durable.stage_deletes::<CountryRow>("viewers_by_country", stale);
+    if coverage.countries {
+        let countries = tables.table::<CountryRow>("viewers_by_country");
+        let stored = durable.stored_keys::<CountryRow>("viewers_by_country", None)?;
+        done.compared += stored.len() as u64;
+        let stale: Vec<_> = stored
+            .into_iter()
+            .filter(|key| rebuilt(key.0, key.1) && countries.get(key).is_none())
+            .collect();
+        done.countries = durable.stage_deletes::<CountryRow>("viewers_by_country", stale);
+    }
 
     let usage = tables.table::<UsageRow>("usage_5m");
     let since = (coverage.since > i64::MIN).then_some(coverage.since);
@@ -86,9 +97,7 @@ pub fn reconcile(
     done.compared += stored.len() as u64;
     let stale: Vec<_> = stored
         .into_iter()
-        .filter(|key| {
-            coverage.window(key.2) && rebuilt(key.0, key.1).is_some() && usage.get(key).is_none()
-        })
+        .filter(|key| coverage.window(key.2) && rebuilt(key.0, key.1) && usage.get(key).is_none())
         .collect();
     done.windows = durable.stage_deletes::<UsageRow>("usage_5m", stale);
     Ok(done)

@@ -471,6 +471,28 @@ fn viewer_event(id: u32, trigger: &str, time: &str, payload: &serde_json::Value)
     .to_string()
 }
 
+/// A viewer's disconnect (10:30, after 1,800 s, from NL) and its connect (10:20, from DE), as
+/// the platform sends them: read in this order, the session is first placed at 10:00–10:30 in
+/// NL, then moved to 10:20–10:30 in DE.
+fn out_of_order_pair() -> (String, String) {
+    let disconnect = viewer_event(
+        1,
+        "USER_END",
+        "2026-11-01T10:30:00.000Z",
+        &serde_json::json!({"session_id": "s1", "stream_name": "live+demo", "connector": "HLS",
+            "host": "203.0.113.7", "duration": "1800", "up_bytes": "1000", "down_bytes": "90000",
+            "country_code": "NL", "city": "Amsterdam"}),
+    );
+    let connect = viewer_event(
+        2,
+        "USER_NEW",
+        "2026-11-01T10:20:00.000Z",
+        &serde_json::json!({"stream_name": "live+demo", "host": "203.0.113.7", "connector": "HLS",
+            "session_id": "s1", "client_country": "DE", "client_city": "Berlin"}),
+    );
+    (disconnect, connect)
+}
+
 /// A disconnect read before its connect places the session at its end minus its duration, in
 /// the disconnect's country; the connect moves it, and the dataflow removes the rows of the
 /// first placement. A run that stored those rows and stopped before reading the connect leaves
@@ -506,21 +528,7 @@ fn restart_removes_stale_rows(url: &str) {
     let writer =
         KafkaWriter::new(&KafkaAddress::parse(&format!("kafka://{brokers}/{topic}")).unwrap())
             .unwrap();
-    let disconnect = viewer_event(
-        1,
-        "USER_END",
-        "2026-11-01T10:30:00.000Z",
-        &serde_json::json!({"session_id": "s1", "stream_name": "live+demo", "connector": "HLS",
-            "host": "203.0.113.7", "duration": "1800", "up_bytes": "1000", "down_bytes": "90000",
-            "country_code": "NL", "city": "Amsterdam"}),
-    );
-    let connect = viewer_event(
-        2,
-        "USER_NEW",
-        "2026-11-01T10:20:00.000Z",
-        &serde_json::json!({"stream_name": "live+demo", "host": "203.0.113.7", "connector": "HLS",
-            "session_id": "s1", "client_country": "DE", "client_city": "Berlin"}),
-    );
+    let (disconnect, connect) = out_of_order_pair();
     writer.send("demo", disconnect.as_bytes(), &[]).unwrap();
     writer.flush(Duration::from_secs(10)).unwrap();
 
@@ -536,21 +544,7 @@ fn restart_removes_stale_rows(url: &str) {
         codes.sort();
         codes
     };
-    let windows = |url: &str| -> Vec<i64> {
-        stored(url, &database, "usage_5m")
-            .iter()
-            .filter(|r| r["internal_name"] == "demo")
-            .map(|r| {
-                r["window_start"]
-                    .as_i64()
-                    .or_else(|| r["window_start"].as_str()?.parse().ok())
-                    .unwrap()
-            })
-            .collect()
-    };
-    let at = |hh_mm: &str| {
-        keel_operators::time::parse_rfc3339(&format!("2026-11-01T{hh_mm}:00Z")).unwrap()
-    };
+    let windows = |url: &str| demo_windows(url, &database);
 
     // First run: only the disconnect; the session is placed at 10:00–10:30 in NL.
     let keel = Keel::start(&brokers, &topic, &group, &url, &database, &sql);
@@ -591,6 +585,58 @@ fn restart_removes_stale_rows(url: &str) {
         "the NL row of the first placement is removed, the other stream's row kept"
     );
     assert_eq!(windows(&url), [at("10:20"), at("10:25")]);
+}
+
+/// The same out-of-order pair through `keel backfill` from files: a first backfill that read
+/// only the disconnect stored the session's first placement; a second one over both records
+/// removes the windows of its range it no longer computes.
+#[test]
+fn a_backfill_removes_windows_of_its_range_it_no_longer_computes() {
+    let url = clickhouse_url();
+    let (disconnect, connect) = out_of_order_pair();
+    let dir = std::env::temp_dir().join(unique("keel_backfill_reconcile"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = dir.join("first.ndjson");
+    let both = dir.join("both.ndjson");
+    std::fs::write(&first, format!("{disconnect}\n")).unwrap();
+    std::fs::write(&both, format!("{disconnect}\n{connect}\n")).unwrap();
+    let database = unique("keel_backfill_reconcile");
+    let sql = fresh_postgres(&database);
+    migrate(&url, &database, &sql);
+    let (from, to) = ("2026-11-01T10:00:00Z", "2026-11-01T11:00:00Z");
+    let source = |path: &std::path::Path| format!("file:{}", path.display());
+    backfill(&source(&first), from, to, &url, &database, &sql);
+    assert_eq!(demo_windows(&url, &database).len(), 6);
+    let said = backfill(&source(&both), from, to, &url, &database, &sql);
+    assert!(
+        said.contains("0 stale viewers_by_country rows and 4 stale usage_5m windows removed"),
+        "{said}"
+    );
+    assert_eq!(
+        demo_windows(&url, &database),
+        [at("10:20"), at("10:25")],
+        "only the connect's placement is left"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// 2026-11-01 at `hh_mm`, in milliseconds.
+fn at(hh_mm: &str) -> i64 {
+    keel_operators::time::parse_rfc3339(&format!("2026-11-01T{hh_mm}:00Z")).unwrap()
+}
+
+/// The stored `usage_5m` window starts of stream `demo`.
+fn demo_windows(url: &str, database: &str) -> Vec<i64> {
+    stored(url, database, "usage_5m")
+        .iter()
+        .filter(|r| r["internal_name"] == "demo")
+        .map(|r| {
+            r["window_start"]
+                .as_i64()
+                .or_else(|| r["window_start"].as_str()?.parse().ok())
+                .unwrap()
+        })
+        .collect()
 }
 
 /// A TCP proxy to ClickHouse that can be cut.

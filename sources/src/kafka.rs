@@ -97,6 +97,42 @@ pub struct KafkaSource {
     horizon: Option<Duration>,
     /// Replay only records whose broker timestamps fall in `[from, to)` (milliseconds).
     range: Option<(i64, i64)>,
+    /// Which partitions this process's live members hold (for [`SourceReader::replayed`]).
+    holdings: Arc<Holdings>,
+}
+
+/// The partitions a process's live members were handed, by worker, and the topic's count.
+#[derive(Debug, Default)]
+struct Holdings {
+    partitions: std::sync::atomic::AtomicUsize,
+    by_worker: Mutex<HashMap<usize, Vec<i32>>>,
+}
+
+impl Holdings {
+    /// Whether this process's members hold every partition of the topic.
+    fn complete(&self) -> bool {
+        let partitions = self.partitions.load(std::sync::atomic::Ordering::Acquire);
+        let held: HashSet<i32> = self
+            .by_worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        partitions > 0 && held.len() >= partitions
+    }
+}
+
+/// One live member's latest hand-over: where each partition's recovery replay ends.
+#[derive(Debug, Default)]
+struct Handover {
+    /// Bumped at every assignment and revocation.
+    generation: std::sync::atomic::AtomicU64,
+    /// Per partition handed over, the offset its replay must reach (its high watermark then;
+    /// `i64::MIN` when it started there, `i64::MAX` when unknown: its end is then seen only as
+    /// the partition's end-of-file). `None` while nothing is handed over.
+    ends: Mutex<Option<HashMap<i32, i64>>>,
 }
 
 impl KafkaSource {
@@ -108,6 +144,7 @@ impl KafkaSource {
             settings: Vec::new(),
             horizon: None,
             range: None,
+            holdings: Arc::default(),
         }
     }
 
@@ -171,7 +208,9 @@ impl KafkaSource {
         let context = Recovery {
             horizon: None,
             floors: Arc::default(),
-            replay_ends: Arc::default(),
+            handover: Arc::default(),
+            holdings: Arc::default(),
+            worker: 0,
         };
         let consumer: BaseConsumer<Recovery> = self.client_config().create_with_context(context)?;
         let partitions = self.partitions(&consumer)?;
@@ -241,10 +280,12 @@ impl Source for KafkaSource {
                 KafkaMode::Replay { .. } => None,
             },
             floors: Arc::default(),
-            replay_ends: Arc::default(),
+            handover: Arc::default(),
+            holdings: self.holdings.clone(),
+            worker,
         };
         let floors = context.floors.clone();
-        let replay_ends = context.replay_ends.clone();
+        let handover = context.handover.clone();
         let consumer: BaseConsumer<Recovery> = self.client_config().create_with_context(context)?;
         let topic = &self.address.topic;
         let (mut finished, mut assigned) = (HashSet::new(), 0);
@@ -280,7 +321,9 @@ impl Source for KafkaSource {
             reading: HashMap::new(),
             epochs: BTreeMap::new(),
             floors,
-            replay_ends,
+            handover,
+            generation: 0,
+            holdings: self.holdings.clone(),
             read_to: HashMap::new(),
             at_end: HashSet::new(),
             stop_at: self.range.map(|(_, to)| to),
@@ -313,10 +356,10 @@ struct Recovery {
     /// The group's committed position per partition when it was handed to this member: commits
     /// below it are skipped.
     floors: Arc<Mutex<HashMap<i32, i64>>>,
-    /// Per partition handed over for recovery, the offset its replay must reach (its high
-    /// watermark then; `i64::MIN` when it started there, `i64::MAX` when unknown: its end is
-    /// then seen only as the partition's end-of-file). `None` until partitions are handed over.
-    replay_ends: Arc<Mutex<Option<HashMap<i32, i64>>>>,
+    /// This member's hand-overs, for recovery.
+    handover: Arc<Handover>,
+    holdings: Arc<Holdings>,
+    worker: usize,
 }
 
 impl ClientContext for Recovery {}
@@ -389,8 +432,30 @@ impl Recovery {
         Ok(())
     }
 
-    /// Remembers where the replay of each partition of `assigned` (at its recovery start) ends.
+    /// Remembers where the replay of each partition of `assigned` (at its recovery start) ends,
+    /// and which partitions this member holds.
     fn note_ends(&self, consumer: &BaseConsumer<Recovery>, assigned: &TopicPartitionList) {
+        if let Some(topic) = assigned.elements().first().map(|e| e.topic().to_owned())
+            && let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))
+        {
+            let count = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic)
+                .map(|t| t.partitions().len())
+                .sum();
+            self.holdings
+                .partitions
+                .store(count, std::sync::atomic::Ordering::Release);
+        }
+        self.holdings
+            .by_worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                self.worker,
+                assigned.elements().iter().map(|e| e.partition()).collect(),
+            );
         let mut ends = HashMap::new();
         for element in assigned.elements() {
             let marks = consumer.fetch_watermarks(
@@ -411,9 +476,13 @@ impl Recovery {
             ends.insert(element.partition(), end);
         }
         *self
-            .replay_ends
+            .handover
+            .ends
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(ends);
+        self.handover
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -447,9 +516,18 @@ impl ConsumerContext for Recovery {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 *self
-                    .replay_ends
+                    .handover
+                    .ends
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = None;
+                self.handover
+                    .generation
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                self.holdings
+                    .by_worker
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&self.worker);
                 consumer.unassign()
             }
             other => {
@@ -481,11 +559,32 @@ struct KafkaReader {
     /// Next offsets per partition, by the epoch that holds the records before them.
     epochs: BTreeMap<u64, HashMap<i32, i64>>,
     /// Live recovery: where each partition's replay ends (shared with the rebalance callback).
-    replay_ends: Arc<Mutex<Option<HashMap<i32, i64>>>>,
+    handover: Arc<Handover>,
+    /// The hand-over `read_to` and `at_end` speak of.
+    generation: u64,
+    holdings: Arc<Holdings>,
     /// Live recovery: the next offset read per partition as of the last epoch mark.
     read_to: HashMap<i32, i64>,
     /// Live recovery: partitions whose end was reached.
     at_end: HashSet<i32>,
+}
+
+/// After a new hand-over, forgets how far the previous one's partitions were read (the
+/// rebalance callback runs inside a poll).
+fn notice_handover(
+    handover: &Handover,
+    seen: &mut u64,
+    read_to: &mut HashMap<i32, i64>,
+    at_end: &mut HashSet<i32>,
+) {
+    let generation = handover
+        .generation
+        .load(std::sync::atomic::Ordering::Acquire);
+    if generation != *seen {
+        *seen = generation;
+        read_to.clear();
+        at_end.clear();
+    }
 }
 
 impl SourceReader for KafkaReader {
@@ -493,7 +592,14 @@ impl SourceReader for KafkaReader {
         let start = batch.len();
         let mut wait = Duration::from_millis(50);
         while batch.len() - start < max {
-            let Some(result) = self.consumer.poll(wait) else {
+            let polled = self.consumer.poll(wait);
+            notice_handover(
+                &self.handover,
+                &mut self.generation,
+                &mut self.read_to,
+                &mut self.at_end,
+            );
+            let Some(result) = polled else {
                 break;
             };
             wait = Duration::ZERO;
@@ -559,21 +665,19 @@ impl SourceReader for KafkaReader {
 
     fn replayed(&self) -> bool {
         let ends = self
-            .replay_ends
+            .handover
+            .ends
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        ends.as_ref().is_some_and(|ends| {
-            ends.iter().all(|(partition, end)| {
-                self.at_end.contains(partition)
-                    || self
-                        .read_to
-                        .get(partition)
-                        .or(self.reading.get(partition))
-                        .copied()
-                        .unwrap_or(i64::MIN)
-                        >= *end
+        // Only a process holding the whole topic has whole streams (records are spread over
+        // partitions by event id).
+        self.holdings.complete()
+            && ends.as_ref().is_some_and(|ends| {
+                ends.iter().all(|(partition, end)| {
+                    self.at_end.contains(partition)
+                        || self.read_to.get(partition).copied().unwrap_or(i64::MIN) >= *end
+                })
             })
-        })
     }
 
     fn mark_epoch(&mut self, epoch: u64) {
