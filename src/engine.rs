@@ -46,7 +46,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Capability, Probe, probe};
 
-use crate::reconcile::{Coverage, reconcile};
+use crate::reconcile::{Coverage, Stored};
 use crate::store::RawEventRow;
 
 /// How long a caught-up engine lets its own records (routing decisions) gather before it reads
@@ -204,15 +204,24 @@ struct Owed {
 
 impl Owed {
     /// Runs the reconciliation if it is due; returns whether it is done. `last`: the input has
-    /// ended (every epoch is in the tables, and there is no later chance).
-    fn settle(&mut self, tables: &LiveTables, durable: &Durable, last: bool) -> bool {
+    /// ended (every epoch is in the tables, and there is no later chance). Called by the
+    /// publisher between epochs: nothing else stages changes meanwhile, and readers of the
+    /// tables are held up only while the stored keys are compared, not while they are fetched.
+    fn settle(&mut self, tables: &RwLock<LiveTables>, durable: &Durable, last: bool) -> bool {
+        let read = || {
+            tables
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
         let replayed = self.replays.all_over(self.workers).is_some_and(|after| {
-            last || tables.epoch().is_some_and(|e| e.saturating_add(1) >= after)
+            last || read().epoch().is_some_and(|e| e.saturating_add(1) >= after)
         });
         if !replayed || (!last && std::time::Instant::now() < self.not_before) {
             return false;
         }
-        match reconcile(tables, durable, self.coverage) {
+        let result = Stored::fetch(durable, self.coverage)
+            .map(|stored| stored.reconcile(&read(), durable, self.coverage));
+        match result {
             Ok(done) => {
                 eprintln!(
                     "keel: ClickHouse reconciled with the rebuilt state: {} stored keys compared, \
@@ -278,15 +287,15 @@ fn publish<'scope>(
                     Some(&f) => f.checked_sub(1),
                     None => pending.keys().next_back().copied(),
                 };
-                if ready.is_empty() && closed.is_none() {
-                    if let (Some(debt), Some(durable)) = (&mut owed, &durable) {
-                        let tables = tables
-                            .write()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        if debt.settle(&tables, durable, frontier.is_empty()) {
-                            owed = None;
-                        }
+                let settle = |owed: &mut Option<Owed>| {
+                    if let (Some(debt), Some(durable)) = (owed.as_mut(), &durable)
+                        && debt.settle(tables, durable, frontier.is_empty())
+                    {
+                        *owed = None;
                     }
+                };
+                if ready.is_empty() && closed.is_none() {
+                    settle(&mut owed);
                     return;
                 }
                 let mut changes = Vec::new();
@@ -301,23 +310,21 @@ fn publish<'scope>(
                         }
                     });
                 }
-                let mut tables = tables
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                tables.begin_epoch();
-                for change in changes {
-                    change.apply_to(&mut *tables);
-                }
-                if let Some(closed) = closed
-                    && tables.epoch().is_none_or(|e| e < closed)
                 {
-                    tables.close_epoch(closed);
+                    let mut tables = tables
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    tables.begin_epoch();
+                    for change in changes {
+                        change.apply_to(&mut *tables);
+                    }
+                    if let Some(closed) = closed
+                        && tables.epoch().is_none_or(|e| e < closed)
+                    {
+                        tables.close_epoch(closed);
+                    }
                 }
-                if let (Some(debt), Some(durable)) = (&mut owed, &durable)
-                    && debt.settle(&tables, durable, frontier.is_empty())
-                {
-                    owed = None;
-                }
+                settle(&mut owed);
             }
         },
     )

@@ -9,9 +9,10 @@
 //! If the process stopped after storing such a row but before storing its removal, the replay,
 //! which may read both events into one epoch, never publishes the row and so never removes it.
 //!
-//! So once a restarted engine has caught up with its source, [`reconcile`] compares the keys
-//! ClickHouse holds in those two tables with the rebuilt live tables and stages the removal of
-//! every stored row the state covers but does not have. What the state covers is what the
+//! So once a restarted engine has caught up with its source, it reads the keys ClickHouse holds
+//! in those two tables ([`Stored::fetch`]), compares them with the rebuilt live tables and
+//! stages the removal of every stored row the state covers but does not have
+//! ([`Stored::reconcile`]). What the state covers is what the
 //! replay read in full ([`Coverage`]): after a replay of the whole topic, every row of a stream
 //! it rebuilt; after a backfill, the windows of its range (a country row sums a stream's whole
 //! life, which a range does not hold). A state rebuilt from a shorter horizon covers nothing:
@@ -20,6 +21,7 @@
 
 use keel_dataflows::periscope::{CountryRow, StreamRow, UsageRow};
 use keel_operators::sym::Sym;
+use keel_operators::table::Row;
 use keel_sinks::durable::{Durable, StoreError};
 use keel_sinks::live::LiveTables;
 
@@ -67,38 +69,57 @@ pub struct Reconciled {
     pub compared: u64,
 }
 
-/// Stages, in `durable`, the removal of every stored `viewers_by_country` and `usage_5m` row
-/// that `coverage` says the state speaks for and `tables` does not hold. Call with the live
-/// tables locked against the publisher, so no change is staged between the comparison and the
-/// removals.
-pub fn reconcile(
-    tables: &LiveTables,
-    durable: &Durable,
-    coverage: Coverage,
-) -> Result<Reconciled, StoreError> {
-    let streams = tables.table::<StreamRow>("streams");
-    let rebuilt = |tenant: Sym, name: Sym| streams.get(&(tenant, name)).is_some();
-    let mut done = Reconciled::default();
+/// The keys ClickHouse holds in the tables the dataflow deletes from.
+#[derive(Debug)]
+pub struct Stored {
+    countries: Vec<<CountryRow as Row>::Key>,
+    windows: Vec<<UsageRow as Row>::Key>,
+}
 
-    if coverage.countries {
+impl Stored {
+    /// Reads the stored keys `coverage` may concern (the windows from its start on).
+    pub fn fetch(durable: &Durable, coverage: Coverage) -> Result<Stored, StoreError> {
+        let countries = if coverage.countries {
+            durable.stored_keys::<CountryRow>("viewers_by_country", None)?
+        } else {
+            Vec::new()
+        };
+        let since = (coverage.since > i64::MIN).then_some(coverage.since);
+        let windows = durable.stored_keys::<UsageRow>("usage_5m", since)?;
+        Ok(Stored { countries, windows })
+    }
+
+    /// Stages, in `durable`, the removal of every stored key that `coverage` says the state
+    /// speaks for and `tables` does not hold. Call where no other change is staged meanwhile
+    /// (the publisher, between epochs).
+    pub fn reconcile(
+        self,
+        tables: &LiveTables,
+        durable: &Durable,
+        coverage: Coverage,
+    ) -> Reconciled {
+        let streams = tables.table::<StreamRow>("streams");
+        let rebuilt = |tenant: Sym, name: Sym| streams.get(&(tenant, name)).is_some();
+        let mut done = Reconciled {
+            compared: (self.countries.len() + self.windows.len()) as u64,
+            ..Reconciled::default()
+        };
         let countries = tables.table::<CountryRow>("viewers_by_country");
-        let stored = durable.stored_keys::<CountryRow>("viewers_by_country", None)?;
-        done.compared += stored.len() as u64;
-        let stale: Vec<_> = stored
+        let stale: Vec<_> = self
+            .countries
             .into_iter()
             .filter(|key| rebuilt(key.0, key.1) && countries.get(key).is_none())
             .collect();
         done.countries = durable.stage_deletes::<CountryRow>("viewers_by_country", stale);
+        let usage = tables.table::<UsageRow>("usage_5m");
+        let stale: Vec<_> = self
+            .windows
+            .into_iter()
+            .filter(|key| {
+                coverage.window(key.2) && rebuilt(key.0, key.1) && usage.get(key).is_none()
+            })
+            .collect();
+        done.windows = durable.stage_deletes::<UsageRow>("usage_5m", stale);
+        done
     }
-
-    let usage = tables.table::<UsageRow>("usage_5m");
-    let since = (coverage.since > i64::MIN).then_some(coverage.since);
-    let stored = durable.stored_keys::<UsageRow>("usage_5m", since)?;
-    done.compared += stored.len() as u64;
-    let stale: Vec<_> = stored
-        .into_iter()
-        .filter(|key| coverage.window(key.2) && rebuilt(key.0, key.1) && usage.get(key).is_none())
-        .collect();
-    done.windows = durable.stage_deletes::<UsageRow>("usage_5m", stale);
-    Ok(done)
 }
