@@ -495,14 +495,16 @@ enum Horizon {
 /// horizon reaches past any record (`all`); nothing otherwise, since sessions that began before
 /// a shorter horizon and are still open are missing from it.
 fn horizon_coverage(horizon: Duration) -> Option<Coverage> {
-    (horizon >= Duration::from_secs(50 * 365 * 86_400)).then_some(Coverage::ALL)
+    (horizon >= WHOLE_TOPIC).then_some(Coverage::ALL)
 }
+
+/// `--state-horizon all`: older than any record a broker holds.
+const WHOLE_TOPIC: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 fn parse_horizon(text: &str) -> Result<Horizon, String> {
     match text {
         "none" => Ok(Horizon::None),
-        // Older than any record a broker holds.
-        "all" => Ok(Horizon::Back(Duration::from_secs(100 * 365 * 86_400))),
+        "all" => Ok(Horizon::Back(WHOLE_TOPIC)),
         _ => parse_duration(text).map(Horizon::Back),
     }
 }

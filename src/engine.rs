@@ -19,9 +19,9 @@
 
 use keel_operators::time::now_ms;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use keel_api::metrics::EngineStats;
@@ -174,7 +174,7 @@ fn injected_checked(
 #[derive(Debug, Default)]
 struct Replays {
     /// Workers whose replay is over.
-    over: std::sync::atomic::AtomicUsize,
+    over: AtomicUsize,
     /// The newest first epoch after a worker's replay.
     after: AtomicU64,
 }
@@ -199,7 +199,7 @@ struct Owed {
     replays: Arc<Replays>,
     workers: usize,
     /// Not before this (a failed attempt waits before the next).
-    not_before: std::time::Instant,
+    not_before: Instant,
 }
 
 impl Owed {
@@ -216,11 +216,11 @@ impl Owed {
         let replayed = self.replays.all_over(self.workers).is_some_and(|after| {
             last || read().epoch().is_some_and(|e| e.saturating_add(1) >= after)
         });
-        if !replayed || (!last && std::time::Instant::now() < self.not_before) {
+        if !replayed || (!last && Instant::now() < self.not_before) {
             return false;
         }
-        let result = Stored::fetch(durable, self.coverage)
-            .map(|stored| stored.reconcile(&read(), durable, self.coverage));
+        let result =
+            Stored::fetch(durable, self.coverage).map(|stored| stored.reconcile(&read(), durable));
         match result {
             Ok(done) => {
                 eprintln!(
@@ -239,7 +239,7 @@ impl Owed {
             }
             Err(error) => {
                 tracing::warn!(%error, "reconciling ClickHouse with the rebuilt state failed; retrying in 5 s");
-                self.not_before = std::time::Instant::now() + Duration::from_secs(5);
+                self.not_before = Instant::now() + Duration::from_secs(5);
                 false
             }
         }
@@ -362,14 +362,21 @@ pub fn run(
         let tables = (index == 0).then(|| handles.tables.clone());
         let fleet = (index == 0).then(|| handles.fleet.clone());
         let durable = handles.durable.clone().filter(|_| index == 0);
+        // Whether the stores are owed a reconciliation once every worker's replay is over
+        // (only then do the workers watch for that).
+        let owes_reconcile = options.reconcile.is_some()
+            && handles
+                .durable
+                .as_ref()
+                .is_some_and(|d| d.clickhouse().is_some());
         let owed = options
             .reconcile
-            .filter(|_| durable.as_ref().is_some_and(|d| d.clickhouse().is_some()))
+            .filter(|_| owes_reconcile && index == 0)
             .map(|coverage| Owed {
                 coverage,
                 replays: replays.clone(),
                 workers: worker.peers(),
-                not_before: std::time::Instant::now(),
+                not_before: Instant::now(),
             });
         let stored = |epoch: u64| handles.durable.as_ref().is_none_or(|d| d.covers(epoch));
         let (mut events_in, mut errors_in, mut marks_in, mut loads_in) = worker
@@ -522,7 +529,10 @@ pub fn run(
             // before asking it again (which may block), so a new event shows at once.
             let caught_up = taken < options.batch;
             // The replay that rebuilt the state is over (for a reconciliation owed to the stores).
-            if !replay_over && (matches!(poll, Poll::Done) || (caught_up && reader.replayed())) {
+            if owes_reconcile
+                && !replay_over
+                && (matches!(poll, Poll::Done) || (caught_up && reader.replayed()))
+            {
                 replay_over = true;
                 replays.over_at(epoch);
             }

@@ -58,7 +58,7 @@ impl Coverage {
     }
 }
 
-/// What [`reconcile`] removed.
+/// What [`Stored::reconcile`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reconciled {
     /// Stored `viewers_by_country` rows removed.
@@ -69,9 +69,15 @@ pub struct Reconciled {
     pub compared: u64,
 }
 
-/// The keys ClickHouse holds in the tables the dataflow deletes from.
+const STREAMS: &str = "streams";
+const COUNTRIES: &str = "viewers_by_country";
+const USAGE: &str = "usage_5m";
+
+/// The keys ClickHouse holds in the tables the dataflow deletes from, as far as a coverage
+/// concerns them.
 #[derive(Debug)]
 pub struct Stored {
+    coverage: Coverage,
     countries: Vec<<CountryRow as Row>::Key>,
     windows: Vec<<UsageRow as Row>::Key>,
 }
@@ -80,46 +86,45 @@ impl Stored {
     /// Reads the stored keys `coverage` may concern (the windows from its start on).
     pub fn fetch(durable: &Durable, coverage: Coverage) -> Result<Stored, StoreError> {
         let countries = if coverage.countries {
-            durable.stored_keys::<CountryRow>("viewers_by_country", None)?
+            durable.stored_keys::<CountryRow>(COUNTRIES, None)?
         } else {
             Vec::new()
         };
         let since = (coverage.since > i64::MIN).then_some(coverage.since);
-        let windows = durable.stored_keys::<UsageRow>("usage_5m", since)?;
-        Ok(Stored { countries, windows })
+        let windows = durable.stored_keys::<UsageRow>(USAGE, since)?;
+        Ok(Stored {
+            coverage,
+            countries,
+            windows,
+        })
     }
 
-    /// Stages, in `durable`, the removal of every stored key that `coverage` says the state
+    /// Stages, in `durable`, the removal of every stored key that the coverage says the state
     /// speaks for and `tables` does not hold. Call where no other change is staged meanwhile
     /// (the publisher, between epochs).
-    pub fn reconcile(
-        self,
-        tables: &LiveTables,
-        durable: &Durable,
-        coverage: Coverage,
-    ) -> Reconciled {
-        let streams = tables.table::<StreamRow>("streams");
+    pub fn reconcile(self, tables: &LiveTables, durable: &Durable) -> Reconciled {
+        let streams = tables.table::<StreamRow>(STREAMS);
         let rebuilt = |tenant: Sym, name: Sym| streams.get(&(tenant, name)).is_some();
         let mut done = Reconciled {
             compared: (self.countries.len() + self.windows.len()) as u64,
             ..Reconciled::default()
         };
-        let countries = tables.table::<CountryRow>("viewers_by_country");
+        let countries = tables.table::<CountryRow>(COUNTRIES);
         let stale: Vec<_> = self
             .countries
             .into_iter()
             .filter(|key| rebuilt(key.0, key.1) && countries.get(key).is_none())
             .collect();
-        done.countries = durable.stage_deletes::<CountryRow>("viewers_by_country", stale);
-        let usage = tables.table::<UsageRow>("usage_5m");
+        done.countries = durable.stage_deletes::<CountryRow>(COUNTRIES, stale);
+        let usage = tables.table::<UsageRow>(USAGE);
         let stale: Vec<_> = self
             .windows
             .into_iter()
             .filter(|key| {
-                coverage.window(key.2) && rebuilt(key.0, key.1) && usage.get(key).is_none()
+                self.coverage.window(key.2) && rebuilt(key.0, key.1) && usage.get(key).is_none()
             })
             .collect();
-        done.windows = durable.stage_deletes::<UsageRow>("usage_5m", stale);
+        done.windows = durable.stage_deletes::<UsageRow>(USAGE, stale);
         done
     }
 }

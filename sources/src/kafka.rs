@@ -22,6 +22,7 @@
 //! configuration mistakes stop the source.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -86,6 +87,17 @@ impl KafkaAddress {
     }
 }
 
+/// The partitions of `topic` as the broker's metadata lists them.
+fn topic_partitions(consumer: &BaseConsumer<Recovery>, topic: &str) -> KafkaResult<Vec<i32>> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
 /// A Kafka topic as a source.
 #[derive(Clone, Debug)]
 pub struct KafkaSource {
@@ -104,14 +116,14 @@ pub struct KafkaSource {
 /// The partitions a process's live members were handed, by worker, and the topic's count.
 #[derive(Debug, Default)]
 struct Holdings {
-    partitions: std::sync::atomic::AtomicUsize,
+    partitions: AtomicUsize,
     by_worker: Mutex<HashMap<usize, Vec<i32>>>,
 }
 
 impl Holdings {
     /// Whether this process's members hold every partition of the topic.
     fn complete(&self) -> bool {
-        let partitions = self.partitions.load(std::sync::atomic::Ordering::Acquire);
+        let partitions = self.partitions.load(Ordering::Acquire);
         let held: HashSet<i32> = self
             .by_worker
             .lock()
@@ -128,7 +140,7 @@ impl Holdings {
 #[derive(Debug, Default)]
 struct Handover {
     /// Bumped at every assignment and revocation.
-    generation: std::sync::atomic::AtomicU64,
+    generation: AtomicU64,
     /// Per partition handed over, the offset its replay must reach (its high watermark then;
     /// `i64::MIN` when it started there, `i64::MAX` when unknown: its end is then seen only as
     /// the partition's end-of-file). `None` while nothing is handed over.
@@ -159,13 +171,7 @@ impl KafkaSource {
     /// The topic's partitions.
     fn partitions(&self, consumer: &BaseConsumer<Recovery>) -> Result<Vec<i32>, SourceError> {
         let topic = &self.address.topic;
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
+        let partitions = topic_partitions(consumer, topic)?;
         if partitions.is_empty() {
             return Err(SourceError::Config(format!(
                 "topic {topic} has no partitions on {}",
@@ -253,11 +259,13 @@ impl KafkaSource {
         match &self.mode {
             KafkaMode::Live { group } => {
                 // Also bounds how long a rebalance waits for members that went away.
-                // End-of-partition events tell when a recovery's replay has reached the end.
                 config
                     .set("group.id", group)
-                    .set("max.poll.interval.ms", "60000")
-                    .set("enable.partition.eof", "true");
+                    .set("max.poll.interval.ms", "60000");
+                if self.horizon.is_some() {
+                    // End-of-partition events tell when a recovery's replay has reached the end.
+                    config.set("enable.partition.eof", "true");
+                }
             }
             KafkaMode::Replay { .. } => {
                 config
@@ -436,17 +444,11 @@ impl Recovery {
     /// and which partitions this member holds.
     fn note_ends(&self, consumer: &BaseConsumer<Recovery>, assigned: &TopicPartitionList) {
         if let Some(topic) = assigned.elements().first().map(|e| e.topic().to_owned())
-            && let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))
+            && let Ok(partitions) = topic_partitions(consumer, &topic)
         {
-            let count = metadata
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic)
-                .map(|t| t.partitions().len())
-                .sum();
             self.holdings
                 .partitions
-                .store(count, std::sync::atomic::Ordering::Release);
+                .store(partitions.len(), Ordering::Release);
         }
         self.holdings
             .by_worker
@@ -480,9 +482,7 @@ impl Recovery {
             .ends
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(ends);
-        self.handover
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.handover.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -520,9 +520,7 @@ impl ConsumerContext for Recovery {
                     .ends
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = None;
-                self.handover
-                    .generation
-                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                self.handover.generation.fetch_add(1, Ordering::AcqRel);
                 self.holdings
                     .by_worker
                     .lock()
@@ -577,9 +575,7 @@ fn notice_handover(
     read_to: &mut HashMap<i32, i64>,
     at_end: &mut HashSet<i32>,
 ) {
-    let generation = handover
-        .generation
-        .load(std::sync::atomic::Ordering::Acquire);
+    let generation = handover.generation.load(Ordering::Acquire);
     if generation != *seen {
         *seen = generation;
         read_to.clear();
