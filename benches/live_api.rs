@@ -1,7 +1,7 @@
 //! The live API benchmark: pushed incremental results against re-running queries, in one run.
 //!
 //! ```text
-//! cargo bench --bench live_api -- [--rate 100000] [--seconds 10] [--subscribers 1000]
+//! cargo bench --bench live_api -- [--rate 100000] [--seconds 10] [--subscribers 1000] [--pace-ratio 1] [--pace-most-ms 2]
 //! ```
 //!
 //! An engine (one worker) reads viewer connections from memory at `--rate` events/s, spread over
@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
-use keel::engine::{self, EngineOptions, Handles};
+use keel::engine::{self, EngineOptions, Handles, Pace};
 use keel::serve::Api;
 use keel_api::auth::{Auth, Claims, Scope};
 use keel_api::server::Limits;
@@ -47,6 +47,11 @@ struct Options {
     rate: u64,
     seconds: u64,
     subscribers: usize,
+    /// The engine's `Pace::ratio` (0: a new epoch as soon as records are there). The engine
+    /// paces only while nobody subscribes, so this matters with `--subscribers 0`.
+    pace_ratio: u32,
+    /// The engine's `Pace::most`, in milliseconds.
+    pace_most_ms: u64,
 }
 
 fn parse_args() -> Options {
@@ -54,6 +59,8 @@ fn parse_args() -> Options {
         rate: 100_000,
         seconds: 10,
         subscribers: 1000,
+        pace_ratio: Pace::default().ratio,
+        pace_most_ms: Pace::default().most.as_millis() as u64,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -62,6 +69,8 @@ fn parse_args() -> Options {
             "--rate" => options.rate = value().parse().expect("--rate N"),
             "--seconds" => options.seconds = value().parse().expect("--seconds N"),
             "--subscribers" => options.subscribers = value().parse().expect("--subscribers N"),
+            "--pace-ratio" => options.pace_ratio = value().parse().expect("--pace-ratio N"),
+            "--pace-most-ms" => options.pace_most_ms = value().parse().expect("--pace-most-ms N"),
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -194,18 +203,27 @@ fn main() {
     let host = api.address().to_string();
     let engine = {
         let handles = handles.clone();
+        let options = EngineOptions {
+            pace: Pace {
+                ratio: options.pace_ratio,
+                most: Duration::from_millis(options.pace_most_ms),
+            },
+            ..EngineOptions::default()
+        };
         std::thread::spawn(move || {
-            engine::run(Arc::new(source), &EngineOptions::default(), &handles).unwrap();
+            engine::run(Arc::new(source), &options, &handles).unwrap();
         })
     };
 
     println!("# Live API benchmark");
     println!();
     println!(
-        "{} events/s for {} s over {STREAMS} streams of {TENANTS} tenants; {} GraphQL subscribers (one per stream, filtered, tenant tokens); engine: 1 worker; machine: {} cores",
+        "{} events/s for {} s over {STREAMS} streams of {TENANTS} tenants; {} GraphQL subscribers (one per stream, filtered, tenant tokens); engine: 1 worker, pace ratio {} (at most {} ms); machine: {} cores",
         options.rate,
         options.seconds,
         options.subscribers,
+        options.pace_ratio,
+        options.pace_most_ms,
         std::thread::available_parallelism().map_or(1, usize::from)
     );
     println!();
@@ -257,7 +275,11 @@ fn main() {
     while began.elapsed() < total {
         if measured_from.is_none() && began.elapsed() >= warmup {
             measured.measuring.store(true, Ordering::Relaxed);
-            measured_from = Some((Instant::now(), cpu_seconds()));
+            measured_from = Some((
+                Instant::now(),
+                cpu_seconds(),
+                handles.stats.epochs.load(Ordering::Relaxed),
+            ));
             measured_seq = seq;
         }
         let due = (began.elapsed().as_secs_f64() * options.rate as f64) as u64;
@@ -271,9 +293,10 @@ fn main() {
         }
         std::thread::sleep(Duration::from_micros(500));
     }
-    let (from, cpu_from) = measured_from.unwrap();
+    let (from, cpu_from, epochs_from) = measured_from.unwrap();
     let elapsed = from.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_from;
+    let epochs = handles.stats.epochs.load(Ordering::Relaxed) - epochs_from;
     std::thread::sleep(Duration::from_millis(500));
     measured.measuring.store(false, Ordering::Relaxed);
     let mut latencies = std::mem::take(&mut *measured.latencies.lock().unwrap());
@@ -315,6 +338,10 @@ fn main() {
     println!(
         "| process CPU (engine + API + clients) | {:.2} cores |",
         cpu / elapsed
+    );
+    println!(
+        "| epochs the engine closed per second | {:.0} |",
+        epochs as f64 / elapsed
     );
     println!();
 

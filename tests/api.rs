@@ -137,6 +137,12 @@ async fn health_readiness_and_metrics() {
     ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
+    let epochs: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("keel_epochs_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("keel_epochs_total missing from\n{text}"));
+    assert!(epochs >= 1, "the replay sent no epoch: {epochs}");
 }
 
 #[tokio::test]

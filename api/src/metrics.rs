@@ -25,6 +25,8 @@ pub struct EngineStats {
     pub errors: AtomicU64,
     /// Events left out because their time is outside the range asked for (backfills).
     pub skipped: AtomicU64,
+    /// Epochs the workers have sent into the dataflow (each is published as a whole).
+    pub epochs: AtomicU64,
     /// Newest event time seen, ms.
     pub newest_event: AtomicI64,
     /// When the engine's epoch clock started (epochs are microseconds since then).
@@ -39,6 +41,7 @@ impl Default for EngineStats {
             events: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            epochs: AtomicU64::new(0),
             newest_event: AtomicI64::new(i64::MIN),
             started: Instant::now(),
         }
@@ -160,6 +163,13 @@ pub fn render(stats: &EngineStats, metrics: &Metrics, tables: &LiveTables) -> St
         "Records refused (rows of ingest_errors).",
         stats.errors.load(Ordering::Relaxed),
         &format!("{{source=\"{source}\"}}"),
+    );
+    counter(
+        &mut out,
+        "keel_epochs_total",
+        "Epochs sent into the dataflow by the workers.",
+        stats.epochs.load(Ordering::Relaxed),
+        "",
     );
     let lag = tables.epoch().map_or(f64::NAN, |epoch| {
         stats.clock().saturating_sub(epoch) as f64 / 1e6
