@@ -74,6 +74,12 @@ pub struct StepProfile {
     before: Vec<i64>,
     /// Index of the first block whose `before` entry may be out of date.
     stale: usize,
+    /// The answer of the last `max_level`, until the next change.
+    memo_max: Option<i64>,
+    /// The range and answer of the last `max_level_in`, until the next change. A stream's
+    /// state asks the same two questions at every close, and most closes follow no change to
+    /// its sessions (only the newest event time moved).
+    memo_range: Option<(i64, i64, i64)>,
 }
 
 impl StepProfile {
@@ -94,6 +100,8 @@ impl StepProfile {
         if delta == 0 {
             return;
         }
+        self.memo_max = None;
+        self.memo_range = None;
         if self.blocks.is_empty() {
             self.blocks.push(Block::new(vec![time], vec![delta]));
             self.firsts.push(time);
@@ -176,17 +184,34 @@ impl StepProfile {
 
     /// The highest level ever reached, and 0 if the level never rises above 0.
     pub fn max_level(&mut self) -> i64 {
+        if let Some(best) = self.memo_max {
+            return best;
+        }
         self.refresh();
-        self.blocks
+        let best = self
+            .blocks
             .iter()
             .zip(&self.before)
             .map(|(block, before)| before + block.max_prefix)
-            .fold(0, i64::max)
+            .fold(0, i64::max);
+        self.memo_max = Some(best);
+        best
     }
 
     /// The highest level at any time in `[from, to)`; the level at `from` counts even when no
     /// change happens inside the range.
     pub fn max_level_in(&mut self, from: i64, to: i64) -> i64 {
+        if let Some((f, t, best)) = self.memo_range
+            && (f, t) == (from, to)
+        {
+            return best;
+        }
+        let best = self.scan_max_in(from, to);
+        self.memo_range = Some((from, to, best));
+        best
+    }
+
+    fn scan_max_in(&mut self, from: i64, to: i64) -> i64 {
         let mut best = self.level_at(from);
         // The first block that may hold a change after `from`.
         let start = self
@@ -271,6 +296,26 @@ mod tests {
             for &(from, len) in &queries {
                 prop_assert_eq!(profile.level_at(from), ref_level(&map, from));
                 prop_assert_eq!(profile.max_level_in(from, from + len + 1), ref_max_in(&map, from, from + len + 1));
+            }
+        }
+
+        #[test]
+        fn answers_follow_changes_between_queries(
+            steps in prop::collection::vec((0i64..200, -2i64..3, 0i64..220, 0i64..40), 1..200),
+        ) {
+            // Each step changes the profile (or not: delta 0), then asks the same questions
+            // twice, as a stream's close does.
+            let mut profile = StepProfile::default();
+            let mut changes = Vec::new();
+            for &(t, d, from, len) in &steps {
+                profile.add(t, d);
+                changes.push((t, d));
+                let map = reference(&changes);
+                let best = map.values().scan(0, |level, d| { *level += d; Some(*level) }).fold(0, i64::max);
+                for _ in 0..2 {
+                    prop_assert_eq!(profile.max_level(), best);
+                    prop_assert_eq!(profile.max_level_in(from, from + len + 1), ref_max_in(&map, from, from + len + 1));
+                }
             }
         }
 
