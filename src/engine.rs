@@ -64,9 +64,9 @@ const INJECTED_LINGER: Duration = Duration::from_millis(5);
 /// a millisecond per epoch, and a caught-up engine that read records as soon as they came closed
 /// about 1,500 epochs a second at 50,000 events/s, spending most of a core on that fixed work.
 /// So after publishing an epoch that took `busy`, a caught-up worker waits `ratio × busy` (at
-/// most `most`) before it reads again: fixed per-epoch work takes at most about
-/// `1 / (1 + ratio)` of a worker, a lone event after a quiet spell is read at once, and an
-/// event waits at most `most` longer than it would have. A worker that is behind (it filled a
+/// most `most`) before it reads again: while epochs take less than `most / ratio`, fixed
+/// per-epoch work takes at most about `1 / (1 + ratio)` of a worker; a lone event after a quiet
+/// spell is read at once, and an event waits at most `most` longer than it would have. A worker that is behind (it filled a
 /// batch) never waits, and neither does one while anybody subscribes to live changes: their
 /// latency is better served by small epochs, whose changes the API streams out while the next
 /// epoch is computed (with 1,000 subscribers at 30,000 events/s, pacing saved 0.1–0.15 of a core
@@ -90,9 +90,9 @@ impl Default for Pace {
 }
 
 impl Pace {
-    /// When the next epoch may begin, after one that began at `began` took `busy` to publish.
-    pub fn next_epoch(&self, began: Instant, busy: Duration) -> Instant {
-        began + busy + busy.saturating_mul(self.ratio).min(self.most)
+    /// How long to wait after an epoch that took `busy` to read and publish.
+    pub fn wait(&self, busy: Duration) -> Duration {
+        busy.saturating_mul(self.ratio).min(self.most)
     }
 }
 
@@ -631,10 +631,7 @@ pub fn run(
                     && hub.subscribers() == 0
                     && !handles.shutdown.load(Ordering::Relaxed) =>
                 {
-                    let next = options.pace.next_epoch(began, began.elapsed());
-                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
+                    std::thread::sleep(options.pace.wait(began.elapsed()));
                 }
                 _ => {}
             }
@@ -679,26 +676,25 @@ mod tests {
 
     #[test]
     fn a_caught_up_worker_waits_in_proportion_to_its_last_epoch() {
-        let began = Instant::now();
         let pace = Pace {
             ratio: 3,
             most: Duration::from_millis(5),
         };
         let ms = Duration::from_millis;
-        // A cheap epoch: the next may begin after `ratio` times its cost.
+        // A cheap epoch: wait `ratio` times its cost.
         assert_eq!(
-            pace.next_epoch(began, Duration::from_micros(100)),
-            began + Duration::from_micros(400)
+            pace.wait(Duration::from_micros(100)),
+            Duration::from_micros(300)
         );
         // A costly one waits at most `most`.
-        assert_eq!(pace.next_epoch(began, ms(4)), began + ms(9));
+        assert_eq!(pace.wait(ms(4)), ms(5));
         // Ratio 0 never waits.
         let eager = Pace { ratio: 0, ..pace };
-        assert_eq!(eager.next_epoch(began, ms(4)), began + ms(4));
+        assert_eq!(eager.wait(ms(4)), Duration::ZERO);
         // The default adds at most 2 ms.
         let default = Pace::default();
-        assert_eq!(default.next_epoch(began, ms(1)), began + ms(2));
-        assert_eq!(default.next_epoch(began, ms(10)), began + ms(12));
+        assert_eq!(default.wait(ms(1)), ms(1));
+        assert_eq!(default.wait(ms(10)), ms(2));
     }
 
     fn decision(time: i64) -> Event {
