@@ -218,10 +218,13 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
         /// On three workers, with records spread over random epochs and workers, the last report
-        /// per key is the true count, and every report carries the watermark of its epoch.
+        /// per key is the true count, and every report carries the watermark of its epoch. The
+        /// workers either wait for each epoch to complete or send every epoch before stepping,
+        /// so that records of several epochs are in flight together.
         #[test]
         fn reports_equal_from_scratch_counts(
             records in prop::collection::vec((0u8..12, 0u64..6, 0usize..3, 0i64..1000), 1..300),
+            wait_each_epoch in any::<bool>(),
         ) {
             let reports: Arc<Mutex<Vec<Report>>> = Arc::default();
             let collected = reports.clone();
@@ -252,9 +255,12 @@ mod tests {
                     }
                     keys.advance_to(epoch + 1);
                     marks.advance_to(epoch + 1);
-                    while probe.less_than(&(epoch + 1)) {
+                    while wait_each_epoch && probe.less_than(&(epoch + 1)) {
                         worker.step();
                     }
+                }
+                while probe.less_than(&6) {
+                    worker.step();
                 }
             })
             .unwrap();

@@ -64,6 +64,11 @@ pub trait Row:
     }
     /// This row's key.
     fn key(&self) -> Self::Key;
+    /// Whether this row's key is `key`. The same as `self.key() == *key`; rows whose key owns
+    /// heap data answer without building one.
+    fn has_key(&self, key: &Self::Key) -> bool {
+        self.key() == *key
+    }
 }
 
 /// One change to a keyed table within an epoch.

@@ -149,7 +149,7 @@ impl<R: Row> LiveTable<R> {
         let key = row.key();
         let hash = self.hash_key(&key);
         let rows = &mut self.rows;
-        if let Some(&slot) = self.index.find(hash, |&s| rows[s as usize].key() == key) {
+        if let Some(&slot) = self.index.find(hash, |&s| rows[s as usize].has_key(&key)) {
             rows[slot as usize] = row;
             return;
         }
@@ -165,7 +165,7 @@ impl<R: Row> LiveTable<R> {
         let rows = &self.rows;
         let Ok(entry) = self
             .index
-            .find_entry(hash, |&s| rows[s as usize].key() == *key)
+            .find_entry(hash, |&s| rows[s as usize].has_key(key))
         else {
             return;
         };
@@ -185,7 +185,7 @@ impl<R: Row> LiveTable<R> {
     pub fn get(&self, key: &R::Key) -> Option<&R> {
         let hash = self.hash_key(key);
         self.index
-            .find(hash, |&s| self.rows[s as usize].key() == *key)
+            .find(hash, |&s| self.rows[s as usize].has_key(key))
             .map(|&s| &self.rows[s as usize])
     }
 

@@ -111,6 +111,10 @@ impl Row for ViewerSessionRow {
             self.session_id.clone(),
         )
     }
+    fn has_key(&self, key: &Self::Key) -> bool {
+        (self.tenant_id, self.internal_name, self.node_id) == (key.0, key.1, key.2)
+            && self.session_id == key.3
+    }
 }
 
 /// `nodes`: latest state per node by event time.
@@ -388,4 +392,43 @@ periscope_tables! {
     RoutingHourly(RoutingRow) => "routing_hourly",
     IngestErrors(IngestErrorRow) => "ingest_errors",
     UnknownEvents(UnknownEventRow) => "unknown_events",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn session(tenant: &str, name: &str, node: &str, id: &str) -> ViewerSessionRow {
+        ViewerSessionRow {
+            tenant_id: Sym::new(tenant),
+            stream_id: Sym::new("stream"),
+            internal_name: Sym::new(name),
+            session_id: CompactString::from(id),
+            node_id: Sym::new(node),
+            connector: Sym::new("webrtc"),
+            country_code: Sym::new("NL"),
+            city: None,
+            connected_at: 0,
+            disconnected_at: None,
+            duration_s: None,
+            down_bytes: 0,
+            up_bytes: 0,
+        }
+    }
+
+    proptest! {
+        /// The live table finds session rows by `has_key`, which must agree with comparing built
+        /// keys, including session ids long enough to live on the heap.
+        #[test]
+        fn session_has_key_agrees_with_key(
+            a in ("[ab]", "[ab]", "[ab]", "(x|y){0,30}"),
+            b in ("[ab]", "[ab]", "[ab]", "(x|y){0,30}"),
+        ) {
+            let row = session(&a.0, &a.1, &a.2, &a.3);
+            let other = session(&b.0, &b.1, &b.2, &b.3);
+            prop_assert_eq!(row.has_key(&other.key()), row.key() == other.key());
+            prop_assert!(row.has_key(&row.key()));
+        }
+    }
 }

@@ -176,6 +176,54 @@ struct Country {
     dirty: bool,
 }
 
+impl Country {
+    /// Reports this country's row if it changed since it was last reported: its new values, or
+    /// its removal once it has no sessions. Returns whether it has none (the caller drops it).
+    fn publish(
+        &mut self,
+        (tenant, internal_name, id): (Sym, Sym, Sym),
+        code: Sym,
+        now: i64,
+        out: &mut Vec<PeriscopeChange>,
+    ) -> bool {
+        self.dirty = false;
+        let key_code = country_code(code);
+        if self.sums.sessions == 0 {
+            if self.published.take().is_some() {
+                out.push(PeriscopeChange::ViewersByCountry(Change::Delete((
+                    tenant,
+                    internal_name,
+                    key_code,
+                ))));
+            }
+            return true;
+        }
+        let seconds = self.sums.seconds(now);
+        let values = (
+            self.sums.sessions as u64,
+            self.sums.open as u64,
+            seconds.to_bits(),
+            self.sums.down_bytes as u64,
+        );
+        if self.published != Some(values) {
+            self.published = Some(values);
+            out.push(PeriscopeChange::ViewersByCountry(Change::Upsert(
+                CountryRow {
+                    tenant_id: tenant,
+                    stream_id: id,
+                    internal_name,
+                    country_code: key_code,
+                    sessions: values.0,
+                    current_viewers: values.1,
+                    viewer_seconds: seconds,
+                    egress_bytes: values.3,
+                },
+            )));
+        }
+        false
+    }
+}
+
 fn offer<T: Ord>(slot: &mut Option<(i64, T)>, time: i64, value: T) {
     let candidate = (time, value);
     if slot.as_ref().is_none_or(|current| *current < candidate) {
@@ -518,16 +566,14 @@ impl StreamState {
                 None => (from, i64::MAX),
                 Some((lo, _)) => (lo.min(from), i64::MAX),
             });
-            for (code, country) in &mut self.countries {
-                if country.sums.open > 0 && !country.dirty {
-                    country.dirty = true;
-                    self.dirty_countries.push(*code);
-                }
-            }
         }
         self.closed_at = now;
         self.close_sessions(id, out);
-        self.close_countries(id, now, out);
+        if watermark_moved {
+            self.close_all_countries(id, now, out);
+        } else {
+            self.close_countries(id, now, out);
+        }
         self.close_windows(id, now, out);
         self.close_health(id, out);
         let row = self.stream_row(id, now);
@@ -592,47 +638,33 @@ impl StreamState {
         }
     }
 
+    /// Reports the countries whose sessions changed.
     fn close_countries(&mut self, id: Sym, now: i64, out: &mut Vec<PeriscopeChange>) {
+        let key = (self.tenant, self.internal_name, id);
         for code in self.dirty_countries.drain(..) {
             let Some(country) = self.countries.get_mut(&code) else {
                 continue;
             };
-            country.dirty = false;
-            let key_code = country_code(code);
-            if country.sums.sessions == 0 {
-                if country.published.take().is_some() {
-                    out.push(PeriscopeChange::ViewersByCountry(Change::Delete((
-                        self.tenant,
-                        self.internal_name,
-                        key_code,
-                    ))));
-                }
+            if country.publish(key, code, now, out) {
                 self.countries.remove(&code);
-                continue;
             }
-            let seconds = country.sums.seconds(now);
-            let values = (
-                country.sums.sessions as u64,
-                country.sums.open as u64,
-                seconds.to_bits(),
-                country.sums.down_bytes as u64,
-            );
-            if country.published == Some(values) {
-                continue;
+        }
+    }
+
+    /// Reports the countries whose sessions changed and every country with open sessions (their
+    /// viewer-seconds follow the watermark), in one walk over the map rather than a lookup each.
+    fn close_all_countries(&mut self, id: Sym, now: i64, out: &mut Vec<PeriscopeChange>) {
+        let key = (self.tenant, self.internal_name, id);
+        let mut emptied = false;
+        for (&code, country) in &mut self.countries {
+            if country.dirty || country.sums.open > 0 {
+                emptied |= country.publish(key, code, now, out);
             }
-            country.published = Some(values);
-            out.push(PeriscopeChange::ViewersByCountry(Change::Upsert(
-                CountryRow {
-                    tenant_id: self.tenant,
-                    stream_id: id,
-                    internal_name: self.internal_name,
-                    country_code: key_code,
-                    sessions: values.0,
-                    current_viewers: values.1,
-                    viewer_seconds: seconds,
-                    egress_bytes: values.3,
-                },
-            )));
+        }
+        self.dirty_countries.clear();
+        if emptied {
+            self.countries
+                .retain(|_, country| country.sums.sessions != 0);
         }
     }
 
