@@ -452,6 +452,29 @@ async fn graphql_event_subscriptions_carry_no_addresses_and_bad_operations_get_e
     let mut live = Live::start(roomy(), &fleet.tenants[1]);
     let host = live.host();
     let token = live.member(&a);
+    // A client that offers no subprotocol Keel speaks is told which ones it does.
+    for offer in [None, Some("mqtt, chat")] {
+        let mut request = format!("ws://{host}/graphql")
+            .into_client_request()
+            .unwrap();
+        if let Some(offer) = offer {
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", offer.parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 400, "{offer:?}");
+                let body = String::from_utf8(response.body().clone().unwrap_or_default());
+                assert!(
+                    body.as_deref()
+                        .is_ok_and(|b| b.contains("graphql-transport-ws")),
+                    "{offer:?}: {body:?}"
+                );
+            }
+            other => panic!("{offer:?}: expected a 400, got {other:?}"),
+        }
+    }
     let (mut ws, ack) =
         graphql_ws(&host, json!({"Authorization": format!("Bearer {token}")})).await;
     assert_eq!(ack["type"], "connection_ack");
