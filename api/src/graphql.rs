@@ -23,21 +23,18 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError};
 
 use async_graphql::futures_util::Stream;
-use async_graphql::http::{WebSocketProtocols, WsMessage};
 use async_graphql::{
     Context, Data, EmptyMutation, Enum, Error, ErrorExtensions, ID, Json, Object, Result, Schema,
     SimpleObject,
 };
-use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
 use axum::Extension;
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::extract::{State, WebSocketUpgrade};
-use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use keel_dataflows::periscope::{
     CountryRow, HealthRow, NodeRow, RoutingRow, StreamRow, TABLES, UsageRow, ViewerSessionRow,
 };
@@ -94,10 +91,10 @@ pub async fn post(
 pub async fn subscribe(
     State(state): State<ApiState>,
     Extension(schema): Extension<KeelSchema>,
-    headers: HeaderMap,
+    protocol: Result<GraphQLProtocol, StatusCode>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let Some(protocol) = subprotocol(&headers) else {
+    let Ok(protocol) = protocol else {
         return (
             StatusCode::BAD_REQUEST,
             "GraphQL subscriptions need Sec-WebSocket-Protocol: graphql-transport-ws (or graphql-ws)",
@@ -109,63 +106,13 @@ pub async fn subscribe(
         .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
-        .on_upgrade(move |socket| serve_subscriptions(socket, schema, protocol, state))
-        .into_response()
-}
-
-/// Most messages one socket write carries.
-const WRITE_BATCH: usize = 64;
-
-/// The subprotocol the client asked for: the first of its offers Keel speaks.
-fn subprotocol(headers: &HeaderMap) -> Option<WebSocketProtocols> {
-    headers
-        .get(SEC_WEBSOCKET_PROTOCOL)?
-        .to_str()
-        .ok()?
-        .split(',')
-        .find_map(|offer| offer.trim().parse().ok())
-}
-
-/// Runs one subscription socket. Messages that are ready together (a client that fell behind
-/// has several epochs queued) go out in one write: on loopback a write costs about as much as
-/// the messages it carries, so batching what is queued is what keeps a busy server's latency
-/// from compounding.
-async fn serve_subscriptions(
-    socket: WebSocket,
-    schema: KeelSchema,
-    protocol: WebSocketProtocols,
-    state: ApiState,
-) {
-    let (sink, source) = socket.split();
-    let input = source
-        .take_while(|frame| std::future::ready(frame.is_ok()))
-        .filter_map(|frame| {
-            std::future::ready(match frame {
-                Ok(data @ (Message::Text(_) | Message::Binary(_))) => Some(data.into_data()),
-                _ => None,
-            })
-        });
-    let output = async_graphql::http::WebSocket::new(schema, input, protocol)
-        .on_connection_init(move |payload| connection_init(state, payload))
-        .map(|message| match message {
-            WsMessage::Text(text) => Message::Text(text.into()),
-            WsMessage::Close(code, reason) => Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })),
+        .on_upgrade(move |socket| async move {
+            GraphQLWebSocket::new(socket, schema, protocol)
+                .on_connection_init(move |payload| connection_init(state, payload))
+                .serve()
+                .await;
         })
-        .ready_chunks(WRITE_BATCH);
-    futures_util::pin_mut!(output, sink);
-    while let Some(batch) = output.next().await {
-        for message in batch {
-            if sink.feed(message).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
+        .into_response()
 }
 
 async fn connection_init(state: ApiState, payload: Value) -> Result<Data> {
