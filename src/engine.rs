@@ -66,12 +66,12 @@ const INJECTED_LINGER: Duration = Duration::from_millis(5);
 /// So after publishing an epoch that took `busy`, a caught-up worker waits `ratio × busy` (at
 /// most `most`) before it reads again: while epochs take less than `most / ratio`, fixed
 /// per-epoch work takes at most about `1 / (1 + ratio)` of a worker; a lone event after a quiet
-/// spell is read at once, and an event waits at most `most` longer than it would have. A worker that is behind (it filled a
-/// batch) never waits, and neither does one while anybody subscribes to live changes: their
-/// latency is better served by small epochs, whose changes the API streams out while the next
-/// epoch is computed (with 1,000 subscribers at 30,000 events/s, pacing saved 0.1–0.15 of a core
-/// but raised p50 from about 2 ms to 8–9 ms and p99 from 40–50 ms to 52–68 ms, because each
-/// epoch then fans out as one larger burst of messages).
+/// spell is read at once, and an event waits at most `most` longer than it would have. A worker
+/// that is behind (it filled a batch) never waits, and neither does one while anybody subscribes
+/// to live changes: their latency is better served by small epochs, whose changes the API
+/// streams out while the next epoch is computed (with 1,000 subscribers at 30,000 events/s,
+/// pacing saved 0.1–0.15 of a core but raised p50 from about 2 ms to 8–9 ms and p99 from 40–50
+/// ms to 52–68 ms, because each epoch then fans out as one larger burst of messages).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pace {
     /// Wait this many times as long as the last epoch took (0: never wait).
