@@ -143,6 +143,17 @@ async fn health_readiness_and_metrics() {
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("keel_epochs_total missing from\n{text}"));
     assert!(epochs >= 1, "the replay sent no epoch: {epochs}");
+    let resident: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("process_resident_memory_bytes "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("process_resident_memory_bytes missing from\n{text}"));
+    // A test process with an engine, DataFusion and an API holds well over a mebibyte, and the
+    // figure is bytes, not kibibytes or pages.
+    assert!(
+        (1 << 20..1 << 40).contains(&resident),
+        "resident memory {resident} is not a plausible byte count"
+    );
 }
 
 #[tokio::test]

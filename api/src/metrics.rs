@@ -133,6 +133,21 @@ impl ExtraMetrics {
     }
 }
 
+/// Resident memory of this process in bytes, from `/proc/self/status`; `None` where there is
+/// no such file (not Linux).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// The Prometheus text for the engine, the API and the live tables.
 pub fn render(stats: &EngineStats, metrics: &Metrics, tables: &LiveTables) -> String {
     let mut out = String::new();
@@ -178,6 +193,14 @@ pub fn render(stats: &EngineStats, metrics: &Metrics, tables: &LiveTables) -> St
         out,
         "# HELP keel_epoch_lag_seconds Age of the newest epoch published to the live tables.\n# TYPE keel_epoch_lag_seconds gauge\nkeel_epoch_lag_seconds {lag}"
     );
+    // The live tables hold every session and window ever seen, so resident memory grows with
+    // the traffic for as long as the engine runs (README, "Memory over time"): watch it.
+    if let Some(bytes) = resident_bytes() {
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory of this process.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {bytes}"
+        );
+    }
     let newest = stats.newest_event.load(Ordering::Relaxed);
     if newest > i64::MIN {
         let _ = writeln!(
