@@ -224,6 +224,45 @@ impl Country {
     }
 }
 
+/// The viewer identities of a stream's sessions, with how many sessions each has. Most viewers
+/// have one session, so those sit in a plain set (9 bytes a bucket) and only the rest carry a
+/// count (17 bytes a bucket): 13 bytes less per open session than one counted map.
+#[derive(Debug, Default)]
+struct Identities {
+    once: HashSet<u64, FxBuildHasher>,
+    /// Identities with two sessions or more.
+    more: HashMap<u64, u32, FxBuildHasher>,
+}
+
+impl Identities {
+    fn add(&mut self, identity: u64) {
+        if let Some(count) = self.more.get_mut(&identity) {
+            *count += 1;
+        } else if !self.once.insert(identity) {
+            self.once.remove(&identity);
+            self.more.insert(identity, 2);
+        }
+    }
+
+    fn remove(&mut self, identity: u64) {
+        match self.more.get_mut(&identity) {
+            Some(count) if *count > 2 => *count -= 1,
+            Some(_) => {
+                self.more.remove(&identity);
+                self.once.insert(identity);
+            }
+            None => {
+                self.once.remove(&identity);
+            }
+        }
+    }
+
+    /// Distinct identities.
+    fn len(&self) -> usize {
+        self.once.len() + self.more.len()
+    }
+}
+
 fn offer<T: Ord>(slot: &mut Option<(i64, T)>, time: i64, value: T) {
     let candidate = (time, value);
     if slot.as_ref().is_none_or(|current| *current < candidate) {
@@ -251,7 +290,7 @@ struct StreamState {
     quality_tier: Option<(i64, Sym)>,
     sessions: Sessions,
     profile: StepProfile,
-    identities: HashMap<u64, u32, FxBuildHasher>,
+    identities: Identities,
     sums: SessionSums,
     countries: HashMap<Sym, Country, FxBuildHasher>,
     windows: Windows,
@@ -282,7 +321,7 @@ impl StreamState {
             quality_tier: None,
             sessions: Sessions::default(),
             profile: StepProfile::default(),
-            identities: HashMap::default(),
+            identities: Identities::default(),
             sums: SessionSums::default(),
             countries: HashMap::default(),
             windows: Windows::default(),
@@ -507,14 +546,9 @@ impl StreamState {
             if old == new {
                 return;
             }
-            if let Some(count) = self.identities.get_mut(&old) {
-                *count -= 1;
-                if *count == 0 {
-                    self.identities.remove(&old);
-                }
-            }
+            self.identities.remove(old);
         }
-        *self.identities.entry(new).or_insert(0) += 1;
+        self.identities.add(new);
     }
 
     /// Adds (`sign` = 1) or removes (-1) a session's span from the sums of the stream, its country
@@ -846,6 +880,45 @@ impl EpochState for StreamsState {
                 self.open.insert(key);
             } else {
                 self.open.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Against one counted map: the same number of distinct identities after every add and
+        /// remove (a remove only of an identity that has a session, as sessions move).
+        #[test]
+        fn identities_agree_with_a_counted_map(
+            steps in prop::collection::vec((any::<bool>(), 0u64..8), 0..300),
+        ) {
+            let mut identities = Identities::default();
+            let mut model: HashMap<u64, u32> = HashMap::new();
+            for (add, identity) in steps {
+                if add {
+                    identities.add(identity);
+                    *model.entry(identity).or_insert(0) += 1;
+                } else if let Some(count) = model.get_mut(&identity) {
+                    identities.remove(identity);
+                    *count -= 1;
+                    if *count == 0 {
+                        model.remove(&identity);
+                    }
+                }
+                prop_assert_eq!(identities.len(), model.len());
+                for (identity, &count) in &model {
+                    let held = if count == 1 {
+                        identities.once.contains(identity) && !identities.more.contains_key(identity)
+                    } else {
+                        identities.more.get(identity) == Some(&count) && !identities.once.contains(identity)
+                    };
+                    prop_assert!(held, "identity {} with {} sessions", identity, count);
+                }
             }
         }
     }
