@@ -226,7 +226,8 @@ impl Country {
 
 /// The viewer identities of a stream's sessions, with how many sessions each has. Most viewers
 /// have one session, so those sit in a plain set (9 bytes a bucket) and only the rest carry a
-/// count (17 bytes a bucket): 13 bytes less per open session than one counted map.
+/// count (17 bytes a bucket): about 15 bytes less per open session than one counted map
+/// (BENCHMARKS.md).
 #[derive(Debug, Default)]
 struct Identities {
     once: HashSet<u64, FxBuildHasher>,
