@@ -75,8 +75,9 @@ fn session(i: u64) -> ViewerSessionRow {
         country_code: Sym::new(["NL", "DE", "US", "BR"][i as usize % 4]),
         city: Some(Sym::new("Amsterdam")),
         connected_at: 1_793_491_200_000 + i as i64,
-        disconnected_at: (!i.is_multiple_of(3)).then_some(1_793_491_260_000 + i as i64),
-        duration_s: (!i.is_multiple_of(3)).then_some(60.0),
+        disconnected_at: (!i.is_multiple_of(3))
+            .then_some(1_793_491_260_000 + i as i64)
+            .into(),
         down_bytes: i * 1_000,
         up_bytes: i * 10,
     }

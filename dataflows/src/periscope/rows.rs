@@ -9,6 +9,7 @@
 use compact_str::CompactString;
 use keel_operators::sym::Sym;
 use keel_operators::table::{Change, Row, TableRegistry, TableSet, TableSink};
+use keel_operators::time::SECOND;
 use serde::{Deserialize, Serialize};
 
 /// `streams`: one row per stream (tenant, internal name).
@@ -63,7 +64,13 @@ impl Row for StreamRow {
 }
 
 /// `viewer_sessions`: one row per session (stream, node, session id).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// The live table keeps one of these for every session it has seen, so the row is compact (88
+/// bytes): the end is a [`MaybeTime`] rather than an `Option`, and the duration is derived from
+/// start and end rather than stored. Serialized, it has the table's columns: those below, with
+/// `disconnected_at` and `duration_s` as nullable columns.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(from = "SessionRecord<CompactString>")]
 pub struct ViewerSessionRow {
     /// Tenant UUID.
     pub tenant_id: Sym,
@@ -83,14 +90,109 @@ pub struct ViewerSessionRow {
     pub city: Option<Sym>,
     /// Start: the connect time, else the disconnect time minus the reported duration.
     pub connected_at: i64,
-    /// End, null while open.
-    pub disconnected_at: Option<i64>,
-    /// Length in seconds, null while open.
-    pub duration_s: Option<f64>,
+    /// End, none while open.
+    pub disconnected_at: MaybeTime,
     /// Bytes delivered.
     pub down_bytes: u64,
     /// Bytes received from the viewer.
     pub up_bytes: u64,
+}
+
+impl ViewerSessionRow {
+    /// Length in seconds, `None` while open.
+    pub fn duration_s(&self) -> Option<f64> {
+        self.disconnected_at
+            .get()
+            .map(|end| (end - self.connected_at) as f64 / SECOND as f64)
+    }
+}
+
+/// An optional time (ms) in 8 bytes: `i64::MIN`, never a valid event time, stands for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaybeTime(i64);
+
+impl MaybeTime {
+    /// No time.
+    pub const NONE: MaybeTime = MaybeTime(i64::MIN);
+
+    /// The time, if there is one.
+    pub fn get(self) -> Option<i64> {
+        (self != Self::NONE).then_some(self.0)
+    }
+
+    /// Whether there is no time.
+    pub fn is_none(self) -> bool {
+        self == Self::NONE
+    }
+}
+
+impl From<Option<i64>> for MaybeTime {
+    /// `Some(i64::MIN)` is not a time any source produces; it reads back as none.
+    fn from(time: Option<i64>) -> Self {
+        time.map_or(Self::NONE, MaybeTime)
+    }
+}
+
+/// A `viewer_sessions` row as its columns: what [`ViewerSessionRow`] serializes to (with
+/// `S = &CompactString`) and is read back from (`S = CompactString`).
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "ViewerSessionRow")]
+struct SessionRecord<S> {
+    tenant_id: Sym,
+    stream_id: Sym,
+    internal_name: Sym,
+    session_id: S,
+    node_id: Sym,
+    connector: Sym,
+    country_code: Sym,
+    city: Option<Sym>,
+    connected_at: i64,
+    /// Null while open.
+    disconnected_at: Option<i64>,
+    /// Null while open; derived from the row's times, so ignored when read back.
+    duration_s: Option<f64>,
+    down_bytes: u64,
+    up_bytes: u64,
+}
+
+impl Serialize for ViewerSessionRow {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        SessionRecord {
+            tenant_id: self.tenant_id,
+            stream_id: self.stream_id,
+            internal_name: self.internal_name,
+            session_id: &self.session_id,
+            node_id: self.node_id,
+            connector: self.connector,
+            country_code: self.country_code,
+            city: self.city,
+            connected_at: self.connected_at,
+            disconnected_at: self.disconnected_at.get(),
+            duration_s: self.duration_s(),
+            down_bytes: self.down_bytes,
+            up_bytes: self.up_bytes,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl From<SessionRecord<CompactString>> for ViewerSessionRow {
+    fn from(r: SessionRecord<CompactString>) -> Self {
+        ViewerSessionRow {
+            tenant_id: r.tenant_id,
+            stream_id: r.stream_id,
+            internal_name: r.internal_name,
+            session_id: r.session_id,
+            node_id: r.node_id,
+            connector: r.connector,
+            country_code: r.country_code,
+            city: r.city,
+            connected_at: r.connected_at,
+            disconnected_at: r.disconnected_at.into(),
+            down_bytes: r.down_bytes,
+            up_bytes: r.up_bytes,
+        }
+    }
 }
 
 impl Row for ViewerSessionRow {
@@ -410,8 +512,7 @@ mod tests {
             country_code: Sym::new("NL"),
             city: None,
             connected_at: 0,
-            disconnected_at: None,
-            duration_s: None,
+            disconnected_at: MaybeTime::NONE,
             down_bytes: 0,
             up_bytes: 0,
         }
@@ -430,5 +531,44 @@ mod tests {
             prop_assert_eq!(row.has_key(&other.key()), row.key() == other.key());
             prop_assert!(row.has_key(&row.key()));
         }
+
+        /// A session row reads back as itself, and serializes with its end and duration as
+        /// nullable columns, the duration derived from its times.
+        #[test]
+        fn session_row_round_trips(
+            start in -10_000_000_000_000i64..10_000_000_000_000,
+            length in prop::option::of(0i64..1_000_000_000),
+            city in prop::option::of("[a-z]{0,12}"),
+            id in "(x|y){0,30}",
+        ) {
+            let mut row = session("t", "n", "node", &id);
+            row.connected_at = start;
+            row.disconnected_at = length.map(|l| start + l).into();
+            row.city = city.as_deref().map(Sym::new);
+            let json = serde_json::to_value(&row).unwrap();
+            prop_assert_eq!(&json["disconnected_at"], &serde_json::json!(length.map(|l| start + l)));
+            prop_assert_eq!(
+                &json["duration_s"],
+                &serde_json::json!(length.map(|l| l as f64 / 1000.0))
+            );
+            prop_assert_eq!(&json["session_id"], &serde_json::json!(id));
+            let back: ViewerSessionRow = serde_json::from_value(json).unwrap();
+            prop_assert_eq!(back, row);
+        }
+    }
+
+    /// The live table holds one row per session ever seen; this is its size.
+    #[test]
+    fn session_row_is_compact() {
+        assert_eq!(size_of::<ViewerSessionRow>(), 88);
+    }
+
+    #[test]
+    fn session_row_columns_in_order() {
+        let json = serde_json::to_string(&session("t", "n", "node", "s1")).unwrap();
+        assert_eq!(
+            json,
+            r#"{"tenant_id":"t","stream_id":"stream","internal_name":"n","session_id":"s1","node_id":"node","connector":"webrtc","country_code":"NL","city":null,"connected_at":0,"disconnected_at":null,"duration_s":null,"down_bytes":0,"up_bytes":0}"#
+        );
     }
 }

@@ -662,10 +662,7 @@ impl StreamState {
                     country_code: country_code(span.details.country),
                     city: span.details.city.non_empty(),
                     connected_at: span.start,
-                    disconnected_at: span.end,
-                    duration_s: span
-                        .end
-                        .map(|end| (end - span.start) as f64 / SECOND as f64),
+                    disconnected_at: span.end.into(),
                     down_bytes: span.down_bytes,
                     up_bytes: span.up_bytes,
                 },
