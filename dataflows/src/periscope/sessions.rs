@@ -11,7 +11,8 @@
 //!   or from the winning disconnect when no connect is known.
 //!
 //! Storage is a slab of [`Session`]s plus a hash index of slot numbers, so each session costs its
-//! own size and a few bytes of index — no key is stored twice.
+//! own size and a few bytes of index — no key is stored twice — and a bit for "changed since the
+//! last close".
 
 use std::hash::{BuildHasher, Hash, Hasher};
 
@@ -53,7 +54,7 @@ pub struct Ending {
 /// Marks "no time" in a session's time fields (`i64::MIN` is never a valid event time).
 const NONE: i64 = i64::MIN;
 
-/// One viewer session, in 96 bytes.
+/// One viewer session, in 88 bytes.
 #[derive(Clone, Debug)]
 pub struct Session {
     /// Session id.
@@ -62,8 +63,12 @@ pub struct Session {
     pub node: Sym,
     /// Details of the earliest connect, or of the winning disconnect while no connect is known.
     /// (Once a connect is known its details are final, so a disconnect's details only matter,
-    /// and are only kept, before that.)
-    details: ClientDetails,
+    /// and are only kept, before that.) Kept field by field: a nested [`ClientDetails`] would
+    /// bring its 4 bytes of padding.
+    connector: Sym,
+    country: Sym,
+    city: Sym,
+    identity: u64,
     /// Earliest connect time, or `NONE`.
     connect_time: i64,
     /// Winning disconnect: time (or `NONE`), reported duration and bytes.
@@ -71,8 +76,6 @@ pub struct Session {
     duration_s: u64,
     down_bytes: u64,
     up_bytes: u64,
-    /// Changed since the last close.
-    pub dirty: bool,
 }
 
 /// The part of a session that aggregates see: its interval and who and where it was.
@@ -95,14 +98,32 @@ impl Session {
         Session {
             session_id: CompactString::from(session_id),
             node,
-            details: ClientDetails::default(),
+            connector: Sym::default(),
+            country: Sym::default(),
+            city: Sym::default(),
+            identity: 0,
             connect_time: NONE,
             end_time: NONE,
             duration_s: 0,
             down_bytes: 0,
             up_bytes: 0,
-            dirty: false,
         }
+    }
+
+    fn details(&self) -> ClientDetails {
+        ClientDetails {
+            connector: self.connector,
+            country: self.country,
+            city: self.city,
+            identity: self.identity,
+        }
+    }
+
+    fn set_details(&mut self, details: ClientDetails) {
+        self.connector = details.connector;
+        self.country = details.country;
+        self.city = details.city;
+        self.identity = details.identity;
     }
 
     fn has_connect(&self) -> bool {
@@ -115,11 +136,11 @@ impl Session {
 
     /// Absorbs a connect; returns whether the session changed.
     pub fn connect(&mut self, time: i64, details: ClientDetails) -> bool {
-        if self.has_connect() && (self.connect_time, self.details) <= (time, details) {
+        if self.has_connect() && (self.connect_time, self.details()) <= (time, details) {
             return false;
         }
         self.connect_time = time;
-        self.details = details;
+        self.set_details(details);
         true
     }
 
@@ -142,7 +163,7 @@ impl Session {
                 // The details are the connect's whichever disconnect wins.
                 candidate > numbers
             } else {
-                (candidate, ending.details) > (numbers, self.details)
+                (candidate, ending.details) > (numbers, self.details())
             };
             if !newer {
                 return false;
@@ -153,7 +174,7 @@ impl Session {
         self.down_bytes = ending.down_bytes;
         self.up_bytes = ending.up_bytes;
         if !self.has_connect() {
-            self.details = ending.details;
+            self.set_details(ending.details);
         }
         true
     }
@@ -172,7 +193,7 @@ impl Session {
         Some(Span {
             start,
             end: self.has_end().then(|| self.end_time.max(start)),
-            details: self.details,
+            details: self.details(),
             down_bytes: self.down_bytes,
             up_bytes: self.up_bytes,
         })
@@ -205,6 +226,8 @@ fn slot_hash(node: Sym, session_id: &str) -> u64 {
 pub(crate) struct Sessions {
     slots: Vec<Session>,
     index: HashTable<u32>,
+    /// One bit per slot: changed since the last close.
+    dirty: Vec<u64>,
 }
 
 impl Sessions {
@@ -221,6 +244,9 @@ impl Sessions {
         }
         let slot = u32::try_from(slots.len()).expect("fewer than 2^32 sessions per stream");
         slots.push(Session::new(node, session_id));
+        if slot % 64 == 0 {
+            self.dirty.push(0);
+        }
         self.index.insert_unique(hash, slot, |&s| {
             let s = &slots[s as usize];
             slot_hash(s.node, &s.session_id)
@@ -236,6 +262,19 @@ impl Sessions {
     /// The session in `slot`, to change.
     pub fn get_mut(&mut self, slot: u32) -> &mut Session {
         &mut self.slots[slot as usize]
+    }
+
+    /// Marks the session in `slot` changed; returns whether it was not marked yet.
+    pub fn mark(&mut self, slot: u32) -> bool {
+        let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+        let fresh = self.dirty[word] & bit == 0;
+        self.dirty[word] |= bit;
+        fresh
+    }
+
+    /// Clears the mark of the session in `slot`.
+    pub fn unmark(&mut self, slot: u32) {
+        self.dirty[slot as usize / 64] &= !(1u64 << (slot % 64));
     }
 
     /// Number of sessions.
@@ -349,5 +388,30 @@ mod tests {
         }
         assert_eq!(sessions.slot(Sym::new("n2"), "1"), b);
         assert_eq!(sessions.len(), 10_003);
+    }
+
+    #[test]
+    fn marks_are_per_slot() {
+        let mut sessions = Sessions::default();
+        for i in 0..200 {
+            sessions.slot(Sym::new("n"), &i.to_string());
+        }
+        assert!(sessions.mark(0));
+        assert!(sessions.mark(63));
+        assert!(sessions.mark(64));
+        assert!(sessions.mark(199));
+        assert!(!sessions.mark(63), "a marked slot stays marked");
+        sessions.unmark(63);
+        assert!(sessions.mark(63), "unmarked, it can be marked again");
+        assert!(!sessions.mark(64) && !sessions.mark(0) && !sessions.mark(199));
+        assert!(
+            sessions.mark(1) && sessions.mark(65),
+            "neighbours are not marked"
+        );
+    }
+
+    #[test]
+    fn a_session_is_88_bytes() {
+        assert_eq!(size_of::<Session>(), 88);
     }
 }

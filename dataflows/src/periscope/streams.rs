@@ -502,9 +502,7 @@ impl StreamState {
             self.contribute(&before, -1);
         }
         self.contribute(&after, 1);
-        let session = self.sessions.get_mut(slot);
-        if !session.dirty {
-            session.dirty = true;
+        if self.sessions.mark(slot) {
             self.dirty_sessions.push(slot);
         }
     }
@@ -620,9 +618,7 @@ impl StreamState {
 
     fn republish_all(&mut self) {
         for slot in self.sessions.slots() {
-            let session = self.sessions.get_mut(slot);
-            if !session.dirty {
-                session.dirty = true;
+            if self.sessions.mark(slot) {
                 self.dirty_sessions.push(slot);
             }
         }
@@ -648,8 +644,8 @@ impl StreamState {
 
     fn close_sessions(&mut self, id: Sym, out: &mut Vec<PeriscopeChange>) {
         for slot in self.dirty_sessions.drain(..) {
-            let session = self.sessions.get_mut(slot);
-            session.dirty = false;
+            self.sessions.unmark(slot);
+            let session = self.sessions.get(slot);
             let span = session.span().expect("dirty sessions have a span");
             out.push(PeriscopeChange::ViewerSessions(Change::Upsert(
                 ViewerSessionRow {
