@@ -20,6 +20,7 @@
 //! assert_eq!(open.max_level(), 1);
 //! ```
 
+pub mod idset;
 pub mod latest;
 pub mod maintain;
 pub mod profile;

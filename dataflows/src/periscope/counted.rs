@@ -3,8 +3,9 @@
 //! Both count events, so both keep the ids already counted per key: a repeated event id counts
 //! once, whatever the order. Each key reports its row when it changed at close.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
+use keel_operators::idset::IdSet;
 use keel_operators::maintain::EpochState;
 use keel_operators::sym::Sym;
 use keel_operators::table::Change;
@@ -19,7 +20,7 @@ use super::streams::micro;
 /// The events counted under one key, their accumulator, and whether it changed since close.
 #[derive(Debug, Default)]
 struct Entry<A> {
-    ids: HashSet<Uuid, FxBuildHasher>,
+    ids: IdSet,
     sums: A,
     dirty: bool,
 }
@@ -44,7 +45,7 @@ impl<K: std::hash::Hash + Eq + Copy, A: Default> Counted<K, A> {
     /// The accumulator of `key` if `id` is new under it.
     fn first_time(&mut self, key: K, id: Uuid) -> Option<&mut A> {
         let entry = self.keys.entry(key).or_default();
-        if !entry.ids.insert(id) {
+        if !entry.ids.insert(id.as_u128()) {
             return None;
         }
         if !entry.dirty {

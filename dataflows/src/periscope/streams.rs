@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use keel_operators::idset::IdSet;
 use keel_operators::maintain::EpochState;
 use keel_operators::profile::StepProfile;
 use keel_operators::sym::Sym;
@@ -153,7 +154,7 @@ impl Windows {
 /// Health accumulators of one 5-minute window.
 #[derive(Debug, Default)]
 struct HealthWindow {
-    counted: HashSet<Uuid, FxBuildHasher>,
+    counted: IdSet,
     dry: u64,
     issues: u64,
     /// Sums are kept exact (bits/s and micro-frames/s as integers) so that the averages do not
@@ -472,7 +473,7 @@ impl StreamState {
     fn health_window(&mut self, id: Uuid, time: i64) -> Option<&mut HealthWindow> {
         let start = window_start(time, WINDOW);
         let window = self.health.entry(start).or_default();
-        if !window.counted.insert(id) {
+        if !window.counted.insert(id.as_u128()) {
             return None;
         }
         if !window.dirty {
