@@ -90,12 +90,7 @@ fn fleet(seed: u64) -> SimConfig {
 }
 
 fn memory_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    keel_api::metrics::process_status_kib(field).unwrap_or(0)
 }
 
 fn group(n: f64) -> String {

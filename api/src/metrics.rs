@@ -133,19 +133,18 @@ impl ExtraMetrics {
     }
 }
 
-/// Resident memory of this process in bytes, from `/proc/self/status`; `None` where there is
-/// no such file (not Linux).
-fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib = status
+/// A memory figure of this process from `/proc/self/status`, in KiB: `field` is its name with
+/// the colon (`"VmRSS:"` resident now, `"VmHWM:"` resident at the peak). `None` where there is
+/// no such file (not Linux) or no such field.
+pub fn process_status_kib(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
+        .find_map(|line| line.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The Prometheus text for the engine, the API and the live tables.
@@ -195,7 +194,7 @@ pub fn render(stats: &EngineStats, metrics: &Metrics, tables: &LiveTables) -> St
     );
     // The live tables hold every session and window ever seen, so resident memory grows with
     // the traffic for as long as the engine runs (README, "Memory over time"): watch it.
-    if let Some(bytes) = resident_bytes() {
+    if let Some(bytes) = process_status_kib("VmRSS:").map(|kib| kib * 1024) {
         let _ = writeln!(
             out,
             "# HELP process_resident_memory_bytes Resident memory of this process.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {bytes}"

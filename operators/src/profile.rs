@@ -44,10 +44,7 @@ struct Block {
 impl Block {
     /// A block holding `times` and `deltas`, with room for a full block (so it never grows by
     /// doubling past it).
-    fn new(
-        times: impl ExactSizeIterator<Item = i64>,
-        deltas: impl ExactSizeIterator<Item = i32>,
-    ) -> Self {
+    fn new(times: impl Iterator<Item = i64>, deltas: impl Iterator<Item = i32>) -> Self {
         let mut block = Block {
             times: Vec::with_capacity(FULL + 1),
             deltas: Vec::with_capacity(FULL + 1),
