@@ -445,6 +445,114 @@ async fn a_table_subscription_is_a_snapshot_then_changes_that_add_up_to_the_tabl
     }
 }
 
+/// Plain table subscriptions are served by Keel's direct path, the rest by async-graphql; ids
+/// follow one set of rules across both: `complete` is answered with `complete` and stops the
+/// updates, and a `subscribe` under a live id replaces that subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_subscription_ids_keep_the_protocol_rules_on_both_paths() {
+    let fleet = fleet(5, 1500);
+    let a = fleet.tenants[0].clone();
+    let mut live = Live::start(roomy(), &fleet.tenants[1]);
+    let host = live.host();
+    let token = live.member(&a);
+    let (mut ws, ack) = graphql_ws(&host, json!({"token": token})).await;
+    assert_eq!(ack["type"], "connection_ack");
+
+    subscribe(
+        &mut ws,
+        "x",
+        "subscription { liveTable(table: \"streams\") { kind rows } }",
+    )
+    .await;
+    let first = next_json(&mut ws).await;
+    assert_eq!(first["id"], "x");
+    assert_eq!(first["payload"]["data"]["liveTable"]["kind"], "SNAPSHOT");
+    send(&mut ws, json!({"id": "x", "type": "complete"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "complete", "id": "x"})
+    );
+
+    subscribe(
+        &mut ws,
+        "y",
+        "subscription { liveTable(table: \"streams\") { kind } }",
+    )
+    .await;
+    let old = next_json(&mut ws).await;
+    assert_eq!(
+        old["payload"]["data"]["liveTable"],
+        json!({"kind": "SNAPSHOT"})
+    );
+    subscribe(
+        &mut ws,
+        "y",
+        "subscription { liveTable(table: \"streams\") { kind epoch } }",
+    )
+    .await;
+    let new = next_json(&mut ws).await;
+    assert_eq!(
+        new["payload"]["data"]["liveTable"]["kind"], "SNAPSHOT",
+        "{new}"
+    );
+
+    // An id async-graphql holds (an event feed) taken over by a table subscription.
+    subscribe(&mut ws, "z", "subscription { liveFirehose { type } }").await;
+    subscribe(
+        &mut ws,
+        "z",
+        "subscription { liveTable(table: \"streams\") { kind epoch } }",
+    )
+    .await;
+
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let mut by_id: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut completed = HashSet::new();
+    while let Some(text) = next_text(&mut ws, Duration::from_millis(1500)).await {
+        let message: Value = serde_json::from_str(&text).unwrap();
+        let id = message["id"].as_str().unwrap().to_owned();
+        assert!(
+            !completed.contains(&id),
+            "nothing after complete: {message}"
+        );
+        match message["type"].as_str() {
+            // The engine stopped: the subscriptions end.
+            Some("complete") => _ = completed.insert(id),
+            // The feed's events may reach z before its replacement is read.
+            Some("next") if message["payload"]["data"]["liveFirehose"].is_object() => {
+                assert!(!by_id.contains_key(&id), "the feed was replaced: {message}");
+            }
+            Some("next") => by_id
+                .entry(id)
+                .or_default()
+                .push(message["payload"]["data"]["liveTable"].clone()),
+            _ => panic!("{message}"),
+        }
+    }
+    assert!(
+        !by_id.contains_key("x") && !completed.contains("x"),
+        "x is over"
+    );
+    for id in ["y", "z"] {
+        let updates = &by_id[id];
+        assert!(updates.len() > 1, "{id}: {updates:?}");
+        for update in updates {
+            let keys: Vec<&String> = update
+                .as_object()
+                .unwrap_or_else(|| panic!("{id}: {updates:?}"))
+                .keys()
+                .collect();
+            assert_eq!(
+                keys,
+                ["epoch", "kind"],
+                "{id}: only the replacement's fields"
+            );
+        }
+        assert!(updates.iter().any(|u| u["kind"] == "CHANGES"), "{id}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graphql_event_subscriptions_carry_no_addresses_and_bad_operations_get_errors() {
     let fleet = fleet(15, 2000);

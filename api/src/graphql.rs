@@ -27,7 +27,7 @@ use async_graphql::{
     Context, Data, EmptyMutation, Enum, Error, ErrorExtensions, ID, Json, Object, Result, Schema,
     SimpleObject,
 };
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::Extension;
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
@@ -91,10 +91,10 @@ pub async fn post(
 pub async fn subscribe(
     State(state): State<ApiState>,
     Extension(schema): Extension<KeelSchema>,
-    protocol: Result<GraphQLProtocol, StatusCode>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let Ok(protocol) = protocol else {
+    let Some(protocol) = crate::graphql_ws::protocol(&headers) else {
         return (
             StatusCode::BAD_REQUEST,
             "GraphQL subscriptions need Sec-WebSocket-Protocol: graphql-transport-ws (or graphql-ws)",
@@ -106,16 +106,13 @@ pub async fn subscribe(
         .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
-        .on_upgrade(move |socket| async move {
-            GraphQLWebSocket::new(socket, schema, protocol)
-                .on_connection_init(move |payload| connection_init(state, payload))
-                .serve()
-                .await;
-        })
+        .on_upgrade(move |socket| crate::graphql_ws::serve(socket, schema, protocol, state))
         .into_response()
 }
 
-async fn connection_init(state: ApiState, payload: Value) -> Result<Data> {
+/// Authenticates a WebSocket's `connection_init` and takes a connection slot of the caller's
+/// tenant: the caller, and the data its subscriptions run with (which holds the slot).
+pub(crate) async fn connection_init(state: ApiState, payload: Value) -> Result<(Principal, Data)> {
     let token = payload
         .get("Authorization")
         .or_else(|| payload.get("authorization"))
@@ -134,9 +131,9 @@ async fn connection_init(state: ApiState, payload: Value) -> Result<Data> {
         ))
     })?;
     let mut data = Data::default();
-    data.insert(caller);
+    data.insert(caller.clone());
     data.insert(Arc::new(slot));
-    Ok(data)
+    Ok((caller, data))
 }
 
 fn forbidden() -> Error {
@@ -154,6 +151,11 @@ fn tenant_of(ctx: &Context<'_>, asked: Option<&ID>) -> Result<Option<Uuid>> {
     let caller = ctx
         .data::<Principal>()
         .map_err(|_| Error::new("unauthorized"))?;
+    tenant_for(caller, asked.map(|id| id.as_str()))
+}
+
+/// [`tenant_of`] for a known caller.
+fn tenant_for(caller: &Principal, asked: Option<&str>) -> Result<Option<Uuid>> {
     let asked = match asked {
         None => None,
         Some(id) => Some(
@@ -1297,8 +1299,30 @@ fn tenant_event(item: &FeedItem) -> TenantEvent {
 }
 
 /// Reads `where` as column = value pairs.
-fn equalities(filter: Option<Json<Value>>) -> Result<Vec<(String, Value)>> {
-    match filter.map(|j| j.0) {
+/// The table and row filter of a `liveTable` subscription by `caller`: the checks both the
+/// resolver and the direct WebSocket path ([`crate::graphql_ws`]) make.
+pub(crate) fn table_filter(
+    caller: &Principal,
+    table: &str,
+    filter: Option<Value>,
+    tenant_id: Option<&str>,
+) -> Result<(&'static str, RowFilter)> {
+    let tenant = tenant_for(caller, tenant_id)?;
+    let Some(&table) = TABLES.iter().find(|t| **t == table) else {
+        return Err(bad_input(format!(
+            "no table named {table:?}; tables: {}",
+            TABLES.join(", ")
+        )));
+    };
+    let filter = RowFilter {
+        tenant: tenant.map(|t| t.to_string()),
+        equals: equalities(filter)?,
+    };
+    Ok((table, filter))
+}
+
+fn equalities(filter: Option<Value>) -> Result<Vec<(String, Value)>> {
+    match filter {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Object(fields)) => Ok(fields.into_iter().collect()),
         Some(_) => Err(bad_input(
@@ -1326,7 +1350,7 @@ fn table_message(table: &str, update: TableUpdate) -> TableUpdateMessage {
                 .into_iter()
                 .map(|c| RowDiff {
                     diff: i32::from(c.diff),
-                    row: Json(Arc::unwrap_or_clone(c.row)),
+                    row: Json(Arc::unwrap_or_clone(c.row).into_value()),
                 })
                 .collect(),
         },
@@ -1461,18 +1485,16 @@ impl Subscription {
         filter: Option<Json<Value>>,
         tenant_id: Option<ID>,
     ) -> Result<impl Stream<Item = TableUpdateMessage>> {
-        let tenant = tenant_of(ctx, tenant_id.as_ref())?;
+        let caller = ctx
+            .data::<Principal>()
+            .map_err(|_| Error::new("unauthorized"))?;
         let state = state(ctx)?;
-        let Some(&table) = TABLES.iter().find(|t| **t == table) else {
-            return Err(bad_input(format!(
-                "no table named {table:?}; tables: {}",
-                TABLES.join(", ")
-            )));
-        };
-        let filter = RowFilter {
-            tenant: tenant.map(|t| t.to_string()),
-            equals: equalities(filter)?,
-        };
+        let (table, filter) = table_filter(
+            caller,
+            &table,
+            filter.map(|j| j.0),
+            tenant_id.as_ref().map(|id| id.as_str()),
+        )?;
         let updates = keel_sinks::hub::table_updates(
             state.tables.clone(),
             &state.hub,

@@ -19,6 +19,7 @@ pub mod foghorn_grpc;
 pub mod foghorn_http;
 pub mod format;
 pub mod graphql;
+pub mod graphql_ws;
 pub mod metrics;
 pub mod pg;
 pub mod server;

@@ -29,6 +29,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+pub use crate::json_row::JsonRow;
 use crate::live::{LiveError, LiveTables};
 
 /// Which rows of a table a subscriber sees: its tenant's (all, for `None`), with the given
@@ -42,6 +43,19 @@ pub struct RowFilter {
 }
 
 impl RowFilter {
+    /// True when the changed row `row` passes (the same test as [`RowFilter::matches`] on its
+    /// value, made on the columns' text).
+    pub fn matches_row(&self, row: &JsonRow) -> bool {
+        if let Some(tenant) = &self.tenant
+            && row.str_column("tenant_id").as_deref() != Some(tenant.as_str())
+        {
+            return false;
+        }
+        self.equals
+            .iter()
+            .all(|(column, value)| row.column(column).is_some_and(|raw| same(raw, value)))
+    }
+
     /// True when `row` passes.
     pub fn matches(&self, row: &Value) -> bool {
         if let Some(tenant) = &self.tenant
@@ -68,9 +82,31 @@ fn probe_text(value: &Value) -> String {
 pub struct RowChange {
     /// `-1`: the row left; `1`: it arrived.
     pub diff: i8,
-    /// The row, shared: a change goes to every subscriber it passes without a copy, and the
-    /// last holder can take it (`Arc::unwrap_or_clone`).
-    pub row: Arc<Value>,
+    /// The row as JSON text, shared: a change goes to every subscriber it passes without a
+    /// copy, and the last holder can take it (`Arc::unwrap_or_clone`).
+    pub row: Arc<JsonRow>,
+}
+
+/// The text a column of `row` is grouped by, as [`probe_text`] gives it for a value.
+fn row_probe(row: &JsonRow, column: &str) -> Option<String> {
+    match row.str_column(column) {
+        Some(text) => Some(text.into_owned()),
+        None => row.column(column).map(str::to_owned),
+    }
+}
+
+/// True when the JSON text `raw` is the value `value`.
+fn same(raw: &str, value: &Value) -> bool {
+    match value {
+        Value::String(wanted) => match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+            Some(inner) if !inner.contains('\\') => inner == wanted,
+            _ => serde_json::from_str::<Value>(raw).is_ok_and(|v| v == *value),
+        },
+        Value::Null => raw == "null",
+        Value::Bool(true) => raw == "true",
+        Value::Bool(false) => raw == "false",
+        _ => serde_json::from_str::<Value>(raw).is_ok_and(|v| v == *value),
+    }
 }
 
 /// Feed channels, as a bit set.
@@ -474,7 +510,8 @@ impl Hub {
         let mut mine: HashMap<usize, Vec<RowChange>> = HashMap::new();
         let mut key: GroupKey = (None, None);
         for change in changes {
-            let tenant = change.row.get("tenant_id").and_then(Value::as_str);
+            let tenant = change.row.str_column("tenant_id");
+            let tenant = tenant.as_deref();
             let passes: &[Option<&str>] = match (tenant, groups.any_tenant) {
                 (Some(_), true) => &[tenant, None],
                 _ => &[tenant],
@@ -484,15 +521,15 @@ impl Hub {
                 key.1 = None;
                 let mut visit = |key: &GroupKey| {
                     for &index in groups.by_key.get(key).into_iter().flatten() {
-                        if list[index].filter.matches(&change.row) {
+                        if list[index].filter.matches_row(&change.row) {
                             mine.entry(index).or_default().push(change.clone());
                         }
                     }
                 };
                 visit(&key);
                 for column in &groups.probes {
-                    if let Some(value) = change.row.get(column) {
-                        key.1 = Some((column.clone(), probe_text(value)));
+                    if let Some(value) = row_probe(&change.row, column) {
+                        key.1 = Some((column.clone(), value));
                         visit(&key);
                     }
                 }
@@ -675,7 +712,7 @@ mod tests {
     fn change(diff: i8, tenant: &str, n: u64) -> RowChange {
         RowChange {
             diff,
-            row: Arc::new(json!({ "tenant_id": tenant, "n": n })),
+            row: Arc::new(JsonRow::from_value(&json!({ "tenant_id": tenant, "n": n }))),
         }
     }
 
@@ -809,10 +846,10 @@ mod tests {
             TableUpdate::Changes { changes, .. } => {
                 for change in changes {
                     if change.diff < 0 {
-                        let at = held.iter().position(|r| *r == *change.row);
+                        let at = held.iter().position(|r| r == change.row.value());
                         held.remove(at.expect("a removed row was held"));
                     } else {
-                        held.push(Arc::unwrap_or_clone(change.row));
+                        held.push(Arc::unwrap_or_clone(change.row).into_value());
                     }
                 }
             }
@@ -882,6 +919,44 @@ mod tests {
             let expected = tables.read().unwrap().rows_json("scores", &filter).unwrap();
             proptest::prop_assert_eq!(sorted(held), sorted(expected));
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        /// Oracle: a filter passes a row's text exactly when it passes the row's value.
+        #[test]
+        fn filters_read_row_text_as_they_read_values(
+            row in proptest::collection::btree_map("[ab]", value(), 0..3),
+            tenant in proptest::option::of(value()),
+            wanted in proptest::option::of(value()),
+            filter_tenant in proptest::option::weighted(0.3, "[xy\"\\\\]{0,1}"),
+            filter_equals in proptest::collection::vec(("[ab]", value()), 0..2),
+        ) {
+            let mut row: serde_json::Map<String, Value> = row.into_iter().collect();
+            if let Some(tenant) = tenant {
+                row.insert("tenant_id".into(), tenant);
+            }
+            let mut equals = filter_equals;
+            if let Some(wanted) = wanted {
+                equals.push(("a".into(), wanted));
+            }
+            let row = Value::Object(row);
+            let filter = RowFilter { tenant: filter_tenant, equals };
+            proptest::prop_assert_eq!(filter.matches_row(&JsonRow::from_value(&row)), filter.matches(&row));
+        }
+    }
+
+    fn value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        prop_oneof![
+            1 => Just(Value::Null),
+            1 => any::<bool>().prop_map(Value::from),
+            2 => (-2i64..2).prop_map(Value::from),
+            1 => (0u8..3).prop_map(|n| Value::from(f64::from(n) / 2.0)),
+            6 => "[xy\"\\\\]{0,1}".prop_map(Value::from),
+            1 => Just(serde_json::json!([1, "x"])),
+            1 => Just(serde_json::json!({"x": 1, "a": null})),
+        ]
     }
 
     #[test]

@@ -17,6 +17,7 @@
 pub mod clickhouse;
 pub mod durable;
 pub mod hub;
+pub mod json_row;
 pub mod live;
 pub mod rowbinary;
 pub mod sql;

@@ -48,7 +48,7 @@ use rustc_hash::FxBuildHasher;
 use serde_arrow::schema::{SchemaLike, TracingOptions};
 use serde_json::Value;
 
-use crate::hub::{Hub, RowChange, RowFilter};
+use crate::hub::{Hub, JsonRow, RowChange, RowFilter};
 
 /// Why a live table could not be read.
 ///
@@ -268,13 +268,13 @@ impl<R: Row> LiveTable<R> {
             if let Some(before) = &before {
                 outs.push(RowChange {
                     diff: -1,
-                    row: Arc::new(row_json(before)),
+                    row: Arc::new(JsonRow::of(before, R::TIMESTAMPS)),
                 });
             }
             if let Some(after) = after {
                 ins.push(RowChange {
                     diff: 1,
-                    row: Arc::new(row_json(after)),
+                    row: Arc::new(JsonRow::of(after, R::TIMESTAMPS)),
                 });
             }
         }
