@@ -9,6 +9,8 @@
 //! - [`maintain`]: the operator that keeps per-worker state current with a timely stream and
 //!   reports changes when epochs close, with a global watermark.
 //! - [`latest`]: a thin wrapper over `maintain` keeping the newest value per key by event time.
+//! - [`chunked`]: a growable array in fixed chunks, so tables of millions of rows grow without
+//!   stalls.
 //! - [`table`]: keyed rows and the upsert changes operators report, and the sink traits.
 //!
 //! ```
@@ -20,6 +22,7 @@
 //! assert_eq!(open.max_level(), 1);
 //! ```
 
+pub mod chunked;
 pub mod idset;
 pub mod latest;
 pub mod maintain;

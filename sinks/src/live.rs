@@ -42,6 +42,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
 use hashbrown::HashTable;
+use keel_operators::chunked::ChunkedVec;
 use keel_operators::table::{Change, Row, TableRegistry, TableSink};
 use keel_operators::time::format_rfc3339;
 use rustc_hash::FxBuildHasher;
@@ -73,11 +74,38 @@ pub enum LiveError {
 pub struct LiveTable<R: Row> {
     name: &'static str,
     fields: Vec<FieldRef>,
-    rows: Vec<R>,
-    index: HashTable<u32>,
+    /// In chunks, so that a table of millions of rows grows without a copy of all of them.
+    rows: ChunkedVec<R>,
+    /// Row positions, each with its key's hash: growing the index rehashes from these alone,
+    /// rather than reading and hashing every row's key again.
+    index: HashTable<Slot>,
     hasher: FxBuildHasher,
     /// While someone subscribes: each key changed since the last drain, with its row before.
     journal: Option<HashMap<R::Key, Option<R>, FxBuildHasher>>,
+}
+
+/// One index entry: a row's position and the low 32 bits of its key's hash.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    at: u32,
+    hash: u32,
+}
+
+impl Slot {
+    fn at(&self) -> usize {
+        self.at as usize
+    }
+
+    /// The 64-bit hash the index files a 32-bit one under: multiplying by an odd constant
+    /// keeps the low bits (which choose the bucket) a bijection of the hash's low bits and
+    /// fills the high bits (which the index keeps as a tag) from all 32.
+    fn spread(hash: u32) -> u64 {
+        u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn hash(&self) -> u64 {
+        Slot::spread(self.hash)
+    }
 }
 
 impl<R: Row> fmt::Debug for LiveTable<R> {
@@ -117,15 +145,17 @@ impl<R: Row> LiveTable<R> {
         LiveTable {
             name,
             fields: fields_of::<R>(name),
-            rows: Vec::new(),
+            rows: ChunkedVec::new(),
             index: HashTable::new(),
             hasher: FxBuildHasher,
             journal: None,
         }
     }
 
-    fn hash_key(&self, key: &R::Key) -> u64 {
-        self.hasher.hash_one(key)
+    /// The 32 bits of the key's hash the index keeps.
+    fn hash_key(&self, key: &R::Key) -> u32 {
+        // Truncation intended: the index stores 32 bits and spreads them again (`Slot::hash`).
+        self.hasher.hash_one(key) as u32
     }
 
     /// Applies one change.
@@ -149,34 +179,34 @@ impl<R: Row> LiveTable<R> {
         let key = row.key();
         let hash = self.hash_key(&key);
         let rows = &mut self.rows;
-        if let Some(&slot) = self.index.find(hash, |&s| rows[s as usize].has_key(&key)) {
-            rows[slot as usize] = row;
+        if let Some(slot) = self.index.find(Slot::spread(hash), |s| {
+            s.hash == hash && rows[s.at()].has_key(&key)
+        }) {
+            rows[slot.at()] = row;
             return;
         }
-        let slot = u32::try_from(rows.len()).expect("fewer than 2^32 rows per table");
+        let at = u32::try_from(rows.len()).expect("fewer than 2^32 rows per table");
         rows.push(row);
-        let hasher = &self.hasher;
         self.index
-            .insert_unique(hash, slot, |&s| hasher.hash_one(rows[s as usize].key()));
+            .insert_unique(Slot::spread(hash), Slot { at, hash }, Slot::hash);
     }
 
     fn delete(&mut self, key: &R::Key) {
         let hash = self.hash_key(key);
         let rows = &self.rows;
-        let Ok(entry) = self
-            .index
-            .find_entry(hash, |&s| rows[s as usize].has_key(key))
-        else {
+        let Ok(entry) = self.index.find_entry(Slot::spread(hash), |s| {
+            s.hash == hash && rows[s.at()].has_key(key)
+        }) else {
             return;
         };
-        let (slot, _) = entry.remove();
+        let (removed, _) = entry.remove();
         let last = u32::try_from(self.rows.len() - 1).expect("fewer than 2^32 rows per table");
-        self.rows.swap_remove(slot as usize);
-        if slot != last {
-            // The former last row now sits in `slot`: repoint its index entry.
-            let moved_hash = self.hash_key(&self.rows[slot as usize].key());
-            if let Some(entry) = self.index.find_mut(moved_hash, |&s| s == last) {
-                *entry = slot;
+        self.rows.swap_remove(removed.at());
+        if removed.at != last {
+            // The former last row now sits where the removed one was: repoint its entry.
+            let moved = self.hash_key(&self.rows[removed.at()].key());
+            if let Some(entry) = self.index.find_mut(Slot::spread(moved), |s| s.at == last) {
+                entry.at = removed.at;
             }
         }
     }
@@ -185,18 +215,20 @@ impl<R: Row> LiveTable<R> {
     pub fn get(&self, key: &R::Key) -> Option<&R> {
         let hash = self.hash_key(key);
         self.index
-            .find(hash, |&s| self.rows[s as usize].has_key(key))
-            .map(|&s| &self.rows[s as usize])
+            .find(Slot::spread(hash), |s| {
+                s.hash == hash && self.rows[s.at()].has_key(key)
+            })
+            .map(|s| &self.rows[s.at()])
     }
 
     /// Every row, in no particular order.
-    pub fn rows(&self) -> &[R] {
+    pub fn rows(&self) -> &ChunkedVec<R> {
         &self.rows
     }
 
     /// The rows as one Arrow batch.
     pub fn snapshot(&self) -> Result<RecordBatch, LiveError> {
-        self.batch(&self.rows)
+        self.batch(self.rows.len(), &self.rows)
     }
 
     /// The rows of `tenant` (every row for `None`) as one Arrow batch.
@@ -209,7 +241,7 @@ impl<R: Row> LiveTable<R> {
             .iter()
             .filter(|row| row.tenant() == Some(tenant))
             .collect();
-        self.batch(&rows)
+        self.batch(rows.len(), &rows)
     }
 
     /// The row whose key is `key` (the key columns' values, as [`Row::KEY_COLUMNS`] orders
@@ -223,14 +255,19 @@ impl<R: Row> LiveTable<R> {
         let key: Option<R::Key> =
             keel_operators::sym::lookup_only(|| serde_json::from_value(value).ok());
         let row: Vec<&R> = key.as_ref().and_then(|k| self.get(k)).into_iter().collect();
-        self.batch(&row)
+        self.batch(row.len(), &row)
     }
 
-    fn batch<T: serde::Serialize>(&self, rows: &[T]) -> Result<RecordBatch, LiveError> {
-        if rows.is_empty() {
+    /// The `count` rows `rows` serializes (as a sequence) as one Arrow batch.
+    fn batch<T: serde::Serialize>(
+        &self,
+        count: usize,
+        rows: &T,
+    ) -> Result<RecordBatch, LiveError> {
+        if count == 0 {
             return Ok(RecordBatch::new_empty(self.schema()));
         }
-        serde_arrow::to_record_batch(&self.fields, &rows).map_err(|e| LiveError::Arrow {
+        serde_arrow::to_record_batch(&self.fields, rows).map_err(|e| LiveError::Arrow {
             table: self.name,
             message: e.to_string(),
         })
