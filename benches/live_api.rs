@@ -239,6 +239,8 @@ async fn subscriber(host: String, token: String, stream: usize, measured: Arc<Me
 }
 
 fn main() {
+    // As `keel` itself runs.
+    keel::without_huge_pages();
     let options = parse_args();
     let handles = Handles::default();
     let (source, sender) = MemorySource::new("bench", 65_536);

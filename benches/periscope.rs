@@ -687,6 +687,8 @@ fn memory_child(file: &Path) {
 }
 
 fn main() {
+    // As `keel` itself runs.
+    keel::without_huge_pages();
     if std::env::args().nth(1).as_deref() == Some("--memory-child") {
         memory_child(Path::new(&std::env::args().nth(2).unwrap()));
         return;

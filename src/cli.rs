@@ -1107,6 +1107,7 @@ fn loadgen(args: &LoadgenArgs) -> anyhow::Result<()> {
 
 /// Entry point of the `keel` binary.
 pub fn main() -> ExitCode {
+    let huge_pages_off = crate::without_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -1114,6 +1115,9 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if !huge_pages_off {
+        tracing::debug!("the kernel kept transparent huge pages on for this process");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args),

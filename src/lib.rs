@@ -32,6 +32,18 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process, whatever the host's setting; call it first
+/// thing in `main`. mimalloc is built not to ask for them (`no_thp`), which is enough where the
+/// kernel gives huge pages only on request ("madvise", as on the project's machines); where it
+/// gives them to all memory ("always"), this does the rest. With huge pages every first touch of
+/// fresh memory zeroes 2 MiB at once, and at 100,000 events/s those faults bunched into stalls of
+/// 100–200 ms on the engine thread (BENCHMARKS.md, live API). Returns whether the flag is set;
+/// a kernel that refuses it leaves Keel working, only exposed to those stalls.
+pub fn without_huge_pages() -> bool {
+    nix::sys::prctl::set_thp_disable(true).is_ok()
+        && nix::sys::prctl::get_thp_disable().unwrap_or(false)
+}
+
 pub mod backfill;
 pub mod cli;
 pub mod config;

@@ -152,6 +152,14 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(2500));
+    // `keel` turns transparent huge pages off for itself (their first-touch zeroing stalled the
+    // engine); the kernel reports the process's flag in its status file.
+    let status_file = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let thp = status_file
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "THP_enabled of keel run:\n{status_file}");
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
