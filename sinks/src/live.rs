@@ -178,25 +178,26 @@ impl<R: Row> LiveTable<R> {
     fn upsert(&mut self, row: R) {
         let key = row.key();
         let hash = self.hash_key(&key);
-        let rows = &mut self.rows;
-        if let Some(slot) = self.index.find(Slot::spread(hash), |s| {
-            s.hash == hash && rows[s.at()].has_key(&key)
-        }) {
-            rows[slot.at()] = row;
+        let found = self
+            .index
+            .find(Slot::spread(hash), Self::holds(&self.rows, hash, &key))
+            .copied();
+        if let Some(slot) = found {
+            self.rows[slot.at()] = row;
             return;
         }
-        let at = u32::try_from(rows.len()).expect("fewer than 2^32 rows per table");
-        rows.push(row);
+        let at = u32::try_from(self.rows.len()).expect("fewer than 2^32 rows per table");
+        self.rows.push(row);
         self.index
             .insert_unique(Slot::spread(hash), Slot { at, hash }, Slot::hash);
     }
 
     fn delete(&mut self, key: &R::Key) {
         let hash = self.hash_key(key);
-        let rows = &self.rows;
-        let Ok(entry) = self.index.find_entry(Slot::spread(hash), |s| {
-            s.hash == hash && rows[s.at()].has_key(key)
-        }) else {
+        let Ok(entry) = self
+            .index
+            .find_entry(Slot::spread(hash), Self::holds(&self.rows, hash, key))
+        else {
             return;
         };
         let (removed, _) = entry.remove();
@@ -215,10 +216,18 @@ impl<R: Row> LiveTable<R> {
     pub fn get(&self, key: &R::Key) -> Option<&R> {
         let hash = self.hash_key(key);
         self.index
-            .find(Slot::spread(hash), |s| {
-                s.hash == hash && self.rows[s.at()].has_key(key)
-            })
+            .find(Slot::spread(hash), Self::holds(&self.rows, hash, key))
             .map(|s| &self.rows[s.at()])
+    }
+
+    /// Whether an index entry is the one for `key` (whose hash is `hash`): the stored hash
+    /// first, and only when it agrees the row's key.
+    fn holds<'a>(
+        rows: &'a ChunkedVec<R>,
+        hash: u32,
+        key: &'a R::Key,
+    ) -> impl Fn(&Slot) -> bool + 'a {
+        move |s| s.hash == hash && rows[s.at()].has_key(key)
     }
 
     /// Every row, in no particular order.
