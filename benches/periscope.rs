@@ -45,6 +45,8 @@ struct Options {
     clickhouse: Option<String>,
     dir: PathBuf,
     workers: Vec<usize>,
+    /// Most records per worker per epoch (`keel run --batch`).
+    batch: usize,
 }
 
 fn parse_args() -> Options {
@@ -54,6 +56,7 @@ fn parse_args() -> Options {
         clickhouse: std::env::var("KEEL_TEST_CLICKHOUSE").ok(),
         dir: PathBuf::from("target/bench"),
         workers: vec![1, 2],
+        batch: EngineOptions::default().batch,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -70,6 +73,7 @@ fn parse_args() -> Options {
                     .map(|w| w.parse().expect("--workers 1,2"))
                     .collect();
             }
+            "--batch" => options.batch = value().parse().expect("--batch N"),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -137,10 +141,11 @@ fn generate(
     written
 }
 
-fn run_file(path: &Path, workers: usize) -> (Handles, f64, f64) {
+fn run_file(path: &Path, workers: usize, batch: usize) -> (Handles, f64, f64) {
     let handles = Handles::default();
     let options = EngineOptions {
         workers,
+        batch,
         ..EngineOptions::default()
     };
     let cpu = cpu_seconds();
@@ -664,10 +669,13 @@ fn keel_update_latency(file: &Path) -> (f64, f64, u64) {
 // ---------------------------------------------------------------------------------------------
 // Memory per open session (child process).
 
-fn memory_child(file: &Path) {
+fn memory_child(file: &Path, batch: Option<usize>) {
     let handles = Handles::default();
     let before = memory_kib("VmRSS:");
-    let options = EngineOptions::default();
+    let mut options = EngineOptions::default();
+    if let Some(batch) = batch {
+        options.batch = batch;
+    }
     engine::run(
         Arc::new(FileSource::open(file).unwrap()),
         &options,
@@ -690,7 +698,10 @@ fn main() {
     // As `keel` itself runs.
     keel::without_huge_pages();
     if std::env::args().nth(1).as_deref() == Some("--memory-child") {
-        memory_child(Path::new(&std::env::args().nth(2).unwrap()));
+        let batch = std::env::args()
+            .nth(3)
+            .map(|b| b.parse().expect("a batch size"));
+        memory_child(Path::new(&std::env::args().nth(2).unwrap()), batch);
         return;
     }
     let options = parse_args();
@@ -713,7 +724,7 @@ fn main() {
     let mut streams = Vec::new();
     let mut keel_per_core = 0.0;
     for &workers in &options.workers {
-        let (handles, wall, cpu) = run_file(&file, workers);
+        let (handles, wall, cpu) = run_file(&file, workers, options.batch);
         let events = handles.stats.events.load(Ordering::Relaxed) as f64;
         println!(
             "| {workers} | {wall:.2} | {} | {cpu:.2} | {} |",
@@ -790,7 +801,11 @@ fn main() {
         connects >= needed
     });
     let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--memory-child", sessions_file.to_str().unwrap()])
+        .args([
+            "--memory-child",
+            sessions_file.to_str().unwrap(),
+            &options.batch.to_string(),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&child.stdout);

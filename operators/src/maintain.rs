@@ -162,6 +162,23 @@ where
                         output.session(&capability).give_iterator(changes.drain(..));
                     }
                 }
+                // The oldest open epoch's records can be absorbed before it completes once
+                // nothing of an earlier epoch can still come (every earlier one is closed):
+                // the epoch's records are then not all held until its end, only its changes.
+                let settled = |time: &T| {
+                    records_frontier
+                        .frontier()
+                        .iter()
+                        .all(|f| time.less_equal(f))
+                        && marks_frontier.frontier().iter().all(|f| time.less_equal(f))
+                };
+                if let Some(mut entry) = pending.first_entry()
+                    && settled(entry.key())
+                {
+                    for record in entry.get_mut().records.drain(..) {
+                        state.apply(record);
+                    }
+                }
             }
         })
     }
@@ -220,11 +237,13 @@ mod tests {
         /// On three workers, with records spread over random epochs and workers, the last report
         /// per key is the true count, and every report carries the watermark of its epoch. The
         /// workers either wait for each epoch to complete or send every epoch before stepping,
-        /// so that records of several epochs are in flight together.
+        /// so that records of several epochs are in flight together, and may step after every
+        /// record, so that records are absorbed while their epoch is still open.
         #[test]
         fn reports_equal_from_scratch_counts(
             records in prop::collection::vec((0u8..12, 0u64..6, 0usize..3, 0i64..1000), 1..300),
             wait_each_epoch in any::<bool>(),
+            step_each_record in any::<bool>(),
         ) {
             let reports: Arc<Mutex<Vec<Report>>> = Arc::default();
             let collected = reports.clone();
@@ -251,6 +270,9 @@ mod tests {
                         if e == epoch && w == index {
                             keys.send(key);
                             marks.send(t);
+                            if step_each_record {
+                                worker.step();
+                            }
                         }
                     }
                     keys.advance_to(epoch + 1);
@@ -280,5 +302,75 @@ mod tests {
             }
             prop_assert_eq!(last, truth);
         }
+    }
+
+    /// Counts what it absorbed, where the test can see it.
+    struct Absorbed(Arc<Mutex<u64>>);
+
+    impl EpochState for Absorbed {
+        type Input = u8;
+        type Output = u64;
+        fn apply(&mut self, _: u8) {
+            *self.0.lock().unwrap() += 1;
+        }
+        fn close(&mut self, _: i64, out: &mut Vec<u64>) {
+            out.push(*self.0.lock().unwrap());
+        }
+    }
+
+    /// Records of the oldest open epoch are absorbed as they come, not held until it ends; its
+    /// report still comes once, when it completes, and counts each record once.
+    #[test]
+    fn the_open_epoch_is_absorbed_as_it_comes() {
+        let seen: Arc<Mutex<u64>> = Arc::default();
+        let reports: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+        let sink = reports.clone();
+        timely::execute(timely::Config::thread(), move |worker| {
+            let probe = probe::Handle::new();
+            let state = Absorbed(seen.clone());
+            let (sink, reported) = (sink.clone(), sink.clone());
+            let (mut keys, mut marks) = worker.dataflow::<u64, _, _>(|scope| {
+                let (keys_in, keys) = scope.new_input::<u8>();
+                let (marks_in, marks) = scope.new_input::<i64>();
+                keys.maintain(marks.global_watermark(), "Absorbed", |_| 0, state)
+                    .inspect_core(move |event| {
+                        if let Ok((stamp, data)) = event {
+                            let time = *stamp.least().expect("reports carry a time");
+                            sink.lock().unwrap().extend(data.iter().map(|n| (time, *n)));
+                        }
+                    })
+                    .probe_with(&probe);
+                (keys_in, marks_in)
+            });
+            for epoch in 0..2u64 {
+                for key in 0..100u8 {
+                    keys.send(key);
+                    if key % 10 == 9 {
+                        keys.flush();
+                        for _ in 0..5 {
+                            worker.step();
+                        }
+                    }
+                }
+                assert_eq!(
+                    *seen.lock().unwrap(),
+                    100 * (epoch + 1),
+                    "every record sent so far is absorbed while epoch {epoch} is open"
+                );
+                assert_eq!(
+                    reported.lock().unwrap().len() as u64,
+                    epoch,
+                    "no report before the end"
+                );
+                marks.send(0);
+                keys.advance_to(epoch + 1);
+                marks.advance_to(epoch + 1);
+                while probe.less_than(&(epoch + 1)) {
+                    worker.step();
+                }
+            }
+        })
+        .unwrap();
+        assert_eq!(*reports.lock().unwrap(), vec![(0, 100), (1, 200)]);
     }
 }

@@ -89,6 +89,7 @@ impl Source for MemorySource {
             receiver,
             label: self.label,
             seq: 0,
+            flowing: false,
         }))
     }
 
@@ -105,6 +106,8 @@ struct MemoryReader {
     receiver: Option<Receiver<OwnedRecord>>,
     label: Sym,
     seq: u64,
+    /// The last read got all it asked for: the next does not wait for its first record.
+    flowing: bool,
 }
 
 impl SourceReader for MemoryReader {
@@ -112,7 +115,11 @@ impl SourceReader for MemoryReader {
         let Some(receiver) = &self.receiver else {
             return Ok(Poll::Done);
         };
-        let mut wait = Duration::from_millis(5);
+        let mut wait = if self.flowing {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(5)
+        };
         let mut got = 0;
         while got < max {
             match receiver.recv_timeout(wait) {
@@ -142,6 +149,7 @@ impl SourceReader for MemoryReader {
                 }
             }
         }
+        self.flowing = got >= max;
         Ok(if got > 0 { Poll::Ready } else { Poll::Idle })
     }
 }

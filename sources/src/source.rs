@@ -167,7 +167,9 @@ pub trait Source: Send + Sync {
 
 /// One worker's share of a source.
 pub trait SourceReader: Send {
-    /// Appends up to `max` records to `batch`.
+    /// Appends up to `max` records to `batch`. A reader may wait a moment for the first record,
+    /// but not right after a call that got all `max` it asked for: the engine reads an epoch in
+    /// chunks and then asks at once for the next.
     fn next_batch(&mut self, batch: &mut Batch, max: usize) -> Result<Poll, SourceError>;
     /// Whether this reader has read everything its share held when it was handed out: a live
     /// consumer's rebuild of its state is complete. Sources that end say so with
