@@ -52,6 +52,8 @@ struct Options {
     pace_ratio: u32,
     /// The engine's `Pace::most`, in milliseconds.
     pace_most_ms: u64,
+    /// Most records per epoch (`keel run --batch`).
+    batch: usize,
 }
 
 fn parse_args() -> Options {
@@ -61,6 +63,7 @@ fn parse_args() -> Options {
         subscribers: 1000,
         pace_ratio: Pace::default().ratio,
         pace_most_ms: Pace::default().most.as_millis() as u64,
+        batch: EngineOptions::default().batch,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -71,6 +74,7 @@ fn parse_args() -> Options {
             "--subscribers" => options.subscribers = value().parse().expect("--subscribers N"),
             "--pace-ratio" => options.pace_ratio = value().parse().expect("--pace-ratio N"),
             "--pace-most-ms" => options.pace_most_ms = value().parse().expect("--pace-most-ms N"),
+            "--batch" => options.batch = value().parse().expect("--batch N"),
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -258,6 +262,7 @@ fn main() {
                 ratio: options.pace_ratio,
                 most: Duration::from_millis(options.pace_most_ms),
             },
+            batch: options.batch,
             ..EngineOptions::default()
         };
         std::thread::spawn(move || {
@@ -268,10 +273,11 @@ fn main() {
     println!("# Live API benchmark");
     println!();
     println!(
-        "{} events/s for {} s over {STREAMS} streams of {TENANTS} tenants; {} GraphQL subscribers (one per stream, filtered, tenant tokens); engine: 1 worker, pace ratio {} (at most {} ms); machine: {} cores",
+        "{} events/s for {} s over {STREAMS} streams of {TENANTS} tenants; {} GraphQL subscribers (one per stream, filtered, tenant tokens); engine: 1 worker, epochs of at most {} records, pace ratio {} (at most {} ms); machine: {} cores",
         options.rate,
         options.seconds,
         options.subscribers,
+        options.batch,
         options.pace_ratio,
         options.pace_most_ms,
         std::thread::available_parallelism().map_or(1, usize::from)
