@@ -712,10 +712,11 @@ fn main() {
     generate(&file, fleet(1), |written, _| written >= events);
     let bytes = std::fs::metadata(&file).unwrap().len();
     println!(
-        "# Periscope benchmark: {} version-2 events ({:.2} GB), {} cores",
+        "# Periscope benchmark: {} version-2 events ({:.2} GB), {} cores, epochs of at most {} records",
         group(options.events as f64),
         bytes as f64 / 1e9,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        group(options.batch as f64)
     );
     println!();
     println!("## Keel: decode + every Periscope dataflow, file replay");
