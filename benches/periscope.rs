@@ -669,13 +669,13 @@ fn keel_update_latency(file: &Path) -> (f64, f64, u64) {
 // ---------------------------------------------------------------------------------------------
 // Memory per open session (child process).
 
-fn memory_child(file: &Path, batch: Option<usize>) {
+fn memory_child(file: &Path, batch: usize) {
     let handles = Handles::default();
     let before = memory_kib("VmRSS:");
-    let mut options = EngineOptions::default();
-    if let Some(batch) = batch {
-        options.batch = batch;
-    }
+    let options = EngineOptions {
+        batch,
+        ..EngineOptions::default()
+    };
     engine::run(
         Arc::new(FileSource::open(file).unwrap()),
         &options,
@@ -698,10 +698,8 @@ fn main() {
     // As `keel` itself runs.
     keel::without_huge_pages();
     if std::env::args().nth(1).as_deref() == Some("--memory-child") {
-        let batch = std::env::args()
-            .nth(3)
-            .map(|b| b.parse().expect("a batch size"));
-        memory_child(Path::new(&std::env::args().nth(2).unwrap()), batch);
+        let args: Vec<String> = std::env::args().collect();
+        memory_child(Path::new(&args[2]), args[3].parse().expect("a batch size"));
         return;
     }
     let options = parse_args();

@@ -4,7 +4,9 @@
 //! the records routed to its worker, applies them in epoch order, and when an epoch is complete
 //! (both input frontiers have passed it) it is *closed*: the state reports what changed, as output
 //! records at that epoch. Several epochs completing together are closed once, at the latest of them,
-//! which is how the operator keeps up when it falls behind.
+//! which is how the operator keeps up when it falls behind. Records of the oldest open epoch are
+//! applied as they arrive once nothing of an earlier epoch can still come; records of later epochs
+//! wait for it, so the order holds while an epoch's records are not all kept until its end.
 //!
 //! The second input carries watermarks: the newest event time seen by each worker in an epoch,
 //! broadcast to every worker (see [`GlobalWatermark`]). A state reads the highest one at close,
