@@ -346,14 +346,14 @@ fn publish<'scope>(
                     settle(&mut owed);
                     return;
                 }
-                let mut changes = Vec::new();
-                for time in ready {
-                    let (_cap, mut at) = pending.remove(&time).expect("ready times are pending");
-                    changes.append(&mut at);
-                }
+                // Each complete epoch's changes, applied from where they were gathered.
+                let epochs: Vec<Vec<PeriscopeChange>> = ready
+                    .iter()
+                    .map(|time| pending.remove(time).expect("ready times are pending").1)
+                    .collect();
                 if let Some(durable) = &durable {
                     durable.stage(closed, |stage| {
-                        for change in &changes {
+                        for change in epochs.iter().flatten() {
                             change.clone().apply_to(stage);
                         }
                     });
@@ -363,7 +363,7 @@ fn publish<'scope>(
                         .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     tables.begin_epoch();
-                    for change in changes {
+                    for change in epochs.into_iter().flatten() {
                         change.apply_to(&mut *tables);
                     }
                     if let Some(closed) = closed
