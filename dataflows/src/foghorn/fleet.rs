@@ -181,6 +181,17 @@ fn rehold(holders: &mut Arc<Holders>, at: u32, old: &NodeLoad, new: &NodeLoad) {
     let Some(trig) = trig_of(new) else {
         return;
     };
+    // Most updates change a node's loads, not which streams it carries: then nothing moves,
+    // and equal names in the same places say so without a lookup per stream.
+    let same_streams = old.streams.len() == new.streams.len()
+        && old
+            .streams
+            .iter()
+            .zip(&new.streams)
+            .all(|(o, n)| o.name == n.name);
+    if same_streams {
+        return;
+    }
     let carries = |node: &NodeLoad, name: Sym| node.stream(name).is_some();
     for stream in &old.streams {
         if !carries(new, stream.name) {

@@ -701,21 +701,21 @@ fn decisions_raise_the_penalty_until_viewers_arrive_or_time_passes() {
     );
 }
 
-/// A fleet of `count` nodes with unique ids and no streams, except `stream` on the `holders`.
-fn with_holders(nodes: Vec<NodeLoad>, holders: &[usize], stream: Sym) -> Vec<NodeLoad> {
+/// The fleet with unique node ids and one stream per node: `stream` on the `holders`, `other`
+/// on the rest. A node that stops or starts holding `stream` keeps its number of streams, so
+/// the move is one name for another in the same place.
+fn with_holders(nodes: Vec<NodeLoad>, holders: &[usize], stream: Sym, other: Sym) -> Vec<NodeLoad> {
     nodes
         .into_iter()
         .enumerate()
         .map(|(i, mut n)| {
             n.node = Sym::new(&format!("holder-test-{i:03}"));
             n.streams.clear();
-            if holders.contains(&i) {
-                n.streams.push(NodeStream {
-                    name: stream,
-                    viewers: 1,
-                    ..NodeStream::default()
-                });
-            }
+            n.streams.push(NodeStream {
+                name: if holders.contains(&i) { stream } else { other },
+                viewers: 1,
+                ..NodeStream::default()
+            });
             n
         })
         .collect()
@@ -742,13 +742,13 @@ proptest! {
             proptest::option::weighted(0.9, (-90.0f64..90.0, -180.0f64..180.0)), 1..6),
         n in 1usize..4,
     ) {
-        let stream = Sym::new(STREAMS[0]);
+        let (stream, other) = (Sym::new(STREAMS[0]), Sym::new(STREAMS[1]));
         let policy = Policy {
             weights: Weights { bonus, ..Weights::default() },
             cutoff: Cutoff::default(),
         };
-        let before = with_holders(nodes.clone(), &holders, stream);
-        let after = with_holders(nodes, &moved, stream);
+        let before = with_holders(nodes.clone(), &holders, stream, other);
+        let after = with_holders(nodes, &moved, stream, other);
         let base = Fleet::build(before.iter().cloned().map(Arc::new).collect(), policy, 1_000_000);
         let changes: Vec<Arc<NodeLoad>> = after.iter().cloned().map(Arc::new).collect();
         let patched = base.with_changes(&changes, 1_000_000).expect("every node is known");
