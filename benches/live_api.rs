@@ -175,7 +175,9 @@ struct Change<'a> {
 
 #[derive(serde::Deserialize)]
 struct SessionRow<'a> {
-    session_id: &'a str,
+    /// Borrowed from the message unless it holds escapes.
+    #[serde(borrow)]
+    session_id: std::borrow::Cow<'a, str>,
 }
 
 /// One subscriber: connects, subscribes to its stream's sessions, and records the latency of
