@@ -22,6 +22,8 @@ use keel_operators::sym::Sym;
 use keel_operators::time::SECOND;
 use rustc_hash::FxBuildHasher;
 
+use super::rows::MaybeTime;
+
 /// The client details a session takes from one of its events. Ordered so ties between events
 /// at the same instant resolve the same way whatever the arrival order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,9 +53,6 @@ pub struct Ending {
     pub details: ClientDetails,
 }
 
-/// Marks "no time" in a session's time fields (`i64::MIN` is never a valid event time).
-const NONE: i64 = i64::MIN;
-
 /// One viewer session, in 88 bytes.
 #[derive(Clone, Debug)]
 pub struct Session {
@@ -69,10 +68,10 @@ pub struct Session {
     country: Sym,
     city: Sym,
     identity: u64,
-    /// Earliest connect time, or `NONE`.
-    connect_time: i64,
-    /// Winning disconnect: time (or `NONE`), reported duration and bytes.
-    end_time: i64,
+    /// Earliest connect time, if any connect is known.
+    connect_time: MaybeTime,
+    /// Winning disconnect: time (none before any disconnect), reported duration and bytes.
+    end_time: MaybeTime,
     duration_s: u64,
     down_bytes: u64,
     up_bytes: u64,
@@ -102,8 +101,8 @@ impl Session {
             country: Sym::default(),
             city: Sym::default(),
             identity: 0,
-            connect_time: NONE,
-            end_time: NONE,
+            connect_time: MaybeTime::NONE,
+            end_time: MaybeTime::NONE,
             duration_s: 0,
             down_bytes: 0,
             up_bytes: 0,
@@ -127,32 +126,25 @@ impl Session {
     }
 
     fn has_connect(&self) -> bool {
-        self.connect_time != NONE
-    }
-
-    fn has_end(&self) -> bool {
-        self.end_time != NONE
+        !self.connect_time.is_none()
     }
 
     /// Absorbs a connect; returns whether the session changed.
     pub fn connect(&mut self, time: i64, details: ClientDetails) -> bool {
-        if self.has_connect() && (self.connect_time, self.details()) <= (time, details) {
+        if let Some(known) = self.connect_time.get()
+            && (known, self.details()) <= (time, details)
+        {
             return false;
         }
-        self.connect_time = time;
+        self.connect_time = MaybeTime::from(Some(time));
         self.set_details(details);
         true
     }
 
     /// Absorbs a disconnect; returns whether the session changed.
     pub fn disconnect(&mut self, ending: Ending) -> bool {
-        if self.has_end() {
-            let numbers = (
-                self.end_time,
-                self.duration_s,
-                self.down_bytes,
-                self.up_bytes,
-            );
+        if let Some(end_time) = self.end_time.get() {
+            let numbers = (end_time, self.duration_s, self.down_bytes, self.up_bytes);
             let candidate = (
                 ending.time,
                 ending.duration_s,
@@ -169,7 +161,7 @@ impl Session {
                 return false;
             }
         }
-        self.end_time = ending.time;
+        self.end_time = MaybeTime::from(Some(ending.time));
         self.duration_s = ending.duration_s;
         self.down_bytes = ending.down_bytes;
         self.up_bytes = ending.up_bytes;
@@ -181,18 +173,18 @@ impl Session {
 
     /// The session's interval and details, `None` before any connect or disconnect.
     pub fn span(&self) -> Option<Span> {
-        let start = if self.has_connect() {
-            self.connect_time
-        } else if self.has_end() {
-            let duration = i64::try_from(self.duration_s).unwrap_or(i64::MAX);
-            self.end_time
-                .saturating_sub(duration.saturating_mul(SECOND))
-        } else {
-            return None;
+        let end = self.end_time.get();
+        let start = match (self.connect_time.get(), end) {
+            (Some(connect), _) => connect,
+            (None, Some(end)) => {
+                let duration = i64::try_from(self.duration_s).unwrap_or(i64::MAX);
+                end.saturating_sub(duration.saturating_mul(SECOND))
+            }
+            (None, None) => return None,
         };
         Some(Span {
             start,
-            end: self.has_end().then(|| self.end_time.max(start)),
+            end: end.map(|end| end.max(start)),
             details: self.details(),
             down_bytes: self.down_bytes,
             up_bytes: self.up_bytes,
