@@ -84,6 +84,10 @@ struct Window {
     open_start_sum: i128,
     /// What was last reported: (peak, started, viewer ms).
     published: Option<(u64, u64, i128)>,
+    /// The highest concurrency within the window as last computed; none until it is, and again
+    /// after any change of the concurrency profile before the window's end (which is all that
+    /// can move it). Most closes revisit windows whose peak no change has reached.
+    peak: Option<u64>,
 }
 
 /// The 5-minute windows of one stream, dense from the earliest to the latest touched.
@@ -142,6 +146,19 @@ impl Windows {
             usize::try_from((start - self.base + WINDOW - 1) / WINDOW).unwrap_or(usize::MAX)
         };
         self.slots.iter().skip(from).map(|w| w.open_started).sum()
+    }
+
+    /// Forgets the computed peak of every window a profile change at `time` can move: those
+    /// ending after it.
+    fn forget_peaks_from(&mut self, time: i64) {
+        let from = if time < self.base {
+            0
+        } else {
+            usize::try_from((time - self.base) / WINDOW).unwrap_or(usize::MAX)
+        };
+        for window in self.slots.iter_mut().skip(from) {
+            window.peak = None;
+        }
     }
 
     fn clear_published(&mut self) {
@@ -517,25 +534,31 @@ impl StreamState {
         match old {
             Some((old_start, old_end)) => {
                 if old_start != start {
-                    self.profile.add(old_start, -1);
-                    self.profile.add(start, 1);
+                    self.profile_add(old_start, -1);
+                    self.profile_add(start, 1);
                 }
                 if old_end != end {
                     if let Some(old_end) = old_end {
-                        self.profile.add(old_end, 1);
+                        self.profile_add(old_end, 1);
                     }
                     if let Some(end) = end {
-                        self.profile.add(end, -1);
+                        self.profile_add(end, -1);
                     }
                 }
             }
             None => {
-                self.profile.add(start, 1);
+                self.profile_add(start, 1);
                 if let Some(end) = end {
-                    self.profile.add(end, -1);
+                    self.profile_add(end, -1);
                 }
             }
         }
+    }
+
+    /// One change of the concurrency profile, and the windows whose peak it may move.
+    fn profile_add(&mut self, time: i64, delta: i32) {
+        self.profile.add(time, delta);
+        self.windows.forget_peaks_from(time);
     }
 
     /// Moves a session between viewer identities (nothing to do when it stays the same).
@@ -716,17 +739,32 @@ impl StreamState {
                 break;
             }
             let end = (w + WINDOW).min(now.max(w));
-            let (started, closed_ms, open_started, open_start_sum) = window
-                .map_or((0, 0, 0, 0), |x| {
-                    (x.started, x.closed_ms, x.open_started, x.open_start_sum)
+            let (started, closed_ms, open_started, open_start_sum, known_peak, published) = window
+                .map_or((0, 0, 0, 0, None, None), |x| {
+                    (
+                        x.started,
+                        x.closed_ms,
+                        x.open_started,
+                        x.open_start_sum,
+                        x.peak,
+                        x.published,
+                    )
                 });
             let open_ms = i128::from(open_before) * i128::from(end - w)
                 + (i128::from(open_started) * i128::from(end) - open_start_sum).max(0);
             let viewer_ms = closed_ms + open_ms;
-            let peak = self.profile.max_level_in(w, w + WINDOW).max(0) as u64;
+            let peak = match known_peak {
+                Some(peak) => peak,
+                None => {
+                    let peak = self.profile.max_level_in(w, w + WINDOW).max(0) as u64;
+                    if let Some(x) = self.windows.get_mut(w) {
+                        x.peak = Some(peak);
+                    }
+                    peak
+                }
+            };
             let values = (peak, started.max(0) as u64, viewer_ms);
             let has_row = viewer_ms > 0 || started > 0 || peak > 0;
-            let published = window.and_then(|x| x.published);
             if has_row && published != Some(values) {
                 self.windows.entry(w).published = Some(values);
                 out.push(PeriscopeChange::Usage5m(Change::Upsert(UsageRow {
