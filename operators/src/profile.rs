@@ -92,8 +92,8 @@ pub struct StepProfile {
     /// The answer of the last `max_level`, until the next change.
     memo_max: Option<i64>,
     /// The range and answer of the last `max_level_in`, until the next change. A stream's
-    /// state asks the same two questions at every close, and most closes follow no change to
-    /// its sessions (only the newest event time moved).
+    /// windows keep their own peaks; it asks again at every close only for the newest window
+    /// while open sessions reach it before any session starts there.
     memo_range: Option<(i64, i64, i64)>,
 }
 

@@ -151,11 +151,8 @@ impl Windows {
     /// Forgets the computed peak of every window a profile change at `time` can move: those
     /// ending after it.
     fn forget_peaks_from(&mut self, time: i64) {
-        let from = if time < self.base {
-            0
-        } else {
-            usize::try_from((time - self.base) / WINDOW).unwrap_or(usize::MAX)
-        };
+        let from =
+            usize::try_from(time.saturating_sub(self.base).max(0) / WINDOW).unwrap_or(usize::MAX);
         for window in self.slots.iter_mut().skip(from) {
             window.peak = None;
         }
