@@ -8,10 +8,12 @@
 //! level is read, a session that ends exactly when another starts does not overlap it.
 //!
 //! Storage is a list of sorted blocks with per-block sums and prefix maxima, so an update touches
-//! one block and a range query walks whole blocks by their summaries. A point costs 12 bytes
-//! (time and a 32-bit delta), and blocks fill up when changes come in time order, as a live
-//! stream's do: a block that overflows at its end keeps its points and the newest starts the
-//! next block, so only out-of-order changes leave blocks half full.
+//! one block and a range query walks whole blocks by their summaries. A point costs 8 bytes
+//! (its time as a 32-bit offset from its block's base, and a 32-bit delta; a block spans less
+//! than 2^32 ms, 49 days, and a point farther away starts a block of its own), and blocks fill up
+//! when changes come in time order, as a live stream's do: a block that overflows at its end
+//! keeps its points and the newest starts the next block, so only out-of-order changes leave
+//! blocks half full.
 //!
 //! ```
 //! use keel_operators::profile::StepProfile;
@@ -31,7 +33,11 @@ const FULL: usize = 2 * BLOCK;
 
 #[derive(Clone, Debug, Default)]
 struct Block {
-    times: Vec<i64>,
+    /// The time offsets count from: at or before the block's first point.
+    base: i64,
+    /// Each point's time less `base`, ascending: a block spans less than 2^32 ms (49 days), and
+    /// a point beyond that starts a block of its own.
+    offsets: Vec<u32>,
     deltas: Vec<i32>,
     sum: i64,
     /// Highest running sum within the block, over its points (the level just after each point,
@@ -42,24 +48,85 @@ struct Block {
 }
 
 impl Block {
-    /// A block holding `times` and `deltas`, with room for a full block (so it never grows by
-    /// doubling past it).
-    fn new(times: impl Iterator<Item = i64>, deltas: impl Iterator<Item = i32>) -> Self {
+    /// A block of points at `base` plus `offsets` with `deltas`, with room for a full block (so
+    /// it never grows by doubling past it).
+    fn new(
+        base: i64,
+        offsets: impl Iterator<Item = u32>,
+        deltas: impl Iterator<Item = i32>,
+    ) -> Self {
         let mut block = Block {
-            times: Vec::with_capacity(FULL + 1),
+            base,
+            offsets: Vec::with_capacity(FULL + 1),
             deltas: Vec::with_capacity(FULL + 1),
             sum: 0,
             max_prefix: 0,
             dirty: true,
         };
-        block.times.extend(times);
+        block.offsets.extend(offsets);
         block.deltas.extend(deltas);
         block
     }
 
-    /// Moves the points from `at` on into a new block.
+    /// A block of the one point (`time`, `delta`).
+    fn single(time: i64, delta: i32) -> Self {
+        Block::new(time, std::iter::once(0), std::iter::once(delta))
+    }
+
+    /// The time of point `i`.
+    fn time(&self, i: usize) -> i64 {
+        self.base + i64::from(self.offsets[i])
+    }
+
+    fn first(&self) -> i64 {
+        self.time(0)
+    }
+
+    fn last(&self) -> i64 {
+        self.time(self.offsets.len() - 1)
+    }
+
+    /// `time` as an offset, if the block can hold it.
+    fn offset_of(&self, time: i64) -> Option<u32> {
+        u32::try_from(i128::from(time) - i128::from(self.base)).ok()
+    }
+
+    /// Moves the base back to `time` (before it), if every point still fits; returns whether
+    /// it did.
+    fn rebase(&mut self, time: i64) -> bool {
+        let shift = i128::from(self.base) - i128::from(time);
+        let last = self.offsets.last().map_or(0, |&o| i128::from(o));
+        let Ok(shift) = u32::try_from(shift) else {
+            return false;
+        };
+        if u32::try_from(last + i128::from(shift)).is_err() {
+            return false;
+        }
+        for offset in &mut self.offsets {
+            *offset += shift;
+        }
+        self.base = time;
+        true
+    }
+
+    /// How many points are at or before `time`.
+    fn count_upto(&self, time: i64) -> usize {
+        let distance = i128::from(time) - i128::from(self.base);
+        match u32::try_from(distance) {
+            Ok(offset) => self.offsets.partition_point(|&o| o <= offset),
+            Err(_) if distance < 0 => 0,
+            Err(_) => self.offsets.len(),
+        }
+    }
+
+    /// Moves the points from `at` on into a new block based at the first of them.
     fn split_off(&mut self, at: usize) -> Block {
-        Block::new(self.times.drain(at..), self.deltas.drain(at..))
+        let shift = self.offsets[at];
+        Block::new(
+            self.base + i64::from(shift),
+            self.offsets.drain(at..).map(|o| o - shift),
+            self.deltas.drain(at..),
+        )
     }
 
     fn summarise(&mut self) {
@@ -121,8 +188,7 @@ impl StepProfile {
         self.memo_max = None;
         self.memo_range = None;
         if self.blocks.is_empty() {
-            self.blocks
-                .push(Block::new(std::iter::once(time), std::iter::once(delta)));
+            self.blocks.push(Block::single(time, delta));
             self.firsts.push(time);
             self.stale = 0;
             return;
@@ -131,38 +197,52 @@ impl StepProfile {
         self.stale = self.stale.min(index);
         let last = index + 1 == self.blocks.len();
         let block = &mut self.blocks[index];
+        let offset = match block.offset_of(time) {
+            Some(offset) => offset,
+            // Before the first block's base: the base moves back if its points still fit.
+            None if time < block.base && block.rebase(time) => 0,
+            // Too far from the block's points to be held beside them (no point of the block is
+            // at this time, and no other block's range holds it): a block of its own, before
+            // or after.
+            None => {
+                let at = if time < block.base { index } else { index + 1 };
+                self.blocks.insert(at, Block::single(time, delta));
+                self.firsts.insert(at, time);
+                return;
+            }
+        };
         block.dirty = true;
         let mut appended = false;
-        match block.times.binary_search(&time) {
+        match block.offsets.binary_search(&offset) {
             Ok(at) => {
                 let sum = block.deltas[at]
                     .checked_add(delta)
                     .expect("the deltas at one time sum within i32");
                 block.deltas[at] = sum;
                 if sum == 0 {
-                    block.times.remove(at);
+                    block.offsets.remove(at);
                     block.deltas.remove(at);
                 }
             }
             Err(at) => {
-                appended = at == block.times.len();
-                block.times.insert(at, time);
+                appended = at == block.offsets.len();
+                block.offsets.insert(at, offset);
                 block.deltas.insert(at, delta);
             }
         }
-        if block.times.is_empty() {
+        if block.offsets.is_empty() {
             self.blocks.remove(index);
             self.firsts.remove(index);
-        } else if block.times.len() > FULL {
+        } else if block.offsets.len() > FULL {
             // Appended to the last block: it stays full and the new point starts the next.
             // Anywhere else, halves, so that later changes nearby find room.
             let at_end = appended && last;
             let next = block.split_off(if at_end { FULL } else { BLOCK });
-            self.firsts[index] = block.times[0];
-            self.firsts.insert(index + 1, next.times[0]);
+            self.firsts[index] = block.first();
+            self.firsts.insert(index + 1, next.first());
             self.blocks.insert(index + 1, next);
         } else {
-            self.firsts[index] = block.times[0];
+            self.firsts[index] = block.first();
         }
     }
 
@@ -194,7 +274,7 @@ impl StepProfile {
 
     /// Number of distinct change points.
     pub fn points(&self) -> usize {
-        self.blocks.iter().map(|b| b.times.len()).sum()
+        self.blocks.iter().map(|b| b.offsets.len()).sum()
     }
 
     /// The level at `time`: the sum of all deltas at times `<= time`.
@@ -205,7 +285,7 @@ impl StepProfile {
             return 0;
         }
         let block = &self.blocks[index - 1];
-        let upto = block.times.partition_point(|&t| t <= time);
+        let upto = block.count_upto(time);
         self.before[index - 1]
             + block.deltas[..upto]
                 .iter()
@@ -250,8 +330,7 @@ impl StepProfile {
             .partition_point(|&f| f <= from)
             .saturating_sub(1);
         for (block, &before) in self.blocks[start..].iter().zip(&self.before[start..]) {
-            let first = block.times[0];
-            let last = *block.times.last().expect("blocks are never empty");
+            let (first, last) = (block.first(), block.last());
             if first >= to {
                 break;
             }
@@ -263,7 +342,8 @@ impl StepProfile {
                 continue;
             }
             let mut level = before;
-            for (&t, &d) in block.times.iter().zip(&block.deltas) {
+            for (&o, &d) in block.offsets.iter().zip(&block.deltas) {
+                let t = block.base + i64::from(o);
                 level += i64::from(d);
                 if t >= to {
                     break;
@@ -379,6 +459,36 @@ mod tests {
             }
         }
 
+        /// Times spread over far more than one block's 2^32 ms span, in clusters near its
+        /// edges, in any order: blocks are rebased, and points too far from a block start their
+        /// own, with the same answers as the reference.
+        #[test]
+        fn times_beyond_a_blocks_span_match_reference(
+            changes in prop::collection::vec((0usize..6, 0i64..300, -2i32..3), 0..700),
+            queries in prop::collection::vec((0usize..6, 0i64..320, 0i64..(1 << 34)), 1..20),
+        ) {
+            const CLUSTERS: [i64; 6] = [-(1 << 40), -5, 0, (1 << 32) - 150, 1 << 33, 1 << 45];
+            let changes: Vec<(i64, i32)> =
+                changes.iter().map(|&(c, t, d)| (CLUSTERS[c] + t, d)).collect();
+            let mut profile = StepProfile::default();
+            for &(t, d) in &changes {
+                profile.add(t, d);
+            }
+            let map = reference(&changes);
+            prop_assert_eq!(profile.points(), map.len());
+            let best = map.values().scan(0, |level, d| { *level += d; Some(*level) }).fold(0, i64::max);
+            prop_assert_eq!(profile.max_level(), best);
+            for &(c, t, len) in &queries {
+                let from = CLUSTERS[c] + t;
+                prop_assert_eq!(profile.level_at(from), ref_level(&map, from));
+                prop_assert_eq!(profile.max_level_in(from, from + len + 1), ref_max_in(&map, from, from + len + 1));
+            }
+            for block in &profile.blocks {
+                prop_assert!(block.offsets.first() == Some(&0) || block.base < block.first());
+                prop_assert!(block.offsets.windows(2).all(|w| w[0] < w[1]));
+            }
+        }
+
         /// Changes that mostly come in time order, as a live stream's do (blocks split where
         /// they were appended to), with some arriving late, answer as the reference does.
         #[test]
@@ -406,7 +516,7 @@ mod tests {
         }
     }
 
-    /// Points added in time order fill their blocks: a stream's open sessions cost their 12
+    /// Points added in time order fill their blocks: a stream's open sessions cost their 8
     /// bytes a point, not twice that in half-empty blocks.
     #[test]
     fn ordered_points_fill_their_blocks() {
@@ -419,7 +529,7 @@ mod tests {
             profile
                 .blocks
                 .iter()
-                .all(|b| b.times.capacity() <= FULL + 1)
+                .all(|b| b.offsets.capacity() <= FULL + 1)
         );
         assert_eq!(profile.max_level(), 10_000);
     }
