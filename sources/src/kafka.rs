@@ -38,7 +38,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::{IngestError, SourceError, excerpt};
 use crate::record::Position;
-use crate::source::{Batch, Poll, Source, SourceReader};
+use crate::source::{Batch, FirstWait, Poll, Source, SourceReader};
 
 /// How a Kafka source reads its topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -337,7 +337,7 @@ impl Source for KafkaSource {
             stop_at: self.range.map(|(_, to)| to),
             finished,
             assigned,
-            flowing: false,
+            first_wait: FirstWait::new(Duration::from_millis(50)),
         }))
     }
 
@@ -566,9 +566,7 @@ struct KafkaReader {
     read_to: HashMap<i32, i64>,
     /// Live recovery: partitions whose end was reached.
     at_end: HashSet<i32>,
-    /// The last read got all it asked for: records are coming, so the next read (often the
-    /// rest of the same epoch) does not wait for its first.
-    flowing: bool,
+    first_wait: FirstWait,
 }
 
 /// After a new hand-over, forgets how far the previous one's partitions were read (the
@@ -590,11 +588,7 @@ fn notice_handover(
 impl SourceReader for KafkaReader {
     fn next_batch(&mut self, batch: &mut Batch, max: usize) -> Result<Poll, SourceError> {
         let start = batch.len();
-        let mut wait = if self.flowing {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(50)
-        };
+        let mut wait = self.first_wait.first();
         while batch.len() - start < max {
             let polled = self.consumer.poll(wait);
             notice_handover(
@@ -656,7 +650,7 @@ impl SourceReader for KafkaReader {
                 }),
             }
         }
-        self.flowing = batch.len() - start >= max;
+        self.first_wait.note(batch.len() - start, max);
         if batch.len() > start {
             self.last_record = Instant::now();
             return Ok(Poll::Ready);

@@ -13,7 +13,7 @@ use keel_operators::sym::Sym;
 use crate::error::SourceError;
 use crate::event::Event;
 use crate::record::{Headers, Position, Record};
-use crate::source::{Batch, Poll, Source, SourceReader};
+use crate::source::{Batch, FirstWait, Poll, Source, SourceReader};
 
 /// One record: value and the headers Keel reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -89,7 +89,7 @@ impl Source for MemorySource {
             receiver,
             label: self.label,
             seq: 0,
-            flowing: false,
+            first_wait: FirstWait::new(Duration::from_millis(5)),
         }))
     }
 
@@ -106,8 +106,7 @@ struct MemoryReader {
     receiver: Option<Receiver<OwnedRecord>>,
     label: Sym,
     seq: u64,
-    /// The last read got all it asked for: the next does not wait for its first record.
-    flowing: bool,
+    first_wait: FirstWait,
 }
 
 impl SourceReader for MemoryReader {
@@ -115,11 +114,7 @@ impl SourceReader for MemoryReader {
         let Some(receiver) = &self.receiver else {
             return Ok(Poll::Done);
         };
-        let mut wait = if self.flowing {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(5)
-        };
+        let mut wait = self.first_wait.first();
         let mut got = 0;
         while got < max {
             match receiver.recv_timeout(wait) {
@@ -149,7 +144,7 @@ impl SourceReader for MemoryReader {
                 }
             }
         }
-        self.flowing = got >= max;
+        self.first_wait.note(got, max);
         Ok(if got > 0 { Poll::Ready } else { Poll::Idle })
     }
 }

@@ -11,6 +11,7 @@
 //! simulator's event budget); live sources never do.
 
 use std::ops::Range;
+use std::time::Duration;
 
 use crate::error::{IngestError, SourceError};
 use crate::record::{Headers, Position, Record};
@@ -24,6 +25,39 @@ pub enum Poll {
     Idle,
     /// This reader's share is exhausted.
     Done,
+}
+
+/// How long a reader that waits for records lets a read wait for its first one: not at all
+/// while records are coming (the last read got all it asked for, so the next, often the rest of
+/// the same epoch, has records waiting), else up to an idle wait of the reader's choosing.
+#[derive(Clone, Copy, Debug)]
+pub struct FirstWait {
+    idle: Duration,
+    flowing: bool,
+}
+
+impl FirstWait {
+    /// Waits up to `idle` until a read fills its batch.
+    pub const fn new(idle: Duration) -> Self {
+        FirstWait {
+            idle,
+            flowing: false,
+        }
+    }
+
+    /// How long this read waits for its first record.
+    pub fn first(&self) -> Duration {
+        if self.flowing {
+            Duration::ZERO
+        } else {
+            self.idle
+        }
+    }
+
+    /// Records how a read went: it got `got` records of the `max` it asked for.
+    pub fn note(&mut self, got: usize, max: usize) {
+        self.flowing = got >= max;
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -182,5 +216,27 @@ pub trait SourceReader: Send {
     /// Every epoch up to and including `epoch` has been fully processed by every sink.
     fn commit(&mut self, _epoch: u64) -> Result<(), SourceError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader waits for its first record until a read fills its batch, not while reads keep
+    /// filling them, and again after one comes up short.
+    #[test]
+    fn first_wait_follows_the_last_read() {
+        let idle = Duration::from_millis(5);
+        let mut wait = FirstWait::new(idle);
+        assert_eq!(wait.first(), idle);
+        wait.note(8, 8);
+        assert_eq!(wait.first(), Duration::ZERO);
+        wait.note(8, 8);
+        assert_eq!(wait.first(), Duration::ZERO);
+        wait.note(7, 8);
+        assert_eq!(wait.first(), idle);
+        wait.note(0, 8);
+        assert_eq!(wait.first(), idle);
     }
 }
