@@ -47,11 +47,12 @@ impl Cursor {
             } else if self.eof {
                 break;
             }
-            let start = out.len();
-            out.resize(start + CHUNK, 0);
-            let read = self.file.read(&mut out[start..])?;
-            out.truncate(start + read);
-            if read == 0 {
+            // Room for exactly one more chunk (a growth by doubling would leave half of each
+            // buffer unused), read straight into it without zeroing it first.
+            out.reserve_exact(CHUNK);
+            let read = (&mut self.file).take(CHUNK as u64).read_to_end(out)?;
+            if read < CHUNK {
+                // Reading stops short of the limit only at the end of the file.
                 self.eof = true;
             }
         }
