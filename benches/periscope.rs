@@ -9,7 +9,9 @@
 //! It prints, for a generated file of version-2 events:
 //!
 //! 1. **Throughput**: Keel replaying the file through decode and every Periscope dataflow, with 1
-//!    and 2 workers: events/s, and events per CPU-second (per core).
+//!    and 2 workers: events/s, and events per CPU-second (per core). Foghorn's routing dataflow
+//!    runs beside them as in `keel run`; `--no-routing` turns it off, as `keel sql` and
+//!    backfills do.
 //! 2. **ClickHouse on the same events**: insert them (flattened by Keel's codec) into a MergeTree
 //!    table, then compute the same tables with GROUP BY queries at `max_threads = 1`: load and
 //!    query time, events per core-second, and a row-by-row check that the `streams` tables agree.
@@ -47,6 +49,8 @@ struct Options {
     workers: Vec<usize>,
     /// Most records per worker per epoch (`keel run --batch`).
     batch: usize,
+    /// Foghorn's dataflow on (as `keel run`) or off (as `keel sql` and backfills).
+    routing: bool,
 }
 
 fn parse_args() -> Options {
@@ -57,6 +61,7 @@ fn parse_args() -> Options {
         dir: PathBuf::from("target/bench"),
         workers: vec![1, 2],
         batch: EngineOptions::default().batch,
+        routing: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -74,6 +79,7 @@ fn parse_args() -> Options {
                     .collect();
             }
             "--batch" => options.batch = value().parse().expect("--batch N"),
+            "--no-routing" => options.routing = false,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -141,11 +147,12 @@ fn generate(
     written
 }
 
-fn run_file(path: &Path, workers: usize, batch: usize) -> (Handles, f64, f64) {
+fn run_file(path: &Path, workers: usize, options: &Options) -> (Handles, f64, f64) {
     let handles = Handles::default();
     let options = EngineOptions {
         workers,
-        batch,
+        batch: options.batch,
+        routing: options.routing,
         ..EngineOptions::default()
     };
     let cpu = cpu_seconds();
@@ -717,13 +724,20 @@ fn main() {
         group(options.batch as f64)
     );
     println!();
-    println!("## Keel: decode + every Periscope dataflow, file replay");
+    println!(
+        "## Keel: decode + every Periscope dataflow, file replay ({})",
+        if options.routing {
+            "with Foghorn's routing dataflow, as `keel run`"
+        } else {
+            "routing off, as `keel sql` and backfills"
+        }
+    );
     println!("| workers | wall s | events/s | CPU s | events per CPU-second (per core) |");
     println!("|---|---|---|---|---|");
     let mut streams = Vec::new();
     let mut keel_per_core = 0.0;
     for &workers in &options.workers {
-        let (handles, wall, cpu) = run_file(&file, workers, options.batch);
+        let (handles, wall, cpu) = run_file(&file, workers, &options);
         let events = handles.stats.events.load(Ordering::Relaxed) as f64;
         println!(
             "| {workers} | {wall:.2} | {} | {cpu:.2} | {} |",

@@ -155,6 +155,8 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
         // The range's windows are the backfill's own: stored ones it no longer computes (left
         // by an interrupted run) are removed.
         reconcile: Some(crate::reconcile::Coverage::range(from, to)),
+        // A backfill routes no viewer.
+        routing: false,
         ..engine::EngineOptions::default()
     };
     eprintln!(

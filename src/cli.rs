@@ -923,7 +923,11 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
         std::io::stdout().write_all(&render(&batches, format)?)?;
         return Ok(());
     }
-    let options = args.engine.options()?;
+    let options = EngineOptions {
+        // The replay answers one query and routes no viewer.
+        routing: false,
+        ..args.engine.options()?
+    };
     let spec = match (&args.input, &args.source) {
         (Some(path), _) => format!("file:{}", path.display()),
         (None, Some(spec)) => spec.clone(),

@@ -124,6 +124,10 @@ pub struct EngineOptions {
     /// state speaks for: once the source is caught up, ClickHouse rows it does not hold are
     /// removed ([`crate::reconcile`]). `None`: no reconciliation.
     pub reconcile: Option<Coverage>,
+    /// Whether Foghorn's dataflow keeps node loads for routing ([`Handles::fleet`]). Replays
+    /// that route no viewer (`keel sql`, backfills) turn it off and save its share of the work;
+    /// the Periscope tables are the same either way.
+    pub routing: bool,
 }
 
 impl Default for EngineOptions {
@@ -137,6 +141,7 @@ impl Default for EngineOptions {
             time_bounds: TimeBounds::default(),
             event_range: None,
             reconcile: None,
+            routing: true,
         }
     }
 }
@@ -440,13 +445,15 @@ pub fn run(
                     owed,
                 )
                 .probe_with(&probe);
-                publish_fleet(
-                    foghorn(loads, marks.clone()),
-                    marks,
-                    fleet,
-                    PublishEvery::default(),
-                )
-                .probe_with(&probe);
+                if options.routing {
+                    publish_fleet(
+                        foghorn(loads, marks.clone()),
+                        marks,
+                        fleet,
+                        PublishEvery::default(),
+                    )
+                    .probe_with(&probe);
+                }
                 (events_in, errors_in, marks_in, loads_in)
             });
         let clock = || handles.stats.clock();
@@ -476,6 +483,7 @@ pub fn run(
             let (mut from_source, mut taken) = (0, 0);
             let poll = {
                 let feeding = hub.wants_events();
+                let routing = options.routing;
                 // One event that passed its checks, with its raw row when raw events are kept.
                 let mut accept = |event: Event, raw_row: Option<RawEventRow>| {
                     if options
@@ -494,7 +502,7 @@ pub fn run(
                         let redacted = signalman::redact(event.clone());
                         feed.push(Arc::new(FeedItem::new(bit, redacted)));
                     }
-                    if let Some(load) = LoadInput::from_event(&event) {
+                    if let Some(load) = LoadInput::from_event(&event).filter(|_| routing) {
                         loads_in.send(load);
                     }
                     events_in.send(event);

@@ -4,7 +4,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{Tables, counts, replay_file, simulate_file, write_values};
+use std::sync::Arc;
+
+use common::{Tables, counts, replay_file, replay_with, simulate_file, write_values};
+use keel::engine::EngineOptions;
+use keel_sources::file::FileSource;
 use keel_sources::simulate::{SimConfig, Wire};
 
 fn render(tables: &Tables) -> String {
@@ -95,6 +99,46 @@ fn order_and_workers_do_not_change_the_tables() {
             );
         }
     }
+}
+
+/// With routing off (as `keel sql` and backfills run) the tables are the same, and Foghorn's
+/// fleet stays empty: the switch does remove routing's work, and only that.
+#[test]
+fn routing_off_changes_no_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.ndjson");
+    simulate_file(
+        &path,
+        SimConfig {
+            seed: 5,
+            ..SimConfig::default()
+        },
+        12_000,
+    );
+    let run = |routing| {
+        let options = EngineOptions {
+            workers: 2,
+            batch: 700,
+            routing,
+            ..EngineOptions::default()
+        };
+        replay_with(Arc::new(FileSource::open(&path).unwrap()), &options)
+    };
+    let (with, routed) = run(true);
+    let (without, unrouted) = run(false);
+    assert!(with["viewer_sessions"].len() > 1_000 && !with["nodes"].is_empty());
+    assert_eq!(counts(&with), counts(&without));
+    for (name, rows) in &with {
+        assert_eq!(&without[name], rows, "table {name}");
+    }
+    assert!(
+        !routed.fleet.snapshot().nodes().is_empty(),
+        "with routing on, Foghorn knows the nodes"
+    );
+    assert!(
+        unrouted.fleet.snapshot().nodes().is_empty(),
+        "with routing off, Foghorn's dataflow does not run"
+    );
 }
 
 /// The same fleet written as version 1 and as version 2 gives the same tables.

@@ -47,16 +47,24 @@ pub fn dump(tables: &LiveTables) -> Tables {
 
 /// Runs `source` to its end and dumps the tables.
 pub fn replay(source: Arc<dyn Source>, workers: usize, batch: usize) -> Tables {
-    let handles = Handles::default();
     let options = EngineOptions {
         workers,
         batch,
         ..EngineOptions::default()
     };
-    engine::run(source, &options, &handles).unwrap();
-    let tables = handles.tables.read().unwrap();
-    assert!(tables.epoch().is_some(), "the final epoch is published");
-    dump(&tables)
+    replay_with(source, &options).0
+}
+
+/// Runs `source` to its end with `options`; the tables, and the engine's handles.
+pub fn replay_with(source: Arc<dyn Source>, options: &EngineOptions) -> (Tables, Handles) {
+    let handles = Handles::default();
+    engine::run(source, options, &handles).unwrap();
+    let tables = {
+        let tables = handles.tables.read().unwrap();
+        assert!(tables.epoch().is_some(), "the final epoch is published");
+        dump(&tables)
+    };
+    (tables, handles)
 }
 
 /// Replays an NDJSON file.
