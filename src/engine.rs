@@ -502,7 +502,7 @@ pub fn run(
                         let redacted = signalman::redact(event.clone());
                         feed.push(Arc::new(FeedItem::new(bit, redacted)));
                     }
-                    if let Some(load) = LoadInput::from_event(&event).filter(|_| routing) {
+                    if routing && let Some(load) = LoadInput::from_event(&event) {
                         loads_in.send(load);
                     }
                     events_in.send(event);
