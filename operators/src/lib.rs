@@ -11,6 +11,8 @@
 //! - [`latest`]: a thin wrapper over `maintain` keeping the newest value per key by event time.
 //! - [`chunked`]: a growable array in fixed chunks, so tables of millions of rows grow without
 //!   stalls.
+//! - [`posindex`]: positions of rows by 32-bit key hash, one cache line per look-up before the
+//!   row.
 //! - [`table`]: keyed rows and the upsert changes operators report, and the sink traits.
 //!
 //! ```
@@ -26,6 +28,7 @@ pub mod chunked;
 pub mod idset;
 pub mod latest;
 pub mod maintain;
+pub mod posindex;
 pub mod profile;
 pub mod sym;
 pub mod table;

@@ -41,8 +41,8 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
-use hashbrown::HashTable;
 use keel_operators::chunked::ChunkedVec;
+use keel_operators::posindex::PositionIndex;
 use keel_operators::table::{Change, Row, TableRegistry, TableSink};
 use keel_operators::time::format_rfc3339;
 use rustc_hash::FxBuildHasher;
@@ -76,36 +76,13 @@ pub struct LiveTable<R: Row> {
     fields: Vec<FieldRef>,
     /// In chunks, so that a table of millions of rows grows without a copy of all of them.
     rows: ChunkedVec<R>,
-    /// Row positions, each with its key's hash: growing the index rehashes from these alone,
-    /// rather than reading and hashing every row's key again.
-    index: HashTable<Slot>,
+    /// Row positions, each with 32 bits of its key's hash beside it: a look-up reads the row
+    /// only when those agree, and growing the index re-files from them alone, rather than
+    /// reading and hashing every row's key again.
+    index: PositionIndex,
     hasher: FxBuildHasher,
     /// While someone subscribes: each key changed since the last drain, with its row before.
     journal: Option<HashMap<R::Key, Option<R>, FxBuildHasher>>,
-}
-
-/// One index entry: a row's position and the low 32 bits of its key's hash.
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    at: u32,
-    hash: u32,
-}
-
-impl Slot {
-    fn at(&self) -> usize {
-        self.at as usize
-    }
-
-    /// The 64-bit hash the index files a 32-bit one under: multiplying by an odd constant
-    /// keeps the low bits (which choose the bucket) a bijection of the hash's low bits and
-    /// fills the high bits (which the index keeps as a tag) from all 32.
-    fn spread(hash: u32) -> u64 {
-        u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }
-
-    fn hash(&self) -> u64 {
-        Slot::spread(self.hash)
-    }
 }
 
 impl<R: Row> fmt::Debug for LiveTable<R> {
@@ -146,7 +123,7 @@ impl<R: Row> LiveTable<R> {
             name,
             fields: fields_of::<R>(name),
             rows: ChunkedVec::new(),
-            index: HashTable::new(),
+            index: PositionIndex::default(),
             hasher: FxBuildHasher,
             journal: None,
         }
@@ -154,7 +131,7 @@ impl<R: Row> LiveTable<R> {
 
     /// The 32 bits of the key's hash the index keeps.
     fn hash_key(&self, key: &R::Key) -> u32 {
-        // Truncation intended: the index stores 32 bits and spreads them again (`Slot::hash`).
+        // Truncation intended: the index keeps 32 bits and spreads them again itself.
         self.hasher.hash_one(key) as u32
     }
 
@@ -178,37 +155,27 @@ impl<R: Row> LiveTable<R> {
     fn upsert(&mut self, row: R) {
         let key = row.key();
         let hash = self.hash_key(&key);
-        let found = self
-            .index
-            .find(Slot::spread(hash), Self::holds(&self.rows, hash, &key))
-            .copied();
-        if let Some(slot) = found {
-            self.rows[slot.at()] = row;
+        if let Some(at) = self.index.find(hash, Self::holds(&self.rows, &key)) {
+            self.rows[at as usize] = row;
             return;
         }
         let at = u32::try_from(self.rows.len()).expect("fewer than 2^32 rows per table");
         self.rows.push(row);
-        self.index
-            .insert_unique(Slot::spread(hash), Slot { at, hash }, Slot::hash);
+        self.index.insert(hash, at);
     }
 
     fn delete(&mut self, key: &R::Key) {
         let hash = self.hash_key(key);
-        let Ok(entry) = self
-            .index
-            .find_entry(Slot::spread(hash), Self::holds(&self.rows, hash, key))
-        else {
+        let Some(at) = self.index.find(hash, Self::holds(&self.rows, key)) else {
             return;
         };
-        let (removed, _) = entry.remove();
+        self.index.remove(hash, at);
         let last = u32::try_from(self.rows.len() - 1).expect("fewer than 2^32 rows per table");
-        self.rows.swap_remove(removed.at());
-        if removed.at != last {
+        self.rows.swap_remove(at as usize);
+        if at != last {
             // The former last row now sits where the removed one was: repoint its entry.
-            let moved = self.hash_key(&self.rows[removed.at()].key());
-            if let Some(entry) = self.index.find_mut(Slot::spread(moved), |s| s.at == last) {
-                entry.at = removed.at;
-            }
+            let moved = self.hash_key(&self.rows[at as usize].key());
+            self.index.repoint(moved, last, at);
         }
     }
 
@@ -216,18 +183,14 @@ impl<R: Row> LiveTable<R> {
     pub fn get(&self, key: &R::Key) -> Option<&R> {
         let hash = self.hash_key(key);
         self.index
-            .find(Slot::spread(hash), Self::holds(&self.rows, hash, key))
-            .map(|s| &self.rows[s.at()])
+            .find(hash, Self::holds(&self.rows, key))
+            .map(|at| &self.rows[at as usize])
     }
 
-    /// Whether an index entry is the one for `key` (whose hash is `hash`): the stored hash
-    /// first, and only when it agrees the row's key.
-    fn holds<'a>(
-        rows: &'a ChunkedVec<R>,
-        hash: u32,
-        key: &'a R::Key,
-    ) -> impl Fn(&Slot) -> bool + 'a {
-        move |s| s.hash == hash && rows[s.at()].has_key(key)
+    /// Whether the row at a position (whose stored hash agrees with the key's) is the one for
+    /// `key`.
+    fn holds<'a>(rows: &'a ChunkedVec<R>, key: &'a R::Key) -> impl Fn(u32) -> bool + 'a {
+        move |at| rows[at as usize].has_key(key)
     }
 
     /// Every row, in no particular order.

@@ -10,14 +10,14 @@
 //! - the **client details** (connector, country, city, identity) come from the earliest connect,
 //!   or from the winning disconnect when no connect is known.
 //!
-//! Storage is a slab of [`Session`]s plus a hash index of slot numbers, so each session costs its
-//! own size and a few bytes of index — no key is stored twice — and a bit for "changed since the
-//! last close".
+//! Storage is a slab of [`Session`]s plus a [`PositionIndex`] of slot numbers, so each session
+//! costs its own size and a few bytes of index — no key is stored twice — and a bit for "changed
+//! since the last close".
 
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use compact_str::CompactString;
-use hashbrown::HashTable;
+use keel_operators::posindex::PositionIndex;
 use keel_operators::sym::Sym;
 use keel_operators::time::SECOND;
 use rustc_hash::FxBuildHasher;
@@ -206,18 +206,20 @@ pub fn viewer_identity(host: &str, node: Sym, session_id: &str) -> u64 {
     hasher.finish()
 }
 
-fn slot_hash(node: Sym, session_id: &str) -> u64 {
+/// The 32 bits of (node, session id)'s hash the index keeps.
+fn slot_hash(node: Sym, session_id: &str) -> u32 {
     let mut hasher = FxBuildHasher.build_hasher();
     node.hash(&mut hasher);
     session_id.hash(&mut hasher);
-    hasher.finish()
+    // Truncation intended: the index keeps 32 bits (and spreads them itself).
+    hasher.finish() as u32
 }
 
 /// The sessions of one stream.
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
     slots: Vec<Session>,
-    index: HashTable<u32>,
+    index: PositionIndex,
     /// One bit per slot: changed since the last close.
     dirty: Vec<u64>,
 }
@@ -227,11 +229,11 @@ impl Sessions {
     pub fn slot(&mut self, node: Sym, session_id: &str) -> u32 {
         let hash = slot_hash(node, session_id);
         let slots = &mut self.slots;
-        let found = self.index.find(hash, |&slot| {
+        let found = self.index.find(hash, |slot| {
             let s = &slots[slot as usize];
             s.node == node && s.session_id == session_id
         });
-        if let Some(&slot) = found {
+        if let Some(slot) = found {
             return slot;
         }
         let slot = u32::try_from(slots.len()).expect("fewer than 2^32 sessions per stream");
@@ -239,10 +241,7 @@ impl Sessions {
         if slot % 64 == 0 {
             self.dirty.push(0);
         }
-        self.index.insert_unique(hash, slot, |&s| {
-            let s = &slots[s as usize];
-            slot_hash(s.node, &s.session_id)
-        });
+        self.index.insert(hash, slot);
         slot
     }
 
