@@ -3,7 +3,6 @@
 mod common;
 
 use std::path::Path;
-
 use std::sync::Arc;
 
 use common::{Tables, counts, replay_file, replay_with, simulate_file, write_values};

@@ -46,15 +46,6 @@ pub struct PositionIndex {
 }
 
 impl PositionIndex {
-    /// An empty index with room for `rows` rows before it grows.
-    pub fn with_capacity(rows: usize) -> Self {
-        let mut index = PositionIndex::default();
-        if rows > 0 {
-            index.resize((rows * 4 / 3 + 1).next_power_of_two().max(8));
-        }
-        index
-    }
-
     /// Number of positions held.
     pub fn len(&self) -> usize {
         self.len
@@ -63,11 +54,6 @@ impl PositionIndex {
     /// Whether the index holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Bytes of memory the index holds.
-    pub fn allocated_bytes(&self) -> usize {
-        self.entries.capacity() * size_of::<Entry>()
     }
 
     /// Where probing for `hash` starts: the high bits of a multiplicative spread, so that hashes
@@ -267,12 +253,12 @@ mod tests {
             );
         }
         assert_eq!(index.entries.len(), 16_384);
-        assert_eq!(index.allocated_bytes(), 16_384 * 8);
+        assert_eq!(index.entries.capacity() * size_of::<Entry>(), 16_384 * 8);
     }
 
     #[test]
     fn removing_what_is_not_there_changes_nothing() {
-        let mut index = PositionIndex::with_capacity(4);
+        let mut index = PositionIndex::default();
         index.insert(5, 0);
         assert!(!index.remove(5, 1));
         assert!(!index.remove(6, 0));
