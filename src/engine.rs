@@ -437,7 +437,6 @@ pub fn run(
                 let (events_in, events) = scope.new_input::<Event>();
                 let (errors_in, errors) = scope.new_input::<IngestError>();
                 let (marks_in, marks) = scope.new_input::<i64>();
-                let (loads_in, loads) = scope.new_input::<LoadInput>();
                 publish(
                     periscope(events, errors, marks.clone()),
                     tables,
@@ -445,7 +444,10 @@ pub fn run(
                     owed,
                 )
                 .probe_with(&probe);
-                if options.routing {
+                // Replays route no viewer: without routing there is no input for node loads,
+                // and nothing of Foghorn's dataflow is built.
+                let loads_in = options.routing.then(|| {
+                    let (loads_in, loads) = scope.new_input::<LoadInput>();
                     publish_fleet(
                         foghorn(loads, marks.clone()),
                         marks,
@@ -453,7 +455,8 @@ pub fn run(
                         PublishEvery::default(),
                     )
                     .probe_with(&probe);
-                }
+                    loads_in
+                });
                 (events_in, errors_in, marks_in, loads_in)
             });
         let clock = || handles.stats.clock();
@@ -483,7 +486,6 @@ pub fn run(
             let (mut from_source, mut taken) = (0, 0);
             let poll = {
                 let feeding = hub.wants_events();
-                let routing = options.routing;
                 // One event that passed its checks, with its raw row when raw events are kept.
                 let mut accept = |event: Event, raw_row: Option<RawEventRow>| {
                     if options
@@ -502,7 +504,9 @@ pub fn run(
                         let redacted = signalman::redact(event.clone());
                         feed.push(Arc::new(FeedItem::new(bit, redacted)));
                     }
-                    if routing && let Some(load) = LoadInput::from_event(&event) {
+                    if let Some(loads_in) = loads_in.as_mut()
+                        && let Some(load) = LoadInput::from_event(&event)
+                    {
                         loads_in.send(load);
                     }
                     events_in.send(event);
@@ -592,14 +596,18 @@ pub fn run(
                 events_in.advance_to(epoch);
                 errors_in.advance_to(epoch);
                 marks_in.advance_to(epoch);
-                loads_in.advance_to(epoch);
+                if let Some(loads_in) = loads_in.as_mut() {
+                    loads_in.advance_to(epoch);
+                }
             } else if clock() > epoch + 1_000 {
                 // Idle: keep pace with the clock so other workers' epochs can close.
                 epoch = clock();
                 events_in.advance_to(epoch);
                 errors_in.advance_to(epoch);
                 marks_in.advance_to(epoch);
-                loads_in.advance_to(epoch);
+                if let Some(loads_in) = loads_in.as_mut() {
+                    loads_in.advance_to(epoch);
+                }
             }
             // A source that could not fill a batch is caught up: publish what is in flight
             // before asking it again (which may block), so a new event shows at once.

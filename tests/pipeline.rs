@@ -135,8 +135,15 @@ fn routing_off_changes_no_table() {
         "with routing on, Foghorn knows the nodes"
     );
     assert!(
-        unrouted.fleet.snapshot().nodes().is_empty(),
-        "with routing off, Foghorn's dataflow does not run"
+        routed.fleet.snapshot().watermark() > i64::MIN,
+        "with routing on, Foghorn publishes its watermark"
+    );
+    // Built, even if fed no node load, Foghorn's dataflow would publish the event-time
+    // watermark at the end of the input: off, it is not built at all.
+    let fleet = unrouted.fleet.snapshot();
+    assert!(
+        fleet.nodes().is_empty() && fleet.watermark() == i64::MIN,
+        "with routing off, Foghorn's dataflow is not built"
     );
 }
 
