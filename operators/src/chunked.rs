@@ -23,20 +23,36 @@
 use std::fmt;
 use std::ops::{Index, IndexMut};
 
-const CHUNK_BITS: u32 = 12;
-/// Elements per chunk.
+/// log2 of the default chunk's length.
+pub const CHUNK_BITS: u32 = 12;
+/// Elements per chunk, by default.
 pub const CHUNK: usize = 1 << CHUNK_BITS;
-const MASK: usize = CHUNK - 1;
 
-/// A growable array in chunks of [`CHUNK`] elements; see the module documentation.
-pub struct ChunkedVec<T> {
+/// A growable array in chunks of `2^BITS` elements (by default [`CHUNK`]); see the module
+/// documentation. Many small arrays that each grow to thousands of elements take shorter chunks,
+/// so that what one of them has allocated and not yet filled stays small.
+pub struct ChunkedVec<T, const BITS: u32 = CHUNK_BITS> {
     chunks: Vec<Vec<T>>,
     len: usize,
 }
 
 impl<T> ChunkedVec<T> {
-    /// An empty array; allocates nothing until the first push.
+    /// An empty array in chunks of [`CHUNK`] elements; allocates nothing until the first push.
     pub const fn new() -> Self {
+        ChunkedVec {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T, const BITS: u32> ChunkedVec<T, BITS> {
+    /// Elements per chunk.
+    pub const CHUNK: usize = 1 << BITS;
+    const MASK: usize = Self::CHUNK - 1;
+
+    /// An empty array; allocates nothing until the first push.
+    pub const fn empty() -> Self {
         ChunkedVec {
             chunks: Vec::new(),
             len: 0,
@@ -55,14 +71,17 @@ impl<T> ChunkedVec<T> {
 
     /// Appends `value`; never moves the elements already stored.
     pub fn push(&mut self, value: T) {
-        let needs_chunk = self.chunks.last().is_none_or(|last| last.len() == CHUNK);
+        let needs_chunk = self
+            .chunks
+            .last()
+            .is_none_or(|last| last.len() == Self::CHUNK);
         if needs_chunk {
             // The first chunk grows as a `Vec` does (small tables stay small); later chunks
             // are allocated whole, once.
             let chunk = if self.chunks.is_empty() {
                 Vec::new()
             } else {
-                Vec::with_capacity(CHUNK)
+                Vec::with_capacity(Self::CHUNK)
             };
             self.chunks.push(chunk);
         }
@@ -102,14 +121,14 @@ impl<T> ChunkedVec<T> {
 
     /// The element at `index`, if any.
     pub fn get(&self, index: usize) -> Option<&T> {
-        self.chunks.get(index >> CHUNK_BITS)?.get(index & MASK)
+        self.chunks.get(index >> BITS)?.get(index & Self::MASK)
     }
 
     /// The element at `index`, mutably, if any.
     pub fn get_mut(&mut self, index: usize) -> Option<&mut T> {
         self.chunks
-            .get_mut(index >> CHUNK_BITS)?
-            .get_mut(index & MASK)
+            .get_mut(index >> BITS)?
+            .get_mut(index & Self::MASK)
     }
 
     /// The elements in index order.
@@ -124,7 +143,7 @@ impl<T> ChunkedVec<T> {
     }
 }
 
-impl<T: Clone> ChunkedVec<T> {
+impl<T: Clone, const BITS: u32> ChunkedVec<T, BITS> {
     /// The elements in index order, copied into one `Vec`.
     pub fn to_vec(&self) -> Vec<T> {
         let mut all = Vec::with_capacity(self.len);
@@ -138,23 +157,23 @@ impl<T: Clone> ChunkedVec<T> {
 /// Iterator over a [`ChunkedVec`]'s elements in index order.
 pub type Iter<'a, T> = std::iter::Flatten<std::slice::Iter<'a, Vec<T>>>;
 
-impl<T> Default for ChunkedVec<T> {
+impl<T, const BITS: u32> Default for ChunkedVec<T, BITS> {
     fn default() -> Self {
-        ChunkedVec::new()
+        ChunkedVec::empty()
     }
 }
 
-impl<T: fmt::Debug> fmt::Debug for ChunkedVec<T> {
+impl<T: fmt::Debug, const BITS: u32> fmt::Debug for ChunkedVec<T, BITS> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.iter()).finish()
     }
 }
 
-impl<T: Clone> Clone for ChunkedVec<T> {
+impl<T: Clone, const BITS: u32> Clone for ChunkedVec<T, BITS> {
     fn clone(&self) -> Self {
         let mut chunks = Vec::with_capacity(self.chunks.len());
         for chunk in &self.chunks {
-            let mut copy = Vec::with_capacity(chunk.capacity().min(CHUNK));
+            let mut copy = Vec::with_capacity(chunk.capacity().min(Self::CHUNK));
             copy.extend_from_slice(chunk);
             chunks.push(copy);
         }
@@ -165,13 +184,13 @@ impl<T: Clone> Clone for ChunkedVec<T> {
     }
 }
 
-impl<T: PartialEq> PartialEq for ChunkedVec<T> {
+impl<T: PartialEq, const BITS: u32> PartialEq for ChunkedVec<T, BITS> {
     fn eq(&self, other: &Self) -> bool {
         self.len == other.len && self.iter().eq(other.iter())
     }
 }
 
-impl<T> Index<usize> for ChunkedVec<T> {
+impl<T, const BITS: u32> Index<usize> for ChunkedVec<T, BITS> {
     type Output = T;
     fn index(&self, index: usize) -> &T {
         let len = self.len;
@@ -180,7 +199,7 @@ impl<T> Index<usize> for ChunkedVec<T> {
     }
 }
 
-impl<T> IndexMut<usize> for ChunkedVec<T> {
+impl<T, const BITS: u32> IndexMut<usize> for ChunkedVec<T, BITS> {
     fn index_mut(&mut self, index: usize) -> &mut T {
         let len = self.len;
         self.get_mut(index)
@@ -188,7 +207,7 @@ impl<T> IndexMut<usize> for ChunkedVec<T> {
     }
 }
 
-impl<'a, T> IntoIterator for &'a ChunkedVec<T> {
+impl<'a, T, const BITS: u32> IntoIterator for &'a ChunkedVec<T, BITS> {
     type Item = &'a T;
     type IntoIter = Iter<'a, T>;
     fn into_iter(self) -> Iter<'a, T> {
@@ -196,15 +215,15 @@ impl<'a, T> IntoIterator for &'a ChunkedVec<T> {
     }
 }
 
-impl<T> FromIterator<T> for ChunkedVec<T> {
+impl<T, const BITS: u32> FromIterator<T> for ChunkedVec<T, BITS> {
     fn from_iter<I: IntoIterator<Item = T>>(items: I) -> Self {
-        let mut all = ChunkedVec::new();
+        let mut all = ChunkedVec::empty();
         all.extend(items);
         all
     }
 }
 
-impl<T> Extend<T> for ChunkedVec<T> {
+impl<T, const BITS: u32> Extend<T> for ChunkedVec<T, BITS> {
     fn extend<I: IntoIterator<Item = T>>(&mut self, items: I) {
         for item in items {
             self.push(item);
@@ -213,7 +232,7 @@ impl<T> Extend<T> for ChunkedVec<T> {
 }
 
 /// Serialized as a sequence, exactly as a `Vec` of the same elements is.
-impl<T: serde::Serialize> serde::Serialize for ChunkedVec<T> {
+impl<T: serde::Serialize, const BITS: u32> serde::Serialize for ChunkedVec<T, BITS> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.iter())
     }
@@ -244,14 +263,69 @@ mod tests {
     }
 
     /// Checks the chunk invariant: all chunks but the last are full.
-    fn chunks_are_packed<T>(v: &ChunkedVec<T>) -> bool {
+    fn chunks_are_packed<T, const BITS: u32>(v: &ChunkedVec<T, BITS>) -> bool {
         let n = v.chunks.len();
         v.chunks
             .iter()
             .take(n.saturating_sub(1))
-            .all(|c| c.len() == CHUNK)
+            .all(|c| c.len() == ChunkedVec::<T, BITS>::CHUNK)
             && v.chunks.iter().map(Vec::len).sum::<usize>() == v.len
             && v.chunks.iter().filter(|c| c.is_empty()).count() <= 1
+    }
+
+    /// Applies `ops` to a `Vec` holding `0..bulk` and to a `ChunkedVec` in chunks of `2^BITS`
+    /// built from it, and requires the same elements, in the same order, after every step.
+    fn behaves_as_a_vec_in<const BITS: u32>(
+        ops: Vec<Op>,
+        bulk: usize,
+    ) -> Result<(), TestCaseError> {
+        let mut model: Vec<u32> = (0..u32::try_from(bulk).unwrap()).collect();
+        let mut chunked: ChunkedVec<u32, BITS> = model.iter().copied().collect();
+        for op in ops {
+            match op {
+                Op::Push(v) => {
+                    // Several at a time, so boundaries are crossed both ways.
+                    for k in 0..5 {
+                        model.push(v.wrapping_add(k));
+                        chunked.push(v.wrapping_add(k));
+                    }
+                }
+                Op::Pop => {
+                    for _ in 0..5 {
+                        prop_assert_eq!(chunked.pop(), model.pop());
+                    }
+                }
+                Op::SwapRemove(i) if !model.is_empty() => {
+                    let i = i % model.len();
+                    prop_assert_eq!(chunked.swap_remove(i), model.swap_remove(i));
+                }
+                Op::SwapRemove(_) => {}
+                Op::Set(i, v) if !model.is_empty() => {
+                    let i = i % model.len();
+                    model[i] = v;
+                    chunked[i] = v;
+                }
+                Op::Set(..) => {}
+                Op::Clear => {
+                    model.clear();
+                    chunked.clear();
+                }
+            }
+            prop_assert!(chunks_are_packed(&chunked));
+            prop_assert_eq!(chunked.len(), model.len());
+            prop_assert_eq!(chunked.get(model.len()), None);
+        }
+        prop_assert_eq!(chunked.iter().copied().collect::<Vec<_>>(), model.clone());
+        prop_assert_eq!(chunked.to_vec(), model.clone());
+        prop_assert_eq!(
+            chunked.clone(),
+            chunked.iter().copied().collect::<ChunkedVec<_, BITS>>()
+        );
+        prop_assert_eq!(
+            serde_json::to_string(&chunked).unwrap(),
+            serde_json::to_string(&model).unwrap()
+        );
+        Ok(())
     }
 
     proptest! {
@@ -261,49 +335,13 @@ mod tests {
         /// given the same operations; runs of pushes and pops cross chunk boundaries often.
         #[test]
         fn behaves_as_a_vec(ops in proptest::collection::vec(op(), 0..64), bulk in 0usize..3 * CHUNK) {
-            let mut model: Vec<u32> = (0..u32::try_from(bulk).unwrap()).collect();
-            let mut chunked: ChunkedVec<u32> = model.iter().copied().collect();
-            for op in ops {
-                match op {
-                    Op::Push(v) => {
-                        // Several at a time, so boundaries are crossed both ways.
-                        for k in 0..5 {
-                            model.push(v.wrapping_add(k));
-                            chunked.push(v.wrapping_add(k));
-                        }
-                    }
-                    Op::Pop => {
-                        for _ in 0..5 {
-                            prop_assert_eq!(chunked.pop(), model.pop());
-                        }
-                    }
-                    Op::SwapRemove(i) if !model.is_empty() => {
-                        let i = i % model.len();
-                        prop_assert_eq!(chunked.swap_remove(i), model.swap_remove(i));
-                    }
-                    Op::SwapRemove(_) => {}
-                    Op::Set(i, v) if !model.is_empty() => {
-                        let i = i % model.len();
-                        model[i] = v;
-                        chunked[i] = v;
-                    }
-                    Op::Set(..) => {}
-                    Op::Clear => {
-                        model.clear();
-                        chunked.clear();
-                    }
-                }
-                prop_assert!(chunks_are_packed(&chunked));
-                prop_assert_eq!(chunked.len(), model.len());
-                prop_assert_eq!(chunked.get(model.len()), None);
-            }
-            prop_assert_eq!(chunked.iter().copied().collect::<Vec<_>>(), model.clone());
-            prop_assert_eq!(chunked.to_vec(), model.clone());
-            prop_assert_eq!(chunked.clone(), chunked.iter().copied().collect::<ChunkedVec<_>>());
-            prop_assert_eq!(
-                serde_json::to_string(&chunked).unwrap(),
-                serde_json::to_string(&model).unwrap()
-            );
+            behaves_as_a_vec_in::<CHUNK_BITS>(ops, bulk)?;
+        }
+
+        /// The same in chunks of 8 elements, where nearly every step crosses a boundary.
+        #[test]
+        fn short_chunks_behave_as_a_vec(ops in proptest::collection::vec(op(), 0..64), bulk in 0usize..40) {
+            behaves_as_a_vec_in::<3>(ops, bulk)?;
         }
     }
 

@@ -17,6 +17,7 @@
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use compact_str::CompactString;
+use keel_operators::chunked::ChunkedVec;
 use keel_operators::posindex::PositionIndex;
 use keel_operators::sym::Sym;
 use keel_operators::time::SECOND;
@@ -215,10 +216,15 @@ fn slot_hash(node: Sym, session_id: &str) -> u32 {
     hasher.finish() as u32
 }
 
+/// log2 of the session slab's chunk length: 256 sessions (22 KiB) a chunk. A stream's slab
+/// grows a chunk at a time and never copies what it holds, so hundreds of streams growing to
+/// thousands of sessions each do not leave behind, freed, the smaller arrays they outgrew.
+const SLAB_CHUNK_BITS: u32 = 8;
+
 /// The sessions of one stream.
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
-    slots: Vec<Session>,
+    slots: ChunkedVec<Session, SLAB_CHUNK_BITS>,
     index: PositionIndex,
     /// One bit per slot: changed since the last close.
     dirty: Vec<u64>,
