@@ -299,6 +299,10 @@ impl Owed {
     }
 }
 
+/// Emptied vectors of epochs' changes the publisher keeps for reuse: enough for the epochs in
+/// flight at once.
+const SPARE_EPOCHS: usize = 4;
+
 /// Applies table changes on worker 0 once every worker has passed their epoch, and stages them
 /// for the durable stores when there are any. Only worker 0 holds `tables`; the other workers'
 /// instances receive nothing. With `owed`, it reconciles the stores with the live tables once,
@@ -315,6 +319,10 @@ fn publish<'scope>(
         move |_, _| {
             let mut pending: BTreeMap<u64, (Capability<u64>, Vec<PeriscopeChange>)> =
                 BTreeMap::new();
+            // Vectors of applied epochs, emptied and kept for the next ones: an epoch's changes
+            // then land in memory that is already there, not in a vector grown (copied, and its
+            // fresh pages zeroed by the kernel) anew each epoch.
+            let mut spare: Vec<Vec<PeriscopeChange>> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     if let Some(&time) = cap.least() {
@@ -324,7 +332,7 @@ fn publish<'scope>(
                                 let cap = cap
                                     .retain_least(output.output_index())
                                     .expect("a message with a least time");
-                                (cap, Vec::new())
+                                (cap, spare.pop().unwrap_or_default())
                             })
                             .1
                             .append(data);
@@ -368,8 +376,13 @@ fn publish<'scope>(
                         .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     tables.begin_epoch();
-                    for change in epochs.into_iter().flatten() {
-                        change.apply_to(&mut *tables);
+                    for mut epoch in epochs {
+                        for change in epoch.drain(..) {
+                            change.apply_to(&mut *tables);
+                        }
+                        if spare.len() < SPARE_EPOCHS {
+                            spare.push(epoch);
+                        }
                     }
                     if let Some(closed) = closed
                         && tables.epoch().is_none_or(|e| e < closed)

@@ -48,10 +48,10 @@ fn probe(id: u128, words: usize) -> (usize, u64) {
 impl IdSet {
     /// Adds `id`; returns whether it was new.
     pub fn insert(&mut self, id: u128) -> bool {
-        if self.recent.contains(&id) || self.in_sorted(id) {
+        // `sorted` and `recent` never share an id, so one probe of `recent` both asks and adds.
+        if self.in_sorted(id) || !self.recent.insert(id) {
             return false;
         }
-        self.recent.insert(id);
         if self.recent.len() > (self.sorted.len() / 8).max(MIN_RECENT) {
             self.merge();
         }
