@@ -51,8 +51,9 @@ impl<T, const BITS: u32> ChunkedVec<T, BITS> {
     pub const CHUNK: usize = 1 << BITS;
     const MASK: usize = Self::CHUNK - 1;
 
-    /// An empty array; allocates nothing until the first push.
-    pub const fn empty() -> Self {
+    /// An empty array; allocates nothing until the first push. (`Default` for other chunk
+    /// lengths than the default one.)
+    const fn empty() -> Self {
         ChunkedVec {
             chunks: Vec::new(),
             len: 0,
