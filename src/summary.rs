@@ -23,6 +23,9 @@ pub struct Snapshot {
     pub live_streams: u64,
     /// Nodes known.
     pub nodes: u64,
+    /// Resident memory of the process, MiB (where `/proc/self/status` says): every session and
+    /// window is kept, so it grows with the input, and the line shows by how much.
+    pub resident_mib: Option<u64>,
 }
 
 impl Snapshot {
@@ -39,6 +42,7 @@ impl Snapshot {
                 .filter(|s| s.status.as_str() == "live")
                 .count() as u64,
             nodes: tables.len("nodes").unwrap_or(0) as u64,
+            resident_mib: keel_api::metrics::process_status_kib("VmRSS:").map(|kib| kib / 1024),
         }
     }
 
@@ -58,12 +62,16 @@ impl Snapshot {
     /// One line: rates since `previous`, which was taken `interval` ago.
     pub fn line(&self, previous: &Snapshot, elapsed: Duration, interval: Duration) -> String {
         let rate = (self.events - previous.events) as f64 / interval.as_secs_f64().max(1e-9);
-        format!(
+        let mut line = format!(
             "[{:>5}s] {:>9} events/s | {}",
             elapsed.as_secs(),
             group(rate as u64),
             self.totals()
-        )
+        );
+        if let Some(mib) = self.resident_mib {
+            line.push_str(&format!(" | {} MiB resident", group(mib)));
+        }
+        line
     }
 }
 
@@ -83,6 +91,38 @@ pub fn group(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_line_shows_rate_totals_and_memory() {
+        let before = Snapshot {
+            events: 1_000,
+            ..Snapshot::default()
+        };
+        let now = Snapshot {
+            events: 3_500,
+            errors: 2,
+            open_sessions: 1_204,
+            streams: 7,
+            live_streams: 5,
+            nodes: 3,
+            resident_mib: Some(1_536),
+        };
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            now.line(&before, Duration::from_secs(12), 2 * second),
+            "[   12s]     1,250 events/s | 3,500 events | 1,204 open sessions | 7 streams (5 live) \
+             | 3 nodes | 2 errors | 1,536 MiB resident"
+        );
+        let unknown = Snapshot {
+            resident_mib: None,
+            ..now
+        };
+        assert!(
+            unknown
+                .line(&before, second, second)
+                .ends_with("| 2 errors")
+        );
+    }
 
     #[test]
     fn grouping() {

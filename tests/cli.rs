@@ -187,7 +187,9 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines.len() >= 4, "{stdout}");
     assert!(
-        lines[1].contains("events/s") && lines[1].contains("open sessions"),
+        lines[1].contains("events/s")
+            && lines[1].contains("open sessions")
+            && lines[1].ends_with(" MiB resident"),
         "{stdout}"
     );
     let last = lines.last().unwrap();
