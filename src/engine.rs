@@ -43,7 +43,7 @@ use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::Input;
+use timely::dataflow::operators::vec::{Input, input::Handle as InputHandle};
 use timely::dataflow::operators::{Capability, Probe, probe};
 
 use crate::reconcile::{Coverage, Stored};
@@ -299,6 +299,28 @@ impl Owed {
     }
 }
 
+/// A worker's inputs to its dataflow.
+struct Inputs {
+    events: InputHandle<u64, Event>,
+    errors: InputHandle<u64, IngestError>,
+    /// The newest event time of each epoch.
+    marks: InputHandle<u64, i64>,
+    /// Node loads, only when the engine routes ([`EngineOptions::routing`]).
+    loads: Option<InputHandle<u64, LoadInput>>,
+}
+
+impl Inputs {
+    /// Moves every input on to `epoch`.
+    fn advance_to(&mut self, epoch: u64) {
+        self.events.advance_to(epoch);
+        self.errors.advance_to(epoch);
+        self.marks.advance_to(epoch);
+        if let Some(loads) = &mut self.loads {
+            loads.advance_to(epoch);
+        }
+    }
+}
+
 /// Emptied vectors of epochs' changes the publisher keeps for reuse: enough for the epochs in
 /// flight at once.
 const SPARE_EPOCHS: usize = 4;
@@ -445,33 +467,37 @@ pub fn run(
                 not_before: Instant::now(),
             });
         let stored = |epoch: u64| handles.durable.as_ref().is_none_or(|d| d.covers(epoch));
-        let (mut events_in, mut errors_in, mut marks_in, mut loads_in) = worker
-            .dataflow::<u64, _, _>(|scope| {
-                let (events_in, events) = scope.new_input::<Event>();
-                let (errors_in, errors) = scope.new_input::<IngestError>();
-                let (marks_in, marks) = scope.new_input::<i64>();
-                publish(
-                    periscope(events, errors, marks.clone()),
-                    tables,
-                    durable,
-                    owed,
+        let mut inputs = worker.dataflow::<u64, _, _>(|scope| {
+            let (events_in, events) = scope.new_input::<Event>();
+            let (errors_in, errors) = scope.new_input::<IngestError>();
+            let (marks_in, marks) = scope.new_input::<i64>();
+            publish(
+                periscope(events, errors, marks.clone()),
+                tables,
+                durable,
+                owed,
+            )
+            .probe_with(&probe);
+            // Replays route no viewer: without routing there is no input for node loads,
+            // and nothing of Foghorn's dataflow is built.
+            let loads = options.routing.then(|| {
+                let (loads_in, loads) = scope.new_input::<LoadInput>();
+                publish_fleet(
+                    foghorn(loads, marks.clone()),
+                    marks,
+                    fleet,
+                    PublishEvery::default(),
                 )
                 .probe_with(&probe);
-                // Replays route no viewer: without routing there is no input for node loads,
-                // and nothing of Foghorn's dataflow is built.
-                let loads_in = options.routing.then(|| {
-                    let (loads_in, loads) = scope.new_input::<LoadInput>();
-                    publish_fleet(
-                        foghorn(loads, marks.clone()),
-                        marks,
-                        fleet,
-                        PublishEvery::default(),
-                    )
-                    .probe_with(&probe);
-                    loads_in
-                });
-                (events_in, errors_in, marks_in, loads_in)
+                loads_in
             });
+            Inputs {
+                events: events_in,
+                errors: errors_in,
+                marks: marks_in,
+                loads,
+            }
+        });
         let clock = || handles.stats.clock();
         let mut epoch = 0u64;
         let mut inflight: VecDeque<u64> = VecDeque::new();
@@ -517,12 +543,12 @@ pub fn run(
                         let redacted = signalman::redact(event.clone());
                         feed.push(Arc::new(FeedItem::new(bit, redacted)));
                     }
-                    if let Some(loads_in) = loads_in.as_mut()
+                    if let Some(loads) = &mut inputs.loads
                         && let Some(load) = LoadInput::from_event(&event)
                     {
-                        loads_in.send(load);
+                        loads.send(load);
                     }
-                    events_in.send(event);
+                    inputs.events.send(event);
                 };
                 // One record that cannot be used: an error row, and a dead letter when kept.
                 let mut refuse = |record: Option<&Record<'_>>, error: IngestError| {
@@ -530,7 +556,7 @@ pub fn run(
                         letters.push(dead_letter(record, &error, now));
                     }
                     errors += 1;
-                    errors_in.send(error);
+                    inputs.errors.send(error);
                 };
                 // An epoch takes up to `options.batch` records, read and decoded a chunk at a
                 // time: the raw bytes held at once are a chunk's, not an epoch's.
@@ -593,7 +619,7 @@ pub fn run(
                     feed.clear();
                 }
                 if newest > i64::MIN {
-                    marks_in.send(newest);
+                    inputs.marks.send(newest);
                     stats.newest_event.fetch_max(newest, Ordering::Relaxed);
                 }
                 stats
@@ -606,21 +632,11 @@ pub fn run(
                 reader.mark_epoch(epoch);
                 inflight.push_back(epoch);
                 epoch = epoch.saturating_add(1).max(clock());
-                events_in.advance_to(epoch);
-                errors_in.advance_to(epoch);
-                marks_in.advance_to(epoch);
-                if let Some(loads_in) = loads_in.as_mut() {
-                    loads_in.advance_to(epoch);
-                }
+                inputs.advance_to(epoch);
             } else if clock() > epoch + 1_000 {
                 // Idle: keep pace with the clock so other workers' epochs can close.
                 epoch = clock();
-                events_in.advance_to(epoch);
-                errors_in.advance_to(epoch);
-                marks_in.advance_to(epoch);
-                if let Some(loads_in) = loads_in.as_mut() {
-                    loads_in.advance_to(epoch);
-                }
+                inputs.advance_to(epoch);
             }
             // A source that could not fill a batch is caught up: publish what is in flight
             // before asking it again (which may block), so a new event shows at once.
@@ -688,7 +704,7 @@ pub fn run(
                 _ => {}
             }
         }
-        drop((events_in, errors_in, marks_in, loads_in));
+        drop(inputs);
         while !probe.done() {
             worker.step();
         }
