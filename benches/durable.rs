@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use keel::engine::{self, EngineOptions, Handles};
 use keel_dataflows::periscope::ViewerSessionRow;
 use keel_operators::sym::Sym;
+use keel_operators::sympair::SymPair;
 use keel_operators::table::{Change, TableSink as _};
 use keel_sinks::clickhouse::{ClickHouse, TableSpec};
 use keel_sinks::durable::Durable;
@@ -66,14 +67,16 @@ fn unique(name: &str) -> String {
 
 fn session(i: u64) -> ViewerSessionRow {
     ViewerSessionRow {
-        tenant_id: Sym::new("5b3c5a4e-9d0e-4c1e-8a52-1f0e8a1f5c11"),
+        stream: SymPair::new(
+            Sym::new("5b3c5a4e-9d0e-4c1e-8a52-1f0e8a1f5c11"),
+            Sym::new(["alpha", "bravo", "charlie", "delta"][i as usize % 4]),
+        ),
         stream_id: Sym::new("0f8fad5b-d9cb-469f-a165-70867728950e"),
-        internal_name: Sym::new(["alpha", "bravo", "charlie", "delta"][i as usize % 4]),
         session_id: format!("s{i}").into(),
         node_id: Sym::new(["edge-ams-1", "edge-fra-1", "edge-nyc-1"][i as usize % 3]),
         connector: Sym::new("HLS"),
         country_code: Sym::new(["NL", "DE", "US", "BR"][i as usize % 4]),
-        city: Some(Sym::new("Amsterdam")),
+        city: Sym::new("Amsterdam"),
         connected_at: 1_793_491_200_000 + i as i64,
         disconnected_at: (!i.is_multiple_of(3))
             .then_some(1_793_491_260_000 + i as i64)

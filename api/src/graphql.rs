@@ -436,12 +436,12 @@ impl From<&ViewerSessionRow> for ViewerSessionNode {
     fn from(r: &ViewerSessionRow) -> Self {
         ViewerSessionNode {
             stream_id: ID(r.stream_id.as_str().to_owned()),
-            internal_name: r.internal_name.as_str().to_owned(),
+            internal_name: r.internal_name().as_str().to_owned(),
             session_id: r.session_id.to_string(),
             node_id: r.node_id.as_str().to_owned(),
             connector: r.connector.as_str().to_owned(),
             country_code: r.country_code.as_str().to_owned(),
-            city: r.city.map(|c| c.as_str().to_owned()),
+            city: r.city.non_empty().map(|c| c.as_str().to_owned()),
             connected_at: format_rfc3339(r.connected_at),
             disconnected_at: opt_time(r.disconnected_at.get()),
             duration_seconds: r.duration_s(),
@@ -774,17 +774,17 @@ impl Query {
                 .table::<ViewerSessionRow>("viewer_sessions")
                 .rows()
                 .iter()
-                .filter(|s| sees(tenant, s.tenant_id))
-                .filter(|s| matches_stream(stream_id.as_deref(), s.stream_id, s.internal_name))
+                .filter(|s| sees(tenant, s.tenant_id()))
+                .filter(|s| matches_stream(stream_id.as_deref(), s.stream_id, s.internal_name()))
                 .filter(|s| open.is_none_or(|o| o == s.disconnected_at.is_none()))
                 .map(|s| {
                     let key = format!(
                         "{}\u{1f}{:020}\u{1f}{}\u{1f}{}\u{1f}{}",
-                        s.internal_name,
+                        s.internal_name(),
                         s.connected_at.max(0),
                         s.node_id,
                         s.session_id,
-                        s.tenant_id
+                        s.tenant_id()
                     );
                     (key, ViewerSessionNode::from(s))
                 })

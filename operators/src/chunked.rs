@@ -1,7 +1,7 @@
 //! A growable array kept in fixed-size chunks, for tables of a million rows and more.
 //!
 //! A plain `Vec` doubles when full: it copies every element into a new allocation twice the
-//! size, whose pages the kernel must first zero. With a million 88-byte rows that is one step
+//! size, whose pages the kernel must first zero. With a million 72-byte rows that is one step
 //! of well over 100 ms in which nothing else happens, and every subscriber's latency shows it.
 //! [`ChunkedVec`] never moves what it stores: it adds one chunk of [`CHUNK`] elements at a time,
 //! so growing costs the same small amount at every size. Indexing is one shift and one mask.

@@ -4,6 +4,9 @@
 //! viewers or nodes; everything here is about time, keys and incremental state.
 //!
 //! - [`sym`]: interned strings, the 4-byte currency of compact state and rows.
+//! - [`sympair`]: two interned strings that travel together under one 4-byte handle.
+//! - [`appendonly`]: the lock-free, append-only table interners keep their values in.
+//! - [`shortstr`]: identifiers too many to intern (session ids) in 16 bytes, inline up to 15.
 //! - [`time`]: event time as milliseconds, RFC 3339 parsing and printing, windows.
 //! - [`profile`]: a step function answering "highest level in a range" (true peak concurrency).
 //! - [`maintain`]: the operator that keeps per-worker state current with a timely stream and
@@ -24,12 +27,15 @@
 //! assert_eq!(open.max_level(), 1);
 //! ```
 
+pub mod appendonly;
 pub mod chunked;
 pub mod idset;
 pub mod latest;
 pub mod maintain;
 pub mod posindex;
 pub mod profile;
+pub mod shortstr;
 pub mod sym;
+pub mod sympair;
 pub mod table;
 pub mod time;

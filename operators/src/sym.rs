@@ -25,18 +25,17 @@ use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{Mutex, OnceLock};
 
 use rustc_hash::FxBuildHasher;
+
+use crate::appendonly::AppendOnly;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A handle to an interned string. `Sym::default()` is the empty string.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Sym(u32);
 
-const FIRST_CHUNK: usize = 1024;
-const CHUNKS: usize = 22;
 const SHARDS: usize = 16;
 
 struct Entry {
@@ -45,31 +44,21 @@ struct Entry {
 }
 
 struct Interner {
-    chunks: [OnceLock<Box<[OnceLock<Entry>]>>; CHUNKS],
+    entries: AppendOnly<Entry>,
     shards: [Mutex<HashMap<&'static str, u32, FxBuildHasher>>; SHARDS],
-    next: AtomicU32,
 }
 
 fn interner() -> &'static Interner {
     static INTERNER: OnceLock<Interner> = OnceLock::new();
     INTERNER.get_or_init(|| {
         let interner = Interner {
-            chunks: std::array::from_fn(|_| OnceLock::new()),
+            entries: AppendOnly::new(),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::default())),
-            next: AtomicU32::new(0),
         };
         // Id 0 is the empty string, so `Sym::default()` needs no look-up.
         interner.push_entry("", text_hash(""));
         interner
     })
-}
-
-/// Where id `id` lives: chunk `k` holds `FIRST_CHUNK << k` entries.
-fn slot(id: u32) -> (usize, usize) {
-    let scaled = id as usize / FIRST_CHUNK + 1;
-    let chunk = (usize::BITS - 1 - scaled.leading_zeros()) as usize;
-    let start = FIRST_CHUNK * ((1 << chunk) - 1);
-    (chunk, id as usize - start)
 }
 
 /// The hash every process computes for the same text (used to route keys to workers).
@@ -79,24 +68,15 @@ pub fn text_hash(text: &str) -> u64 {
 
 impl Interner {
     fn entry(&self, id: u32) -> &Entry {
-        let (chunk, index) = slot(id);
-        self.chunks[chunk]
-            .get()
-            .and_then(|c| c[index].get())
+        self.entries
+            .get(id)
             .expect("a Sym always refers to an interned entry")
     }
 
     /// Appends a new entry and returns its id; callers make sure `text` is not in the table yet.
     fn push_entry(&self, text: &str, hash: u64) -> (u32, &'static str) {
-        let id = self.next.fetch_add(1, AtomicOrdering::Relaxed);
-        let (chunk, index) = slot(id);
-        let entries = self.chunks[chunk]
-            .get_or_init(|| (0..FIRST_CHUNK << chunk).map(|_| OnceLock::new()).collect());
         let text: &'static str = Box::leak(text.to_owned().into_boxed_str());
-        if entries[index].set(Entry { text, hash }).is_err() {
-            unreachable!("interned ids are handed out once");
-        }
-        (id, text)
+        (self.entries.push(Entry { text, hash }), text)
     }
 
     fn find(&self, text: &str) -> Option<u32> {
@@ -290,18 +270,6 @@ mod tests {
         })
         .join()
         .unwrap();
-    }
-
-    #[test]
-    fn slots_cover_ids_without_gaps() {
-        let mut expected = (0, 0);
-        for id in 0..(FIRST_CHUNK as u32 * 7) {
-            assert_eq!(slot(id), expected, "id {id}");
-            expected.1 += 1;
-            if expected.1 == FIRST_CHUNK << expected.0 {
-                expected = (expected.0 + 1, 0);
-            }
-        }
     }
 
     #[test]

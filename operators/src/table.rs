@@ -36,7 +36,7 @@
 //! ```
 
 use std::fmt::Debug;
-use std::hash::Hash;
+use std::hash::{Hash, Hasher};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -68,6 +68,15 @@ pub trait Row:
     /// heap data answer without building one.
     fn has_key(&self, key: &Self::Key) -> bool {
         self.key() == *key
+    }
+    /// Feeds this row's key to `state`: the same as `self.key().hash(state)`; rows whose key
+    /// owns heap data hash its parts in place.
+    fn hash_key<H: Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+    /// Whether `other` has this row's key: the same as `other.has_key(&self.key())`.
+    fn same_key(&self, other: &Self) -> bool {
+        other.has_key(&self.key())
     }
 }
 

@@ -36,7 +36,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -135,6 +135,13 @@ impl<R: Row> LiveTable<R> {
         self.hasher.hash_one(key) as u32
     }
 
+    /// The same 32 bits, from a row (without building its key).
+    fn hash_row(&self, row: &R) -> u32 {
+        let mut state = self.hasher.build_hasher();
+        row.hash_key(&mut state);
+        state.finish() as u32
+    }
+
     /// Applies one change.
     pub fn apply(&mut self, change: Change<R>) {
         if self.journal.is_some() {
@@ -153,9 +160,9 @@ impl<R: Row> LiveTable<R> {
     }
 
     fn upsert(&mut self, row: R) {
-        let key = row.key();
-        let hash = self.hash_key(&key);
-        if let Some(at) = self.index.find(hash, Self::holds(&self.rows, &key)) {
+        let hash = self.hash_row(&row);
+        let rows = &self.rows;
+        if let Some(at) = self.index.find(hash, |at| rows[at as usize].same_key(&row)) {
             self.rows[at as usize] = row;
             return;
         }
@@ -174,7 +181,7 @@ impl<R: Row> LiveTable<R> {
         self.rows.swap_remove(at as usize);
         if at != last {
             // The former last row now sits where the removed one was: repoint its entry.
-            let moved = self.hash_key(&self.rows[at as usize].key());
+            let moved = self.hash_row(&self.rows[at as usize]);
             self.index.repoint(moved, last, at);
         }
     }

@@ -11,6 +11,7 @@ use compact_str::CompactString;
 use keel_operators::latest::Latest;
 use keel_operators::maintain::EpochState;
 use keel_operators::sym::Sym;
+use keel_operators::sympair::SymPair;
 use keel_operators::table::{Change, Row, TableSink};
 use keel_operators::time::{HOUR, SECOND, window_start};
 use keel_sources::codec::KEEL_NAMESPACE;
@@ -436,14 +437,13 @@ fn reference(events: &[Event], now: i64) -> Tables {
                 &mut tables,
                 "viewer_sessions",
                 ViewerSessionRow {
-                    tenant_id,
+                    stream: SymPair::new(tenant_id, name),
                     stream_id,
-                    internal_name: name,
-                    session_id: id.clone(),
+                    session_id: id.as_str().into(),
                     node_id: *node,
                     connector: s.details.connector,
                     country_code: code(s.details.country),
-                    city: s.details.city.non_empty(),
+                    city: s.details.city,
                     connected_at: s.start,
                     disconnected_at: s.end.into(),
                     down_bytes: s.down,

@@ -6,8 +6,11 @@
 //! Times are milliseconds since the epoch; each row names its time columns (`Row::TIMESTAMPS`)
 //! so sinks present them as UTC timestamps.
 
-use compact_str::CompactString;
+use std::hash::{Hash, Hasher};
+
+use keel_operators::shortstr::ShortStr;
 use keel_operators::sym::Sym;
+use keel_operators::sympair::SymPair;
 use keel_operators::table::{Change, Row, TableRegistry, TableSet, TableSink};
 use keel_operators::time::SECOND;
 use serde::{Deserialize, Serialize};
@@ -65,29 +68,30 @@ impl Row for StreamRow {
 
 /// `viewer_sessions`: one row per session (stream, node, session id).
 ///
-/// The live table keeps one of these for every session it has seen, so the row is compact (88
-/// bytes): the end is a [`MaybeTime`] rather than an `Option`, and the duration is derived from
-/// start and end rather than stored. Serialized, it has the table's columns: those below, with
+/// The live table keeps one of these for every session it has seen, so the row is compact (72
+/// bytes): tenant and internal name share one handle ([`SymPair`], read through
+/// [`ViewerSessionRow::tenant_id`] and [`ViewerSessionRow::internal_name`]), the session id is a
+/// [`ShortStr`] (inline up to 15 bytes), the end is a [`MaybeTime`] rather than an `Option`, and
+/// the duration is derived from start and end rather than stored. Serialized, it has the table's
+/// columns: `tenant_id`, `stream_id`, `internal_name`, then those below from `session_id`, with
 /// `disconnected_at` and `duration_s` as nullable columns.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(from = "SessionRecord<CompactString>")]
+#[serde(from = "SessionRecord<ShortStr>")]
 pub struct ViewerSessionRow {
-    /// Tenant UUID.
-    pub tenant_id: Sym,
+    /// Tenant UUID and the stream's internal name, which every session of the stream shares.
+    pub stream: SymPair,
     /// Public stream UUID.
     pub stream_id: Sym,
-    /// Internal name.
-    pub internal_name: Sym,
     /// Session id.
-    pub session_id: CompactString,
+    pub session_id: ShortStr,
     /// Serving node.
     pub node_id: Sym,
     /// Output protocol.
     pub connector: Sym,
     /// Country code, `--` when unknown.
     pub country_code: Sym,
-    /// City.
-    pub city: Option<Sym>,
+    /// City, empty when unknown (null in the table).
+    pub city: Sym,
     /// Start: the connect time, else the disconnect time minus the reported duration.
     pub connected_at: i64,
     /// End, none while open.
@@ -99,6 +103,16 @@ pub struct ViewerSessionRow {
 }
 
 impl ViewerSessionRow {
+    /// Tenant UUID.
+    pub fn tenant_id(&self) -> Sym {
+        self.stream.first()
+    }
+
+    /// The stream's internal name.
+    pub fn internal_name(&self) -> Sym {
+        self.stream.second()
+    }
+
     /// Length in seconds, `None` while open.
     pub fn duration_s(&self) -> Option<f64> {
         self.disconnected_at
@@ -134,7 +148,7 @@ impl From<Option<i64>> for MaybeTime {
 }
 
 /// A `viewer_sessions` row as its columns: what [`ViewerSessionRow`] serializes to (with
-/// `S = &CompactString`) and is read back from (`S = CompactString`).
+/// `S = &ShortStr`) and is read back from (`S = ShortStr`).
 #[derive(Serialize, Deserialize)]
 #[serde(rename = "ViewerSessionRow")]
 struct SessionRecord<S> {
@@ -157,15 +171,16 @@ struct SessionRecord<S> {
 
 impl Serialize for ViewerSessionRow {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (tenant_id, internal_name) = self.stream.get();
         SessionRecord {
-            tenant_id: self.tenant_id,
+            tenant_id,
             stream_id: self.stream_id,
-            internal_name: self.internal_name,
+            internal_name,
             session_id: &self.session_id,
             node_id: self.node_id,
             connector: self.connector,
             country_code: self.country_code,
-            city: self.city,
+            city: self.city.non_empty(),
             connected_at: self.connected_at,
             disconnected_at: self.disconnected_at.get(),
             duration_s: self.duration_s(),
@@ -176,17 +191,16 @@ impl Serialize for ViewerSessionRow {
     }
 }
 
-impl From<SessionRecord<CompactString>> for ViewerSessionRow {
-    fn from(r: SessionRecord<CompactString>) -> Self {
+impl From<SessionRecord<ShortStr>> for ViewerSessionRow {
+    fn from(r: SessionRecord<ShortStr>) -> Self {
         ViewerSessionRow {
-            tenant_id: r.tenant_id,
+            stream: SymPair::new(r.tenant_id, r.internal_name),
             stream_id: r.stream_id,
-            internal_name: r.internal_name,
             session_id: r.session_id,
             node_id: r.node_id,
             connector: r.connector,
             country_code: r.country_code,
-            city: r.city,
+            city: r.city.unwrap_or_default(),
             connected_at: r.connected_at,
             disconnected_at: r.disconnected_at.into(),
             down_bytes: r.down_bytes,
@@ -201,21 +215,31 @@ impl Row for ViewerSessionRow {
     const KEY_COLUMNS: &'static [&'static str] =
         &["tenant_id", "internal_name", "node_id", "session_id"];
     fn tenant(&self) -> Option<&str> {
-        Some(self.tenant_id.as_str())
+        Some(self.tenant_id().as_str())
     }
     const TIMESTAMPS: &'static [&'static str] = &["connected_at", "disconnected_at"];
-    type Key = (Sym, Sym, Sym, CompactString);
+    type Key = (Sym, Sym, Sym, ShortStr);
     fn key(&self) -> Self::Key {
+        let (tenant_id, internal_name) = self.stream.get();
         (
-            self.tenant_id,
-            self.internal_name,
+            tenant_id,
+            internal_name,
             self.node_id,
             self.session_id.clone(),
         )
     }
     fn has_key(&self, key: &Self::Key) -> bool {
-        (self.tenant_id, self.internal_name, self.node_id) == (key.0, key.1, key.2)
-            && self.session_id == key.3
+        self.node_id == key.2 && self.session_id == key.3 && self.stream.get() == (key.0, key.1)
+    }
+    fn hash_key<H: Hasher>(&self, state: &mut H) {
+        let (tenant_id, internal_name) = self.stream.get();
+        (tenant_id, internal_name, self.node_id, &self.session_id).hash(state);
+    }
+    fn same_key(&self, other: &Self) -> bool {
+        // One handle per pair, so equal handles are equal names.
+        self.stream == other.stream
+            && self.node_id == other.node_id
+            && self.session_id == other.session_id
     }
 }
 
@@ -503,14 +527,13 @@ mod tests {
 
     fn session(tenant: &str, name: &str, node: &str, id: &str) -> ViewerSessionRow {
         ViewerSessionRow {
-            tenant_id: Sym::new(tenant),
+            stream: SymPair::new(Sym::new(tenant), Sym::new(name)),
             stream_id: Sym::new("stream"),
-            internal_name: Sym::new(name),
-            session_id: CompactString::from(id),
+            session_id: ShortStr::from(id),
             node_id: Sym::new(node),
             connector: Sym::new("webrtc"),
             country_code: Sym::new("NL"),
-            city: None,
+            city: Sym::default(),
             connected_at: 0,
             disconnected_at: MaybeTime::NONE,
             down_bytes: 0,
@@ -519,17 +542,31 @@ mod tests {
     }
 
     proptest! {
-        /// The live table finds session rows by `has_key`, which must agree with comparing built
-        /// keys, including session ids long enough to live on the heap.
+        /// The live table finds session rows by `has_key`, `same_key` and `hash_key`, which must
+        /// agree with comparing and hashing built keys, including session ids long enough to
+        /// live on the heap.
         #[test]
-        fn session_has_key_agrees_with_key(
+        fn session_key_in_place_agrees_with_key(
             a in ("[ab]", "[ab]", "[ab]", "(x|y){0,30}"),
             b in ("[ab]", "[ab]", "[ab]", "(x|y){0,30}"),
         ) {
             let row = session(&a.0, &a.1, &a.2, &a.3);
             let other = session(&b.0, &b.1, &b.2, &b.3);
             prop_assert_eq!(row.has_key(&other.key()), row.key() == other.key());
-            prop_assert!(row.has_key(&row.key()));
+            prop_assert_eq!(row.same_key(&other), row.key() == other.key());
+            prop_assert!(row.has_key(&row.key()) && row.same_key(&row));
+            let in_place = |r: &ViewerSessionRow| {
+                let mut state = std::collections::hash_map::DefaultHasher::new();
+                r.hash_key(&mut state);
+                state.finish()
+            };
+            let built = |r: &ViewerSessionRow| {
+                let mut state = std::collections::hash_map::DefaultHasher::new();
+                r.key().hash(&mut state);
+                state.finish()
+            };
+            prop_assert_eq!(in_place(&row), built(&row));
+            prop_assert_eq!(in_place(&other), built(&other));
         }
 
         /// A session row reads back as itself, and serializes with its end and duration as
@@ -544,7 +581,7 @@ mod tests {
             let mut row = session("t", "n", "node", &id);
             row.connected_at = start;
             row.disconnected_at = length.map(|l| start + l).into();
-            row.city = city.as_deref().map(Sym::new);
+            row.city = city.as_deref().map_or(Sym::default(), Sym::new);
             let json = serde_json::to_value(&row).unwrap();
             prop_assert_eq!(&json["disconnected_at"], &serde_json::json!(length.map(|l| start + l)));
             prop_assert_eq!(
@@ -560,7 +597,7 @@ mod tests {
     /// The live table holds one row per session ever seen; this is its size.
     #[test]
     fn session_row_is_compact() {
-        assert_eq!(size_of::<ViewerSessionRow>(), 88);
+        assert_eq!(size_of::<ViewerSessionRow>(), 72);
     }
 
     #[test]

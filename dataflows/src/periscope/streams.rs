@@ -17,6 +17,7 @@ use keel_operators::idset::IdSet;
 use keel_operators::maintain::EpochState;
 use keel_operators::profile::StepProfile;
 use keel_operators::sym::Sym;
+use keel_operators::sympair::SymPair;
 use keel_operators::table::Change;
 use keel_operators::time::{MINUTE, SECOND, window_start};
 use keel_sources::codec::KEEL_NAMESPACE;
@@ -291,6 +292,8 @@ fn offer<T: Ord>(slot: &mut Option<(i64, T)>, time: i64, value: T) {
 struct StreamState {
     tenant: Sym,
     internal_name: Sym,
+    /// (tenant, internal name) as the stream's session rows carry it.
+    names: SymPair,
     /// The smallest public stream id any event carried.
     stream_id: Option<Uuid>,
     /// The id rows carry (`stream_id`, or derived), and whether rows were published with it.
@@ -323,9 +326,11 @@ struct StreamState {
 
 impl StreamState {
     fn new(tenant: Uuid, internal_name: Sym) -> Self {
+        let tenant = Sym::new(&tenant.to_string());
         StreamState {
-            tenant: Sym::new(&tenant.to_string()),
+            tenant,
             internal_name,
+            names: SymPair::new(tenant, internal_name),
             stream_id: None,
             published_id: None,
             id_text: None,
@@ -670,14 +675,13 @@ impl StreamState {
             let span = session.span().expect("dirty sessions have a span");
             out.push(PeriscopeChange::ViewerSessions(Change::Upsert(
                 ViewerSessionRow {
-                    tenant_id: self.tenant,
+                    stream: self.names,
                     stream_id: id,
-                    internal_name: self.internal_name,
                     session_id: session.session_id.clone(),
                     node_id: session.node,
                     connector: span.details.connector,
                     country_code: country_code(span.details.country),
-                    city: span.details.city.non_empty(),
+                    city: span.details.city,
                     connected_at: span.start,
                     disconnected_at: span.end.into(),
                     down_bytes: span.down_bytes,
