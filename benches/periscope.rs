@@ -11,14 +11,15 @@
 //! 1. **Throughput**: Keel replaying the file through decode and every Periscope dataflow, with 1
 //!    and 2 workers: events/s, and events per CPU-second (per core). Foghorn's routing dataflow
 //!    runs beside them as in `keel run`; `--no-routing` turns it off, as `keel sql` and
-//!    backfills do.
+//!    backfills do (for the update path and the memory child too).
 //! 2. **ClickHouse on the same events**: insert them (flattened by Keel's codec) into a MergeTree
 //!    table, then compute the same tables with GROUP BY queries at `max_threads = 1`: load and
 //!    query time, events per core-second, and a row-by-row check that the `streams` tables agree.
 //! 3. **Update path**: one new event after the load — Keel's time until it shows in the live
 //!    tables, against ClickHouse inserting it and re-running the queries.
 //! 4. **Memory**: bytes of resident memory per open viewer session, with `--sessions` sessions
-//!    open at once (measured in a child process so nothing else is resident).
+//!    open at once (measured in a child process so nothing else is resident), with Foghorn's
+//!    dataflow on or off as for the throughput runs.
 
 mod support;
 
@@ -600,14 +601,16 @@ fn clickhouse(url: &str, file: &Path, keel_streams: &[StreamRow]) -> ClickHouseR
 // ---------------------------------------------------------------------------------------------
 // Keel's update path.
 
-fn keel_update_latency(file: &Path) -> (f64, f64, u64) {
+fn keel_update_latency(file: &Path, routing: bool) -> (f64, f64, u64) {
     let (source, sender) = MemorySource::new("bench", 1 << 16);
     let handles = Handles::default();
     let engine = {
         let handles = handles.clone();
-        std::thread::spawn(move || {
-            engine::run(Arc::new(source), &EngineOptions::default(), &handles)
-        })
+        let options = EngineOptions {
+            routing,
+            ..EngineOptions::default()
+        };
+        std::thread::spawn(move || engine::run(Arc::new(source), &options, &handles))
     };
     let mut loaded = 0u64;
     for line in BufReader::with_capacity(1 << 20, std::fs::File::open(file).unwrap()).split(b'\n') {
@@ -676,11 +679,12 @@ fn keel_update_latency(file: &Path) -> (f64, f64, u64) {
 // ---------------------------------------------------------------------------------------------
 // Memory per open session (child process).
 
-fn memory_child(file: &Path, batch: usize) {
+fn memory_child(file: &Path, batch: usize, routing: bool) {
     let handles = Handles::default();
     let before = memory_kib("VmRSS:");
     let options = EngineOptions {
         batch,
+        routing,
         ..EngineOptions::default()
     };
     engine::run(
@@ -706,7 +710,12 @@ fn main() {
     keel::without_huge_pages();
     if std::env::args().nth(1).as_deref() == Some("--memory-child") {
         let args: Vec<String> = std::env::args().collect();
-        memory_child(Path::new(&args[2]), args[3].parse().expect("a batch size"));
+        memory_child(
+            Path::new(&args[2]),
+            args[3].parse().expect("a batch size"),
+            // Foghorn's dataflow on unless told "no-routing", as in `keel run`.
+            args.get(4).is_none_or(|routing| routing != "no-routing"),
+        );
         return;
     }
     let options = parse_args();
@@ -776,7 +785,7 @@ fn main() {
         println!("Results check: {}.", ch.agree);
         println!();
     }
-    let (p50, p99, loaded) = keel_update_latency(&file);
+    let (p50, p99, loaded) = keel_update_latency(&file, options.routing);
     println!(
         "## Update path: one new event after {} events",
         group(loaded as f64)
@@ -818,6 +827,11 @@ fn main() {
             "--memory-child",
             sessions_file.to_str().unwrap(),
             &options.batch.to_string(),
+            if options.routing {
+                "routing"
+            } else {
+                "no-routing"
+            },
         ])
         .output()
         .unwrap();
@@ -828,9 +842,14 @@ fn main() {
         .collect();
     let (open, before, after, peak) = (f[0], f[1], f[2], f[3]);
     println!(
-        "## Memory: {} open viewer sessions ({} records)",
+        "## Memory: {} open viewer sessions ({} records, {})",
         group(open as f64),
-        group(lines as f64)
+        group(lines as f64),
+        if options.routing {
+            "with Foghorn's routing dataflow"
+        } else {
+            "routing off"
+        }
     );
     println!(
         "| resident before | after | peak | bytes per open session (after − before) | (peak − before) |"
