@@ -117,8 +117,16 @@ impl AsRef<str> for ShortStr {
 }
 
 impl PartialEq for ShortStr {
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
+        match (&self.0, &other.0) {
+            // Inline bytes past the text are zero, so equal texts are equal in all 16 bytes:
+            // a comparison of fixed size, with no call to `memcmp`.
+            (Repr::Inline(a), Repr::Inline(b)) => {
+                a.len_plus_one == b.len_plus_one && a.bytes == b.bytes
+            }
+            _ => self.as_bytes() == other.as_bytes(),
+        }
     }
 }
 
@@ -233,6 +241,15 @@ mod tests {
             prop_assert_eq!(&json, &serde_json::to_string(&a).unwrap());
             let back: ShortStr = serde_json::from_str(&json).unwrap();
             prop_assert_eq!(back, sa);
+        }
+
+        /// Equality is the texts' also where texts often agree, differ by a trailing zero byte
+        /// (which the inline padding holds) or cross the inline limit.
+        #[test]
+        fn equal_exactly_when_the_texts_are(a in "[ab\\x00]{0,17}", b in "[ab\\x00]{0,17}") {
+            let (sa, sb) = (ShortStr::from(a.as_str()), ShortStr::from(b.as_str()));
+            prop_assert_eq!(sa == sb, a == b);
+            prop_assert_eq!(sa == b.as_str(), a == b);
         }
     }
 }

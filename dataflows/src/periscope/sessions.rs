@@ -94,9 +94,9 @@ pub struct Span {
 }
 
 impl Session {
-    fn new(node: Sym, session_id: &str) -> Self {
+    fn new(node: Sym, session_id: ShortStr) -> Self {
         Session {
-            session_id: ShortStr::from(session_id),
+            session_id,
             node,
             connector: Sym::default(),
             country: Sym::default(),
@@ -234,6 +234,8 @@ impl Sessions {
     /// The slot of (node, session id), created empty if new.
     pub fn slot(&mut self, node: Sym, session_id: &str) -> u32 {
         let hash = slot_hash(node, session_id);
+        // Made up front: a new session keeps it, and short ids compare as two fixed-size words.
+        let session_id = ShortStr::from(session_id);
         let slots = &mut self.slots;
         let found = self.index.find(hash, |slot| {
             let s = &slots[slot as usize];
@@ -334,7 +336,7 @@ mod tests {
         /// The merged session depends on the set of events only: any order, any duplication.
         #[test]
         fn merge_is_order_insensitive(events in prop::collection::vec(arb_event(), 1..12), seed in any::<u64>()) {
-            let mut forward = Session::new(Sym::new("n"), "s");
+            let mut forward = Session::new(Sym::new("n"), ShortStr::from("s"));
             for ev in &events { apply(&mut forward, ev); }
             let mut order: Vec<usize> = (0..events.len()).chain(0..events.len() / 2).collect();
             let mut state = seed | 1;
@@ -342,7 +344,7 @@ mod tests {
                 state ^= state << 13; state ^= state >> 7; state ^= state << 17;
                 order.swap(i, (state % (i as u64 + 1)) as usize);
             }
-            let mut shuffled = Session::new(Sym::new("n"), "s");
+            let mut shuffled = Session::new(Sym::new("n"), ShortStr::from("s"));
             for i in order { apply(&mut shuffled, &events[i]); }
             prop_assert_eq!(forward.span(), shuffled.span());
         }
@@ -350,7 +352,7 @@ mod tests {
 
     #[test]
     fn a_disconnect_alone_makes_a_session() {
-        let mut s = Session::new(Sym::new("n"), "s");
+        let mut s = Session::new(Sym::new("n"), ShortStr::from("s"));
         s.disconnect(Ending {
             time: 100_000,
             duration_s: 30,

@@ -37,43 +37,87 @@ const fn tail(bytes: &[u8]) -> u64 {
     word
 }
 
-/// A cheap hash of a field name into 0..256 from its length, first and last eight bytes
-/// (the compile-time form; [`key_hash`] computes the same at run time).
-const fn key_hash_const(bytes: &[u8]) -> usize {
-    mix(bytes.len(), head(bytes), tail(bytes))
+/// A field name as the key table sees it: its length and its first and last (up to) eight
+/// bytes, zero-padded. For names of up to 16 bytes these are the whole name, so comparing two
+/// of them compares the names without a call to `memcmp`; longer names also compare the bytes
+/// between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeyWords {
+    len: usize,
+    head: u64,
+    tail: u64,
 }
 
-const fn mix(len: usize, head: u64, tail: u64) -> usize {
-    let h = (len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ head.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-        ^ tail.wrapping_mul(0x1656_67B1_9E37_79F9);
-    (h >> 56) as usize
-}
+impl KeyWords {
+    /// The compile-time form ([`KeyWords::of`] computes the same at run time).
+    const fn of_const(bytes: &[u8]) -> Self {
+        KeyWords {
+            len: bytes.len(),
+            head: head(bytes),
+            tail: tail(bytes),
+        }
+    }
 
-/// [`key_hash_const`] with word loads instead of byte loops.
-#[inline]
-fn key_hash(bytes: &[u8]) -> usize {
-    let len = bytes.len();
-    if len >= 8 {
-        let first = u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes"));
-        let last = u64::from_le_bytes(bytes[len - 8..].try_into().expect("eight bytes"));
-        mix(len, first, last)
-    } else {
-        let mut word = [0u8; 8];
-        word[..len].copy_from_slice(bytes);
-        let word = u64::from_le_bytes(word);
-        mix(len, word, word)
+    /// [`KeyWords::of_const`] with word loads instead of byte loops.
+    #[inline]
+    fn of(bytes: &[u8]) -> Self {
+        let len = bytes.len();
+        if len >= 8 {
+            KeyWords {
+                len,
+                head: u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes")),
+                tail: u64::from_le_bytes(bytes[len - 8..].try_into().expect("eight bytes")),
+            }
+        } else {
+            let mut word = [0u8; 8];
+            word[..len].copy_from_slice(bytes);
+            let word = u64::from_le_bytes(word);
+            KeyWords {
+                len,
+                head: word,
+                tail: word,
+            }
+        }
+    }
+
+    /// A cheap hash into 0..256.
+    const fn hash(&self) -> usize {
+        let h = (self.len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ self.head.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+            ^ self.tail.wrapping_mul(0x1656_67B1_9E37_79F9);
+        (h >> 56) as usize
+    }
+
+    /// Whether `name` (whose words are `self`) is `key` (whose words are `words`).
+    #[inline]
+    fn names(&self, name: &[u8], words: &KeyWords, key: &[u8]) -> bool {
+        *self == *words && (self.len <= 16 || name[8..self.len - 8] == key[8..self.len - 8])
     }
 }
 
-/// An open-addressing table from `key_hash` slots to 1 + the index of a name (0 = empty),
-/// built at compile time.
+/// The words of each of `names`.
+const fn key_words<const N: usize>(names: &[&str]) -> [KeyWords; N] {
+    let mut words = [KeyWords {
+        len: 0,
+        head: 0,
+        tail: 0,
+    }; N];
+    let mut i = 0;
+    while i < N {
+        words[i] = KeyWords::of_const(names[i].as_bytes());
+        i += 1;
+    }
+    words
+}
+
+/// An open-addressing table from [`KeyWords::hash`] slots to 1 + the index of a name (0 =
+/// empty), built at compile time.
 const fn key_table(names: &[&str]) -> [u8; 256] {
     assert!(names.len() < 200, "the table must stay sparse");
     let mut table = [0u8; 256];
     let mut i = 0;
     while i < names.len() {
-        let mut slot = key_hash_const(names[i].as_bytes());
+        let mut slot = KeyWords::of_const(names[i].as_bytes()).hash();
         while table[slot] != 0 {
             slot = (slot + 1) % 256;
         }
@@ -116,14 +160,17 @@ macro_rules! fields {
 
             fn index(key: &str) -> Option<usize> {
                 const TABLE: [u8; 256] = key_table(NAMES);
-                let mut slot = key_hash(key.as_bytes());
+                const WORDS: [KeyWords; NAMES.len()] = key_words(NAMES);
+                let words = KeyWords::of(key.as_bytes());
+                let mut slot = words.hash();
                 loop {
                     let entry = TABLE[slot];
                     if entry == 0 {
                         return None;
                     }
-                    if NAMES[usize::from(entry) - 1] == key {
-                        return Some(usize::from(entry) - 1);
+                    let index = usize::from(entry) - 1;
+                    if WORDS[index].names(NAMES[index].as_bytes(), &words, key.as_bytes()) {
+                        return Some(index);
                     }
                     slot = (slot + 1) % TABLE.len();
                 }
@@ -353,14 +400,14 @@ mod tests {
     }
 
     #[test]
-    fn run_time_key_hash_matches_compile_time() {
+    fn run_time_key_words_match_compile_time() {
         for name in NAMES
             .iter()
             .chain(&["", "a", "abcdefg", "abcdefgh", "abcdefghi"])
         {
             assert_eq!(
-                key_hash(name.as_bytes()),
-                key_hash_const(name.as_bytes()),
+                KeyWords::of(name.as_bytes()),
+                KeyWords::of_const(name.as_bytes()),
                 "{name}"
             );
         }
@@ -368,6 +415,27 @@ mod tests {
             assert_eq!(Fields::index(name).map(|i| NAMES[i]), Some(*name));
         }
         assert_eq!(Fields::index("request_id"), None);
+    }
+
+    proptest::proptest! {
+        /// A key is found exactly when it is one of the names, including keys that share a
+        /// name's length, first and last eight bytes and differ only between them.
+        #[test]
+        fn keys_are_found_exactly_when_they_are_names(
+            pick in 0..NAMES.len(),
+            at in 0usize..32,
+            byte in 95u8..=122,
+            other in "[a-z_]{0,24}",
+        ) {
+            let mut changed = NAMES[pick].as_bytes().to_vec();
+            let at = at % changed.len();
+            changed[at] = byte;
+            let changed = String::from_utf8(changed).expect("ASCII");
+            for key in [changed, other] {
+                let expected = NAMES.iter().position(|name| *name == key);
+                proptest::prop_assert_eq!(Fields::index(&key), expected, "{}", key);
+            }
+        }
     }
 
     #[test]
