@@ -144,25 +144,29 @@ impl<R: Row> LiveTable<R> {
 
     /// Applies one change.
     pub fn apply(&mut self, change: Change<R>) {
-        if self.journal.is_some() {
-            let key = change.key();
-            if !self.journal.as_ref().is_some_and(|j| j.contains_key(&key)) {
-                let before = self.get(&key).cloned();
-                if let Some(journal) = &mut self.journal {
-                    journal.insert(key, before);
-                }
-            }
-        }
         match change {
             Change::Upsert(row) => self.upsert(row),
             Change::Delete(key) => self.delete(&key),
         }
     }
 
+    /// While someone subscribes, notes the row at `at` (or none) as the row before for `key`,
+    /// unless `key` already changed since the last drain.
+    fn note_before(&mut self, key: impl FnOnce() -> R::Key, at: Option<u32>) {
+        if let Some(journal) = &mut self.journal {
+            let rows = &self.rows;
+            journal
+                .entry(key())
+                .or_insert_with(|| at.map(|at| rows[at as usize].clone()));
+        }
+    }
+
     fn upsert(&mut self, row: R) {
         let hash = self.hash_row(&row);
         let rows = &self.rows;
-        if let Some(at) = self.index.find(hash, |at| rows[at as usize].same_key(&row)) {
+        let found = self.index.find(hash, |at| rows[at as usize].same_key(&row));
+        self.note_before(|| row.key(), found);
+        if let Some(at) = found {
             self.rows[at as usize] = row;
             return;
         }
@@ -173,7 +177,9 @@ impl<R: Row> LiveTable<R> {
 
     fn delete(&mut self, key: &R::Key) {
         let hash = self.hash_key(key);
-        let Some(at) = self.index.find(hash, Self::holds(&self.rows, key)) else {
+        let found = self.index.find(hash, Self::holds(&self.rows, key));
+        self.note_before(|| key.clone(), found);
+        let Some(at) = found else {
             return;
         };
         self.index.remove(hash, at);
@@ -550,6 +556,55 @@ mod tests {
             }
             let batch = table.snapshot().unwrap();
             prop_assert_eq!(batch.num_rows(), model.len());
+        }
+
+        /// While watched, each drain yields exactly the net difference between the rows at the
+        /// last drain and now: the rows gone or changed out, the rows new or changed in.
+        #[test]
+        fn drains_give_the_net_changes(
+            rounds in prop::collection::vec(
+                prop::collection::vec((any::<bool>(), 0u8..12, 0u16..4), 0..30),
+                1..6,
+            ),
+        ) {
+            let mut table = LiveTable::<Pair>::new("pairs");
+            table.watch(true);
+            let mut model: HashMap<u8, Pair> = HashMap::new();
+            for ops in rounds {
+                let before = model.clone();
+                for (upsert, k, v) in ops {
+                    if upsert {
+                        let row = Pair { k, v: Some(v.to_string()) };
+                        model.insert(k, row.clone());
+                        table.apply(Change::Upsert(row));
+                    } else {
+                        model.remove(&k);
+                        table.apply(Change::Delete(k));
+                    }
+                }
+                let text = |row: &Pair| JsonRow::of(row, &[]).text().to_owned();
+                let mut expected: Vec<(i8, String)> = Vec::new();
+                for (k, row) in &before {
+                    if model.get(k) != Some(row) {
+                        expected.push((-1, text(row)));
+                    }
+                }
+                for (k, row) in &model {
+                    if before.get(k) != Some(row) {
+                        expected.push((1, text(row)));
+                    }
+                }
+                let mut got: Vec<(i8, String)> = table
+                    .drain_changes()
+                    .iter()
+                    .map(|change| (change.diff, change.row.text().to_owned()))
+                    .collect();
+                // Rows out come before rows in.
+                prop_assert!(got.windows(2).all(|w| w[0].0 <= w[1].0));
+                got.sort();
+                expected.sort();
+                prop_assert_eq!(got, expected);
+            }
         }
     }
 
