@@ -168,11 +168,15 @@ fn read_data<'a>(json: &mut Json<'a>, parsed: &mut Parsed<'a>) -> Result<(), Rea
 }
 
 fn read_record<'a>(value: &'a [u8], parsed: &mut Parsed<'a>) -> Result<(), Reason> {
-    let text = std::str::from_utf8(value).map_err(|e| {
-        Reason(format!(
-            "record is not valid UTF-8 (at byte {})",
-            e.valid_up_to()
-        ))
+    // Checked with SIMD (a record is mostly ASCII); only a refused record is checked again,
+    // by the standard library, for the position of its first bad byte.
+    let text = simdutf8::basic::from_utf8(value).or_else(|_| {
+        std::str::from_utf8(value).map_err(|e| {
+            Reason(format!(
+                "record is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            ))
+        })
     })?;
     let mut json = Json::new(text);
     match json.peek() {

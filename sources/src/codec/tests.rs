@@ -427,6 +427,44 @@ proptest! {
             prop_assert!(!e.reason.is_empty());
         }
     }
+
+    /// A record is refused as not UTF-8 exactly when it is not, with the offset of its first
+    /// bad byte, wherever the bad bytes sit (the fast check works in blocks of 64 bytes).
+    #[test]
+    fn refused_as_not_utf8_exactly_when_it_is_not(
+        at in any::<prop::sample::Index>(),
+        bad in prop::collection::vec(0x80u8..=0xff, 1..4),
+        pad in 0usize..130,
+    ) {
+        let good = v2("viewer_connect", &format!(
+            r#"{{"node_id":"e","viewer_connect":{{"session_id":"9","stream_name":"live+x","client_city":"{}é"}}}}"#,
+            "a".repeat(pad)
+        ));
+        let mut bytes = good.into_bytes();
+        let i = at.index(bytes.len());
+        bytes.splice(i..i, bad);
+        let rec = Record { position: Position::Simulated { seq: 1 }, value: &bytes, headers: Headers::default() };
+        let expected = std::str::from_utf8(&bytes)
+            .err()
+            .map(|e| format!("record is not valid UTF-8 (at byte {})", e.valid_up_to()));
+        let refused = decode(&rec).err().map(|e| e.reason).filter(|r| r.contains("UTF-8"));
+        prop_assert_eq!(refused, expected);
+    }
+}
+
+#[test]
+fn records_that_are_not_utf8_are_refused_with_the_offset() {
+    let mut bytes = v2("viewer_connect", r#"{"node_id":"e"}"#).into_bytes();
+    bytes[10] = 0xff;
+    let rec = Record {
+        position: Position::Simulated { seq: 1 },
+        value: &bytes,
+        headers: Headers::default(),
+    };
+    assert_eq!(
+        decode(&rec).unwrap_err().reason,
+        "record is not valid UTF-8 (at byte 10)"
+    );
 }
 
 #[test]
