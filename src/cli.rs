@@ -751,14 +751,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     let now = snapshot(&handles);
-    println!(
-        "stopped: {}",
-        now.line(&previous, last, every)
-            .split("| ")
-            .skip(1)
-            .collect::<Vec<_>>()
-            .join("| ")
-    );
+    println!("stopped: {}", now.totals());
     Ok(())
 }
 

@@ -48,7 +48,7 @@ impl Snapshot {
 
     /// The totals, without a rate.
     pub fn totals(&self) -> String {
-        format!(
+        let mut totals = format!(
             "{} events | {} open sessions | {} streams ({} live) | {} nodes | {} errors",
             group(self.events),
             group(self.open_sessions),
@@ -56,22 +56,22 @@ impl Snapshot {
             group(self.live_streams),
             group(self.nodes),
             group(self.errors),
-        )
+        );
+        if let Some(mib) = self.resident_mib {
+            totals.push_str(&format!(" | {} MiB resident", group(mib)));
+        }
+        totals
     }
 
     /// One line: rates since `previous`, which was taken `interval` ago.
     pub fn line(&self, previous: &Snapshot, elapsed: Duration, interval: Duration) -> String {
         let rate = (self.events - previous.events) as f64 / interval.as_secs_f64().max(1e-9);
-        let mut line = format!(
+        format!(
             "[{:>5}s] {:>9} events/s | {}",
             elapsed.as_secs(),
             group(rate as u64),
             self.totals()
-        );
-        if let Some(mib) = self.resident_mib {
-            line.push_str(&format!(" | {} MiB resident", group(mib)));
-        }
-        line
+        )
     }
 }
 

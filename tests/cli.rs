@@ -193,7 +193,10 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
         "{stdout}"
     );
     let last = lines.last().unwrap();
-    assert!(last.starts_with("stopped: "), "{stdout}");
+    assert!(
+        last.starts_with("stopped: ") && last.ends_with(" MiB resident"),
+        "{stdout}"
+    );
     let events: u64 = last["stopped: ".len()..]
         .split(' ')
         .next()

@@ -18,7 +18,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 
 use keel_operators::chunked::ChunkedVec;
 use keel_operators::posindex::PositionIndex;
-use keel_operators::shortstr::ShortStr;
+use keel_operators::shortstr::{INLINE, ShortStr};
 use keel_operators::sym::Sym;
 use keel_operators::time::SECOND;
 use rustc_hash::FxBuildHasher;
@@ -234,17 +234,23 @@ impl Sessions {
     /// The slot of (node, session id), created empty if new.
     pub fn slot(&mut self, node: Sym, session_id: &str) -> u32 {
         let hash = slot_hash(node, session_id);
-        // Made up front: a new session keeps it, and short ids compare as two fixed-size words.
-        let session_id = ShortStr::from(session_id);
+        // A short id is made a `ShortStr` up front: it compares as fixed-size words, and a new
+        // session keeps it. A long one is compared as text, so a look-up never allocates.
+        let short = (session_id.len() <= INLINE).then(|| ShortStr::from(session_id));
         let slots = &mut self.slots;
         let found = self.index.find(hash, |slot| {
             let s = &slots[slot as usize];
-            s.node == node && s.session_id == session_id
+            s.node == node
+                && match &short {
+                    Some(short) => s.session_id == *short,
+                    None => s.session_id == session_id,
+                }
         });
         if let Some(slot) = found {
             return slot;
         }
         let slot = u32::try_from(slots.len()).expect("fewer than 2^32 sessions per stream");
+        let session_id = short.unwrap_or_else(|| ShortStr::from(session_id));
         slots.push(Session::new(node, session_id));
         if slot % 64 == 0 {
             self.dirty.push(0);
@@ -387,6 +393,15 @@ mod tests {
         }
         assert_eq!(sessions.slot(Sym::new("n2"), "1"), b);
         assert_eq!(sessions.len(), 10_003);
+        // Ids at and past the inline limit (compared as words, and as text).
+        let at = "x".repeat(INLINE);
+        let long = "x".repeat(INLINE + 1);
+        let d = sessions.slot(Sym::new("n1"), &at);
+        let e = sessions.slot(Sym::new("n1"), &long);
+        assert_eq!([d, e], [10_003, 10_004]);
+        assert_eq!(sessions.slot(Sym::new("n1"), &long), e);
+        assert_eq!(sessions.slot(Sym::new("n1"), &at), d);
+        assert_eq!(sessions.get(e).session_id, long.as_str());
     }
 
     #[test]
