@@ -33,8 +33,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use keel::engine::{self, EngineOptions, Handles};
-use keel_dataflows::periscope::{StreamRow, ViewerSessionRow};
+use keel_dataflows::periscope::{HeldSessions, StreamRow};
 use keel_operators::sym::Sym;
+use keel_operators::table::HeldTable;
 use keel_sources::codec::decode;
 use keel_sources::event::{Event, EventKind};
 use keel_sources::file::FileSource;
@@ -655,7 +656,7 @@ fn keel_update_latency(file: &Path, routing: bool) -> (f64, f64, u64) {
                 .tables
                 .read()
                 .unwrap()
-                .table::<ViewerSessionRow>("viewer_sessions")
+                .held::<HeldSessions>("viewer_sessions")
                 .get(&key)
                 .is_some();
             if visible {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use keel_api::metrics::EngineStats;
 use keel_dataflows::foghorn::{FleetCell, LoadInput, PublishEvery, foghorn, publish_fleet};
-use keel_dataflows::periscope::{PeriscopeChange, periscope};
+use keel_dataflows::periscope::{HeldSessions, PeriscopeChange, SessionStore, periscope};
 use keel_dataflows::signalman;
 use keel_operators::table::{Change, TableSet, TableSink as _};
 use keel_sinks::durable::Durable;
@@ -151,6 +151,9 @@ impl Default for EngineOptions {
 pub struct Handles {
     /// The live tables.
     pub tables: Arc<RwLock<LiveTables>>,
+    /// The streams' sessions, which the workers keep and `viewer_sessions` reads where they are
+    /// (one copy of each session, not a row beside it).
+    pub sessions: Arc<SessionStore>,
     /// Subscribers to table changes and to the event feed.
     pub hub: Hub,
     /// Counters.
@@ -174,10 +177,13 @@ impl Default for Handles {
     fn default() -> Self {
         let mut tables = LiveTables::default();
         PeriscopeChange::declare_all(&mut tables);
+        let sessions = Arc::new(SessionStore::default());
+        tables.hold("viewer_sessions", HeldSessions::new(sessions.clone()));
         let hub = Hub::default();
         tables.attach(hub.clone());
         Handles {
             tables: Arc::new(RwLock::new(tables)),
+            sessions,
             hub,
             stats: Arc::new(EngineStats::default()),
             shutdown: Arc::new(AtomicBool::new(false)),
@@ -434,6 +440,9 @@ pub fn run(
         .durable
         .as_ref()
         .is_some_and(|d| d.writes(crate::store::RAW_EVENTS));
+    // Session rows are reported as changes only for stores that keep them; the live table
+    // reads the sessions where the workers hold them.
+    handles.sessions.report_rows(handles.durable.is_some());
     // The engine's own services hand their events over typed; their records are built only
     // when raw events are kept.
     handles.injector.keep_records(raw_events);
@@ -472,7 +481,7 @@ pub fn run(
             let (errors_in, errors) = scope.new_input::<IngestError>();
             let (marks_in, marks) = scope.new_input::<i64>();
             publish(
-                periscope(events, errors, marks.clone()),
+                periscope(events, errors, marks.clone(), &handles.sessions),
                 tables,
                 durable,
                 owed,

@@ -770,9 +770,9 @@ impl Query {
     ) -> Result<ViewerSessionConnection> {
         let tenant = tenant_of(ctx, tenant_id.as_ref())?;
         let items = read(ctx, |tables| {
+            let tenant_text = tenant.map(|t| t.to_string());
             tables
-                .table::<ViewerSessionRow>("viewer_sessions")
-                .rows()
+                .rows_of::<ViewerSessionRow>("viewer_sessions", tenant_text.as_deref())
                 .iter()
                 .filter(|s| sees(tenant, s.tenant_id()))
                 .filter(|s| matches_stream(stream_id.as_deref(), s.stream_id, s.internal_name()))

@@ -104,6 +104,44 @@ impl<R: Row> Change<R> {
 pub trait TableSink {
     /// Applies one change to `table`.
     fn apply<R: Row>(&mut self, table: &'static str, change: Change<R>);
+    /// Worker `worker` has reported every change of its states up to its close number
+    /// `generation` (see [`HeldTable`]). Sinks without held tables ignore it.
+    fn closed(&mut self, worker: u32, generation: u64) {
+        let _ = (worker, generation);
+    }
+}
+
+/// A row before and after a change (`None`: no row).
+pub type BeforeAfter<R> = (Option<R>, Option<R>);
+
+/// A table whose rows the dataflow's workers hold in their own state, read where they are
+/// instead of being copied into the sink.
+///
+/// Each worker numbers its closes (generations, from 1). The worker's state keeps, for every
+/// row it changes after a generation it has not yet seen published, the row as it was before:
+/// so a reader that knows, per worker, the newest generation published (its *boundary*) sees
+/// every row exactly as the published epoch left it, whatever the worker has absorbed since.
+/// The sink learns of generations through [`TableSink::closed`], which travels with the
+/// epoch's changes, and makes them visible at once for all tables (`commit`), so a held table
+/// and the copied tables always show the same epoch.
+pub trait HeldTable: Send + Sync + 'static {
+    /// The row type.
+    type Row: Row;
+    /// Notes that `worker` closed `generation`; not visible before the next `commit`.
+    fn closed(&mut self, worker: u32, generation: u64);
+    /// Makes every generation noted so far visible. With `diff`, returns each row that changed
+    /// since the previous commit as (row before, row after), `None` for no row.
+    fn commit(&mut self, diff: bool) -> Vec<BeforeAfter<Self::Row>>;
+    /// Number of rows visible.
+    fn len(&self) -> usize;
+    /// Whether no row is visible.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The visible rows of `tenant` (all for `None`), in no particular order.
+    fn rows(&self, tenant: Option<&str>) -> Vec<Self::Row>;
+    /// The visible row whose key is `key`.
+    fn get(&self, key: &<Self::Row as Row>::Key) -> Option<Self::Row>;
 }
 
 /// Something that learns which tables exist and their row types.

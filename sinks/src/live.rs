@@ -5,6 +5,8 @@
 //! row. [`LiveTables`] is the set of them behind one dataflow: it is a [`TableSink`] (changes go
 //! in per epoch) and a [`TableRegistry`] (tables are declared by the dataflow's change type), and
 //! it records the last epoch applied, so a reader knows exactly which input its snapshot reflects.
+//! A table whose rows the dataflow's workers keep themselves is registered as held
+//! ([`LiveTables::hold`], [`HeldTable`]): it is read where the rows are, at the same epoch.
 //!
 //! Snapshots are Arrow record batches built from the rows through serde (`serde_arrow`), with the
 //! row type's time fields shown as UTC millisecond timestamps.
@@ -43,7 +45,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
 use keel_operators::chunked::ChunkedVec;
 use keel_operators::posindex::PositionIndex;
-use keel_operators::table::{Change, Row, TableRegistry, TableSink};
+use keel_operators::table::{Change, HeldTable, Row, TableRegistry, TableSink};
 use keel_operators::time::format_rfc3339;
 use rustc_hash::FxBuildHasher;
 use serde_arrow::schema::{SchemaLike, TracingOptions};
@@ -233,25 +235,17 @@ impl<R: Row> LiveTable<R> {
     /// them), as a batch of zero or one rows. Text in `key` that no row ever held matches
     /// nothing and is not remembered.
     pub fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError> {
-        let value = match key {
-            [single] => single.clone(),
-            many => Value::Array(many.to_vec()),
-        };
-        let key: Option<R::Key> =
-            keel_operators::sym::lookup_only(|| serde_json::from_value(value).ok());
-        let row: Vec<&R> = key.as_ref().and_then(|k| self.get(k)).into_iter().collect();
+        let row: Vec<&R> = key_of::<R>(key)
+            .as_ref()
+            .and_then(|k| self.get(k))
+            .into_iter()
+            .collect();
         self.batch(row.len(), &row)
     }
 
     /// The `count` rows `rows` serializes (as a sequence) as one Arrow batch.
     fn batch<T: serde::Serialize>(&self, count: usize, rows: &T) -> Result<RecordBatch, LiveError> {
-        if count == 0 {
-            return Ok(RecordBatch::new_empty(self.schema()));
-        }
-        serde_arrow::to_record_batch(&self.fields, rows).map_err(|e| LiveError::Arrow {
-            table: self.name,
-            message: e.to_string(),
-        })
+        batch_of(self.name, &self.fields, count, rows)
     }
 
     /// The Arrow schema of snapshots.
@@ -276,28 +270,11 @@ impl<R: Row> LiveTable<R> {
             return Vec::new();
         };
         let journal = std::mem::take(journal);
-        let mut outs = Vec::new();
-        let mut ins = Vec::new();
-        for (key, before) in journal {
-            let after = self.get(&key);
-            if before.as_ref() == after {
-                continue;
-            }
-            if let Some(before) = &before {
-                outs.push(RowChange {
-                    diff: -1,
-                    row: Arc::new(JsonRow::of(before, R::TIMESTAMPS)),
-                });
-            }
-            if let Some(after) = after {
-                ins.push(RowChange {
-                    diff: 1,
-                    row: Arc::new(JsonRow::of(after, R::TIMESTAMPS)),
-                });
-            }
-        }
-        outs.append(&mut ins);
-        outs
+        row_changes(
+            journal
+                .into_iter()
+                .map(|(key, before)| (before, self.get(&key).cloned())),
+        )
     }
 
     /// The rows passing `filter`, as JSON objects.
@@ -308,6 +285,59 @@ impl<R: Row> LiveTable<R> {
             .filter(|row| filter.matches(row))
             .collect()
     }
+}
+
+/// The key of `R` whose key columns hold `key`, if it can be one. Text no row ever held is not
+/// interned (it matches nothing).
+fn key_of<R: Row>(key: &[Value]) -> Option<R::Key> {
+    let value = match key {
+        [single] => single.clone(),
+        many => Value::Array(many.to_vec()),
+    };
+    keel_operators::sym::lookup_only(|| serde_json::from_value(value).ok())
+}
+
+/// The `count` rows `rows` serializes (as a sequence) as one Arrow batch of table `name`.
+fn batch_of<T: serde::Serialize>(
+    name: &'static str,
+    fields: &[FieldRef],
+    count: usize,
+    rows: &T,
+) -> Result<RecordBatch, LiveError> {
+    if count == 0 {
+        return Ok(RecordBatch::new_empty(Arc::new(Schema::new(
+            fields.to_vec(),
+        ))));
+    }
+    serde_arrow::to_record_batch(fields, rows).map_err(|e| LiveError::Arrow {
+        table: name,
+        message: e.to_string(),
+    })
+}
+
+/// Net changes as the hub takes them: rows out (−1), then rows in (+1).
+fn row_changes<R: Row>(pairs: impl IntoIterator<Item = (Option<R>, Option<R>)>) -> Vec<RowChange> {
+    let mut outs = Vec::new();
+    let mut ins = Vec::new();
+    for (before, after) in pairs {
+        if before == after {
+            continue;
+        }
+        if let Some(before) = &before {
+            outs.push(RowChange {
+                diff: -1,
+                row: Arc::new(JsonRow::of(before, R::TIMESTAMPS)),
+            });
+        }
+        if let Some(after) = &after {
+            ins.push(RowChange {
+                diff: 1,
+                row: Arc::new(JsonRow::of(after, R::TIMESTAMPS)),
+            });
+        }
+    }
+    outs.append(&mut ins);
+    outs
 }
 
 /// A row as a JSON object, its time fields as RFC 3339 strings.
@@ -331,7 +361,16 @@ trait AnyTable: Send + Sync + fmt::Debug {
     fn len(&self) -> usize;
     fn snapshot(&self) -> Result<RecordBatch, LiveError>;
     fn watch(&mut self, on: bool);
+    /// At the close of an epoch: the net changes since the last (empty unless watched).
     fn drain_changes(&mut self) -> Vec<RowChange>;
+    /// Whether the workers hold the rows (changes to the table are not applied here).
+    fn is_held(&self) -> bool {
+        false
+    }
+    /// See [`TableSink::closed`].
+    fn closed(&mut self, _worker: u32, _generation: u64) {}
+    /// The rows of `tenant` (all for `None`), as a `Vec` of the row type.
+    fn rows_any(&self, tenant: Option<&str>) -> Box<dyn Any>;
     fn rows_json(&self, filter: &RowFilter) -> Vec<Value>;
     fn key_columns(&self) -> &'static [&'static str];
     fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError>;
@@ -368,6 +407,84 @@ impl<R: Row> AnyTable for LiveTable<R> {
     fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError> {
         LiveTable::lookup(self, key)
     }
+    fn rows_any(&self, tenant: Option<&str>) -> Box<dyn Any> {
+        let rows: Vec<R> = self
+            .rows
+            .iter()
+            .filter(|row| tenant.is_none_or(|t| row.tenant() == Some(t)))
+            .cloned()
+            .collect();
+        Box::new(rows)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// A table whose rows the workers hold, read through `held`.
+struct Held<H: HeldTable> {
+    name: &'static str,
+    fields: Vec<FieldRef>,
+    held: H,
+    watched: bool,
+}
+
+impl<H: HeldTable> fmt::Debug for Held<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held").field("name", &self.name).finish()
+    }
+}
+
+impl<H: HeldTable> AnyTable for Held<H> {
+    fn schema(&self) -> SchemaRef {
+        Arc::new(Schema::new(self.fields.clone()))
+    }
+    fn len(&self) -> usize {
+        self.held.len()
+    }
+    fn snapshot(&self) -> Result<RecordBatch, LiveError> {
+        self.snapshot_of(None)
+    }
+    fn watch(&mut self, on: bool) {
+        self.watched = on;
+    }
+    fn drain_changes(&mut self) -> Vec<RowChange> {
+        row_changes(self.held.commit(self.watched))
+    }
+    fn is_held(&self) -> bool {
+        true
+    }
+    fn closed(&mut self, worker: u32, generation: u64) {
+        self.held.closed(worker, generation);
+    }
+    fn rows_json(&self, filter: &RowFilter) -> Vec<Value> {
+        self.held
+            .rows(None)
+            .iter()
+            .map(row_json)
+            .filter(|row| filter.matches(row))
+            .collect()
+    }
+    fn key_columns(&self) -> &'static [&'static str] {
+        <H::Row as Row>::KEY_COLUMNS
+    }
+    fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError> {
+        let rows = self.held.rows(tenant);
+        batch_of(self.name, &self.fields, rows.len(), &rows)
+    }
+    fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError> {
+        let row: Vec<H::Row> = key_of::<H::Row>(key)
+            .and_then(|k| self.held.get(&k))
+            .into_iter()
+            .collect();
+        batch_of(self.name, &self.fields, row.len(), &row)
+    }
+    fn rows_any(&self, tenant: Option<&str>) -> Box<dyn Any> {
+        Box::new(self.held.rows(tenant))
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -398,7 +515,15 @@ impl TableRegistry for LiveTables {
 
 impl TableSink for LiveTables {
     fn apply<R: Row>(&mut self, table: &'static str, change: Change<R>) {
-        self.table_mut::<R>(table).apply(change);
+        if let Some(live) = self.table_mut::<R>(table) {
+            live.apply(change);
+        }
+    }
+
+    fn closed(&mut self, worker: u32, generation: u64) {
+        for (_, table) in &mut self.tables {
+            table.closed(worker, generation);
+        }
     }
 }
 
@@ -412,15 +537,60 @@ impl LiveTables {
             .unwrap_or_else(|| panic!("table {name} is not declared with this row type"))
     }
 
-    fn table_mut<R: Row>(&mut self, name: &'static str) -> &mut LiveTable<R> {
+    /// The typed table `name`, `None` when its rows are held by the workers (changes to it are
+    /// not kept here). Panics if it was declared with another row type or not at all.
+    fn table_mut<R: Row>(&mut self, name: &'static str) -> Option<&mut LiveTable<R>> {
         let index = self
             .tables
             .iter()
             .position(|(n, _)| std::ptr::eq(*n, name))
             .or_else(|| self.tables.iter().position(|(n, _)| *n == name));
-        index
-            .and_then(|i| self.tables[i].1.as_any_mut().downcast_mut())
+        let table = index.map(|i| &mut self.tables[i].1);
+        match table {
+            Some(table) if table.is_held() => None,
+            Some(table) => Some(
+                table
+                    .as_any_mut()
+                    .downcast_mut()
+                    .unwrap_or_else(|| panic!("table {name} is not declared with this row type")),
+            ),
+            None => panic!("table {name} is not declared"),
+        }
+    }
+
+    /// Registers `name` (replacing its declaration, if any) as a table whose rows the workers
+    /// hold and `held` reads.
+    pub fn hold<H: HeldTable>(&mut self, name: &'static str, held: H) {
+        let boxed: Box<dyn AnyTable> = Box::new(Held {
+            name,
+            fields: fields_of::<H::Row>(name),
+            held,
+            watched: false,
+        });
+        match self.tables.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = boxed,
+            None => self.tables.push((name, boxed)),
+        }
+    }
+
+    /// The rows of `name` belonging to `tenant` (all rows for `None`), copied out, whether the
+    /// table keeps them or the workers hold them. Panics if `name` does not have rows of type
+    /// `R`, which is a wiring bug.
+    pub fn rows_of<R: Row>(&self, name: &str, tenant: Option<&str>) -> Vec<R> {
+        self.get(name)
+            .ok()
+            .and_then(|t| t.rows_any(tenant).downcast::<Vec<R>>().ok())
+            .map(|rows| *rows)
             .unwrap_or_else(|| panic!("table {name} is not declared with this row type"))
+    }
+
+    /// The held table `name`. Panics if it is not held by a `H`, which is a wiring bug.
+    pub fn held<H: HeldTable>(&self, name: &str) -> &H {
+        self.get(name)
+            .ok()
+            .and_then(|t| t.as_any().downcast_ref::<Held<H>>())
+            .map(|held| &held.held)
+            .unwrap_or_else(|| panic!("table {name} is not held this way"))
     }
 
     /// Table names, in declaration order.
@@ -487,16 +657,15 @@ impl LiveTables {
         }
     }
 
-    /// Records that every change of epochs up to `epoch` has been applied, and pushes the net
-    /// changes since the last close to the hub.
+    /// Records that every change of epochs up to `epoch` has been applied (held tables show
+    /// it from now on too), and pushes the net changes since the last close to the hub.
     pub fn close_epoch(&mut self, epoch: u64) {
         self.epoch = Some(epoch);
-        let Some(hub) = &self.hub else {
-            return;
-        };
         for (name, table) in &mut self.tables {
             let changes = table.drain_changes();
-            if !changes.is_empty() {
+            if let Some(hub) = &self.hub
+                && !changes.is_empty()
+            {
                 hub.publish_rows(name, epoch, &changes);
             }
         }

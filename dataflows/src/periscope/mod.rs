@@ -17,11 +17,14 @@
 //! count each event id once, so any order and any number of workers give the same tables.
 
 mod counted;
+pub mod held;
 #[cfg(test)]
 mod oracle;
 pub mod rows;
 mod sessions;
 mod streams;
+
+use std::sync::Arc;
 
 use keel_operators::latest::LatestByKey;
 use keel_operators::maintain::{GlobalWatermark, Maintain};
@@ -35,6 +38,7 @@ use timely::dataflow::operators::vec::{Map, Partition};
 use uuid::Uuid;
 
 pub use counted::{RoutingState, UnknownState};
+pub use held::{HeldSessions, SessionStore};
 pub use rows::*;
 pub use streams::{StreamsState, WINDOW};
 
@@ -82,13 +86,16 @@ fn error_row(error: IngestError) -> PeriscopeChange {
     }))
 }
 
-/// Builds the Periscope dataflow. `watermarks` carries each worker's newest event time per epoch.
+/// Builds the Periscope dataflow. `watermarks` carries each worker's newest event time per epoch;
+/// the streams' sessions are held in `sessions`, where `viewer_sessions` is read.
 pub fn periscope<'scope>(
     events: StreamVec<'scope, u64, Event>,
     errors: StreamVec<'scope, u64, IngestError>,
     watermarks: StreamVec<'scope, u64, i64>,
+    sessions: &Arc<SessionStore>,
 ) -> StreamVec<'scope, u64, PeriscopeChange> {
     let scope = events.scope();
+    let worker = scope.index();
     let watermarks = watermarks.global_watermark();
     let mut parts = events
         .partition(4, |event| (class(&event), event))
@@ -103,7 +110,7 @@ pub fn periscope<'scope>(
         watermarks.clone(),
         "Streams",
         streams::route,
-        StreamsState::default(),
+        StreamsState::new(sessions.clone(), worker),
     );
     let nodes = nodes
         .map(node_row)

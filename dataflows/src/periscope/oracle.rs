@@ -20,10 +20,13 @@ use proptest::prelude::*;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::held::{HeldSessions, SessionStore};
 use super::rows::*;
 use super::sessions::{ClientDetails, Ending, viewer_identity};
 use super::streams::{WINDOW, micro};
 use super::{RoutingState, StreamsState, UnknownState, node_row};
+use keel_operators::table::HeldTable;
+use std::sync::Arc;
 
 const BASE: i64 = 1_793_527_200_000;
 
@@ -767,6 +770,7 @@ impl States {
                 PeriscopeChange::RoutingHourly(c) => serde_json::to_string(&c.key()),
                 PeriscopeChange::IngestErrors(c) => serde_json::to_string(&c.key()),
                 PeriscopeChange::UnknownEvents(c) => serde_json::to_string(&c.key()),
+                PeriscopeChange::Closed { generation, .. } => serde_json::to_string(generation),
             }
             .unwrap();
             assert!(
@@ -776,6 +780,26 @@ impl States {
             keel_operators::table::TableSet::apply_to(change, store);
         }
     }
+}
+
+/// Puts `events` in a random order (seeded by `order`) and returns where the closes fall: at
+/// `cuts` and at the end, ascending.
+fn shuffled_with_cuts(
+    events: &mut [Event],
+    order: u64,
+    cuts: &[prop::sample::Index],
+) -> Vec<usize> {
+    let mut state = order | 1;
+    for i in (1..events.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        events.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    let mut cut_points: Vec<usize> = cuts.iter().map(|c| c.index(events.len() + 1)).collect();
+    cut_points.push(events.len());
+    cut_points.sort();
+    cut_points
 }
 
 proptest! {
@@ -794,15 +818,7 @@ proptest! {
             let copy = events[d.index(events.len())].clone();
             events.push(copy);
         }
-        // A random order.
-        let mut state = order | 1;
-        for i in (1..events.len()).rev() {
-            state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-            events.swap(i, (state % (i as u64 + 1)) as usize);
-        }
-        let mut cut_points: Vec<usize> = cuts.iter().map(|c| c.index(events.len() + 1)).collect();
-        cut_points.push(events.len());
-        cut_points.sort();
+        let cut_points = shuffled_with_cuts(&mut events, order, &cuts);
         let mut states = States::default();
         let mut store = Store::default();
         let mut watermark = i64::MIN;
@@ -817,6 +833,108 @@ proptest! {
             let expected = reference(&events[..cut], watermark);
             for table in TABLES {
                 prop_assert_eq!(store.0.get(table), expected.get(table), "table {} after {} events", table, cut);
+            }
+        }
+    }
+}
+
+/// `viewer_sessions` rows as the oracle's maps hold them.
+fn session_map(rows: impl IntoIterator<Item = ViewerSessionRow>) -> BTreeMap<String, Value> {
+    rows.into_iter()
+        .map(|row| {
+            (
+                serde_json::to_string(&row.key()).unwrap(),
+                serde_json::to_value(row).unwrap(),
+            )
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// The held `viewer_sessions` (read where the stream states keep the sessions) shows, after
+    /// each publish, exactly the rows the states had reported up to the last published close,
+    /// however far the states have absorbed beyond it; its diffs take the previous published
+    /// rows to the new ones; look-ups and counts agree with the rows.
+    #[test]
+    fn held_sessions_show_the_published_closes(
+        specs in prop::collection::vec((arb_spec(), 0u32..2400), 1..120),
+        order in any::<u64>(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+        lags in prop::collection::vec(0usize..4, 12),
+    ) {
+        let mut events: Vec<Event> = specs.iter().enumerate().map(|(i, (spec, t))| build(spec, i, *t)).collect();
+        // Viewer events without stream 1's public id, so its id changes under existing
+        // sessions when a lifecycle event brings it.
+        for e in &mut events {
+            if let EventKind::ViewerConnect(ViewerConnect { stream, .. })
+            | EventKind::ViewerDisconnect(ViewerDisconnect { stream, .. }) = &mut e.kind
+            {
+                stream.stream_id = None;
+            }
+        }
+        let cut_points = shuffled_with_cuts(&mut events, order, &cuts);
+        let closes = cut_points.len();
+
+        let store = Arc::new(SessionStore::default());
+        let mut streams = StreamsState::new(store.clone(), 0);
+        let mut held = HeldSessions::new(store);
+        // The rows reported up to each close, and the closes not yet published.
+        let mut reported = Store::default();
+        let mut unpublished: Vec<(u64, BTreeMap<String, Value>)> = Vec::new();
+        let mut shown = BTreeMap::new();
+        let (mut watermark, mut from) = (i64::MIN, 0);
+        for (k, cut) in cut_points.into_iter().enumerate() {
+            for e in &events[from..cut] {
+                watermark = watermark.max(e.time);
+                streams.apply(e.clone());
+            }
+            from = cut;
+            let mut out = Vec::new();
+            streams.close(watermark, &mut out);
+            let mut generation = None;
+            for change in out {
+                match change {
+                    PeriscopeChange::Closed { generation: g, .. } => generation = Some(g),
+                    other => keel_operators::table::TableSet::apply_to(other, &mut reported),
+                }
+            }
+            let generation = generation.expect("every close reports its generation");
+            unpublished.push((generation, reported.0.get("viewer_sessions").cloned().unwrap_or_default()));
+            // Publish all but the newest few closes (the publisher lags the states), and all
+            // at the end.
+            let lag = if k + 1 == closes { 0 } else { lags[k % lags.len()] };
+            let publish = unpublished.len().saturating_sub(lag);
+            let mut published = None;
+            for (g, rows) in unpublished.drain(..publish) {
+                held.closed(0, g);
+                published = Some(rows);
+            }
+            let Some(expected) = published else {
+                continue;
+            };
+            let changes = held.commit(true);
+            // The diffs take the rows shown before to the rows shown now.
+            let mut after = shown.clone();
+            for (before, row) in changes {
+                prop_assert_ne!(&before, &row);
+                let key = serde_json::to_string(&before.as_ref().or(row.as_ref()).unwrap().key()).unwrap();
+                let before = before.map(|b| serde_json::to_value(b).unwrap());
+                prop_assert_eq!(after.get(&key), before.as_ref());
+                match row {
+                    Some(row) => after.insert(key, serde_json::to_value(row).unwrap()),
+                    None => after.remove(&key),
+                };
+            }
+            prop_assert_eq!(&after, &expected, "diffs after close {}", k);
+            shown = session_map(held.rows(None));
+            prop_assert_eq!(&shown, &expected, "rows after close {}", k);
+            prop_assert_eq!(held.len(), expected.len());
+            for row in held.rows(None) {
+                prop_assert_eq!(held.get(&row.key()), Some(row.clone()));
+                let tenant = row.tenant_id();
+                prop_assert!(held.rows(Some(tenant.as_str())).contains(&row));
             }
         }
     }

@@ -490,6 +490,14 @@ macro_rules! periscope_tables {
                 #[doc = concat!("A change to `", $table, "`.")]
                 $variant(Change<$row>),
             )*
+            /// Worker `worker` closed its `generation`: every change of that close and the
+            /// ones before it is in this epoch or an earlier one (see [`HeldTable`](keel_operators::table::HeldTable)).
+            Closed {
+                /// The worker.
+                worker: u32,
+                /// Its close number.
+                generation: u64,
+            },
         }
 
         /// The names of Periscope's tables, in declaration order.
@@ -502,6 +510,7 @@ macro_rules! periscope_tables {
             fn apply_to(self, sink: &mut impl TableSink) {
                 match self {
                     $(PeriscopeChange::$variant(change) => sink.apply($table, change),)*
+                    PeriscopeChange::Closed { worker, generation } => sink.closed(worker, generation),
                 }
             }
         }

@@ -259,6 +259,15 @@ impl Sessions {
         slot
     }
 
+    /// The slot of (node, session id), if the stream has that session.
+    pub fn find(&self, node: Sym, session_id: &str) -> Option<u32> {
+        let slots = &self.slots;
+        self.index.find(slot_hash(node, session_id), |slot| {
+            let s = &slots[slot as usize];
+            s.node == node && s.session_id == session_id
+        })
+    }
+
     /// The session in `slot`.
     pub fn get(&self, slot: u32) -> &Session {
         &self.slots[slot as usize]
@@ -275,6 +284,11 @@ impl Sessions {
         let fresh = self.dirty[word] & bit == 0;
         self.dirty[word] |= bit;
         fresh
+    }
+
+    /// Whether the session in `slot` is marked changed.
+    pub fn is_marked(&self, slot: u32) -> bool {
+        self.dirty[slot as usize / 64] & (1u64 << (slot % 64)) != 0
     }
 
     /// Clears the mark of the session in `slot`.

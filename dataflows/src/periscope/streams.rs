@@ -12,6 +12,8 @@
 //! watermark moves.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use keel_operators::idset::IdSet;
 use keel_operators::maintain::EpochState;
@@ -25,8 +27,9 @@ use keel_sources::event::{Event, EventKind};
 use rustc_hash::FxBuildHasher;
 use uuid::Uuid;
 
-use super::rows::{CountryRow, HealthRow, PeriscopeChange, StreamRow, UsageRow, ViewerSessionRow};
-use super::sessions::{ClientDetails, Ending, Sessions, Span, viewer_identity};
+use super::held::{HeldStream, SessionStore, country_code};
+use super::rows::{CountryRow, HealthRow, PeriscopeChange, StreamRow, UsageRow};
+use super::sessions::{ClientDetails, Ending, Span, viewer_identity};
 
 /// Width of the usage and health windows.
 pub const WINDOW: i64 = 5 * MINUTE;
@@ -307,14 +310,16 @@ struct StreamState {
     ingress: Option<(i64, u64)>,
     buffer_state: Option<(i64, Sym)>,
     quality_tier: Option<(i64, Sym)>,
-    sessions: Sessions,
+    /// The sessions, where readers of `viewer_sessions` read them too.
+    held: Arc<HeldStream>,
+    /// Whether every session's row is to be reported at the next close (its public id changed).
+    republish_sessions: bool,
     profile: StepProfile,
     identities: Identities,
     sums: SessionSums,
     countries: HashMap<Sym, Country, FxBuildHasher>,
     windows: Windows,
     health: BTreeMap<i64, HealthWindow>,
-    dirty_sessions: Vec<u32>,
     dirty_countries: Vec<Sym>,
     dirty_windows: Option<(i64, i64)>,
     dirty_health: Vec<i64>,
@@ -325,12 +330,13 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn new(tenant: Uuid, internal_name: Sym) -> Self {
+    fn new(tenant: Uuid, internal_name: Sym, store: &SessionStore, worker: usize) -> Self {
         let tenant = Sym::new(&tenant.to_string());
+        let names = SymPair::new(tenant, internal_name);
         StreamState {
             tenant,
             internal_name,
-            names: SymPair::new(tenant, internal_name),
+            names,
             stream_id: None,
             published_id: None,
             id_text: None,
@@ -340,14 +346,14 @@ impl StreamState {
             ingress: None,
             buffer_state: None,
             quality_tier: None,
-            sessions: Sessions::default(),
+            held: store.hold(names, worker),
+            republish_sessions: false,
             profile: StepProfile::default(),
             identities: Identities::default(),
             sums: SessionSums::default(),
             countries: HashMap::default(),
             windows: Windows::default(),
             health: BTreeMap::new(),
-            dirty_sessions: Vec::new(),
             dirty_countries: Vec::new(),
             dirty_windows: None,
             dirty_health: Vec::new(),
@@ -372,7 +378,9 @@ impl StreamState {
         text
     }
 
-    fn absorb(&mut self, event: Event) {
+    /// Absorbs `event` in the worker's close `generation`; `boundary` is the newest
+    /// generation readers see.
+    fn absorb(&mut self, event: Event, generation: u64, boundary: u64) {
         let time = event.time;
         self.updated_at = self.updated_at.max(time);
         if let Some(id) = event.kind.stream().and_then(|s| s.stream_id) {
@@ -456,8 +464,9 @@ impl StreamState {
                     city: e.place.city,
                     identity: viewer_identity(&e.place.host, e.node, &e.session_id),
                 };
-                let slot = self.sessions.slot(e.node, &e.session_id);
-                self.change_session(slot, |s| s.connect(time, details));
+                self.change_session(e.node, &e.session_id, generation, boundary, |s| {
+                    s.connect(time, details)
+                });
             }
             EventKind::ViewerDisconnect(e) => {
                 let ending = Ending {
@@ -472,8 +481,9 @@ impl StreamState {
                         identity: viewer_identity(&e.place.host, e.node, &e.session_id),
                     },
                 };
-                let slot = self.sessions.slot(e.node, &e.session_id);
-                self.change_session(slot, |s| s.disconnect(ending));
+                self.change_session(e.node, &e.session_id, generation, boundary, |s| {
+                    s.disconnect(ending)
+                });
             }
             EventKind::StreamSignal(_)
             | EventKind::Routing(_)
@@ -504,27 +514,26 @@ impl StreamState {
 
     fn change_session(
         &mut self,
-        slot: u32,
+        node: Sym,
+        session_id: &str,
+        generation: u64,
+        boundary: u64,
         change: impl FnOnce(&mut super::sessions::Session) -> bool,
     ) {
-        let before = self.sessions.get(slot).span();
-        if !change(self.sessions.get_mut(slot)) {
+        let changed = {
+            let mut held = self.held.lock();
+            let slot = held.sessions.slot(node, session_id);
+            held.change(slot, generation, boundary, change)
+        };
+        let Some((before, after)) = changed else {
             return;
-        }
-        let after = self
-            .sessions
-            .get(slot)
-            .span()
-            .expect("a changed session has a connect or a disconnect");
+        };
         self.move_profile(before.as_ref(), &after);
         self.move_identity(before.as_ref(), &after);
         if let Some(before) = before {
             self.contribute(&before, -1);
         }
         self.contribute(&after, 1);
-        if self.sessions.mark(slot) {
-            self.dirty_sessions.push(slot);
-        }
     }
 
     /// Adds (`sign` = 1) or removes (-1) a session's span from every aggregate.
@@ -611,8 +620,16 @@ impl StreamState {
         });
     }
 
-    /// Reports every changed row; `now` is the global watermark.
-    fn close(&mut self, now: i64, out: &mut Vec<PeriscopeChange>) {
+    /// Reports every changed row, closing the worker's `generation`; `now` is the global
+    /// watermark. Session rows are reported only with `report_rows` (they are read where they
+    /// are held otherwise).
+    fn close(
+        &mut self,
+        now: i64,
+        generation: u64,
+        report_rows: bool,
+        out: &mut Vec<PeriscopeChange>,
+    ) {
         let id = self.stream_id_sym();
         if self.published_id.is_some_and(|published| published != id) {
             self.republish_all();
@@ -627,7 +644,7 @@ impl StreamState {
             });
         }
         self.closed_at = now;
-        self.close_sessions(id, out);
+        self.close_sessions(id, generation, report_rows, out);
         if watermark_moved {
             self.close_all_countries(id, now, out);
         } else {
@@ -643,11 +660,7 @@ impl StreamState {
     }
 
     fn republish_all(&mut self) {
-        for slot in self.sessions.slots() {
-            if self.sessions.mark(slot) {
-                self.dirty_sessions.push(slot);
-            }
-        }
+        self.republish_sessions = true;
         for (code, country) in &mut self.countries {
             country.published = None;
             if !country.dirty {
@@ -668,27 +681,18 @@ impl StreamState {
         }
     }
 
-    fn close_sessions(&mut self, id: Sym, out: &mut Vec<PeriscopeChange>) {
-        for slot in self.dirty_sessions.drain(..) {
-            self.sessions.unmark(slot);
-            let session = self.sessions.get(slot);
-            let span = session.span().expect("dirty sessions have a span");
-            out.push(PeriscopeChange::ViewerSessions(Change::Upsert(
-                ViewerSessionRow {
-                    stream: self.names,
-                    stream_id: id,
-                    session_id: session.session_id.clone(),
-                    node_id: session.node,
-                    connector: span.details.connector,
-                    country_code: country_code(span.details.country),
-                    city: span.details.city,
-                    connected_at: span.start,
-                    disconnected_at: span.end.into(),
-                    down_bytes: span.down_bytes,
-                    up_bytes: span.up_bytes,
-                },
-            )));
-        }
+    fn close_sessions(
+        &mut self,
+        id: Sym,
+        generation: u64,
+        report_rows: bool,
+        out: &mut Vec<PeriscopeChange>,
+    ) {
+        let all = std::mem::take(&mut self.republish_sessions);
+        let rows = report_rows.then_some(out);
+        self.held
+            .lock()
+            .close(self.names, generation, id, all, rows);
     }
 
     /// Reports the countries whose sessions changed.
@@ -829,7 +833,7 @@ impl StreamState {
             node_id: self.status.and_then(|s| s.3.non_empty()),
             current_viewers: self.sums.open.max(0) as u64,
             peak_viewers: self.profile.max_level().max(0) as u64,
-            total_sessions: self.sessions.len() as u64,
+            total_sessions: self.held.lock().sessions.len() as u64,
             unique_viewers: self.identities.len() as u64,
             viewer_seconds: self.sums.seconds(now),
             egress_bytes: self.sums.down_bytes.max(0) as u64,
@@ -847,23 +851,47 @@ pub(crate) fn micro(value: f64) -> i128 {
     (value * 1e6).round() as i128
 }
 
-/// The country code as tables show it: `--` when unknown, as the platform does.
-fn country_code(code: Sym) -> Sym {
-    if code.is_empty() {
-        Sym::new("--")
-    } else {
-        code
-    }
-}
-
 /// The per-worker state of the streams dataflow.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StreamsState {
     streams: HashMap<StreamKey, StreamState, FxBuildHasher>,
     dirty: Vec<StreamKey>,
     /// Streams with open sessions, refreshed when the watermark moves.
     open: HashSet<StreamKey, FxBuildHasher>,
     watermark: i64,
+    /// Where the streams' sessions are held for readers.
+    store: Arc<SessionStore>,
+    worker: usize,
+    /// The close being absorbed into (see [`super::held`]).
+    generation: u64,
+    /// The newest of this worker's generations readers see.
+    boundary: Arc<AtomicU64>,
+}
+
+impl Default for StreamsState {
+    /// A state of worker 0 over a store of its own that reports session rows.
+    fn default() -> Self {
+        StreamsState::new(Arc::default(), 0)
+    }
+}
+
+impl StreamsState {
+    /// The state of `worker`, holding its streams' sessions in `store`.
+    pub fn new(store: Arc<SessionStore>, worker: usize) -> Self {
+        let boundary = store.boundary(worker);
+        // After an earlier run over the same store, the generations go on from its last.
+        let generation = boundary.load(Ordering::Acquire) + 1;
+        StreamsState {
+            streams: HashMap::default(),
+            dirty: Vec::new(),
+            open: HashSet::default(),
+            watermark: 0,
+            store,
+            worker,
+            generation,
+            boundary,
+        }
+    }
 }
 
 /// Routes a stream event: every event of one stream goes to the same worker.
@@ -884,11 +912,13 @@ impl EpochState for StreamsState {
             return;
         };
         let key = (event.tenant, stream.internal_name);
+        let (store, worker) = (&self.store, self.worker);
         let state = self
             .streams
             .entry(key)
-            .or_insert_with(|| StreamState::new(key.0, key.1));
-        state.absorb(event);
+            .or_insert_with(|| StreamState::new(key.0, key.1, store, worker));
+        let boundary = self.boundary.load(Ordering::Acquire);
+        state.absorb(event, self.generation, boundary);
         if !state.dirty {
             state.dirty = true;
             self.dirty.push(key);
@@ -906,16 +936,22 @@ impl EpochState for StreamsState {
                 }
             }
         }
+        let report_rows = self.store.reports_rows();
         for key in self.dirty.drain(..) {
             let state = self.streams.get_mut(&key).expect("dirty streams are held");
             state.dirty = false;
-            state.close(watermark, output);
+            state.close(watermark, self.generation, report_rows, output);
             if state.sums.open > 0 {
                 self.open.insert(key);
             } else {
                 self.open.remove(&key);
             }
         }
+        output.push(PeriscopeChange::Closed {
+            worker: u32::try_from(self.worker).expect("fewer than 2^32 workers"),
+            generation: self.generation,
+        });
+        self.generation += 1;
     }
 }
 

@@ -1,0 +1,516 @@
+//! `viewer_sessions` without a second copy: its rows are read from the sessions the stream
+//! states keep.
+//!
+//! A session's row is a function of the session and of its stream (names and public id), so
+//! instead of reporting each changed session as a row for the live table to store again, every
+//! stream's sessions sit behind a lock the readers can take too ([`HeldStream`]), and the
+//! [`SessionStore`] lists them. What the readers must not see is what the workers absorbed after
+//! the epoch the other tables show. So:
+//!
+//! - each worker numbers its closes (*generations*, from 1) and reports the number it closed
+//!   with its changes ([`PeriscopeChange::Closed`](super::PeriscopeChange::Closed)); the
+//!   publisher notes them and, when it makes an epoch visible, makes visible per worker the
+//!   newest generation that epoch holds (the worker's *boundary*);
+//! - the first time a session changes in a generation, the worker logs the session as it was
+//!   (its before-image) under that generation, and when the stream's public id changes at a
+//!   close, the id before;
+//! - a reader takes each session as the first before-image logged after the boundary, and the
+//!   session itself when there is none; a session without a connect or disconnect has no row;
+//! - the worker drops before-images of generations at or under its boundary the next time it
+//!   logs to that stream (readers never need them again).
+//!
+//! The boundaries only move while the publisher holds the live tables' write lock, and readers
+//! read under the read lock, so a read sees one epoch from start to end. The logs hold only the
+//! sessions changed in generations not yet visible: a few epochs' worth.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use keel_operators::shortstr::ShortStr;
+use keel_operators::sym::Sym;
+use keel_operators::sympair::SymPair;
+use keel_operators::table::{BeforeAfter, Change, HeldTable};
+use rustc_hash::FxBuildHasher;
+
+use super::rows::{PeriscopeChange, ViewerSessionRow};
+use super::sessions::{Session, Sessions, Span};
+
+/// The country code as tables show it: `--` when unknown, as the platform does.
+pub(crate) fn country_code(code: Sym) -> Sym {
+    if code.is_empty() {
+        Sym::new("--")
+    } else {
+        code
+    }
+}
+
+/// The row of `session` in the stream `names` whose public id is `stream_id`; `None` before
+/// the session's first connect or disconnect.
+pub(crate) fn session_row(
+    names: SymPair,
+    stream_id: Sym,
+    session: &Session,
+) -> Option<ViewerSessionRow> {
+    let span = session.span()?;
+    Some(row_of(names, stream_id, session, &span))
+}
+
+fn row_of(names: SymPair, stream_id: Sym, session: &Session, span: &Span) -> ViewerSessionRow {
+    ViewerSessionRow {
+        stream: names,
+        stream_id,
+        session_id: session.session_id.clone(),
+        node_id: session.node,
+        connector: span.details.connector,
+        country_code: country_code(span.details.country),
+        city: span.details.city,
+        connected_at: span.start,
+        disconnected_at: span.end.into(),
+        down_bytes: span.down_bytes,
+        up_bytes: span.up_bytes,
+    }
+}
+
+/// A session as it was before its first change in `generation`.
+#[derive(Debug)]
+struct Before {
+    generation: u64,
+    slot: u32,
+    session: Session,
+}
+
+/// One stream's sessions, as its worker keeps them and readers read them.
+#[derive(Debug, Default)]
+pub(crate) struct StreamSessions {
+    /// The sessions now.
+    pub sessions: Sessions,
+    /// The public id rows carry, as of the stream's last close.
+    stream_id: Sym,
+    /// Slots changed since the last close (marked in `sessions` too).
+    dirty: Vec<u32>,
+    /// Before-images, in generation order.
+    log: Vec<Before>,
+    /// The public id before each change of it: (generation of the close that changed it, id).
+    ids: Vec<(u64, Sym)>,
+    /// Sessions that have a row now.
+    rows: usize,
+}
+
+impl StreamSessions {
+    /// Forgets what readers at `boundary` or later never need.
+    fn forget(&mut self, boundary: u64) {
+        if self.log.first().is_some_and(|b| b.generation <= boundary) {
+            let done = self.log.partition_point(|b| b.generation <= boundary);
+            self.log.drain(..done);
+        }
+        if self.ids.first().is_some_and(|(g, _)| *g <= boundary) {
+            let done = self.ids.partition_point(|(g, _)| *g <= boundary);
+            self.ids.drain(..done);
+        }
+    }
+
+    /// Applies `change` to the session in `slot` during `generation`, the worker's boundary
+    /// being `boundary`. Returns the session's span before and after when it changed.
+    pub fn change(
+        &mut self,
+        slot: u32,
+        generation: u64,
+        boundary: u64,
+        change: impl FnOnce(&mut Session) -> bool,
+    ) -> Option<(Option<Span>, Span)> {
+        let image = (!self.sessions.is_marked(slot)).then(|| self.sessions.get(slot).clone());
+        let before = self.sessions.get(slot).span();
+        if !change(self.sessions.get_mut(slot)) {
+            return None;
+        }
+        let after = self
+            .sessions
+            .get(slot)
+            .span()
+            .expect("a changed session has a connect or a disconnect");
+        if let Some(session) = image {
+            self.sessions.mark(slot);
+            self.dirty.push(slot);
+            self.forget(boundary);
+            self.log.push(Before {
+                generation,
+                slot,
+                session,
+            });
+        }
+        if before.is_none() {
+            self.rows += 1;
+        }
+        Some((before, after))
+    }
+
+    /// Closes `generation` with `stream_id` as the stream's public id; with `rows`, hands it
+    /// the row of every session changed since the last close (every session, with `all`).
+    pub fn close(
+        &mut self,
+        names: SymPair,
+        generation: u64,
+        stream_id: Sym,
+        all: bool,
+        rows: Option<&mut Vec<PeriscopeChange>>,
+    ) {
+        if stream_id != self.stream_id {
+            self.ids.push((generation, self.stream_id));
+            self.stream_id = stream_id;
+        }
+        for &slot in &self.dirty {
+            self.sessions.unmark(slot);
+        }
+        if let Some(out) = rows {
+            let mut report = |slot: u32| {
+                if let Some(row) = session_row(names, stream_id, self.sessions.get(slot)) {
+                    out.push(PeriscopeChange::ViewerSessions(Change::Upsert(row)));
+                }
+            };
+            if all {
+                self.sessions.slots().for_each(&mut report);
+            } else {
+                self.dirty.iter().copied().for_each(&mut report);
+            }
+        }
+        self.dirty.clear();
+    }
+
+    /// The public id readers at `boundary` see.
+    fn id_at(&self, boundary: u64) -> Sym {
+        self.ids
+            .iter()
+            .find(|(g, _)| *g > boundary)
+            .map_or(self.stream_id, |(_, id)| *id)
+    }
+
+    /// The first before-image of each session changed after `boundary`.
+    fn images_after(&self, boundary: u64) -> HashMap<u32, &Session, FxBuildHasher> {
+        let from = self.log.partition_point(|b| b.generation <= boundary);
+        let mut images = HashMap::default();
+        for before in &self.log[from..] {
+            images.entry(before.slot).or_insert(&before.session);
+        }
+        images
+    }
+
+    /// The session in `slot` as readers at `boundary` see it.
+    fn session_at(&self, slot: u32, boundary: u64) -> &Session {
+        let from = self.log.partition_point(|b| b.generation <= boundary);
+        self.log[from..]
+            .iter()
+            .find(|b| b.slot == slot)
+            .map_or_else(|| self.sessions.get(slot), |b| &b.session)
+    }
+
+    /// Every row readers at `boundary` see.
+    fn rows_at(&self, names: SymPair, boundary: u64, out: &mut Vec<ViewerSessionRow>) {
+        let id = self.id_at(boundary);
+        let images = self.images_after(boundary);
+        for slot in self.sessions.slots() {
+            let session = images
+                .get(&slot)
+                .copied()
+                .unwrap_or_else(|| self.sessions.get(slot));
+            out.extend(session_row(names, id, session));
+        }
+    }
+
+    /// How many rows readers at `boundary` see.
+    fn len_at(&self, boundary: u64) -> usize {
+        let images = self.images_after(boundary);
+        images.iter().fold(self.rows, |rows, (slot, before)| {
+            let now = self.sessions.get(*slot).span().is_some();
+            match (before.span().is_some(), now) {
+                (false, true) => rows - 1,
+                (true, false) => rows + 1,
+                _ => rows,
+            }
+        })
+    }
+
+    /// The rows that differ between readers at `from` and at `to` (`from` < `to`), as (before,
+    /// after).
+    fn changes(
+        &self,
+        names: SymPair,
+        from: u64,
+        to: u64,
+        out: &mut Vec<BeforeAfter<ViewerSessionRow>>,
+    ) {
+        let (id_from, id_to) = (self.id_at(from), self.id_at(to));
+        let mut push = |slot: u32| {
+            let before = session_row(names, id_from, self.session_at(slot, from));
+            let after = session_row(names, id_to, self.session_at(slot, to));
+            if before != after {
+                out.push((before, after));
+            }
+        };
+        if id_from != id_to {
+            self.sessions.slots().for_each(&mut push);
+            return;
+        }
+        let start = self.log.partition_point(|b| b.generation <= from);
+        let end = self.log.partition_point(|b| b.generation <= to);
+        let mut seen = hashbrown::HashSet::<u32, FxBuildHasher>::default();
+        for before in &self.log[start..end] {
+            if seen.insert(before.slot) {
+                push(before.slot);
+            }
+        }
+    }
+}
+
+/// One stream's sessions, shared by its worker and the readers.
+#[derive(Debug)]
+pub(crate) struct HeldStream {
+    names: SymPair,
+    worker: usize,
+    sessions: Mutex<StreamSessions>,
+}
+
+impl HeldStream {
+    /// The sessions, locked (a poisoned lock is taken over: the state is only ever changed by
+    /// code that does not panic half way).
+    pub fn lock(&self) -> MutexGuard<'_, StreamSessions> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The streams whose sessions are held, in the order they appeared.
+#[derive(Debug, Default)]
+struct Registry {
+    streams: Vec<Arc<HeldStream>>,
+    by_names: HashMap<(Sym, Sym), usize, FxBuildHasher>,
+}
+
+/// Every stream's sessions, for readers of `viewer_sessions`; shared by the engine's workers
+/// and its live tables. See the module documentation.
+#[derive(Debug)]
+pub struct SessionStore {
+    registry: RwLock<Registry>,
+    /// Per worker: its boundary, the newest generation readers see (0: none).
+    boundaries: RwLock<Vec<Arc<AtomicU64>>>,
+    /// Whether the stream states also report session rows as changes (for stores that keep
+    /// them, and for tests that compare them).
+    report_rows: AtomicBool,
+}
+
+impl Default for SessionStore {
+    fn default() -> Self {
+        SessionStore {
+            registry: RwLock::default(),
+            boundaries: RwLock::default(),
+            report_rows: AtomicBool::new(true),
+        }
+    }
+}
+
+impl SessionStore {
+    /// Whether stream states report session rows as `viewer_sessions` changes too (on by
+    /// default; the engine turns it off when no store keeps them).
+    pub fn report_rows(&self, on: bool) {
+        self.report_rows.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reports_rows(&self) -> bool {
+        self.report_rows.load(Ordering::Relaxed)
+    }
+
+    /// Worker `worker`'s boundary, shared.
+    pub(crate) fn boundary(&self, worker: usize) -> Arc<AtomicU64> {
+        let mut all = self
+            .boundaries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while all.len() <= worker {
+            all.push(Arc::default());
+        }
+        all[worker].clone()
+    }
+
+    fn boundaries(&self) -> Vec<u64> {
+        self.boundaries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|b| b.load(Ordering::Acquire))
+            .collect()
+    }
+
+    fn set_boundaries(&self, to: &[u64]) {
+        let all = self
+            .boundaries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (boundary, &to) in all.iter().zip(to) {
+            boundary.store(to, Ordering::Release);
+        }
+    }
+
+    /// Holds the sessions of stream `names` for `worker`. A stream held before (by an earlier
+    /// run over the same tables) is replaced.
+    pub(crate) fn hold(&self, names: SymPair, worker: usize) -> Arc<HeldStream> {
+        let stream = Arc::new(HeldStream {
+            names,
+            worker,
+            sessions: Mutex::default(),
+        });
+        let mut registry = self
+            .registry
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = registry.streams.len();
+        match registry.by_names.get(&names.get()).copied() {
+            Some(at) => registry.streams[at] = stream.clone(),
+            None => {
+                registry.streams.push(stream.clone());
+                registry.by_names.insert(names.get(), at);
+            }
+        }
+        stream
+    }
+
+    fn streams(&self) -> Vec<Arc<HeldStream>> {
+        self.registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .streams
+            .clone()
+    }
+
+    /// Every visible row of `tenant` (all for `None`).
+    pub fn rows(&self, tenant: Option<&str>) -> Vec<ViewerSessionRow> {
+        let boundaries = self.boundaries();
+        let mut out = Vec::new();
+        for stream in self.streams() {
+            if tenant.is_some_and(|t| stream.names.first().as_str() != t) {
+                continue;
+            }
+            let boundary = boundaries.get(stream.worker).copied().unwrap_or(0);
+            stream.lock().rows_at(stream.names, boundary, &mut out);
+        }
+        out
+    }
+
+    /// Number of visible rows.
+    pub fn len(&self) -> usize {
+        let boundaries = self.boundaries();
+        self.streams()
+            .iter()
+            .map(|stream| {
+                let boundary = boundaries.get(stream.worker).copied().unwrap_or(0);
+                stream.lock().len_at(boundary)
+            })
+            .sum()
+    }
+
+    /// Whether no row is visible.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The visible row of (tenant, internal name, node, session id).
+    pub fn get(&self, key: &(Sym, Sym, Sym, ShortStr)) -> Option<ViewerSessionRow> {
+        let stream = {
+            let registry = self
+                .registry
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = *registry.by_names.get(&(key.0, key.1))?;
+            registry.streams[at].clone()
+        };
+        let boundary = self.boundaries().get(stream.worker).copied().unwrap_or(0);
+        let held = stream.lock();
+        let slot = held.sessions.find(key.2, key.3.as_str())?;
+        let id = held.id_at(boundary);
+        session_row(stream.names, id, held.session_at(slot, boundary))
+    }
+
+    /// The rows that differ between boundaries `from` and `to` (per worker).
+    fn changes(&self, from: &[u64], to: &[u64]) -> Vec<BeforeAfter<ViewerSessionRow>> {
+        let mut out = Vec::new();
+        for stream in self.streams() {
+            let at = |b: &[u64]| b.get(stream.worker).copied().unwrap_or(0);
+            let (from, to) = (at(from), at(to));
+            if from < to {
+                stream.lock().changes(stream.names, from, to, &mut out);
+            }
+        }
+        out
+    }
+}
+
+/// `viewer_sessions` as a [`HeldTable`]: reads go to the store, at the boundaries the publisher
+/// last made visible.
+#[derive(Debug)]
+pub struct HeldSessions {
+    store: Arc<SessionStore>,
+    /// The newest generation each worker closed, as noted since the last commit.
+    noted: Vec<u64>,
+}
+
+impl HeldSessions {
+    /// The table over `store`.
+    pub fn new(store: Arc<SessionStore>) -> Self {
+        HeldSessions {
+            store,
+            noted: Vec::new(),
+        }
+    }
+
+    /// The store read.
+    pub fn store(&self) -> &Arc<SessionStore> {
+        &self.store
+    }
+}
+
+impl HeldTable for HeldSessions {
+    type Row = ViewerSessionRow;
+
+    fn closed(&mut self, worker: u32, generation: u64) {
+        let worker = worker as usize;
+        if self.noted.len() <= worker {
+            self.noted.resize(worker + 1, 0);
+        }
+        self.noted[worker] = self.noted[worker].max(generation);
+    }
+
+    fn commit(&mut self, diff: bool) -> Vec<BeforeAfter<ViewerSessionRow>> {
+        let from = self.store.boundaries();
+        let mut to = from.clone();
+        for (worker, &noted) in self.noted.iter().enumerate() {
+            if worker >= to.len() {
+                // A worker's boundary exists from its state's start, before any close.
+                self.store.boundary(worker);
+                to.resize(worker + 1, 0);
+            }
+            to[worker] = to[worker].max(noted);
+        }
+        if to == from {
+            return Vec::new();
+        }
+        let changes = if diff {
+            self.store.changes(&from, &to)
+        } else {
+            Vec::new()
+        };
+        self.store.set_boundaries(&to);
+        changes
+    }
+
+    fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    fn rows(&self, tenant: Option<&str>) -> Vec<ViewerSessionRow> {
+        self.store.rows(tenant)
+    }
+
+    fn get(&self, key: &(Sym, Sym, Sym, ShortStr)) -> Option<ViewerSessionRow> {
+        self.store.get(key)
+    }
+}
