@@ -441,7 +441,16 @@ pub fn run(
         .as_ref()
         .is_some_and(|d| d.writes(crate::store::RAW_EVENTS));
     // Session rows are reported as changes only for stores that keep them; the live table
-    // reads the sessions where the workers hold them.
+    // reads the sessions where the workers hold them, so it must read this store.
+    anyhow::ensure!(
+        handles
+            .tables
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .held_by::<HeldSessions>("viewer_sessions")
+            .is_some_and(|held| held.reads(&handles.sessions)),
+        "the live tables' viewer_sessions reads another session store than the engine's"
+    );
     handles.sessions.report_rows(handles.durable.is_some());
     // The engine's own services hand their events over typed; their records are built only
     // when raw events are kept.

@@ -117,7 +117,7 @@ pub type BeforeAfter<R> = (Option<R>, Option<R>);
 /// A table whose rows the dataflow's workers hold in their own state, read where they are
 /// instead of being copied into the sink.
 ///
-/// Each worker numbers its closes (generations, from 1). The worker's state keeps, for every
+/// Each worker numbers its closes (generations, rising from 1). The worker's state keeps, for every
 /// row it changes after a generation it has not yet seen published, the row as it was before:
 /// so a reader that knows, per worker, the newest generation published (its *boundary*) sees
 /// every row exactly as the published epoch left it, whatever the worker has absorbed since.

@@ -462,7 +462,7 @@ impl<H: HeldTable> AnyTable for Held<H> {
     }
     fn rows_json(&self, filter: &RowFilter) -> Vec<Value> {
         self.held
-            .rows(None)
+            .rows(filter.tenant.as_deref())
             .iter()
             .map(row_json)
             .filter(|row| filter.matches(row))
@@ -586,11 +586,16 @@ impl LiveTables {
 
     /// The held table `name`. Panics if it is not held by a `H`, which is a wiring bug.
     pub fn held<H: HeldTable>(&self, name: &str) -> &H {
+        self.held_by(name)
+            .unwrap_or_else(|| panic!("table {name} is not held this way"))
+    }
+
+    /// The held table `name`, if a `H` holds it.
+    pub fn held_by<H: HeldTable>(&self, name: &str) -> Option<&H> {
         self.get(name)
             .ok()
             .and_then(|t| t.as_any().downcast_ref::<Held<H>>())
             .map(|held| &held.held)
-            .unwrap_or_else(|| panic!("table {name} is not held this way"))
     }
 
     /// Table names, in declaration order.

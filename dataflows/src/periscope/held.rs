@@ -7,7 +7,8 @@
 //! [`SessionStore`] lists them. What the readers must not see is what the workers absorbed after
 //! the epoch the other tables show. So:
 //!
-//! - each worker numbers its closes (*generations*, from 1) and reports the number it closed
+//! - each worker numbers its closes (*generations*, from 1, or on from an earlier run's last
+//!   over the same store) and reports the number it closed
 //!   with its changes ([`PeriscopeChange::Closed`](super::PeriscopeChange::Closed)); the
 //!   publisher notes them and, when it makes an epoch visible, makes visible per worker the
 //!   newest generation that epoch holds (the worker's *boundary*);
@@ -16,12 +17,16 @@
 //!   close, the id before;
 //! - a reader takes each session as the first before-image logged after the boundary, and the
 //!   session itself when there is none; a session without a connect or disconnect has no row;
-//! - the worker drops before-images of generations at or under its boundary the next time it
-//!   logs to that stream (readers never need them again).
+//! - the worker drops before-images of generations at or under its boundary (readers never need
+//!   them again) when it next logs to that stream, and at each of its closes for every stream
+//!   that still has some, so a stream that goes quiet does not keep them.
 //!
 //! The boundaries only move while the publisher holds the live tables' write lock, and readers
-//! read under the read lock, so a read sees one epoch from start to end. The logs hold only the
-//! sessions changed in generations not yet visible: a few epochs' worth.
+//! read under the read lock, so a read sees one epoch from start to end. A reader takes a
+//! stream's lock for [`READ_CHUNK`] sessions at a time, so a scan of a big stream holds its
+//! worker up for short spells only; between them the worker may change sessions, but only by
+//! logging images after the boundary, which the reader's next chunk takes. The logs hold only
+//! the sessions changed in generations not yet visible: a few epochs' worth.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,6 +77,10 @@ fn row_of(names: SymPair, stream_id: Sym, session: &Session, span: &Span) -> Vie
     }
 }
 
+/// Sessions a reader turns into rows per hold of a stream's lock (3 in tests, so that their
+/// small streams are read in several holds too).
+pub const READ_CHUNK: u32 = if cfg!(test) { 3 } else { 4096 };
+
 /// A session as it was before its first change in `generation`.
 #[derive(Debug)]
 struct Before {
@@ -98,16 +107,22 @@ pub(crate) struct StreamSessions {
 }
 
 impl StreamSessions {
-    /// Forgets what readers at `boundary` or later never need.
-    fn forget(&mut self, boundary: u64) {
+    /// Forgets what readers at `boundary` or later never need; returns whether anything is
+    /// left to forget later.
+    pub fn forget(&mut self, boundary: u64) -> bool {
         if self.log.first().is_some_and(|b| b.generation <= boundary) {
             let done = self.log.partition_point(|b| b.generation <= boundary);
             self.log.drain(..done);
+            // A burst's room is given back once the log is down to a quarter of it.
+            if self.log.capacity() > 64 && self.log.len() * 4 < self.log.capacity() {
+                self.log.shrink_to(self.log.len() * 2);
+            }
         }
         if self.ids.first().is_some_and(|(g, _)| *g <= boundary) {
             let done = self.ids.partition_point(|(g, _)| *g <= boundary);
             self.ids.drain(..done);
         }
+        !self.log.is_empty() || !self.ids.is_empty()
     }
 
     /// Applies `change` to the session in `slot` during `generation`, the worker's boundary
@@ -204,17 +219,27 @@ impl StreamSessions {
             .map_or_else(|| self.sessions.get(slot), |b| &b.session)
     }
 
-    /// Every row readers at `boundary` see.
-    fn rows_at(&self, names: SymPair, boundary: u64, out: &mut Vec<ViewerSessionRow>) {
+    /// The rows of slots `from..` (at most [`READ_CHUNK`] of them) readers at `boundary` see;
+    /// returns the slot after the last one read, `None` at the end.
+    fn rows_at(
+        &self,
+        names: SymPair,
+        boundary: u64,
+        from: u32,
+        out: &mut Vec<ViewerSessionRow>,
+    ) -> Option<u32> {
         let id = self.id_at(boundary);
         let images = self.images_after(boundary);
-        for slot in self.sessions.slots() {
+        let len = u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
+        let to = from.saturating_add(READ_CHUNK).min(len);
+        for slot in from..to {
             let session = images
                 .get(&slot)
                 .copied()
                 .unwrap_or_else(|| self.sessions.get(slot));
             out.extend(session_row(names, id, session));
         }
+        (to < len).then_some(to)
     }
 
     /// How many rows readers at `boundary` see.
@@ -382,8 +407,9 @@ impl SessionStore {
             .clone()
     }
 
-    /// Every visible row of `tenant` (all for `None`).
-    pub fn rows(&self, tenant: Option<&str>) -> Vec<ViewerSessionRow> {
+    /// Every visible row of `tenant` (all for `None`). Only under the live tables' read lock
+    /// (through [`HeldSessions`]): the boundaries must not move during the read.
+    pub(crate) fn rows(&self, tenant: Option<&str>) -> Vec<ViewerSessionRow> {
         let boundaries = self.boundaries();
         let mut out = Vec::new();
         for stream in self.streams() {
@@ -391,13 +417,28 @@ impl SessionStore {
                 continue;
             }
             let boundary = boundaries.get(stream.worker).copied().unwrap_or(0);
-            stream.lock().rows_at(stream.names, boundary, &mut out);
+            let mut from = Some(0);
+            while let Some(at) = from {
+                from = stream.lock().rows_at(stream.names, boundary, at, &mut out);
+            }
         }
         out
     }
 
-    /// Number of visible rows.
-    pub fn len(&self) -> usize {
+    /// Before-images and ids held in all streams' logs.
+    #[cfg(test)]
+    pub(crate) fn logged(&self) -> usize {
+        self.streams()
+            .iter()
+            .map(|stream| {
+                let held = stream.lock();
+                held.log.len() + held.ids.len()
+            })
+            .sum()
+    }
+
+    /// Number of visible rows (as [`SessionStore::rows`], under the read lock).
+    pub(crate) fn len(&self) -> usize {
         let boundaries = self.boundaries();
         self.streams()
             .iter()
@@ -408,13 +449,9 @@ impl SessionStore {
             .sum()
     }
 
-    /// Whether no row is visible.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The visible row of (tenant, internal name, node, session id).
-    pub fn get(&self, key: &(Sym, Sym, Sym, ShortStr)) -> Option<ViewerSessionRow> {
+    /// The visible row of (tenant, internal name, node, session id) (as [`SessionStore::rows`],
+    /// under the read lock).
+    pub(crate) fn get(&self, key: &(Sym, Sym, Sym, ShortStr)) -> Option<ViewerSessionRow> {
         let stream = {
             let registry = self
                 .registry
@@ -462,9 +499,9 @@ impl HeldSessions {
         }
     }
 
-    /// The store read.
-    pub fn store(&self) -> &Arc<SessionStore> {
-        &self.store
+    /// Whether this table reads `store`.
+    pub fn reads(&self, store: &Arc<SessionStore>) -> bool {
+        Arc::ptr_eq(&self.store, store)
     }
 }
 

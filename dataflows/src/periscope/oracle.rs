@@ -850,13 +850,58 @@ fn session_map(rows: impl IntoIterator<Item = ViewerSessionRow>) -> BTreeMap<Str
         .collect()
 }
 
+/// Has each event absorbed by the worker its stream routes to, moving `watermark` on.
+fn absorb(workers: &mut [StreamsState], events: &[Event], watermark: &mut i64) {
+    for e in events {
+        *watermark = (*watermark).max(e.time);
+        workers[(super::streams::route(e) % 2) as usize].apply(e.clone());
+    }
+}
+
+/// The rows readers should see: each worker's rows as reported up to its last published close.
+fn visible(published: &[BTreeMap<String, Value>]) -> BTreeMap<String, Value> {
+    published
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Compares everything a reader of `held` can ask with `expected`; `keys` are every key the
+/// states hold, visible or not.
+fn check_held(
+    held: &HeldSessions,
+    expected: &BTreeMap<String, Value>,
+    keys: &BTreeMap<String, ViewerSessionRow>,
+) -> Result<(), TestCaseError> {
+    prop_assert_eq!(&session_map(held.rows(None)), expected);
+    prop_assert_eq!(held.len(), expected.len());
+    for (text, row) in keys {
+        let got = held
+            .get(&row.key())
+            .map(|r| serde_json::to_value(r).unwrap());
+        prop_assert_eq!(got.as_ref(), expected.get(text), "look-up of {}", text);
+    }
+    for t in 0..2 {
+        let tenant = tenant(t).to_string();
+        let of_tenant: BTreeMap<String, Value> = expected
+            .iter()
+            .filter(|(_, row)| row["tenant_id"] == tenant.as_str())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        prop_assert_eq!(session_map(held.rows(Some(&tenant))), of_tenant);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
-    /// The held `viewer_sessions` (read where the stream states keep the sessions) shows, after
-    /// each publish, exactly the rows the states had reported up to the last published close,
-    /// however far the states have absorbed beyond it; its diffs take the previous published
-    /// rows to the new ones; look-ups and counts agree with the rows.
+    /// The held `viewer_sessions` (read where the stream states of two workers keep the
+    /// sessions) shows, after each publish and while the workers absorb the next events,
+    /// exactly the rows each worker had reported up to its last published close, however far
+    /// the workers have absorbed beyond it; its diffs take the previous published rows to the
+    /// new ones; look-ups of every key held, counts and tenant scans agree.
     #[test]
     fn held_sessions_show_the_published_closes(
         specs in prop::collection::vec((arb_spec(), 0u32..2400), 1..120),
@@ -878,43 +923,33 @@ proptest! {
         let closes = cut_points.len();
 
         let store = Arc::new(SessionStore::default());
-        let mut streams = StreamsState::new(store.clone(), 0);
-        let mut held = HeldSessions::new(store);
-        // The rows reported up to each close, and the closes not yet published.
-        let mut reported = Store::default();
-        let mut unpublished: Vec<(u64, BTreeMap<String, Value>)> = Vec::new();
+        let mut workers: Vec<StreamsState> = (0..2).map(|w| StreamsState::new(store.clone(), w)).collect();
+        let mut held = HeldSessions::new(store.clone());
+        // Per worker: the rows reported so far, its closes not yet published (with the rows
+        // reported up to each), and the rows up to its last published close.
+        let mut reported: Vec<Store> = (0..2).map(|_| Store::default()).collect();
+        let mut unpublished: Vec<Vec<(u64, BTreeMap<String, Value>)>> = vec![Vec::new(); 2];
+        let mut published: Vec<BTreeMap<String, Value>> = vec![BTreeMap::new(); 2];
+        // Every key any state holds, and the rows readers saw at the last commit.
+        let mut keys: BTreeMap<String, ViewerSessionRow> = BTreeMap::new();
         let mut shown = BTreeMap::new();
         let (mut watermark, mut from) = (i64::MIN, 0);
         for (k, cut) in cut_points.into_iter().enumerate() {
-            for e in &events[from..cut] {
-                watermark = watermark.max(e.time);
-                streams.apply(e.clone());
-            }
-            from = cut;
-            let mut out = Vec::new();
-            streams.close(watermark, &mut out);
-            let mut generation = None;
-            for change in out {
-                match change {
-                    PeriscopeChange::Closed { generation: g, .. } => generation = Some(g),
-                    other => keel_operators::table::TableSet::apply_to(other, &mut reported),
+            let last = k + 1 == closes;
+            let mid = (from + cut) / 2;
+            absorb(&mut workers, &events[from..mid], &mut watermark);
+            // Publish all but each worker's newest few closes (the publisher lags the states),
+            // and everything after the last close.
+            for w in 0..2 {
+                let lag = lags[(2 * k + w) % lags.len()];
+                let publish = unpublished[w].len().saturating_sub(lag);
+                for (generation, rows) in unpublished[w].drain(..publish) {
+                    held.closed(w as u32, generation);
+                    published[w] = rows;
                 }
             }
-            let generation = generation.expect("every close reports its generation");
-            unpublished.push((generation, reported.0.get("viewer_sessions").cloned().unwrap_or_default()));
-            // Publish all but the newest few closes (the publisher lags the states), and all
-            // at the end.
-            let lag = if k + 1 == closes { 0 } else { lags[k % lags.len()] };
-            let publish = unpublished.len().saturating_sub(lag);
-            let mut published = None;
-            for (g, rows) in unpublished.drain(..publish) {
-                held.closed(0, g);
-                published = Some(rows);
-            }
-            let Some(expected) = published else {
-                continue;
-            };
             let changes = held.commit(true);
+            let expected = visible(&published);
             // The diffs take the rows shown before to the rows shown now.
             let mut after = shown.clone();
             for (before, row) in changes {
@@ -927,14 +962,51 @@ proptest! {
                     None => after.remove(&key),
                 };
             }
-            prop_assert_eq!(&after, &expected, "diffs after close {}", k);
-            shown = session_map(held.rows(None));
-            prop_assert_eq!(&shown, &expected, "rows after close {}", k);
-            prop_assert_eq!(held.len(), expected.len());
-            for row in held.rows(None) {
-                prop_assert_eq!(held.get(&row.key()), Some(row.clone()));
-                let tenant = row.tenant_id();
-                prop_assert!(held.rows(Some(tenant.as_str())).contains(&row));
+            prop_assert_eq!(&after, &expected, "diffs before close {}", k);
+            shown = after;
+            // Read while the workers are half way through their next generation.
+            check_held(&held, &expected, &keys)?;
+            absorb(&mut workers, &events[mid..cut], &mut watermark);
+            from = cut;
+            for w in 0..2 {
+                let mut out = Vec::new();
+                workers[w].close(watermark, &mut out);
+                let mut generation = None;
+                for change in out {
+                    match change {
+                        PeriscopeChange::Closed { generation: g, worker } => {
+                            prop_assert_eq!(worker as usize, w);
+                            generation = Some(g);
+                        }
+                        PeriscopeChange::ViewerSessions(Change::Upsert(row)) => {
+                            keys.insert(serde_json::to_string(&row.key()).unwrap(), row.clone());
+                            keel_operators::table::TableSet::apply_to(
+                                PeriscopeChange::ViewerSessions(Change::Upsert(row)),
+                                &mut reported[w],
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+                let generation = generation.expect("every close reports its generation");
+                let rows = reported[w].0.get("viewer_sessions").cloned().unwrap_or_default();
+                unpublished[w].push((generation, rows));
+                if last {
+                    for (generation, rows) in unpublished[w].drain(..) {
+                        held.closed(w as u32, generation);
+                        published[w] = rows;
+                    }
+                }
+            }
+            if last {
+                held.commit(true);
+                check_held(&held, &visible(&published), &keys)?;
+                // Once everything is visible, the next close forgets every before-image, also
+                // of streams that get no more events.
+                for worker in &mut workers {
+                    worker.close(watermark, &mut Vec::new());
+                }
+                prop_assert_eq!(store.logged(), 0);
             }
         }
     }

@@ -314,6 +314,8 @@ struct StreamState {
     held: Arc<HeldStream>,
     /// Whether every session's row is to be reported at the next close (its public id changed).
     republish_sessions: bool,
+    /// Whether the stream is in [`StreamsState::remembering`].
+    remembering: bool,
     profile: StepProfile,
     identities: Identities,
     sums: SessionSums,
@@ -348,6 +350,7 @@ impl StreamState {
             quality_tier: None,
             held: store.hold(names, worker),
             republish_sessions: false,
+            remembering: false,
             profile: StepProfile::default(),
             identities: Identities::default(),
             sums: SessionSums::default(),
@@ -866,6 +869,9 @@ pub struct StreamsState {
     generation: u64,
     /// The newest of this worker's generations readers see.
     boundary: Arc<AtomicU64>,
+    /// Streams that may hold before-images readers do not need any more once their generation
+    /// is visible: forgotten at each close, so a stream that goes quiet lets them go.
+    remembering: Vec<StreamKey>,
 }
 
 impl Default for StreamsState {
@@ -879,7 +885,7 @@ impl StreamsState {
     /// The state of `worker`, holding its streams' sessions in `store`.
     pub fn new(store: Arc<SessionStore>, worker: usize) -> Self {
         let boundary = store.boundary(worker);
-        // After an earlier run over the same store, the generations go on from its last.
+        // Generations go on from the last one readers see (a store's first run starts at 1).
         let generation = boundary.load(Ordering::Acquire) + 1;
         StreamsState {
             streams: HashMap::default(),
@@ -890,6 +896,7 @@ impl StreamsState {
             worker,
             generation,
             boundary,
+            remembering: Vec::new(),
         }
     }
 }
@@ -946,7 +953,18 @@ impl EpochState for StreamsState {
             } else {
                 self.open.remove(&key);
             }
+            if !state.remembering {
+                state.remembering = true;
+                self.remembering.push(key);
+            }
         }
+        let boundary = self.boundary.load(Ordering::Acquire);
+        let streams = &mut self.streams;
+        self.remembering.retain(|key| {
+            let state = streams.get_mut(key).expect("remembering streams are held");
+            state.remembering = state.held.lock().forget(boundary);
+            state.remembering
+        });
         output.push(PeriscopeChange::Closed {
             worker: u32::try_from(self.worker).expect("fewer than 2^32 workers"),
             generation: self.generation,
