@@ -770,11 +770,11 @@ impl Query {
     ) -> Result<ViewerSessionConnection> {
         let tenant = tenant_of(ctx, tenant_id.as_ref())?;
         let items = read(ctx, |tables| {
+            // The tenant's rows only: the table reads no other.
             let tenant_text = tenant.map(|t| t.to_string());
             tables
                 .rows_of::<ViewerSessionRow>("viewer_sessions", tenant_text.as_deref())
                 .iter()
-                .filter(|s| sees(tenant, s.tenant_id()))
                 .filter(|s| matches_stream(stream_id.as_deref(), s.stream_id, s.internal_name()))
                 .filter(|s| open.is_none_or(|o| o == s.disconnected_at.is_none()))
                 .map(|s| {

@@ -272,8 +272,8 @@ impl<R: Row> LiveTable<R> {
         let journal = std::mem::take(journal);
         row_changes(
             journal
-                .into_iter()
-                .map(|(key, before)| (before, self.get(&key).cloned())),
+                .iter()
+                .map(|(key, before)| (before.as_ref(), self.get(key))),
         )
     }
 
@@ -316,20 +316,22 @@ fn batch_of<T: serde::Serialize>(
 }
 
 /// Net changes as the hub takes them: rows out (−1), then rows in (+1).
-fn row_changes<R: Row>(pairs: impl IntoIterator<Item = (Option<R>, Option<R>)>) -> Vec<RowChange> {
+fn row_changes<'a, R: Row>(
+    pairs: impl IntoIterator<Item = (Option<&'a R>, Option<&'a R>)>,
+) -> Vec<RowChange> {
     let mut outs = Vec::new();
     let mut ins = Vec::new();
     for (before, after) in pairs {
         if before == after {
             continue;
         }
-        if let Some(before) = &before {
+        if let Some(before) = before {
             outs.push(RowChange {
                 diff: -1,
                 row: Arc::new(JsonRow::of(before, R::TIMESTAMPS)),
             });
         }
-        if let Some(after) = &after {
+        if let Some(after) = after {
             ins.push(RowChange {
                 diff: 1,
                 row: Arc::new(JsonRow::of(after, R::TIMESTAMPS)),
@@ -452,7 +454,12 @@ impl<H: HeldTable> AnyTable for Held<H> {
         self.watched = on;
     }
     fn drain_changes(&mut self) -> Vec<RowChange> {
-        row_changes(self.held.commit(self.watched))
+        let changes = self.held.commit(self.watched);
+        row_changes(
+            changes
+                .iter()
+                .map(|(before, after)| (before.as_ref(), after.as_ref())),
+        )
     }
     fn is_held(&self) -> bool {
         true

@@ -296,6 +296,11 @@ pub(crate) struct HeldStream {
 }
 
 impl HeldStream {
+    /// The stream's tenant and internal name.
+    pub fn names(&self) -> SymPair {
+        self.names
+    }
+
     /// The sessions, locked (a poisoned lock is taken over: the state is only ever changed by
     /// code that does not panic half way).
     pub fn lock(&self) -> MutexGuard<'_, StreamSessions> {

@@ -1,7 +1,9 @@
 //! Periscope: the analytics tables, kept live by one dataflow.
 //!
 //! [`periscope`] takes the decoded events, the decode errors and each worker's watermarks, and
-//! returns one stream of [`PeriscopeChange`]s covering every table in [`rows`]:
+//! returns one stream of [`PeriscopeChange`]s covering every table in [`rows`] (the rows of
+//! `viewer_sessions` only for stores that keep them: the live table reads the sessions where
+//! [`StreamsState`] holds them, [`held`]):
 //!
 //! ```text
 //! events ─┬─ stream events ─(by tenant+stream)──> StreamsState ──> streams, viewer_sessions,

@@ -6,8 +6,9 @@
 //! through [`Span`]s: when a session changes, its old span is subtracted and its new span added,
 //! so every aggregate stays equal to a from-scratch computation over the current sessions.
 //!
-//! At close, a stream reports the rows of `streams`, `viewer_sessions`, `viewers_by_country`,
-//! `usage_5m` and `stream_health_5m` that changed. Rows that depend on "now" (open sessions count
+//! At close, a stream reports the rows of `streams`, `viewers_by_country`, `usage_5m` and
+//! `stream_health_5m` that changed, and those of `viewer_sessions` when a store keeps them (the
+//! live table reads the sessions where they are held, [`super::held`]). Rows that depend on "now" (open sessions count
 //! up to the newest event time) are refreshed for streams with open sessions whenever the
 //! watermark moves.
 
@@ -295,8 +296,6 @@ fn offer<T: Ord>(slot: &mut Option<(i64, T)>, time: i64, value: T) {
 struct StreamState {
     tenant: Sym,
     internal_name: Sym,
-    /// (tenant, internal name) as the stream's session rows carry it.
-    names: SymPair,
     /// The smallest public stream id any event carried.
     stream_id: Option<Uuid>,
     /// The id rows carry (`stream_id`, or derived), and whether rows were published with it.
@@ -338,7 +337,6 @@ impl StreamState {
         StreamState {
             tenant,
             internal_name,
-            names,
             stream_id: None,
             published_id: None,
             id_text: None,
@@ -695,7 +693,7 @@ impl StreamState {
         let rows = report_rows.then_some(out);
         self.held
             .lock()
-            .close(self.names, generation, id, all, rows);
+            .close(self.held.names(), generation, id, all, rows);
     }
 
     /// Reports the countries whose sessions changed.
