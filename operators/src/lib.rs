@@ -16,6 +16,8 @@
 //!   stalls.
 //! - [`posindex`]: positions of rows by 32-bit key hash, one cache line per look-up before the
 //!   row.
+//! - [`prefetch`]: asking for a value's cache line ahead of its use (the one `unsafe` block).
+//! - [`set64`]: a flat set of 64-bit hashes, one line per look-up, prefetchable.
 //! - [`table`]: keyed rows and the upsert changes operators report, and the sink traits.
 //!
 //! ```
@@ -33,7 +35,9 @@ pub mod idset;
 pub mod latest;
 pub mod maintain;
 pub mod posindex;
+pub mod prefetch;
 pub mod profile;
+pub mod set64;
 pub mod shortstr;
 pub mod sym;
 pub mod sympair;

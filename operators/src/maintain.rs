@@ -60,9 +60,32 @@ pub trait EpochState: 'static {
     type Output;
     /// Absorbs one record. Applying the same records in any order must give the same state.
     fn apply(&mut self, input: Self::Input);
+    /// A hint that `input` is [`PREFETCH_AHEAD`] records from being applied: states whose
+    /// look-ups miss the cache start loading what it will touch (see
+    /// [`prefetch`](crate::prefetch)). Must not change what the state holds or reports.
+    fn prefetch(&self, _input: &Self::Input) {}
     /// Reports every change since the previous close. `watermark` is the newest event time any
     /// worker has seen up to this epoch (`i64::MIN` before the first event).
     fn close(&mut self, watermark: i64, output: &mut Vec<Self::Output>);
+}
+
+/// Records between [`EpochState::prefetch`] hearing of a record and its apply: enough for a
+/// line to arrive from memory while the records before it are applied.
+pub const PREFETCH_AHEAD: usize = 8;
+
+/// Applies `records` in order, hinting each one [`PREFETCH_AHEAD`] records before it is
+/// applied, so that look-ups of neighbouring records overlap their cache misses.
+fn absorb<S: EpochState>(state: &mut S, records: &mut Vec<S::Input>) {
+    let mut records = records.drain(..);
+    for record in records.as_slice().iter().take(PREFETCH_AHEAD) {
+        state.prefetch(record);
+    }
+    while let Some(record) = records.next() {
+        if let Some(ahead) = records.as_slice().get(PREFETCH_AHEAD - 1) {
+            state.prefetch(ahead);
+        }
+        state.apply(record);
+    }
 }
 
 /// Records pending for one epoch, with the capability to answer at it.
@@ -130,7 +153,7 @@ where
                         .records
                         .append(data),
                     // A message under no capability claims no epoch: absorb it now.
-                    None => data.drain(..).for_each(|record| state.apply(record)),
+                    None => absorb(&mut state, data),
                 });
                 marks.for_each(|cap, data| {
                     if let Some(time) = cap.least() {
@@ -151,11 +174,9 @@ where
                     if !complete(entry.key()) {
                         break;
                     }
-                    let epoch = entry.remove();
+                    let mut epoch = entry.remove();
                     watermark = watermark.max(epoch.watermark);
-                    for record in epoch.records {
-                        state.apply(record);
-                    }
+                    absorb(&mut state, &mut epoch.records);
                     latest = Some(epoch.capability);
                 }
                 if let Some(capability) = latest {
@@ -177,9 +198,7 @@ where
                 if let Some(mut entry) = pending.first_entry()
                     && settled(entry.key())
                 {
-                    for record in entry.get_mut().records.drain(..) {
-                        state.apply(record);
-                    }
+                    absorb(&mut state, &mut entry.get_mut().records);
                 }
             }
         })
@@ -374,5 +393,47 @@ mod tests {
         })
         .unwrap();
         assert_eq!(*reports.lock().unwrap(), vec![(0, 100), (1, 200)]);
+    }
+
+    /// Notes every hint (through a cell: hints see the state shared) and apply, in order.
+    #[derive(Default)]
+    struct Hinted {
+        steps: std::cell::RefCell<Vec<(bool, u32)>>,
+    }
+
+    impl EpochState for Hinted {
+        type Input = u32;
+        type Output = ();
+        fn apply(&mut self, record: u32) {
+            self.steps.get_mut().push((true, record));
+        }
+        fn prefetch(&self, record: &u32) {
+            self.steps.borrow_mut().push((false, *record));
+        }
+        fn close(&mut self, _watermark: i64, _out: &mut Vec<()>) {}
+    }
+
+    proptest! {
+        /// `absorb` applies every record once, in order, and hints each one once, exactly
+        /// `PREFETCH_AHEAD` applies before its own (fewer for the first records).
+        #[test]
+        fn absorb_hints_each_record_shortly_before_it(n in 0u32..40) {
+            let records: Vec<u32> = (0..n).collect();
+            let mut hinted = Hinted::default();
+            let mut input = records.clone();
+            absorb(&mut hinted, &mut input);
+            prop_assert!(input.is_empty());
+            let steps = hinted.steps.into_inner();
+            let applied: Vec<u32> = steps.iter().filter(|s| s.0).map(|s| s.1).collect();
+            prop_assert_eq!(&applied, &records);
+            for &record in &records {
+                let hints: Vec<usize> = (0..steps.len()).filter(|&i| steps[i] == (false, record)).collect();
+                prop_assert_eq!(hints.len(), 1, "record {} hinted once", record);
+                let apply = steps.iter().position(|s| *s == (true, record)).unwrap();
+                let applied_between = steps[hints[0]..apply].iter().filter(|s| s.0).count();
+                prop_assert!(hints[0] < apply);
+                prop_assert_eq!(applied_between, (record as usize).min(PREFETCH_AHEAD));
+            }
+        }
     }
 }

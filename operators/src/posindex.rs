@@ -35,6 +35,40 @@ struct Entry {
 
 const VACANT: Entry = Entry { hash: 0, at: EMPTY };
 
+/// The home entry of `hash` in a table of 2^(64 − `shift`) entries: the high bits of a
+/// multiplicative spread, so that hashes differing only in their high bits still land apart.
+#[inline]
+pub(crate) fn spread(hash: u64, shift: u32) -> usize {
+    (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize
+}
+
+/// Empties entry `hole` of a linearly probed table (a power of two long, with a vacant entry
+/// somewhere): every later entry of the run that may live in the hole moves into it (backward
+/// shift), so no probe ever stops early at a hole in its run.
+pub(crate) fn close_hole<T: Copy>(
+    entries: &mut [T],
+    mut hole: usize,
+    vacant: T,
+    is_vacant: impl Fn(&T) -> bool,
+    home: impl Fn(&T) -> usize,
+) {
+    let mask = entries.len() - 1;
+    let mut j = hole;
+    loop {
+        j = (j + 1) & mask;
+        let entry = entries[j];
+        if is_vacant(&entry) {
+            break;
+        }
+        // The entry may sit in the hole when the hole lies on its path from home to j.
+        if (j.wrapping_sub(home(&entry)) & mask) >= (j.wrapping_sub(hole) & mask) {
+            entries[hole] = entry;
+            hole = j;
+        }
+    }
+    entries[hole] = vacant;
+}
+
 /// Positions by 32-bit hash; see the module documentation.
 #[derive(Clone, Debug, Default)]
 pub struct PositionIndex {
@@ -60,7 +94,7 @@ impl PositionIndex {
     /// differing only in their high bits still land apart.
     #[inline]
     fn home(&self, hash: u32) -> usize {
-        (u64::from(hash).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+        spread(u64::from(hash), self.shift)
     }
 
     #[inline]
@@ -72,6 +106,14 @@ impl PositionIndex {
     #[inline]
     pub fn find(&self, hash: u32, is: impl FnMut(u32) -> bool) -> Option<u32> {
         self.probe(hash, is).map(|i| self.entries[i].at)
+    }
+
+    /// Starts loading the index line where a look-up of `hash` begins.
+    #[inline]
+    pub fn prefetch(&self, hash: u32) {
+        if !self.entries.is_empty() {
+            crate::prefetch::prefetch(&self.entries[self.home(hash)]);
+        }
     }
 
     /// Where the entry filed under `hash` whose position `is` accepts sits.
@@ -132,27 +174,17 @@ impl PositionIndex {
 
     /// Removes the entry of position `at`, filed under `hash`; returns whether it was there.
     pub fn remove(&mut self, hash: u32, at: u32) -> bool {
-        let Some(mut hole) = self.slot_of(hash, at) else {
+        let Some(hole) = self.slot_of(hash, at) else {
             return false;
         };
-        // Backward shift: every later entry of the run that may live in the hole moves into
-        // it, so no probe ever stops early at a hole in its run.
-        let mask = self.mask();
-        let mut j = hole;
-        loop {
-            j = (j + 1) & mask;
-            let entry = self.entries[j];
-            if entry.at == EMPTY {
-                break;
-            }
-            let home = self.home(entry.hash);
-            // The entry may sit in the hole when the hole lies on its path from home to j.
-            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
-                self.entries[hole] = entry;
-                hole = j;
-            }
-        }
-        self.entries[hole] = VACANT;
+        let shift = self.shift;
+        close_hole(
+            &mut self.entries,
+            hole,
+            VACANT,
+            |entry| entry.at == EMPTY,
+            |entry| spread(u64::from(entry.hash), shift),
+        );
         self.len -= 1;
         true
     }

@@ -301,6 +301,15 @@ impl HeldStream {
         self.names
     }
 
+    /// The sessions, if no one holds them now.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, StreamSessions>> {
+        match self.sessions.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// The sessions, locked (a poisoned lock is taken over: the state is only ever changed by
     /// code that does not panic half way).
     pub fn lock(&self) -> MutexGuard<'_, StreamSessions> {

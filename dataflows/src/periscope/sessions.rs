@@ -259,6 +259,11 @@ impl Sessions {
         slot
     }
 
+    /// Starts loading the index line a coming `slot(node, session_id)` will read.
+    pub fn prefetch(&self, node: Sym, session_id: &str) {
+        self.index.prefetch(slot_hash(node, session_id));
+    }
+
     /// The slot of (node, session id), if the stream has that session.
     pub fn find(&self, node: Sym, session_id: &str) -> Option<u32> {
         let slots = &self.slots;

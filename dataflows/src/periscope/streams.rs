@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use keel_operators::idset::IdSet;
 use keel_operators::maintain::EpochState;
 use keel_operators::profile::StepProfile;
+use keel_operators::set64::Set64;
 use keel_operators::sym::Sym;
 use keel_operators::sympair::SymPair;
 use keel_operators::table::Change;
@@ -245,12 +246,12 @@ impl Country {
 }
 
 /// The viewer identities of a stream's sessions, with how many sessions each has. Most viewers
-/// have one session, so those sit in a plain set (9 bytes a bucket) and only the rest carry a
-/// count (17 bytes a bucket): about 15 bytes less per open session than one counted map
-/// (BENCHMARKS.md).
+/// have one session, so those sit in a flat set (8 bytes an entry, its line prefetched before a
+/// new session arrives) and only the rest carry a count (17 bytes a bucket): about 15 bytes less
+/// per open session than one counted map (BENCHMARKS.md).
 #[derive(Debug, Default)]
 struct Identities {
-    once: HashSet<u64, FxBuildHasher>,
+    once: Set64,
     /// Identities with two sessions or more.
     more: HashMap<u64, u32, FxBuildHasher>,
 }
@@ -260,7 +261,7 @@ impl Identities {
         if let Some(count) = self.more.get_mut(&identity) {
             *count += 1;
         } else if !self.once.insert(identity) {
-            self.once.remove(&identity);
+            self.once.remove(identity);
             self.more.insert(identity, 2);
         }
     }
@@ -273,7 +274,7 @@ impl Identities {
                 self.once.insert(identity);
             }
             None => {
-                self.once.remove(&identity);
+                self.once.remove(identity);
             }
         }
     }
@@ -490,6 +491,24 @@ impl StreamState {
             | EventKind::Routing(_)
             | EventKind::NodeUpdate(_)
             | EventKind::Unknown(_) => {}
+        }
+    }
+
+    /// Starts loading what a coming viewer event of this stream will touch: where its session
+    /// is indexed (see [`Sessions::prefetch`](super::sessions::Sessions::prefetch); skipped
+    /// while a reader holds the sessions) and, for a connect, where its viewer identity goes.
+    fn prefetch(&self, event: &Event) {
+        let (node, session_id, place) = match &event.kind {
+            EventKind::ViewerConnect(e) => (e.node, &e.session_id, Some(&e.place)),
+            EventKind::ViewerDisconnect(e) => (e.node, &e.session_id, None),
+            _ => return,
+        };
+        if let Some(place) = place {
+            let identity = viewer_identity(&place.host, node, session_id);
+            self.identities.once.prefetch(identity);
+        }
+        if let Some(held) = self.held.try_lock() {
+            held.sessions.prefetch(node, session_id);
         }
     }
 
@@ -930,6 +949,14 @@ impl EpochState for StreamsState {
         }
     }
 
+    fn prefetch(&self, event: &Event) {
+        if let Some(stream) = event.kind.stream()
+            && let Some(state) = self.streams.get(&(event.tenant, stream.internal_name))
+        {
+            state.prefetch(event);
+        }
+    }
+
     fn close(&mut self, watermark: i64, output: &mut Vec<PeriscopeChange>) {
         if watermark != self.watermark {
             self.watermark = watermark;
@@ -999,9 +1026,9 @@ mod tests {
                 prop_assert_eq!(identities.len(), model.len());
                 for (identity, &count) in &model {
                     let held = if count == 1 {
-                        identities.once.contains(identity) && !identities.more.contains_key(identity)
+                        identities.once.contains(*identity) && !identities.more.contains_key(identity)
                     } else {
-                        identities.more.get(identity) == Some(&count) && !identities.once.contains(identity)
+                        identities.more.get(identity) == Some(&count) && !identities.once.contains(*identity)
                     };
                     prop_assert!(held, "identity {} with {} sessions", identity, count);
                 }
