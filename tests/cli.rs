@@ -536,13 +536,38 @@ fn run_takes_mist_webhooks_into_the_tables() {
         "{}",
         text(&out.stderr)
     );
+    // The webhook answers once a trigger is in the log; forwarding to Decklog follows on its
+    // own, so wait for the log to empty before stopping (what stays is for the next start).
+    let started = Instant::now();
+    loop {
+        let metrics = ureq::get(&format!("{url}/metrics"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        if metrics
+            .lines()
+            .any(|line| line == "keel_helmsman_pending 0")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the trigger log still holds triggers: {metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(child.wait().unwrap().success());
     let left: Vec<_> = std::fs::read_dir(wal.path()).unwrap().collect();
-    assert!(left.is_empty(), "every trigger was forwarded: {left:?}");
+    assert!(
+        left.is_empty(),
+        "every trigger was forwarded, none set aside: {left:?}"
+    );
 }
 
 /// `keel run`'s start-up lines up to the admin token: each `keel: <what> on <rest>` by what, and
