@@ -478,17 +478,20 @@ fn run_takes_mist_webhooks_into_the_tables() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let metrics = ureq::get(&format!("{url}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = || {
+        ureq::get(&format!("{url}/metrics"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    let served = metrics();
     assert!(
-        metrics.contains("keel_decklog_events_total{outcome=\"delivered\"} 3")
-            && metrics.contains("keel_helmsman_triggers_total{state=\"forwarded\"} 3")
-            && metrics.contains("keel_helmsman_pending 0"),
-        "{metrics}"
+        served.contains("keel_decklog_events_total{outcome=\"delivered\"} 3")
+            && served.contains("keel_helmsman_triggers_total{state=\"forwarded\"} 3")
+            && served.contains("keel_helmsman_pending 0"),
+        "{served}"
     );
     // The load generator through both doors, as the tenant.
     for args in [
@@ -540,21 +543,13 @@ fn run_takes_mist_webhooks_into_the_tables() {
     // own, so wait for the log to empty before stopping (what stays is for the next start).
     let started = Instant::now();
     loop {
-        let metrics = ureq::get(&format!("{url}/metrics"))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap();
-        if metrics
-            .lines()
-            .any(|line| line == "keel_helmsman_pending 0")
-        {
+        let served = metrics();
+        if served.lines().any(|line| line == "keel_helmsman_pending 0") {
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "the trigger log still holds triggers: {metrics}"
+            "the trigger log still holds triggers: {served}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
