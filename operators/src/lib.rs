@@ -18,6 +18,7 @@
 //!   row.
 //! - [`prefetch`]: asking for a value's cache line ahead of its use (the one `unsafe` block).
 //! - [`set64`]: a flat set of 64-bit hashes, one line per look-up, prefetchable.
+//! - [`split`]: one stream into several by a function of each record, each record moved once.
 //! - [`table`]: keyed rows and the upsert changes operators report, and the sink traits.
 //!
 //! ```
@@ -39,6 +40,7 @@ pub mod prefetch;
 pub mod profile;
 pub mod set64;
 pub mod shortstr;
+pub mod split;
 pub mod sym;
 pub mod sympair;
 pub mod table;

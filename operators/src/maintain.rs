@@ -147,12 +147,32 @@ where
             let mut watermark = i64::MIN;
             let mut changes = Vec::new();
             move |(records, records_frontier), (marks, marks_frontier), output| {
+                // The oldest open epoch's records can be absorbed before it completes once
+                // nothing of an earlier epoch can still come (every earlier one is closed):
+                // the epoch's records are then not all held until its end, only its changes.
+                let settled = |time: &T| {
+                    records_frontier
+                        .frontier()
+                        .iter()
+                        .all(|f| time.less_equal(f))
+                        && marks_frontier.frontier().iter().all(|f| time.less_equal(f))
+                };
                 records.for_each(|cap, data| match cap.least() {
-                    Some(time) => pending
-                        .entry(time.clone())
-                        .or_insert_with(|| Pending::new(&cap, output.output_index()))
-                        .records
-                        .append(data),
+                    Some(time) => {
+                        let oldest = pending
+                            .first_key_value()
+                            .is_none_or(|(first, _)| time.less_equal(first));
+                        let entry = pending
+                            .entry(time.clone())
+                            .or_insert_with(|| Pending::new(&cap, output.output_index()));
+                        // Straight from the message when it may be absorbed already: each
+                        // record is then moved once less.
+                        if oldest && settled(time) {
+                            absorb(&mut state, data);
+                        } else {
+                            entry.records.append(data);
+                        }
+                    }
                     // A message under no capability claims no epoch: absorb it now.
                     None => absorb(&mut state, data),
                 });
@@ -186,16 +206,7 @@ where
                         output.session(&capability).give_iterator(changes.drain(..));
                     }
                 }
-                // The oldest open epoch's records can be absorbed before it completes once
-                // nothing of an earlier epoch can still come (every earlier one is closed):
-                // the epoch's records are then not all held until its end, only its changes.
-                let settled = |time: &T| {
-                    records_frontier
-                        .frontier()
-                        .iter()
-                        .all(|f| time.less_equal(f))
-                        && marks_frontier.frontier().iter().all(|f| time.less_equal(f))
-                };
+                // What waited in the oldest open epoch, once it may be absorbed.
                 if let Some(mut entry) = pending.first_entry()
                     && settled(entry.key())
                 {

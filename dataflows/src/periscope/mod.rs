@@ -30,13 +30,14 @@ use std::sync::Arc;
 
 use keel_operators::latest::LatestByKey;
 use keel_operators::maintain::{GlobalWatermark, Maintain};
+use keel_operators::split::Split;
 use keel_operators::sym::Sym;
 use keel_operators::table::Change;
 use keel_sources::error::IngestError;
 use keel_sources::event::{Event, EventKind};
 use timely::dataflow::StreamVec;
 use timely::dataflow::operators::Concatenate;
-use timely::dataflow::operators::vec::{Map, Partition};
+use timely::dataflow::operators::vec::Map;
 use uuid::Uuid;
 
 pub use counted::{RoutingState, UnknownState};
@@ -45,7 +46,7 @@ pub use rows::*;
 pub use streams::{StreamsState, WINDOW};
 
 /// Which state an event feeds.
-fn class(event: &Event) -> u64 {
+fn class(event: &Event) -> usize {
     match event.kind {
         EventKind::NodeUpdate(_) => 1,
         EventKind::Routing(_) => 2,
@@ -99,9 +100,7 @@ pub fn periscope<'scope>(
     let scope = events.scope();
     let worker = scope.index();
     let watermarks = watermarks.global_watermark();
-    let mut parts = events
-        .partition(4, |event| (class(&event), event))
-        .into_iter();
+    let mut parts = events.split(4, "ByClass", class).into_iter();
     let (streams, nodes, routing, unknown) = (
         parts.next().expect("four parts"),
         parts.next().expect("four parts"),
