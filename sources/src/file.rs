@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -108,7 +109,8 @@ impl Source for FileSource {
     fn open(&self, _worker: usize, _workers: usize) -> Result<Box<dyn SourceReader>, SourceError> {
         Ok(Box::new(FileReader {
             source: self.clone(),
-            chunk: Vec::new(),
+            chunk: Arc::default(),
+            spare: SpareChunks::default(),
             at: 0,
             line: 0,
         }))
@@ -123,11 +125,41 @@ impl Source for FileSource {
     }
 }
 
+/// Chunks a reader keeps for reuse once no batch holds them.
+const SPARE_CHUNKS: usize = 3;
+
 struct FileReader {
     source: FileSource,
-    chunk: Vec<u8>,
+    /// The chunk being read; batches hold it too while they hold records of it, so its lines
+    /// are never copied.
+    chunk: Arc<Vec<u8>>,
+    spare: SpareChunks,
     at: usize,
     line: u64,
+}
+
+/// Earlier chunks, reused once no batch holds them (a fresh one would be allocated and first
+/// touched for every megabyte read).
+#[derive(Default)]
+struct SpareChunks(Vec<Arc<Vec<u8>>>);
+
+impl SpareChunks {
+    /// An empty buffer for the next chunk: a spare one no batch holds any more, else a new one.
+    fn take(&mut self) -> Vec<u8> {
+        let free = self
+            .0
+            .iter()
+            .position(|chunk| Arc::strong_count(chunk) == 1);
+        free.and_then(|i| Arc::try_unwrap(self.0.swap_remove(i)).ok())
+            .unwrap_or_default()
+    }
+
+    /// Puts a chunk that was read aside for reuse.
+    fn put(&mut self, chunk: Arc<Vec<u8>>) {
+        if chunk.capacity() > 0 && self.0.len() < SPARE_CHUNKS {
+            self.0.push(chunk);
+        }
+    }
 }
 
 impl SourceReader for FileReader {
@@ -143,13 +175,15 @@ impl SourceReader for FileReader {
                 let Some(cursor) = guard.as_mut() else {
                     break;
                 };
-                let next =
-                    cursor
-                        .next_chunk(&mut self.chunk)
-                        .map_err(|source| SourceError::Io {
-                            path: self.source.path.clone(),
-                            source,
-                        })?;
+                let mut buffer = self.spare.take();
+                let next = cursor
+                    .next_chunk(&mut buffer)
+                    .map_err(|source| SourceError::Io {
+                        path: self.source.path.clone(),
+                        source,
+                    })?;
+                let done = std::mem::replace(&mut self.chunk, Arc::new(buffer));
+                self.spare.put(done);
                 match next {
                     Some(first) => {
                         self.line = first;
@@ -163,12 +197,11 @@ impl SourceReader for FileReader {
             }
             let rest = &self.chunk[self.at..];
             let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
-            let line = &rest[..end];
             let position = Position::File {
                 path: self.source.label,
                 line: self.line,
             };
-            push_line(batch, position, line);
+            push_line(batch, position, &self.chunk, self.at..self.at + end);
             self.at += end + 1;
             self.line += 1;
         }
@@ -180,8 +213,10 @@ impl SourceReader for FileReader {
     }
 }
 
-/// Adds one line to the batch: a `kcat -J` envelope, a bare record, or nothing if blank.
-pub fn push_line(batch: &mut Batch, position: Position, line: &[u8]) {
+/// Adds the line at `range` of `chunk` to the batch: a `kcat -J` envelope, a bare record
+/// (shared with the batch, not copied), or nothing if blank.
+fn push_line(batch: &mut Batch, position: Position, chunk: &Arc<Vec<u8>>, range: Range<usize>) {
+    let line = &chunk[range.clone()];
     let trimmed = line.trim_ascii();
     if trimmed.is_empty() {
         return;
@@ -197,7 +232,8 @@ pub fn push_line(batch: &mut Batch, position: Position, line: &[u8]) {
             });
         }
     } else {
-        batch.push(position, trimmed, []);
+        let start = range.start + (line.len() - line.trim_ascii_start().len());
+        batch.push_shared(position, chunk, start..start + trimmed.len());
     }
 }
 
@@ -383,6 +419,39 @@ mod tests {
                 "{position} holds {value}"
             );
         }
+    }
+
+    /// Lines are shared with the batch, not copied: a batch that holds records of several
+    /// chunks keeps every one intact while the reader moves on and reuses the chunks batches
+    /// no longer hold.
+    #[test]
+    fn batches_keep_their_lines_while_chunks_are_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chunks.ndjson");
+        let mut f = std::io::BufWriter::new(File::create(&path).unwrap());
+        let lines = 100_000;
+        for i in 1..=lines {
+            writeln!(f, r#"  {{"n":{i},"pad":"{}"}}"#, "y".repeat(i % 40)).unwrap();
+        }
+        drop(f);
+        let source = FileSource::open(&path).unwrap();
+        let mut reader = source.open(0, 1).unwrap();
+        let mut batch = Batch::default();
+        let mut next = 1;
+        // 30,000 lines of about 45 bytes span two or three 1 MiB chunks.
+        while reader.next_batch(&mut batch, 30_000).unwrap() == Poll::Ready {
+            for record in batch.records() {
+                let expected = format!(r#"{{"n":{next},"pad":"{}"}}"#, "y".repeat(next % 40));
+                assert_eq!(record.value, expected.as_bytes(), "line {next}");
+                assert_eq!(
+                    record.position.to_string(),
+                    format!("file:{}:{next}", path.display())
+                );
+                next += 1;
+            }
+            batch.clear();
+        }
+        assert_eq!(next, lines + 1);
     }
 
     #[test]

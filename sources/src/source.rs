@@ -11,6 +11,7 @@
 //! simulator's event budget); live sources never do.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{IngestError, SourceError};
@@ -63,16 +64,20 @@ impl FirstWait {
 #[derive(Clone, Debug)]
 struct Entry {
     position: Position,
+    /// Where the value lies: 0 for the batch's own buffer, `n` for its `n`-th shared one.
+    from: u32,
     value: Range<usize>,
     headers: [Option<Range<usize>>; 4],
     key: Option<Range<usize>>,
 }
 
-/// Records read in one go, stored in one buffer, plus those the connector already refused
-/// (a dump line whose envelope is broken, say), which go straight to `ingest_errors`.
+/// Records read in one go, stored in one buffer or in buffers shared with the reader (a file's
+/// chunks, whose lines are not copied), plus those the connector already refused (a dump line
+/// whose envelope is broken, say), which go straight to `ingest_errors`.
 #[derive(Debug, Default)]
 pub struct Batch {
     data: Vec<u8>,
+    shared: Vec<Arc<Vec<u8>>>,
     entries: Vec<Entry>,
     refused: Vec<IngestError>,
 }
@@ -83,6 +88,7 @@ impl Batch {
     /// Empties the batch, keeping its memory.
     pub fn clear(&mut self) {
         self.data.clear();
+        self.shared.clear();
         self.entries.clear();
         self.refused.clear();
     }
@@ -145,8 +151,28 @@ impl Batch {
         }
         self.entries.push(Entry {
             position,
+            from: 0,
             value,
             headers: kept,
+            key: None,
+        });
+    }
+
+    /// Adds a record without headers whose value is `value` within `buffer`, without copying
+    /// it: the batch holds the buffer until it is cleared.
+    pub fn push_shared(&mut self, position: Position, buffer: &Arc<Vec<u8>>, value: Range<usize>) {
+        if !self
+            .shared
+            .last()
+            .is_some_and(|last| Arc::ptr_eq(last, buffer))
+        {
+            self.shared.push(Arc::clone(buffer));
+        }
+        self.entries.push(Entry {
+            position,
+            from: u32::try_from(self.shared.len()).expect("fewer shared buffers than records"),
+            value,
+            headers: Default::default(),
             key: None,
         });
     }
@@ -180,9 +206,13 @@ impl Batch {
                     .as_ref()
                     .map(|r| std::borrow::Cow::Borrowed(&self.data[r.clone()])),
             };
+            let buffer = match entry.from {
+                0 => &self.data,
+                n => &*self.shared[n as usize - 1],
+            };
             Record {
                 position: entry.position.clone(),
-                value: &self.data[entry.value.clone()],
+                value: &buffer[entry.value.clone()],
                 headers,
             }
         })
