@@ -60,8 +60,9 @@ pub trait EpochState: 'static {
     type Output;
     /// Absorbs one record. Applying the same records in any order must give the same state.
     fn apply(&mut self, input: Self::Input);
-    /// A hint that `input` is [`PREFETCH_AHEAD`] records from being applied (fewer for an
-    /// epoch's first records): states whose
+    /// A hint that `input` is [`PREFETCH_AHEAD`] records from being applied (fewer for the
+    /// first records of each run applied at once: a message, or what an epoch held back):
+    /// states whose
     /// look-ups miss the cache start loading what it will touch (see
     /// [`prefetch`](crate::prefetch)). Must not change what the state holds or reports.
     fn prefetch(&self, _input: &Self::Input) {}

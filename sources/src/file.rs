@@ -422,8 +422,8 @@ mod tests {
     }
 
     /// Lines are shared with the batch, not copied: a batch that holds records of several
-    /// chunks keeps every one intact while the reader moves on and reuses the chunks batches
-    /// no longer hold.
+    /// chunks keeps every one intact, without its surrounding blanks and carriage return,
+    /// while the reader moves on and reuses the chunks batches no longer hold.
     #[test]
     fn batches_keep_their_lines_while_chunks_are_reused() {
         let dir = tempfile::tempdir().unwrap();
@@ -431,7 +431,9 @@ mod tests {
         let mut f = std::io::BufWriter::new(File::create(&path).unwrap());
         let lines = 100_000;
         for i in 1..=lines {
-            writeln!(f, r#"  {{"n":{i},"pad":"{}"}}"#, "y".repeat(i % 40)).unwrap();
+            // Leading blanks on every line, trailing blanks and CRLF on some.
+            let end = if i % 3 == 0 { " \t\r" } else { "" };
+            writeln!(f, r#"  {{"n":{i},"pad":"{}"}}{end}"#, "y".repeat(i % 40)).unwrap();
         }
         drop(f);
         let source = FileSource::open(&path).unwrap();

@@ -170,7 +170,7 @@ impl Batch {
         }
         self.entries.push(Entry {
             position,
-            from: u32::try_from(self.shared.len()).expect("fewer shared buffers than records"),
+            from: u32::try_from(self.shared.len()).expect("at most u32::MAX shared buffers"),
             value,
             headers: Default::default(),
             key: None,
