@@ -62,8 +62,7 @@ pub trait EpochState: 'static {
     fn apply(&mut self, input: Self::Input);
     /// A hint that `input` is [`PREFETCH_AHEAD`] records from being applied (fewer for the
     /// first records of each run applied at once: a message, or what an epoch held back):
-    /// states whose
-    /// look-ups miss the cache start loading what it will touch (see
+    /// states whose look-ups miss the cache start loading what it will touch (see
     /// [`prefetch`](crate::prefetch)). Must not change what the state holds or reports.
     fn prefetch(&self, _input: &Self::Input) {}
     /// Reports every change since the previous close. `watermark` is the newest event time any

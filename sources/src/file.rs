@@ -400,16 +400,23 @@ mod tests {
         }
     }
 
+    /// Writes lines 1..=`lines` of `path`, line `i` being `line(i)`.
+    fn write_lines(path: &Path, lines: usize, line: impl Fn(usize) -> String) {
+        let mut f = std::io::BufWriter::new(File::create(path).unwrap());
+        for i in 1..=lines {
+            writeln!(f, "{}", line(i)).unwrap();
+        }
+        f.flush().unwrap();
+    }
+
     #[test]
     fn large_files_keep_line_numbers_across_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.ndjson");
-        let mut f = std::io::BufWriter::new(File::create(&path).unwrap());
         let lines = 60_000;
-        for i in 1..=lines {
-            writeln!(f, r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat(i % 50)).unwrap();
-        }
-        drop(f);
+        write_lines(&path, lines, |i| {
+            format!(r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat(i % 50))
+        });
         let (records, _) = read_all(&path, 2);
         assert_eq!(records.len(), lines);
         for (position, value, _, _) in &records {
@@ -428,14 +435,12 @@ mod tests {
     fn batches_keep_their_lines_while_chunks_are_reused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chunks.ndjson");
-        let mut f = std::io::BufWriter::new(File::create(&path).unwrap());
         let lines = 100_000;
-        for i in 1..=lines {
-            // Leading blanks on every line, trailing blanks and CRLF on some.
+        // Leading blanks on every line, trailing blanks and CRLF on some.
+        write_lines(&path, lines, |i| {
             let end = if i % 3 == 0 { " \t\r" } else { "" };
-            writeln!(f, r#"  {{"n":{i},"pad":"{}"}}{end}"#, "y".repeat(i % 40)).unwrap();
-        }
-        drop(f);
+            format!(r#"  {{"n":{i},"pad":"{}"}}{end}"#, "y".repeat(i % 40))
+        });
         let source = FileSource::open(&path).unwrap();
         let mut reader = source.open(0, 1).unwrap();
         let mut batch = Batch::default();
