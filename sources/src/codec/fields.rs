@@ -14,140 +14,27 @@ use keel_operators::sym::Sym;
 use super::Reason;
 use super::json::{Compound, Json, Value};
 
-/// The first (up to) eight bytes of `bytes` as a little-endian number, zero-padded.
-const fn head(bytes: &[u8]) -> u64 {
-    let mut word = 0u64;
-    let mut i = 0;
-    while i < bytes.len() && i < 8 {
-        word |= (bytes[i] as u64) << (8 * i);
-        i += 1;
-    }
-    word
-}
-
-/// The last (up to) eight bytes of `bytes` as a little-endian number, zero-padded.
-const fn tail(bytes: &[u8]) -> u64 {
-    let start = if bytes.len() > 8 { bytes.len() - 8 } else { 0 };
-    let mut word = 0u64;
-    let mut i = start;
-    while i < bytes.len() {
-        word |= (bytes[i] as u64) << (8 * (i - start));
-        i += 1;
-    }
-    word
-}
-
-/// A field name as the key table sees it: its length and its first and last (up to) eight
-/// bytes, zero-padded. For names of up to 16 bytes these are the whole name, so comparing two
-/// of them compares the names without a call to `memcmp`; longer names also compare the bytes
-/// between.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct KeyWords {
-    len: usize,
-    head: u64,
-    tail: u64,
-}
-
-impl KeyWords {
-    /// The compile-time form ([`KeyWords::of`] computes the same at run time).
-    const fn of_const(bytes: &[u8]) -> Self {
-        KeyWords {
-            len: bytes.len(),
-            head: head(bytes),
-            tail: tail(bytes),
-        }
-    }
-
-    /// [`KeyWords::of_const`] with word loads instead of byte loops.
-    #[inline]
-    fn of(bytes: &[u8]) -> Self {
-        let len = bytes.len();
-        if len >= 8 {
-            KeyWords {
-                len,
-                head: u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes")),
-                tail: u64::from_le_bytes(bytes[len - 8..].try_into().expect("eight bytes")),
-            }
-        } else {
-            let mut word = [0u8; 8];
-            word[..len].copy_from_slice(bytes);
-            let word = u64::from_le_bytes(word);
-            KeyWords {
-                len,
-                head: word,
-                tail: word,
-            }
-        }
-    }
-
-    /// A cheap hash into 0..256.
-    const fn hash(&self) -> usize {
-        let h = (self.len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ self.head.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-            ^ self.tail.wrapping_mul(0x1656_67B1_9E37_79F9);
-        (h >> 56) as usize
-    }
-
-    /// Whether `name` (whose words are `self`) is `key` (whose words are `words`).
-    #[inline]
-    fn names(&self, name: &[u8], words: &KeyWords, key: &[u8]) -> bool {
-        *self == *words && (self.len <= 16 || name[8..self.len - 8] == key[8..self.len - 8])
-    }
-}
-
-/// The words of each of `names`.
-const fn key_words<const N: usize>(names: &[&str]) -> [KeyWords; N] {
-    let mut words = [KeyWords {
-        len: 0,
-        head: 0,
-        tail: 0,
-    }; N];
-    let mut i = 0;
-    while i < N {
-        words[i] = KeyWords::of_const(names[i].as_bytes());
-        i += 1;
-    }
-    words
-}
-
-/// An open-addressing table from [`KeyWords::hash`] slots to 1 + the index of a name (0 =
-/// empty), built at compile time.
-const fn key_table(names: &[&str]) -> [u8; 256] {
-    assert!(names.len() < 200, "the table must stay sparse");
-    let mut table = [0u8; 256];
-    let mut i = 0;
-    while i < names.len() {
-        let mut slot = KeyWords::of_const(names[i].as_bytes()).hash();
-        while table[slot] != 0 {
-            slot = (slot + 1) % 256;
-        }
-        table[slot] = (i + 1) as u8;
-        i += 1;
-    }
-    table
-}
-
-/// Declares a set of optional scalar fields, an accessor per field, and a reader that fills them
-/// from one JSON object. Keys are found through a table computed at compile time and checked
-/// against a name's [`KeyWords`], and each field is a slot in an array, so reading a key costs
-/// one cheap hash, a comparison of words and one store.
+/// Declares a set of optional scalar fields, an accessor per field, and a setter that reads a
+/// field's value from the cursor. The field names come first in [`KEYS`](super::keys::KEYS)'s
+/// index space, so a key's index is its field's slot in the array.
 macro_rules! fields {
     ($(#[$meta:meta])* $name:ident { $($field:ident),* $(,)? }) => {
         #[allow(non_camel_case_types)]
         #[derive(Clone, Copy)]
         enum Slot { $($field),* }
 
-        const NAMES: &[&str] = &[$(stringify!($field)),*];
+        /// The wire names of the fields, by slot.
+        pub(super) const FIELD_NAMES: &[&str] = &[$(stringify!($field)),*];
 
         $(#[$meta])*
         #[derive(Clone, Copy, Debug)]
         pub struct $name<'a> {
-            values: [Option<Value<'a>>; NAMES.len()],
+            values: [Option<Value<'a>>; FIELD_NAMES.len()],
         }
 
         impl Default for $name<'_> {
             fn default() -> Self {
-                $name { values: [None; NAMES.len()] }
+                $name { values: [None; FIELD_NAMES.len()] }
             }
         }
 
@@ -159,37 +46,19 @@ macro_rules! fields {
                 }
             )*
 
-            fn index(key: &str) -> Option<usize> {
-                const TABLE: [u8; 256] = key_table(NAMES);
-                const WORDS: [KeyWords; NAMES.len()] = key_words(NAMES);
-                let words = KeyWords::of(key.as_bytes());
-                let mut slot = words.hash();
-                loop {
-                    let entry = TABLE[slot];
-                    if entry == 0 {
-                        return None;
-                    }
-                    let index = usize::from(entry) - 1;
-                    if WORDS[index].names(NAMES[index].as_bytes(), &words, key.as_bytes()) {
-                        return Some(index);
-                    }
-                    slot = (slot + 1) % TABLE.len();
-                }
-            }
-
-            /// Sets `key` from the cursor's next value if it is one of ours; returns whether it was.
-            pub fn read(&mut self, key: &str, json: &mut Json<'a>) -> Result<bool, Reason> {
-                let Some(index) = Self::index(key) else {
-                    return Ok(false);
-                };
+            /// Sets field `slot` (below `FIELD_NAMES.len()`) from the cursor's next value.
+            pub(super) fn set(&mut self, slot: usize, json: &mut Json<'a>) -> Result<(), Reason> {
                 match json.scalar()? {
-                    Ok(value) => self.values[index] = Some(value),
+                    Ok(value) => self.values[slot] = Some(value),
                     Err(kind) => {
                         let found = match kind { Compound::Object => "an object", Compound::Array => "an array" };
-                        return Err(Reason(format!("field \"{key}\": expected a string, number or boolean, found {found}")));
+                        return Err(Reason(format!(
+                            "field \"{}\": expected a string, number or boolean, found {found}",
+                            FIELD_NAMES[slot]
+                        )));
                     }
                 }
-                Ok(true)
+                Ok(())
             }
         }
     };
@@ -401,45 +270,6 @@ mod tests {
     }
 
     #[test]
-    fn run_time_key_words_match_compile_time() {
-        for name in NAMES
-            .iter()
-            .chain(&["", "a", "abcdefg", "abcdefgh", "abcdefghi"])
-        {
-            assert_eq!(
-                KeyWords::of(name.as_bytes()),
-                KeyWords::of_const(name.as_bytes()),
-                "{name}"
-            );
-        }
-        for name in NAMES {
-            assert_eq!(Fields::index(name).map(|i| NAMES[i]), Some(*name));
-        }
-        assert_eq!(Fields::index("request_id"), None);
-    }
-
-    proptest::proptest! {
-        /// A key is found exactly when it is one of the names, including keys that share a
-        /// name's length, first and last eight bytes and differ only between them.
-        #[test]
-        fn keys_are_found_exactly_when_they_are_names(
-            pick in 0..NAMES.len(),
-            at in 0usize..32,
-            byte in 95u8..=122,
-            other in "[a-z_]{0,24}",
-        ) {
-            let mut changed = NAMES[pick].as_bytes().to_vec();
-            let at = at % changed.len();
-            changed[at] = byte;
-            let changed = String::from_utf8(changed).expect("ASCII");
-            for key in [changed, other] {
-                let expected = NAMES.iter().position(|name| *name == key);
-                proptest::prop_assert_eq!(Fields::index(&key), expected, "{}", key);
-            }
-        }
-    }
-
-    #[test]
     fn integers_in_every_spelling() {
         assert_eq!(uint(&v("1724350000"), "t"), Ok(Some(1_724_350_000)));
         assert_eq!(uint(&Some(Value::Num("42")), "t"), Ok(Some(42)));
@@ -472,18 +302,14 @@ mod tests {
     #[test]
     fn reading_refuses_objects_for_scalar_fields() {
         let mut fields = Fields::default();
-        let mut json = Json::new(r#"{"host": {"ip": "1.2.3.4"}}"#);
-        let mut reason = None;
-        let _ = json.object(|json, key| match fields.read(&key.get(), json) {
-            Ok(_) => Ok(()),
-            Err(r) => {
-                reason = Some(r.0);
-                Ok::<(), Reason>(())
-            }
-        });
+        let mut json = Json::new(r#"{"ip": "1.2.3.4"}"#);
+        let reason = fields.set(Slot::host as usize, &mut json).unwrap_err();
         assert_eq!(
-            reason.as_deref(),
-            Some("field \"host\": expected a string, number or boolean, found an object")
+            reason.0,
+            "field \"host\": expected a string, number or boolean, found an object"
         );
+        let mut json = Json::new(r#""1.2.3.4""#);
+        fields.set(Slot::host as usize, &mut json).unwrap();
+        assert_eq!(text(fields.host()).as_deref(), Some("1.2.3.4"));
     }
 }

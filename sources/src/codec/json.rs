@@ -13,6 +13,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use super::keys::{KEYS, NAMES, Row};
+
 /// How deep objects and arrays may nest before a record is refused.
 const MAX_DEPTH: u32 = 64;
 
@@ -134,6 +136,15 @@ pub enum Value<'a> {
     Null,
 }
 
+/// A key of an object walked with [`Json::known_object`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Key<'a> {
+    /// The name with this index in [`NAMES`].
+    Known(usize),
+    /// A key the table does not know.
+    Other(Text<'a>),
+}
+
 /// The kind of a non-scalar value met where a scalar was expected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compound {
@@ -208,10 +219,47 @@ impl<'a> Json<'a> {
 
     /// Visits the members of an object. `member` gets each key and must consume its value.
     /// Errors of `member` pass through unchanged.
-    pub fn object<E, F>(&mut self, mut member: F) -> Result<(), E>
+    pub fn object<E, F>(&mut self, member: F) -> Result<(), E>
     where
         E: From<JsonError>,
         F: FnMut(&mut Self, Text<'a>) -> Result<(), E>,
+    {
+        self.members(Self::string_body, member)
+    }
+
+    /// [`Json::object`] for objects whose keys [`KEYS`] knows: each key is first checked in
+    /// place against the one `row` guesses, and read and looked up only when the guess is wrong.
+    pub(super) fn known_object<E, F>(&mut self, mut row: Row<'_>, member: F) -> Result<(), E>
+    where
+        E: From<JsonError>,
+        F: FnMut(&mut Self, Key<'a>) -> Result<(), E>,
+    {
+        let key = |json: &mut Self| {
+            if let Some(guess) = row.guess()
+                && KEYS.is_at(guess, json.bytes, json.pos)
+            {
+                json.pos += NAMES[guess].len() + 1;
+                row.learn(Some(guess), true);
+                return Ok(Key::Known(guess));
+            }
+            let text = json.string_body()?;
+            let found = if text.escaped {
+                KEYS.find(&text.get())
+            } else {
+                KEYS.find(text.raw)
+            };
+            row.learn(found, false);
+            Ok(found.map_or(Key::Other(text), Key::Known))
+        };
+        self.members(key, member)
+    }
+
+    /// The object walk: `key` reads each key (the cursor is past its opening quote).
+    fn members<K, E, R, F>(&mut self, mut key: R, mut member: F) -> Result<(), E>
+    where
+        E: From<JsonError>,
+        R: FnMut(&mut Self) -> Result<K, JsonError>,
+        F: FnMut(&mut Self, K) -> Result<(), E>,
     {
         self.expect(b'{', "expected an object")?;
         self.enter()?;
@@ -225,7 +273,7 @@ impl<'a> Json<'a> {
                 return Err(self.error("expected a string key").into());
             }
             self.pos += 1;
-            let key = self.string_body()?;
+            let key = key(self)?;
             self.expect(b':', "expected ':' after a key")?;
             member(self, key)?;
             match self.peek() {

@@ -22,6 +22,7 @@
 
 mod fields;
 pub mod json;
+mod keys;
 
 use std::borrow::Cow;
 
@@ -37,31 +38,83 @@ use crate::event::{
     ViewerConnect, ViewerDisconnect, ViewerPlace,
 };
 use crate::record::Record;
-use fields::{Fields, degrees, first_sym, first_text, flag, float, int, sym, text, uint, uint32};
-use json::{Json, Value};
+use fields::{
+    FIELD_NAMES, Fields, degrees, first_sym, first_text, flag, float, int, sym, text, uint, uint32,
+};
+use json::{Json, Key, Value};
+use keys::{Row, Shape, Trail};
+
+thread_local! {
+    /// The key orders this thread's records followed so far (see [`keys`]).
+    static TRAIL: Trail = const { Trail::new() };
+}
 
 /// Namespace for the UUIDv5 ids Keel derives for records that carry none.
 pub const KEEL_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d65_7665_6e74_2d69_6473_0001);
 
-/// Version-2 payload keys Keel reads, each with the event type it belongs to.
-const PAYLOADS: &[(&str, &str)] = &[
-    ("push_rewrite", "push_rewrite"),
-    ("viewer_connect", "viewer_connect"),
-    ("viewer_disconnect", "viewer_disconnect"),
-    ("stream_lifecycle_update", "stream_lifecycle_update"),
-    ("stream_buffer", "stream_buffer"),
-    ("stream_end", "stream_end"),
-    ("track_list", "stream_track_list"),
-    ("node_lifecycle_update", "node_lifecycle_update"),
-    ("load_balancing_data", "load_balancing"),
-    ("push_end", "push_end"),
-    ("push_out_start", "push_out_start"),
-    ("push_input_close", "push_input_close"),
-    ("recording_complete", "recording_complete"),
-    ("recording_segment", "recording_segment"),
-    ("play_rewrite", "play_rewrite"),
-    ("stream_source", "stream_source"),
-    ("client_lifecycle_batch", "client_lifecycle_batch"),
+/// How an event is built from its payload's fields, the trigger envelope's and the payload's
+/// nested objects.
+type Build = fn(&Fields<'_>, &Fields<'_>, &Nested<'_>) -> Result<EventKind, String>;
+
+/// Version-2 payload keys Keel reads, each with the event type it belongs to and its builder.
+const PAYLOADS: &[(&str, &str, Build)] = &[
+    ("push_rewrite", "push_rewrite", |p, d, _| {
+        Ok(EventKind::IngestStart(ingest_start(p, d)?))
+    }),
+    ("viewer_connect", "viewer_connect", |p, d, _| {
+        Ok(EventKind::ViewerConnect(viewer_connect(p, d)?))
+    }),
+    ("viewer_disconnect", "viewer_disconnect", |p, d, _| {
+        Ok(EventKind::ViewerDisconnect(viewer_disconnect(p, d)?))
+    }),
+    (
+        "stream_lifecycle_update",
+        "stream_lifecycle_update",
+        |p, d, _| Ok(EventKind::StreamUpdate(stream_update(p, d)?)),
+    ),
+    ("stream_buffer", "stream_buffer", |p, d, _| {
+        Ok(EventKind::StreamBuffer(stream_buffer(p, d)?))
+    }),
+    ("stream_end", "stream_end", |p, d, _| {
+        Ok(EventKind::StreamEnd(stream_end(p, d)?))
+    }),
+    ("track_list", "stream_track_list", |p, d, _| {
+        Ok(EventKind::TrackList(track_list(p, d)?))
+    }),
+    (
+        "node_lifecycle_update",
+        "node_lifecycle_update",
+        |p, d, n| Ok(EventKind::NodeUpdate(node_update(p, d, n)?)),
+    ),
+    ("load_balancing_data", "load_balancing", |p, d, _| {
+        Ok(EventKind::Routing(routing(p, d)?))
+    }),
+    ("push_end", "push_end", |p, d, _| {
+        signal(SignalKind::PushEnd, p, d)
+    }),
+    ("push_out_start", "push_out_start", |p, d, _| {
+        signal(SignalKind::PushOutStart, p, d)
+    }),
+    ("push_input_close", "push_input_close", |p, d, _| {
+        signal(SignalKind::PushInputClose, p, d)
+    }),
+    ("recording_complete", "recording_complete", |p, d, _| {
+        signal(SignalKind::RecordingComplete, p, d)
+    }),
+    ("recording_segment", "recording_segment", |p, d, _| {
+        signal(SignalKind::RecordingSegment, p, d)
+    }),
+    ("play_rewrite", "play_rewrite", |p, d, _| {
+        signal(SignalKind::PlayRewrite, p, d)
+    }),
+    ("stream_source", "stream_source", |p, d, _| {
+        signal(SignalKind::StreamSource, p, d)
+    }),
+    (
+        "client_lifecycle_batch",
+        "client_lifecycle_batch",
+        |p, d, _| signal(SignalKind::ClientLifecycle, p, d),
+    ),
 ];
 
 /// The envelope and payload of one record, as read.
@@ -76,8 +129,8 @@ struct Parsed<'a> {
     schema_version: Option<Value<'a>>,
     /// `data`'s own fields (version 1's map; version 2's trigger envelope).
     data: Fields<'a>,
-    /// Version 2's payload key, when there is one.
-    payload_name: Option<&'static str>,
+    /// Version 2's payload, by its index in `PAYLOADS`, when there is one.
+    payload_index: Option<usize>,
     /// Version 2's payload fields (read in place: `Fields` is large).
     payload: Fields<'a>,
     /// The payload's object-valued fields Keel reads, as raw text.
@@ -107,30 +160,39 @@ impl From<String> for Reason {
     }
 }
 
-fn read_scalar<'a>(json: &mut Json<'a>, key: &str) -> Result<Value<'a>, Reason> {
+fn read_scalar<'a>(json: &mut Json<'a>, key: usize) -> Result<Value<'a>, Reason> {
     json.scalar()?.map_err(|_| {
         Reason(format!(
-            "field \"{key}\": expected a string, number or boolean"
+            "field \"{}\": expected a string, number or boolean",
+            keys::NAMES[key]
         ))
     })
 }
 
+/// Indices in [`keys::NAMES`] of the keys the envelope and payloads read outside `Fields`.
+const DATA: usize = keys::index_of("data");
+const ID: usize = keys::index_of("id");
+const TYPE: usize = keys::index_of("type");
+const SCHEMA_VERSION: usize = keys::index_of("schema_version");
+const EVENT_ID: usize = keys::index_of("event_id");
+const EVENT_TYPE: usize = keys::index_of("event_type");
+const TIMESTAMP: usize = keys::index_of("timestamp");
+const TENANT_ID: usize = keys::index_of("tenant_id");
+const CAPABILITIES: usize = keys::index_of("capabilities");
+const STREAMS: usize = keys::index_of("streams");
+
 fn read_fields<'a>(
     json: &mut Json<'a>,
+    row: Row<'_>,
     fields: &mut Fields<'a>,
     nested: &mut Nested<'a>,
 ) -> Result<(), Reason> {
-    json.object(|json, key| {
-        let key = key.get();
-        let slot = match &*key {
-            "capabilities" => &mut nested.capabilities,
-            "streams" => &mut nested.streams,
-            _ => {
-                if !fields.read(&key, json)? {
-                    json.skip()?;
-                }
-                return Ok(());
-            }
+    json.known_object(row, |json, key| {
+        let slot = match key {
+            Key::Known(field) if field < FIELD_NAMES.len() => return fields.set(field, json),
+            Key::Known(CAPABILITIES) => &mut nested.capabilities,
+            Key::Known(STREAMS) => &mut nested.streams,
+            _ => return Ok(json.skip()?),
         };
         if json.peek() == Some(b'{') {
             *slot = Some(json.raw()?);
@@ -141,33 +203,40 @@ fn read_fields<'a>(
     })
 }
 
-fn read_data<'a>(json: &mut Json<'a>, parsed: &mut Parsed<'a>) -> Result<(), Reason> {
+fn read_data<'a>(
+    json: &mut Json<'a>,
+    trail: &Trail,
+    parsed: &mut Parsed<'a>,
+) -> Result<(), Reason> {
     if json.peek() != Some(b'{') {
         return Err(Reason("field \"data\": expected an object".to_owned()));
     }
-    json.object(|json, key| {
-        let key = key.get();
-        let Some(&(name, _)) = PAYLOADS.iter().find(|(name, _)| *name == key) else {
-            if !parsed.data.read(&key, json)? {
-                json.skip()?;
+    json.known_object(trail.row(Shape::Data), |json, key| {
+        let payload = match key {
+            Key::Known(field) if field < FIELD_NAMES.len() => return parsed.data.set(field, json),
+            Key::Known(key) if (keys::FIRST_PAYLOAD..keys::END_PAYLOAD).contains(&key) => {
+                key - keys::FIRST_PAYLOAD
             }
-            return Ok(());
+            _ => return Ok(json.skip()?),
         };
-        if let Some(first) = parsed.payload_name {
+        let name = PAYLOADS[payload].0;
+        if let Some(first) = parsed.payload_index {
             return Err(Reason(format!(
-                "data holds two payloads, \"{first}\" and \"{name}\""
+                "data holds two payloads, \"{}\" and \"{name}\"",
+                PAYLOADS[first].0
             )));
         }
         if json.peek() != Some(b'{') {
             return Err(Reason(format!("payload \"{name}\": expected an object")));
         }
-        read_fields(json, &mut parsed.payload, &mut parsed.nested)?;
-        parsed.payload_name = Some(name);
+        let row = trail.row(Shape::Payload(payload));
+        read_fields(json, row, &mut parsed.payload, &mut parsed.nested)?;
+        parsed.payload_index = Some(payload);
         Ok(())
     })
 }
 
-fn read_record<'a>(value: &'a [u8], parsed: &mut Parsed<'a>) -> Result<(), Reason> {
+fn read_record<'a>(value: &'a [u8], trail: &Trail, parsed: &mut Parsed<'a>) -> Result<(), Reason> {
     // Checked with SIMD (a record is mostly ASCII); only a refused record is checked again,
     // by the standard library, for the position of its first bad byte.
     let text = simdutf8::basic::from_utf8(value).or_else(|_| {
@@ -184,20 +253,22 @@ fn read_record<'a>(value: &'a [u8], parsed: &mut Parsed<'a>) -> Result<(), Reaso
         Some(b'{') => {}
         Some(_) => return Err(Reason("record is not a JSON object".to_owned())),
     }
-    json.object(|json, key| {
-        let key = key.get();
-        let slot = match &*key {
-            "data" => return read_data(json, parsed),
-            "event_id" => &mut parsed.event_id,
-            "id" => &mut parsed.id,
-            "event_type" => &mut parsed.event_type,
-            "type" => &mut parsed.type_,
-            "timestamp" => &mut parsed.timestamp,
-            "tenant_id" => &mut parsed.tenant_id,
-            "schema_version" => &mut parsed.schema_version,
+    json.known_object(trail.row(Shape::Record), |json, key| {
+        let Key::Known(key) = key else {
+            return Ok(json.skip()?);
+        };
+        let slot = match key {
+            DATA => return read_data(json, trail, parsed),
+            EVENT_ID => &mut parsed.event_id,
+            ID => &mut parsed.id,
+            EVENT_TYPE => &mut parsed.event_type,
+            TYPE => &mut parsed.type_,
+            TIMESTAMP => &mut parsed.timestamp,
+            TENANT_ID => &mut parsed.tenant_id,
+            SCHEMA_VERSION => &mut parsed.schema_version,
             _ => return Ok(json.skip()?),
         };
-        *slot = Some(read_scalar(json, &key)?);
+        *slot = Some(read_scalar(json, key)?);
         Ok(())
     })?;
     Ok(json.finish()?)
@@ -268,7 +339,7 @@ pub fn decode_checked(
 /// Decodes one record. Errors are rows, never panics.
 pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
     let mut parsed = Parsed::default();
-    let read = read_record(record.value, &mut parsed);
+    let read = TRAIL.with(|trail| read_record(record.value, trail, &mut parsed));
     let event_type = first_text(&[&parsed.event_type, &parsed.type_])
         .or_else(|| record.headers.event_type.as_deref().map(Cow::Borrowed));
     let tenant_text = first_text(&[&parsed.tenant_id])
@@ -395,42 +466,20 @@ fn version_2(
     event_type: &str,
     record: &Record<'_>,
 ) -> Result<EventKind, String> {
-    let Some(&(expected, _)) = PAYLOADS.iter().find(|(_, ty)| *ty == event_type) else {
+    if let Some(payload) = parsed.payload_index
+        && PAYLOADS[payload].1 == event_type
+    {
+        return PAYLOADS[payload].2(&parsed.payload, &parsed.data, &parsed.nested);
+    }
+    let Some(&(expected, ..)) = PAYLOADS.iter().find(|(_, ty, _)| *ty == event_type) else {
         return Ok(unknown(event_type, record));
     };
-    let p = match parsed.payload_name {
-        Some(name) if name == expected => &parsed.payload,
-        Some(name) => {
-            return Err(format!(
-                "event_type {event_type} carries a \"{name}\" payload instead of \"{expected}\""
-            ));
-        }
-        None => {
-            return Err(format!(
-                "event_type {event_type} without its \"{expected}\" payload in data"
-            ));
-        }
-    };
-    let d = &parsed.data;
-    Ok(match event_type {
-        "push_rewrite" => EventKind::IngestStart(ingest_start(p, d)?),
-        "viewer_connect" => EventKind::ViewerConnect(viewer_connect(p, d)?),
-        "viewer_disconnect" => EventKind::ViewerDisconnect(viewer_disconnect(p, d)?),
-        "stream_lifecycle_update" => EventKind::StreamUpdate(stream_update(p, d)?),
-        "stream_buffer" => EventKind::StreamBuffer(stream_buffer(p, d)?),
-        "stream_end" => EventKind::StreamEnd(stream_end(p, d)?),
-        "stream_track_list" => EventKind::TrackList(track_list(p, d)?),
-        "node_lifecycle_update" => EventKind::NodeUpdate(node_update(p, d, &parsed.nested)?),
-        "load_balancing" => EventKind::Routing(routing(p, d)?),
-        "push_end" => signal(SignalKind::PushEnd, p, d)?,
-        "push_out_start" => signal(SignalKind::PushOutStart, p, d)?,
-        "push_input_close" => signal(SignalKind::PushInputClose, p, d)?,
-        "recording_complete" => signal(SignalKind::RecordingComplete, p, d)?,
-        "recording_segment" => signal(SignalKind::RecordingSegment, p, d)?,
-        "play_rewrite" => signal(SignalKind::PlayRewrite, p, d)?,
-        "stream_source" => signal(SignalKind::StreamSource, p, d)?,
-        "client_lifecycle_batch" => signal(SignalKind::ClientLifecycle, p, d)?,
-        _ => unreachable!("every PAYLOADS type is matched"),
+    Err(match parsed.payload_index {
+        Some(payload) => format!(
+            "event_type {event_type} carries a \"{}\" payload instead of \"{expected}\"",
+            PAYLOADS[payload].0
+        ),
+        None => format!("event_type {event_type} without its \"{expected}\" payload in data"),
     })
 }
 
@@ -540,6 +589,16 @@ fn first_uint32(values: &[(&Option<Value<'_>>, &str)]) -> Result<Option<u32>, St
     Ok(None)
 }
 
+/// A field as an interned name in lower case (empty when absent); text already in lower case,
+/// as the platform writes it, is interned without a copy.
+fn lowercase_sym(value: &Option<Value<'_>>) -> Sym {
+    match text(value) {
+        Some(t) if t.bytes().any(|b| b.is_ascii_uppercase()) => Sym::new(&t.to_ascii_lowercase()),
+        Some(t) => Sym::new(&t),
+        None => Sym::default(),
+    }
+}
+
 fn country(values: &[&Option<Value<'_>>]) -> Sym {
     match first_text(values) {
         Some(code) if code.bytes().any(|b| b.is_ascii_lowercase()) => {
@@ -623,9 +682,7 @@ fn stream_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamUpdate, String>
     Ok(StreamUpdate {
         stream: stream_ref(p, d)?,
         node: node(p, d),
-        status: text(p.status())
-            .map(|s| Sym::new(&s.to_ascii_lowercase()))
-            .unwrap_or_default(),
+        status: lowercase_sym(p.status()),
         buffer_state: buffer_state(p.buffer_state())?,
         uploaded_bytes: first_uint(&[
             (p.uploaded_bytes(), "uploaded_bytes"),
@@ -747,7 +804,14 @@ fn node_streams(text: Option<&str>) -> Result<Vec<NodeStream>, String> {
             return Err(field("expected an object".to_owned()));
         }
         let mut f = Fields::default();
-        read_fields(json, &mut f, &mut Nested::default())?;
+        TRAIL.with(|trail| {
+            read_fields(
+                json,
+                trail.row(Shape::NodeStream),
+                &mut f,
+                &mut Nested::default(),
+            )
+        })?;
         streams.push(NodeStream {
             name: Sym::new(internal_name(&name)),
             viewers: first_uint(&[(f.total(), "total"), (f.viewers(), "viewers")])
@@ -828,9 +892,7 @@ fn routing(p: &Fields<'_>, d: &Fields<'_>) -> Result<RoutingDecision, String> {
     Ok(RoutingDecision {
         stream,
         selected_node: first_sym(&[p.selected_node_id(), p.selected_node()]),
-        status: text(p.status())
-            .map(|s| Sym::new(&s.to_ascii_lowercase()))
-            .unwrap_or_default(),
+        status: lowercase_sym(p.status()),
         score: uint(p.score(), "score")?,
         client_latitude: latitude(&[p.latitude(), p.client_latitude()], "latitude")?,
         client_longitude: longitude(&[p.longitude(), p.client_longitude()], "longitude")?,
