@@ -169,7 +169,8 @@ fn read_scalar<'a>(json: &mut Json<'a>, key: usize) -> Result<Value<'a>, Reason>
     })
 }
 
-/// Indices in [`keys::NAMES`] of the keys the envelope and payloads read outside `Fields`.
+/// Indices in [`keys::NAMES`] of the keys whose values are kept in `Parsed` rather than in a
+/// `Fields` (some of them are field names too, read into `Fields` inside `data`).
 const DATA: usize = keys::index_of("data");
 const ID: usize = keys::index_of("id");
 const TYPE: usize = keys::index_of("type");

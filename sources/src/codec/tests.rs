@@ -428,6 +428,22 @@ proptest! {
         }
     }
 
+    /// What a record decodes to does not depend on the key orders this thread learnt from the
+    /// records before it: a damaged record gives the same event or error on a new thread, whose
+    /// trail is empty, as after the good record taught this thread its keys.
+    #[test]
+    fn decoding_does_not_depend_on_the_records_before(at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<bool>()) {
+        let good = v2("viewer_disconnect", r#"{"node_id":"e","viewer_disconnect":{"session_id":"9","stream_name":"live+x","duration":"5","up_bytes":"1","down_bytes":"2","client_latitude":1.5}}"#);
+        let mut bytes = good.clone().into_bytes();
+        let i = at.index(bytes.len());
+        if cut { bytes.truncate(i) } else { bytes[i] = byte }
+        let rec = Record { position: Position::Simulated { seq: 1 }, value: &bytes, headers: Headers::default() };
+        prop_assert!(decode(&record(&good)).is_ok());
+        let warm = decode(&rec);
+        let cold = std::thread::scope(|scope| scope.spawn(|| decode(&rec)).join().expect("decode never panics"));
+        prop_assert_eq!(warm, cold);
+    }
+
     /// A record is refused as not UTF-8 exactly when it is not, with the offset of its first
     /// bad byte, wherever the bad bytes sit (the fast check works in blocks of 64 bytes).
     #[test]
