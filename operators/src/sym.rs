@@ -101,7 +101,72 @@ impl Interner {
     }
 }
 
+/// A text of 1 to 16 bytes as its length and two words: its first and last eight bytes
+/// (zero-padded when shorter), which between them hold every byte, so two are equal exactly when
+/// their texts are. Comparing one costs three compares, where the thread's cache hashes the
+/// whole text and compares it with `memcmp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Short {
+    len: u64,
+    head: u64,
+    tail: u64,
+}
+
+impl Short {
+    #[inline]
+    fn of(text: &str) -> Option<Short> {
+        let bytes = text.as_bytes();
+        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let len = bytes.len();
+        match len {
+            8..=16 => Some(Short {
+                len: len as u64,
+                head: word(0),
+                tail: word(len - 8),
+            }),
+            1..=7 => Some(Short {
+                len: len as u64,
+                head: bytes
+                    .iter()
+                    .rev()
+                    .fold(0, |word, &b| (word << 8) | u64::from(b)),
+                tail: 0,
+            }),
+            _ => None,
+        }
+    }
+
+    /// A slot of [`RECENT`].
+    #[inline]
+    fn spread(&self) -> usize {
+        let mixed =
+            (self.head ^ self.tail.rotate_left(29) ^ self.len).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mixed >> (64 - RECENT_BITS)) as usize
+    }
+}
+
+/// One slot of [`RECENT`]: a short text and its handle (length 0: empty slot).
+#[derive(Clone, Copy)]
+struct Recent {
+    short: Short,
+    sym: u32,
+}
+
+/// log2 of the slots in [`RECENT`] (1,024 slots, 32 KiB a thread).
+const RECENT_BITS: u32 = 10;
+
 thread_local! {
+    /// The short texts this thread interned lately, one per slot: most names in events (nodes,
+    /// streams' internal names, connectors, countries) are 16 bytes or less and repeat, and a hit
+    /// here needs neither a hash of the text nor a `memcmp`.
+    static RECENT: [std::cell::Cell<Recent>; 1 << RECENT_BITS] = const {
+        [const {
+            std::cell::Cell::new(Recent {
+                short: Short { len: 0, head: 0, tail: 0 },
+                sym: 0,
+            })
+        }; 1 << RECENT_BITS]
+    };
     /// Set while deserializing text that must not grow the interner (see [`lookup_only`]).
     static LOOKUP_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static CACHE: RefCell<HashMap<&'static str, Sym, FxBuildHasher>> = RefCell::new(HashMap::default());
@@ -145,6 +210,23 @@ impl Sym {
         if text.is_empty() {
             return Sym(0);
         }
+        let Some(short) = Short::of(text) else {
+            return Sym::new_in_cache(text);
+        };
+        RECENT.with(|recent| {
+            let slot = &recent[short.spread()];
+            let seen = slot.get();
+            if seen.short == short {
+                return Sym(seen.sym);
+            }
+            let sym = Sym::new_in_cache(text);
+            slot.set(Recent { short, sym: sym.0 });
+            sym
+        })
+    }
+
+    /// [`Sym::new`] through the thread's cache of every handle it used.
+    fn new_in_cache(text: &str) -> Sym {
         CACHE.with(|cache| {
             if let Some(&sym) = cache.borrow().get(text) {
                 return sym;
@@ -234,6 +316,39 @@ impl<'de> Deserialize<'de> for Sym {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Two short texts have equal words exactly when they are equal (NUL bytes included,
+        /// which the zero padding must not confuse with a shorter text).
+        #[test]
+        fn short_words_are_equal_exactly_when_texts_are(a in "[ab\\x00]{1,17}", b in "[ab\\x00]{1,17}") {
+            match (Short::of(&a), Short::of(&b)) {
+                (Some(x), Some(y)) => prop_assert_eq!(x == y, a == b),
+                (x, y) => prop_assert!(x.is_none() && a.len() > 16 || y.is_none() && b.len() > 16),
+            }
+        }
+
+        /// Through the recent-texts slots or not, one text has one handle: many texts in turn
+        /// (more than the slots hold, so they evict each other) keep their handles and texts.
+        #[test]
+        fn handles_survive_the_recent_slots(texts in proptest::collection::vec("[a-d\\x00]{0,20}", 1..300)) {
+            let first: Vec<Sym> = texts.iter().map(|t| Sym::new(t)).collect();
+            for _ in 0..2 {
+                for (text, sym) in texts.iter().zip(&first) {
+                    prop_assert_eq!(Sym::new(text), *sym);
+                    prop_assert_eq!(sym.as_str(), text.as_str());
+                    prop_assert_eq!(Sym::find(text), Some(*sym));
+                }
+            }
+            for i in 0..2_000 {
+                Sym::new(&format!("evict-{i}"));
+            }
+            for (text, sym) in texts.iter().zip(&first) {
+                prop_assert_eq!(Sym::new(text), *sym);
+            }
+        }
+    }
 
     #[test]
     fn lookup_only_finds_interned_text_and_never_interns_new_text() {
