@@ -7,6 +7,8 @@
 //!
 //! Reads are lock-free (the table is an append-only set of chunks); writes take one of sixteen
 //! shard locks, and a per-thread cache answers repeated look-ups without touching shared memory.
+//! In front of that cache, names of up to 16 bytes (nearly every name in events) are found in a
+//! small per-thread table with a slot per text, compared as three words without hashing the text.
 //!
 //! `Sym` compares and sorts by its text, never by its number, so anything ordered by `Sym` is
 //! ordered the same in every process and run; equality is by number, which is the same thing because
