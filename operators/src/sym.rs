@@ -8,7 +8,8 @@
 //! Reads are lock-free (the table is an append-only set of chunks); writes take one of sixteen
 //! shard locks, and a per-thread cache answers repeated look-ups without touching shared memory.
 //! In front of that cache, names of up to 16 bytes (nearly every name in events) are found in a
-//! small per-thread table with a slot per text, compared as three words without hashing the text.
+//! per-thread table of 1,024 slots picked from the text's length and two words, and compared as
+//! those three words; texts that share a slot replace each other there.
 //!
 //! `Sym` compares and sorts by its text, never by its number, so anything ordered by `Sym` is
 //! ordered the same in every process and run; equality is by number, which is the same thing because
@@ -103,10 +104,11 @@ impl Interner {
     }
 }
 
-/// A text of 1 to 16 bytes as its length and two words: its first and last eight bytes
-/// (zero-padded when shorter), which between them hold every byte, so two are equal exactly when
-/// their texts are. Comparing one costs three compares, where the thread's cache hashes the
-/// whole text and compares it with `memcmp`.
+/// A text of 1 to 16 bytes as its length and two words. From 8 bytes on, `head` and `tail` are
+/// its first and last eight bytes, which between them hold every byte; under 8 bytes, `head`
+/// holds the bytes zero-padded and `tail` is 0, and `len` tells apart texts that differ only by
+/// trailing NUL bytes. So two are equal exactly when their texts are. Comparing one costs three
+/// compares, where the thread's cache hashes the whole text and compares it with `memcmp`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Short {
     len: u64,
@@ -156,6 +158,7 @@ struct Recent {
 
 /// log2 of the slots in [`RECENT`] (1,024 slots, 32 KiB a thread).
 const RECENT_BITS: u32 = 10;
+const _: () = assert!(size_of::<Recent>() == 32);
 
 thread_local! {
     /// The short texts this thread interned lately, one per slot: most names in events (nodes,
@@ -322,12 +325,14 @@ mod tests {
 
     proptest! {
         /// Two short texts have equal words exactly when they are equal (NUL bytes included,
-        /// which the zero padding must not confuse with a shorter text).
+        /// which the zero padding must not confuse with a shorter text), and only texts of 1 to
+        /// 16 bytes have words.
         #[test]
-        fn short_words_are_equal_exactly_when_texts_are(a in "[ab\\x00]{1,17}", b in "[ab\\x00]{1,17}") {
-            match (Short::of(&a), Short::of(&b)) {
-                (Some(x), Some(y)) => prop_assert_eq!(x == y, a == b),
-                (x, y) => prop_assert!(x.is_none() && a.len() > 16 || y.is_none() && b.len() > 16),
+        fn short_words_are_equal_exactly_when_texts_are(a in "[ab\\x00]{0,17}", b in "[ab\\x00]{0,17}") {
+            prop_assert_eq!(Short::of(&a).is_some(), (1..=16).contains(&a.len()));
+            prop_assert_eq!(Short::of(&b).is_some(), (1..=16).contains(&b.len()));
+            if let (Some(x), Some(y)) = (Short::of(&a), Short::of(&b)) {
+                prop_assert_eq!(x == y, a == b);
             }
         }
 
@@ -352,6 +357,50 @@ mod tests {
         }
     }
 
+    /// Every text over {a, NUL} of 1 to 16 bytes has words of its own: no two of the 131,070
+    /// share them, across the NUL padding, every length and the overlap of head and tail.
+    #[test]
+    fn short_words_tell_every_small_text_apart() {
+        let mut seen = std::collections::HashSet::new();
+        let mut texts = 0;
+        for len in 1..=16u32 {
+            for bits in 0..1u32 << len {
+                let text: String = (0..len)
+                    .map(|i| if bits >> i & 1 == 1 { 'a' } else { '\0' })
+                    .collect();
+                let short = Short::of(&text).expect("1 to 16 bytes");
+                assert!(seen.insert((short.len, short.head, short.tail)), "{text:?}");
+                texts += 1;
+            }
+        }
+        assert_eq!(texts, 131_070);
+    }
+
+    /// A text one byte away from a text just interned (changed, added, or a character across the
+    /// eighth byte) gets its own handle, not the neighbour's slot.
+    #[test]
+    fn near_texts_get_their_own_handles() {
+        let letters = "abcdefghijklmnop";
+        for n in 1..=16 {
+            let base = &letters[..n];
+            let mut variants: Vec<String> =
+                vec![format!("{base}\0"), format!("{}é", &base[..n - 1])];
+            for i in 0..n {
+                for byte in [b'\0', b'z'] {
+                    let mut bytes = base.as_bytes().to_vec();
+                    bytes[i] = byte;
+                    variants.push(String::from_utf8(bytes).expect("ASCII"));
+                }
+            }
+            for variant in variants {
+                let sym = Sym::new(base);
+                assert_eq!(Sym::new(&variant).as_str(), variant);
+                assert_eq!(Sym::new(base), sym);
+                assert_eq!(sym.as_str(), base);
+            }
+        }
+    }
+
     #[test]
     fn lookup_only_finds_interned_text_and_never_interns_new_text() {
         let known = Sym::new("lookup-only-known");
@@ -363,6 +412,13 @@ mod tests {
             lookup_only(|| serde_json::from_str(r#"["lookup-only-known", ""]"#)).unwrap();
         assert_eq!(parsed, (known, Sym::new("")));
         assert_eq!(Sym::find("lookup-only-never-seen"), None);
+        // Short texts (the per-thread slots' size) behave the same.
+        let short = Sym::new("lo-known");
+        let parsed: Result<Sym, _> = lookup_only(|| serde_json::from_str(r#""lo-never""#));
+        assert!(parsed.is_err(), "unknown short text fails");
+        assert_eq!(Sym::find("lo-never"), None);
+        let parsed: Sym = lookup_only(|| serde_json::from_str(r#""lo-known""#)).unwrap();
+        assert_eq!(parsed, short);
         // Outside the mode, deserializing interns as before.
         let outside: Sym = serde_json::from_str(r#""lookup-only-later""#).unwrap();
         assert_eq!(Sym::find("lookup-only-later"), Some(outside));
