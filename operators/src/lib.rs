@@ -45,3 +45,4 @@ pub mod sym;
 pub mod sympair;
 pub mod table;
 pub mod time;
+pub mod words;

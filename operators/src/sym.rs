@@ -33,6 +33,7 @@ use std::sync::{Mutex, OnceLock};
 use rustc_hash::FxBuildHasher;
 
 use crate::appendonly::AppendOnly;
+use crate::words::Words;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A handle to an interned string. `Sym::default()` is the empty string.
@@ -104,55 +105,27 @@ impl Interner {
     }
 }
 
-/// A text of 1 to 16 bytes as its length and two words. From 8 bytes on, `head` and `tail` are
-/// its first and last eight bytes, which between them hold every byte; under 8 bytes, `head`
-/// holds the bytes zero-padded and `tail` is 0, and `len` tells apart texts that differ only by
-/// trailing NUL bytes. So two are equal exactly when their texts are. Comparing one costs three
-/// compares, where the thread's cache hashes the whole text and compares it with `memcmp`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Short {
-    len: u64,
-    head: u64,
-    tail: u64,
+/// A text of 1 to 16 bytes as its [`Words`], which are then the whole text: comparing them costs
+/// three compares, where the thread's cache hashes the whole text and compares it with `memcmp`.
+#[inline]
+fn short(text: &str) -> Option<Words> {
+    (1..=16)
+        .contains(&text.len())
+        .then(|| Words::of(text.as_bytes()))
 }
 
-impl Short {
-    #[inline]
-    fn of(text: &str) -> Option<Short> {
-        let bytes = text.as_bytes();
-        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        let len = bytes.len();
-        match len {
-            8..=16 => Some(Short {
-                len: len as u64,
-                head: word(0),
-                tail: word(len - 8),
-            }),
-            1..=7 => Some(Short {
-                len: len as u64,
-                head: bytes
-                    .iter()
-                    .rev()
-                    .fold(0, |word, &b| (word << 8) | u64::from(b)),
-                tail: 0,
-            }),
-            _ => None,
-        }
-    }
-
-    /// A slot of [`RECENT`].
-    #[inline]
-    fn spread(&self) -> usize {
-        let mixed =
-            (self.head ^ self.tail.rotate_left(29) ^ self.len).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (mixed >> (64 - RECENT_BITS)) as usize
-    }
+/// The slot of [`RECENT`] for a short text's words.
+#[inline]
+fn spread(short: &Words) -> usize {
+    let mixed = (short.head ^ short.tail.rotate_left(29) ^ short.len as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> (64 - RECENT_BITS)) as usize
 }
 
 /// One slot of [`RECENT`]: a short text and its handle (length 0: empty slot).
 #[derive(Clone, Copy)]
 struct Recent {
-    short: Short,
+    short: Words,
     sym: u32,
 }
 
@@ -167,7 +140,7 @@ thread_local! {
     static RECENT: [std::cell::Cell<Recent>; 1 << RECENT_BITS] = const {
         [const {
             std::cell::Cell::new(Recent {
-                short: Short { len: 0, head: 0, tail: 0 },
+                short: Words { len: 0, head: 0, tail: 0 },
                 sym: 0,
             })
         }; 1 << RECENT_BITS]
@@ -215,11 +188,11 @@ impl Sym {
         if text.is_empty() {
             return Sym(0);
         }
-        let Some(short) = Short::of(text) else {
+        let Some(short) = short(text) else {
             return Sym::new_in_cache(text);
         };
         RECENT.with(|recent| {
-            let slot = &recent[short.spread()];
+            let slot = &recent[spread(&short)];
             let seen = slot.get();
             if seen.short == short {
                 return Sym(seen.sym);
@@ -329,9 +302,9 @@ mod tests {
         /// 16 bytes have words.
         #[test]
         fn short_words_are_equal_exactly_when_texts_are(a in "[ab\\x00]{0,17}", b in "[ab\\x00]{0,17}") {
-            prop_assert_eq!(Short::of(&a).is_some(), (1..=16).contains(&a.len()));
-            prop_assert_eq!(Short::of(&b).is_some(), (1..=16).contains(&b.len()));
-            if let (Some(x), Some(y)) = (Short::of(&a), Short::of(&b)) {
+            prop_assert_eq!(short(&a).is_some(), (1..=16).contains(&a.len()));
+            prop_assert_eq!(short(&b).is_some(), (1..=16).contains(&b.len()));
+            if let (Some(x), Some(y)) = (short(&a), short(&b)) {
                 prop_assert_eq!(x == y, a == b);
             }
         }
@@ -355,25 +328,6 @@ mod tests {
                 prop_assert_eq!(Sym::new(text), *sym);
             }
         }
-    }
-
-    /// Every text over {a, NUL} of 1 to 16 bytes has words of its own: no two of the 131,070
-    /// share them, across the NUL padding, every length and the overlap of head and tail.
-    #[test]
-    fn short_words_tell_every_small_text_apart() {
-        let mut seen = std::collections::HashSet::new();
-        let mut texts = 0;
-        for len in 1..=16u32 {
-            for bits in 0..1u32 << len {
-                let text: String = (0..len)
-                    .map(|i| if bits >> i & 1 == 1 { 'a' } else { '\0' })
-                    .collect();
-                let short = Short::of(&text).expect("1 to 16 bytes");
-                assert!(seen.insert((short.len, short.head, short.tail)), "{text:?}");
-                texts += 1;
-            }
-        }
-        assert_eq!(texts, 131_070);
     }
 
     /// A text one byte away from a text just interned (changed, added, or a character across the

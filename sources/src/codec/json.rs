@@ -246,11 +246,7 @@ impl<'a> Json<'a> {
                 return Ok(Key::Known(guess));
             }
             let text = json.string_body()?;
-            let found = if text.escaped {
-                KEYS.find(&text.get())
-            } else {
-                KEYS.find(text.raw)
-            };
+            let found = KEYS.find(&text.get());
             row.learn(found, false);
             Ok(found.map_or(Key::Other(text), Key::Known))
         };

@@ -13,6 +13,8 @@
 
 use std::cell::Cell;
 
+use keel_operators::words::{Words, word_at};
+
 use super::PAYLOADS;
 use super::fields::FIELD_NAMES;
 
@@ -113,120 +115,32 @@ pub(super) const fn index_of(name: &str) -> usize {
     panic!("not a known key")
 }
 
-/// The first (up to) eight bytes of `bytes` followed by `extra`, little-endian, zero-padded.
-const fn head(bytes: &[u8], extra: Option<u8>) -> u64 {
-    let mut word = 0u64;
+/// The words of `name` followed by its closing quote.
+const fn quoted(name: &[u8]) -> Words {
+    let mut bytes = [0u8; 64];
+    assert!(name.len() < bytes.len(), "key names are short");
     let mut i = 0;
-    while i < 8 {
-        let byte = if i < bytes.len() {
-            bytes[i]
-        } else if i == bytes.len() {
-            match extra {
-                Some(b) => b,
-                None => 0,
-            }
-        } else {
-            0
-        };
-        word |= (byte as u64) << (8 * i);
+    while i < name.len() {
+        bytes[i] = name[i];
         i += 1;
     }
-    word
+    bytes[name.len()] = b'"';
+    Words::of_const(bytes.split_at(name.len() + 1).0)
 }
 
-/// The last (up to) eight bytes of `bytes` followed by `extra`, little-endian, zero-padded.
-const fn tail(bytes: &[u8], extra: Option<u8>) -> u64 {
-    let len = bytes.len() + if extra.is_some() { 1 } else { 0 };
-    let start = len.saturating_sub(8);
-    let mut word = 0u64;
-    let mut i = start;
-    while i < len {
-        let byte = if i < bytes.len() {
-            bytes[i]
-        } else {
-            match extra {
-                Some(b) => b,
-                None => 0,
-            }
-        };
-        word |= (byte as u64) << (8 * (i - start));
-        i += 1;
-    }
-    word
-}
-
-/// A name as the table sees it: its length and its first and last (up to) eight bytes,
-/// zero-padded. For names of up to 16 bytes these are the whole name, so comparing two of them
-/// compares the names without a call to `memcmp`; longer names also compare the bytes between.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Words {
-    len: usize,
-    head: u64,
-    tail: u64,
-}
-
-impl Words {
-    /// The compile-time form ([`Words::of`] computes the same at run time).
-    const fn of_const(bytes: &[u8]) -> Self {
-        Words {
-            len: bytes.len(),
-            head: head(bytes, None),
-            tail: tail(bytes, None),
-        }
-    }
-
-    /// A name followed by its closing quote.
-    const fn quoted(bytes: &[u8]) -> Self {
-        Words {
-            len: bytes.len() + 1,
-            head: head(bytes, Some(b'"')),
-            tail: tail(bytes, Some(b'"')),
-        }
-    }
-
-    /// [`Words::of_const`] with word loads instead of byte loops.
-    #[inline]
-    fn of(bytes: &[u8]) -> Self {
-        let len = bytes.len();
-        if len >= 8 {
-            Words {
-                len,
-                head: word_at(bytes, 0),
-                tail: word_at(bytes, len - 8),
-            }
-        } else {
-            let word = bytes
-                .iter()
-                .rev()
-                .fold(0u64, |word, &b| (word << 8) | u64::from(b));
-            Words {
-                len,
-                head: word,
-                tail: word,
-            }
-        }
-    }
-
-    /// A cheap hash into 0..256.
-    const fn hash(&self) -> usize {
-        let h = (self.len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ self.head.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-            ^ self.tail.wrapping_mul(0x1656_67B1_9E37_79F9);
-        (h >> 56) as usize
-    }
-}
-
-/// The eight bytes of `bytes` at `at` as a little-endian number.
-#[inline]
-fn word_at(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"))
+/// A cheap hash of a name's words into 0..256.
+const fn slot_of(words: &Words) -> usize {
+    let h = (words.len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ words.head.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ words.tail.wrapping_mul(0x1656_67B1_9E37_79F9);
+    (h >> 56) as usize
 }
 
 /// The table of names: a hash table for keys that were read, and each name's words with its
 /// closing quote for checking a guess in place.
 #[derive(Debug)]
 pub(super) struct Keys {
-    /// [`Words::hash`] slots to 1 + the index of a name (0 = empty), open addressing.
+    /// [`slot_of`] slots to 1 + the index of a name (0 = empty), open addressing.
     table: [u8; 256],
     words: [Words; COUNT],
     quoted: [Words; COUNT],
@@ -257,8 +171,8 @@ impl Keys {
             }
             let name = NAMES[i].as_bytes();
             keys.words[i] = Words::of_const(name);
-            keys.quoted[i] = Words::quoted(name);
-            let mut slot = keys.words[i].hash();
+            keys.quoted[i] = quoted(name);
+            let mut slot = slot_of(&keys.words[i]);
             while keys.table[slot] != 0 {
                 slot = (slot + 1) % 256;
             }
@@ -272,7 +186,7 @@ impl Keys {
     pub(super) fn find(&self, key: &str) -> Option<usize> {
         let key = key.as_bytes();
         let words = Words::of(key);
-        let mut slot = words.hash();
+        let mut slot = slot_of(&words);
         loop {
             let entry = self.table[slot];
             if entry == 0 {
@@ -280,7 +194,7 @@ impl Keys {
             }
             let index = usize::from(entry) - 1;
             if self.words[index] == words
-                && (words.len <= 16
+                && (words.is_whole()
                     || key[8..words.len - 8] == NAMES[index].as_bytes()[8..words.len - 8])
             {
                 return Some(index);
@@ -306,7 +220,7 @@ impl Keys {
         }
         head == quoted.head
             && word_at(window, len - 8) == quoted.tail
-            && (len <= 16 || window[8..len - 8] == name[8..len - 8])
+            && (quoted.is_whole() || window[8..len - 8] == name[8..len - 8])
     }
 }
 
@@ -415,6 +329,9 @@ mod tests {
                 Words::of_const(name.as_bytes()),
                 "{name}"
             );
+            let mut with_quote = name.as_bytes().to_vec();
+            with_quote.push(b'"');
+            assert_eq!(quoted(name.as_bytes()), Words::of(&with_quote), "{name}");
         }
     }
 
