@@ -144,9 +144,11 @@ impl Block {
 
 /// A step function over `i64` time made of summed point changes. See the module documentation.
 ///
-/// Changes only mark their block; the next query summarises the marked blocks and recomputes the
-/// level before each block (a running sum over block sums), so a burst of changes costs one
-/// refresh, and a change far in the past costs one pass over block sums, not over points.
+/// Changes only mark their block; the next query summarises the marked blocks and recomputes,
+/// from the first of them on, the level before each block (a running sum over block sums) and
+/// the peak through it (a running maximum), so a burst of changes costs one refresh, a change
+/// far in the past one pass over block sums, not over points, and one at the newest times a
+/// look at the last block.
 #[derive(Clone, Debug, Default)]
 pub struct StepProfile {
     blocks: Vec<Block>,
@@ -154,10 +156,12 @@ pub struct StepProfile {
     firsts: Vec<i64>,
     /// Level before each block, valid below `stale`.
     before: Vec<i64>,
-    /// Index of the first block whose `before` entry may be out of date.
+    /// Highest level reached up to the end of each block (from the first block on), valid
+    /// below `stale`: changes come mostly at the newest times, so the peak over all time is
+    /// read here rather than recomputed over every block after each change.
+    peak_through: Vec<i64>,
+    /// Index of the first block whose `before` and `peak_through` entries may be out of date.
     stale: usize,
-    /// The answer of the last `max_level`, until the next change.
-    memo_max: Option<i64>,
     /// The range and answer of the last `max_level_in`, until the next change. A stream's
     /// windows keep their own peaks; it asks again at every close only for the newest window
     /// while open sessions reach it before any session starts there.
@@ -185,7 +189,6 @@ impl StepProfile {
         if delta == 0 {
             return;
         }
-        self.memo_max = None;
         self.memo_range = None;
         if self.blocks.is_empty() {
             self.blocks.push(Block::single(time, delta));
@@ -253,15 +256,21 @@ impl StepProfile {
         }
         let from = self.stale.min(self.blocks.len()).min(self.before.len());
         self.before.truncate(from);
-        let mut level = match from {
-            0 => 0,
-            _ => self.before[from - 1] + self.blocks[from - 1].sum,
+        self.peak_through.truncate(from);
+        let (mut level, mut peak) = match from {
+            0 => (0, i64::MIN),
+            _ => (
+                self.before[from - 1] + self.blocks[from - 1].sum,
+                self.peak_through[from - 1],
+            ),
         };
         for block in &mut self.blocks[from..] {
             if block.dirty {
                 block.summarise();
             }
             self.before.push(level);
+            peak = peak.max(level + block.max_prefix);
+            self.peak_through.push(peak);
             level += block.sum;
         }
         self.stale = self.blocks.len();
@@ -295,18 +304,8 @@ impl StepProfile {
 
     /// The highest level ever reached, and 0 if the level never rises above 0.
     pub fn max_level(&mut self) -> i64 {
-        if let Some(best) = self.memo_max {
-            return best;
-        }
         self.refresh();
-        let best = self
-            .blocks
-            .iter()
-            .zip(&self.before)
-            .map(|(block, before)| before + block.max_prefix)
-            .fold(0, i64::max);
-        self.memo_max = Some(best);
-        best
+        self.peak_through.last().map_or(0, |&peak| peak.max(0))
     }
 
     /// The highest level at any time in `[from, to)`; the level at `from` counts even when no
@@ -323,35 +322,46 @@ impl StepProfile {
     }
 
     fn scan_max_in(&mut self, from: i64, to: i64) -> i64 {
-        let mut best = self.level_at(from);
-        // The first block that may hold a change after `from`.
-        let start = self
-            .firsts
-            .partition_point(|&f| f <= from)
-            .saturating_sub(1);
-        for (block, &before) in self.blocks[start..].iter().zip(&self.before[start..]) {
-            let (first, last) = (block.first(), block.last());
-            if first >= to {
+        self.refresh();
+        // Blocks from `next` on start after `from`; the one before it holds `from`'s level.
+        let next = self.firsts.partition_point(|&f| f <= from);
+        let mut best = 0;
+        if let Some(held) = next.checked_sub(1) {
+            let block = &self.blocks[held];
+            let upto = block.count_upto(from);
+            let mut level = self.before[held]
+                + block.deltas[..upto]
+                    .iter()
+                    .map(|&d| i64::from(d))
+                    .sum::<i64>();
+            best = level;
+            // The rest of that block, one point at a time, in one pass with the level at `from`.
+            for (&o, &d) in block.offsets[upto..].iter().zip(&block.deltas[upto..]) {
+                if block.base + i64::from(o) >= to {
+                    return best;
+                }
+                level += i64::from(d);
+                best = best.max(level);
+            }
+        }
+        for (block, &before) in self.blocks[next..].iter().zip(&self.before[next..]) {
+            if block.first() >= to {
                 break;
             }
-            if last <= from {
-                continue;
-            }
-            if first > from && last < to {
+            if block.last() < to {
+                // Wholly inside the range: its summary answers.
                 best = best.max(before + block.max_prefix);
                 continue;
             }
             let mut level = before;
             for (&o, &d) in block.offsets.iter().zip(&block.deltas) {
-                let t = block.base + i64::from(o);
-                level += i64::from(d);
-                if t >= to {
+                if block.base + i64::from(o) >= to {
                     break;
                 }
-                if t > from {
-                    best = best.max(level);
-                }
+                level += i64::from(d);
+                best = best.max(level);
             }
+            break;
         }
         best
     }
