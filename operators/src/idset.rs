@@ -2,12 +2,15 @@
 //!
 //! Counting an event once whatever its redeliveries means keeping every id counted. A hash set of
 //! 16-byte ids costs 17 bytes a bucket and has from 1.1 to 2.3 buckets per id: 19 to 39 bytes.
-//! Here most ids sit in a sorted vector (16 bytes each) and only the newest in a small hash set,
-//! merged into the vector once it holds an eighth as many. Beside the vector, a filter of 8 bits
+//! Here most ids sit in a sorted vector (16 bytes each) and only the newest in a small
+//! open-addressed table (16 bytes a slot), merged into the vector once it holds an eighth as
+//! many. Beside the vector, a filter of 8 bits
 //! per id (each id sets 3 bits of one 64-bit word) answers "certainly not in the vector" for all
-//! but a few per cent of new ids, so an insert of a new id — nearly every insert — costs a hash
+//! but a few per cent of new ids, so an insert of a new id — nearly every insert — costs a table
 //! probe, one word of the filter and, amortised, a few moves in the merges; the vector is searched
-//! only when the filter cannot rule the id out.
+//! only when the filter cannot rule the id out. Both the table slot and the filter word are
+//! places the id alone names, so a caller that knows the next ids can prefetch them
+//! ([`IdSet::prefetch`]).
 //!
 //! ```
 //! use keel_operators::idset::IdSet;
@@ -16,10 +19,6 @@
 //! assert!(!seen.insert(7));
 //! assert_eq!(seen.len(), 1);
 //! ```
-
-use std::collections::HashSet;
-
-use rustc_hash::FxBuildHasher;
 
 /// Ids held in the hash set before a merge, however small the vector.
 const MIN_RECENT: usize = 256;
@@ -34,12 +33,101 @@ pub struct IdSet {
     /// A power-of-two number of words (or none while `sorted` is empty); every id of `sorted`
     /// has its bits set in its word.
     filter: Vec<u64>,
-    recent: HashSet<u128, FxBuildHasher>,
+    recent: Recent,
+}
+
+/// The newest ids: an open-addressed table (linear probing) of a power-of-two number of slots,
+/// where 0 marks a vacant slot and the id 0 is a flag of its own. A look-up starts at a slot the
+/// id alone names, so a hint can load that slot before the insert (a hash set's control bytes
+/// and entries would be two misses, and neither can be asked for ahead).
+#[derive(Clone, Debug, Default)]
+struct Recent {
+    slots: Vec<u128>,
+    /// Occupied slots.
+    len: usize,
+    zero: bool,
+}
+
+impl Recent {
+    fn home(&self, id: u128) -> usize {
+        let bits = self.slots.len().trailing_zeros();
+        (mix(id) >> (64 - bits)) as usize
+    }
+
+    fn prefetch(&self, id: u128) {
+        if !self.slots.is_empty() {
+            crate::prefetch::prefetch(&self.slots[self.home(id)]);
+        }
+    }
+
+    /// Where `id` (not 0) sits, or the vacant slot that ends its run.
+    fn probe(&self, id: u128) -> (usize, bool) {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(id);
+        loop {
+            match self.slots[i] {
+                0 => return (i, false),
+                held if held == id => return (i, true),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn contains(&self, id: u128) -> bool {
+        match id {
+            0 => self.zero,
+            _ => !self.slots.is_empty() && self.probe(id).1,
+        }
+    }
+
+    /// Adds `id`; returns whether it was new.
+    fn insert(&mut self, id: u128) -> bool {
+        if id == 0 {
+            return !std::mem::replace(&mut self.zero, true);
+        }
+        if (self.len + 1) * 8 > self.slots.len() * 7 {
+            self.grow();
+        }
+        let (at, found) = self.probe(id);
+        if !found {
+            self.len += 1;
+            self.slots[at] = id;
+        }
+        !found
+    }
+
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).max(16);
+        let old = std::mem::replace(&mut self.slots, vec![0; size]);
+        for id in old.into_iter().filter(|&id| id != 0) {
+            let (at, _) = self.probe(id);
+            self.slots[at] = id;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len + usize::from(self.zero)
+    }
+
+    /// Moves every id into `out` and leaves the table empty (its slots kept for the next ids).
+    fn drain_into(&mut self, out: &mut Vec<u128>) {
+        out.extend(self.slots.iter().copied().filter(|&id| id != 0));
+        if std::mem::take(&mut self.zero) {
+            out.push(0);
+        }
+        self.slots.fill(0);
+        self.len = 0;
+    }
+}
+
+/// The 64 bits both the filter and the recent table take their places from.
+fn mix(id: u128) -> u64 {
+    ((id as u64) ^ ((id >> 64) as u64).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// The filter word of `id` among `words` (a power of two) and the 3 bits it sets there.
 fn probe(id: u128, words: usize) -> (usize, u64) {
-    let h = ((id as u64) ^ ((id >> 64) as u64).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let h = mix(id);
     let word = (h >> 32) as usize & (words - 1);
     let bits = (1u64 << (h & 63)) | (1u64 << ((h >> 6) & 63)) | (1u64 << ((h >> 12) & 63));
     (word, bits)
@@ -58,9 +146,20 @@ impl IdSet {
         true
     }
 
+    /// Starts loading the filter word and the recent table's slot an insert of `id` reads: in
+    /// a set of hundreds of thousands of ids each is a cache miss on nearly every new id.
+    #[inline]
+    pub fn prefetch(&self, id: u128) {
+        if !self.filter.is_empty() {
+            let (word, _) = probe(id, self.filter.len());
+            crate::prefetch::prefetch(&self.filter[word]);
+        }
+        self.recent.prefetch(id);
+    }
+
     /// Whether `id` is held.
     pub fn contains(&self, id: u128) -> bool {
-        self.recent.contains(&id) || self.in_sorted(id)
+        self.recent.contains(id) || self.in_sorted(id)
     }
 
     /// Number of ids held.
@@ -85,7 +184,8 @@ impl IdSet {
     /// is moved twice, and enters them in the filter (rebuilt at twice the size when the vector
     /// has outgrown it).
     fn merge(&mut self) {
-        let mut fresh: Vec<u128> = self.recent.drain().collect();
+        let mut fresh = Vec::with_capacity(self.recent.len());
+        self.recent.drain_into(&mut fresh);
         fresh.sort_unstable();
         let old = self.sorted.len();
         self.sorted.resize(old + fresh.len(), 0);
@@ -123,6 +223,7 @@ fn enter(filter: &mut [u64], ids: &[u128]) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashSet;
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
@@ -137,6 +238,8 @@ mod tests {
             let mut set = IdSet::default();
             let mut model = HashSet::new();
             for &id in &ids {
+                // A hint first, as the routing state gives one: it changes no answer.
+                set.prefetch(id);
                 prop_assert_eq!(set.insert(id), model.insert(id));
                 prop_assert_eq!(set.len(), model.len());
             }
@@ -144,7 +247,7 @@ mod tests {
                 prop_assert_eq!(set.contains(probe), model.contains(&probe));
             }
             prop_assert!(set.sorted.windows(2).all(|w| w[0] < w[1]), "the vector stays sorted");
-            prop_assert!(set.sorted.iter().all(|id| !set.recent.contains(id)));
+            prop_assert!(set.sorted.iter().all(|&id| !set.recent.contains(id)));
         }
     }
 

@@ -55,6 +55,13 @@ impl<K: std::hash::Hash + Eq + Copy, A: Default> Counted<K, A> {
         Some(&mut entry.sums)
     }
 
+    /// Starts loading what `first_time(key, id)` will read first, if `key` is held.
+    fn prefetch(&self, key: &K, id: Uuid) {
+        if let Some(entry) = self.keys.get(key) {
+            entry.ids.prefetch(id.as_u128());
+        }
+    }
+
     /// Drains the changed keys with their accumulators.
     fn drain_dirty(&mut self, mut each: impl FnMut(K, &A)) {
         for key in self.dirty.drain(..) {
@@ -91,6 +98,13 @@ pub fn route_routing(event: &Event) -> u64 {
 impl EpochState for RoutingState {
     type Input = Event;
     type Output = PeriscopeChange;
+
+    fn prefetch(&self, event: &Event) {
+        if let EventKind::Routing(_) = &event.kind {
+            self.hours
+                .prefetch(&(event.tenant, window_start(event.time, HOUR)), event.id);
+        }
+    }
 
     fn apply(&mut self, event: Event) {
         let EventKind::Routing(decision) = &event.kind else {
