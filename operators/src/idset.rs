@@ -20,7 +20,7 @@
 //! assert_eq!(seen.len(), 1);
 //! ```
 
-/// Ids held in the hash set before a merge, however small the vector.
+/// Ids held in the recent table before a merge, however small the vector.
 const MIN_RECENT: usize = 256;
 /// Ids per filter word (8 bits each).
 const IDS_PER_WORD: usize = 8;

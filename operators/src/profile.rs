@@ -156,9 +156,10 @@ pub struct StepProfile {
     firsts: Vec<i64>,
     /// Level before each block, valid below `stale`.
     before: Vec<i64>,
-    /// Highest level reached up to the end of each block (from the first block on), valid
-    /// below `stale`: changes come mostly at the newest times, so the peak over all time is
-    /// read here rather than recomputed over every block after each change.
+    /// Highest level reached just after any point up to the end of each block (from the first
+    /// block on), valid below `stale`: changes come mostly at the newest times, so the peak over
+    /// all time is read here rather than recomputed over every block after each change. It
+    /// leaves out the level 0 before the first point, so it may be negative; `max_level` adds it.
     peak_through: Vec<i64>,
     /// Index of the first block whose `before` and `peak_through` entries may be out of date.
     stale: usize,
@@ -249,7 +250,7 @@ impl StepProfile {
         }
     }
 
-    /// Brings summaries and levels before blocks up to date.
+    /// Brings block summaries, the levels before blocks and the peaks through them up to date.
     fn refresh(&mut self) {
         if self.stale >= self.blocks.len() && self.before.len() == self.blocks.len() {
             return;
@@ -522,6 +523,38 @@ mod tests {
             for &(from, len) in &queries {
                 prop_assert_eq!(profile.level_at(from), ref_level(&map, from));
                 prop_assert_eq!(profile.max_level_in(from, from + len + 1), ref_max_in(&map, from, from + len + 1));
+            }
+        }
+    }
+
+    /// Ranges against the reference where blocks meet: ranges inside one block, from one block
+    /// into the next (the next straddling the range's end) or over whole blocks, empty and
+    /// reversed ranges, and ranges before and after every point.
+    #[test]
+    fn ranges_across_block_edges_match_reference() {
+        let mut profile = StepProfile::default();
+        let mut changes = Vec::new();
+        for t in 0..(3 * FULL as i64 + 40) {
+            // Levels that rise and fall, so each range has a peak of its own.
+            let delta = if t % 7 < 4 { 1 } else { -1 };
+            profile.add(t, delta);
+            changes.push((t, delta));
+        }
+        assert!(profile.blocks.len() >= 4);
+        let map = reference(&changes);
+        let edges: Vec<i64> = profile.firsts.clone();
+        let mut probes = vec![-5, 0, 1];
+        for &edge in &edges {
+            probes.extend([edge - 2, edge - 1, edge, edge + 1, edge + 3]);
+        }
+        probes.push(3 * FULL as i64 + 60);
+        for &from in &probes {
+            for &to in &probes {
+                assert_eq!(
+                    profile.max_level_in(from, to),
+                    ref_max_in(&map, from, to),
+                    "[{from}, {to})"
+                );
             }
         }
     }

@@ -55,7 +55,8 @@ impl<K: std::hash::Hash + Eq + Copy, A: Default> Counted<K, A> {
         Some(&mut entry.sums)
     }
 
-    /// Starts loading what `first_time(key, id)` will read first, if `key` is held.
+    /// Starts loading the places in `key`'s id set that `first_time(key, id)` will look `id` up
+    /// in, if `key` is held (the key's own entry is read now: the map holds a few keys).
     fn prefetch(&self, key: &K, id: Uuid) {
         if let Some(entry) = self.keys.get(key) {
             entry.ids.prefetch(id.as_u128());
