@@ -14,9 +14,12 @@
 //!   newest generation that epoch holds (the worker's *boundary*);
 //! - the first time a session changes in a generation, the worker logs the session as it was
 //!   (its before-image) under that generation, and when the stream's public id changes at a
-//!   close, the id before;
-//! - a reader takes each session as the first before-image logged after the boundary, and the
-//!   session itself when there is none; a session without a connect or disconnect has no row;
+//!   close, the id before; a session created in the generation gets no image (it would only
+//!   say "no row yet"): sessions are never removed and new ones take the next slot, so the
+//!   generation logs once the first slot it created;
+//! - a reader sees no session in slots created after the boundary, takes each other session as
+//!   the first before-image logged after the boundary, and the session itself when there is
+//!   none; a session without a connect or disconnect has no row;
 //! - the worker drops before-images of generations at or under its boundary (readers never need
 //!   them again) when it next logs to that stream, and at each of its closes for every stream
 //!   that still has some, so a stream that goes quiet does not keep them.
@@ -102,6 +105,13 @@ pub(crate) struct StreamSessions {
     log: Vec<Before>,
     /// The public id before each change of it: (generation of the close that changed it, id).
     ids: Vec<(u64, Sym)>,
+    /// Sessions created in a generation get no before-image (it would only say "no row yet"):
+    /// sessions are never removed and a new one takes the next slot, so each generation that
+    /// created sessions logs the first slot it created (the slab's length at the last close),
+    /// and readers before that generation treat every slot from there on as having no row.
+    born: Vec<(u64, u32)>,
+    /// Sessions held at the end of the last close.
+    closed_len: u32,
     /// Sessions that have a row now.
     rows: usize,
 }
@@ -122,7 +132,11 @@ impl StreamSessions {
             let done = self.ids.partition_point(|(g, _)| *g <= boundary);
             self.ids.drain(..done);
         }
-        !self.log.is_empty() || !self.ids.is_empty()
+        if self.born.first().is_some_and(|(g, _)| *g <= boundary) {
+            let done = self.born.partition_point(|(g, _)| *g <= boundary);
+            self.born.drain(..done);
+        }
+        !self.log.is_empty() || !self.ids.is_empty() || !self.born.is_empty()
     }
 
     /// Applies `change` to the session in `slot` during `generation`, the worker's boundary
@@ -134,7 +148,9 @@ impl StreamSessions {
         boundary: u64,
         change: impl FnOnce(&mut Session) -> bool,
     ) -> Option<(Option<Span>, Span)> {
-        let image = (!self.sessions.is_marked(slot)).then(|| self.sessions.get(slot).clone());
+        let first = !self.sessions.is_marked(slot);
+        let born = slot >= self.closed_len;
+        let image = (first && !born).then(|| self.sessions.get(slot).clone());
         let before = self.sessions.get(slot).span();
         if !change(self.sessions.get_mut(slot)) {
             return None;
@@ -144,15 +160,20 @@ impl StreamSessions {
             .get(slot)
             .span()
             .expect("a changed session has a connect or a disconnect");
-        if let Some(session) = image {
+        if first {
             self.sessions.mark(slot);
             self.dirty.push(slot);
+        }
+        if let Some(session) = image {
             self.forget(boundary);
             self.log.push(Before {
                 generation,
                 slot,
                 session,
             });
+        } else if born && self.born.last().is_none_or(|&(g, _)| g != generation) {
+            self.forget(boundary);
+            self.born.push((generation, self.closed_len));
         }
         if before.is_none() {
             self.rows += 1;
@@ -177,6 +198,8 @@ impl StreamSessions {
         for &slot in &self.dirty {
             self.sessions.unmark(slot);
         }
+        self.closed_len =
+            u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
         if let Some(out) = rows {
             let mut report = |slot: u32| {
                 if let Some(row) = session_row(names, stream_id, self.sessions.get(slot)) {
@@ -200,6 +223,12 @@ impl StreamSessions {
             .map_or(self.stream_id, |(_, id)| *id)
     }
 
+    /// The first slot readers at `boundary` see no session in (created after it).
+    fn born_from(&self, boundary: u64) -> u32 {
+        let from = self.born.partition_point(|(g, _)| *g <= boundary);
+        self.born.get(from).map_or(u32::MAX, |&(_, slot)| slot)
+    }
+
     /// The first before-image of each session changed after `boundary`.
     fn images_after(&self, boundary: u64) -> HashMap<u32, &Session, FxBuildHasher> {
         let from = self.log.partition_point(|b| b.generation <= boundary);
@@ -210,13 +239,18 @@ impl StreamSessions {
         images
     }
 
-    /// The session in `slot` as readers at `boundary` see it.
-    fn session_at(&self, slot: u32, boundary: u64) -> &Session {
+    /// The session in `slot` as readers at `boundary` see it; `None` if it was created after.
+    fn session_at(&self, slot: u32, boundary: u64) -> Option<&Session> {
+        if slot >= self.born_from(boundary) {
+            return None;
+        }
         let from = self.log.partition_point(|b| b.generation <= boundary);
-        self.log[from..]
-            .iter()
-            .find(|b| b.slot == slot)
-            .map_or_else(|| self.sessions.get(slot), |b| &b.session)
+        Some(
+            self.log[from..]
+                .iter()
+                .find(|b| b.slot == slot)
+                .map_or_else(|| self.sessions.get(slot), |b| &b.session),
+        )
     }
 
     /// The rows of slots `from..` (at most [`READ_CHUNK`] of them) readers at `boundary` see;
@@ -232,7 +266,8 @@ impl StreamSessions {
         let images = self.images_after(boundary);
         let len = u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
         let to = from.saturating_add(READ_CHUNK).min(len);
-        for slot in from..to {
+        // Sessions created after the boundary have no row for these readers.
+        for slot in from..to.min(self.born_from(boundary)) {
             let session = images
                 .get(&slot)
                 .copied()
@@ -244,15 +279,23 @@ impl StreamSessions {
 
     /// How many rows readers at `boundary` see.
     fn len_at(&self, boundary: u64) -> usize {
+        let born = self.born_from(boundary);
+        let len = u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
+        let rows_born = (born.min(len)..len)
+            .filter(|&slot| self.sessions.get(slot).span().is_some())
+            .count();
         let images = self.images_after(boundary);
-        images.iter().fold(self.rows, |rows, (slot, before)| {
-            let now = self.sessions.get(*slot).span().is_some();
-            match (before.span().is_some(), now) {
-                (false, true) => rows - 1,
-                (true, false) => rows + 1,
-                _ => rows,
-            }
-        })
+        images.iter().filter(|(slot, _)| **slot < born).fold(
+            self.rows - rows_born,
+            |rows, (slot, before)| {
+                let now = self.sessions.get(*slot).span().is_some();
+                match (before.span().is_some(), now) {
+                    (false, true) => rows - 1,
+                    (true, false) => rows + 1,
+                    _ => rows,
+                }
+            },
+        )
     }
 
     /// The rows that differ between readers at `from` and at `to` (`from` < `to`), as (before,
@@ -266,8 +309,12 @@ impl StreamSessions {
     ) {
         let (id_from, id_to) = (self.id_at(from), self.id_at(to));
         let mut push = |slot: u32| {
-            let before = session_row(names, id_from, self.session_at(slot, from));
-            let after = session_row(names, id_to, self.session_at(slot, to));
+            let before = self
+                .session_at(slot, from)
+                .and_then(|session| session_row(names, id_from, session));
+            let after = self
+                .session_at(slot, to)
+                .and_then(|session| session_row(names, id_to, session));
             if before != after {
                 out.push((before, after));
             }
@@ -282,6 +329,13 @@ impl StreamSessions {
         for before in &self.log[start..end] {
             if seen.insert(before.slot) {
                 push(before.slot);
+            }
+        }
+        // Sessions created after `from`, up to `to`: no row at `from`.
+        let len = u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
+        for slot in self.born_from(from).min(len)..self.born_from(to).min(len) {
+            if seen.insert(slot) {
+                push(slot);
             }
         }
     }
@@ -446,7 +500,7 @@ impl SessionStore {
             .iter()
             .map(|stream| {
                 let held = stream.lock();
-                held.log.len() + held.ids.len()
+                held.log.len() + held.ids.len() + held.born.len()
             })
             .sum()
     }
@@ -478,7 +532,7 @@ impl SessionStore {
         let held = stream.lock();
         let slot = held.sessions.find(key.2, key.3.as_str())?;
         let id = held.id_at(boundary);
-        session_row(stream.names, id, held.session_at(slot, boundary))
+        session_row(stream.names, id, held.session_at(slot, boundary)?)
     }
 
     /// The rows that differ between boundaries `from` and `to` (per worker).
