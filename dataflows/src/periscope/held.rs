@@ -20,9 +20,10 @@
 //! - a reader sees no session in slots created after the boundary, takes each other session as
 //!   the first before-image logged after the boundary, and the session itself when there is
 //!   none; a session without a connect or disconnect has no row;
-//! - the worker drops before-images of generations at or under its boundary (readers never need
-//!   them again) when it next logs to that stream, and at each of its closes for every stream
-//!   that still has some, so a stream that goes quiet does not keep them.
+//! - the worker drops before-images and first-created slots of generations at or under its
+//!   boundary (readers never need them again) when it next logs to that stream, and at each of
+//!   its closes for every stream that still has some, so a stream that goes quiet does not keep
+//!   them.
 //!
 //! The boundaries only move while the publisher holds the live tables' write lock, and readers
 //! read under the read lock, so a read sees one epoch from start to end. A reader takes a
@@ -149,6 +150,9 @@ impl StreamSessions {
         change: impl FnOnce(&mut Session) -> bool,
     ) -> Option<(Option<Span>, Span)> {
         let first = !self.sessions.is_marked(slot);
+        // Created since the last close, so in this generation: the stream state closes every
+        // stream that absorbed an event in the generation it absorbed it (which moves
+        // `closed_len` past every slot made then), and only an event's change makes a slot.
         let born = slot >= self.closed_len;
         let image = (first && !born).then(|| self.sessions.get(slot).clone());
         let before = self.sessions.get(slot).span();
@@ -493,7 +497,7 @@ impl SessionStore {
         out
     }
 
-    /// Before-images and ids held in all streams' logs.
+    /// Before-images, ids and first-created slots held in all streams' logs.
     #[cfg(test)]
     pub(crate) fn logged(&self) -> usize {
         self.streams()
