@@ -290,17 +290,24 @@ impl StepProfile {
     /// The level at `time`: the sum of all deltas at times `<= time`.
     pub fn level_at(&mut self, time: i64) -> i64 {
         self.refresh();
-        let index = self.firsts.partition_point(|&f| f <= time);
-        if index == 0 {
-            return 0;
-        }
-        let block = &self.blocks[index - 1];
+        self.locate(time).2
+    }
+
+    /// Where `time` falls, on up-to-date levels: the index of the first block starting after
+    /// it, how many points of the block before that are at or before it, and the level there.
+    fn locate(&self, time: i64) -> (usize, usize, i64) {
+        let next = self.firsts.partition_point(|&f| f <= time);
+        let Some(held) = next.checked_sub(1) else {
+            return (next, 0, 0);
+        };
+        let block = &self.blocks[held];
         let upto = block.count_upto(time);
-        self.before[index - 1]
+        let level = self.before[held]
             + block.deltas[..upto]
                 .iter()
                 .map(|&d| i64::from(d))
-                .sum::<i64>()
+                .sum::<i64>();
+        (next, upto, level)
     }
 
     /// The highest level ever reached, and 0 if the level never rises above 0.
@@ -325,18 +332,11 @@ impl StepProfile {
     fn scan_max_in(&mut self, from: i64, to: i64) -> i64 {
         self.refresh();
         // Blocks from `next` on start after `from`; the one before it holds `from`'s level.
-        let next = self.firsts.partition_point(|&f| f <= from);
-        let mut best = 0;
+        let (next, upto, mut level) = self.locate(from);
+        let mut best = level;
         if let Some(held) = next.checked_sub(1) {
             let block = &self.blocks[held];
-            let upto = block.count_upto(from);
-            let mut level = self.before[held]
-                + block.deltas[..upto]
-                    .iter()
-                    .map(|&d| i64::from(d))
-                    .sum::<i64>();
-            best = level;
-            // The rest of that block, one point at a time, in one pass with the level at `from`.
+            // The rest of that block, one point at a time.
             for (&o, &d) in block.offsets[upto..].iter().zip(&block.deltas[upto..]) {
                 if block.base + i64::from(o) >= to {
                     return best;

@@ -202,8 +202,7 @@ impl StreamSessions {
         for &slot in &self.dirty {
             self.sessions.unmark(slot);
         }
-        self.closed_len =
-            u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
+        self.closed_len = self.slab_len();
         if let Some(out) = rows {
             let mut report = |slot: u32| {
                 if let Some(row) = session_row(names, stream_id, self.sessions.get(slot)) {
@@ -225,6 +224,11 @@ impl StreamSessions {
             .iter()
             .find(|(g, _)| *g > boundary)
             .map_or(self.stream_id, |(_, id)| *id)
+    }
+
+    /// Slots in the stream's slab (sessions ever seen).
+    fn slab_len(&self) -> u32 {
+        u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream")
     }
 
     /// The first slot readers at `boundary` see no session in (created after it).
@@ -268,7 +272,7 @@ impl StreamSessions {
     ) -> Option<u32> {
         let id = self.id_at(boundary);
         let images = self.images_after(boundary);
-        let len = u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
+        let len = self.slab_len();
         let to = from.saturating_add(READ_CHUNK).min(len);
         // Sessions created after the boundary have no row for these readers.
         for slot in from..to.min(self.born_from(boundary)) {
@@ -284,7 +288,7 @@ impl StreamSessions {
     /// How many rows readers at `boundary` see.
     fn len_at(&self, boundary: u64) -> usize {
         let born = self.born_from(boundary);
-        let len = u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
+        let len = self.slab_len();
         let rows_born = (born.min(len)..len)
             .filter(|&slot| self.sessions.get(slot).span().is_some())
             .count();
@@ -336,7 +340,7 @@ impl StreamSessions {
             }
         }
         // Sessions created after `from`, up to `to`: no row at `from`.
-        let len = u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions per stream");
+        let len = self.slab_len();
         for slot in self.born_from(from).min(len)..self.born_from(to).min(len) {
             if seen.insert(slot) {
                 push(slot);
