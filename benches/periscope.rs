@@ -10,8 +10,9 @@
 //!
 //! 1. **Throughput**: Keel replaying the file through decode and every Periscope dataflow, with 1
 //!    and 2 workers: events/s, and events per CPU-second (per core). Foghorn's routing dataflow
-//!    runs beside them as in `keel run`; `--no-routing` turns it off, as `keel sql` and
-//!    backfills do (for the update path and the memory child too).
+//!    runs beside them as in `keel run`, in its epochs of 8,192 records; `--no-routing` turns it
+//!    off, as `keel sql` and backfills do (for the update path and the memory child too), and
+//!    replays in `keel sql`'s epochs of 65,536 (`--batch N` sets either).
 //! 2. **ClickHouse on the same events**: insert them (flattened by Keel's codec) into a MergeTree
 //!    table, then compute the same tables with GROUP BY queries at `max_threads = 1`: load and
 //!    query time, events per core-second, and a row-by-row check that the `streams` tables agree.
@@ -49,7 +50,8 @@ struct Options {
     clickhouse: Option<String>,
     dir: PathBuf,
     workers: Vec<usize>,
-    /// Most records per worker per epoch (`keel run --batch`).
+    /// Most records per worker per epoch (`--batch`); by default as the command measured:
+    /// `keel run`'s with routing on, `keel sql`'s with it off.
     batch: usize,
     /// Foghorn's dataflow on (as `keel run`) or off (as `keel sql` and backfills).
     routing: bool,
@@ -62,9 +64,10 @@ fn parse_args() -> Options {
         clickhouse: std::env::var("KEEL_TEST_CLICKHOUSE").ok(),
         dir: PathBuf::from("target/bench"),
         workers: vec![1, 2],
-        batch: EngineOptions::default().batch,
+        batch: 0,
         routing: true,
     };
+    let mut batch = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -80,12 +83,17 @@ fn parse_args() -> Options {
                     .map(|w| w.parse().expect("--workers 1,2"))
                     .collect();
             }
-            "--batch" => options.batch = value().parse().expect("--batch N"),
+            "--batch" => batch = Some(value().parse().expect("--batch N")),
             "--no-routing" => options.routing = false,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
     }
+    options.batch = batch.unwrap_or(if options.routing {
+        EngineOptions::default().batch
+    } else {
+        engine::REPLAY_BATCH
+    });
     options
 }
 
@@ -739,7 +747,7 @@ fn main() {
         if options.routing {
             "with Foghorn's routing dataflow, as `keel run`"
         } else {
-            "routing off, as `keel sql` and backfills"
+            "routing off, as `keel sql`"
         }
     );
     println!("| workers | wall s | events/s | CPU s | events per CPU-second (per core) |");

@@ -265,19 +265,22 @@ struct EngineArgs {
     /// Timely worker threads.
     #[arg(long, short = 'w', default_value_t = 1)]
     workers: usize,
-    /// Most records per worker per epoch.
-    #[arg(long, default_value_t = 8192)]
-    batch: usize,
+    /// Most records per worker per epoch [default: 8192 for `run`, 65536 for `sql`, which
+    /// replays to the end before it answers].
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 impl EngineArgs {
-    fn options(&self) -> anyhow::Result<EngineOptions> {
-        if self.workers == 0 || self.batch == 0 {
+    /// The engine's options, with `batch` records per epoch unless `--batch` says otherwise.
+    fn options(&self, batch: usize) -> anyhow::Result<EngineOptions> {
+        let batch = self.batch.unwrap_or(batch);
+        if self.workers == 0 || batch == 0 {
             bail!("--workers and --batch must be at least 1");
         }
         Ok(EngineOptions {
             workers: self.workers,
-            batch: self.batch,
+            batch,
             ..EngineOptions::default()
         })
     }
@@ -431,6 +434,22 @@ struct SqlArgs {
     fleet: FleetArgs,
 }
 
+impl RunArgs {
+    fn engine_options(&self) -> anyhow::Result<EngineOptions> {
+        self.engine.options(EngineOptions::default().batch)
+    }
+}
+
+impl SqlArgs {
+    fn engine_options(&self) -> anyhow::Result<EngineOptions> {
+        Ok(EngineOptions {
+            // The replay answers one query once it has read everything, and routes no viewer.
+            routing: false,
+            ..self.engine.options(engine::REPLAY_BATCH)?
+        })
+    }
+}
+
 fn default_start() -> i64 {
     parse_rfc3339("2026-11-01T00:00:00Z").expect("a valid constant")
 }
@@ -532,7 +551,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let mut options = args.engine.options()?;
+    let mut options = args.engine_options()?;
     let config = args.fleet.config(now_ms(), Some(args.rate))?;
     let settings = match &args.config {
         Some(path) => crate::config::Config::load(path)?,
@@ -916,11 +935,7 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
         std::io::stdout().write_all(&render(&batches, format)?)?;
         return Ok(());
     }
-    let options = EngineOptions {
-        // The replay answers one query and routes no viewer.
-        routing: false,
-        ..args.engine.options()?
-    };
+    let options = args.engine_options()?;
     let spec = match (&args.input, &args.source) {
         (Some(path), _) => format!("file:{}", path.display()),
         (None, Some(spec)) => spec.clone(),
@@ -1168,6 +1183,30 @@ mod tests {
         );
         for bad in ["24", "h", "1w", "-1h", "1.5h", ""] {
             assert!(parse_horizon(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn epoch_sizes_by_command() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Run(run)) => run.engine_options(),
+            Ok(Command::Sql(sql)) => sql.engine_options(),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => panic!("{e}"),
+        };
+        let run = parse(&["keel", "run"]).unwrap();
+        assert_eq!((run.batch, run.routing), (8192, true));
+        let sql = parse(&["keel", "sql", "--input", "x", "SELECT 1"]).unwrap();
+        assert_eq!((sql.batch, sql.routing), (65_536, false));
+        for command in [
+            &["keel", "run"][..],
+            &["keel", "sql", "--input", "x", "SELECT 1"],
+        ] {
+            let with = |extra: &[&str]| parse(&[command, extra].concat());
+            assert_eq!(with(&["--batch", "100", "-w", "2"]).unwrap().batch, 100);
+            assert_eq!(with(&["--batch", "100", "-w", "2"]).unwrap().workers, 2);
+            let err = with(&["--batch", "0"]).unwrap_err().to_string();
+            assert!(err.contains("at least 1"), "{err}");
         }
     }
 
