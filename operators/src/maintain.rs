@@ -65,6 +65,12 @@ pub trait EpochState: 'static {
     /// states whose look-ups miss the cache start loading what it will touch (see
     /// [`prefetch`](crate::prefetch)). Must not change what the state holds or reports.
     fn prefetch(&self, _input: &Self::Input) {}
+    /// A second hint, [`PREFETCH_NEAR`] records before `input` is applied, when what
+    /// [`prefetch`](EpochState::prefetch) asked for has most likely arrived: for look-ups
+    /// through two dependent loads (an index, then the entry it names), the first hint loads the
+    /// index and this one reads it and loads the entry. Must not change what the state holds or
+    /// reports.
+    fn prefetch_near(&self, _input: &Self::Input) {}
     /// Reports every change since the previous close. `watermark` is the newest event time any
     /// worker has seen up to this epoch (`i64::MIN` before the first event).
     fn close(&mut self, watermark: i64, output: &mut Vec<Self::Output>);
@@ -74,16 +80,28 @@ pub trait EpochState: 'static {
 /// line to arrive from memory while the records before it are applied.
 pub const PREFETCH_AHEAD: usize = 8;
 
-/// Applies `records` in order, hinting each one [`PREFETCH_AHEAD`] records before it is
-/// applied, so that look-ups of neighbouring records overlap their cache misses.
+/// Records between [`EpochState::prefetch_near`] and the apply: half of [`PREFETCH_AHEAD`], so
+/// that each of the two dependent loads has about as many applies to arrive in.
+pub const PREFETCH_NEAR: usize = PREFETCH_AHEAD / 2;
+
+/// Applies `records` in order, hinting each one [`PREFETCH_AHEAD`] and again [`PREFETCH_NEAR`]
+/// records before it is applied, so that look-ups of neighbouring records overlap their cache
+/// misses.
 fn absorb<S: EpochState>(state: &mut S, records: &mut Vec<S::Input>) {
     let mut records = records.drain(..);
     for record in records.as_slice().iter().take(PREFETCH_AHEAD) {
         state.prefetch(record);
     }
+    for record in records.as_slice().iter().take(PREFETCH_NEAR) {
+        state.prefetch_near(record);
+    }
     while let Some(record) = records.next() {
-        if let Some(ahead) = records.as_slice().get(PREFETCH_AHEAD - 1) {
+        let rest = records.as_slice();
+        if let Some(ahead) = rest.get(PREFETCH_AHEAD - 1) {
             state.prefetch(ahead);
+        }
+        if let Some(near) = rest.get(PREFETCH_NEAR - 1) {
+            state.prefetch_near(near);
         }
         state.apply(record);
     }
@@ -407,27 +425,39 @@ mod tests {
         assert_eq!(*reports.lock().unwrap(), vec![(0, 100), (1, 200)]);
     }
 
+    /// What [`Hinted`] heard of a record.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Step {
+        Ahead,
+        Near,
+        Apply,
+    }
+
     /// Notes every hint (through a cell: hints see the state shared) and apply, in order.
     #[derive(Default)]
     struct Hinted {
-        steps: std::cell::RefCell<Vec<(bool, u32)>>,
+        steps: std::cell::RefCell<Vec<(Step, u32)>>,
     }
 
     impl EpochState for Hinted {
         type Input = u32;
         type Output = ();
         fn apply(&mut self, record: u32) {
-            self.steps.get_mut().push((true, record));
+            self.steps.get_mut().push((Step::Apply, record));
         }
         fn prefetch(&self, record: &u32) {
-            self.steps.borrow_mut().push((false, *record));
+            self.steps.borrow_mut().push((Step::Ahead, *record));
+        }
+        fn prefetch_near(&self, record: &u32) {
+            self.steps.borrow_mut().push((Step::Near, *record));
         }
         fn close(&mut self, _watermark: i64, _out: &mut Vec<()>) {}
     }
 
     proptest! {
-        /// `absorb` applies every record once, in order, and hints each one once, exactly
-        /// `PREFETCH_AHEAD` applies before its own (fewer for the first records).
+        /// `absorb` applies every record once, in order, and hints each one once of each
+        /// kind, exactly `PREFETCH_AHEAD` and `PREFETCH_NEAR` applies before its own (fewer for
+        /// the first records), the far hint first.
         #[test]
         fn absorb_hints_each_record_shortly_before_it(n in 0u32..40) {
             let records: Vec<u32> = (0..n).collect();
@@ -436,15 +466,23 @@ mod tests {
             absorb(&mut hinted, &mut input);
             prop_assert!(input.is_empty());
             let steps = hinted.steps.into_inner();
-            let applied: Vec<u32> = steps.iter().filter(|s| s.0).map(|s| s.1).collect();
+            let applied: Vec<u32> =
+                steps.iter().filter(|s| s.0 == Step::Apply).map(|s| s.1).collect();
             prop_assert_eq!(&applied, &records);
             for &record in &records {
-                let hints: Vec<usize> = (0..steps.len()).filter(|&i| steps[i] == (false, record)).collect();
-                prop_assert_eq!(hints.len(), 1, "record {} hinted once", record);
-                let apply = steps.iter().position(|s| *s == (true, record)).unwrap();
-                let applied_between = steps[hints[0]..apply].iter().filter(|s| s.0).count();
-                prop_assert!(hints[0] < apply);
-                prop_assert_eq!(applied_between, (record as usize).min(PREFETCH_AHEAD));
+                let apply = steps.iter().position(|s| *s == (Step::Apply, record)).unwrap();
+                let mut at = Vec::new();
+                for (kind, distance) in [(Step::Ahead, PREFETCH_AHEAD), (Step::Near, PREFETCH_NEAR)] {
+                    let hints: Vec<usize> =
+                        (0..steps.len()).filter(|&i| steps[i] == (kind, record)).collect();
+                    prop_assert_eq!(hints.len(), 1, "record {} hinted once {:?}", record, kind);
+                    let applied_between =
+                        steps[hints[0]..apply].iter().filter(|s| s.0 == Step::Apply).count();
+                    prop_assert!(hints[0] < apply);
+                    prop_assert_eq!(applied_between, (record as usize).min(distance));
+                    at.push(hints[0]);
+                }
+                prop_assert!(at[0] < at[1], "record {}: the far hint first", record);
             }
         }
     }

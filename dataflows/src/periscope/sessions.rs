@@ -264,6 +264,17 @@ impl Sessions {
         self.index.prefetch(slot_hash(node, session_id));
     }
 
+    /// Starts loading the session a coming `slot(node, session_id)` will most likely find: the
+    /// first one filed under the same hash. Worth it once [`prefetch`](Self::prefetch) has
+    /// brought the index line in; an index line still in memory is waited for here.
+    pub fn prefetch_session(&self, node: Sym, session_id: &str) {
+        if let Some(slot) = self.index.find(slot_hash(node, session_id), |_| true)
+            && let Some(session) = self.slots.get(slot as usize)
+        {
+            keel_operators::prefetch::prefetch_whole(session);
+        }
+    }
+
     /// The slot of (node, session id), if the stream has that session.
     pub fn find(&self, node: Sym, session_id: &str) -> Option<u32> {
         let slots = &self.slots;
@@ -402,6 +413,9 @@ mod tests {
     #[test]
     fn slots_are_stable_and_unique() {
         let mut sessions = Sessions::default();
+        // Hints, on no sessions and (below) on sessions there and not, change nothing.
+        sessions.prefetch(Sym::new("n1"), "1");
+        sessions.prefetch_session(Sym::new("n1"), "1");
         let a = sessions.slot(Sym::new("n1"), "1");
         let b = sessions.slot(Sym::new("n2"), "1");
         let c = sessions.slot(Sym::new("n1"), "2");
@@ -409,6 +423,10 @@ mod tests {
         assert_eq!([a, b, c], [0, 1, 2]);
         for i in 0..10_000 {
             sessions.slot(Sym::new("n3"), &i.to_string());
+        }
+        for (node, id) in [("n2", "1"), ("n3", "9999"), ("n3", "10000"), ("n9", "1")] {
+            sessions.prefetch(Sym::new(node), id);
+            sessions.prefetch_session(Sym::new(node), id);
         }
         assert_eq!(sessions.slot(Sym::new("n2"), "1"), b);
         assert_eq!(sessions.len(), 10_003);

@@ -512,6 +512,16 @@ impl StreamState {
         }
     }
 
+    /// The second hint of a disconnect: loads the session its look-up will compare and update
+    /// (a connect nearly always makes a new session, which no look-up reads).
+    fn prefetch_near(&self, event: &Event) {
+        if let EventKind::ViewerDisconnect(e) = &event.kind
+            && let Some(held) = self.held.try_lock()
+        {
+            held.sessions.prefetch_session(e.node, &e.session_id);
+        }
+    }
+
     fn mark_status(&mut self, mark: StatusMark) {
         if self.status.is_none_or(|current| current < mark) {
             self.status = Some(mark);
@@ -954,6 +964,14 @@ impl EpochState for StreamsState {
             && let Some(state) = self.streams.get(&(event.tenant, stream.internal_name))
         {
             state.prefetch(event);
+        }
+    }
+
+    fn prefetch_near(&self, event: &Event) {
+        if let EventKind::ViewerDisconnect(e) = &event.kind
+            && let Some(state) = self.streams.get(&(event.tenant, e.stream.internal_name))
+        {
+            state.prefetch_near(event);
         }
     }
 
