@@ -12,7 +12,8 @@
 //!    and 2 workers: events/s, and events per CPU-second (per core). Foghorn's routing dataflow
 //!    runs beside them as in `keel run`, in its epochs of 8,192 records; `--no-routing` turns it
 //!    off, as `keel sql` and backfills do (for the update path and the memory child too), and
-//!    replays in `keel sql`'s epochs of 65,536 (`--batch N` sets either).
+//!    replays in `keel sql`'s epochs of 65,536 (`--batch N` sets either; the memory child uses
+//!    the same epochs, the update path always `keel run`'s).
 //! 2. **ClickHouse on the same events**: insert them (flattened by Keel's codec) into a MergeTree
 //!    table, then compute the same tables with GROUP BY queries at `max_threads = 1`: load and
 //!    query time, events per core-second, and a row-by-row check that the `streams` tables agree.
@@ -50,8 +51,8 @@ struct Options {
     clickhouse: Option<String>,
     dir: PathBuf,
     workers: Vec<usize>,
-    /// Most records per worker per epoch (`--batch`); by default as the command measured:
-    /// `keel run`'s with routing on, `keel sql`'s with it off.
+    /// Most records per worker per epoch (`--batch`); by default the epoch size of the command
+    /// the run stands for: `keel run`'s with routing on, `keel sql`'s with it off.
     batch: usize,
     /// Foghorn's dataflow on (as `keel run`) or off (as `keel sql` and backfills).
     routing: bool,

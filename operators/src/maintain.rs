@@ -68,8 +68,9 @@ pub trait EpochState: 'static {
     /// A second hint, [`PREFETCH_NEAR`] records before `input` is applied, when what
     /// [`prefetch`](EpochState::prefetch) asked for has most likely arrived: for look-ups
     /// through two dependent loads (an index, then the entry it names), the first hint loads the
-    /// index and this one reads it and loads the entry. Must not change what the state holds or
-    /// reports.
+    /// index and this one reads it and loads the entry (for the first records of each run the
+    /// two hints come one after the other, and this one waits for the index). Must not change
+    /// what the state holds or reports.
     fn prefetch_near(&self, _input: &Self::Input) {}
     /// Reports every change since the previous close. `watermark` is the newest event time any
     /// worker has seen up to this epoch (`i64::MIN` before the first event).
@@ -83,6 +84,7 @@ pub const PREFETCH_AHEAD: usize = 8;
 /// Records between [`EpochState::prefetch_near`] and the apply: half of [`PREFETCH_AHEAD`], so
 /// that each of the two dependent loads has about as many applies to arrive in.
 pub const PREFETCH_NEAR: usize = PREFETCH_AHEAD / 2;
+const _: () = assert!(PREFETCH_NEAR >= 1 && PREFETCH_NEAR < PREFETCH_AHEAD);
 
 /// Applies `records` in order, hinting each one [`PREFETCH_AHEAD`] and again [`PREFETCH_NEAR`]
 /// records before it is applied, so that look-ups of neighbouring records overlap their cache

@@ -13,23 +13,29 @@ pub fn prefetch<T>(value: &T) {
 }
 
 /// Starts loading every cache line `value` spans: a value of a few dozen bytes in an array of
-/// them can straddle two or three lines, and a look-up that reads one field and then updates
-/// others would otherwise miss on the second.
+/// them can straddle two lines, and a look-up that reads one field and then updates others
+/// would otherwise miss on the second.
 #[inline(always)]
 pub fn prefetch_whole<T>(value: &T) {
-    const LINE: usize = 64;
     let start: *const T = value;
     let start: *const u8 = start.cast();
-    let size = size_of::<T>();
-    let mut offset = 0;
-    while offset < size {
+    for offset in line_offsets(start.addr() % LINE, size_of::<T>()) {
         prefetch_address(start.wrapping_add(offset));
-        offset += LINE;
     }
-    // The last byte: where the value does not start on a line, its end sits a line further.
-    if size > 0 {
-        prefetch_address(start.wrapping_add(size - 1));
-    }
+}
+
+/// The cache line length assumed.
+const LINE: usize = 64;
+
+/// One offset into each cache line spanned by `size` bytes that begin `misalign` bytes into a
+/// line: 0, then the start of every later line (all inside the bytes).
+#[inline(always)]
+fn line_offsets(misalign: usize, size: usize) -> impl Iterator<Item = usize> {
+    let next_line = LINE - misalign % LINE;
+    (size > 0)
+        .then_some(0)
+        .into_iter()
+        .chain((next_line..size).step_by(LINE))
 }
 
 #[inline(always)]
@@ -52,10 +58,27 @@ fn prefetch_address(address: *const u8) {
 mod tests {
     use super::*;
 
-    /// Hints on values of every size, at every offset into a line, read nothing and change
-    /// nothing (and the loop over a value's lines ends for empty ones).
+    /// Every line a value spans gets exactly one offset, inside the value, whatever its size
+    /// and where it starts in a line.
     #[test]
-    fn hints_of_any_size_change_nothing() {
+    fn one_offset_in_each_spanned_line() {
+        for misalign in 0..LINE {
+            for size in 0..300 {
+                let offsets: Vec<usize> = line_offsets(misalign, size).collect();
+                assert!(offsets.iter().all(|&o| o < size), "{misalign} {size}");
+                let lines: Vec<usize> = offsets.iter().map(|o| (misalign + o) / LINE).collect();
+                let spanned: Vec<usize> = match size {
+                    0 => Vec::new(),
+                    _ => (0..=(misalign + size - 1) / LINE).collect(),
+                };
+                assert_eq!(lines, spanned, "misalign {misalign}, size {size}");
+            }
+        }
+    }
+
+    /// Hints on values of every size and alignment do not panic.
+    #[test]
+    fn hints_of_any_size() {
         let bytes: Vec<u8> = (0..=255).collect();
         for offset in 0..64 {
             let odd: &[u8; 80] = bytes[offset..offset + 80].try_into().unwrap();
@@ -65,6 +88,5 @@ mod tests {
         }
         prefetch_whole(&());
         prefetch_whole(&[0u64; 100]);
-        assert_eq!(bytes, (0..=255).collect::<Vec<u8>>());
     }
 }

@@ -266,7 +266,7 @@ impl Sessions {
 
     /// Starts loading the session a coming `slot(node, session_id)` will most likely find: the
     /// first one filed under the same hash. Worth it once [`prefetch`](Self::prefetch) has
-    /// brought the index line in; an index line still in memory is waited for here.
+    /// brought the index line in; an index line not yet in the cache is waited for here.
     pub fn prefetch_session(&self, node: Sym, session_id: &str) {
         if let Some(slot) = self.index.find(slot_hash(node, session_id), |_| true)
             && let Some(session) = self.slots.get(slot as usize)
@@ -413,7 +413,8 @@ mod tests {
     #[test]
     fn slots_are_stable_and_unique() {
         let mut sessions = Sessions::default();
-        // Hints, on no sessions and (below) on sessions there and not, change nothing.
+        // Hints on no sessions and (below) on sessions there and not neither panic nor get in the
+        // way of the look-ups after them.
         sessions.prefetch(Sym::new("n1"), "1");
         sessions.prefetch_session(Sym::new("n1"), "1");
         let a = sessions.slot(Sym::new("n1"), "1");
