@@ -272,10 +272,11 @@ impl StreamSessions {
     ) -> Option<u32> {
         let id = self.id_at(boundary);
         let images = self.images_after(boundary);
-        let len = self.slab_len();
+        // Sessions created after the boundary have no row for these readers: the scan ends at
+        // the first of them (rather than walking empty chunks of a burst of new sessions).
+        let len = self.slab_len().min(self.born_from(boundary));
         let to = from.saturating_add(READ_CHUNK).min(len);
-        // Sessions created after the boundary have no row for these readers.
-        for slot in from..to.min(self.born_from(boundary)) {
+        for slot in from..to {
             let session = images
                 .get(&slot)
                 .copied()
