@@ -247,6 +247,21 @@ impl StreamSessions {
         images
     }
 
+    /// Every session as readers at `boundary` see it, by slot (as [`Self::session_at`], for
+    /// many slots).
+    fn view_at<'a>(&'a self, boundary: u64) -> impl Fn(u32) -> Option<&'a Session> + use<'a> {
+        let born = self.born_from(boundary);
+        let images = self.images_after(boundary);
+        move |slot| {
+            (slot < born).then(|| {
+                images
+                    .get(&slot)
+                    .copied()
+                    .unwrap_or_else(|| self.sessions.get(slot))
+            })
+        }
+    }
+
     /// The session in `slot` as readers at `boundary` see it; `None` if it was created after.
     fn session_at(&self, slot: u32, boundary: u64) -> Option<&Session> {
         if slot >= self.born_from(boundary) {
@@ -271,17 +286,13 @@ impl StreamSessions {
         out: &mut Vec<ViewerSessionRow>,
     ) -> Option<u32> {
         let id = self.id_at(boundary);
-        let images = self.images_after(boundary);
+        let at = self.view_at(boundary);
         // Sessions created after the boundary have no row for these readers: the scan ends at
         // the first of them (rather than walking empty chunks of a burst of new sessions).
         let len = self.slab_len().min(self.born_from(boundary));
         let to = from.saturating_add(READ_CHUNK).min(len);
         for slot in from..to {
-            let session = images
-                .get(&slot)
-                .copied()
-                .unwrap_or_else(|| self.sessions.get(slot));
-            out.extend(session_row(names, id, session));
+            out.extend(at(slot).and_then(|session| session_row(names, id, session)));
         }
         (to < len).then_some(to)
     }
@@ -317,13 +328,20 @@ impl StreamSessions {
         out: &mut Vec<BeforeAfter<ViewerSessionRow>>,
     ) {
         let (id_from, id_to) = (self.id_at(from), self.id_at(to));
+        let logged = self.log.partition_point(|b| b.generation <= from)
+            ..self.log.partition_point(|b| b.generation <= to);
+        // Sessions created after `from`, up to `to`: no row at `from`.
+        let len = self.slab_len();
+        let born = self.born_from(from).min(len)..self.born_from(to).min(len);
+        if id_from == id_to && logged.is_empty() && born.is_empty() {
+            return;
+        }
+        // Each boundary's view is built once (its images in a map), not searched for per slot:
+        // the log past `from` can hold thousands of images when epochs are large.
+        let (at_from, at_to) = (self.view_at(from), self.view_at(to));
         let mut push = |slot: u32| {
-            let before = self
-                .session_at(slot, from)
-                .and_then(|session| session_row(names, id_from, session));
-            let after = self
-                .session_at(slot, to)
-                .and_then(|session| session_row(names, id_to, session));
+            let before = at_from(slot).and_then(|session| session_row(names, id_from, session));
+            let after = at_to(slot).and_then(|session| session_row(names, id_to, session));
             if before != after {
                 out.push((before, after));
             }
@@ -332,17 +350,13 @@ impl StreamSessions {
             self.sessions.slots().for_each(&mut push);
             return;
         }
-        let start = self.log.partition_point(|b| b.generation <= from);
-        let end = self.log.partition_point(|b| b.generation <= to);
         let mut seen = hashbrown::HashSet::<u32, FxBuildHasher>::default();
-        for before in &self.log[start..end] {
+        for before in &self.log[logged] {
             if seen.insert(before.slot) {
                 push(before.slot);
             }
         }
-        // Sessions created after `from`, up to `to`: no row at `from`.
-        let len = self.slab_len();
-        for slot in self.born_from(from).min(len)..self.born_from(to).min(len) {
+        for slot in born {
             if seen.insert(slot) {
                 push(slot);
             }
