@@ -65,8 +65,9 @@ const READ_CHUNK: usize = 1024;
 /// (`keel sql`): nobody reads its tables between epochs, so it need not keep epochs short for
 /// freshness, and an epoch's fixed work (every stream with open sessions republishes the values
 /// that follow the watermark, see [`Pace`]) is spread over eight times as many records as at
-/// `keel run`'s 8,192. On the 10-million-event benchmark that made the replay about 8 % faster (5–11 %
-/// run by run) and did not raise the memory per open session (BENCHMARKS.md, thirteenth sitting).
+/// `keel run`'s 8,192. On the 10-million-event benchmark that made the replay about 8 % faster
+/// (5–11 % run by run) and did not raise the memory per open session (BENCHMARKS.md, thirteenth
+/// sitting).
 pub const REPLAY_BATCH: usize = 65_536;
 
 /// How long a caught-up engine lets records gather before its next epoch.

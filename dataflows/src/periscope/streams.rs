@@ -512,13 +512,10 @@ impl StreamState {
         }
     }
 
-    /// The second hint of a disconnect: loads the session its look-up will compare and update
-    /// (a connect nearly always makes a new session, which no look-up reads).
-    fn prefetch_near(&self, event: &Event) {
-        if let EventKind::ViewerDisconnect(e) = &event.kind
-            && let Some(held) = self.held.try_lock()
-        {
-            held.sessions.prefetch_session(e.node, &e.session_id);
+    /// The second hint of a disconnect: loads the session its look-up will compare and update.
+    fn prefetch_session(&self, node: Sym, session_id: &str) {
+        if let Some(held) = self.held.try_lock() {
+            held.sessions.prefetch_session(node, session_id);
         }
     }
 
@@ -967,11 +964,12 @@ impl EpochState for StreamsState {
         }
     }
 
+    /// Only a disconnect's look-up reads a session (a connect nearly always makes a new one).
     fn prefetch_near(&self, event: &Event) {
         if let EventKind::ViewerDisconnect(e) = &event.kind
             && let Some(state) = self.streams.get(&(event.tenant, e.stream.internal_name))
         {
-            state.prefetch_near(event);
+            state.prefetch_session(e.node, &e.session_id);
         }
     }
 
