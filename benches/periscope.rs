@@ -84,7 +84,11 @@ fn parse_args() -> Options {
                     .map(|w| w.parse().expect("--workers 1,2"))
                     .collect();
             }
-            "--batch" => batch = Some(value().parse().expect("--batch N")),
+            "--batch" => {
+                let n: usize = value().parse().expect("--batch N");
+                assert!(n > 0, "--batch must be at least 1");
+                batch = Some(n);
+            }
             "--no-routing" => options.routing = false,
             "--bench" => {}
             other => panic!("unknown argument {other}"),

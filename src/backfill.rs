@@ -50,10 +50,10 @@ pub struct BackfillArgs {
     #[command(flatten)]
     store: crate::store::StoreArgs,
     /// Timely worker threads.
-    #[arg(long, short = 'w', default_value_t = 1)]
+    #[arg(long, short = 'w', default_value_t = 1, value_parser = crate::cli::at_least_one)]
     workers: usize,
     /// Most records per worker per epoch.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 8192, value_parser = crate::cli::at_least_one)]
     batch: usize,
 }
 
@@ -110,9 +110,6 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
     let (from, to) = (time(&args.from, "--from")?, time(&args.to, "--to")?);
     if from >= to {
         bail!("--from must be before --to");
-    }
-    if args.workers == 0 || args.batch == 0 {
-        bail!("--workers and --batch must be at least 1");
     }
     if args.store.clickhouse.is_none() && args.store.database.as_deref().is_none_or(|d| d == "off")
     {

@@ -263,24 +263,30 @@ impl FleetArgs {
 #[derive(Clone, Debug, Args)]
 struct EngineArgs {
     /// Timely worker threads.
-    #[arg(long, short = 'w', default_value_t = 1)]
+    #[arg(long, short = 'w', default_value_t = 1, value_parser = at_least_one)]
     workers: usize,
     /// Most records per worker per epoch [default: 8192 for `run`, 65536 for `sql`, which
     /// replays to the end before it answers].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     batch: Option<usize>,
+}
+
+/// Reads a count that must be at least 1 (workers, records per epoch): 0 is refused while the
+/// arguments are read, with the flag it was given to.
+pub(crate) fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl EngineArgs {
     /// The engine's options, with `batch` records per epoch unless `--batch` says otherwise.
     fn options(&self, batch: usize) -> anyhow::Result<EngineOptions> {
-        let batch = self.batch.unwrap_or(batch);
-        if self.workers == 0 || batch == 0 {
-            bail!("--workers and --batch must be at least 1");
-        }
         Ok(EngineOptions {
             workers: self.workers,
-            batch,
+            batch: self.batch.unwrap_or(batch),
             ..EngineOptions::default()
         })
     }
@@ -423,7 +429,7 @@ struct SqlArgs {
     #[arg(long, value_enum, default_value = "table")]
     format: FormatArg,
     /// Ask a running Keel instead of replaying events (for example http://127.0.0.1:8080).
-    #[arg(long, conflicts_with_all = ["input", "source"])]
+    #[arg(long, conflicts_with_all = ["input", "source", "workers", "batch"])]
     url: Option<String>,
     /// Bearer token for `--url`.
     #[arg(long, env = "KEEL_TOKEN", hide_env_values = true, requires = "url")]
@@ -1205,8 +1211,16 @@ mod tests {
             let with = |extra: &[&str]| parse(&[command, extra].concat());
             assert_eq!(with(&["--batch", "100", "-w", "2"]).unwrap().batch, 100);
             assert_eq!(with(&["--batch", "100", "-w", "2"]).unwrap().workers, 2);
-            let err = with(&["--batch", "0"]).unwrap_err().to_string();
-            assert!(err.contains("at least 1"), "{err}");
+            for zero in [&["--batch", "0"][..], &["--workers", "0"]] {
+                let err = Cli::try_parse_from([command, zero].concat()).unwrap_err();
+                assert!(err.to_string().contains("must be at least 1"), "{err}");
+            }
+        }
+        // Engine settings mean nothing to a Keel asked over `--url`, so they are refused there.
+        for extra in [&["--batch", "100"][..], &["-w", "2"]] {
+            let args = [&["keel", "sql", "--url", "http://k", "SELECT 1"][..], extra].concat();
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert!(err.to_string().contains("cannot be used with"), "{err}");
         }
     }
 
