@@ -48,16 +48,7 @@ macro_rules! fields {
 
             /// Sets field `slot` (below `FIELD_NAMES.len()`) from the cursor's next value.
             pub(super) fn set(&mut self, slot: usize, json: &mut Json<'a>) -> Result<(), Reason> {
-                match json.scalar()? {
-                    Ok(value) => self.values[slot] = Some(value),
-                    Err(kind) => {
-                        let found = match kind { Compound::Object => "an object", Compound::Array => "an array" };
-                        return Err(Reason(format!(
-                            "field \"{}\": expected a string, number or boolean, found {found}",
-                            FIELD_NAMES[slot]
-                        )));
-                    }
-                }
+                self.values[slot] = Some(scalar(json, slot)?);
                 Ok(())
             }
         }
@@ -91,6 +82,23 @@ fields! {
         selected_node, selected_node_id, score, node_latitude, node_longitude,
         routing_distance_km,
     }
+}
+
+/// The scalar value at the cursor of the key with index `key` in
+/// [`NAMES`](super::keys::NAMES) (where a field's slot is its index); an object or array there is
+/// refused (and skipped) with the key named.
+#[inline]
+pub(super) fn scalar<'a>(json: &mut Json<'a>, key: usize) -> Result<Value<'a>, Reason> {
+    json.scalar()?.map_err(|kind| {
+        let name = super::keys::NAMES[key];
+        let found = match kind {
+            Compound::Object => "an object",
+            Compound::Array => "an array",
+        };
+        Reason(format!(
+            "field \"{name}\": expected a string, number or boolean, found {found}"
+        ))
+    })
 }
 
 /// A field's text, or `None` when it is absent, null, empty or version 1's `<nil>`.

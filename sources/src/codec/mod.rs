@@ -160,15 +160,6 @@ impl From<String> for Reason {
     }
 }
 
-fn read_scalar<'a>(json: &mut Json<'a>, key: usize) -> Result<Value<'a>, Reason> {
-    json.scalar()?.map_err(|_| {
-        Reason(format!(
-            "field \"{}\": expected a string, number or boolean",
-            keys::NAMES[key]
-        ))
-    })
-}
-
 /// Indices in [`keys::NAMES`] of the keys whose values are kept in `Parsed` rather than in a
 /// `Fields` (some of them are field names too, read into `Fields` inside `data`).
 const DATA: usize = keys::index_of("data");
@@ -269,7 +260,7 @@ fn read_record<'a>(value: &'a [u8], trail: &Trail, parsed: &mut Parsed<'a>) -> R
             SCHEMA_VERSION => &mut parsed.schema_version,
             _ => return Ok(json.skip()?),
         };
-        *slot = Some(read_scalar(json, key)?);
+        *slot = Some(fields::scalar(json, key)?);
         Ok(())
     })?;
     Ok(json.finish()?)

@@ -365,6 +365,18 @@ fn refusals_name_the_problem() {
             &v2("viewer_connect", r#""flat""#),
             "field \"data\": expected an object",
         ),
+        // Scalars refused alike in the envelope and in a payload, naming what was found.
+        (
+            r#"{"event_type":"viewer_connect","timestamp":[1]}"#,
+            "field \"timestamp\": expected a string, number or boolean, found an array",
+        ),
+        (
+            &v2(
+                "viewer_connect",
+                r#"{"viewer_connect":{"stream_name":"d","session_id":{"n":1}}}"#,
+            ),
+            "field \"session_id\": expected a string, number or boolean, found an object",
+        ),
         (
             &v1(
                 "user-connection",
