@@ -545,22 +545,21 @@ fn node(p: &Fields<'_>, d: &Fields<'_>) -> Sym {
     first_sym(&[p.node_id(), d.node_id()])
 }
 
-fn latitude(values: &[&Option<Value<'_>>], name: &str) -> Result<Option<f64>, String> {
-    let value = values
-        .iter()
-        .find(|v| text(v).is_some())
-        .copied()
-        .unwrap_or(&None);
-    degrees(value, name, 90.0)
+/// The first of several coordinate fields that has text, in degrees within `limit`; a refusal
+/// names the field that was read.
+fn coordinate(values: &[(&Option<Value<'_>>, &str)], limit: f64) -> Result<Option<f64>, String> {
+    match values.iter().find(|(v, _)| text(v).is_some()) {
+        Some((value, name)) => degrees(value, name, limit),
+        None => Ok(None),
+    }
 }
 
-fn longitude(values: &[&Option<Value<'_>>], name: &str) -> Result<Option<f64>, String> {
-    let value = values
-        .iter()
-        .find(|v| text(v).is_some())
-        .copied()
-        .unwrap_or(&None);
-    degrees(value, name, 180.0)
+fn latitude(values: &[(&Option<Value<'_>>, &str)]) -> Result<Option<f64>, String> {
+    coordinate(values, 90.0)
+}
+
+fn longitude(values: &[(&Option<Value<'_>>, &str)]) -> Result<Option<f64>, String> {
+    coordinate(values, 180.0)
 }
 
 fn first_uint(values: &[(&Option<Value<'_>>, &str)]) -> Result<Option<u64>, String> {
@@ -606,9 +605,24 @@ fn ingest_start(p: &Fields<'_>, d: &Fields<'_>) -> Result<IngestStart, String> {
         stream: stream_ref(p, d)?,
         node: node(p, d),
         protocol: sym(p.protocol()),
-        latitude: latitude(&[p.publisher_latitude(), p.latitude()], "latitude")?,
-        longitude: longitude(&[p.publisher_longitude(), p.longitude()], "longitude")?,
+        latitude: latitude(&[
+            (p.publisher_latitude(), "publisher_latitude"),
+            plain_latitude(p),
+        ])?,
+        longitude: longitude(&[
+            (p.publisher_longitude(), "publisher_longitude"),
+            plain_longitude(p),
+        ])?,
     })
+}
+
+/// `latitude` and `longitude`, named: the fallbacks of the publisher's and the client's.
+fn plain_latitude<'p, 'a>(p: &'p Fields<'a>) -> (&'p Option<Value<'a>>, &'static str) {
+    (p.latitude(), "latitude")
+}
+
+fn plain_longitude<'p, 'a>(p: &'p Fields<'a>) -> (&'p Option<Value<'a>>, &'static str) {
+    (p.longitude(), "longitude")
 }
 
 fn session_id(p: &Fields<'_>) -> Result<CompactString, String> {
@@ -625,8 +639,11 @@ fn place(p: &Fields<'_>) -> Result<ViewerPlace, String> {
         connector: sym(p.connector()),
         country: country(&[p.client_country(), p.country_code()]),
         city: first_sym(&[p.client_city(), p.city()]),
-        latitude: latitude(&[p.client_latitude(), p.latitude()], "latitude")?,
-        longitude: longitude(&[p.client_longitude(), p.longitude()], "longitude")?,
+        latitude: latitude(&[(p.client_latitude(), "client_latitude"), plain_latitude(p)])?,
+        longitude: longitude(&[
+            (p.client_longitude(), "client_longitude"),
+            plain_longitude(p),
+        ])?,
     })
 }
 
@@ -858,8 +875,8 @@ fn node_update(p: &Fields<'_>, d: &Fields<'_>, nested: &Nested<'_>) -> Result<No
         up_speed: uint(p.up_speed(), "up_speed")?.unwrap_or(0),
         down_speed: uint(p.down_speed(), "down_speed")?.unwrap_or(0),
         bw_limit: uint(p.bw_limit(), "bw_limit")?.unwrap_or(0),
-        latitude: latitude(&[p.latitude()], "latitude")?,
-        longitude: longitude(&[p.longitude()], "longitude")?,
+        latitude: latitude(&[(p.latitude(), "latitude")])?,
+        longitude: longitude(&[(p.longitude(), "longitude")])?,
         location: sym(p.location()),
         active_streams: first_uint32(&[
             (p.active_streams(), "active_streams"),
@@ -886,10 +903,16 @@ fn routing(p: &Fields<'_>, d: &Fields<'_>) -> Result<RoutingDecision, String> {
         selected_node: first_sym(&[p.selected_node_id(), p.selected_node()]),
         status: lowercase_sym(p.status()),
         score: uint(p.score(), "score")?,
-        client_latitude: latitude(&[p.latitude(), p.client_latitude()], "latitude")?,
-        client_longitude: longitude(&[p.longitude(), p.client_longitude()], "longitude")?,
-        node_latitude: latitude(&[p.node_latitude()], "node_latitude")?,
-        node_longitude: longitude(&[p.node_longitude()], "node_longitude")?,
+        client_latitude: latitude(&[
+            (p.latitude(), "latitude"),
+            (p.client_latitude(), "client_latitude"),
+        ])?,
+        client_longitude: longitude(&[
+            (p.longitude(), "longitude"),
+            (p.client_longitude(), "client_longitude"),
+        ])?,
+        node_latitude: latitude(&[(p.node_latitude(), "node_latitude")])?,
+        node_longitude: longitude(&[(p.node_longitude(), "node_longitude")])?,
         distance_km: float(p.routing_distance_km(), "routing_distance_km")?.filter(|d| *d >= 0.0),
         client_country: country(&[p.client_country()]),
     })

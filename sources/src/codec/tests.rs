@@ -352,7 +352,7 @@ fn refusals_name_the_problem() {
                 "viewer_connect",
                 r#"{"viewer_connect":{"stream_name":"d","session_id":"1","client_latitude":123}}"#,
             ),
-            "field \"latitude\": 123 is outside ±90 degrees",
+            "field \"client_latitude\": 123 is outside ±90 degrees",
         ),
         (
             &v2(
