@@ -74,12 +74,24 @@ struct Entry {
 /// Records read in one go, stored in one buffer or in buffers shared with the reader (a file's
 /// chunks, whose lines are not copied), plus those the connector already refused (a dump line
 /// whose envelope is broken, say), which go straight to `ingest_errors`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Batch {
     data: Vec<u8>,
     shared: Vec<Arc<Vec<u8>>>,
     entries: Vec<Entry>,
     refused: Vec<IngestError>,
+}
+
+/// Sizes only: a batch holds megabytes of shared file chunks, which a debug print would dump.
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("records", &self.entries.len())
+            .field("refused", &self.refused.len())
+            .field("own_bytes", &self.data.len())
+            .field("shared_chunks", &self.shared.len())
+            .finish()
+    }
 }
 
 const HEADER_NAMES: [&str; 4] = ["tenant_id", "event_type", "event_id", "source"];
@@ -252,6 +264,19 @@ pub trait SourceReader: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_prints_its_sizes_not_its_bytes() {
+        let mut batch = Batch::default();
+        let chunk = Arc::new(b"{\"event_type\":\"x\"}\n".repeat(10_000));
+        batch.push_shared(Position::Simulated { seq: 7 }, &chunk, 0..19);
+        batch.push(Position::Simulated { seq: 8 }, br#"{"event_type":"y"}"#, []);
+        let shown = format!("{batch:?}");
+        assert_eq!(
+            shown,
+            "Batch { records: 2, refused: 0, own_bytes: 18, shared_chunks: 1 }"
+        );
+    }
 
     /// A reader waits for its first record until a read fills its batch, not while reads keep
     /// filling them, and again after one comes up short.
