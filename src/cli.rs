@@ -283,12 +283,13 @@ pub(crate) fn at_least_one(text: &str) -> Result<usize, String> {
 
 impl EngineArgs {
     /// The engine's options, with `batch` records per epoch unless `--batch` says otherwise.
-    fn options(&self, batch: usize) -> anyhow::Result<EngineOptions> {
-        Ok(EngineOptions {
+    /// (Both counts were checked while the arguments were read.)
+    fn options(&self, batch: usize) -> EngineOptions {
+        EngineOptions {
             workers: self.workers,
             batch: self.batch.unwrap_or(batch),
             ..EngineOptions::default()
-        })
+        }
     }
 }
 
@@ -441,18 +442,18 @@ struct SqlArgs {
 }
 
 impl RunArgs {
-    fn engine_options(&self) -> anyhow::Result<EngineOptions> {
+    fn engine_options(&self) -> EngineOptions {
         self.engine.options(EngineOptions::default().batch)
     }
 }
 
 impl SqlArgs {
-    fn engine_options(&self) -> anyhow::Result<EngineOptions> {
-        Ok(EngineOptions {
+    fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
             // The replay answers one query once it has read everything, and routes no viewer.
             routing: false,
-            ..self.engine.options(engine::REPLAY_BATCH)?
-        })
+            ..self.engine.options(engine::REPLAY_BATCH)
+        }
     }
 }
 
@@ -557,7 +558,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let mut options = args.engine_options()?;
+    let mut options = args.engine_options();
     let config = args.fleet.config(now_ms(), Some(args.rate))?;
     let settings = match &args.config {
         Some(path) => crate::config::Config::load(path)?,
@@ -941,7 +942,7 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
         std::io::stdout().write_all(&render(&batches, format)?)?;
         return Ok(());
     }
-    let options = args.engine_options()?;
+    let options = args.engine_options();
     let spec = match (&args.input, &args.source) {
         (Some(path), _) => format!("file:{}", path.display()),
         (None, Some(spec)) => spec.clone(),
@@ -1200,17 +1201,17 @@ mod tests {
             Ok(other) => panic!("{other:?}"),
             Err(e) => panic!("{e}"),
         };
-        let run = parse(&["keel", "run"]).unwrap();
+        let run = parse(&["keel", "run"]);
         assert_eq!((run.batch, run.routing), (8192, true));
-        let sql = parse(&["keel", "sql", "--input", "x", "SELECT 1"]).unwrap();
+        let sql = parse(&["keel", "sql", "--input", "x", "SELECT 1"]);
         assert_eq!((sql.batch, sql.routing), (65_536, false));
         for command in [
             &["keel", "run"][..],
             &["keel", "sql", "--input", "x", "SELECT 1"],
         ] {
             let with = |extra: &[&str]| parse(&[command, extra].concat());
-            assert_eq!(with(&["--batch", "100", "-w", "2"]).unwrap().batch, 100);
-            assert_eq!(with(&["--batch", "100", "-w", "2"]).unwrap().workers, 2);
+            assert_eq!(with(&["--batch", "100", "-w", "2"]).batch, 100);
+            assert_eq!(with(&["--batch", "100", "-w", "2"]).workers, 2);
             for zero in [&["--batch", "0"][..], &["--workers", "0"]] {
                 let err = Cli::try_parse_from([command, zero].concat()).unwrap_err();
                 assert!(err.to_string().contains("must be at least 1"), "{err}");

@@ -616,7 +616,7 @@ fn ingest_start(p: &Fields<'_>, d: &Fields<'_>) -> Result<IngestStart, String> {
     })
 }
 
-/// `latitude` and `longitude`, named: the fallbacks of the publisher's and the client's.
+/// The fields `latitude` and `longitude` with their names, as [`coordinate`] takes them.
 fn plain_latitude<'p, 'a>(p: &'p Fields<'a>) -> (&'p Option<Value<'a>>, &'static str) {
     (p.latitude(), "latitude")
 }
@@ -875,8 +875,8 @@ fn node_update(p: &Fields<'_>, d: &Fields<'_>, nested: &Nested<'_>) -> Result<No
         up_speed: uint(p.up_speed(), "up_speed")?.unwrap_or(0),
         down_speed: uint(p.down_speed(), "down_speed")?.unwrap_or(0),
         bw_limit: uint(p.bw_limit(), "bw_limit")?.unwrap_or(0),
-        latitude: latitude(&[(p.latitude(), "latitude")])?,
-        longitude: longitude(&[(p.longitude(), "longitude")])?,
+        latitude: latitude(&[plain_latitude(p)])?,
+        longitude: longitude(&[plain_longitude(p)])?,
         location: sym(p.location()),
         active_streams: first_uint32(&[
             (p.active_streams(), "active_streams"),
@@ -903,12 +903,9 @@ fn routing(p: &Fields<'_>, d: &Fields<'_>) -> Result<RoutingDecision, String> {
         selected_node: first_sym(&[p.selected_node_id(), p.selected_node()]),
         status: lowercase_sym(p.status()),
         score: uint(p.score(), "score")?,
-        client_latitude: latitude(&[
-            (p.latitude(), "latitude"),
-            (p.client_latitude(), "client_latitude"),
-        ])?,
+        client_latitude: latitude(&[plain_latitude(p), (p.client_latitude(), "client_latitude")])?,
         client_longitude: longitude(&[
-            (p.longitude(), "longitude"),
+            plain_longitude(p),
             (p.client_longitude(), "client_longitude"),
         ])?,
         node_latitude: latitude(&[(p.node_latitude(), "node_latitude")])?,
