@@ -58,6 +58,36 @@ struct Options {
     routing: bool,
 }
 
+const USAGE: &str = "\
+usage: cargo bench --bench periscope -- [OPTIONS]
+
+  --events N          version-2 events in the replayed file (default 10000000)
+  --sessions N        viewer sessions open at once for the memory figure (default 1000000)
+  --clickhouse URL    ClickHouse's HTTP address (default $KEEL_TEST_CLICKHOUSE)
+  --no-clickhouse     Keel's figures only
+  --dir DIR           where generated files are kept (default target/bench)
+  --workers LIST      worker counts to replay with, comma-separated (default 1,2)
+  --batch N           most records per worker per epoch (default: keel run's, or keel sql's
+                      with --no-routing)
+  --no-routing        Foghorn's routing dataflow off, as keel sql and backfills
+  --help              this text";
+
+/// Stops the benchmark over a bad argument: the problem and the usage, no backtrace.
+fn refuse(problem: &str) -> ! {
+    eprintln!("bench: {problem}\n\n{USAGE}");
+    std::process::exit(2)
+}
+
+/// A count of at least `least`, or the benchmark stops naming `flag`.
+fn count(flag: &str, text: &str, least: u64) -> u64 {
+    match text.parse::<u64>() {
+        Ok(n) if n >= least => n,
+        _ => refuse(&format!(
+            "{flag} takes a whole number of at least {least}, not {text:?}"
+        )),
+    }
+}
+
 fn parse_args() -> Options {
     let mut options = Options {
         events: 10_000_000,
@@ -71,27 +101,30 @@ fn parse_args() -> Options {
     let mut batch = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| refuse(&format!("{arg} needs a value")))
+        };
         match arg.as_str() {
-            "--events" => options.events = value().parse().expect("--events N"),
-            "--sessions" => options.sessions = value().parse().expect("--sessions N"),
+            "--events" => options.events = count(&arg, &value(), 1),
+            "--sessions" => options.sessions = count(&arg, &value(), 1),
             "--clickhouse" => options.clickhouse = Some(value()),
             "--no-clickhouse" => options.clickhouse = None,
             "--dir" => options.dir = PathBuf::from(value()),
             "--workers" => {
                 options.workers = value()
                     .split(',')
-                    .map(|w| w.parse().expect("--workers 1,2"))
+                    .map(|w| count(&arg, w, 1) as usize)
                     .collect();
             }
-            "--batch" => {
-                let n: usize = value().parse().expect("--batch N");
-                assert!(n > 0, "--batch must be at least 1");
-                batch = Some(n);
-            }
+            "--batch" => batch = Some(count(&arg, &value(), 1) as usize),
             "--no-routing" => options.routing = false,
             "--bench" => {}
-            other => panic!("unknown argument {other}"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            other => refuse(&format!("unknown argument {other}")),
         }
     }
     options.batch = batch.unwrap_or(if options.routing {
