@@ -48,8 +48,7 @@ macro_rules! fields {
 
             /// Sets field `slot` (below `FIELD_NAMES.len()`) from the cursor's next value.
             pub(super) fn set(&mut self, slot: usize, json: &mut Json<'a>) -> Result<(), Reason> {
-                self.values[slot] = Some(scalar(json, slot)?);
-                Ok(())
+                scalar(json, slot, &mut self.values[slot])
             }
         }
     };
@@ -84,21 +83,26 @@ fields! {
     }
 }
 
-/// The scalar value at the cursor of the key with index `key` in
-/// [`NAMES`](super::keys::NAMES) (where a field's slot is its index); an object or array there is
-/// refused (and skipped) with the key named.
+/// Reads the scalar value at the cursor of the key with index `key` in
+/// [`NAMES`](super::keys::NAMES) (where a field's slot is its index) into `out`; an object or
+/// array there is refused (and skipped) with the key named.
 #[inline]
-pub(super) fn scalar<'a>(json: &mut Json<'a>, key: usize) -> Result<Value<'a>, Reason> {
-    json.scalar()?.map_err(|kind| {
-        let name = super::keys::NAMES[key];
-        let found = match kind {
-            Compound::Object => "an object",
-            Compound::Array => "an array",
-        };
-        Reason(format!(
-            "field \"{name}\": expected a string, number or boolean, found {found}"
-        ))
-    })
+pub(super) fn scalar<'a>(
+    json: &mut Json<'a>,
+    key: usize,
+    out: &mut Option<Value<'a>>,
+) -> Result<(), Reason> {
+    let Some(kind) = json.scalar_into(out)? else {
+        return Ok(());
+    };
+    let name = super::keys::NAMES[key];
+    let found = match kind {
+        Compound::Object => "an object",
+        Compound::Array => "an array",
+    };
+    Err(Reason(format!(
+        "field \"{name}\": expected a string, number or boolean, found {found}"
+    )))
 }
 
 /// A field's text, or `None` when it is absent, null, empty or version 1's `<nil>`.

@@ -323,29 +323,49 @@ impl<'a> Json<'a> {
         Ok(())
     }
 
-    /// Reads a scalar; an object or array is reported (and skipped) as `Err(Ok(kind))`.
+    /// Reads a scalar; an object or array is reported (and skipped) as `Ok(Err(kind))`.
     #[inline]
     pub fn scalar(&mut self) -> Result<Result<Value<'a>, Compound>, JsonError> {
+        let mut value = None;
+        Ok(match self.scalar_into(&mut value)? {
+            Some(kind) => Err(kind),
+            None => Ok(value.expect("a scalar was read")),
+        })
+    }
+
+    /// [`Json::scalar`] stored straight into `out`, which is left alone when an object or array
+    /// is met (and skipped) instead: the kind is returned then.
+    ///
+    /// The value is built where it stays. Built in a temporary and copied, as `scalar`'s result
+    /// is, its tag and padding are written a byte at a time and read back a word at a time,
+    /// which the processor cannot forward from its store buffer: the copy waits for the stores
+    /// to retire, at every field the codec reads.
+    #[inline]
+    pub fn scalar_into(
+        &mut self,
+        out: &mut Option<Value<'a>>,
+    ) -> Result<Option<Compound>, JsonError> {
         match self.peek() {
             Some(b'"') => {
                 self.pos += 1;
-                Ok(Ok(Value::Str(self.string_body()?)))
+                *out = Some(Value::Str(self.string_body()?));
             }
             Some(b'{') => {
                 self.skip()?;
-                Ok(Err(Compound::Object))
+                return Ok(Some(Compound::Object));
             }
             Some(b'[') => {
                 self.skip()?;
-                Ok(Err(Compound::Array))
+                return Ok(Some(Compound::Array));
             }
-            Some(b't') => self.literal(b"true", Value::Bool(true)).map(Ok),
-            Some(b'f') => self.literal(b"false", Value::Bool(false)).map(Ok),
-            Some(b'n') => self.literal(b"null", Value::Null).map(Ok),
-            Some(b'-' | b'0'..=b'9') => Ok(Ok(Value::Num(self.number()?))),
-            Some(_) => Err(self.error("expected a value")),
-            None => Err(self.error("unexpected end of input")),
+            Some(b't') => *out = Some(self.literal(b"true", Value::Bool(true))?),
+            Some(b'f') => *out = Some(self.literal(b"false", Value::Bool(false))?),
+            Some(b'n') => *out = Some(self.literal(b"null", Value::Null)?),
+            Some(b'-' | b'0'..=b'9') => *out = Some(Value::Num(self.number()?)),
+            Some(_) => return Err(self.error("expected a value")),
+            None => return Err(self.error("unexpected end of input")),
         }
+        Ok(None)
     }
 
     fn literal(&mut self, word: &'static [u8], value: Value<'a>) -> Result<Value<'a>, JsonError> {
@@ -410,7 +430,11 @@ impl<'a> Json<'a> {
     }
 
     /// Reads the rest of a string whose opening quote was just consumed.
-    #[inline]
+    ///
+    /// Always inlined: its result is too large to come back in registers, and read back from
+    /// memory straight after the callee wrote it, the 16-byte load of the text spans two 8-byte
+    /// stores, which the processor cannot forward, so every string read would wait for them.
+    #[inline(always)]
     fn string_body(&mut self) -> Result<Text<'a>, JsonError> {
         let start = self.pos;
         let mut escaped = false;

@@ -260,8 +260,7 @@ fn read_record<'a>(value: &'a [u8], trail: &Trail, parsed: &mut Parsed<'a>) -> R
             SCHEMA_VERSION => &mut parsed.schema_version,
             _ => return Ok(json.skip()?),
         };
-        *slot = Some(fields::scalar(json, key)?);
-        Ok(())
+        fields::scalar(json, key, slot)
     })?;
     Ok(json.finish()?)
 }
