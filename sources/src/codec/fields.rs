@@ -178,8 +178,30 @@ fn absent(value: &Value<'_>) -> bool {
     }
 }
 
+/// The value of a number or string written as 1 to 19 ASCII digits and nothing else (so it
+/// fits 64 bits), read without the general parsers: how the platform spells almost every count
+/// and time. `None` for any other spelling, which the general path reads or refuses.
+#[inline]
+fn plain_digits(value: &Value<'_>) -> Option<u64> {
+    let text = match value {
+        Value::Num(n) => n,
+        Value::Str(s) => s.plain()?,
+        _ => return None,
+    };
+    if !(1..=19).contains(&text.len()) {
+        return None;
+    }
+    text.bytes().try_fold(0u64, |n, b| {
+        let digit = b.wrapping_sub(b'0');
+        (digit < 10).then(|| n * 10 + u64::from(digit))
+    })
+}
+
 /// A field as a non-negative integer.
 pub fn uint(value: &Option<Value<'_>>, name: &str) -> Result<Option<u64>, String> {
+    if let Some(n) = value.as_ref().and_then(plain_digits) {
+        return Ok(Some(n));
+    }
     let Some(value) = value.as_ref().filter(|v| !absent(v)) else {
         return Ok(None);
     };
@@ -207,6 +229,13 @@ pub fn uint32(value: &Option<Value<'_>>, name: &str) -> Result<Option<u32>, Stri
 
 /// A field as a signed integer.
 pub fn int(value: &Option<Value<'_>>, name: &str) -> Result<Option<i64>, String> {
+    if let Some(n) = value
+        .as_ref()
+        .and_then(plain_digits)
+        .and_then(|n| i64::try_from(n).ok())
+    {
+        return Ok(Some(n));
+    }
     let Some(value) = value.as_ref().filter(|v| !absent(v)) else {
         return Ok(None);
     };
@@ -296,6 +325,32 @@ mod tests {
         assert!(uint(&v("1.5"), "t").is_err());
         assert!(uint(&Some(Value::Bool(true)), "t").is_err());
         assert_eq!(int(&v("-3"), "t"), Ok(Some(-3)));
+        // The digits-only path and the general one agree at their edges.
+        assert_eq!(uint(&v("007"), "t"), Ok(Some(7)));
+        assert_eq!(
+            uint(&v("9999999999999999999"), "t"),
+            Ok(Some(9_999_999_999_999_999_999))
+        );
+        assert_eq!(int(&v("9223372036854775807"), "t"), Ok(Some(i64::MAX)));
+        assert!(int(&v("9223372036854775808"), "t").is_err());
+        assert!(uint(&v("18446744073709551616"), "t").is_err());
+        assert_eq!(uint(&v(" 42"), "t"), Ok(Some(42)));
+        let escaped = Json::new(r#""4\u0032""#).scalar().unwrap().unwrap();
+        assert_eq!(uint(&Some(escaped), "t"), Ok(Some(42)));
+    }
+
+    proptest::proptest! {
+        /// Any run of digits reads as the standard parsers read it, through whichever path.
+        #[test]
+        fn digit_runs_read_as_std_reads_them(digits in "[0-9]{1,21}") {
+            let text = format!("{digits:?}");
+            let quoted = Some(Json::new(&text).scalar().unwrap().unwrap());
+            let bare = Some(Value::Num(&digits));
+            for value in [&quoted, &bare] {
+                proptest::prop_assert_eq!(uint(value, "n").ok().flatten(), digits.parse::<u64>().ok());
+                proptest::prop_assert_eq!(int(value, "n").ok().flatten(), digits.parse::<i64>().ok());
+            }
+        }
     }
 
     #[test]

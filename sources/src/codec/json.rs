@@ -60,6 +60,12 @@ impl<'a> Text<'a> {
     pub fn is_empty(&self) -> bool {
         self.raw.is_empty()
     }
+
+    /// The string when it holds no escapes (then it is its own text), else `None`.
+    #[inline]
+    pub fn plain(&self) -> Option<&'a str> {
+        (!self.escaped).then_some(self.raw)
+    }
 }
 
 /// Decodes the escapes of a string whose escapes were already checked.
