@@ -253,6 +253,13 @@ pub fn int(value: &Option<Value<'_>>, name: &str) -> Result<Option<i64>, String>
 
 /// A field as a finite number.
 pub fn float(value: &Option<Value<'_>>, name: &str) -> Result<Option<f64>, String> {
+    // A JSON number is never absent and needs no trimming: straight to the parser.
+    if let Some(Value::Num(n)) = value
+        && let Ok(f) = n.parse::<f64>()
+        && f.is_finite()
+    {
+        return Ok(Some(f));
+    }
     let Some(value) = value.as_ref().filter(|v| !absent(v)) else {
         return Ok(None);
     };
@@ -364,6 +371,11 @@ mod tests {
         );
         assert!(degrees(&Some(Value::Num("91")), "lat", 90.0).is_err());
         assert!(float(&v("NaN"), "x").is_err());
+        // A JSON number too large for a float is refused, not read as infinity.
+        assert_eq!(
+            float(&Some(Value::Num("1e999")), "x"),
+            Err("field \"x\": expected a number, found 1e999".to_owned())
+        );
     }
 
     #[test]
