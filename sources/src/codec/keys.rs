@@ -204,7 +204,7 @@ impl Keys {
     }
 
     /// Whether `bytes` holds name `index` and its closing quote at `at`.
-    #[inline]
+    #[inline(always)]
     pub(super) fn is_at(&self, index: usize, bytes: &[u8], at: usize) -> bool {
         let quoted = &self.quoted[index];
         let len = quoted.len;
