@@ -531,6 +531,23 @@ fn node_stream_map_entries() {
 }
 
 #[test]
+fn a_stream_named_twice_keeps_its_later_entry() {
+    let event = ok(&v2(
+        "node_lifecycle_update",
+        r#"{"node_lifecycle_update":{"node_id":"e","streams":{"live+c":{"total":1},"b":{"total":5},"c":{"total":2},"a":{"total":7},"vod+c":{"total":3},"b":{"total":6}}}}"#,
+    ));
+    let EventKind::NodeUpdate(n) = event.kind else {
+        panic!("{event:?}")
+    };
+    let entries: Vec<_> = n
+        .streams
+        .iter()
+        .map(|s| (s.name.as_str(), s.viewers))
+        .collect();
+    assert_eq!(entries, [("a", 7), ("b", 6), ("c", 3)]);
+}
+
+#[test]
 fn bad_node_stream_maps_are_refused_with_the_entry() {
     let error = err(&v2(
         "node_lifecycle_update",
