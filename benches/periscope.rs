@@ -70,7 +70,7 @@ usage: cargo bench --bench periscope -- [OPTIONS]
   --batch N           most records per worker per epoch (default: keel run's, or keel sql's
                       with --no-routing)
   --no-routing        Foghorn's routing dataflow off, as keel sql and backfills
-  --help              this text";
+  -h, --help          this text";
 
 /// Stops the benchmark over a bad argument: the problem and the usage, no backtrace.
 fn refuse(problem: &str) -> ! {
