@@ -21,6 +21,10 @@ use super::keys::{KEYS, NAMES, Row};
 /// How deep objects and arrays may nest before a record is refused.
 const MAX_DEPTH: u32 = 64;
 
+/// A one in every byte of a word, and every byte's high bit: for scanning eight bytes at a time.
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
 /// A JSON syntax error at a byte offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JsonError {
@@ -110,8 +114,6 @@ fn hex4_of(chars: &mut std::str::Chars<'_>) -> u32 {
 /// so short strings need no byte-by-byte tail.
 #[inline]
 fn next_quote_or_backslash(bytes: &[u8], from: usize) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
     let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
     let mut at = from;
     while let Some(chunk) = bytes.get(at..at + 8) {
@@ -129,6 +131,27 @@ fn next_quote_or_backslash(bytes: &[u8], from: usize) -> Option<usize> {
         .iter()
         .position(|&b| b == b'"' || b == b'\\')
         .map(|i| at + i)
+}
+
+/// The position of the first byte at or after `from` that is not an ASCII digit (or the end),
+/// eight bytes at a time: coordinates and byte counts run to 10–17 digits.
+#[inline]
+fn digits_end(bytes: &[u8], from: usize) -> usize {
+    let mut at = from;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        // Digits become 0..=9; a byte is flagged when it is 10 or more, computed with its high
+        // bit set so no borrow crosses bytes, or when its own high bit is set.
+        let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes")) ^ (ONES * 0x30);
+        let other = ((x | HIGHS).wrapping_sub(ONES * 10) | x) & HIGHS;
+        if other != 0 {
+            return at + other.trailing_zeros() as usize / 8;
+        }
+        at += 8;
+    }
+    at + bytes[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count()
 }
 
 /// A scalar value as it appears in the text: numbers keep their text so the reader decides
@@ -392,9 +415,7 @@ impl<'a> Json<'a> {
             i += 1;
         }
         let int_start = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
+        i = digits_end(b, i);
         if i == int_start || (b[int_start] == b'0' && i - int_start > 1) {
             self.pos = i;
             return Err(self.error("malformed number"));
@@ -402,9 +423,7 @@ impl<'a> Json<'a> {
         if b.get(i) == Some(&b'.') {
             i += 1;
             let frac = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
+            i = digits_end(b, i);
             if i == frac {
                 self.pos = i;
                 return Err(self.error("malformed number"));
@@ -416,9 +435,7 @@ impl<'a> Json<'a> {
                 i += 1;
             }
             let exp = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
+            i = digits_end(b, i);
             if i == exp {
                 self.pos = i;
                 return Err(self.error("malformed number"));
@@ -600,6 +617,17 @@ mod tests {
     }
 
     proptest! {
+        /// The word-at-a-time digit scan stops where a byte-by-byte one does, on any bytes.
+        #[test]
+        fn digit_runs_end_where_bytes_say(
+            bytes in prop::collection::vec(prop_oneof![b'0'..=b'9', any::<u8>()], 0..40),
+            from in any::<prop::sample::Index>(),
+        ) {
+            let from = from.index(bytes.len() + 1);
+            let expected = from + bytes[from..].iter().take_while(|b| b.is_ascii_digit()).count();
+            prop_assert_eq!(digits_end(&bytes, from), expected);
+        }
+
         /// Anything serde_json writes, the cursor reads back to the same value, and skips.
         #[test]
         fn reads_what_serde_json_writes(value in arb_json(), pretty in any::<bool>()) {
