@@ -78,14 +78,9 @@ fn refuse(problem: &str) -> ! {
     std::process::exit(2)
 }
 
-/// A count of at least `least`, or the benchmark stops naming `flag`.
-fn count(flag: &str, text: &str, least: u64) -> u64 {
-    match text.parse::<u64>() {
-        Ok(n) if n >= least => n,
-        _ => refuse(&format!(
-            "{flag} takes a whole number of at least {least}, not {text:?}"
-        )),
-    }
+/// A count of at least 1, checked as `keel` checks its own, or the benchmark stops naming `flag`.
+fn count(flag: &str, text: &str) -> usize {
+    keel::cli::at_least_one(text).unwrap_or_else(|e| refuse(&format!("{flag} {text:?}: {e}")))
 }
 
 fn parse_args() -> Options {
@@ -106,18 +101,15 @@ fn parse_args() -> Options {
                 .unwrap_or_else(|| refuse(&format!("{arg} needs a value")))
         };
         match arg.as_str() {
-            "--events" => options.events = count(&arg, &value(), 1),
-            "--sessions" => options.sessions = count(&arg, &value(), 1),
+            "--events" => options.events = count(&arg, &value()) as u64,
+            "--sessions" => options.sessions = count(&arg, &value()) as u64,
             "--clickhouse" => options.clickhouse = Some(value()),
             "--no-clickhouse" => options.clickhouse = None,
             "--dir" => options.dir = PathBuf::from(value()),
             "--workers" => {
-                options.workers = value()
-                    .split(',')
-                    .map(|w| count(&arg, w, 1) as usize)
-                    .collect();
+                options.workers = value().split(',').map(|w| count(&arg, w)).collect();
             }
-            "--batch" => batch = Some(count(&arg, &value(), 1) as usize),
+            "--batch" => batch = Some(count(&arg, &value())),
             "--no-routing" => options.routing = false,
             "--bench" => {}
             "--help" | "-h" => {

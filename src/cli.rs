@@ -273,7 +273,7 @@ struct EngineArgs {
 
 /// Reads a count that must be at least 1 (workers, records per epoch): 0 is refused while the
 /// arguments are read, with the flag it was given to.
-pub(crate) fn at_least_one(text: &str) -> Result<usize, String> {
+pub fn at_least_one(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
         Ok(n) => Ok(n),
