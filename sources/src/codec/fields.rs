@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 
+use arrayvec::ArrayVec;
 use keel_operators::sym::Sym;
 
 use super::Reason;
@@ -27,14 +28,23 @@ macro_rules! fields {
         pub(super) const FIELD_NAMES: &[&str] = &[$(stringify!($field)),*];
 
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug)]
+        ///
+        /// A record names a few dozen of the fields at most, so values are kept in the order
+        /// they were read, with a byte per field saying where: a new record clears that small
+        /// index, not a slot per field.
+        #[derive(Clone, Debug)]
         pub struct $name<'a> {
-            values: [Option<Value<'a>>; FIELD_NAMES.len()],
+            /// For each slot, 1 + the position of its value in `values`; 0 when it has none.
+            at: [u8; FIELD_NAMES.len()],
+            values: ArrayVec<Option<Value<'a>>, { FIELD_NAMES.len() }>,
         }
+
+        // A slot's position, plus one, fits in its byte.
+        const _: () = assert!(FIELD_NAMES.len() < u8::MAX as usize);
 
         impl Default for $name<'_> {
             fn default() -> Self {
-                $name { values: [None; FIELD_NAMES.len()] }
+                $name { at: [0; FIELD_NAMES.len()], values: ArrayVec::new() }
             }
         }
 
@@ -42,13 +52,31 @@ macro_rules! fields {
             $(
                 #[doc = concat!("`", stringify!($field), "`")]
                 pub fn $field(&self) -> &Option<Value<'a>> {
-                    &self.values[Slot::$field as usize]
+                    self.get(Slot::$field as usize)
                 }
             )*
 
-            /// Sets field `slot` (below `FIELD_NAMES.len()`) from the cursor's next value.
+            #[inline]
+            fn get(&self, slot: usize) -> &Option<Value<'a>> {
+                match self.at[slot] {
+                    0 => &None,
+                    at => &self.values[usize::from(at) - 1],
+                }
+            }
+
+            /// Sets field `slot` (below `FIELD_NAMES.len()`) from the cursor's next value; a
+            /// field given twice keeps the later value.
             pub(super) fn set(&mut self, slot: usize, json: &mut Json<'a>) -> Result<(), Reason> {
-                scalar(json, slot, &mut self.values[slot])
+                let out = match self.at[slot] {
+                    0 => {
+                        // Each slot is pushed at most once, so `values` never fills up.
+                        self.values.push(None);
+                        self.at[slot] = self.values.len() as u8;
+                        self.values.last_mut().expect("just pushed")
+                    }
+                    at => &mut self.values[usize::from(at) - 1],
+                };
+                scalar(json, slot, out)
             }
         }
     };
@@ -356,6 +384,31 @@ mod tests {
             for value in [&quoted, &bare] {
                 proptest::prop_assert_eq!(uint(value, "n").ok().flatten(), digits.parse::<u64>().ok());
                 proptest::prop_assert_eq!(int(value, "n").ok().flatten(), digits.parse::<i64>().ok());
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Fields set in any order, some of them more than once, read back as a map that keeps
+        /// each field's last value says; the others read as absent.
+        #[test]
+        fn fields_read_back_their_last_values(
+            writes in proptest::collection::vec((0..FIELD_NAMES.len(), 0u32..1000), 0..200),
+        ) {
+            let texts: Vec<String> = writes.iter().map(|(_, n)| n.to_string()).collect();
+            let mut fields = Fields::default();
+            let mut expected = std::collections::HashMap::new();
+            for ((slot, _), text) in writes.iter().zip(&texts) {
+                fields.set(*slot, &mut Json::new(text)).unwrap();
+                expected.insert(*slot, text.as_str());
+            }
+            for slot in 0..FIELD_NAMES.len() {
+                let read = match fields.get(slot) {
+                    Some(Value::Num(n)) => Some(*n),
+                    None => None,
+                    other => panic!("slot {slot}: {other:?}"),
+                };
+                proptest::prop_assert_eq!(read, expected.get(&slot).copied(), "slot {}", slot);
             }
         }
     }
