@@ -63,11 +63,26 @@ fn time(text: &str, flag: &str) -> anyhow::Result<i64> {
     })
 }
 
-/// Lines in a file (its records), for progress.
+/// Lines in a file (its records), for progress. Read a megabyte at a time: a backfill's file
+/// may be larger than the memory the engine is given.
 fn count_lines(path: &str) -> anyhow::Result<u64> {
-    let data = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
-    let mut lines = data.iter().filter(|b| **b == b'\n').count() as u64;
-    if data.last().is_some_and(|b| *b != b'\n') {
+    use std::io::Read;
+    let context = || format!("cannot read {path}");
+    let mut file = std::fs::File::open(path).with_context(context)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut lines, mut last) = (0u64, b'\n');
+    loop {
+        let read = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(context),
+        };
+        lines += buffer[..read].iter().filter(|&&b| b == b'\n').count() as u64;
+        last = buffer[read - 1];
+    }
+    // A last line without its newline is a record too.
+    if last != b'\n' {
         lines += 1;
     }
     Ok(lines)
@@ -217,6 +232,36 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_counted_across_reads_with_or_without_a_last_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.ndjson");
+        let path_text = path.to_str().unwrap();
+        // Lines longer than a read, so counts carry across reads.
+        let long = "x".repeat(700_000);
+        for (text, lines) in [
+            (String::new(), 0),
+            ("{}\n".to_owned(), 1),
+            ("{}".to_owned(), 1),
+            (format!("{long}\n{long}\n{long}"), 3),
+            (format!("{long}\n{long}\n{long}\n"), 3),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            assert_eq!(
+                count_lines(path_text).unwrap(),
+                lines,
+                "{} bytes",
+                text.len()
+            );
+        }
+        let missing = dir.path().join("missing.ndjson");
+        let error = count_lines(missing.to_str().unwrap()).unwrap_err();
+        assert!(
+            format!("{error:#}").starts_with("cannot read "),
+            "{error:#}"
+        );
+    }
 
     #[test]
     fn progress_lines() {
