@@ -238,7 +238,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("records.ndjson");
         let path_text = path.to_str().unwrap();
-        // Lines longer than a read, so counts carry across reads.
+        // Files longer than a read (a line ends mid-read, another starts in one read and
+        // ends in the next), so counts carry across reads.
         let long = "x".repeat(700_000);
         for (text, lines) in [
             (String::new(), 0),

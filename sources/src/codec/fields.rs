@@ -389,8 +389,8 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Fields set in any order, some of them more than once, read back as a map that keeps
-        /// each field's last value says; the others read as absent.
+        /// Fields set in any order, some of them more than once, read back their last values,
+        /// as a map kept beside them says; fields never set read as absent.
         #[test]
         fn fields_read_back_their_last_values(
             writes in proptest::collection::vec((0..FIELD_NAMES.len(), 0u32..1000), 0..200),
