@@ -63,60 +63,56 @@ fn time(text: &str, flag: &str) -> anyhow::Result<i64> {
     })
 }
 
-/// Lines in a file (its records), for progress. Read a megabyte at a time: a backfill's file
-/// may be larger than the memory the engine is given.
-fn count_lines(path: &str) -> anyhow::Result<u64> {
-    use std::io::Read;
-    let context = || format!("cannot read {path}");
-    let mut file = std::fs::File::open(path).with_context(context)?;
-    let mut buffer = vec![0u8; 1 << 20];
-    let (mut lines, mut last) = (0u64, b'\n');
-    loop {
-        let read = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(read) => read,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).with_context(context),
-        };
-        lines += buffer[..read].iter().filter(|&&b| b == b'\n').count() as u64;
-        last = buffer[read - 1];
-    }
-    // A last line without its newline is a record too.
-    if last != b'\n' {
-        lines += 1;
-    }
-    Ok(lines)
-}
-
 fn clock(seconds: f64) -> String {
     let s = seconds.round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-/// One progress line: records read of the expected, rate, ETA.
-fn progress(read: u64, expected: Option<u64>, elapsed: Duration) -> String {
-    let rate = read as f64 / elapsed.as_secs_f64().max(1e-3);
-    match expected.filter(|e| *e > 0) {
-        Some(expected) => {
-            let left = expected.saturating_sub(read);
+/// What a backfill's progress is measured against.
+enum Expected {
+    /// Records, as the broker estimates them (none if it cannot say).
+    Records(Option<u64>),
+    /// A file's bytes, handed out and in all, read while replaying (counting its lines first
+    /// would read it twice).
+    File(FileSource),
+}
+
+/// One progress line: records read, how far that is, rate, ETA.
+fn progress(read: u64, expected: &Expected, elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs_f64().max(1e-3);
+    let rate = group((read as f64 / seconds) as u64);
+    // Time left at the rate so far, `done` of `all` units done.
+    let eta = |done: u64, all: u64| {
+        if done >= all {
+            clock(0.0)
+        } else if done > 0 {
+            clock(seconds * all.saturating_sub(done) as f64 / done as f64)
+        } else {
+            "?".into()
+        }
+    };
+    match expected {
+        Expected::Records(Some(expected)) if *expected > 0 => format!(
+            "backfill: {} of ~{} records ({:.1}%) | {rate} records/s | ETA {}",
+            group(read),
+            group(*expected),
+            (read as f64 * 100.0 / *expected as f64).min(100.0),
+            eta(read, *expected)
+        ),
+        Expected::File(file) => {
+            let (handed, size) = file.progress();
             format!(
-                "backfill: {} of ~{} records ({:.1}%) | {} records/s | ETA {}",
+                "backfill: {} records, {:.1}% of the file | {rate} records/s | ETA {}",
                 group(read),
-                group(expected),
-                (read as f64 * 100.0 / expected as f64).min(100.0),
-                group(rate as u64),
-                if rate > 0.0 {
-                    clock(left as f64 / rate)
+                if size == 0 {
+                    100.0
                 } else {
-                    "?".into()
-                }
+                    (handed as f64 * 100.0 / size as f64).min(100.0)
+                },
+                eta(handed, size)
             )
         }
-        None => format!(
-            "backfill: {} records | {} records/s",
-            group(read),
-            group(rate as u64)
-        ),
+        Expected::Records(_) => format!("backfill: {} records | {rate} records/s", group(read)),
     }
 }
 
@@ -130,12 +126,10 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
     {
         bail!("nothing to fill: give --clickhouse URL and/or --database URL");
     }
-    let (source, expected): (Arc<dyn Source>, Option<u64>) =
+    let (source, expected): (Arc<dyn Source>, Expected) =
         if let Some(path) = args.source.strip_prefix("file:") {
-            (
-                Arc::new(FileSource::open(path.as_ref())?),
-                Some(count_lines(path)?),
-            )
+            let file = FileSource::open(path.as_ref())?;
+            (Arc::new(file.clone()), Expected::File(file))
         } else if args.source.starts_with("kafka://") {
             let kafka = KafkaSource::new(
                 KafkaAddress::parse(&args.source)?,
@@ -145,7 +139,7 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
             )
             .with_time_range(from - EARLY, to + LATE);
             let expected = kafka.estimate_records().unwrap_or(None);
-            (Arc::new(kafka), expected)
+            (Arc::new(kafka), Expected::Records(expected))
         } else {
             bail!(
                 "unknown source {:?}: use kafka://HOST:PORT/TOPIC or file:PATH",
@@ -195,7 +189,7 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
     let stats = handles.stats.clone();
     let every = Duration::from_millis(if tty { 200 } else { 1000 });
     crate::cli::run_engine(source, &options, &handles, every, |elapsed| {
-        let line = progress(stats.records.load(Ordering::Relaxed), expected, elapsed);
+        let line = progress(stats.records.load(Ordering::Relaxed), &expected, elapsed);
         if tty {
             eprint!("\r{line}   ");
         } else {
@@ -234,46 +228,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lines_are_counted_across_reads_with_or_without_a_last_newline() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("records.ndjson");
-        let path_text = path.to_str().unwrap();
-        // Files longer than a read (a line ends mid-read, another starts in one read and
-        // ends in the next), so counts carry across reads.
-        let long = "x".repeat(700_000);
-        for (text, lines) in [
-            (String::new(), 0),
-            ("{}\n".to_owned(), 1),
-            ("{}".to_owned(), 1),
-            (format!("{long}\n{long}\n{long}"), 3),
-            (format!("{long}\n{long}\n{long}\n"), 3),
-        ] {
-            std::fs::write(&path, &text).unwrap();
-            assert_eq!(
-                count_lines(path_text).unwrap(),
-                lines,
-                "{} bytes",
-                text.len()
-            );
-        }
-        let missing = dir.path().join("missing.ndjson");
-        let error = count_lines(missing.to_str().unwrap()).unwrap_err();
-        assert!(
-            format!("{error:#}").starts_with("cannot read "),
-            "{error:#}"
-        );
-    }
-
-    #[test]
     fn progress_lines() {
+        let records = |expected| Expected::Records(expected);
         assert_eq!(
-            progress(250_000, Some(1_000_000), Duration::from_secs(1)),
+            progress(250_000, &records(Some(1_000_000)), Duration::from_secs(1)),
             "backfill: 250,000 of ~1,000,000 records (25.0%) | 250,000 records/s | ETA 0:00:03"
         );
         assert_eq!(
-            progress(10, None, Duration::from_secs(2)),
+            progress(10, &records(None), Duration::from_secs(2)),
             "backfill: 10 records | 5 records/s"
         );
-        assert!(progress(5, Some(3), Duration::from_secs(1)).contains("(100.0%)"));
+        assert!(progress(5, &records(Some(3)), Duration::from_secs(1)).contains("(100.0%)"));
+    }
+
+    /// A file's progress is the share of its bytes handed to the readers, which it learns
+    /// while replaying: nothing before the first read, all of it once read.
+    #[test]
+    fn a_files_progress_is_its_share_of_bytes_read() {
+        use keel_sources::source::{Batch, Poll};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.ndjson");
+        // Two 1 MiB chunks' worth of lines, and a bit: the first read hands out under half.
+        let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(1000));
+        std::fs::write(&path, line.repeat(2_500)).unwrap();
+        let file = FileSource::open(&path).unwrap();
+        let expected = Expected::File(file.clone());
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            progress(0, &expected, second),
+            "backfill: 0 records, 0.0% of the file | 0 records/s | ETA ?"
+        );
+        let mut reader = file.open(0, 1).unwrap();
+        let mut batch = Batch::default();
+        assert_eq!(reader.next_batch(&mut batch, 10).unwrap(), Poll::Ready);
+        // 1,037 whole lines of 1,011 bytes make the first chunk: 41.5 % of 2,527,500 bytes,
+        // and 1.4 s more at the rate so far.
+        assert_eq!(
+            progress(10, &expected, second),
+            "backfill: 10 records, 41.5% of the file | 10 records/s | ETA 0:00:01"
+        );
+        while reader.next_batch(&mut batch, 10_000).unwrap() == Poll::Ready {}
+        assert_eq!(
+            progress(2_500, &expected, second),
+            "backfill: 2,500 records, 100.0% of the file | 2,500 records/s | ETA 0:00:00"
+        );
+    }
+
+    /// An empty file is all read from the start.
+    #[test]
+    fn an_empty_files_progress_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.ndjson");
+        std::fs::write(&path, "").unwrap();
+        let expected = Expected::File(FileSource::open(&path).unwrap());
+        assert_eq!(
+            progress(0, &expected, Duration::from_secs(1)),
+            "backfill: 0 records, 100.0% of the file | 0 records/s | ETA 0:00:00"
+        );
     }
 }

@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use keel_operators::sym::Sym;
@@ -31,6 +32,8 @@ struct Cursor {
     carry: Vec<u8>,
     next_line: u64,
     eof: bool,
+    /// Bytes of whole lines handed out so far (shared with [`FileSource::progress`]).
+    handed: Arc<AtomicU64>,
 }
 
 impl Cursor {
@@ -60,6 +63,7 @@ impl Cursor {
         if out.is_empty() {
             return Ok(None);
         }
+        self.handed.fetch_add(out.len() as u64, Ordering::Relaxed);
         let first = self.next_line;
         self.next_line += memchr::memchr_iter(b'\n', out).count() as u64;
         if !out.ends_with(b"\n") {
@@ -75,6 +79,9 @@ pub struct FileSource {
     path: PathBuf,
     label: Sym,
     cursor: Arc<Mutex<Option<Cursor>>>,
+    /// The file's size when it was opened.
+    size: u64,
+    handed: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for FileSource {
@@ -88,10 +95,13 @@ impl std::fmt::Debug for FileSource {
 impl FileSource {
     /// Opens `path` for replay.
     pub fn open(path: &Path) -> Result<Self, SourceError> {
-        let file = File::open(path).map_err(|source| SourceError::Io {
+        let io = |source| SourceError::Io {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let file = File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let handed = Arc::new(AtomicU64::new(0));
         Ok(FileSource {
             path: path.to_owned(),
             label: Sym::new(&path.display().to_string()),
@@ -100,8 +110,18 @@ impl FileSource {
                 carry: Vec::new(),
                 next_line: 1,
                 eof: false,
+                handed: handed.clone(),
             }))),
+            size,
+            handed,
         })
+    }
+
+    /// How far the replay has got without counting the file's lines first: bytes handed to the
+    /// readers so far, and the file's size when it was opened. Each reader may hold up to a
+    /// megabyte of what was handed out that it has not turned into records yet.
+    pub fn progress(&self) -> (u64, u64) {
+        (self.handed.load(Ordering::Relaxed), self.size)
     }
 }
 
@@ -459,6 +479,41 @@ mod tests {
             batch.clear();
         }
         assert_eq!(next, lines + 1);
+    }
+
+    /// Progress is the bytes handed to readers: it starts at nothing, grows a chunk at a time
+    /// while records are read, and ends at the file's size, a last line without its newline
+    /// included.
+    #[test]
+    fn progress_is_the_bytes_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("progress.ndjson");
+        write_lines(&path, 80_000, |i| {
+            format!(r#"{{"n":{i},"pad":"{}"}}"#, "z".repeat(i % 30))
+        });
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(br#"{"n":"last"}"#)
+            .unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        let source = FileSource::open(&path).unwrap();
+        assert_eq!(source.progress(), (0, size));
+        let mut reader = source.open(0, 1).unwrap();
+        let (mut batch, mut seen, mut records) = (Batch::default(), Vec::new(), 0);
+        while reader.next_batch(&mut batch, 10_000).unwrap() == Poll::Ready {
+            records += batch.len();
+            batch.clear();
+            seen.push(source.progress().0);
+        }
+        assert_eq!(records, 80_001);
+        assert!(seen.is_sorted(), "{seen:?}");
+        assert!(
+            seen.iter().any(|&handed| 0 < handed && handed < size),
+            "{seen:?}"
+        );
+        assert_eq!(source.progress(), (size, size));
     }
 
     #[test]
