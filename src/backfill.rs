@@ -52,9 +52,10 @@ pub struct BackfillArgs {
     /// Timely worker threads.
     #[arg(long, short = 'w', default_value_t = 1, value_parser = crate::cli::at_least_one)]
     workers: usize,
-    /// Most records per worker per epoch.
-    #[arg(long, default_value_t = 8192, value_parser = crate::cli::at_least_one)]
-    batch: usize,
+    /// Most records per worker per epoch (as `keel sql`'s replays: nobody reads a backfill's
+    /// tables between its epochs, and larger ones cost less).
+    #[arg(long, default_value_t = engine::REPLAY_BATCH, value_parser = crate::cli::at_least_one)]
+    pub(crate) batch: usize,
 }
 
 fn time(text: &str, flag: &str) -> anyhow::Result<i64> {

@@ -1198,6 +1198,10 @@ mod tests {
         let parse = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
             Ok(Command::Run(run)) => run.engine_options(),
             Ok(Command::Sql(sql)) => sql.engine_options(),
+            Ok(Command::Backfill(backfill)) => EngineOptions {
+                batch: backfill.batch,
+                ..EngineOptions::default()
+            },
             Ok(other) => panic!("{other:?}"),
             Err(e) => panic!("{e}"),
         };
@@ -1205,6 +1209,14 @@ mod tests {
         assert_eq!((run.batch, run.routing), (8192, true));
         let sql = parse(&["keel", "sql", "--input", "x", "SELECT 1"]);
         assert_eq!((sql.batch, sql.routing), (65_536, false));
+        let backfill = &[
+            "keel", "backfill", "--source", "file:x", "--from", "a", "--to", "b",
+        ];
+        assert_eq!(parse(backfill).batch, 65_536);
+        assert_eq!(
+            parse(&[&backfill[..], &["--batch", "100"]].concat()).batch,
+            100
+        );
         for command in [
             &["keel", "run"][..],
             &["keel", "sql", "--input", "x", "SELECT 1"],
