@@ -73,47 +73,47 @@ fn clock(seconds: f64) -> String {
 enum Expected {
     /// Records, as the broker estimates them (none if it cannot say).
     Records(Option<u64>),
-    /// A file's bytes, handed out and in all, read while replaying (counting its lines first
-    /// would read it twice).
-    File(FileSource),
+    /// The share of a source read, where it tells (a file, by its bytes: counting its lines
+    /// first would read it twice).
+    Share(Arc<dyn Source>),
 }
 
 /// One progress line: records read, how far that is, rate, ETA.
 fn progress(read: u64, expected: &Expected, elapsed: Duration) -> String {
     let seconds = elapsed.as_secs_f64().max(1e-3);
     let rate = group((read as f64 / seconds) as u64);
-    // Time left at the rate so far, `done` of `all` units done.
-    let eta = |done: u64, all: u64| {
-        if done >= all {
+    // Time left at the rate so far, with a share `done` of the work done.
+    let eta = |done: f64| {
+        if done >= 1.0 {
             clock(0.0)
-        } else if done > 0 {
-            clock(seconds * all.saturating_sub(done) as f64 / done as f64)
+        } else if done > 0.0 {
+            clock(seconds * (1.0 - done) / done)
         } else {
             "?".into()
         }
     };
-    match expected {
-        Expected::Records(Some(expected)) if *expected > 0 => format!(
-            "backfill: {} of ~{} records ({:.1}%) | {rate} records/s | ETA {}",
-            group(read),
-            group(*expected),
-            (read as f64 * 100.0 / *expected as f64).min(100.0),
-            eta(read, *expected)
-        ),
-        Expected::File(file) => {
-            let (handed, size) = file.progress();
-            format!(
-                "backfill: {} records, {:.1}% of the file | {rate} records/s | ETA {}",
+    let share = match expected {
+        Expected::Records(Some(expected)) if *expected > 0 => {
+            let done = (read as f64 / *expected as f64).min(1.0);
+            return format!(
+                "backfill: {} of ~{} records ({:.1}%) | {rate} records/s | ETA {}",
                 group(read),
-                if size == 0 {
-                    100.0
-                } else {
-                    (handed as f64 * 100.0 / size as f64).min(100.0)
-                },
-                eta(handed, size)
-            )
+                group(*expected),
+                done * 100.0,
+                eta(done)
+            );
         }
-        Expected::Records(_) => format!("backfill: {} records | {rate} records/s", group(read)),
+        Expected::Records(_) => None,
+        Expected::Share(source) => source.progress(),
+    };
+    match share {
+        Some(done) => format!(
+            "backfill: {} records, {:.1}% of the input | {rate} records/s | ETA {}",
+            group(read),
+            done * 100.0,
+            eta(done)
+        ),
+        None => format!("backfill: {} records | {rate} records/s", group(read)),
     }
 }
 
@@ -129,8 +129,8 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
     }
     let (source, expected): (Arc<dyn Source>, Expected) =
         if let Some(path) = args.source.strip_prefix("file:") {
-            let file = FileSource::open(path.as_ref())?;
-            (Arc::new(file.clone()), Expected::File(file))
+            let file: Arc<dyn Source> = Arc::new(FileSource::open(path.as_ref())?);
+            (file.clone(), Expected::Share(file))
         } else if args.source.starts_with("kafka://") {
             let kafka = KafkaSource::new(
                 KafkaAddress::parse(&args.source)?,
@@ -253,11 +253,11 @@ mod tests {
         let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(1000));
         std::fs::write(&path, line.repeat(2_500)).unwrap();
         let file = FileSource::open(&path).unwrap();
-        let expected = Expected::File(file.clone());
+        let expected = Expected::Share(Arc::new(file.clone()));
         let second = Duration::from_secs(1);
         assert_eq!(
             progress(0, &expected, second),
-            "backfill: 0 records, 0.0% of the file | 0 records/s | ETA ?"
+            "backfill: 0 records, 0.0% of the input | 0 records/s | ETA ?"
         );
         let mut reader = file.open(0, 1).unwrap();
         let mut batch = Batch::default();
@@ -266,12 +266,12 @@ mod tests {
         // and 1.4 s more at the rate so far.
         assert_eq!(
             progress(10, &expected, second),
-            "backfill: 10 records, 41.5% of the file | 10 records/s | ETA 0:00:01"
+            "backfill: 10 records, 41.5% of the input | 10 records/s | ETA 0:00:01"
         );
         while reader.next_batch(&mut batch, 10_000).unwrap() == Poll::Ready {}
         assert_eq!(
             progress(2_500, &expected, second),
-            "backfill: 2,500 records, 100.0% of the file | 2,500 records/s | ETA 0:00:00"
+            "backfill: 2,500 records, 100.0% of the input | 2,500 records/s | ETA 0:00:00"
         );
     }
 
@@ -281,10 +281,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty.ndjson");
         std::fs::write(&path, "").unwrap();
-        let expected = Expected::File(FileSource::open(&path).unwrap());
+        let expected = Expected::Share(Arc::new(FileSource::open(&path).unwrap()));
         assert_eq!(
             progress(0, &expected, Duration::from_secs(1)),
-            "backfill: 0 records, 100.0% of the file | 0 records/s | ETA 0:00:00"
+            "backfill: 0 records, 100.0% of the input | 0 records/s | ETA 0:00:00"
         );
     }
 }

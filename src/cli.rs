@@ -961,6 +961,7 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     )?;
     let handles = Handles::default();
     let mut previous = 0;
+    let input = source.clone();
     run_engine(
         source,
         &options,
@@ -968,8 +969,11 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
         Duration::from_secs(1),
         |elapsed| {
             let records = handles.stats.records.load(Ordering::Relaxed);
+            let share = input.progress().map_or_else(String::new, |done| {
+                format!(", {:.1}% of the input", done * 100.0)
+            });
             eprintln!(
-                "replaying: {} records ({} /s), {} s",
+                "replaying: {} records ({} /s), {} s{share}",
                 group(records),
                 group(records - previous),
                 elapsed.as_secs()

@@ -116,13 +116,6 @@ impl FileSource {
             handed,
         })
     }
-
-    /// How far the replay has got without counting the file's lines first: bytes handed to the
-    /// readers so far, and the file's size when it was opened. Each reader may hold up to a
-    /// megabyte of what was handed out that it has not turned into records yet.
-    pub fn progress(&self) -> (u64, u64) {
-        (self.handed.load(Ordering::Relaxed), self.size)
-    }
 }
 
 impl Source for FileSource {
@@ -142,6 +135,18 @@ impl Source for FileSource {
 
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
+    }
+
+    /// The share of the file's bytes (its size when it was opened) handed to the readers, so
+    /// its lines need not be counted first; each reader may hold up to a megabyte of it not
+    /// yet turned into records.
+    fn progress(&self) -> Option<f64> {
+        let handed = self.handed.load(Ordering::Relaxed);
+        Some(if self.size == 0 {
+            1.0
+        } else {
+            (handed as f64 / self.size as f64).min(1.0)
+        })
     }
 }
 
@@ -481,11 +486,11 @@ mod tests {
         assert_eq!(next, lines + 1);
     }
 
-    /// Progress is the bytes handed to readers: it starts at nothing, grows a chunk at a time
-    /// while records are read, and ends at the file's size, a last line without its newline
-    /// included.
+    /// Progress is the share of bytes handed to readers: it starts at nothing, grows a chunk at
+    /// a time while records are read, and ends at the whole file, a last line without its
+    /// newline included.
     #[test]
-    fn progress_is_the_bytes_handed_out() {
+    fn progress_is_the_share_of_bytes_handed_out() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("progress.ndjson");
         write_lines(&path, 80_000, |i| {
@@ -497,23 +502,28 @@ mod tests {
             .unwrap()
             .write_all(br#"{"n":"last"}"#)
             .unwrap();
-        let size = std::fs::metadata(&path).unwrap().len();
+        let size = std::fs::metadata(&path).unwrap().len() as f64;
         let source = FileSource::open(&path).unwrap();
-        assert_eq!(source.progress(), (0, size));
+        assert_eq!(source.progress(), Some(0.0));
         let mut reader = source.open(0, 1).unwrap();
         let (mut batch, mut seen, mut records) = (Batch::default(), Vec::new(), 0);
         while reader.next_batch(&mut batch, 10_000).unwrap() == Poll::Ready {
             records += batch.len();
             batch.clear();
-            seen.push(source.progress().0);
+            seen.push(source.progress().unwrap());
         }
         assert_eq!(records, 80_001);
         assert!(seen.is_sorted(), "{seen:?}");
+        // The first megabyte's whole lines, of a file of about 2.8.
         assert!(
-            seen.iter().any(|&handed| 0 < handed && handed < size),
+            seen[0] > 0.3 && seen[0] < 0.4 && seen[0] * size <= 1_048_576.0,
             "{seen:?}"
         );
-        assert_eq!(source.progress(), (size, size));
+        assert_eq!(source.progress(), Some(1.0));
+        // An empty file is read from the start.
+        let empty = dir.path().join("empty.ndjson");
+        File::create(&empty).unwrap();
+        assert_eq!(FileSource::open(&empty).unwrap().progress(), Some(1.0));
     }
 
     #[test]

@@ -239,6 +239,11 @@ pub trait Source: Send + Sync {
     fn describe(&self) -> String;
     /// The kind of source, for metric labels: `file`, `kafka`, `simulator`, `memory`.
     fn kind(&self) -> &'static str;
+    /// For a source that ends: the share of it handed to the readers so far, from 0 to 1, for
+    /// progress. `None` (the default) where that is not known without reading ahead.
+    fn progress(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// One worker's share of a source.
