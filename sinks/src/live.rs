@@ -41,7 +41,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{RecordBatch, RecordBatchOptions};
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
 use keel_operators::chunked::ChunkedVec;
 use keel_operators::posindex::PositionIndex;
@@ -215,37 +215,48 @@ impl<R: Row> LiveTable<R> {
 
     /// The rows as one Arrow batch.
     pub fn snapshot(&self) -> Result<RecordBatch, LiveError> {
-        self.batch(self.rows.len(), &self.rows)
+        self.snapshot_of(None, None)
     }
 
-    /// The rows of `tenant` (every row for `None`) as one Arrow batch.
-    pub fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError> {
+    /// The rows of `tenant` (every row for `None`) as one Arrow batch, of the schema's
+    /// `columns` (in that order; every column for `None`).
+    pub fn snapshot_of(
+        &self,
+        tenant: Option<&str>,
+        columns: Option<&[usize]>,
+    ) -> Result<RecordBatch, LiveError> {
         let Some(tenant) = tenant else {
-            return self.snapshot();
+            return batch_of(
+                self.name,
+                &self.fields,
+                columns,
+                self.rows.len(),
+                &self.rows,
+            );
         };
         let rows: Vec<&R> = self
             .rows
             .iter()
             .filter(|row| row.tenant() == Some(tenant))
             .collect();
-        self.batch(rows.len(), &rows)
+        batch_of(self.name, &self.fields, columns, rows.len(), &rows)
     }
 
     /// The row whose key is `key` (the key columns' values, as [`Row::KEY_COLUMNS`] orders
-    /// them), as a batch of zero or one rows. Text in `key` that no row ever held matches
+    /// them), as a batch of zero or one rows of `columns` (as for
+    /// [`snapshot_of`](Self::snapshot_of)). Text in `key` that no row ever held matches
     /// nothing and is not remembered.
-    pub fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError> {
+    pub fn lookup(
+        &self,
+        key: &[Value],
+        columns: Option<&[usize]>,
+    ) -> Result<RecordBatch, LiveError> {
         let row: Vec<&R> = key_of::<R>(key)
             .as_ref()
             .and_then(|k| self.get(k))
             .into_iter()
             .collect();
-        self.batch(row.len(), &row)
-    }
-
-    /// The `count` rows `rows` serializes (as a sequence) as one Arrow batch.
-    fn batch<T: serde::Serialize>(&self, count: usize, rows: &T) -> Result<RecordBatch, LiveError> {
-        batch_of(self.name, &self.fields, count, rows)
+        batch_of(self.name, &self.fields, columns, row.len(), &row)
     }
 
     /// The Arrow schema of snapshots.
@@ -301,18 +312,40 @@ fn key_of<R: Row>(key: &[Value]) -> Option<R::Key> {
 fn batch_of<T: serde::Serialize>(
     name: &'static str,
     fields: &[FieldRef],
+    columns: Option<&[usize]>,
     count: usize,
     rows: &T,
 ) -> Result<RecordBatch, LiveError> {
-    if count == 0 {
-        return Ok(RecordBatch::new_empty(Arc::new(Schema::new(
-            fields.to_vec(),
-        ))));
-    }
-    serde_arrow::to_record_batch(fields, rows).map_err(|e| LiveError::Arrow {
+    let fields: Vec<FieldRef> = match columns {
+        // A row's other fields are skipped as it is written: only these columns are built.
+        Some(columns) => columns
+            .iter()
+            .map(|&i| {
+                fields.get(i).cloned().ok_or_else(|| LiveError::Arrow {
+                    table: name,
+                    message: format!("no column {i} (the table has {})", fields.len()),
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        None => fields.to_vec(),
+    };
+    let arrow = |e: &dyn fmt::Display| LiveError::Arrow {
         table: name,
         message: e.to_string(),
-    })
+    };
+    if fields.is_empty() {
+        // No column at all (`SELECT count(*)`): the rows' count is all there is.
+        return RecordBatch::try_new_with_options(
+            Arc::new(Schema::empty()),
+            Vec::new(),
+            &RecordBatchOptions::new().with_row_count(Some(count)),
+        )
+        .map_err(|e| arrow(&e));
+    }
+    if count == 0 {
+        return Ok(RecordBatch::new_empty(Arc::new(Schema::new(fields))));
+    }
+    serde_arrow::to_record_batch(&fields, rows).map_err(|e| arrow(&e))
 }
 
 /// Net changes as the hub takes them: rows out (−1), then rows in (+1).
@@ -375,8 +408,14 @@ trait AnyTable: Send + Sync + fmt::Debug {
     fn rows_any(&self, tenant: Option<&str>) -> Box<dyn Any>;
     fn rows_json(&self, filter: &RowFilter) -> Vec<Value>;
     fn key_columns(&self) -> &'static [&'static str];
-    fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError>;
-    fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError>;
+    /// See [`LiveTable::snapshot_of`].
+    fn snapshot_of(
+        &self,
+        tenant: Option<&str>,
+        columns: Option<&[usize]>,
+    ) -> Result<RecordBatch, LiveError>;
+    /// See [`LiveTable::lookup`].
+    fn lookup(&self, key: &[Value], columns: Option<&[usize]>) -> Result<RecordBatch, LiveError>;
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -403,11 +442,15 @@ impl<R: Row> AnyTable for LiveTable<R> {
     fn key_columns(&self) -> &'static [&'static str] {
         R::KEY_COLUMNS
     }
-    fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError> {
-        LiveTable::snapshot_of(self, tenant)
+    fn snapshot_of(
+        &self,
+        tenant: Option<&str>,
+        columns: Option<&[usize]>,
+    ) -> Result<RecordBatch, LiveError> {
+        LiveTable::snapshot_of(self, tenant, columns)
     }
-    fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError> {
-        LiveTable::lookup(self, key)
+    fn lookup(&self, key: &[Value], columns: Option<&[usize]>) -> Result<RecordBatch, LiveError> {
+        LiveTable::lookup(self, key, columns)
     }
     fn rows_any(&self, tenant: Option<&str>) -> Box<dyn Any> {
         let rows: Vec<R> = self
@@ -448,7 +491,7 @@ impl<H: HeldTable> AnyTable for Held<H> {
         self.held.len()
     }
     fn snapshot(&self) -> Result<RecordBatch, LiveError> {
-        self.snapshot_of(None)
+        self.snapshot_of(None, None)
     }
     fn watch(&mut self, on: bool) {
         self.watched = on;
@@ -478,16 +521,20 @@ impl<H: HeldTable> AnyTable for Held<H> {
     fn key_columns(&self) -> &'static [&'static str] {
         <H::Row as Row>::KEY_COLUMNS
     }
-    fn snapshot_of(&self, tenant: Option<&str>) -> Result<RecordBatch, LiveError> {
+    fn snapshot_of(
+        &self,
+        tenant: Option<&str>,
+        columns: Option<&[usize]>,
+    ) -> Result<RecordBatch, LiveError> {
         let rows = self.held.rows(tenant);
-        batch_of(self.name, &self.fields, rows.len(), &rows)
+        batch_of(self.name, &self.fields, columns, rows.len(), &rows)
     }
-    fn lookup(&self, key: &[Value]) -> Result<RecordBatch, LiveError> {
+    fn lookup(&self, key: &[Value], columns: Option<&[usize]>) -> Result<RecordBatch, LiveError> {
         let row: Vec<H::Row> = key_of::<H::Row>(key)
             .and_then(|k| self.held.get(&k))
             .into_iter()
             .collect();
-        batch_of(self.name, &self.fields, row.len(), &row)
+        batch_of(self.name, &self.fields, columns, row.len(), &row)
     }
     fn rows_any(&self, tenant: Option<&str>) -> Box<dyn Any> {
         Box::new(self.held.rows(tenant))
@@ -625,9 +672,16 @@ impl LiveTables {
         self.get(name)?.snapshot()
     }
 
-    /// The rows of `name` belonging to `tenant` (all rows for `None`) as one Arrow batch.
-    pub fn snapshot_of(&self, name: &str, tenant: Option<&str>) -> Result<RecordBatch, LiveError> {
-        self.get(name)?.snapshot_of(tenant)
+    /// The rows of `name` belonging to `tenant` (all rows for `None`) as one Arrow batch, of
+    /// the schema's `columns` in that order (all for `None`): a query reading a few columns of
+    /// a large table builds only those.
+    pub fn snapshot_of(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+        columns: Option<&[usize]>,
+    ) -> Result<RecordBatch, LiveError> {
+        self.get(name)?.snapshot_of(tenant, columns)
     }
 
     /// The columns `name`'s key is made of, in order; empty if it offers no lookups.
@@ -635,9 +689,15 @@ impl LiveTables {
         self.get(name).map(|t| t.key_columns())
     }
 
-    /// The row of `name` whose key columns hold `key`, as a batch of zero or one rows.
-    pub fn lookup(&self, name: &str, key: &[Value]) -> Result<RecordBatch, LiveError> {
-        self.get(name)?.lookup(key)
+    /// The row of `name` whose key columns hold `key`, as a batch of zero or one rows of
+    /// `columns` (as for [`snapshot_of`](Self::snapshot_of)).
+    pub fn lookup(
+        &self,
+        name: &str,
+        key: &[Value],
+        columns: Option<&[usize]>,
+    ) -> Result<RecordBatch, LiveError> {
+        self.get(name)?.lookup(key, columns)
     }
 
     fn get(&self, name: &str) -> Result<&dyn AnyTable, LiveError> {
@@ -828,6 +888,40 @@ mod tests {
         let live = n as usize - (0..n).step_by(3).count();
         assert_eq!(table.rows().len(), live);
         assert_eq!(table.snapshot().unwrap().num_rows(), live);
+    }
+
+    /// A snapshot or lookup of some columns is the full one projected to them, in the order
+    /// asked, with no column at all still counting the rows; a column past the schema is an
+    /// error.
+    #[test]
+    fn only_the_columns_asked_for_are_built() {
+        let mut table = LiveTable::<Wide>::new("wide");
+        for k in 0..100 {
+            table.apply(Change::Upsert(Wide { k, v: 1000 - k }));
+        }
+        let full = table.snapshot().unwrap();
+        assert_eq!(full.num_columns(), 2);
+        for columns in [&[][..], &[0], &[1], &[1, 0], &[0, 1]] {
+            let some = table.snapshot_of(None, Some(columns)).unwrap();
+            assert_eq!(some, full.project(columns).unwrap(), "{columns:?}");
+            assert_eq!(some.num_rows(), 100, "{columns:?}");
+            let one = table.lookup(&[Value::from(7)], Some(columns)).unwrap();
+            assert_eq!((one.num_rows(), one.num_columns()), (1, columns.len()));
+        }
+        let one = table.lookup(&[Value::from(7)], Some(&[1])).unwrap();
+        let v = one
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::UInt32Array>();
+        assert_eq!(v.map(|v| v.value(0)), Some(993));
+        let missing = table.lookup(&[Value::from(100)], Some(&[])).unwrap();
+        assert_eq!((missing.num_rows(), missing.num_columns()), (0, 0));
+        let error = table.snapshot_of(None, Some(&[2])).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "table wide: no column 2 (the table has 2)",
+            "{error:?}"
+        );
     }
 
     #[test]
