@@ -55,7 +55,29 @@ pub struct BackfillArgs {
     /// Most records per worker per epoch (as `keel sql`'s replays: nobody reads a backfill's
     /// tables between its epochs, and larger ones cost less).
     #[arg(long, default_value_t = engine::REPLAY_BATCH, value_parser = crate::cli::at_least_one)]
-    pub(crate) batch: usize,
+    batch: usize,
+}
+
+/// Records a worker may read past what the stores hold before it waits for them (while a store
+/// is slow or down): `keel run`'s 512 epochs of 8,192, whatever a backfill's epoch size.
+const UNDURABLE_RECORDS: usize = 512 * 8192;
+
+impl BackfillArgs {
+    /// The engine's settings for the range `[from, to)`.
+    pub(crate) fn engine_options(&self, from: i64, to: i64) -> engine::EngineOptions {
+        engine::EngineOptions {
+            workers: self.workers,
+            batch: self.batch,
+            max_undurable: (UNDURABLE_RECORDS / self.batch).max(8),
+            event_range: Some((from, to)),
+            // The range's windows are the backfill's own: stored ones it no longer computes
+            // (left by an interrupted run) are removed.
+            reconcile: Some(crate::reconcile::Coverage::range(from, to)),
+            // A backfill routes no viewer.
+            routing: false,
+            ..engine::EngineOptions::default()
+        }
+    }
 }
 
 fn time(text: &str, flag: &str) -> anyhow::Result<i64> {
@@ -155,17 +177,7 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
         durable: Some(durable.clone()),
         ..Handles::default()
     };
-    let options = engine::EngineOptions {
-        workers: args.workers,
-        batch: args.batch,
-        event_range: Some((from, to)),
-        // The range's windows are the backfill's own: stored ones it no longer computes (left
-        // by an interrupted run) are removed.
-        reconcile: Some(crate::reconcile::Coverage::range(from, to)),
-        // A backfill routes no viewer.
-        routing: false,
-        ..engine::EngineOptions::default()
-    };
+    let options = args.engine_options(from, to);
     eprintln!(
         "backfill: {} from {} to {} into {}",
         source.describe(),

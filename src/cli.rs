@@ -1202,10 +1202,7 @@ mod tests {
         let parse = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
             Ok(Command::Run(run)) => run.engine_options(),
             Ok(Command::Sql(sql)) => sql.engine_options(),
-            Ok(Command::Backfill(backfill)) => EngineOptions {
-                batch: backfill.batch,
-                ..EngineOptions::default()
-            },
+            Ok(Command::Backfill(backfill)) => backfill.engine_options(0, 1),
             Ok(other) => panic!("{other:?}"),
             Err(e) => panic!("{e}"),
         };
@@ -1213,14 +1210,21 @@ mod tests {
         assert_eq!((run.batch, run.routing), (8192, true));
         let sql = parse(&["keel", "sql", "--input", "x", "SELECT 1"]);
         assert_eq!((sql.batch, sql.routing), (65_536, false));
+        // A backfill replays in large epochs without routing, and holds as many records not
+        // yet stored as `keel run` does, whatever its epoch size.
         let backfill = &[
             "keel", "backfill", "--source", "file:x", "--from", "a", "--to", "b",
         ];
-        assert_eq!(parse(backfill).batch, 65_536);
+        let options = parse(backfill);
+        assert_eq!((options.batch, options.routing), (65_536, false));
         assert_eq!(
-            parse(&[&backfill[..], &["--batch", "100"]].concat()).batch,
-            100
+            options.max_undurable * options.batch,
+            run.max_undurable * run.batch
         );
+        let small = parse(&[&backfill[..], &["--batch", "100"]].concat());
+        assert_eq!((small.batch, small.max_undurable), (100, 41_943));
+        let large = parse(&[&backfill[..], &["--batch", "10000000"]].concat());
+        assert_eq!(large.max_undurable, 8);
         for command in [
             &["keel", "run"][..],
             &["keel", "sql", "--input", "x", "SELECT 1"],
