@@ -526,6 +526,10 @@ impl<H: HeldTable> AnyTable for Held<H> {
         tenant: Option<&str>,
         columns: Option<&[usize]>,
     ) -> Result<RecordBatch, LiveError> {
+        if tenant.is_none() && columns.is_some_and(<[usize]>::is_empty) {
+            // Every row counted, none read: the rows are not copied out of the workers' store.
+            return batch_of(self.name, &self.fields, columns, self.held.len(), &());
+        }
         let rows = self.held.rows(tenant);
         batch_of(self.name, &self.fields, columns, rows.len(), &rows)
     }
@@ -922,6 +926,59 @@ mod tests {
             "table wide: no column 2 (the table has 2)",
             "{error:?}"
         );
+    }
+
+    /// Rows held elsewhere, counting how often they are copied out.
+    #[derive(Default)]
+    struct Elsewhere {
+        rows: Vec<Wide>,
+        copies: std::sync::atomic::AtomicUsize,
+    }
+
+    impl HeldTable for Elsewhere {
+        type Row = Wide;
+        fn closed(&mut self, _worker: u32, _generation: u64) {}
+        fn commit(&mut self, _diff: bool) -> Vec<keel_operators::table::BeforeAfter<Wide>> {
+            Vec::new()
+        }
+        fn len(&self) -> usize {
+            self.rows.len()
+        }
+        fn rows(&self, _tenant: Option<&str>) -> Vec<Wide> {
+            self.copies
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.rows.clone()
+        }
+        fn get(&self, key: &u32) -> Option<Wide> {
+            self.rows.iter().find(|row| row.k == *key).cloned()
+        }
+    }
+
+    /// A held table gives the same projections; counting all its rows copies none out.
+    #[test]
+    fn held_rows_are_counted_without_being_copied() {
+        let mut tables = LiveTables::default();
+        let rows = (0..50).map(|k| Wide { k, v: k * 2 }).collect();
+        tables.hold(
+            "wide",
+            Elsewhere {
+                rows,
+                ..Elsewhere::default()
+            },
+        );
+        let copies = |tables: &LiveTables| {
+            let held: &Elsewhere = tables.held_by("wide").unwrap();
+            held.copies.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let count = tables.snapshot_of("wide", None, Some(&[])).unwrap();
+        assert_eq!((count.num_rows(), count.num_columns()), (50, 0));
+        assert_eq!(copies(&tables), 0);
+        let full = tables.snapshot("wide").unwrap();
+        let one = tables.snapshot_of("wide", None, Some(&[1])).unwrap();
+        assert_eq!(one, full.project(&[1]).unwrap());
+        assert_eq!(copies(&tables), 2);
+        let found = tables.lookup("wide", &[Value::from(3)], Some(&[])).unwrap();
+        assert_eq!((found.num_rows(), found.num_columns()), (1, 0));
     }
 
     #[test]
