@@ -28,7 +28,8 @@ use crate::auth::Scope;
 /// Why a statement produced no result.
 ///
 /// `Invalid` and `Refused` are the caller's to fix (bad SQL, a statement that writes);
-/// `Table` is a bug in a row type (a snapshot could not be built).
+/// `Table` is a table that could not be read: a bug in a row type, or columns the plan should
+/// not have asked for.
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
     /// The statement does not parse, plan or run.
@@ -219,7 +220,12 @@ impl TableProvider for LiveProvider {
         let batch = self
             .batch(filters, projection.map(Vec::as_slice))
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-        let schema = batch.schema();
+        // The plan expects the declared schema's columns, exactly.
+        let schema = match projection {
+            Some(columns) => Arc::new(self.schema.project(columns)?),
+            None => self.schema.clone(),
+        };
+        debug_assert_eq!(schema, batch.schema(), "{}", self.name);
         let exec = MemorySourceConfig::try_new_exec(&[vec![batch]], schema, None)?;
         Ok(exec)
     }

@@ -55,13 +55,24 @@ use crate::hub::{Hub, JsonRow, RowChange, RowFilter};
 
 /// Why a live table could not be read.
 ///
-/// `Unknown` is the caller's mistake (a table name that was never declared); `Arrow` means a row
-/// could not be represented, which is a bug in a row type.
+/// `Unknown` and `Columns` are the caller's mistake (a table name that was never declared,
+/// columns that are not distinct columns of the table); `Arrow` means a row could not be
+/// represented, which is a bug in a row type.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
     /// No table of that name.
     #[error("no table named {0:?}")]
     Unknown(String),
+    /// Columns asked for that are out of range or repeated.
+    #[error("table {table} has {columns} columns: {asked:?} are not distinct columns of it")]
+    Columns {
+        /// The table.
+        table: &'static str,
+        /// Its number of columns.
+        columns: usize,
+        /// The columns asked for.
+        asked: Vec<usize>,
+    },
     /// Converting rows to Arrow failed.
     #[error("table {table}: {message}")]
     Arrow {
@@ -308,7 +319,9 @@ fn key_of<R: Row>(key: &[Value]) -> Option<R::Key> {
     keel_operators::sym::lookup_only(|| serde_json::from_value(value).ok())
 }
 
-/// The `count` rows `rows` serializes (as a sequence) as one Arrow batch of table `name`.
+/// The `count` rows `rows` serializes (as a sequence) as one Arrow batch of table `name`, of its
+/// `columns` (indices into `fields`, distinct, in the batch's order; all for `None`). With no
+/// column asked, `rows` is not read and the batch carries `count` alone.
 fn batch_of<T: serde::Serialize>(
     name: &'static str,
     fields: &[FieldRef],
@@ -318,15 +331,21 @@ fn batch_of<T: serde::Serialize>(
 ) -> Result<RecordBatch, LiveError> {
     let fields: Vec<FieldRef> = match columns {
         // A row's other fields are skipped as it is written: only these columns are built.
-        Some(columns) => columns
-            .iter()
-            .map(|&i| {
-                fields.get(i).cloned().ok_or_else(|| LiveError::Arrow {
+        // (Fields are filled by name, so a column asked twice would be left empty.)
+        Some(columns) => {
+            let mut seen = vec![false; fields.len()];
+            let distinct = columns
+                .iter()
+                .all(|&i| i < fields.len() && !std::mem::replace(&mut seen[i], true));
+            if !distinct {
+                return Err(LiveError::Columns {
                     table: name,
-                    message: format!("no column {i} (the table has {})", fields.len()),
-                })
-            })
-            .collect::<Result<_, _>>()?,
+                    columns: fields.len(),
+                    asked: columns.to_vec(),
+                });
+            }
+            columns.iter().map(|&i| fields[i].clone()).collect()
+        }
         None => fields.to_vec(),
     };
     let arrow = |e: &dyn fmt::Display| LiveError::Arrow {
@@ -920,12 +939,60 @@ mod tests {
         assert_eq!(v.map(|v| v.value(0)), Some(993));
         let missing = table.lookup(&[Value::from(100)], Some(&[])).unwrap();
         assert_eq!((missing.num_rows(), missing.num_columns()), (0, 0));
-        let error = table.snapshot_of(None, Some(&[2])).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "table wide: no column 2 (the table has 2)",
-            "{error:?}"
-        );
+        for wrong in [&[2][..], &[1, 1], &[0, 1, 0]] {
+            let error = table.snapshot_of(None, Some(wrong)).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!("table wide has 2 columns: {wrong:?} are not distinct columns of it"),
+            );
+        }
+    }
+
+    /// A value that counts how often it is written.
+    #[derive(Clone, Debug, PartialEq, Deserialize)]
+    struct Watched(u32);
+
+    static WRITTEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    impl Serialize for Watched {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            serializer.serialize_u32(self.0)
+        }
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    struct Costly {
+        k: u32,
+        costly: Watched,
+    }
+
+    impl Row for Costly {
+        type Key = u32;
+        fn key(&self) -> u32 {
+            self.k
+        }
+    }
+
+    /// A column that is not asked for is not built: its values are never written.
+    #[test]
+    fn columns_not_asked_for_are_not_written() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut table = LiveTable::<Costly>::new("costly");
+        for k in 0..10 {
+            table.apply(Change::Upsert(Costly {
+                k,
+                costly: Watched(k),
+            }));
+        }
+        let before = WRITTEN.load(Relaxed);
+        for columns in [&[][..], &[0]] {
+            table.snapshot_of(None, Some(columns)).unwrap();
+            table.lookup(&[Value::from(3)], Some(columns)).unwrap();
+        }
+        assert_eq!(WRITTEN.load(Relaxed), before);
+        table.snapshot_of(None, Some(&[1])).unwrap();
+        assert_eq!(WRITTEN.load(Relaxed), before + 10);
     }
 
     /// Rows held elsewhere, counting how often they are copied out.
