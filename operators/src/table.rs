@@ -138,6 +138,14 @@ pub trait HeldTable: Send + Sync + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Number of visible rows of `tenant` (all for `None`): `rows(tenant).len()`, which an
+    /// implementation may count without copying the rows out.
+    fn count(&self, tenant: Option<&str>) -> usize {
+        match tenant {
+            None => self.len(),
+            Some(_) => self.rows(tenant).len(),
+        }
+    }
     /// The visible rows of `tenant` (all for `None`), in no particular order.
     fn rows(&self, tenant: Option<&str>) -> Vec<Self::Row>;
     /// The visible row whose key is `key`.

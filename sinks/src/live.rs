@@ -545,9 +545,15 @@ impl<H: HeldTable> AnyTable for Held<H> {
         tenant: Option<&str>,
         columns: Option<&[usize]>,
     ) -> Result<RecordBatch, LiveError> {
-        if tenant.is_none() && columns.is_some_and(<[usize]>::is_empty) {
-            // Every row counted, none read: the rows are not copied out of the workers' store.
-            return batch_of(self.name, &self.fields, columns, self.held.len(), &());
+        if columns.is_some_and(<[usize]>::is_empty) {
+            // Rows counted, none read: they are not copied out of the workers' store.
+            return batch_of(
+                self.name,
+                &self.fields,
+                columns,
+                self.held.count(tenant),
+                &(),
+            );
         }
         let rows = self.held.rows(tenant);
         batch_of(self.name, &self.fields, columns, rows.len(), &rows)

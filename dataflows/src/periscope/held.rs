@@ -530,9 +530,15 @@ impl SessionStore {
 
     /// Number of visible rows (as [`SessionStore::rows`], under the read lock).
     pub(crate) fn len(&self) -> usize {
+        self.count(None)
+    }
+
+    /// How many rows of `tenant` (all for `None`) [`SessionStore::rows`] would give.
+    pub(crate) fn count(&self, tenant: Option<&str>) -> usize {
         let boundaries = self.boundaries();
         self.streams()
             .iter()
+            .filter(|stream| tenant.is_none_or(|t| stream.names.first().as_str() == t))
             .map(|stream| {
                 let boundary = boundaries.get(stream.worker).copied().unwrap_or(0);
                 stream.lock().len_at(boundary)
@@ -636,6 +642,10 @@ impl HeldTable for HeldSessions {
 
     fn rows(&self, tenant: Option<&str>) -> Vec<ViewerSessionRow> {
         self.store.rows(tenant)
+    }
+
+    fn count(&self, tenant: Option<&str>) -> usize {
+        self.store.count(tenant)
     }
 
     fn get(&self, key: &(Sym, Sym, Sym, ShortStr)) -> Option<ViewerSessionRow> {

@@ -889,6 +889,7 @@ fn check_held(
             .filter(|(_, row)| row["tenant_id"] == tenant.as_str())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        prop_assert_eq!(held.count(Some(&tenant)), of_tenant.len());
         prop_assert_eq!(session_map(held.rows(Some(&tenant))), of_tenant);
     }
     Ok(())
