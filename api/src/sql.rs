@@ -97,8 +97,16 @@ pub struct LiveProvider {
 }
 
 impl LiveProvider {
-    /// The rows the filters narrow to, of the `columns` the query reads (all for `None`).
-    fn batch(&self, filters: &[Expr], columns: Option<&[usize]>) -> Result<RecordBatch, SqlError> {
+    /// The rows the filters narrow to, of the `columns` the query reads (all for `None`), at
+    /// most `limit` of them when no filter is left to apply above the scan (DataFusion passes a
+    /// limit only then; with filters it is ignored here too, so no row a filter would keep can
+    /// be cut).
+    fn batch(
+        &self,
+        filters: &[Expr],
+        columns: Option<&[usize]>,
+        limit: Option<usize>,
+    ) -> Result<RecordBatch, SqlError> {
         let tables = self.tables.read().unwrap_or_else(PoisonError::into_inner);
         let mut pinned: Vec<(String, ScalarValue)> = Vec::new();
         for filter in filters {
@@ -144,9 +152,10 @@ impl LiveProvider {
                     .collect()
             })
             .flatten();
+        let limit = limit.filter(|_| filters.is_empty());
         let batch = match key {
             Some(key) => tables.lookup(self.name, &key, columns)?,
-            None => tables.snapshot_of(self.name, self.tenant.as_deref(), columns)?,
+            None => tables.snapshot_of(self.name, self.tenant.as_deref(), columns, limit)?,
         };
         Ok(batch)
     }
@@ -213,12 +222,12 @@ impl TableProvider for LiveProvider {
         _state: &dyn Session,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
-        _limit: Option<usize>,
+        limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         // Only the columns the query reads are built: a count over a million sessions builds
         // none, a group by country one.
         let batch = self
-            .batch(filters, projection.map(Vec::as_slice))
+            .batch(filters, projection.map(Vec::as_slice), limit)
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
         // The plan expects the declared schema's columns, exactly.
         let schema = match projection {

@@ -148,6 +148,13 @@ pub trait HeldTable: Send + Sync + 'static {
     }
     /// The visible rows of `tenant` (all for `None`), in no particular order.
     fn rows(&self, tenant: Option<&str>) -> Vec<Self::Row>;
+    /// At most `limit` of the rows [`rows`](Self::rows) gives (which ones is unspecified), for
+    /// a scan that needs no more; an implementation may stop reading there.
+    fn rows_up_to(&self, tenant: Option<&str>, limit: usize) -> Vec<Self::Row> {
+        let mut rows = self.rows(tenant);
+        rows.truncate(limit);
+        rows
+    }
     /// The visible row whose key is `key`.
     fn get(&self, key: &<Self::Row as Row>::Key) -> Option<Self::Row>;
 }

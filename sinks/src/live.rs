@@ -226,17 +226,19 @@ impl<R: Row> LiveTable<R> {
 
     /// The rows as one Arrow batch.
     pub fn snapshot(&self) -> Result<RecordBatch, LiveError> {
-        self.snapshot_of(None, None)
+        self.snapshot_of(None, None, None)
     }
 
     /// The rows of `tenant` (every row for `None`) as one Arrow batch, of the schema's
-    /// `columns` (in that order; every column for `None`).
+    /// `columns` (in that order; every column for `None`), at most `limit` of them (which ones
+    /// is unspecified).
     pub fn snapshot_of(
         &self,
         tenant: Option<&str>,
         columns: Option<&[usize]>,
+        limit: Option<usize>,
     ) -> Result<RecordBatch, LiveError> {
-        let Some(tenant) = tenant else {
+        if tenant.is_none() && limit.is_none_or(|limit| limit >= self.rows.len()) {
             return batch_of(
                 self.name,
                 &self.fields,
@@ -244,11 +246,12 @@ impl<R: Row> LiveTable<R> {
                 self.rows.len(),
                 &self.rows,
             );
-        };
+        }
         let rows: Vec<&R> = self
             .rows
             .iter()
-            .filter(|row| row.tenant() == Some(tenant))
+            .filter(|row| tenant.is_none_or(|tenant| row.tenant() == Some(tenant)))
+            .take(limit.unwrap_or(usize::MAX))
             .collect();
         batch_of(self.name, &self.fields, columns, rows.len(), &rows)
     }
@@ -432,6 +435,7 @@ trait AnyTable: Send + Sync + fmt::Debug {
         &self,
         tenant: Option<&str>,
         columns: Option<&[usize]>,
+        limit: Option<usize>,
     ) -> Result<RecordBatch, LiveError>;
     /// See [`LiveTable::lookup`].
     fn lookup(&self, key: &[Value], columns: Option<&[usize]>) -> Result<RecordBatch, LiveError>;
@@ -465,8 +469,9 @@ impl<R: Row> AnyTable for LiveTable<R> {
         &self,
         tenant: Option<&str>,
         columns: Option<&[usize]>,
+        limit: Option<usize>,
     ) -> Result<RecordBatch, LiveError> {
-        LiveTable::snapshot_of(self, tenant, columns)
+        LiveTable::snapshot_of(self, tenant, columns, limit)
     }
     fn lookup(&self, key: &[Value], columns: Option<&[usize]>) -> Result<RecordBatch, LiveError> {
         LiveTable::lookup(self, key, columns)
@@ -510,7 +515,7 @@ impl<H: HeldTable> AnyTable for Held<H> {
         self.held.len()
     }
     fn snapshot(&self) -> Result<RecordBatch, LiveError> {
-        self.snapshot_of(None, None)
+        self.snapshot_of(None, None, None)
     }
     fn watch(&mut self, on: bool) {
         self.watched = on;
@@ -544,18 +549,18 @@ impl<H: HeldTable> AnyTable for Held<H> {
         &self,
         tenant: Option<&str>,
         columns: Option<&[usize]>,
+        limit: Option<usize>,
     ) -> Result<RecordBatch, LiveError> {
         if columns.is_some_and(<[usize]>::is_empty) {
             // Rows counted, none read: they are not copied out of the workers' store.
-            return batch_of(
-                self.name,
-                &self.fields,
-                columns,
-                self.held.count(tenant),
-                &(),
-            );
+            let count = self.held.count(tenant).min(limit.unwrap_or(usize::MAX));
+            return batch_of(self.name, &self.fields, columns, count, &());
         }
-        let rows = self.held.rows(tenant);
+        // Only as many rows as the scan may need are copied out.
+        let rows = match limit {
+            Some(limit) => self.held.rows_up_to(tenant, limit),
+            None => self.held.rows(tenant),
+        };
         batch_of(self.name, &self.fields, columns, rows.len(), &rows)
     }
     fn lookup(&self, key: &[Value], columns: Option<&[usize]>) -> Result<RecordBatch, LiveError> {
@@ -702,15 +707,17 @@ impl LiveTables {
     }
 
     /// The rows of `name` belonging to `tenant` (all rows for `None`) as one Arrow batch, of
-    /// the schema's `columns` in that order (all for `None`): a query reading a few columns of
-    /// a large table builds only those.
+    /// the schema's `columns` in that order (all for `None`), at most `limit` rows (which ones
+    /// is unspecified): a query reading a few columns of a large table builds only those, and
+    /// one that wants a few rows reads only those.
     pub fn snapshot_of(
         &self,
         name: &str,
         tenant: Option<&str>,
         columns: Option<&[usize]>,
+        limit: Option<usize>,
     ) -> Result<RecordBatch, LiveError> {
-        self.get(name)?.snapshot_of(tenant, columns)
+        self.get(name)?.snapshot_of(tenant, columns, limit)
     }
 
     /// The columns `name`'s key is made of, in order; empty if it offers no lookups.
@@ -935,7 +942,7 @@ mod tests {
         let full = table.snapshot().unwrap();
         assert_eq!(full.num_columns(), 2);
         for columns in [&[][..], &[0], &[1], &[1, 0], &[0, 1]] {
-            let some = table.snapshot_of(None, Some(columns)).unwrap();
+            let some = table.snapshot_of(None, Some(columns), None).unwrap();
             assert_eq!(some, full.project(columns).unwrap(), "{columns:?}");
             assert_eq!(some.num_rows(), 100, "{columns:?}");
             let one = table.lookup(&[Value::from(7)], Some(columns)).unwrap();
@@ -947,10 +954,26 @@ mod tests {
             .as_any()
             .downcast_ref::<arrow::array::UInt32Array>();
         assert_eq!(v.map(|v| v.value(0)), Some(993));
+        // At most `limit` rows, each one of the table's.
+        for limit in [0, 7, 100, 1000] {
+            let few = table.snapshot_of(None, None, Some(limit)).unwrap();
+            assert_eq!(few.num_rows(), limit.min(100));
+            let ks = few
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::UInt32Array>();
+            let vs = few
+                .column(1)
+                .as_any()
+                .downcast_ref::<arrow::array::UInt32Array>();
+            for (k, v) in ks.unwrap().iter().zip(vs.unwrap().iter()) {
+                assert_eq!(table.get(&k.unwrap()).map(|row| row.v), v);
+            }
+        }
         let missing = table.lookup(&[Value::from(100)], Some(&[])).unwrap();
         assert_eq!((missing.num_rows(), missing.num_columns()), (0, 0));
         for wrong in [&[2][..], &[1, 1], &[0, 1, 0]] {
-            let error = table.snapshot_of(None, Some(wrong)).unwrap_err();
+            let error = table.snapshot_of(None, Some(wrong), None).unwrap_err();
             assert_eq!(
                 error.to_string(),
                 format!("table wide has 2 columns: {wrong:?} are not distinct columns of it"),
@@ -981,11 +1004,11 @@ mod tests {
         }
         let before = WRITTEN.load(Relaxed);
         for columns in [&[][..], &[0]] {
-            table.snapshot_of(None, Some(columns)).unwrap();
+            table.snapshot_of(None, Some(columns), None).unwrap();
             table.lookup(&[Value::from(3)], Some(columns)).unwrap();
         }
         assert_eq!(WRITTEN.load(Relaxed), before);
-        table.snapshot_of(None, Some(&[1])).unwrap();
+        table.snapshot_of(None, Some(&[1]), None).unwrap();
         assert_eq!(WRITTEN.load(Relaxed), before + 10);
     }
 
@@ -1031,13 +1054,23 @@ mod tests {
             let held: &Elsewhere = tables.held_by("wide").unwrap();
             held.copies.load(std::sync::atomic::Ordering::Relaxed)
         };
-        let count = tables.snapshot_of("wide", None, Some(&[])).unwrap();
+        let count = tables.snapshot_of("wide", None, Some(&[]), None).unwrap();
         assert_eq!((count.num_rows(), count.num_columns()), (50, 0));
         assert_eq!(copies(&tables), 0);
         let full = tables.snapshot("wide").unwrap();
-        let one = tables.snapshot_of("wide", None, Some(&[1])).unwrap();
+        let one = tables.snapshot_of("wide", None, Some(&[1]), None).unwrap();
         assert_eq!(one, full.project(&[1]).unwrap());
         assert_eq!(copies(&tables), 2);
+        // A limited scan copies out only that many rows; a limited count reads none.
+        let few = tables
+            .snapshot_of("wide", None, Some(&[0]), Some(5))
+            .unwrap();
+        assert_eq!(few.num_rows(), 5);
+        let counted = tables
+            .snapshot_of("wide", None, Some(&[]), Some(5))
+            .unwrap();
+        assert_eq!(counted.num_rows(), 5);
+        assert_eq!(copies(&tables), 3);
         let found = tables.lookup("wide", &[Value::from(3)], Some(&[])).unwrap();
         assert_eq!((found.num_rows(), found.num_columns()), (1, 0));
     }

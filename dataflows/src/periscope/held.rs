@@ -501,6 +501,12 @@ impl SessionStore {
     /// Every visible row of `tenant` (all for `None`). Only under the live tables' read lock
     /// (through [`HeldSessions`]): the boundaries must not move during the read.
     pub(crate) fn rows(&self, tenant: Option<&str>) -> Vec<ViewerSessionRow> {
+        self.rows_up_to(tenant, usize::MAX)
+    }
+
+    /// At most `limit` of the rows [`SessionStore::rows`] gives: reading stops once it has
+    /// them.
+    pub(crate) fn rows_up_to(&self, tenant: Option<&str>, limit: usize) -> Vec<ViewerSessionRow> {
         let boundaries = self.boundaries();
         let mut out = Vec::new();
         for stream in self.streams() {
@@ -509,10 +515,16 @@ impl SessionStore {
             }
             let boundary = boundaries.get(stream.worker).copied().unwrap_or(0);
             let mut from = Some(0);
-            while let Some(at) = from {
+            while let Some(at) = from
+                && out.len() < limit
+            {
                 from = stream.lock().rows_at(stream.names, boundary, at, &mut out);
             }
+            if out.len() >= limit {
+                break;
+            }
         }
+        out.truncate(limit);
         out
     }
 
@@ -646,6 +658,10 @@ impl HeldTable for HeldSessions {
 
     fn count(&self, tenant: Option<&str>) -> usize {
         self.store.count(tenant)
+    }
+
+    fn rows_up_to(&self, tenant: Option<&str>, limit: usize) -> Vec<ViewerSessionRow> {
+        self.store.rows_up_to(tenant, limit)
     }
 
     fn get(&self, key: &(Sym, Sym, Sym, ShortStr)) -> Option<ViewerSessionRow> {

@@ -876,6 +876,19 @@ fn check_held(
 ) -> Result<(), TestCaseError> {
     prop_assert_eq!(&session_map(held.rows(None)), expected);
     prop_assert_eq!(held.len(), expected.len());
+    for limit in [0, 1, expected.len() / 2, expected.len() + 1] {
+        let some = held.rows_up_to(None, limit);
+        prop_assert_eq!(some.len(), limit.min(expected.len()));
+        for (text, row) in &session_map(some) {
+            prop_assert_eq!(
+                Some(row),
+                expected.get(text),
+                "{} of {} rows",
+                limit,
+                expected.len()
+            );
+        }
+    }
     for (text, row) in keys {
         let got = held
             .get(&row.key())
