@@ -91,17 +91,10 @@ fn clock(seconds: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-/// What a backfill's progress is measured against.
-enum Expected {
-    /// Records, as the broker estimates them (none if it cannot say).
-    Records(Option<u64>),
-    /// The share of a source read, where it tells (a file, by its bytes: counting its lines
-    /// first would read it twice).
-    Share(Arc<dyn Source>),
-}
-
-/// One progress line: records read, how far that is, rate, ETA.
-fn progress(read: u64, expected: &Expected, elapsed: Duration) -> String {
+/// One progress line: records read, how far that is, rate, ETA. How far is the share of the
+/// input read where the source tells it (`Source::progress`: a file, by its bytes, so its
+/// lines need not be counted first), else records of the `expected` (a broker's estimate).
+fn progress(read: u64, expected: Option<u64>, share: Option<f64>, elapsed: Duration) -> String {
     let seconds = elapsed.as_secs_f64().max(1e-3);
     let rate = group((read as f64 / seconds) as u64);
     // Time left at the rate so far, with a share `done` of the work done.
@@ -114,27 +107,25 @@ fn progress(read: u64, expected: &Expected, elapsed: Duration) -> String {
             "?".into()
         }
     };
-    let share = match expected {
-        Expected::Records(Some(expected)) if *expected > 0 => {
-            let done = (read as f64 / *expected as f64).min(1.0);
-            return format!(
-                "backfill: {} of ~{} records ({:.1}%) | {rate} records/s | ETA {}",
-                group(read),
-                group(*expected),
-                done * 100.0,
-                eta(done)
-            );
-        }
-        Expected::Records(_) => None,
-        Expected::Share(source) => source.progress(),
-    };
-    match share {
-        Some(done) => format!(
+    if let Some(done) = share {
+        return format!(
             "backfill: {} records, {:.1}% of the input | {rate} records/s | ETA {}",
             group(read),
             done * 100.0,
             eta(done)
-        ),
+        );
+    }
+    match expected.filter(|e| *e > 0) {
+        Some(expected) => {
+            let done = (read as f64 / expected as f64).min(1.0);
+            format!(
+                "backfill: {} of ~{} records ({:.1}%) | {rate} records/s | ETA {}",
+                group(read),
+                group(expected),
+                done * 100.0,
+                eta(done)
+            )
+        }
         None => format!("backfill: {} records | {rate} records/s", group(read)),
     }
 }
@@ -149,10 +140,9 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
     {
         bail!("nothing to fill: give --clickhouse URL and/or --database URL");
     }
-    let (source, expected): (Arc<dyn Source>, Expected) =
+    let (source, expected): (Arc<dyn Source>, Option<u64>) =
         if let Some(path) = args.source.strip_prefix("file:") {
-            let file: Arc<dyn Source> = Arc::new(FileSource::open(path.as_ref())?);
-            (file.clone(), Expected::Share(file))
+            (Arc::new(FileSource::open(path.as_ref())?), None)
         } else if args.source.starts_with("kafka://") {
             let kafka = KafkaSource::new(
                 KafkaAddress::parse(&args.source)?,
@@ -162,7 +152,7 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
             )
             .with_time_range(from - EARLY, to + LATE);
             let expected = kafka.estimate_records().unwrap_or(None);
-            (Arc::new(kafka), Expected::Records(expected))
+            (Arc::new(kafka), expected)
         } else {
             bail!(
                 "unknown source {:?}: use kafka://HOST:PORT/TOPIC or file:PATH",
@@ -201,8 +191,10 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let stats = handles.stats.clone();
     let every = Duration::from_millis(if tty { 200 } else { 1000 });
+    let input = source.clone();
     crate::cli::run_engine(source, &options, &handles, every, |elapsed| {
-        let line = progress(stats.records.load(Ordering::Relaxed), &expected, elapsed);
+        let read = stats.records.load(Ordering::Relaxed);
+        let line = progress(read, expected, input.progress(), elapsed);
         if tty {
             eprint!("\r{line}   ");
         } else {
@@ -242,16 +234,15 @@ mod tests {
 
     #[test]
     fn progress_lines() {
-        let records = |expected| Expected::Records(expected);
         assert_eq!(
-            progress(250_000, &records(Some(1_000_000)), Duration::from_secs(1)),
+            progress(250_000, Some(1_000_000), None, Duration::from_secs(1)),
             "backfill: 250,000 of ~1,000,000 records (25.0%) | 250,000 records/s | ETA 0:00:03"
         );
         assert_eq!(
-            progress(10, &records(None), Duration::from_secs(2)),
+            progress(10, None, None, Duration::from_secs(2)),
             "backfill: 10 records | 5 records/s"
         );
-        assert!(progress(5, &records(Some(3)), Duration::from_secs(1)).contains("(100.0%)"));
+        assert!(progress(5, Some(3), None, Duration::from_secs(1)).contains("(100.0%)"));
     }
 
     /// A file's progress is the share of its bytes handed to the readers, which it learns
@@ -265,10 +256,9 @@ mod tests {
         let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(1000));
         std::fs::write(&path, line.repeat(2_500)).unwrap();
         let file = FileSource::open(&path).unwrap();
-        let expected = Expected::Share(Arc::new(file.clone()));
         let second = Duration::from_secs(1);
         assert_eq!(
-            progress(0, &expected, second),
+            progress(0, None, file.progress(), second),
             "backfill: 0 records, 0.0% of the input | 0 records/s | ETA ?"
         );
         let mut reader = file.open(0, 1).unwrap();
@@ -277,12 +267,12 @@ mod tests {
         // 1,037 whole lines of 1,011 bytes make the first chunk: 41.5 % of 2,527,500 bytes,
         // and 1.4 s more at the rate so far.
         assert_eq!(
-            progress(10, &expected, second),
+            progress(10, None, file.progress(), second),
             "backfill: 10 records, 41.5% of the input | 10 records/s | ETA 0:00:01"
         );
         while reader.next_batch(&mut batch, 10_000).unwrap() == Poll::Ready {}
         assert_eq!(
-            progress(2_500, &expected, second),
+            progress(2_500, None, file.progress(), second),
             "backfill: 2,500 records, 100.0% of the input | 2,500 records/s | ETA 0:00:00"
         );
     }
@@ -293,9 +283,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty.ndjson");
         std::fs::write(&path, "").unwrap();
-        let expected = Expected::Share(Arc::new(FileSource::open(&path).unwrap()));
+        let share = FileSource::open(&path).unwrap().progress();
         assert_eq!(
-            progress(0, &expected, Duration::from_secs(1)),
+            progress(0, None, share, Duration::from_secs(1)),
             "backfill: 0 records, 100.0% of the input | 0 records/s | ETA 0:00:00"
         );
     }

@@ -123,15 +123,7 @@ impl LiveProvider {
                     && matches!(value, ScalarValue::Utf8(Some(v)) | ScalarValue::Utf8View(Some(v)) | ScalarValue::LargeUtf8(Some(v)) if v != tenant)
             });
             if other {
-                let schema = match columns {
-                    Some(columns) => Arc::new(
-                        self.schema
-                            .project(columns)
-                            .map_err(|e| SqlError::Invalid(e.to_string()))?,
-                    ),
-                    None => self.schema.clone(),
-                };
-                return Ok(RecordBatch::new_empty(schema));
+                return Ok(tables.snapshot_of(self.name, Some(tenant), columns, Some(0))?);
             }
             pinned.push((
                 "tenant_id".to_owned(),

@@ -557,10 +557,7 @@ impl<H: HeldTable> AnyTable for Held<H> {
             return batch_of(self.name, &self.fields, columns, count, &());
         }
         // Only as many rows as the scan may need are copied out.
-        let rows = match limit {
-            Some(limit) => self.held.rows_up_to(tenant, limit),
-            None => self.held.rows(tenant),
-        };
+        let rows = self.held.rows_up_to(tenant, limit.unwrap_or(usize::MAX));
         batch_of(self.name, &self.fields, columns, rows.len(), &rows)
     }
     fn lookup(&self, key: &[Value], columns: Option<&[usize]>) -> Result<RecordBatch, LiveError> {
