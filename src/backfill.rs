@@ -58,17 +58,11 @@ pub struct BackfillArgs {
     batch: usize,
 }
 
-/// Records a worker may read past what the stores hold before it waits for them (while a store
-/// is slow or down): `keel run`'s 512 epochs of 8,192, whatever a backfill's epoch size.
-const UNDURABLE_RECORDS: usize = 512 * 8192;
-
 impl BackfillArgs {
     /// The engine's settings for the range `[from, to)`.
     pub(crate) fn engine_options(&self, from: i64, to: i64) -> engine::EngineOptions {
         engine::EngineOptions {
             workers: self.workers,
-            batch: self.batch,
-            max_undurable: (UNDURABLE_RECORDS / self.batch).max(8),
             event_range: Some((from, to)),
             // The range's windows are the backfill's own: stored ones it no longer computes
             // (left by an interrupted run) are removed.
@@ -77,6 +71,7 @@ impl BackfillArgs {
             routing: false,
             ..engine::EngineOptions::default()
         }
+        .with_batch(self.batch)
     }
 }
 

@@ -282,14 +282,15 @@ pub fn at_least_one(text: &str) -> Result<usize, String> {
 }
 
 impl EngineArgs {
-    /// The engine's options, with `batch` records per epoch unless `--batch` says otherwise.
+    /// The engine's options, with `batch` records per epoch unless `--batch` says otherwise,
+    /// and the records a worker may hold unstored kept the same whatever the epoch size.
     /// (Both counts were checked while the arguments were read.)
     fn options(&self, batch: usize) -> EngineOptions {
         EngineOptions {
             workers: self.workers,
-            batch: self.batch.unwrap_or(batch),
             ..EngineOptions::default()
         }
+        .with_batch(self.batch.unwrap_or(batch))
     }
 }
 
@@ -1225,6 +1226,22 @@ mod tests {
         assert_eq!((small.batch, small.max_undurable), (100, 41_943));
         let large = parse(&[&backfill[..], &["--batch", "10000000"]].concat());
         assert_eq!(large.max_undurable, 8);
+        // So does `keel run` in larger epochs than its own (and `keel sql`, which stores
+        // nothing, carries the same bound).
+        for command in [
+            &["keel", "run"][..],
+            &["keel", "sql", "--input", "x", "SELECT 1"],
+        ] {
+            let larger = parse(&[command, &["--batch", "65536"]].concat());
+            assert_eq!(
+                larger.max_undurable * larger.batch,
+                run.max_undurable * run.batch
+            );
+            assert_eq!(
+                parse(&[command, &["--batch", "100"]].concat()).max_undurable,
+                41_943
+            );
+        }
         for command in [
             &["keel", "run"][..],
             &["keel", "sql", "--input", "x", "SELECT 1"],

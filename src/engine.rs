@@ -141,6 +141,24 @@ pub struct EngineOptions {
     pub routing: bool,
 }
 
+/// Records a worker may read past what the durable sinks hold before it waits for them (while
+/// a store is slow or down): 512 epochs of 8,192, whatever the epoch size
+/// ([`EngineOptions::with_batch`]).
+pub const UNDURABLE_RECORDS: usize = 512 * 8192;
+
+impl EngineOptions {
+    /// These options with epochs of at most `batch` records (at least 1), and as many epochs
+    /// not yet stored as keep those records within [`UNDURABLE_RECORDS`] (but at least 8
+    /// epochs, so very large epochs still overlap their stores).
+    pub fn with_batch(self, batch: usize) -> Self {
+        EngineOptions {
+            batch,
+            max_undurable: (UNDURABLE_RECORDS / batch.max(1)).max(8),
+            ..self
+        }
+    }
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
@@ -148,7 +166,7 @@ impl Default for EngineOptions {
             batch: 8192,
             pace: Pace::default(),
             max_inflight: 8,
-            max_undurable: 512,
+            max_undurable: UNDURABLE_RECORDS / 8192,
             time_bounds: TimeBounds::default(),
             event_range: None,
             reconcile: None,
