@@ -1173,3 +1173,69 @@ fn current_clickhouse_semantics_hold_the_same_tables_as_the_old_server() {
         );
     }
 }
+
+/// A `streams` row with text PostgreSQL cannot hold as is (a NUL character, values wider than
+/// their columns) is fitted to `stream_analytics`, and the rows written beside it are kept: one
+/// such value used to fail every write, so the store, and the positions behind it, never moved.
+#[test]
+fn odd_text_never_blocks_the_rows_written_beside_it() {
+    use keel_sinks::sql::SqlStore;
+    let sql = fresh_postgres(&unique("odd_text"));
+    let tenant = "5b3c5a4e-9d0e-4c1e-8a52-1f0e8a1f5c11";
+    let row = |name: &str, status: &str, node: &str| {
+        let value = serde_json::json!({
+            "tenant_id": tenant, "stream_id": "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "internal_name": name, "status": status, "node_id": node,
+            "current_viewers": 2, "peak_viewers": 3, "total_sessions": 4, "unique_viewers": 3,
+            "viewer_seconds": 1.5, "egress_bytes": 10, "ingress_bytes": 20,
+            "buffer_state": "FULL", "quality_tier": "1080p",
+            "started_at": 1_700_000_000_000i64, "updated_at": 1_700_000_100_000i64,
+        });
+        (tenant.to_owned(), name.to_owned(), Some(value))
+    };
+    let long_name = "x".repeat(300);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = SqlStore::connect(&sql).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+            .write(&[
+                row("good", "live", "edge-1"),
+                row("nul\0name", "li\0ve", &"n".repeat(120)),
+                row(&long_name, "live", "edge-1"),
+            ])
+            .await
+            .expect("the write goes through");
+        // Removing the odd rows goes through too (the long one was never kept).
+        store
+            .write(&[(tenant.to_owned(), long_name.clone(), None)])
+            .await
+            .unwrap();
+    });
+    let rows = stream_analytics(&sql);
+    let lines: Vec<&str> = rows.lines().collect();
+    assert_eq!(lines.len(), 2, "{rows}");
+    assert!(
+        lines[0].contains(",good,") && lines[0].contains(",live,edge-1,"),
+        "{rows}"
+    );
+    assert!(
+        lines[1].contains(",nul\u{FFFD}name,") && lines[1].contains(",li\u{FFFD}ve,"),
+        "{rows}"
+    );
+    assert!(
+        lines[1].contains(&format!(",{},", "n".repeat(100))),
+        "{rows}"
+    );
+    runtime.block_on(async {
+        let store = SqlStore::connect(&sql).await.unwrap();
+        store
+            .write(&[(tenant.to_owned(), "nul\0name".to_owned(), None)])
+            .await
+            .unwrap();
+    });
+    assert_eq!(stream_analytics(&sql).lines().count(), 1);
+}

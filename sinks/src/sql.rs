@@ -79,7 +79,51 @@ struct Stream {
     updated_at: i64,
 }
 
+/// Widths, in characters, of `stream_analytics`' text columns (as `create_statement` declares
+/// them): the stream's name, the node's id, and the status, buffer state and quality tier.
+const NAME_WIDTH: usize = keel_sources::codec::MAX_STREAM_NAME;
+const NODE_WIDTH: usize = 100;
+const LABEL_WIDTH: usize = 50;
+
+/// `text` as a text column `width` characters wide can hold it: NUL characters, which
+/// PostgreSQL text cannot hold, become U+FFFD, and the text is cut after `width` characters.
+/// Returns whether it had to be cut.
+fn fit(text: &mut String, width: usize) -> bool {
+    if text.contains('\0') {
+        *text = text.replace('\0', "\u{FFFD}");
+    }
+    match text.char_indices().nth(width) {
+        Some((cut, _)) => {
+            text.truncate(cut);
+            true
+        }
+        None => false,
+    }
+}
+
 impl Stream {
+    /// The row as the table can hold it (see [`fit`]), so that one odd value never fails the
+    /// write of every row beside it. A stream name longer than its column is part of the key:
+    /// cut, it could land on another stream's row, so such a row is refused (`Err`) instead.
+    fn fitted(mut self) -> Result<Stream, String> {
+        if fit(&mut self.internal_name, NAME_WIDTH) {
+            return Err(format!(
+                "its stream name is longer than the {NAME_WIDTH} characters stream_analytics holds"
+            ));
+        }
+        fit(&mut self.status, LABEL_WIDTH);
+        for (value, width) in [
+            (&mut self.node_id, NODE_WIDTH),
+            (&mut self.buffer_state, LABEL_WIDTH),
+            (&mut self.quality_tier, LABEL_WIDTH),
+        ] {
+            if let Some(value) = value {
+                fit(value, width);
+            }
+        }
+        Ok(self)
+    }
+
     fn ended_at(&self) -> Option<i64> {
         (self.status == "offline").then_some(self.updated_at)
     }
@@ -121,15 +165,17 @@ const UPDATES: &str = " ON CONFLICT (tenant_id, internal_name) DO UPDATE SET \
 fn create_statement(uuid: &str, time: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS stream_analytics (\
-         tenant_id {uuid} NOT NULL, internal_name VARCHAR(255) NOT NULL, stream_id {uuid}, \
-         status VARCHAR(50) NOT NULL DEFAULT 'offline', node_id VARCHAR(100), \
+         tenant_id {uuid} NOT NULL, internal_name VARCHAR({NAME_WIDTH}) NOT NULL, \
+         stream_id {uuid}, status VARCHAR({LABEL_WIDTH}) NOT NULL DEFAULT 'offline', \
+         node_id VARCHAR({NODE_WIDTH}), \
          current_viewers BIGINT NOT NULL DEFAULT 0, peak_viewers BIGINT NOT NULL DEFAULT 0, \
          total_connections BIGINT NOT NULL DEFAULT 0, unique_viewers BIGINT NOT NULL DEFAULT 0, \
          total_session_duration DOUBLE PRECISION NOT NULL DEFAULT 0, \
          bandwidth_in BIGINT NOT NULL DEFAULT 0, bandwidth_out BIGINT NOT NULL DEFAULT 0, \
          upbytes BIGINT NOT NULL DEFAULT 0, downbytes BIGINT NOT NULL DEFAULT 0, \
-         total_bandwidth_gb DOUBLE PRECISION NOT NULL DEFAULT 0, buffer_state VARCHAR(50), \
-         quality_tier VARCHAR(50), session_start_time {time}, session_end_time {time}, \
+         total_bandwidth_gb DOUBLE PRECISION NOT NULL DEFAULT 0, \
+         buffer_state VARCHAR({LABEL_WIDTH}), quality_tier VARCHAR({LABEL_WIDTH}), \
+         session_start_time {time}, session_end_time {time}, \
          last_updated {time} NOT NULL, PRIMARY KEY (tenant_id, internal_name))"
     )
 }
@@ -262,12 +308,28 @@ impl SqlStore {
         for (tenant, name, row) in rows {
             match row {
                 Some(value) => match Stream::deserialize(value) {
-                    Ok(stream) => upserts.push(stream),
+                    Ok(stream) => match stream.fitted() {
+                        Ok(stream) => upserts.push(stream),
+                        Err(reason) => {
+                            let name: String = name.chars().take(40).collect();
+                            tracing::error!(
+                                tenant,
+                                name,
+                                "a streams row is not kept in stream_analytics: {reason}"
+                            );
+                        }
+                    },
                     Err(error) => {
                         tracing::error!(%error, tenant, name, "a streams row lacks stream_analytics columns");
                     }
                 },
-                None => deletes.push((tenant.clone(), name.clone())),
+                None => {
+                    // Under the name the row was written with; a name too long was never kept.
+                    let mut name = name.clone();
+                    if !fit(&mut name, NAME_WIDTH) {
+                        deletes.push((tenant.clone(), name));
+                    }
+                }
             }
         }
         match self {
@@ -392,6 +454,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn values_are_fitted_to_their_columns() {
+        let mut text = "a\0b".to_owned();
+        assert!(!fit(&mut text, 3));
+        assert_eq!(text, "a\u{FFFD}b");
+        // Widths count characters, not bytes.
+        let mut text = "é".repeat(5);
+        assert!(!fit(&mut text, 5));
+        assert!(fit(&mut text, 4));
+        assert_eq!(text, "é".repeat(4));
+        let odd = |name: &str, node: &str| {
+            let mut row = row(1, "li\0ve");
+            row["internal_name"] = json!(name);
+            row["node_id"] = json!(node);
+            row["quality_tier"] = json!("q".repeat(60));
+            Stream::deserialize(&row).unwrap().fitted()
+        };
+        let fitted = odd("a\0b", &"n".repeat(120)).unwrap();
+        assert_eq!(fitted.internal_name, "a\u{FFFD}b");
+        assert_eq!(fitted.status, "li\u{FFFD}ve");
+        assert_eq!(fitted.node_id, Some("n".repeat(NODE_WIDTH)));
+        assert_eq!(fitted.quality_tier, Some("q".repeat(LABEL_WIDTH)));
+        let refused = odd(&"x".repeat(NAME_WIDTH + 1), "edge-1").unwrap_err();
+        assert!(
+            refused.contains("longer than the 255 characters"),
+            "{refused}"
+        );
+        assert!(odd(&"x".repeat(NAME_WIDTH), "edge-1").is_ok());
     }
 
     #[tokio::test]

@@ -16,8 +16,8 @@
 //! - **Event time**: the envelope `timestamp`, unless a payload time is more precise
 //!   (`trigger_unix_millis`, or integer timestamps, read as milliseconds from 10¹¹ up and as seconds
 //!   below).
-//! - **Streams**: `live+`/`vod+` prefixes are stripped from internal names; a `stream_id`, when
-//!   present, must be a UUID.
+//! - **Streams**: `live+`/`vod+` prefixes are stripped from internal names, which may be at most
+//!   [`MAX_STREAM_NAME`] characters long; a `stream_id`, when present, must be a UUID.
 //! - **Unknown types** become [`EventKind::Unknown`], never errors.
 
 mod fields;
@@ -509,6 +509,10 @@ fn version_1(d: &Fields<'_>, event_type: &str, record: &Record<'_>) -> Result<Ev
     })
 }
 
+/// The longest internal name accepted, in characters: the platform's `stream_analytics` (and
+/// Keel's copy of it) keys streams by names of at most this many.
+pub const MAX_STREAM_NAME: usize = 255;
+
 /// Strips the `live+`/`vod+` prefix Mist puts on stream names.
 pub fn internal_name(name: &str) -> &str {
     name.strip_prefix("live+")
@@ -527,6 +531,12 @@ fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
     let name = internal_name(&name);
     if name.is_empty() {
         return Err("stream name is empty after its prefix".to_owned());
+    }
+    if name.len() > MAX_STREAM_NAME && name.chars().count() > MAX_STREAM_NAME {
+        return Err(format!(
+            "stream name is longer than {MAX_STREAM_NAME} characters ({} characters)",
+            name.chars().count()
+        ));
     }
     let stream_id = match first_text(&[p.stream_id(), d.stream_id()]) {
         None => None,

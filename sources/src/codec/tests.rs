@@ -388,6 +388,22 @@ fn refusals_name_the_problem() {
     for (value, reason) in cases {
         assert_eq!(err(value).reason, reason, "{value}");
     }
+    // Names are measured in characters, after their prefix.
+    let named = |name: &str| {
+        v2(
+            "stream_end",
+            &format!(r#"{{"stream_end":{{"stream_name":"live+{name}"}}}}"#),
+        )
+    };
+    assert_eq!(
+        err(&named(&"x".repeat(256))).reason,
+        "stream name is longer than 255 characters (256 characters)"
+    );
+    let longest = "é".repeat(255);
+    match ok(&named(&longest)).kind {
+        EventKind::StreamEnd(end) => assert_eq!(end.stream.internal_name.as_str(), longest),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
