@@ -31,6 +31,17 @@ use crate::record::{Position, Record};
 /// The consumer name dead letters carry.
 pub const CONSUMER: &str = "keel";
 
+/// Most bytes of a refused record's value a dead letter carries. Base64 makes them a third
+/// larger, and a letter must stay under the 1,000,000-byte message that producers and brokers
+/// accept by default: a letter too large for the topic would fail its batch at every retry and
+/// hold the positions of every later record back. A record cut short says so (`value_size`,
+/// `value_truncated`); its position still names where the whole of it is.
+pub const MAX_LETTER_VALUE: usize = 512 * 1024;
+
+/// Most bytes of a refused record's key a dead letter carries (`key_size`, `key_truncated` when
+/// cut); a letter whose record's key is longer is keyed by the record's position instead.
+pub const MAX_LETTER_KEY: usize = 16 * 1024;
+
 /// One record for the dead-letter topic.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetter {
@@ -64,7 +75,9 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
         ),
     };
     let original_key = record.and_then(|r| r.headers.key.as_deref());
-    let key = original_key.map_or(key, <[u8]>::to_vec);
+    let key = original_key
+        .filter(|k| k.len() <= MAX_LETTER_KEY)
+        .map_or(key, <[u8]>::to_vec);
     let mut headers = Map::new();
     let mut object = Map::new();
     object.insert("topic".into(), Value::from(topic.clone()));
@@ -101,15 +114,13 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
         object.insert("event_type".into(), Value::from(kind.as_str()));
     }
     if let Some(original) = original_key {
-        object.insert(
-            "key_base64".into(),
-            Value::from(base64::engine::general_purpose::STANDARD.encode(original)),
-        );
+        insert_bytes(&mut object, "key", original, MAX_LETTER_KEY);
     }
-    let value = record.map_or(&[][..], |r| r.value);
-    object.insert(
-        "value_base64".into(),
-        Value::from(base64::engine::general_purpose::STANDARD.encode(value)),
+    insert_bytes(
+        &mut object,
+        "value",
+        record.map_or(&[][..], |r| r.value),
+        MAX_LETTER_VALUE,
     );
     object.insert("headers".into(), Value::Object(headers));
     object.insert("error".into(), Value::from(error.reason.as_str()));
@@ -125,6 +136,20 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
         key,
         value: serde_json::to_vec(&Value::Object(object)).expect("JSON values serialize"),
         headers: letter_headers,
+    }
+}
+
+/// Puts `bytes` into a letter as `{name}_base64`, at most `limit` of them; when they are cut,
+/// `{name}_size` gives their whole length and `{name}_truncated` is true.
+fn insert_bytes(object: &mut Map<String, Value>, name: &str, bytes: &[u8], limit: usize) {
+    let kept = &bytes[..bytes.len().min(limit)];
+    object.insert(
+        format!("{name}_base64"),
+        Value::from(base64::engine::general_purpose::STANDARD.encode(kept)),
+    );
+    if kept.len() < bytes.len() {
+        object.insert(format!("{name}_size"), Value::from(bytes.len()));
+        object.insert(format!("{name}_truncated"), Value::from(true));
     }
 }
 
@@ -293,5 +318,82 @@ mod tests {
                 .contains(&("original_topic", "analytics_events".into()))
         );
         assert!(letter.headers.contains(&("source", "keel".into())));
+    }
+
+    /// A refused record as large as a topic's messages get, with a large key, is copied cut
+    /// short, so its letter still fits a message: a letter too large would fail at every retry.
+    #[test]
+    fn letters_of_huge_records_fit_a_message() {
+        let value = vec![b'x'; 2_000_000];
+        let key = vec![b'k'; MAX_LETTER_KEY + 1];
+        let record = Record {
+            position: Position::Kafka {
+                topic: Sym::new("analytics_events"),
+                partition: 0,
+                offset: 5,
+            },
+            value: &value,
+            headers: Headers {
+                key: Some(Cow::Borrowed(&key[..])),
+                ..Headers::default()
+            },
+        };
+        let error = IngestError {
+            position: record.position.clone(),
+            reason: "record is not a JSON object".into(),
+            event_type: None,
+            tenant_id: None,
+            excerpt: String::new(),
+        };
+        let letter = dead_letter(Some(&record), &error, 7);
+        assert!(letter.value.len() < 1_000_000, "{}", letter.value.len());
+        assert_eq!(letter.key, b"analytics_events:0:5");
+        let json: Value = serde_json::from_slice(&letter.value).unwrap();
+        let decode = |field: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(json[field].as_str().unwrap())
+                .unwrap()
+        };
+        assert_eq!(decode("value_base64"), &value[..MAX_LETTER_VALUE]);
+        assert_eq!(
+            (&json["value_size"], &json["value_truncated"]),
+            (&Value::from(2_000_000), &Value::from(true))
+        );
+        assert_eq!(decode("key_base64"), &key[..MAX_LETTER_KEY]);
+        assert_eq!(json["key_size"], MAX_LETTER_KEY + 1);
+        assert_eq!(json["key_truncated"], true);
+
+        // One byte under each limit: kept whole, and nothing says otherwise.
+        let (value, key) = (&value[..MAX_LETTER_VALUE], &key[..MAX_LETTER_KEY]);
+        let whole = Record {
+            value,
+            headers: Headers {
+                key: Some(Cow::Borrowed(key)),
+                ..Headers::default()
+            },
+            position: record.position.clone(),
+        };
+        let letter = dead_letter(Some(&whole), &error, 7);
+        assert_eq!(letter.key, key);
+        let json: Value = serde_json::from_slice(&letter.value).unwrap();
+        for field in ["value_size", "value_truncated", "key_size", "key_truncated"] {
+            assert!(json.get(field).is_none(), "{field}");
+        }
+
+        // And the producer takes it, where an uncut letter is refused as too large.
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+        cluster.create_topic("letters", 1, 1).expect("a topic");
+        let writer = DeadLetterWriter::new(KafkaAddress {
+            brokers: cluster.bootstrap_servers(),
+            topic: "letters".into(),
+        })
+        .expect("a producer");
+        let huge = dead_letter(Some(&record), &error, 7);
+        writer
+            .send_all(&[huge])
+            .expect("the cut letter is delivered");
+        let mut uncut = letter;
+        uncut.value = vec![b'x'; 1_100_000];
+        assert!(writer.send_all(&[uncut]).is_err());
     }
 }
