@@ -26,6 +26,19 @@ use crate::source::{Batch, Poll, Source, SourceReader};
 /// Bytes handed to a worker at a time (rounded to whole lines).
 const CHUNK: usize = 1 << 20;
 
+/// The longest line read, in bytes. A longer one (a file that is not NDJSON, a dump whose
+/// newlines were lost) is not held in memory: it is skipped to its end and becomes an error
+/// row, and the lines after it are read as usual. Kafka records are a megabyte by default, and
+/// a `kcat -J` envelope escapes its payload to a few times that at most.
+pub const MAX_LINE: usize = 16 << 20;
+
+/// A line longer than [`MAX_LINE`] that was skipped.
+struct LongLine {
+    line: u64,
+    bytes: u64,
+    head: Vec<u8>,
+}
+
 struct Cursor {
     file: File,
     /// Bytes read past the last newline of the previous chunk.
@@ -34,6 +47,8 @@ struct Cursor {
     eof: bool,
     /// Bytes of whole lines handed out so far (shared with [`FileSource::progress`]).
     handed: Arc<AtomicU64>,
+    /// Lines skipped as too long since the readers last took them.
+    long_lines: Vec<LongLine>,
 }
 
 impl Cursor {
@@ -48,6 +63,9 @@ impl Cursor {
                     out.truncate(last + 1);
                     break;
                 }
+            } else if out.len() > MAX_LINE {
+                self.skip_long_line(out)?;
+                continue;
             } else if self.eof {
                 break;
             }
@@ -70,6 +88,35 @@ impl Cursor {
             self.next_line += 1;
         }
         Ok(Some(first))
+    }
+
+    /// Skips the line that `out` begins and holds no end of (more than [`MAX_LINE`] bytes of
+    /// it), reading on to its newline without keeping it; `out` is left holding what follows.
+    fn skip_long_line(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let head = out[..crate::error::EXCERPT_BYTES + 1].to_vec();
+        let mut bytes = out.len() as u64;
+        let mut newline = 0;
+        out.clear();
+        while !self.eof {
+            let read = (&mut self.file).take(CHUNK as u64).read_to_end(out)?;
+            self.eof = read < CHUNK;
+            if let Some(end) = memchr::memchr(b'\n', out) {
+                bytes += end as u64;
+                newline = 1;
+                out.drain(..=end);
+                break;
+            }
+            bytes += out.len() as u64;
+            out.clear();
+        }
+        self.handed.fetch_add(bytes + newline, Ordering::Relaxed);
+        self.long_lines.push(LongLine {
+            line: self.next_line,
+            bytes,
+            head,
+        });
+        self.next_line += 1;
+        Ok(())
     }
 }
 
@@ -113,6 +160,7 @@ impl FileSource {
                 next_line: 1,
                 eof: false,
                 handed: handed.clone(),
+                long_lines: Vec::new(),
             }))),
             size,
             handed,
@@ -209,6 +257,9 @@ impl SourceReader for FileReader {
                         path: self.source.path.clone(),
                         source,
                     })?;
+                for long in cursor.long_lines.drain(..) {
+                    batch.refuse(self.too_long(long.line, long.bytes, &long.head));
+                }
                 let done = std::mem::replace(&mut self.chunk, Arc::new(buffer));
                 self.spare.put(done);
                 match next {
@@ -224,11 +275,17 @@ impl SourceReader for FileReader {
             }
             let rest = &self.chunk[self.at..];
             let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
-            let position = Position::File {
-                path: self.source.label,
-                line: self.line,
-            };
-            push_line(batch, position, &self.chunk, self.at..self.at + end);
+            if end > MAX_LINE {
+                // Held whole (its end came with the read that took it past the limit), but
+                // refused all the same.
+                batch.refuse(self.too_long(self.line, end as u64, rest));
+            } else {
+                let position = Position::File {
+                    path: self.source.label,
+                    line: self.line,
+                };
+                push_line(batch, position, &self.chunk, self.at..self.at + end);
+            }
             self.at += end + 1;
             self.line += 1;
         }
@@ -237,6 +294,22 @@ impl SourceReader for FileReader {
         } else {
             Poll::Done
         })
+    }
+}
+
+impl FileReader {
+    /// The error row of line `line`, `bytes` long (without its newline), which begins `head`.
+    fn too_long(&self, line: u64, bytes: u64, head: &[u8]) -> IngestError {
+        IngestError {
+            position: Position::File {
+                path: self.source.label,
+                line,
+            },
+            reason: format!("line is longer than {MAX_LINE} bytes ({bytes} bytes); skipped"),
+            event_type: None,
+            tenant_id: None,
+            excerpt: excerpt(head),
+        }
     }
 }
 
@@ -530,6 +603,61 @@ mod tests {
         assert_eq!(FileSource::open(&empty).unwrap().progress(), Some(1.0));
         let pipe = FileSource::open(Path::new("/dev/null")).unwrap();
         assert_eq!(pipe.progress(), None);
+    }
+
+    /// A line too long to hold (here one of them the file's last, without its newline) is
+    /// skipped to its end as an error row, and the lines around it are read with their numbers.
+    #[test]
+    fn over_long_lines_are_skipped_as_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long.ndjson");
+        let mut f = std::io::BufWriter::new(File::create(&path).unwrap());
+        let long = MAX_LINE + 3 * CHUNK + 17;
+        writeln!(f, r#"{{"n":1}}"#).unwrap();
+        writeln!(f, "{}", "x".repeat(long)).unwrap();
+        writeln!(f, r#"{{"n":3}}"#).unwrap();
+        // Exactly as long as allowed, then one byte longer: its end comes with the read that
+        // takes it past the limit.
+        writeln!(f, r#"{{"n":4,"pad":"{}"}}"#, "p".repeat(MAX_LINE - 16)).unwrap();
+        writeln!(f, "{}", "z".repeat(MAX_LINE + 1)).unwrap();
+        writeln!(f, r#"{{"n":6}}"#).unwrap();
+        write!(f, "{}", "y".repeat(MAX_LINE + 1)).unwrap();
+        f.flush().unwrap();
+        drop(f);
+        for workers in [1, 2] {
+            let (records, refused) = read_all(&path, workers);
+            let at = |line: u64| format!("file:{}:{line}", path.display());
+            // Positions and lengths only: a failure would print the long values.
+            let read: Vec<_> = records.iter().map(|r| (r.0.clone(), r.1.len())).collect();
+            assert_eq!(
+                read,
+                [(at(1), 7), (at(3), 7), (at(4), MAX_LINE), (at(6), 7)]
+            );
+            let errors: Vec<_> = refused
+                .iter()
+                .map(|e| (e.position.to_string(), e.reason.clone(), e.excerpt.clone()))
+                .collect();
+            let reason = |bytes: usize| {
+                format!("line is longer than {MAX_LINE} bytes ({bytes} bytes); skipped")
+            };
+            let excerpt = |c: &str| c.repeat(crate::error::EXCERPT_BYTES) + "…";
+            assert_eq!(
+                errors,
+                [
+                    (at(2), reason(long), excerpt("x")),
+                    (at(5), reason(MAX_LINE + 1), excerpt("z")),
+                    (at(7), reason(MAX_LINE + 1), excerpt("y")),
+                ]
+            );
+        }
+        let source = FileSource::open(&path).unwrap();
+        let mut reader = source.open(0, 1).unwrap();
+        while reader.next_batch(&mut Batch::default(), 10).unwrap() == Poll::Ready {}
+        assert_eq!(source.progress(), Some(1.0));
+        assert_eq!(
+            source.handed.load(Ordering::Relaxed),
+            std::fs::metadata(&path).unwrap().len()
+        );
     }
 
     #[test]
