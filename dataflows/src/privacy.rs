@@ -3,9 +3,13 @@
 //! Two tables keep raw text for people to debug with: `unknown_events.sample` (the newest
 //! record of a type Keel does not know) and `ingest_errors.excerpt` (the start of a record that
 //! could not be used). Both are readable by their tenant through SQL and subscriptions, so
-//! their text passes through here first: values under address-like keys are blanked, and
-//! anything shaped like an IPv4 address is masked.
+//! their text passes through here first: values under address-like keys are blanked, anything
+//! shaped like an IPv4 address is masked, and so is a value (or a line of a raw webhook body)
+//! that is an IPv6 address. Raw webhook bodies are base64 in the record (`payload_raw`), where
+//! no address can be seen: they are decoded, masked and encoded again.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use serde_json::Value;
 
 /// Keys whose values are client addresses in the platform's events.
@@ -18,6 +22,9 @@ const ADDRESS_KEYS: &[&str] = &[
     "client_address",
     "x_forwarded_for",
 ];
+
+/// Keys whose values are raw bodies in base64: the unparsed Mist webhooks the edge keeps.
+const RAW_KEYS: &[&str] = &["payload_raw", "payloadraw"];
 
 /// `json` with every address-like value blanked and IPv4 addresses masked; text that is not
 /// JSON is only masked. Text with nothing to remove comes back exactly as it was.
@@ -47,7 +54,17 @@ fn scrub_value(value: &mut Value) -> bool {
                 changed = true;
             }
             for (key, v) in map.iter_mut() {
-                let address = ADDRESS_KEYS.contains(&key.to_ascii_lowercase().as_str());
+                let key = key.to_ascii_lowercase();
+                if let Value::String(raw) = v
+                    && RAW_KEYS.contains(&key.as_str())
+                {
+                    if let Some(masked) = mask_base64(raw) {
+                        *raw = masked;
+                        changed = true;
+                    }
+                    continue;
+                }
+                let address = ADDRESS_KEYS.contains(&key.as_str());
                 if address && !matches!(v, Value::Null) && *v != Value::String(String::new()) {
                     *v = Value::String(String::new());
                     changed = true;
@@ -61,13 +78,35 @@ fn scrub_value(value: &mut Value) -> bool {
             .iter_mut()
             .fold(false, |changed, v| scrub_value(v) | changed),
         Value::String(text) => {
-            let masked = mask_ipv4(text);
+            let masked = mask_text(text);
             let changed = masked != *text;
             *text = masked;
             changed
         }
         _ => false,
     }
+}
+
+/// `text` with its addresses masked: any line that is an IP address (as webhook bodies put a
+/// client's), and every dotted quad within a line.
+fn mask_text(text: &str) -> String {
+    let masked: Vec<String> = text
+        .split('\n')
+        .map(|line| match line.trim().parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(_)) => "x:x:x:x:x:x:x:x".to_owned(),
+            _ => mask_ipv4(line),
+        })
+        .collect();
+    masked.join("\n")
+}
+
+/// The base64 body `raw` with its addresses masked ([`mask_text`]), or `None` when nothing had
+/// to change. A body that is not text has its text-like parts (ASCII runs) masked.
+fn mask_base64(raw: &str) -> Option<String> {
+    let body = STANDARD.decode(raw).ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let masked = mask_text(&text);
+    (masked != text).then(|| STANDARD.encode(masked.as_bytes()))
 }
 
 /// `text` with every dotted quad of 1–3 digit numbers replaced by `x.x.x.x`.
@@ -145,6 +184,34 @@ mod tests {
             "{\"a\":\"x.x.x.x\" truncated"
         );
         assert_eq!(mask_ipv4("no address 1.2.3"), "no address 1.2.3");
+        // A value that is an IPv6 address, under any key.
+        let v6 = scrub_json(r#"{"note":"2001:db8::7","other":"a:b"}"#);
+        assert_eq!(v6, r#"{"note":"x:x:x:x:x:x:x:x","other":"a:b"}"#);
+    }
+
+    /// A raw webhook body is base64 in the record: its client addresses (on a line of their
+    /// own, as Mist sends them, or inside a URL) are masked in the decoded body, which is
+    /// encoded again; a body without one is left exactly as it was.
+    #[test]
+    fn raw_webhook_bodies_are_masked_inside_their_base64() {
+        let body = "w-3\nlive+demo\nHLS\n203.0.113.11\nhttp://198.51.100.2/x\n2001:db8::9\nabc";
+        let record = serde_json::json!({
+            "type": "raw_mist_webhook",
+            "raw": {"payload_raw": STANDARD.encode(body), "parse_error": "bad"},
+        })
+        .to_string();
+        let scrubbed: Value = serde_json::from_str(&scrub_json(&record)).unwrap();
+        let kept = STANDARD
+            .decode(scrubbed["raw"]["payload_raw"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(kept).unwrap(),
+            "w-3\nlive+demo\nHLS\nx.x.x.x\nhttp://x.x.x.x/x\nx:x:x:x:x:x:x:x\nabc"
+        );
+        assert_eq!(scrubbed["raw"]["parse_error"], "bad");
+        let clean =
+            serde_json::json!({"payloadRaw": STANDARD.encode("live+demo\nHLS")}).to_string();
+        assert_eq!(scrub_json(&clean), clean);
     }
 
     proptest! {
