@@ -170,6 +170,51 @@ const PLACES: &[Place] = &[
 /// Node sites, by index into `PLACES`.
 const SITES: &[usize] = &[0, 7, 9, 1, 18, 19, 5, 8, 11, 17, 21, 3];
 
+/// Viewers a node carries at full load in a small fleet.
+const BASE_CAPACITY: f64 = 400.0;
+
+/// Bytes per second a viewer draws from its node (a 3.6 Mbit/s rendition).
+const VIEWER_BYTES_PER_S: u64 = 450_000;
+
+/// The share of a node's capacity its expected viewers fill, once sessions reach their steady
+/// number (arrivals × mean session).
+const EXPECTED_LOAD: f64 = 0.5;
+
+/// `nodes` sized for the traffic `config` sends, as an operator sizes a fleet: each node's
+/// capacity (and bandwidth limit) leaves its expected share of the open sessions at about half
+/// load. Viewers go to their nearest node, so a node's share is the weight of the places
+/// nearest to it. Without this a busy simulation (`keel run` at 1,000 records/s keeps some
+/// 80,000 sessions open) drove every node past full load within seconds: all unhealthy and out of
+/// bandwidth, with nothing left to route to.
+fn sized_fleet(mut nodes: Vec<Node>, config: &SimConfig) -> Vec<Node> {
+    let open = config.arrivals_per_second.max(0.0) * config.mean_session_s.max(0.0);
+    let total: f64 = PLACES.iter().map(|p| p.4).sum();
+    let mut share = vec![0.0; nodes.len()];
+    for place in PLACES {
+        let nearest = (0..nodes.len())
+            .min_by(|&a, &b| {
+                let km = |n: usize| {
+                    let p = PLACES[nodes[n].place];
+                    great_circle_km(place.2, place.3, p.2, p.3)
+                };
+                km(a).total_cmp(&km(b)).then(a.cmp(&b))
+            })
+            .expect("at least one node");
+        share[nearest] += place.4 / total;
+    }
+    for (node, share) in nodes.iter_mut().zip(share) {
+        let capacity = (open * share / EXPECTED_LOAD).max(BASE_CAPACITY);
+        if capacity > BASE_CAPACITY {
+            // A node sized up gets a link that carries it at full load.
+            node.bw_limit = node
+                .bw_limit
+                .max((capacity * VIEWER_BYTES_PER_S as f64) as u64);
+        }
+        node.capacity = capacity;
+    }
+    nodes
+}
+
 const CONNECTORS: &[(&str, f64)] = &[("HLS", 6.0), ("WebRTC", 2.0), ("DASH", 1.0), ("RTMP", 0.3)];
 const TIERS: &[(&str, u32, f64, u64)] = &[
     ("2160p", 2160, 30.0, 16_000_000),
@@ -191,6 +236,8 @@ struct Node {
     id: String,
     place: usize,
     base_url: String,
+    /// Viewers the node carries at full load ([`sized_fleet`]).
+    capacity: f64,
     bw_limit: u64,
     ram_max: u64,
     next_session: u64,
@@ -291,6 +338,7 @@ impl Simulator {
                     base_url: format!("https://{id}.edge.frameworks.example"),
                     id,
                     place,
+                    capacity: BASE_CAPACITY,
                     bw_limit: [125_000_000, 62_500_000, 250_000_000][i % 3],
                     ram_max: [16, 32, 64][i % 3] << 30,
                     next_session: 1,
@@ -298,6 +346,7 @@ impl Simulator {
                 }
             })
             .collect();
+        let nodes = sized_fleet(nodes, &config);
         let streams = (0..config.streams.max(1))
             .map(|i| Stream {
                 tenant: i % config.tenants.max(1),
@@ -903,9 +952,9 @@ impl Simulator {
             .iter()
             .filter(|s| s.live && s.node == n)
             .count() as u32;
-        let load = f64::from(viewers) / 400.0;
+        let load = f64::from(viewers) / node.capacity;
         let cpu = ((40.0 + load * 600.0 + self.rng.unit() * 30.0) as u32).min(1000);
-        let up_speed = u64::from(viewers) * 450_000;
+        let up_speed = u64::from(viewers) * VIEWER_BYTES_PER_S;
         let ram = (node.ram_max as f64 * (0.25 + 0.5 * load.min(1.0))) as u64;
         let (id, url, bw, ram_max) = (
             node.id.clone(),
