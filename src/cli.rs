@@ -985,10 +985,12 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let batches = runtime.block_on(keel_api::sql::query(
+    // The one user of a local replay is the one waiting: no limits.
+    let batches = runtime.block_on(keel_api::sql::query_within(
         &handles.tables,
         keel_api::auth::Scope::All,
         &args.sql,
+        keel_api::sql::Limits::NONE,
     ))?;
     std::io::stdout().write_all(&render(&batches, format)?)?;
     Ok(())

@@ -9,6 +9,9 @@
 //! max_connections_per_tenant = 2000         # live WebSocket connections (/ws, /graphql)
 //! subscriber_queue = 256                    # updates buffered per subscriber before it lags
 //! socket_send_buffer = 262144               # cap on each HTTP API connection's kernel send buffer
+//! query_memory_mb = 2048                    # memory one SQL query's joins, sorts, aggregations may hold
+//! query_result_mb = 256                     # result one SQL query may return
+//! query_seconds = 60                        # longest one SQL query may run
 //!
 //! [[api.tokens]]                            # static tokens, e.g. for Grafana
 //! name = "grafana"
@@ -120,6 +123,12 @@ pub struct ApiConfig {
     /// Cap on the kernel send buffer of each connection to the HTTP API port, in bytes (the
     /// kernel's autotuning if unset; the PostgreSQL port is not affected).
     pub socket_send_buffer: Option<usize>,
+    /// MiB one SQL query's joins, sorts and aggregations may hold.
+    pub query_memory_mb: Option<usize>,
+    /// MiB of result one SQL query may return.
+    pub query_result_mb: Option<usize>,
+    /// Seconds one SQL query may run.
+    pub query_seconds: Option<u64>,
 }
 
 impl ApiConfig {
@@ -132,7 +141,26 @@ impl ApiConfig {
                 .unwrap_or(defaults.connections_per_tenant),
             queue: self.subscriber_queue.unwrap_or(defaults.queue),
             send_buffer: self.socket_send_buffer.or(defaults.send_buffer),
+            query: keel_api::sql::Limits {
+                memory: self
+                    .query_memory_mb
+                    .map_or(defaults.query.memory, |mb| mb.saturating_mul(1 << 20)),
+                result: self
+                    .query_result_mb
+                    .map_or(defaults.query.result, |mb| mb.saturating_mul(1 << 20)),
+                time: self
+                    .query_seconds
+                    .map_or(defaults.query.time, std::time::Duration::from_secs),
+            },
         };
+        if self.query_memory_mb == Some(0)
+            || self.query_result_mb == Some(0)
+            || self.query_seconds == Some(0)
+        {
+            anyhow::bail!(
+                "api.query_memory_mb, api.query_result_mb and api.query_seconds must be above 0"
+            );
+        }
         if limits.connections_per_tenant == 0 || limits.queue == 0 {
             anyhow::bail!(
                 "api.max_connections_per_tenant and api.subscriber_queue must be above 0"
@@ -158,6 +186,9 @@ impl std::fmt::Debug for ApiConfig {
             )
             .field("subscriber_queue", &self.subscriber_queue)
             .field("socket_send_buffer", &self.socket_send_buffer)
+            .field("query_memory_mb", &self.query_memory_mb)
+            .field("query_result_mb", &self.query_result_mb)
+            .field("query_seconds", &self.query_seconds)
             .finish()
     }
 }
@@ -216,6 +247,19 @@ mod tests {
         assert!(tiny.api.limits().is_err());
         let unset: Config = toml::from_str("[api]").unwrap();
         assert_eq!(unset.api.limits().unwrap().send_buffer, None);
+        assert_eq!(
+            unset.api.limits().unwrap().query,
+            keel_api::sql::Limits::SERVED
+        );
+        let query = config.api.limits().unwrap().query;
+        assert_eq!((query.memory, query.result), (2 << 30, 256 << 20));
+        assert_eq!(query.time, std::time::Duration::from_secs(60));
+        let tight: Config =
+            toml::from_str("[api]\nquery_result_mb = 1\nquery_seconds = 5").unwrap();
+        let query = tight.api.limits().unwrap().query;
+        assert_eq!((query.result, query.time.as_secs()), (1 << 20, 5));
+        let none: Config = toml::from_str("[api]\nquery_seconds = 0").unwrap();
+        assert!(none.api.limits().is_err());
         assert!(!format!("{config:?}").contains("a long random string"));
         let bad: Result<Config, _> = toml::from_str("[api]\nlisten = 1\nunknown = true");
         assert!(bad.is_err());

@@ -175,7 +175,9 @@ pub fn remote_sql(url: &str, token: &str, sql: &str) -> anyhow::Result<Vec<Recor
                 ))
             });
         return Err(match message {
-            Some((code, message)) if code == "bad_sql" || code == "read_only" => {
+            Some((code, message))
+                if ["bad_sql", "read_only", "query_limit"].contains(&code.as_str()) =>
+            {
                 SqlError::Invalid(message).into()
             }
             Some((code, message)) => {

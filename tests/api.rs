@@ -525,3 +525,103 @@ async fn graphql_nodes_carry_the_live_routing_score() {
         "{metrics}"
     );
 }
+
+/// A query past its limits is stopped with an error that says which limit, and what to change;
+/// within them, the same query answers. (The served limits are the same checks with larger
+/// numbers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_past_their_limits_are_stopped_with_a_clear_error() {
+    use keel_api::auth::Scope;
+    use keel_api::sql::{Limits, SqlError, query_within};
+    use std::time::Duration;
+    let handles = golden();
+    let tables = handles.tables.clone();
+    let run = |sql: &'static str, limits: Limits| {
+        let tables = tables.clone();
+        async move { query_within(&tables, Scope::All, sql, limits).await }
+    };
+    let limit = |result: Result<Vec<arrow::array::RecordBatch>, SqlError>| match result {
+        Err(SqlError::Limit(message)) => message,
+        other => panic!("{other:?}"),
+    };
+
+    let all = "SELECT * FROM viewer_sessions";
+    let answered = run(all, Limits::SERVED).await.unwrap();
+    let bytes: usize = answered.iter().map(|b| b.get_array_memory_size()).sum();
+    let small = Limits {
+        result: bytes / 2,
+        ..Limits::SERVED
+    };
+    let message = limit(run(all, small).await);
+    assert!(
+        message.starts_with(&format!("the result is larger than {} bytes", bytes / 2)),
+        "{message}"
+    );
+    assert!(
+        run("SELECT count(*) FROM viewer_sessions", small)
+            .await
+            .is_ok()
+    );
+
+    // A join's build side must be held whole: past the pool it fails, it does not spill.
+    let join = "SELECT count(*) FROM viewer_sessions a JOIN viewer_sessions b ON a.session_id = b.session_id";
+    assert!(run(join, Limits::SERVED).await.is_ok());
+    let tight = Limits {
+        memory: 1,
+        ..Limits::SERVED
+    };
+    let message = limit(run(join, tight).await);
+    assert!(
+        message.starts_with("the query needs more memory"),
+        "{message}"
+    );
+
+    // A cross join counted without end in sight: stopped at its time, the engine still serving.
+    let endless = format!(
+        "SELECT count(*) FROM {} WHERE t0.session_id <= t11.session_id",
+        (0..12)
+            .map(|i| format!("viewer_sessions t{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let endless: &'static str = endless.leak();
+    let brief = Limits {
+        time: Duration::from_millis(300),
+        ..Limits::SERVED
+    };
+    let started = std::time::Instant::now();
+    let message = limit(run(endless, brief).await);
+    assert!(
+        message.starts_with("the query ran longer than"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        run("SELECT count(*) FROM streams", Limits::SERVED)
+            .await
+            .is_ok()
+    );
+
+    // Served over HTTP within the settings' limits: 422 with the limit named.
+    let mut state = state(&handles);
+    state.limits.query = small;
+    let a = tenant_token(TENANT_A);
+    let (status, _, body) = call(&state, sql_request(Some(&a), all, None)).await;
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("query_limit")),
+        "{error}"
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the result is larger than"),
+        "{error}"
+    );
+}

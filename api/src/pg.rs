@@ -41,7 +41,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::{Auth, Principal};
 use crate::server::ApiState;
-use crate::sql::{SqlError, query};
+use crate::sql::{SqlError, query_within};
 
 /// Serves the Postgres protocol on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: ApiState) {
@@ -214,9 +214,14 @@ impl Queries {
             .session_extensions()
             .get::<Principal>()
             .ok_or_else(|| user_error("28000", "not authenticated"))?;
-        query(&self.state.tables, caller.scope, sql)
-            .await
-            .map_err(sql_error)
+        query_within(
+            &self.state.tables,
+            caller.scope,
+            sql,
+            self.state.limits.query,
+        )
+        .await
+        .map_err(sql_error)
     }
 
     /// The result columns of `sql`, planned but not run.
@@ -373,6 +378,8 @@ fn sql_error(error: SqlError) -> PgWireError {
             user_error("42501", &format!("only queries are allowed: {message}"))
         }
         SqlError::Table(e) => user_error("XX000", &e.to_string()),
+        // program_limit_exceeded: the statement asks more than a query may take.
+        SqlError::Limit(message) => user_error("54000", &message),
     }
 }
 

@@ -67,6 +67,8 @@ pub struct Limits {
     /// leaves it to the kernel's autotuning (up to several MiB per connection). With a cap, a client that stops
     /// reading holds at most this much in the kernel besides its bounded queue.
     pub send_buffer: Option<usize>,
+    /// What one SQL query may take (HTTP and the PostgreSQL protocol).
+    pub query: crate::sql::Limits,
 }
 
 impl Default for Limits {
@@ -75,6 +77,7 @@ impl Default for Limits {
             connections_per_tenant: 2000,
             queue: 256,
             send_buffer: None,
+            query: crate::sql::Limits::SERVED,
         }
     }
 }
@@ -105,6 +108,7 @@ impl ApiError {
             ApiError::Sql(SqlError::Refused(_)) => (StatusCode::BAD_REQUEST, "read_only"),
             ApiError::Sql(SqlError::Invalid(_)) => (StatusCode::BAD_REQUEST, "bad_sql"),
             ApiError::Sql(SqlError::Table(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Sql(SqlError::Limit(_)) => (StatusCode::UNPROCESSABLE_ENTITY, "query_limit"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }
@@ -242,7 +246,9 @@ async fn sql(
             "Accept must allow application/json, text/csv or {ARROW_STREAM}"
         ))
     })?;
-    let batches = crate::sql::query(&state.tables, caller.scope, &query.sql).await?;
+    let batches =
+        crate::sql::query_within(&state.tables, caller.scope, &query.sql, state.limits.query)
+            .await?;
     let (content_type, body) = match format {
         Format::Csv => ("text/csv", render(&batches, Format::Csv)),
         Format::Arrow => (ARROW_STREAM, render(&batches, Format::Arrow)),

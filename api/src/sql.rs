@@ -5,8 +5,14 @@
 //! Anything else (DDL, DML, `SET`, `COPY`, several statements at once) is refused after parsing,
 //! before planning. Errors are [`SqlError`]s with the
 //! planner's message, never panics.
+//!
+//! A served query runs within [`Limits::SERVED`]: the memory its joins, sorts and aggregations
+//! may hold, the size of its result and its running time. One caller's `CROSS JOIN` cannot take
+//! the engine's memory or a worker thread for good: past a limit it is stopped with a
+//! [`SqlError::Limit`] that says which, and what to change.
 
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -15,11 +21,13 @@ use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
+use futures_util::StreamExt as _;
 use keel_sinks::live::{LiveError, LiveTables};
 use serde_json::Value;
 
@@ -41,6 +49,47 @@ pub enum SqlError {
     /// A live table could not be read.
     #[error(transparent)]
     Table(#[from] LiveError),
+    /// The statement needs more memory, result or time than a query may take ([`Limits`]).
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// What one query may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes the query's joins, sorts and aggregations may hold at once (DataFusion's memory
+    /// pool; a sort spills to disk first).
+    pub memory: usize,
+    /// Bytes of result (Arrow arrays) it may return.
+    pub result: usize,
+    /// Longest it may run, planning included.
+    pub time: Duration,
+}
+
+impl Limits {
+    /// For queries served to callers (HTTP, PostgreSQL protocol): 2 GiB of operator memory,
+    /// 256 MiB of result, one minute.
+    pub const SERVED: Limits = Limits {
+        memory: 2 << 30,
+        result: 256 << 20,
+        time: Duration::from_secs(60),
+    };
+
+    /// None at all: `keel sql` on a file, whose one user is the one waiting.
+    pub const NONE: Limits = Limits {
+        memory: usize::MAX,
+        result: usize::MAX,
+        time: Duration::MAX,
+    };
+}
+
+/// Bytes in words: `2 GiB`, `256 MiB`.
+fn size(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+        b => format!("{b} bytes"),
+    }
 }
 
 fn describe(error: &datafusion::error::DataFusionError) -> String {
@@ -56,11 +105,22 @@ fn describe(error: &datafusion::error::DataFusionError) -> String {
 /// functions — can reach another tenant's data. A table without a `tenant_id` column is not
 /// registered for tenants at all. Rows are read when the query scans a table, each table at
 /// its latest closed epoch.
-pub fn session(tables: &Arc<RwLock<LiveTables>>, scope: Scope) -> Result<SessionContext, SqlError> {
+pub fn session(
+    tables: &Arc<RwLock<LiveTables>>,
+    scope: Scope,
+    limits: Limits,
+) -> Result<SessionContext, SqlError> {
     let config = SessionConfig::new()
         .with_information_schema(true)
         .with_default_catalog_and_schema("keel", "live");
-    let ctx = SessionContext::new_with_config(config);
+    let mut runtime = RuntimeEnvBuilder::new();
+    if limits.memory < usize::MAX {
+        runtime = runtime.with_memory_limit(limits.memory, 1.0);
+    }
+    let runtime = runtime
+        .build_arc()
+        .map_err(|e| SqlError::Invalid(describe(&e)))?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
     let guard = tables.read().unwrap_or_else(PoisonError::into_inner);
     for name in guard.names() {
         let schema = guard.schema(name)?;
@@ -232,14 +292,37 @@ impl TableProvider for LiveProvider {
     }
 }
 
-/// Runs one read-only statement over `tables`, as seen by `scope`.
+/// Runs one read-only statement over `tables`, as seen by `scope`, within [`Limits::SERVED`].
 pub async fn query(
     tables: &Arc<RwLock<LiveTables>>,
     scope: Scope,
     sql: &str,
 ) -> Result<Vec<RecordBatch>, SqlError> {
-    let ctx = session(tables, scope)?;
-    run(&ctx, sql).await
+    query_within(tables, scope, sql, Limits::SERVED).await
+}
+
+/// [`query`] within `limits`.
+pub async fn query_within(
+    tables: &Arc<RwLock<LiveTables>>,
+    scope: Scope,
+    sql: &str,
+    limits: Limits,
+) -> Result<Vec<RecordBatch>, SqlError> {
+    let ctx = session(tables, scope, limits)?;
+    let ran = run(&ctx, sql, limits.result);
+    if limits.time == Duration::MAX {
+        return ran.await;
+    }
+    tokio::time::timeout(limits.time, ran).await.map_err(|_| {
+        SqlError::Limit(format!(
+            "the query ran longer than {}, the most a query may: narrow it (WHERE, LIMIT) \
+             or join less",
+            match limits.time {
+                t if t.subsec_millis() == 0 => format!("{} s", t.as_secs()),
+                t => format!("{} ms", t.as_millis()),
+            }
+        ))
+    })?
 }
 
 fn is_read_only(statement: &SQLStatement) -> bool {
@@ -284,8 +367,41 @@ fn check_read_only(sql: &str) -> Result<(), SqlError> {
     )))
 }
 
-/// Runs one read-only statement in `ctx`.
-pub async fn run(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
+/// Operators whose output can be far larger than their input.
+const AMPLIFIERS: &[&str] = &[
+    "CrossJoinExec",
+    "NestedLoopJoinExec",
+    "HashJoinExec",
+    "SortMergeJoinExec",
+    "SymmetricHashJoinExec",
+    "UnnestExec",
+];
+
+/// `plan` with each join (and unnest) made to yield to the runtime every so many output
+/// batches. DataFusion yields only as its scans produce batches; a join whose output dwarfs its
+/// input (a `CROSS JOIN` of a few small tables) would otherwise compute for as long as it takes
+/// within one poll, out of reach of the time limit and of a caller who hung up.
+fn cooperative_joins(
+    plan: Arc<dyn ExecutionPlan>,
+) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::physical_plan::coop::CooperativeExec;
+    plan.transform_up(|node| {
+        Ok(if AMPLIFIERS.contains(&node.name()) {
+            Transformed::yes(Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>)
+        } else {
+            Transformed::no(node)
+        })
+    })
+    .map(|done| done.data)
+}
+
+/// Runs one read-only statement in `ctx`, returning at most `result` bytes of batches.
+pub async fn run(
+    ctx: &SessionContext,
+    sql: &str,
+    result: usize,
+) -> Result<Vec<RecordBatch>, SqlError> {
     check_read_only(sql)?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
@@ -301,8 +417,31 @@ pub async fn run(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, Sq
             SqlError::Invalid(text)
         }
     })?;
-    frame
-        .collect()
-        .await
-        .map_err(|e| SqlError::Invalid(describe(&e)))
+    let failed = |e: datafusion::error::DataFusionError| match e.find_root() {
+        datafusion::error::DataFusionError::ResourcesExhausted(_) => SqlError::Limit(format!(
+            "the query needs more memory for its joins, sorts and aggregations than a query may \
+             hold: narrow it (WHERE, LIMIT) or join less ({})",
+            describe(&e)
+        )),
+        _ => SqlError::Invalid(describe(&e)),
+    };
+    let plan = frame.create_physical_plan().await.map_err(failed)?;
+    let plan = cooperative_joins(plan).map_err(failed)?;
+    // Batch by batch, so a result past its limit is stopped there, not built whole first.
+    let mut stream =
+        datafusion::physical_plan::execute_stream(plan, ctx.task_ctx()).map_err(failed)?;
+    let (mut batches, mut bytes) = (Vec::new(), 0usize);
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(failed)?;
+        bytes = bytes.saturating_add(batch.get_array_memory_size());
+        if bytes > result {
+            return Err(SqlError::Limit(format!(
+                "the result is larger than {}, the most a query may return: narrow it (WHERE, \
+                 LIMIT, fewer columns) or aggregate",
+                size(result)
+            )));
+        }
+        batches.push(batch);
+    }
+    Ok(batches)
 }
