@@ -1225,7 +1225,7 @@ mod tests {
             run.max_undurable * run.batch
         );
         let small = parse(&[&backfill[..], &["--batch", "100"]].concat());
-        assert_eq!((small.batch, small.max_undurable), (100, 41_943));
+        assert_eq!((small.batch, small.max_undurable), (100, 512));
         let large = parse(&[&backfill[..], &["--batch", "10000000"]].concat());
         assert_eq!(large.max_undurable, 8);
         // So does `keel run` in larger epochs than its own (and `keel sql`, which stores
@@ -1241,7 +1241,7 @@ mod tests {
             );
             assert_eq!(
                 parse(&[command, &["--batch", "100"]].concat()).max_undurable,
-                41_943
+                512
             );
         }
         for command in [

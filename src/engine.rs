@@ -148,12 +148,13 @@ pub const UNDURABLE_RECORDS: usize = 512 * 8192;
 
 impl EngineOptions {
     /// These options with epochs of at most `batch` records (at least 1), and as many epochs
-    /// not yet stored as keep those records within [`UNDURABLE_RECORDS`] (but at least 8
-    /// epochs, so very large epochs still overlap their stores).
+    /// not yet stored as keep those records within [`UNDURABLE_RECORDS`], between 8 (so very
+    /// large epochs still overlap their stores) and 512 (the epochs waiting are kept in a list
+    /// the worker walks).
     pub fn with_batch(self, batch: usize) -> Self {
         EngineOptions {
             batch,
-            max_undurable: (UNDURABLE_RECORDS / batch.max(1)).max(8),
+            max_undurable: (UNDURABLE_RECORDS / batch.max(1)).clamp(8, 512),
             ..self
         }
     }

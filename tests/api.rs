@@ -563,6 +563,23 @@ async fn queries_past_their_limits_are_stopped_with_a_clear_error() {
             .is_ok()
     );
 
+    // Rows of nothing under a long name are little Arrow but much JSON: counted as such.
+    let alias = format!(
+        "SELECT NULL AS \"{}\" FROM viewer_sessions",
+        "n".repeat(1000)
+    );
+    let alias: &'static str = alias.leak();
+    let few = Limits {
+        result: 2000,
+        ..Limits::SERVED
+    };
+    assert!(run(alias, Limits::SERVED).await.is_ok());
+    let message = limit(run(alias, few).await);
+    assert!(
+        message.starts_with("the result is larger than 2000 bytes"),
+        "{message}"
+    );
+
     // A join's build side must be held whole: past the pool it fails, it does not spill.
     let join = "SELECT count(*) FROM viewer_sessions a JOIN viewer_sessions b ON a.session_id = b.session_id";
     assert!(run(join, Limits::SERVED).await.is_ok());

@@ -243,6 +243,10 @@ impl Queries {
             .await;
         match batches {
             Ok(batches) if !batches.is_empty() => Ok(fields(&batches[0].schema(), format)),
+            // Past a query limit already: running it whole would only take longer.
+            Err(PgWireError::UserError(info)) if info.code == LIMIT_CODE => {
+                Err(PgWireError::UserError(info))
+            }
             // Statements that cannot be wrapped (SHOW, EXPLAIN) describe by running.
             _ => {
                 let batches = self.batches(client, sql).await?;
@@ -371,6 +375,9 @@ fn user_error(code: &str, message: &str) -> PgWireError {
     )))
 }
 
+/// SQLSTATE program_limit_exceeded: the statement asks more than a query may take.
+const LIMIT_CODE: &str = "54000";
+
 fn sql_error(error: SqlError) -> PgWireError {
     match error {
         SqlError::Invalid(message) => user_error("42601", &message),
@@ -378,8 +385,7 @@ fn sql_error(error: SqlError) -> PgWireError {
             user_error("42501", &format!("only queries are allowed: {message}"))
         }
         SqlError::Table(e) => user_error("XX000", &e.to_string()),
-        // program_limit_exceeded: the statement asks more than a query may take.
-        SqlError::Limit(message) => user_error("54000", &message),
+        SqlError::Limit(message) => user_error(LIMIT_CODE, &message),
     }
 }
 

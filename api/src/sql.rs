@@ -60,7 +60,8 @@ pub struct Limits {
     /// Bytes the query's joins, sorts and aggregations may hold at once (DataFusion's memory
     /// pool; a sort spills to disk first).
     pub memory: usize,
-    /// Bytes of result (Arrow arrays) it may return.
+    /// Bytes of result it may return: its Arrow arrays, plus its column names once per row (as
+    /// JSON repeats them).
     pub result: usize,
     /// Longest it may run, planning included.
     pub time: Duration,
@@ -433,7 +434,17 @@ pub async fn run(
     let (mut batches, mut bytes) = (Vec::new(), 0usize);
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(failed)?;
-        bytes = bytes.saturating_add(batch.get_array_memory_size());
+        // Its arrays, and its names once per row as the JSON output repeats them (a million
+        // rows of NULL under a long alias are nearly no array but a great deal of text).
+        let names: usize = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|field| field.name().len() + 6)
+            .sum();
+        bytes = bytes
+            .saturating_add(batch.get_array_memory_size())
+            .saturating_add(batch.num_rows().saturating_mul(names));
         if bytes > result {
             return Err(SqlError::Limit(format!(
                 "the result is larger than {}, the most a query may return: narrow it (WHERE, \

@@ -37,7 +37,7 @@ pub fn scrub_json(json: &str) -> String {
                 json.to_owned()
             }
         }
-        Err(_) => mask_ipv4(json),
+        Err(_) => mask_text(json),
     }
 }
 
@@ -57,11 +57,10 @@ fn scrub_value(value: &mut Value) -> bool {
                 let key = key.to_ascii_lowercase();
                 if let Value::String(raw) = v
                     && RAW_KEYS.contains(&key.as_str())
+                    && let Some(masked) = mask_base64(raw)
                 {
-                    if let Some(masked) = mask_base64(raw) {
-                        *raw = masked;
-                        changed = true;
-                    }
+                    *raw = masked;
+                    changed = true;
                     continue;
                 }
                 let address = ADDRESS_KEYS.contains(&key.as_str());
@@ -101,7 +100,8 @@ fn mask_text(text: &str) -> String {
 }
 
 /// The base64 body `raw` with its addresses masked ([`mask_text`]), or `None` when nothing had
-/// to change. A body that is not text has its text-like parts (ASCII runs) masked.
+/// to change or it is not base64 (it is then masked as any other text). A body that is not
+/// UTF-8 is masked as text with its other bytes replaced.
 fn mask_base64(raw: &str) -> Option<String> {
     let body = STANDARD.decode(raw).ok()?;
     let text = String::from_utf8_lossy(&body);
@@ -209,6 +209,17 @@ mod tests {
             "w-3\nlive+demo\nHLS\nx.x.x.x\nhttp://x.x.x.x/x\nx:x:x:x:x:x:x:x\nabc"
         );
         assert_eq!(scrubbed["raw"]["parse_error"], "bad");
+        // Not base64: masked as text.
+        let plain = serde_json::json!({"payload_raw": "w-3\n203.0.113.11\n2001:db8::9"});
+        assert_eq!(
+            scrub_json(&plain.to_string()),
+            r#"{"payload_raw":"w-3\nx.x.x.x\nx:x:x:x:x:x:x:x"}"#
+        );
+        // Text that is not JSON (an excerpt cut short) is masked line by line too.
+        assert_eq!(
+            scrub_json("{\"a\":\"x\n2001:db8::1\n10.0.0.1 …"),
+            "{\"a\":\"x\nx:x:x:x:x:x:x:x\nx.x.x.x …"
+        );
         let clean =
             serde_json::json!({"payloadRaw": STANDARD.encode("live+demo\nHLS")}).to_string();
         assert_eq!(scrub_json(&clean), clean);

@@ -103,9 +103,14 @@ fn fit(text: &mut String, width: usize) -> bool {
 
 impl Stream {
     /// The row as the table can hold it (see [`fit`]), so that one odd value never fails the
-    /// write of every row beside it. A stream name longer than its column is part of the key:
-    /// cut, it could land on another stream's row, so such a row is refused (`Err`) instead.
+    /// write of every row beside it. The stream name is part of the key: cut or with its NUL
+    /// replaced, it could land on another stream's row (two rows of one key in one insert fail
+    /// it whole), so a name the column cannot hold as it is refuses the row (`Err`) instead.
+    /// (The codec refuses such names first; this is the store's own guard.)
     fn fitted(mut self) -> Result<Stream, String> {
+        if self.internal_name.contains('\0') {
+            return Err("its stream name holds a NUL character".to_owned());
+        }
         if fit(&mut self.internal_name, NAME_WIDTH) {
             return Err(format!(
                 "its stream name is longer than the {NAME_WIDTH} characters stream_analytics holds"
@@ -324,9 +329,9 @@ impl SqlStore {
                     }
                 },
                 None => {
-                    // Under the name the row was written with; a name too long was never kept.
+                    // A name the column cannot hold was never kept.
                     let mut name = name.clone();
-                    if !fit(&mut name, NAME_WIDTH) {
+                    if !name.contains('\0') && !fit(&mut name, NAME_WIDTH) {
                         deletes.push((tenant.clone(), name));
                     }
                 }
@@ -473,8 +478,8 @@ mod tests {
             row["quality_tier"] = json!("q".repeat(60));
             Stream::deserialize(&row).unwrap().fitted()
         };
-        let fitted = odd("a\0b", &"n".repeat(120)).unwrap();
-        assert_eq!(fitted.internal_name, "a\u{FFFD}b");
+        let fitted = odd("ab", &"n".repeat(120)).unwrap();
+        assert_eq!(fitted.internal_name, "ab");
         assert_eq!(fitted.status, "li\u{FFFD}ve");
         assert_eq!(fitted.node_id, Some("n".repeat(NODE_WIDTH)));
         assert_eq!(fitted.quality_tier, Some("q".repeat(LABEL_WIDTH)));
@@ -484,6 +489,8 @@ mod tests {
             "{refused}"
         );
         assert!(odd(&"x".repeat(NAME_WIDTH), "edge-1").is_ok());
+        // A NUL in the key is not replaced: "a\0b" would meet "a\u{FFFD}b".
+        assert!(odd("a\0b", "edge-1").unwrap_err().contains("NUL"));
     }
 
     #[tokio::test]

@@ -42,6 +42,12 @@ pub const MAX_LETTER_VALUE: usize = 512 * 1024;
 /// cut); a letter whose record's key is longer is keyed by the record's position instead.
 pub const MAX_LETTER_KEY: usize = 16 * 1024;
 
+/// Most bytes of each text a letter copies from the record or its refusal: the reason (which
+/// can quote the record) and the tenant, event type, id and source (as read, possibly the very
+/// thing that was wrong); longer ones are cut and end in `…`. With the caps above, a letter
+/// stays under some 750 KB whatever it was made of.
+pub const MAX_LETTER_TEXT: usize = 4096;
+
 /// One record for the dead-letter topic.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetter {
@@ -92,17 +98,19 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
             ("source", &record.headers.source),
         ] {
             if let Some(value) = value {
-                headers.insert(name.into(), Value::from(value.as_ref()));
+                headers.insert(name.into(), Value::from(clipped(value)));
             }
         }
     }
     let tenant = error
         .tenant_id
-        .clone()
+        .as_deref()
+        .map(clipped)
         .or_else(|| headers.get("tenant_id")?.as_str().map(str::to_owned));
     let event_type = error
         .event_type
-        .clone()
+        .as_deref()
+        .map(clipped)
         .or_else(|| headers.get("event_type")?.as_str().map(str::to_owned));
     if let Some(tenant) = &tenant {
         object.insert("tenant_id".into(), Value::from(tenant.as_str()));
@@ -123,7 +131,7 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
         MAX_LETTER_VALUE,
     );
     object.insert("headers".into(), Value::Object(headers));
-    object.insert("error".into(), Value::from(error.reason.as_str()));
+    object.insert("error".into(), Value::from(clipped(&error.reason)));
     object.insert("consumer".into(), json!(CONSUMER));
     let mut letter_headers = vec![("source", CONSUMER.to_owned()), ("original_topic", topic)];
     if let Some(tenant) = tenant {
@@ -137,6 +145,19 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
         value: serde_json::to_vec(&Value::Object(object)).expect("JSON values serialize"),
         headers: letter_headers,
     }
+}
+
+/// `text`, cut to at most [`MAX_LETTER_TEXT`] bytes (at a character boundary) and marked `…`
+/// when cut.
+fn clipped(text: &str) -> String {
+    if text.len() <= MAX_LETTER_TEXT {
+        return text.to_owned();
+    }
+    let mut end = MAX_LETTER_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// Puts `bytes` into a letter as `{name}_base64`, at most `limit` of them; when they are cut,
@@ -348,6 +369,33 @@ mod tests {
         let letter = dead_letter(Some(&record), &error, 7);
         assert!(letter.value.len() < 1_000_000, "{}", letter.value.len());
         assert_eq!(letter.key, b"analytics_events:0:5");
+        // Texts quoted from the record (a tenant that is 600 KB of control characters, and a
+        // reason quoting it) are cut too, in the value and in the headers.
+        let odd = "\u{1}é".repeat(200_000);
+        let quoting = IngestError {
+            reason: format!("tenant_id {odd:?} is not a UUID"),
+            tenant_id: Some(odd.clone()),
+            ..error.clone()
+        };
+        let headed = Record {
+            headers: Headers {
+                tenant_id: Some(Cow::Borrowed(&odd)),
+                source: Some(Cow::Borrowed(&odd)),
+                ..Headers::default()
+            },
+            position: record.position.clone(),
+            value: &value,
+        };
+        let quoted = dead_letter(Some(&headed), &quoting, 7);
+        let headers: usize = quoted.headers.iter().map(|(_, v)| v.len()).sum();
+        assert!(
+            quoted.value.len() + headers < 800_000,
+            "{}",
+            quoted.value.len() + headers
+        );
+        let json: Value = serde_json::from_slice(&quoted.value).unwrap();
+        assert!(json["error"].as_str().unwrap().ends_with('…'));
+        assert!(json["tenant_id"].as_str().unwrap().starts_with("\u{1}é"));
         let json: Value = serde_json::from_slice(&letter.value).unwrap();
         let decode = |field: &str| {
             base64::engine::general_purpose::STANDARD
@@ -363,7 +411,7 @@ mod tests {
         assert_eq!(json["key_size"], MAX_LETTER_KEY + 1);
         assert_eq!(json["key_truncated"], true);
 
-        // One byte under each limit: kept whole, and nothing says otherwise.
+        // Exactly at each limit: kept whole, and nothing says otherwise.
         let (value, key) = (&value[..MAX_LETTER_VALUE], &key[..MAX_LETTER_KEY]);
         let whole = Record {
             value,

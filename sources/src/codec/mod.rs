@@ -17,7 +17,8 @@
 //!   (`trigger_unix_millis`, or integer timestamps, read as milliseconds from 10¹¹ up and as seconds
 //!   below).
 //! - **Streams**: `live+`/`vod+` prefixes are stripped from internal names, which may be at most
-//!   [`MAX_STREAM_NAME`] characters long; a `stream_id`, when present, must be a UUID.
+//!   [`MAX_STREAM_NAME`] characters long and hold no NUL; a `stream_id`, when present, must be
+//!   a UUID.
 //! - **Unknown types** become [`EventKind::Unknown`], never errors.
 
 mod fields;
@@ -531,6 +532,9 @@ fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
     let name = internal_name(&name);
     if name.is_empty() {
         return Err("stream name is empty after its prefix".to_owned());
+    }
+    if name.contains('\0') {
+        return Err("stream name holds a NUL character".to_owned());
     }
     if name.len() > MAX_STREAM_NAME && name.chars().count() > MAX_STREAM_NAME {
         return Err(format!(

@@ -399,6 +399,10 @@ fn refusals_name_the_problem() {
         err(&named(&"x".repeat(256))).reason,
         "stream name is longer than 255 characters (256 characters)"
     );
+    assert_eq!(
+        err(&named("a\\u0000b")).reason,
+        "stream name holds a NUL character"
+    );
     let longest = "é".repeat(255);
     match ok(&named(&longest)).kind {
         EventKind::StreamEnd(end) => assert_eq!(end.stream.internal_name.as_str(), longest),

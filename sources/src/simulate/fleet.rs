@@ -204,12 +204,11 @@ fn sized_fleet(mut nodes: Vec<Node>, config: &SimConfig) -> Vec<Node> {
     }
     for (node, share) in nodes.iter_mut().zip(share) {
         let capacity = (open * share / EXPECTED_LOAD).max(BASE_CAPACITY);
-        if capacity > BASE_CAPACITY {
-            // A node sized up gets a link that carries it at full load.
-            node.bw_limit = node
-                .bw_limit
-                .max((capacity * VIEWER_BYTES_PER_S as f64) as u64);
-        }
+        // Its link carries it at full load (the smaller base links would run out at a third
+        // of it).
+        node.bw_limit = node
+            .bw_limit
+            .max((capacity * VIEWER_BYTES_PER_S as f64) as u64);
         node.capacity = capacity;
     }
     nodes
