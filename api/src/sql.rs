@@ -309,8 +309,12 @@ pub async fn query_within(
     sql: &str,
     limits: Limits,
 ) -> Result<Vec<RecordBatch>, SqlError> {
-    let ctx = session(tables, scope, limits)?;
-    let ran = run(&ctx, sql, limits.result);
+    let ran = async {
+        // Waiting for a turn counts against the time limit.
+        let _turn = turns().acquire().await.expect("the turns are never closed");
+        let ctx = session(tables, scope, limits)?;
+        run(&ctx, sql, limits.result).await
+    };
     if limits.time == Duration::MAX {
         return ran.await;
     }
@@ -324,6 +328,16 @@ pub async fn query_within(
             }
         ))
     })?
+}
+
+/// Queries that run at once; the others wait their turn. Each may hold its memory limit, so
+/// this many times that bounds them all (two per core, at least four).
+fn turns() -> &'static tokio::sync::Semaphore {
+    static TURNS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    TURNS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        tokio::sync::Semaphore::new((2 * cores).max(4))
+    })
 }
 
 fn is_read_only(statement: &SQLStatement) -> bool {
@@ -455,4 +469,36 @@ pub async fn run(
         batches.push(batch);
     }
     Ok(batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A query waits its turn while every turn is taken, and its wait counts against its time
+    /// limit; once a turn is free it runs.
+    #[tokio::test]
+    async fn queries_wait_their_turn_within_their_time() {
+        let tables = Arc::new(RwLock::new(LiveTables::default()));
+        let brief = Limits {
+            time: Duration::from_millis(200),
+            ..Limits::SERVED
+        };
+        let all = turns().available_permits() as u32;
+        let held = turns().acquire_many(all).await.unwrap();
+        match query_within(&tables, Scope::All, "SELECT 1", brief).await {
+            Err(SqlError::Limit(message)) => {
+                assert!(
+                    message.starts_with("the query ran longer than 200 ms"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(held);
+        let answered = query_within(&tables, Scope::All, "SELECT 1", brief)
+            .await
+            .unwrap();
+        assert_eq!(answered[0].num_rows(), 1);
+    }
 }
