@@ -89,14 +89,21 @@ fn scrub_value(value: &mut Value) -> bool {
 /// `text` with its addresses masked: any line that is an IP address (as webhook bodies put a
 /// client's), and every dotted quad within a line.
 fn mask_text(text: &str) -> String {
-    let masked: Vec<String> = text
-        .split('\n')
-        .map(|line| match line.trim().parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V6(_)) => "x:x:x:x:x:x:x:x".to_owned(),
-            _ => mask_ipv4(line),
-        })
-        .collect();
+    // Most values are one line without a colon (every event's strings pass here when raw
+    // events are kept): no split, no address parse.
+    if !text.contains('\n') {
+        return mask_line(text);
+    }
+    let masked: Vec<String> = text.split('\n').map(mask_line).collect();
     masked.join("\n")
+}
+
+/// One line, masked: all of it if it is an IPv6 address, else its dotted quads.
+fn mask_line(line: &str) -> String {
+    if line.contains(':') && line.trim().parse::<std::net::Ipv6Addr>().is_ok() {
+        return "x:x:x:x:x:x:x:x".to_owned();
+    }
+    mask_ipv4(line)
 }
 
 /// The base64 body `raw` with its addresses masked ([`mask_text`]), or `None` when nothing had
