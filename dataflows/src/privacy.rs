@@ -4,8 +4,8 @@
 //! record of a type Keel does not know) and `ingest_errors.excerpt` (the start of a record that
 //! could not be used). Both are readable by their tenant through SQL and subscriptions, so
 //! their text passes through here first: values under address-like keys are blanked, anything
-//! shaped like an IPv4 address is masked, and so is a value (or a line of a raw webhook body)
-//! that is an IPv6 address. Raw webhook bodies are base64 in the record (`payload_raw`), where
+//! shaped like an IPv4 address is masked, and so is any IPv6 address within text. Raw webhook
+//! bodies are base64 in the record (`payload_raw`), where
 //! no address can be seen: they are decoded, masked and encoded again.
 
 use base64::Engine as _;
@@ -98,12 +98,49 @@ fn mask_text(text: &str) -> String {
     masked.join("\n")
 }
 
-/// One line, masked: all of it if it is an IPv6 address, else its dotted quads.
+/// One line, masked: its IPv6 addresses, then its dotted quads.
 fn mask_line(line: &str) -> String {
-    if line.contains(':') && line.trim().parse::<std::net::Ipv6Addr>().is_ok() {
-        return "x:x:x:x:x:x:x:x".to_owned();
+    if line.contains(':') {
+        return mask_ipv4(&mask_ipv6(line));
     }
     mask_ipv4(line)
+}
+
+/// The IPv6 mask.
+const IPV6_MASK: &str = "x:x:x:x:x:x:x:x";
+
+/// `text` with every IPv6 address in it masked: each run of hex digits, colons and dots that
+/// holds two colons or more and, without the colons and dots it may end with, reads as an IPv6
+/// address (`[2001:db8::1]:443`, `from fe80::1%eth0`). Times and MAC addresses do not read as
+/// one.
+fn mask_ipv6(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut i) = (0, 0);
+    while i < bytes.len() {
+        let part = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+        if !part(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && part(bytes[i]) {
+            i += 1;
+        }
+        let run = &text[start..i];
+        let address = run.trim_end_matches(['.', ':']);
+        // "::" alone ends in the colons trimmed; it is an address all the same.
+        let address = if address.is_empty() { run } else { address };
+        if run.bytes().filter(|&b| b == b':').count() >= 2
+            && address.parse::<std::net::Ipv6Addr>().is_ok()
+        {
+            out.push_str(&text[copied..start]);
+            out.push_str(IPV6_MASK);
+            copied = start + address.len();
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 /// The base64 body `raw` with its addresses masked ([`mask_text`]), or `None` when nothing had
@@ -191,9 +228,21 @@ mod tests {
             "{\"a\":\"x.x.x.x\" truncated"
         );
         assert_eq!(mask_ipv4("no address 1.2.3"), "no address 1.2.3");
-        // A value that is an IPv6 address, under any key.
+        // A value that is an IPv6 address, under any key, or holds one.
         let v6 = scrub_json(r#"{"note":"2001:db8::7","other":"a:b"}"#);
         assert_eq!(v6, r#"{"note":"x:x:x:x:x:x:x:x","other":"a:b"}"#);
+        for (text, masked) in [
+            ("from [2001:db8::1]:443 ok", "from [x:x:x:x:x:x:x:x]:443 ok"),
+            ("http://[fe80::1%eth0]/x", "http://[x:x:x:x:x:x:x:x%eth0]/x"),
+            ("peer ::1: gone", "peer x:x:x:x:x:x:x:x: gone"),
+            ("mapped ::ffff:10.0.0.1.", "mapped x:x:x:x:x:x:x:x."),
+            // Times, MAC addresses and ratios are not addresses.
+            ("at 2026-11-01T00:00:00.003Z", "at 2026-11-01T00:00:00.003Z"),
+            ("mac aa:bb:cc:dd:ee:ff", "mac aa:bb:cc:dd:ee:ff"),
+            ("ratio 16:9, 4:3", "ratio 16:9, 4:3"),
+        ] {
+            assert_eq!(mask_line(text), masked, "{text}");
+        }
     }
 
     /// A raw webhook body is base64 in the record: its client addresses (on a line of their
@@ -233,6 +282,15 @@ mod tests {
     }
 
     proptest! {
+        /// No IPv6 address survives inside text, whatever surrounds it.
+        #[test]
+        fn no_ipv6_address_survives(prefix in "[g-z \\[(,\"]{0,8}", groups in prop::array::uniform8(any::<u16>()), suffix in "[g-z \\]),\"%]{0,8}") {
+            let address = std::net::Ipv6Addr::from(groups).to_string();
+            let text = format!("{prefix}{address}{suffix}");
+            let masked = mask_line(&text);
+            prop_assert!(!masked.contains(&address), "{} -> {}", text, masked);
+        }
+
         #[test]
         fn no_dotted_quad_survives(prefix in "[a-z :,\"{}]{0,12}", a in 0u8.., b in 0u8.., c in 0u8.., d in 0u8.., suffix in "[a-z :,\"{}]{0,12}") {
             let address = format!("{a}.{b}.{c}.{d}");
