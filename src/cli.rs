@@ -283,7 +283,8 @@ pub fn at_least_one(text: &str) -> Result<usize, String> {
 
 impl EngineArgs {
     /// The engine's options, with `batch` records per epoch unless `--batch` says otherwise,
-    /// and the records a worker may hold unstored kept the same whatever the epoch size.
+    /// and the records a worker may hold unstored bounded whatever the epoch size
+    /// ([`EngineOptions::with_batch`]).
     /// (Both counts were checked while the arguments were read.)
     fn options(&self, batch: usize) -> EngineOptions {
         EngineOptions {
@@ -1214,7 +1215,7 @@ mod tests {
         let sql = parse(&["keel", "sql", "--input", "x", "SELECT 1"]);
         assert_eq!((sql.batch, sql.routing), (65_536, false));
         // A backfill replays in large epochs without routing, and holds as many records not
-        // yet stored as `keel run` does, whatever its epoch size.
+        // yet stored as `keel run` does (fewer epochs, each larger), within 8 to 512 epochs.
         let backfill = &[
             "keel", "backfill", "--source", "file:x", "--from", "a", "--to", "b",
         ];

@@ -142,8 +142,8 @@ pub struct EngineOptions {
 }
 
 /// Records a worker may read past what the durable sinks hold before it waits for them (while
-/// a store is slow or down): 512 epochs of 8,192, whatever the epoch size
-/// ([`EngineOptions::with_batch`]).
+/// a store is slow or down): 512 epochs of 8,192; as many in fewer epochs when they are larger,
+/// within 8 to 512 epochs ([`EngineOptions::with_batch`]).
 pub const UNDURABLE_RECORDS: usize = 512 * 8192;
 
 impl EngineOptions {

@@ -153,11 +153,7 @@ fn clipped(text: &str) -> String {
     if text.len() <= MAX_LETTER_TEXT {
         return text.to_owned();
     }
-    let mut end = MAX_LETTER_TEXT;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    format!("{}…", &text[..text.floor_char_boundary(MAX_LETTER_TEXT)])
 }
 
 /// Puts `bytes` into a letter as `{name}_base64`, at most `limit` of them; when they are cut,

@@ -180,27 +180,18 @@ const VIEWER_BYTES_PER_S: u64 = 450_000;
 /// number (arrivals × mean session).
 const EXPECTED_LOAD: f64 = 0.5;
 
-/// `nodes` sized for the traffic `config` sends, as an operator sizes a fleet: each node's
+/// Sizes `nodes` for the traffic `config` sends, as an operator sizes a fleet: each node's
 /// capacity (and bandwidth limit) leaves its expected share of the open sessions at about half
 /// load. Viewers go to their nearest node, so a node's share is the weight of the places
 /// nearest to it. Without this a busy simulation (`keel run` at 1,000 records/s keeps some
 /// 80,000 sessions open) drove every node past full load within seconds: all unhealthy and out of
 /// bandwidth, with nothing left to route to.
-fn sized_fleet(mut nodes: Vec<Node>, config: &SimConfig) -> Vec<Node> {
+fn size_fleet(nodes: &mut [Node], config: &SimConfig) {
     let open = config.arrivals_per_second.max(0.0) * config.mean_session_s.max(0.0);
     let total: f64 = PLACES.iter().map(|p| p.4).sum();
     let mut share = vec![0.0; nodes.len()];
     for place in PLACES {
-        let nearest = (0..nodes.len())
-            .min_by(|&a, &b| {
-                let km = |n: usize| {
-                    let p = PLACES[nodes[n].place];
-                    great_circle_km(place.2, place.3, p.2, p.3)
-                };
-                km(a).total_cmp(&km(b)).then(a.cmp(&b))
-            })
-            .expect("at least one node");
-        share[nearest] += place.4 / total;
+        share[nearest_node(nodes, place.2, place.3).0] += place.4 / total;
     }
     for (node, share) in nodes.iter_mut().zip(share) {
         let capacity = (open * share / EXPECTED_LOAD).max(BASE_CAPACITY);
@@ -211,7 +202,19 @@ fn sized_fleet(mut nodes: Vec<Node>, config: &SimConfig) -> Vec<Node> {
             .max((capacity * VIEWER_BYTES_PER_S as f64) as u64);
         node.capacity = capacity;
     }
+}
+
+/// The node nearest to a point, and its distance in km (the lower index of two as near).
+fn nearest_node(nodes: &[Node], latitude: f64, longitude: f64) -> (usize, f64) {
     nodes
+        .iter()
+        .enumerate()
+        .map(|(n, node)| {
+            let p = PLACES[node.place];
+            (n, great_circle_km(latitude, longitude, p.2, p.3))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+        .expect("at least one node")
 }
 
 const CONNECTORS: &[(&str, f64)] = &[("HLS", 6.0), ("WebRTC", 2.0), ("DASH", 1.0), ("RTMP", 0.3)];
@@ -235,7 +238,7 @@ struct Node {
     id: String,
     place: usize,
     base_url: String,
-    /// Viewers the node carries at full load ([`sized_fleet`]).
+    /// Viewers the node carries at full load ([`size_fleet`]).
     capacity: f64,
     bw_limit: u64,
     ram_max: u64,
@@ -322,7 +325,7 @@ impl Simulator {
                 id: rng.uuid().to_string(),
             })
             .collect();
-        let nodes: Vec<Node> = (0..config.nodes.max(1))
+        let mut nodes: Vec<Node> = (0..config.nodes.max(1))
             .map(|i| {
                 let place = SITES[i % SITES.len()];
                 let city: String = PLACES[place]
@@ -345,7 +348,7 @@ impl Simulator {
                 }
             })
             .collect();
-        let nodes = sized_fleet(nodes, &config);
+        size_fleet(&mut nodes, &config);
         let streams = (0..config.streams.max(1))
             .map(|i| Stream {
                 tenant: i % config.tenants.max(1),
@@ -538,13 +541,7 @@ impl Simulator {
         let latitude = (PLACES[place].2 + self.rng.normal() * 0.3).clamp(-89.0, 89.0);
         let longitude = (PLACES[place].3 + self.rng.normal() * 0.3).clamp(-179.0, 179.0);
         // Route to the nearest node, as the balancer's geo term mostly does.
-        let (node, km) = (0..self.nodes.len())
-            .map(|n| {
-                let p = PLACES[self.nodes[n].place];
-                (n, great_circle_km(latitude, longitude, p.2, p.3))
-            })
-            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
-            .expect("at least one node");
+        let (node, km) = nearest_node(&self.nodes, latitude, longitude);
         let ok = !self.rng.chance(0.015);
         let score = (2000.0 - km / 10.0).max(1.0) as u64 + self.rng.below(50) as u64;
         self.emit_routing(s, node, place, latitude, longitude, km, ok, score);
