@@ -9,7 +9,7 @@
 //! max_connections_per_tenant = 2000         # live WebSocket connections (/ws, /graphql)
 //! subscriber_queue = 256                    # updates buffered per subscriber before it lags
 //! socket_send_buffer = 262144               # cap on each HTTP API connection's kernel send buffer
-//! query_memory_mb = 2048                    # memory one SQL query's joins, sorts, aggregations may hold
+//! query_memory_mb = 2048                    # memory one SQL query's scans, joins, sorts may hold
 //! query_result_mb = 256                     # result one SQL query may return
 //! query_seconds = 60                        # longest one SQL query may run
 //!
@@ -123,7 +123,7 @@ pub struct ApiConfig {
     /// Cap on the kernel send buffer of each connection to the HTTP API port, in bytes (the
     /// kernel's autotuning if unset; the PostgreSQL port is not affected).
     pub socket_send_buffer: Option<usize>,
-    /// MiB one SQL query's joins, sorts and aggregations may hold.
+    /// MiB one SQL query's scanned rows, joins, sorts and aggregations may hold.
     pub query_memory_mb: Option<usize>,
     /// MiB of result one SQL query may return.
     pub query_result_mb: Option<usize>,

@@ -6,12 +6,12 @@
 //! before planning. Errors are [`SqlError`]s with the
 //! planner's message, never panics.
 //!
-//! A served query runs within [`Limits::SERVED`]: the memory its joins, sorts and aggregations
+//! A served query runs within [`Limits::SERVED`]: the memory its scans, joins, sorts and aggregations
 //! may hold, the size of its result and its running time. One caller's `CROSS JOIN` cannot take
 //! the engine's memory or a worker thread for good: past a limit it is stopped with a
 //! [`SqlError::Limit`] that says which, and what to change.
 
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
@@ -21,6 +21,7 @@ use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
@@ -57,8 +58,9 @@ pub enum SqlError {
 /// What one query may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Bytes the query's joins, sorts and aggregations may hold at once (DataFusion's memory
-    /// pool; a sort spills to disk first).
+    /// Bytes the query's scans, joins, sorts and aggregations may hold at once (DataFusion's
+    /// memory pool, which the rows a scan copies out of the live tables count against too; a
+    /// sort spills to disk first).
     pub memory: usize,
     /// Bytes of result it may return: its Arrow arrays, plus its column names once per row (as
     /// JSON repeats them).
@@ -136,6 +138,7 @@ pub fn session(
                 Scope::All => None,
                 Scope::Tenant(tenant) => Some(tenant.to_string()),
             },
+            scanned: Mutex::default(),
         };
         ctx.register_table(name, Arc::new(provider))
             .map_err(|e| SqlError::Invalid(describe(&e)))?;
@@ -155,6 +158,9 @@ pub struct LiveProvider {
     name: &'static str,
     schema: SchemaRef,
     tenant: Option<String>,
+    /// The memory of the rows this query's scans copied out, held in its pool until the
+    /// session (one query) ends.
+    scanned: Mutex<Vec<MemoryReservation>>,
 }
 
 impl LiveProvider {
@@ -272,7 +278,7 @@ impl TableProvider for LiveProvider {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         limit: Option<usize>,
@@ -288,6 +294,16 @@ impl TableProvider for LiveProvider {
             None => self.schema.clone(),
         };
         debug_assert_eq!(schema, batch.schema(), "{}", self.name);
+        // The copied rows count against the query's memory as its operators' state does: a
+        // scan of more than a query may hold stops with the same clear error (and its rows
+        // are freed at once) rather than sitting outside the limit for the whole query.
+        let scanned = MemoryConsumer::new(format!("scan of {}", self.name))
+            .register(&state.runtime_env().memory_pool);
+        scanned.try_grow(batch.get_array_memory_size())?;
+        self.scanned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(scanned);
         let exec = MemorySourceConfig::try_new_exec(&[vec![batch]], schema, None)?;
         Ok(exec)
     }
@@ -434,8 +450,9 @@ pub async fn run(
     })?;
     let failed = |e: datafusion::error::DataFusionError| match e.find_root() {
         datafusion::error::DataFusionError::ResourcesExhausted(_) => SqlError::Limit(format!(
-            "the query needs more memory for its joins, sorts and aggregations than a query may \
-             hold: narrow it (WHERE, LIMIT) or join less ({})",
+            "the query needs more memory for the rows it scans and its joins, sorts and \
+             aggregations than a query may hold: narrow it (WHERE, LIMIT, fewer columns) or \
+             join less ({})",
             describe(&e)
         )),
         _ => SqlError::Invalid(describe(&e)),
