@@ -50,6 +50,21 @@ thread_local! {
     static TRAIL: Trail = const { Trail::new() };
 }
 
+/// The longest session a disconnect may report, in seconds: 30 days. A longer `duration` is a
+/// counter gone wrong, and a session stretched over years would make a 5-minute window of its
+/// stream for every five minutes of them (one such record took the engine's memory).
+pub const MAX_SESSION_SECONDS: u64 = 30 * 24 * 3600;
+
+/// The most bytes a session may report each way: 1 PiB, a gigabit per second for over three
+/// months. Past any viewer, and far enough below 2^64 that the tables' sums cannot wrap.
+pub const MAX_SESSION_BYTES: u64 = 1 << 50;
+
+/// The farthest a client can be from a node, in km: half the Earth's circumference.
+pub const MAX_DISTANCE_KM: f64 = 20_040.0;
+
+/// The times a stream's `started_at` may give, ms: from 2000 (as event times) to 2100.
+const STARTED_AT: std::ops::Range<i64> = 946_684_800_000..4_102_444_800_000;
+
 /// Namespace for the UUIDv5 ids Keel derives for records that carry none.
 pub const KEEL_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d65_7665_6e74_2d69_6473_0001);
 
@@ -603,8 +618,11 @@ fn lowercase_sym(value: &Option<Value<'_>>) -> Sym {
     }
 }
 
+/// A country code in upper case; empty when unknown, which the platform also writes as `--`
+/// (the tables show both as `--`, so both must be one key).
 fn country(values: &[&Option<Value<'_>>]) -> Sym {
     match first_text(values) {
+        Some(code) if code == "--" => Sym::default(),
         Some(code) if code.bytes().any(|b| b.is_ascii_lowercase()) => {
             Sym::new(&code.to_ascii_uppercase())
         }
@@ -675,14 +693,39 @@ fn viewer_disconnect(p: &Fields<'_>, d: &Fields<'_>) -> Result<ViewerDisconnect,
         node: node(p, d),
         session_id: session_id(p)?,
         place: place(p)?,
-        duration_s: first_uint(&[
-            (p.duration(), "duration"),
-            (p.seconds_connected(), "seconds_connected"),
-        ])?
+        duration_s: at_most(
+            first_uint(&[
+                (p.duration(), "duration"),
+                (p.seconds_connected(), "seconds_connected"),
+            ])?,
+            MAX_SESSION_SECONDS,
+            "duration",
+            "s, longer than a session may last (30 days)",
+        )?
         .unwrap_or(0),
-        up_bytes: uint(p.up_bytes(), "up_bytes")?.unwrap_or(0),
-        down_bytes: uint(p.down_bytes(), "down_bytes")?.unwrap_or(0),
+        up_bytes: session_bytes(p.up_bytes(), "up_bytes")?,
+        down_bytes: session_bytes(p.down_bytes(), "down_bytes")?,
     })
+}
+
+/// `n` when it is at most `max`; a refusal naming `field`, its value and `beyond` otherwise.
+fn at_most(n: Option<u64>, max: u64, field: &str, beyond: &str) -> Result<Option<u64>, String> {
+    match n {
+        Some(n) if n > max => Err(format!("field \"{field}\": {n} {beyond}")),
+        n => Ok(n),
+    }
+}
+
+/// A session's byte count (0 when absent), at most [`MAX_SESSION_BYTES`].
+fn session_bytes(value: &Option<Value<'_>>, field: &str) -> Result<u64, String> {
+    let n = uint(value, field)?;
+    Ok(at_most(
+        n,
+        MAX_SESSION_BYTES,
+        field,
+        "bytes, more than a session can carry (1 PiB)",
+    )?
+    .unwrap_or(0))
 }
 
 fn buffer_state(value: &Option<Value<'_>>) -> Result<Sym, String> {
@@ -732,9 +775,16 @@ fn stream_update(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamUpdate, String>
         bitrate_bps: uint(p.primary_bitrate(), "primary_bitrate")?.unwrap_or(0),
         packets_sent: uint(p.packets_sent(), "packets_sent")?.unwrap_or(0),
         packets_lost: uint(p.packets_lost(), "packets_lost")?.unwrap_or(0),
-        started_at: int(p.started_at(), "started_at")?
-            .filter(|&t| t > 0)
-            .map(|t| unix_time(t).0),
+        started_at: match int(p.started_at(), "started_at")?.filter(|&t| t > 0) {
+            None => None,
+            Some(t) if STARTED_AT.contains(&unix_time(t).0) => Some(unix_time(t).0),
+            Some(t) => {
+                return Err(format!(
+                    "field \"started_at\": {t} is not a time between 2000 and 2100 (unix \
+                     seconds or milliseconds)"
+                ));
+            }
+        },
     })
 }
 
@@ -928,7 +978,21 @@ fn routing(p: &Fields<'_>, d: &Fields<'_>) -> Result<RoutingDecision, String> {
         ])?,
         node_latitude: latitude(&[(p.node_latitude(), "node_latitude")])?,
         node_longitude: longitude(&[(p.node_longitude(), "node_longitude")])?,
-        distance_km: float(p.routing_distance_km(), "routing_distance_km")?.filter(|d| *d >= 0.0),
+        distance_km: match float(p.routing_distance_km(), "routing_distance_km")? {
+            Some(km) if km > MAX_DISTANCE_KM => {
+                // 1e308 in full is 309 digits.
+                let shown = if km < 1e12 {
+                    km.to_string()
+                } else {
+                    format!("{km:e}")
+                };
+                return Err(format!(
+                    "field \"routing_distance_km\": {shown} is farther than any two places on \
+                     Earth ({MAX_DISTANCE_KM} km)"
+                ));
+            }
+            km => km.filter(|d| *d >= 0.0),
+        },
         client_country: country(&[p.client_country()]),
     })
 }

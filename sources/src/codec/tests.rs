@@ -66,14 +66,14 @@ fn version_2_viewer_connect() {
 fn version_2_disconnect_reads_int64_strings() {
     let event = ok(&v2(
         "viewer_disconnect",
-        r#"{"trigger_type":"USER_END","node_id":"edge-ams-1","viewer_disconnect":{"session_id":"9","stream_name":"vod+clip","duration":"125","up_bytes":"1024","down_bytes":"9007199254740993","country_code":"DE"}}"#,
+        r#"{"trigger_type":"USER_END","node_id":"edge-ams-1","viewer_disconnect":{"session_id":"9","stream_name":"vod+clip","duration":"125","up_bytes":"1024","down_bytes":"1125899906842623","country_code":"DE"}}"#,
     ));
     let EventKind::ViewerDisconnect(d) = event.kind else {
         panic!()
     };
     assert_eq!(d.stream.internal_name.as_str(), "clip");
     assert_eq!(d.duration_s, 125);
-    assert_eq!(d.down_bytes, 9_007_199_254_740_993, "no trip through f64");
+    assert_eq!(d.down_bytes, 1_125_899_906_842_623);
     assert_eq!(d.place.country.as_str(), "DE");
 }
 
@@ -106,7 +106,7 @@ fn version_2_poller_updates() {
 
     let event = ok(&v2(
         "stream_lifecycle_update",
-        r#"{"trigger_type":"STREAM_LIFECYCLE_UPDATE","stream_lifecycle_update":{"node_id":"edge-1","internal_name":"demo","status":"LIVE","buffer_state":"full","uploaded_bytes":"500","downloaded_bytes":"7000","total_viewers":4,"has_issues":true,"quality_tier":"1080p","primary_height":1080,"primary_fps":29.97,"primary_bitrate":"4500000","packets_sent":"100","packets_lost":"2","started_at":"1793526000"}}"#,
+        r#"{"trigger_type":"STREAM_LIFECYCLE_UPDATE","stream_lifecycle_update":{"node_id":"edge-1","internal_name":"demo","status":"LIVE","buffer_state":"full","uploaded_bytes":"500","downloaded_bytes":"9007199254740993","total_viewers":4,"has_issues":true,"quality_tier":"1080p","primary_height":1080,"primary_fps":29.97,"primary_bitrate":"4500000","packets_sent":"100","packets_lost":"2","started_at":"1793526000"}}"#,
     ));
     let EventKind::StreamUpdate(u) = event.kind else {
         panic!()
@@ -115,7 +115,8 @@ fn version_2_poller_updates() {
     assert_eq!(u.buffer_state.as_str(), "FULL");
     assert_eq!(
         (u.uploaded_bytes, u.downloaded_bytes, u.viewers),
-        (500, 7000, 4)
+        (500, 9_007_199_254_740_993, 4),
+        "no trip through f64"
     );
     assert_eq!(u.started_at, Some(1_793_526_000_000));
     assert_eq!(u.fps, 29.97);
@@ -408,6 +409,114 @@ fn refusals_name_the_problem() {
         EventKind::StreamEnd(end) => assert_eq!(end.stream.internal_name.as_str(), longest),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn implausible_values_are_refused_with_their_field() {
+    let disconnect = |fields: &str| {
+        v2(
+            "viewer_disconnect",
+            &format!(r#"{{"viewer_disconnect":{{"stream_name":"d","session_id":"1",{fields}}}}}"#),
+        )
+    };
+    let routing = |km: &str| {
+        v2(
+            "load_balancing",
+            &format!(
+                r#"{{"load_balancing_data":{{"selected_node_id":"e","status":"success","internal_name":"d","routing_distance_km":{km}}}}}"#
+            ),
+        )
+    };
+    let update = |started: &str| {
+        v2(
+            "stream_lifecycle_update",
+            &format!(
+                r#"{{"stream_lifecycle_update":{{"internal_name":"d","status":"live","started_at":"{started}"}}}}"#
+            ),
+        )
+    };
+    // At the bounds: accepted as given.
+    let EventKind::ViewerDisconnect(d) = ok(&disconnect(&format!(
+        r#""duration":"{MAX_SESSION_SECONDS}","down_bytes":"{MAX_SESSION_BYTES}","up_bytes":"{MAX_SESSION_BYTES}""#
+    )))
+    .kind
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (d.duration_s, d.down_bytes, d.up_bytes),
+        (MAX_SESSION_SECONDS, MAX_SESSION_BYTES, MAX_SESSION_BYTES)
+    );
+    let EventKind::Routing(r) = ok(&routing("20040")).kind else {
+        panic!()
+    };
+    assert_eq!(r.distance_km, Some(MAX_DISTANCE_KM));
+    for started in ["946684800", "4102444799999"] {
+        let EventKind::StreamUpdate(u) = ok(&update(started)).kind else {
+            panic!()
+        };
+        assert!(u.started_at.is_some(), "{started}");
+    }
+    // Past them: refused, the field and its value named.
+    let past = MAX_SESSION_BYTES + 1;
+    let cases = [
+        (
+            disconnect(r#""duration":"99999999999""#),
+            "field \"duration\": 99999999999 s, longer than a session may last (30 days)",
+        ),
+        (
+            disconnect(r#""seconds_connected":"4294967295""#),
+            "field \"duration\": 4294967295 s, longer than a session may last (30 days)",
+        ),
+        (
+            disconnect(r#""down_bytes":"18446744073709551615""#),
+            "field \"down_bytes\": 18446744073709551615 bytes, more than a session can carry (1 PiB)",
+        ),
+        (
+            disconnect(&format!(r#""up_bytes":"{past}""#)),
+            "field \"up_bytes\": 1125899906842625 bytes, more than a session can carry (1 PiB)",
+        ),
+        (
+            routing("1e308"),
+            "field \"routing_distance_km\": 1e308 is farther than any two places on Earth (20040 km)",
+        ),
+        (
+            routing("20040.5"),
+            "field \"routing_distance_km\": 20040.5 is farther than any two places on Earth (20040 km)",
+        ),
+        (
+            update("1"),
+            "field \"started_at\": 1 is not a time between 2000 and 2100 (unix seconds or milliseconds)",
+        ),
+        (
+            update("99999999999999"),
+            "field \"started_at\": 99999999999999 is not a time between 2000 and 2100 (unix seconds or milliseconds)",
+        ),
+    ];
+    for (record, reason) in cases {
+        assert_eq!(err(&record).reason, reason, "{record}");
+    }
+}
+
+#[test]
+fn the_unknown_country_is_one_key_however_written() {
+    let country = |code: &str| {
+        let EventKind::ViewerConnect(c) = ok(&v2(
+            "viewer_connect",
+            &format!(
+                r#"{{"viewer_connect":{{"stream_name":"d","session_id":"1","client_country":"{code}"}}}}"#
+            ),
+        ))
+        .kind
+        else {
+            panic!()
+        };
+        c.place.country
+    };
+    assert!(country("--").is_empty());
+    assert!(country("").is_empty());
+    assert!(country("<nil>").is_empty());
+    assert_eq!(country("de").as_str(), "DE");
 }
 
 #[test]
