@@ -1168,15 +1168,45 @@ pub fn main() -> ExitCode {
                 eprintln!("error: {sql}");
                 return ExitCode::from(2);
             }
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", causes(&error));
             ExitCode::FAILURE
         }
     }
 }
 
+/// The error and its causes, each said once: many errors already end with their cause's words
+/// (`cannot read FILE: No such file or directory`), which `{:#}` would repeat.
+fn causes(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.ends_with(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_say_each_cause_once() {
+        let missing = FileSource::open(std::path::Path::new("/nonexistent/x.ndjson"))
+            .map(|_| ())
+            .unwrap_err();
+        let error = anyhow::Error::from(missing).context("cannot start the file source");
+        assert_eq!(
+            causes(&error),
+            "cannot start the file source: cannot read /nonexistent/x.ndjson: No such file or \
+             directory (os error 2)"
+        );
+    }
 
     #[test]
     fn state_horizons() {

@@ -24,7 +24,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use serde_json::{Map, Value, json};
 
-use crate::error::{IngestError, SourceError};
+use crate::error::{IngestError, SourceError, clip};
 use crate::kafka::KafkaAddress;
 use crate::record::{Position, Record};
 
@@ -147,13 +147,9 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
     }
 }
 
-/// `text`, cut to at most [`MAX_LETTER_TEXT`] bytes (at a character boundary) and marked `…`
-/// when cut.
+/// `text`, cut to at most [`MAX_LETTER_TEXT`] bytes and marked `…` when cut.
 fn clipped(text: &str) -> String {
-    if text.len() <= MAX_LETTER_TEXT {
-        return text.to_owned();
-    }
-    format!("{}…", &text[..text.floor_char_boundary(MAX_LETTER_TEXT)])
+    clip(text, MAX_LETTER_TEXT)
 }
 
 /// Puts `bytes` into a letter as `{name}_base64`, at most `limit` of them; when they are cut,

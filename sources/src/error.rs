@@ -22,6 +22,18 @@ pub struct IngestError {
     pub excerpt: String,
 }
 
+/// Longest reason kept in an error row, in bytes. A reason quotes the value it refuses, and a
+/// megabyte `tenant_id` would otherwise be copied whole into the row.
+pub const REASON_BYTES: usize = 512;
+
+/// `text`, cut to at most `max` bytes (at a character boundary) and marked `…` when cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    format!("{}…", &text[..text.floor_char_boundary(max)])
+}
+
 /// Longest excerpt kept in an error row, in bytes.
 pub const EXCERPT_BYTES: usize = 160;
 

@@ -32,6 +32,17 @@ const CHUNK: usize = 1 << 20;
 /// a `kcat -J` envelope escapes its payload to a few times that at most.
 pub const MAX_LINE: usize = 16 << 20;
 
+/// The UTF-8 byte order mark some editors put at the start of a text file.
+const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
+
+/// How compressed files begin, their format, and the command that decompresses them.
+const COMPRESSED: &[(&[u8], &str, &str)] = &[
+    (b"\x1F\x8B", "gzip", "gzip"),
+    (b"\x28\xB5\x2F\xFD", "zstd", "zstd"),
+    (b"\xFD7zXZ\x00", "xz", "xz"),
+    (b"BZh", "bzip2", "bzip2"),
+];
+
 /// A line longer than [`MAX_LINE`] that was skipped.
 struct LongLine {
     line: u64,
@@ -49,6 +60,8 @@ struct Cursor {
     handed: Arc<AtomicU64>,
     /// Lines skipped as too long since the readers last took them.
     long_lines: Vec<LongLine>,
+    /// Whether the file's first bytes were looked at ([`Cursor::check_start`]).
+    started: bool,
 }
 
 impl Cursor {
@@ -77,6 +90,9 @@ impl Cursor {
                 // Reading stops short of the limit only at the end of the file.
                 self.eof = true;
             }
+            if !self.started {
+                self.check_start(out)?;
+            }
         }
         if out.is_empty() {
             return Ok(None);
@@ -88,6 +104,36 @@ impl Cursor {
             self.next_line += 1;
         }
         Ok(Some(first))
+    }
+
+    /// Looks at the file's first bytes, once `out` holds them: a byte order mark is dropped
+    /// (its first record would be refused as not JSON), and a compressed file is refused by its
+    /// format, where it would be read as lines of binary, each an error row, and end with none
+    /// of its records.
+    fn check_start(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let longest = COMPRESSED.iter().map(|(magic, ..)| magic.len()).max();
+        if out.len() < longest.unwrap_or(0) && !self.eof {
+            return Ok(());
+        }
+        self.started = true;
+        for (magic, format, tool) in COMPRESSED {
+            if out.starts_with(magic) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "the file is {format}-compressed; Keel reads NDJSON text: decompress it \
+                         first (`{tool} -dc FILE > FILE.ndjson`), or read it through a pipe \
+                         (`--input <({tool} -dc FILE)`)"
+                    ),
+                ));
+            }
+        }
+        if out.starts_with(BYTE_ORDER_MARK) {
+            out.drain(..BYTE_ORDER_MARK.len());
+            self.handed
+                .fetch_add(BYTE_ORDER_MARK.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Skips the line that `out` begins and holds no end of (more than [`MAX_LINE`] bytes of
@@ -161,6 +207,7 @@ impl FileSource {
                 eof: false,
                 handed: handed.clone(),
                 long_lines: Vec::new(),
+                started: false,
             }))),
             size,
             handed,
@@ -658,6 +705,51 @@ mod tests {
             source.handed.load(Ordering::Relaxed),
             std::fs::metadata(&path).unwrap().len()
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bom.ndjson");
+        std::fs::write(&path, b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n").unwrap();
+        let (records, refused) = read_all(&path, 1);
+        assert!(refused.is_empty(), "{refused:?}");
+        let values: Vec<&str> = records.iter().map(|r| r.1.as_str()).collect();
+        assert_eq!(values, [r#"{"a":1}"#, r#"{"b":2}"#]);
+        // Only at the start: elsewhere it is the line's own text.
+        std::fs::write(&path, b"{\"a\":1}\n\xEF\xBB\xBF{\"b\":2}\n").unwrap();
+        let (records, _) = read_all(&path, 1);
+        assert_eq!(records[1].1, "\u{feff}{\"b\":2}");
+        let source = FileSource::open(&path).unwrap();
+        let mut reader = source.open(0, 1).unwrap();
+        while reader.next_batch(&mut Batch::default(), 10).unwrap() == Poll::Ready {}
+        assert_eq!(source.progress(), Some(1.0));
+    }
+
+    #[test]
+    fn compressed_files_are_refused_by_their_format() {
+        let dir = tempfile::tempdir().unwrap();
+        for (magic, format, _) in COMPRESSED {
+            let path = dir.path().join(format!("events.{format}"));
+            let mut bytes = magic.to_vec();
+            bytes.extend_from_slice(b"\x00\x01binary\n\xFF");
+            std::fs::write(&path, &bytes).unwrap();
+            let source = FileSource::open(&path).unwrap();
+            let mut reader = source.open(0, 1).unwrap();
+            let error = reader
+                .next_batch(&mut Batch::default(), 10)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("the file is {format}-compressed")),
+                "{error}"
+            );
+        }
+        // A file shorter than the longest mark is looked at once it has ended.
+        let path = dir.path().join("short.ndjson");
+        std::fs::write(&path, b"BZ\n").unwrap();
+        let (records, _) = read_all(&path, 1);
+        assert_eq!(records.len(), 1);
     }
 
     #[test]

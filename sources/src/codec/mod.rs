@@ -32,7 +32,7 @@ use keel_operators::sym::Sym;
 use keel_operators::time::{Precision, parse_rfc3339_precise};
 use uuid::Uuid;
 
-use crate::error::{IngestError, excerpt};
+use crate::error::{EXCERPT_BYTES, IngestError, REASON_BYTES, clip, excerpt};
 use crate::event::{
     Event, EventKind, IngestStart, NodeMode, NodeStream, NodeUpdate, RoutingDecision, SignalKind,
     StreamBuffer, StreamEnd, StreamRef, StreamSignal, StreamUpdate, TrackList, UnknownEvent,
@@ -353,11 +353,12 @@ pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
         .or_else(|| record.headers.tenant_id.as_deref().map(Cow::Borrowed))
         .or_else(|| first_text(&[parsed.data.tenant_id()]))
         .or_else(|| first_text(&[parsed.payload.tenant_id()]));
+    // What the row repeats of the record is cut to size, as its excerpt is.
     let fail = |reason: String| IngestError {
         position: record.position.clone(),
-        reason,
-        event_type: event_type.as_deref().map(str::to_owned),
-        tenant_id: tenant_text.as_deref().map(str::to_owned),
+        reason: clip(&reason, REASON_BYTES),
+        event_type: event_type.as_deref().map(|t| clip(t, EXCERPT_BYTES)),
+        tenant_id: tenant_text.as_deref().map(|t| clip(t, EXCERPT_BYTES)),
         excerpt: excerpt(record.value),
     };
     read.map_err(|reason| fail(reason.0))?;

@@ -499,6 +499,24 @@ fn implausible_values_are_refused_with_their_field() {
 }
 
 #[test]
+fn error_rows_repeat_at_most_an_excerpt_of_a_huge_value() {
+    let tenant = "x".repeat(1 << 20);
+    let refused = err(&format!(
+        r#"{{"event_id":"0b7d4a8e-5c1f-4e53-9a43-2f7e1d3c9b10","event_type":"viewer_connect","timestamp":"2026-11-01T10:00:00Z","tenant_id":"{tenant}","data":{{}}}}"#
+    ));
+    assert!(
+        refused.reason.starts_with("tenant_id \"xxx"),
+        "{}",
+        &refused.reason[..40]
+    );
+    assert!(refused.reason.ends_with('…'));
+    assert_eq!(refused.reason.len(), REASON_BYTES + '…'.len_utf8());
+    let kept = refused.tenant_id.unwrap();
+    assert_eq!(kept.len(), EXCERPT_BYTES + '…'.len_utf8());
+    assert!(kept.starts_with("xxx"));
+}
+
+#[test]
 fn the_unknown_country_is_one_key_however_written() {
     let country = |code: &str| {
         let EventKind::ViewerConnect(c) = ok(&v2(
