@@ -1,5 +1,14 @@
 //! Rendering query results: an aligned text table, CSV with a header, JSON (one object per line,
 //! or one array), or an Arrow IPC stream.
+//!
+//! JSON objects carry every column, `null` included, so each row has the same keys. In a text
+//! table, line breaks and tabs inside a value are shown escaped (`\n`, `\r`, `\t`): written as
+//! they are, a value's second line would read as a row of its own.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, StringArray};
+use arrow::datatypes::DataType;
 
 use arrow::array::RecordBatch;
 use arrow::error::ArrowError;
@@ -24,7 +33,11 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowE
     let mut out = Vec::new();
     match format {
         Format::Table => {
-            out = (arrow::util::pretty::pretty_format_batches(batches)?.to_string() + "\n")
+            let shown = batches
+                .iter()
+                .map(escape_breaks)
+                .collect::<Result<Vec<_>, _>>()?;
+            out = (arrow::util::pretty::pretty_format_batches(&shown)?.to_string() + "\n")
                 .into_bytes();
         }
         Format::Csv => {
@@ -36,14 +49,18 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowE
             }
         }
         Format::Json => {
-            let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+            let mut writer = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::LineDelimited>(&mut out);
             for batch in batches {
                 writer.write(batch)?;
             }
             writer.finish()?;
         }
         Format::JsonArray => {
-            let mut writer = arrow::json::ArrayWriter::new(&mut out);
+            let mut writer = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::JsonArray>(&mut out);
             for batch in batches {
                 writer.write(batch)?;
             }
@@ -56,7 +73,7 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowE
             let schema = batches
                 .first()
                 .map(|b| b.schema())
-                .unwrap_or_else(|| std::sync::Arc::new(arrow::datatypes::Schema::empty()));
+                .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
             let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema)?;
             for batch in batches {
                 writer.write(batch)?;
@@ -65,4 +82,113 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowE
         }
     }
     Ok(out)
+}
+
+/// `batch` with line breaks and tabs in its text columns written as escapes (a batch without
+/// any comes back as it is).
+fn escape_breaks(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let breaks = |c: char| matches!(c, '\n' | '\r' | '\t');
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    let mut changed = false;
+    for column in batch.columns() {
+        if !matches!(
+            column.data_type(),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        ) {
+            columns.push(column.clone());
+            continue;
+        }
+        let text = arrow::compute::cast(column, &DataType::Utf8)?;
+        let text = text
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("cast to Utf8");
+        if !text.iter().flatten().any(|value| value.contains(breaks)) {
+            columns.push(column.clone());
+            continue;
+        }
+        changed = true;
+        let escaped: StringArray = text
+            .iter()
+            .map(|value| {
+                value.map(|value| {
+                    value
+                        .replace('\n', "\\n")
+                        .replace('\r', "\\r")
+                        .replace('\t', "\\t")
+                })
+            })
+            .collect();
+        columns.push(Arc::new(escaped));
+    }
+    if !changed {
+        return Ok(batch.clone());
+    }
+    // Escaped columns are plain Utf8 now, whatever they were.
+    let fields: Vec<arrow::datatypes::Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(&columns)
+        .map(|(field, column)| {
+            field
+                .as_ref()
+                .clone()
+                .with_data_type(column.data_type().clone())
+        })
+        .collect();
+    RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+
+    fn batch() -> RecordBatch {
+        RecordBatch::try_from_iter([
+            (
+                "name",
+                Arc::new(StringArray::from(vec![Some("two\nlines"), None])) as ArrayRef,
+            ),
+            (
+                "n",
+                Arc::new(Int64Array::from(vec![Some(1), None])) as ArrayRef,
+            ),
+        ])
+        .unwrap()
+    }
+
+    fn text(batches: &[RecordBatch], format: Format) -> String {
+        String::from_utf8(render(batches, format).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn json_rows_carry_their_nulls() {
+        assert_eq!(
+            text(&[batch()], Format::Json),
+            "{\"name\":\"two\\nlines\",\"n\":1}\n{\"name\":null,\"n\":null}\n"
+        );
+        assert_eq!(
+            text(&[batch()], Format::JsonArray),
+            "[{\"name\":\"two\\nlines\",\"n\":1},{\"name\":null,\"n\":null}]"
+        );
+    }
+
+    #[test]
+    fn a_table_keeps_one_line_per_row() {
+        let table = text(&[batch()], Format::Table);
+        assert_eq!(table.lines().count(), 6, "{table}");
+        assert!(table.contains("| two\\nlines |"), "{table}");
+        // CSV quotes the value whole instead.
+        assert!(text(&[batch()], Format::Csv).contains("\"two\nlines\""));
+    }
+
+    #[test]
+    fn an_empty_result_keeps_its_columns() {
+        let empty = RecordBatch::new_empty(batch().schema());
+        assert_eq!(text(std::slice::from_ref(&empty), Format::Csv), "name,n\n");
+        assert!(text(std::slice::from_ref(&empty), Format::Table).contains("| name | n |"));
+        assert_eq!(text(std::slice::from_ref(&empty), Format::JsonArray), "[]");
+    }
 }

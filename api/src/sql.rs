@@ -462,6 +462,7 @@ pub async fn run(
     // Batch by batch, so a result past its limit is stopped there, not built whole first.
     let mut stream =
         datafusion::physical_plan::execute_stream(plan, ctx.task_ctx()).map_err(failed)?;
+    let schema = stream.schema();
     let (mut batches, mut bytes) = (Vec::new(), 0usize);
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(failed)?;
@@ -484,6 +485,11 @@ pub async fn run(
             )));
         }
         batches.push(batch);
+    }
+    if batches.is_empty() {
+        // No rows: an empty batch still says which columns (a CSV header, a table's head, an
+        // Arrow stream's schema).
+        batches.push(RecordBatch::new_empty(schema));
     }
     Ok(batches)
 }
