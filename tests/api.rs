@@ -307,6 +307,20 @@ async fn formats_follow_the_accept_header() {
     assert!(empty.is_empty());
 }
 
+/// Column `name` of `batch` as text.
+fn strings(batch: &arrow::array::RecordBatch, name: &str) -> arrow::array::StringArray {
+    let array = arrow::compute::cast(
+        batch.column_by_name(name).unwrap(),
+        &arrow::datatypes::DataType::Utf8,
+    )
+    .unwrap();
+    array
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .unwrap()
+        .clone()
+}
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors() {
     let handles = golden();
@@ -407,18 +421,7 @@ async fn key_lookups_agree_with_full_scans_and_stay_within_the_tenant() {
     .unwrap();
     let mut checked = 0;
     for batch in &rows {
-        let column = |name: &str| {
-            let array = arrow::compute::cast(
-                batch.column_by_name(name).unwrap(),
-                &arrow::datatypes::DataType::Utf8,
-            )
-            .unwrap();
-            array
-                .as_any()
-                .downcast_ref::<arrow::array::StringArray>()
-                .unwrap()
-                .clone()
-        };
+        let column = |name: &str| strings(batch, name);
         let (tenants, names, nodes, sessions) = (
             column("tenant_id"),
             column("internal_name"),
@@ -467,12 +470,143 @@ async fn key_lookups_agree_with_full_scans_and_stay_within_the_tenant() {
         }
     }
     assert!(checked >= 4, "the golden file has sessions ({checked})");
+    // A table keyed without its tenant (ingest_errors, by position alone) is looked up within
+    // the caller's tenant all the same.
+    let errors = query(
+        &tables,
+        Scope::All,
+        &format!(
+            "SELECT position, tenant_id FROM ingest_errors WHERE tenant_id IN ('{TENANT_A}', '{TENANT_B}')"
+        ),
+    )
+    .await
+    .unwrap();
+    let mut looked = 0;
+    for batch in &errors {
+        let text = |name: &str| strings(batch, name);
+        let (positions, tenants) = (text("position"), text("tenant_id"));
+        for i in 0..batch.num_rows() {
+            let pinned = format!(
+                "SELECT position FROM ingest_errors WHERE position = '{}'",
+                positions.value(i)
+            );
+            for caller in [TENANT_A, TENANT_B] {
+                let seen = query(&tables, Scope::Tenant(caller.parse().unwrap()), &pinned)
+                    .await
+                    .unwrap();
+                let own = usize::from(tenants.value(i) == caller);
+                assert_eq!(count(&seen), own, "{pinned} as {caller}");
+            }
+            looked += 1;
+        }
+    }
+    assert!(
+        looked >= 2,
+        "the golden file has error rows of both tenants ({looked})"
+    );
     // A key no row ever had: nothing, and no error.
     let missing = "SELECT * FROM viewer_sessions WHERE internal_name = 'never-seen-name' AND node_id = 'n' AND session_id = 's'";
     assert_eq!(
         count(&query(&tables, Scope::All, missing).await.unwrap()),
         0
     );
+}
+
+/// Statements that nest far deeper than anyone writes are answered or refused with a clear
+/// error: they used to overflow the API's stack, which aborts the whole engine.
+#[tokio::test]
+async fn deeply_nested_statements_are_answered_not_a_crash() {
+    use keel_api::auth::Scope;
+    use keel_api::sql::query;
+    let handles = golden();
+    // SQL: planned on the query's own deep-stacked thread, and refused past its size before
+    // planning (a chain of 1,000 terms aborted the engine; longer ones plan for minutes).
+    for (sql, answer) in [
+        (
+            format!("SELECT {} AS n", vec!["1"; 256].join("+")),
+            "| 256 |",
+        ),
+        (
+            format!(
+                "SELECT sum(n) AS n FROM ({})",
+                vec!["SELECT 1 AS n"; 500].join(" UNION ALL ")
+            ),
+            "| 500 |",
+        ),
+    ] {
+        let batches = query(&handles.tables, Scope::All, &sql).await.unwrap();
+        let shown = arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        assert!(shown.contains(answer), "{shown}");
+    }
+    for (sql, refusal) in [
+        (
+            format!("SELECT {} AS n", vec!["1"; 20_000].join("+")),
+            "the statement's expressions nest deeper than 256 levels",
+        ),
+        // Brackets are bounded by the parser itself.
+        (
+            format!("SELECT {}1{} AS n", "(".repeat(300), ")".repeat(300)),
+            "SQL error: RecursionLimitExceeded",
+        ),
+        (
+            vec!["SELECT 1 AS n"; 1_002].join(" UNION ALL "),
+            "the statement has more than 1000 UNION, INTERSECT or EXCEPT operations",
+        ),
+    ] {
+        match query(&handles.tables, Scope::All, &sql).await {
+            Err(keel_api::sql::SqlError::Invalid(message)) => {
+                assert!(message.starts_with(refusal), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // GraphQL: a list literal 1,500 deep is refused before it is parsed.
+    let state = state(&handles);
+    let deep = format!(
+        "{{ streams(after: {}1{}) {{ totalCount }} }}",
+        "[".repeat(1500),
+        "]".repeat(1500)
+    );
+    let request = Request::post("/graphql")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", token(&Claims::admin("root", FAR))),
+        )
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::json!({ "query": deep }).to_string()))
+        .unwrap();
+    let (status, _, body) = call(&state, request).await;
+    assert_eq!(status, StatusCode::OK);
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        value["errors"][0]["message"], "the document nests its brackets deeper than 64 levels",
+        "{value}"
+    );
+
+    // A body past the API's limit is refused unread, as on /v1/sql; one that is not a
+    // request is a JSON error.
+    for (body, expected) in [
+        (
+            serde_json::json!({ "query": "{ streams { totalCount } }", "pad": "x".repeat(2 << 20) })
+                .to_string(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        ("not json".to_owned(), StatusCode::BAD_REQUEST),
+    ] {
+        let request = Request::post("/graphql")
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", token(&Claims::admin("root", FAR))),
+            )
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let (status, _, _) = call(&state, request).await;
+        assert_eq!(status, expected);
+    }
 }
 
 /// The dashboard's `nodes` field carries each node's live routing score from Foghorn's fleet.

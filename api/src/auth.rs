@@ -283,9 +283,29 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// The token of an `Authorization` value: the `Bearer` scheme, in any case (RFC 7235 makes
+/// schemes case-insensitive), then the token.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+        .filter(|token| !token.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_in_any_case() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "Bearer   abc"] {
+            assert_eq!(bearer(value), Some("abc"), "{value}");
+        }
+        for value in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", "abc"] {
+            assert_eq!(bearer(value), None, "{value}");
+        }
+    }
 
     const NOW: i64 = 1_800_000_000;
 

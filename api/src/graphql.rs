@@ -27,7 +27,7 @@ use async_graphql::{
     Context, Data, EmptyMutation, Enum, Error, ErrorExtensions, ID, Json, Object, Result, Schema,
     SimpleObject,
 };
-use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
+use async_graphql_axum::GraphQLResponse;
 use axum::Extension;
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
@@ -68,6 +68,60 @@ pub fn schema(state: ApiState) -> KeelSchema {
         .finish()
 }
 
+/// The deepest a GraphQL document may nest its brackets (`{`, `[`, `(`). async-graphql's parser
+/// descends once per level: a list literal 1,500 deep (3 KB) overflowed the API's stack and
+/// aborted the engine. A query within [`schema`]'s depth limit of 12 needs a few dozen at most.
+pub const MAX_NESTING: usize = 64;
+
+/// The refusal of a document past [`MAX_NESTING`].
+pub fn too_deep_message() -> String {
+    format!("the document nests its brackets deeper than {MAX_NESTING} levels")
+}
+
+/// Whether `document` nests its brackets deeper than [`MAX_NESTING`], outside its strings and
+/// comments; read before async-graphql parses it.
+pub fn nests_too_deep(document: &str) -> bool {
+    let bytes = document.as_bytes();
+    let (mut depth, mut at) = (0usize, 0);
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b'#' => {
+                while bytes.get(at).is_some_and(|&b| b != b'\n') {
+                    at += 1;
+                }
+            }
+            b'"' if bytes[at..].starts_with(b"\"\"\"") => {
+                // A block string ends at three quotes not escaped by a backslash.
+                at += 3;
+                while at < bytes.len() && !bytes[at..].starts_with(b"\"\"\"") {
+                    at += if bytes[at..].starts_with(b"\\\"\"\"") {
+                        4
+                    } else {
+                        1
+                    };
+                }
+                at += 2;
+            }
+            b'"' => {
+                at += 1;
+                while bytes.get(at).is_some_and(|&b| b != b'"' && b != b'\n') {
+                    at += if bytes[at] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' | b'[' | b'(' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return true;
+                }
+            }
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        at += 1;
+    }
+    false
+}
+
 /// The schema in SDL, as `keel graphql-schema` prints it.
 pub fn sdl() -> String {
     Schema::build(Query, EmptyMutation, Subscription)
@@ -80,11 +134,21 @@ pub async fn post(
     State(state): State<ApiState>,
     Extension(schema): Extension<KeelSchema>,
     headers: HeaderMap,
-    request: GraphQLRequest,
+    body: axum::body::Bytes,
 ) -> Result<GraphQLResponse, ApiError> {
+    // The body is read as bytes, within the API's body limit (async-graphql's own extractor
+    // reads a body of any size), and only once the caller is known is it parsed.
     let caller = principal(&state.auth, &headers)?;
-    let request = request.into_inner().data(caller);
-    Ok(schema.execute(request).await.into())
+    let request: async_graphql::Request = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body is not a GraphQL request (a JSON object with \"query\"): {e}"
+        ))
+    })?;
+    if nests_too_deep(&request.query) {
+        let refusal = async_graphql::ServerError::new(too_deep_message(), None);
+        return Ok(async_graphql::Response::from_errors(vec![refusal]).into());
+    }
+    Ok(schema.execute(request.data(caller)).await.into())
 }
 
 /// `GET /graphql`: the subscription WebSocket.
@@ -117,7 +181,7 @@ pub(crate) async fn connection_init(state: ApiState, payload: Value) -> Result<(
         .get("Authorization")
         .or_else(|| payload.get("authorization"))
         .and_then(Value::as_str)
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
+        .map(|v| crate::auth::bearer(v).unwrap_or(v))
         .or_else(|| payload.get("token").and_then(Value::as_str))
         .ok_or_else(|| Error::new("unauthorized: missing bearer token in connection_init"))?;
     let caller = state
@@ -1510,6 +1574,31 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_documents_are_found_before_they_are_parsed() {
+        assert!(!nests_too_deep(
+            "{ streams(first: 5) { edges { node { internalName } } } }"
+        ));
+        let deep = format!(
+            "{{ streams(after: {}1{}) {{ totalCount }} }}",
+            "[".repeat(1500),
+            "]".repeat(1500)
+        );
+        assert!(nests_too_deep(&deep));
+        let edge = "[".repeat(MAX_NESTING) + &"]".repeat(MAX_NESTING);
+        assert!(!nests_too_deep(&edge));
+        assert!(nests_too_deep(&format!("({edge})")));
+        // Brackets inside strings, block strings and comments do not count.
+        let opened = "[".repeat(100);
+        for quiet in [
+            format!("{{ a(b: \"{opened} \\\" {opened}\") }}"),
+            format!("{{ a(b: \"\"\"{opened} \\\"\"\" {opened}\"\"\") }}"),
+            format!("{{ a # {opened}\n }}"),
+        ] {
+            assert!(!nests_too_deep(&quiet), "{quiet}");
+        }
+    }
 
     #[test]
     fn cursors_page_through_everything_once() {

@@ -357,6 +357,11 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
     let router = {
         let (routes, state) = (routes.clone(), state.clone());
         move |text: axum::body::Bytes| {
+            // Refused before either path parses it (see `graphql::MAX_NESTING`).
+            if let Some(refusal) = too_deep(&text) {
+                let _ = sends.send(stream::once(future::ready(refusal)).boxed());
+                return future::ready(None);
+            }
             let taken = direct && take(&routes, &state, &sends, &text);
             future::ready((!taken).then_some(text))
         }
@@ -411,6 +416,30 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
     }
 }
 
+/// What the routing reads of a client message.
+#[derive(serde::Deserialize)]
+struct Head {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<String>,
+    payload: Option<Value>,
+}
+
+/// The error that answers a `subscribe` (or, in the older protocol, `start`) whose document
+/// nests too deep to be parsed safely; `None` for any other message.
+fn too_deep(text: &[u8]) -> Option<String> {
+    let head: Head = serde_json::from_slice(text).ok()?;
+    if !matches!(head.kind.as_str(), "subscribe" | "start") {
+        return None;
+    }
+    let document = head.payload.as_ref()?.get("query")?.as_str()?;
+    if !crate::graphql::nests_too_deep(document) {
+        return None;
+    }
+    let payload = serde_json::json!([{ "message": crate::graphql::too_deep_message() }]);
+    Some(serde_json::json!({ "type": "error", "id": head.id, "payload": payload }).to_string())
+}
+
 /// Routes one client message: true when the direct path took it, false to hand it on.
 fn take(
     routes: &Shared,
@@ -418,13 +447,6 @@ fn take(
     sends: &mpsc::UnboundedSender<BoxStream<'static, String>>,
     text: &[u8],
 ) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        #[serde(rename = "type")]
-        kind: String,
-        id: Option<String>,
-        payload: Option<Value>,
-    }
     let Ok(Head {
         kind,
         id: Some(id),

@@ -204,10 +204,7 @@ pub fn principal(auth: &Auth, headers: &HeaderMap) -> Result<Principal, AuthErro
         .ok_or(AuthError::Missing)?
         .to_str()
         .map_err(|_| AuthError::Invalid)?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or(AuthError::Invalid)?;
+    let token = crate::auth::bearer(value).ok_or(AuthError::Invalid)?;
     auth.authenticate(token, now_ms() / 1000)
 }
 

@@ -198,7 +198,11 @@ impl LiveProvider {
             ));
         }
         let key_columns = tables.key_columns(self.name)?;
-        let key: Option<Vec<Value>> = (!key_columns.is_empty())
+        // A lookup by key sees every tenant's rows: for a tenant, only a key that holds the
+        // tenant may be looked up (`ingest_errors` is keyed by position alone; its rows are
+        // scanned with the tenant's filter instead).
+        let scoped = self.tenant.is_none() || key_columns.contains(&"tenant_id");
+        let key: Option<Vec<Value>> = (scoped && !key_columns.is_empty())
             .then(|| {
                 key_columns
                     .iter()
@@ -327,9 +331,12 @@ pub async fn query_within(
 ) -> Result<Vec<RecordBatch>, SqlError> {
     let ran = async {
         // Waiting for a turn counts against the time limit.
-        let _turn = turns().acquire().await.expect("the turns are never closed");
-        let ctx = session(tables, scope, limits)?;
-        run(&ctx, sql, limits.result).await
+        let turn = turns()
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the turns are never closed");
+        on_query_thread(tables.clone(), scope, sql.to_owned(), limits, turn).await
     };
     if limits.time == Duration::MAX {
         return ran.await;
@@ -346,13 +353,69 @@ pub async fn query_within(
     })?
 }
 
+/// The stack of the thread a query runs on. DataFusion plans and evaluates expressions by
+/// recursion, so a statement nests as deep as its longest chain of operators: `1+1+…+1` of a
+/// thousand terms (2 KB of SQL) overflowed the API's 2 MiB threads and aborted the engine.
+/// Only the pages a query touches are ever committed.
+const QUERY_STACK: usize = 1 << 30;
+
+/// Runs `sql` on a thread of its own with a deep stack ([`QUERY_STACK`]) and a runtime of its
+/// own, so the caller's runtime keeps serving while it computes. A caller that stops waiting
+/// (its time is up, or it hung up) stops the query at its next yield; a query that panics is
+/// an error, not a lost thread.
+async fn on_query_thread(
+    tables: Arc<RwLock<LiveTables>>,
+    scope: Scope,
+    sql: String,
+    limits: Limits,
+    turn: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Vec<RecordBatch>, SqlError> {
+    let (mut done, answer) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("keel-sql".to_owned())
+        .stack_size(QUERY_STACK)
+        .spawn(move || {
+            // The turn is the thread's until it ends: planning does not yield, so a query
+            // its caller gave up on may still be computing, and must still count.
+            let _turn = turn;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let answer = match runtime {
+                Ok(runtime) => runtime.block_on(async {
+                    let work = async {
+                        let ctx = session(&tables, scope, limits)?;
+                        run(&ctx, &sql, limits.result).await
+                    };
+                    tokio::select! {
+                        answer = work => Some(answer),
+                        () = done.closed() => None,
+                    }
+                }),
+                Err(e) => Some(Err(SqlError::Invalid(format!(
+                    "cannot start the query's runtime: {e}"
+                )))),
+            };
+            if let Some(answer) = answer {
+                // The caller may have stopped waiting meanwhile.
+                let _ = done.send(answer);
+            }
+        })
+        .map_err(|e| SqlError::Invalid(format!("cannot start the query's thread: {e}")))?;
+    answer.await.unwrap_or_else(|_| {
+        Err(SqlError::Invalid(
+            "the query failed inside the engine (see its log)".to_owned(),
+        ))
+    })
+}
+
 /// Queries that run at once; the others wait their turn. Each may hold its memory limit, so
 /// this many times that bounds them all (two per core, at least four).
-fn turns() -> &'static tokio::sync::Semaphore {
-    static TURNS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+fn turns() -> &'static Arc<tokio::sync::Semaphore> {
+    static TURNS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
     TURNS.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-        tokio::sync::Semaphore::new((2 * cores).max(4))
+        Arc::new(tokio::sync::Semaphore::new((2 * cores).max(4)))
     })
 }
 
@@ -365,6 +428,77 @@ fn is_read_only(statement: &SQLStatement) -> bool {
         SQLStatement::Explain { statement, .. } => is_read_only(statement),
         _ => false,
     }
+}
+
+/// The deepest a statement's expressions may nest. DataFusion plans a chain of operators in
+/// time that grows with the square of its length (a thousand terms of `1+1+…` took a second,
+/// two thousand four, in a release build) and does not yield meanwhile, so no time limit stops
+/// it; 256 levels plan in a fraction of a second.
+pub const MAX_EXPRESSION_DEPTH: usize = 256;
+
+/// The most `UNION`, `INTERSECT` and `EXCEPT` operations in one statement.
+pub const MAX_SET_OPERATIONS: usize = 1_000;
+
+/// Refuses a statement whose expressions nest deeper than [`MAX_EXPRESSION_DEPTH`] or that has
+/// more than [`MAX_SET_OPERATIONS`] set operations, before it is planned.
+fn check_size(statement: &DFStatement) -> Result<(), SqlError> {
+    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, SetExpr, Visit, Visitor};
+    use std::ops::ControlFlow;
+    struct Depth {
+        now: usize,
+        most: usize,
+    }
+    impl Visitor for Depth {
+        type Break = ();
+        fn pre_visit_expr(&mut self, _: &SqlExpr) -> ControlFlow<()> {
+            self.now += 1;
+            self.most = self.most.max(self.now);
+            if self.most > MAX_EXPRESSION_DEPTH {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+        fn post_visit_expr(&mut self, _: &SqlExpr) -> ControlFlow<()> {
+            self.now -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_query(
+            &mut self,
+            query: &datafusion::sql::sqlparser::ast::Query,
+        ) -> ControlFlow<()> {
+            // Set operations nest to the left: count the chain under each query.
+            let mut operations = 0;
+            let mut body = &*query.body;
+            while let SetExpr::SetOperation { left, .. } = body {
+                operations += 1;
+                body = left;
+            }
+            if operations > MAX_SET_OPERATIONS {
+                self.most = usize::MAX;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let DFStatement::Statement(statement) = statement else {
+        return Ok(());
+    };
+    let mut depth = Depth { now: 0, most: 0 };
+    if statement.visit(&mut depth).is_continue() {
+        return Ok(());
+    }
+    Err(SqlError::Invalid(if depth.most == usize::MAX {
+        format!(
+            "the statement has more than {MAX_SET_OPERATIONS} UNION, INTERSECT or EXCEPT operations"
+        )
+    } else {
+        format!(
+            "the statement's expressions nest deeper than {MAX_EXPRESSION_DEPTH} levels (a long \
+             chain of operators counts one level for each): split it, or use IN (…) for a long \
+             list of alternatives"
+        )
+    }))
 }
 
 /// Refuses anything but one read-only statement, before any planning.
@@ -388,7 +522,7 @@ fn check_read_only(sql: &str) -> Result<(), SqlError> {
         _ => false,
     };
     if allowed {
-        return Ok(());
+        return check_size(statement);
     }
     let text = statement.to_string();
     let words: Vec<&str> = text.split_whitespace().take(2).collect();
