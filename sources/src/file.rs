@@ -360,6 +360,25 @@ impl FileReader {
     }
 }
 
+/// A header name or value: a string (JSON `null`, which kcat prints for a header without a
+/// value, is empty).
+fn header_text(json: &mut Json<'_>) -> Result<String, Bad> {
+    match json.scalar()? {
+        Ok(Value::Str(text)) => Ok(text.get().into_owned()),
+        Ok(Value::Null) => Ok(String::new()),
+        _ => Err(Bad("headers: names and values must be strings".to_owned())),
+    }
+}
+
+/// Why an envelope cannot be read, in words; its JSON errors too.
+struct Bad(String);
+
+impl From<crate::codec::json::JsonError> for Bad {
+    fn from(error: crate::codec::json::JsonError) -> Self {
+        Bad(error.to_string())
+    }
+}
+
 /// Adds the line at `range` of `chunk` to the batch: a `kcat -J` envelope, a bare record
 /// (shared with the batch, not copied), or nothing if blank.
 fn push_line(batch: &mut Batch, position: Position, chunk: &Arc<Vec<u8>>, range: Range<usize>) {
@@ -368,7 +387,11 @@ fn push_line(batch: &mut Batch, position: Position, chunk: &Arc<Vec<u8>>, range:
     if trimmed.is_empty() {
         return;
     }
-    if trimmed.starts_with(b"{\"topic\"") {
+    // kcat writes `{"topic":` first; other tools may put space after the brace.
+    if trimmed
+        .strip_prefix(b"{")
+        .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"\"topic\""))
+    {
         if let Err(reason) = push_kcat(batch, trimmed) {
             batch.refuse(IngestError {
                 position,
@@ -404,42 +427,76 @@ fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
                     _ => None,
                 }
             }
+            // kcat prints the value as a JSON string; a dump that kept it as JSON is read too.
+            "payload" if matches!(json.peek(), Some(b'{' | b'[')) => {
+                payload = Some(Ok(json.raw()?.to_owned()));
+            }
             "payload" => {
                 payload = match json.scalar()? {
-                    Ok(Value::Str(text)) => Some(text.get().into_owned()),
-                    _ => None,
+                    Ok(Value::Str(text)) => Some(Ok(text.get().into_owned())),
+                    Ok(Value::Null) => None,
+                    Ok(other) => Some(Err(format!(
+                        "payload is {}, not the record's value as text",
+                        match other {
+                            Value::Num(_) => "a number",
+                            _ => "a boolean",
+                        }
+                    ))),
+                    Err(_) => None,
                 }
             }
             "headers" if json.peek() == Some(b'[') => {
+                // kcat's flat list of names and values, or a list of [name, value] pairs.
                 let mut flat = Vec::new();
                 json.array(|json| {
-                    flat.push(match json.scalar()? {
-                        Ok(Value::Str(s)) => s.get().into_owned(),
-                        _ => String::new(),
-                    });
-                    Ok::<(), crate::codec::json::JsonError>(())
+                    if json.peek() == Some(b'[') {
+                        json.array(|json| {
+                            flat.push(header_text(json)?);
+                            Ok::<(), Bad>(())
+                        })
+                    } else {
+                        flat.push(header_text(json)?);
+                        Ok(())
+                    }
                 })?;
+                if flat.len() % 2 == 1 {
+                    return Err(Bad("headers: a name without its value".to_owned()));
+                }
                 headers = flat
                     .chunks(2)
-                    .filter_map(|pair| Some((pair.first()?.clone(), pair.get(1)?.clone())))
+                    .map(|pair| (pair[0].clone(), pair[1].clone()))
                     .collect();
+            }
+            "headers" if json.peek() == Some(b'n') => json.skip()?,
+            "headers" => {
+                return Err(Bad(
+                    "headers: expected a list of names and values, as kcat -J prints them"
+                        .to_owned(),
+                ));
             }
             _ => json.skip()?,
         }
-        Ok::<(), crate::codec::json::JsonError>(())
+        Ok::<(), Bad>(())
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|Bad(reason)| reason)?;
+    // kcat prints numbers; integer text in a string is read as well.
     let number = |value: Option<Value<'_>>, name: &str| match value {
         Some(Value::Num(n)) => n
             .parse::<i64>()
             .map_err(|_| format!("{name} {n} is not an integer")),
-        _ => Err(format!("{name} missing")),
+        Some(Value::Str(text)) => text
+            .get()
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("{name} {:?} is not an integer", text.get())),
+        Some(_) => Err(format!("{name} is not an integer")),
+        None => Err(format!("{name} missing")),
     };
     let partition = i32::try_from(number(partition, "partition")?)
         .map_err(|_| "partition out of range".to_owned())?;
     let offset = number(offset, "offset")?;
     let topic = topic.ok_or("topic missing")?;
-    let payload = payload.ok_or("payload is null or missing (a tombstone)")?;
+    let payload = payload.ok_or("payload is null or missing (a tombstone)")??;
     let position = Position::Kafka {
         topic: Sym::new(&topic),
         partition,
@@ -704,6 +761,55 @@ mod tests {
         assert_eq!(
             source.handed.load(Ordering::Relaxed),
             std::fs::metadata(&path).unwrap().len()
+        );
+    }
+
+    #[test]
+    fn kcat_envelopes_in_other_spellings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dump.ndjson");
+        let lines = [
+            // Space after the brace, offset and partition as text, headers as pairs.
+            r#"{ "topic":"t","partition":"1","offset":"6","headers":[["tenant_id","t-1"],["event_type",null]],"payload":"{\"a\":1}"}"#,
+            // The value kept as JSON.
+            r#"{"topic":"t","partition":1,"offset":7,"payload":{"a":2}}"#,
+            r#"{"topic":"t","partition":1,"offset":8,"payload":5}"#,
+            r#"{"topic":"t","partition":1,"offset":9,"headers":["tenant_id"],"payload":"{}"}"#,
+            r#"{"topic":"t","partition":1,"offset":10,"headers":[1,2],"payload":"{}"}"#,
+            r#"{"topic":"t","partition":1,"offset":11,"headers":{"a":"b"},"payload":"{}"}"#,
+            r#"{"topic":"t","partition":1,"offset":"x","payload":"{}"}"#,
+            r#"{"topic":"t","partition":1,"offset":12,"payload":null}"#,
+        ];
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let (records, refused) = read_all(&path, 1);
+        assert_eq!(
+            records,
+            [
+                (
+                    "kafka:t/1@6".to_owned(),
+                    r#"{"a":1}"#.to_owned(),
+                    Some("t-1".to_owned()),
+                    None
+                ),
+                (
+                    "kafka:t/1@7".to_owned(),
+                    r#"{"a":2}"#.to_owned(),
+                    None,
+                    None
+                ),
+            ]
+        );
+        let reasons: Vec<&str> = refused.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "kcat envelope: payload is a number, not the record's value as text",
+                "kcat envelope: headers: a name without its value",
+                "kcat envelope: headers: names and values must be strings",
+                "kcat envelope: headers: expected a list of names and values, as kcat -J prints them",
+                "kcat envelope: offset \"x\" is not an integer",
+                "kcat envelope: payload is null or missing (a tombstone)",
+            ]
         );
     }
 
