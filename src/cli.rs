@@ -962,6 +962,12 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
         },
     )?;
     let handles = Handles::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // The statement is checked against the tables, still empty, before the replay: a typo is
+    // an error at once, not after the whole file.
+    runtime.block_on(check_sql(&handles.tables, &args.sql))?;
     let mut previous = 0;
     let input = source.clone();
     run_engine(
@@ -983,9 +989,6 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
             previous = records;
         },
     )?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     // The one user of a local replay is the one waiting: no limits.
     let batches = runtime.block_on(keel_api::sql::query_within(
         &handles.tables,
@@ -995,6 +998,24 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     ))?;
     std::io::stdout().write_all(&render(&batches, format)?)?;
     Ok(())
+}
+
+/// Whether `sql` plans over `tables`: run with no rows (as `LIMIT 0` of it), or, for what cannot
+/// be wrapped (`SHOW`, `EXPLAIN`), as it is, over tables that are still empty.
+async fn check_sql(
+    tables: &Arc<std::sync::RwLock<keel_sinks::live::LiveTables>>,
+    sql: &str,
+) -> Result<(), SqlError> {
+    use keel_api::sql::{Limits, query_within};
+    let all = keel_api::auth::Scope::All;
+    let wrapped = format!("SELECT * FROM ({sql}) AS checked LIMIT 0");
+    if query_within(tables, all, &wrapped, Limits::NONE)
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    query_within(tables, all, sql, Limits::NONE).await.map(drop)
 }
 
 fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {

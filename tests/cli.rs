@@ -60,6 +60,35 @@ fn bad_sql_is_a_clear_error() {
         );
         assert!(!text(&out.stderr).contains("panicked"));
     }
+    // Checked before the replay: over an input that never ends, the error comes at once.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["sql", "--input", "/dev/stdin", "SELECT nope FROM streams"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _open = child.stdin.take();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("keel sql waited for its input before checking the statement");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("nope"), "{stderr}");
 }
 
 #[test]
