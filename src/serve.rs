@@ -95,6 +95,11 @@ impl Api {
                             cap_send_buffer(stream, bytes);
                         }
                     });
+                    let listener = keel_api::listener::Capped::new(
+                        listener,
+                        keel_api::listener::MAX_CONNECTIONS,
+                        keel_api::listener::FIRST_REQUEST,
+                    );
                     let served = axum::serve(listener, router(state))
                         .with_graceful_shutdown(async {
                             let _ = stopped.await;

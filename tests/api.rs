@@ -554,6 +554,29 @@ async fn deeply_nested_statements_are_answered_not_a_crash() {
             vec!["SELECT 1 AS n"; 1_002].join(" UNION ALL "),
             "the statement has more than 1000 UNION, INTERSECT or EXCEPT operations",
         ),
+        // Explained, a statement is the statement it explains.
+        (
+            format!("EXPLAIN SELECT {} AS n", vec!["1"; 20_000].join("+")),
+            "the statement's expressions nest deeper than 256 levels",
+        ),
+        // Wide rather than deep.
+        (
+            format!(
+                "SELECT {} AS n",
+                vec![format!("({})", vec!["1"; 100].join("+")); 300].join(", ")
+            ),
+            "the statement has more than 20000 expressions",
+        ),
+        (
+            format!(
+                "SELECT count(*) FROM {}",
+                (0..300)
+                    .map(|i| format!("streams s{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "the statement reads from more than 256 tables",
+        ),
     ] {
         match query(&handles.tables, Scope::All, &sql).await {
             Err(keel_api::sql::SqlError::Invalid(message)) => {
@@ -582,9 +605,39 @@ async fn deeply_nested_statements_are_answered_not_a_crash() {
     assert_eq!(status, StatusCode::OK);
     let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
-        value["errors"][0]["message"], "the document nests its brackets deeper than 64 levels",
+        value["errors"][0]["message"],
+        keel_api::graphql::too_deep_message(),
         "{value}"
     );
+
+    // Fields that read a whole table count as such: nineteen in a document (each with its
+    // selection), not twenty-one.
+    let aliases = |n: usize| {
+        (0..n)
+            .map(|i| format!("a{i}: viewerSessions(first: 1) {{ totalCount }}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for (n, refused) in [(19, false), (21, true)] {
+        let request = Request::post("/graphql")
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", token(&Claims::admin("root", FAR))),
+            )
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                serde_json::json!({ "query": format!("{{ {} }}", aliases(n)) }).to_string(),
+            ))
+            .unwrap();
+        let (_, _, body) = call(&state, request).await;
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            value["errors"][0]["message"] == "Query is too complex.",
+            refused,
+            "{n}: {value}"
+        );
+        assert_eq!(value["data"]["a0"].is_object(), !refused, "{n}: {value}");
+    }
 
     // A body past the API's limit is refused unread, as on /v1/sql; one that is not a
     // request is a JSON error.

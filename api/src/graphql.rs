@@ -68,25 +68,41 @@ pub fn schema(state: ApiState) -> KeelSchema {
         .finish()
 }
 
+/// The complexity of a field that reads a whole table of the tenant's (sessions, windows,
+/// countries, routing): with the schema's limit of 20,000, a document may read twenty at most,
+/// fewer with their selections.
+/// Counted as one, four thousand aliases of `viewerSessions` each copied every session and held
+/// the API's threads for minutes.
+const SCAN_COMPLEXITY: usize = 1_000;
+
 /// The deepest a GraphQL document may nest its brackets (`{`, `[`, `(`). async-graphql's parser
 /// descends once per level: a list literal 1,500 deep (3 KB) overflowed the API's stack and
 /// aborted the engine. A query within [`schema`]'s depth limit of 12 needs a few dozen at most.
 pub const MAX_NESTING: usize = 64;
 
-/// The refusal of a document past [`MAX_NESTING`].
+/// The most fragment spreads (`...`) a GraphQL document may have: async-graphql checks
+/// fragments for cycles by recursion, one level per fragment of a chain.
+pub const MAX_SPREADS: usize = 500;
+
+/// The refusal of a document past [`MAX_NESTING`] or [`MAX_SPREADS`].
 pub fn too_deep_message() -> String {
-    format!("the document nests its brackets deeper than {MAX_NESTING} levels")
+    format!(
+        "the document nests its brackets deeper than {MAX_NESTING} levels or has more than \
+         {MAX_SPREADS} fragment spreads"
+    )
 }
 
-/// Whether `document` nests its brackets deeper than [`MAX_NESTING`], outside its strings and
-/// comments; read before async-graphql parses it.
+/// Whether `document` nests its brackets deeper than [`MAX_NESTING`] or spreads fragments more
+/// than [`MAX_SPREADS`] times, outside its strings and comments; read before async-graphql
+/// parses it.
 pub fn nests_too_deep(document: &str) -> bool {
     let bytes = document.as_bytes();
-    let (mut depth, mut at) = (0usize, 0);
+    let (mut depth, mut spreads, mut at) = (0usize, 0usize, 0);
     while let Some(&byte) = bytes.get(at) {
         match byte {
+            // A comment ends at a line break, `\r` alone included (as the grammar has it).
             b'#' => {
-                while bytes.get(at).is_some_and(|&b| b != b'\n') {
+                while bytes.get(at).is_some_and(|&b| b != b'\n' && b != b'\r') {
                     at += 1;
                 }
             }
@@ -104,7 +120,10 @@ pub fn nests_too_deep(document: &str) -> bool {
             }
             b'"' => {
                 at += 1;
-                while bytes.get(at).is_some_and(|&b| b != b'"' && b != b'\n') {
+                while bytes
+                    .get(at)
+                    .is_some_and(|&b| b != b'"' && b != b'\n' && b != b'\r')
+                {
                     at += if bytes[at] == b'\\' { 2 } else { 1 };
                 }
             }
@@ -115,6 +134,14 @@ pub fn nests_too_deep(document: &str) -> bool {
                 }
             }
             b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            // Fragment spreads: a chain of fragments is validated by recursion too.
+            b'.' if bytes[at..].starts_with(b"...") => {
+                spreads += 1;
+                if spreads > MAX_SPREADS {
+                    return true;
+                }
+                at += 2;
+            }
             _ => {}
         }
         at += 1;
@@ -823,6 +850,7 @@ impl Query {
     }
 
     /// Viewer sessions, by stream and start, a page at a time.
+    #[graphql(complexity = "SCAN_COMPLEXITY + child_complexity")]
     async fn viewer_sessions(
         &self,
         ctx: &Context<'_>,
@@ -858,6 +886,7 @@ impl Query {
     }
 
     /// Where viewers are: countries by sessions.
+    #[graphql(complexity = "SCAN_COMPLEXITY + child_complexity")]
     async fn geographic_distribution(
         &self,
         ctx: &Context<'_>,
@@ -907,6 +936,7 @@ impl Query {
     }
 
     /// Concurrent viewers over time, per stream, newest bucket first.
+    #[graphql(complexity = "SCAN_COMPLEXITY + child_complexity")]
     async fn viewer_time_series(
         &self,
         ctx: &Context<'_>,
@@ -950,6 +980,7 @@ impl Query {
     }
 
     /// Stream health in five-minute windows, newest first.
+    #[graphql(complexity = "SCAN_COMPLEXITY + child_complexity")]
     async fn stream_health(
         &self,
         ctx: &Context<'_>,
@@ -1013,6 +1044,7 @@ impl Query {
     }
 
     /// How well viewers were routed to nodes.
+    #[graphql(complexity = "SCAN_COMPLEXITY + child_complexity")]
     async fn routing_efficiency(
         &self,
         ctx: &Context<'_>,
@@ -1598,6 +1630,20 @@ mod tests {
         ] {
             assert!(!nests_too_deep(&quiet), "{quiet}");
         }
+        // A comment ends at a lone `\r` as well: what follows it counts.
+        assert!(nests_too_deep(&format!(
+            "{{ a # x\r(b: {}1{}) }}",
+            "[".repeat(100),
+            "]".repeat(100)
+        )));
+        // A chain of fragments is bounded by its spreads.
+        let chain = |n: usize| {
+            (0..n)
+                .map(|i| format!("fragment f{i} on Query {{ ...f{} }}", i + 1))
+                .collect::<String>()
+        };
+        assert!(!nests_too_deep(&chain(MAX_SPREADS)));
+        assert!(nests_too_deep(&chain(MAX_SPREADS + 1)));
     }
 
     #[test]

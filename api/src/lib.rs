@@ -20,6 +20,7 @@ pub mod foghorn_http;
 pub mod format;
 pub mod graphql;
 pub mod graphql_ws;
+pub mod listener;
 pub mod metrics;
 pub mod pg;
 pub mod server;

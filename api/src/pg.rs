@@ -43,10 +43,21 @@ use crate::auth::{Auth, Principal};
 use crate::server::ApiState;
 use crate::sql::{SqlError, query_within};
 
+/// The most PostgreSQL-protocol connections open at once; further ones wait in the kernel's
+/// backlog until one closes (connections that never sent a startup message could otherwise
+/// take every file descriptor of the process).
+pub const MAX_CONNECTIONS: usize = 1_024;
+
 /// Serves the Postgres protocol on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: ApiState) {
     let handlers = Arc::new(Handlers::new(state));
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let place = open
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
@@ -57,6 +68,7 @@ pub async fn serve(listener: TcpListener, state: ApiState) {
         };
         let handlers = handlers.clone();
         tokio::spawn(async move {
+            let _place = place;
             if let Err(error) = pgwire::tokio::process_socket(socket, None, handlers).await {
                 tracing::debug!(%error, %peer, "postgres connection ended with an error");
             }

@@ -356,8 +356,9 @@ pub async fn query_within(
 /// The stack of the thread a query runs on. DataFusion plans and evaluates expressions by
 /// recursion, so a statement nests as deep as its longest chain of operators: `1+1+…+1` of a
 /// thousand terms (2 KB of SQL) overflowed the API's 2 MiB threads and aborted the engine.
-/// Only the pages a query touches are ever committed.
-const QUERY_STACK: usize = 1 << 30;
+/// With statements bounded ([`MAX_EXPRESSION_DEPTH`]) this leaves a wide margin; only the
+/// pages a query touches are resident.
+const QUERY_STACK: usize = 64 << 20;
 
 /// Runs `sql` on a thread of its own with a deep stack ([`QUERY_STACK`]) and a runtime of its
 /// own, so the caller's runtime keeps serving while it computes. A caller that stops waiting
@@ -439,66 +440,93 @@ pub const MAX_EXPRESSION_DEPTH: usize = 256;
 /// The most `UNION`, `INTERSECT` and `EXCEPT` operations in one statement.
 pub const MAX_SET_OPERATIONS: usize = 1_000;
 
-/// Refuses a statement whose expressions nest deeper than [`MAX_EXPRESSION_DEPTH`] or that has
-/// more than [`MAX_SET_OPERATIONS`] set operations, before it is planned.
+/// The most expressions (every operator, literal and column counts one) in one statement.
+pub const MAX_EXPRESSIONS: usize = 20_000;
+
+/// The most tables, subqueries and table functions a statement reads from.
+pub const MAX_RELATIONS: usize = 256;
+
+/// Refuses a statement past any of [`MAX_EXPRESSION_DEPTH`], [`MAX_EXPRESSIONS`],
+/// [`MAX_SET_OPERATIONS`] and [`MAX_RELATIONS`], before it is planned (an `EXPLAIN` by the
+/// statement it explains).
 fn check_size(statement: &DFStatement) -> Result<(), SqlError> {
-    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, SetExpr, Visit, Visitor};
+    use datafusion::sql::sqlparser::ast::{
+        Expr as SqlExpr, Query, SetExpr, TableFactor, Visit, Visitor,
+    };
     use std::ops::ControlFlow;
-    struct Depth {
-        now: usize,
-        most: usize,
+    #[derive(Default)]
+    struct Size {
+        depth: usize,
+        expressions: usize,
+        set_operations: usize,
+        relations: usize,
+        past: Option<String>,
     }
-    impl Visitor for Depth {
+    impl Size {
+        fn past(&mut self, why: String) -> ControlFlow<()> {
+            self.past = Some(why);
+            ControlFlow::Break(())
+        }
+    }
+    impl Visitor for Size {
         type Break = ();
         fn pre_visit_expr(&mut self, _: &SqlExpr) -> ControlFlow<()> {
-            self.now += 1;
-            self.most = self.most.max(self.now);
-            if self.most > MAX_EXPRESSION_DEPTH {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
+            self.depth += 1;
+            self.expressions += 1;
+            if self.depth > MAX_EXPRESSION_DEPTH {
+                return self.past(format!(
+                    "the statement's expressions nest deeper than {MAX_EXPRESSION_DEPTH} levels \
+                     (a long chain of operators counts one level for each): split it, or use \
+                     IN (…) for a long list of alternatives"
+                ));
             }
+            if self.expressions > MAX_EXPRESSIONS {
+                return self.past(format!(
+                    "the statement has more than {MAX_EXPRESSIONS} expressions"
+                ));
+            }
+            ControlFlow::Continue(())
         }
         fn post_visit_expr(&mut self, _: &SqlExpr) -> ControlFlow<()> {
-            self.now -= 1;
+            self.depth -= 1;
             ControlFlow::Continue(())
         }
-        fn pre_visit_query(
-            &mut self,
-            query: &datafusion::sql::sqlparser::ast::Query,
-        ) -> ControlFlow<()> {
-            // Set operations nest to the left: count the chain under each query.
-            let mut operations = 0;
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            // Set operations nest to the left, below each query: all count.
             let mut body = &*query.body;
             while let SetExpr::SetOperation { left, .. } = body {
-                operations += 1;
+                self.set_operations += 1;
                 body = left;
             }
-            if operations > MAX_SET_OPERATIONS {
-                self.most = usize::MAX;
-                return ControlFlow::Break(());
+            if self.set_operations > MAX_SET_OPERATIONS {
+                return self.past(format!(
+                    "the statement has more than {MAX_SET_OPERATIONS} UNION, INTERSECT or \
+                     EXCEPT operations"
+                ));
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_table_factor(&mut self, _: &TableFactor) -> ControlFlow<()> {
+            self.relations += 1;
+            if self.relations > MAX_RELATIONS {
+                return self.past(format!(
+                    "the statement reads from more than {MAX_RELATIONS} tables, subqueries or \
+                     table functions"
+                ));
             }
             ControlFlow::Continue(())
         }
     }
-    let DFStatement::Statement(statement) = statement else {
-        return Ok(());
+    let statement = match statement {
+        DFStatement::Statement(statement) => statement,
+        DFStatement::Explain(explain) => return check_size(&explain.statement),
+        _ => return Ok(()),
     };
-    let mut depth = Depth { now: 0, most: 0 };
-    if statement.visit(&mut depth).is_continue() {
-        return Ok(());
+    let mut size = Size::default();
+    match statement.visit(&mut size) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(SqlError::Invalid(size.past.unwrap_or_default())),
     }
-    Err(SqlError::Invalid(if depth.most == usize::MAX {
-        format!(
-            "the statement has more than {MAX_SET_OPERATIONS} UNION, INTERSECT or EXCEPT operations"
-        )
-    } else {
-        format!(
-            "the statement's expressions nest deeper than {MAX_EXPRESSION_DEPTH} levels (a long \
-             chain of operators counts one level for each): split it, or use IN (…) for a long \
-             list of alternatives"
-        )
-    }))
 }
 
 /// Refuses anything but one read-only statement, before any planning.

@@ -298,12 +298,17 @@ impl SourceReader for FileReader {
                     break;
                 };
                 let mut buffer = self.spare.take();
-                let next = cursor
-                    .next_chunk(&mut buffer)
-                    .map_err(|source| SourceError::Io {
-                        path: self.source.path.clone(),
-                        source,
-                    })?;
+                let next = match cursor.next_chunk(&mut buffer) {
+                    Ok(next) => next,
+                    Err(source) => {
+                        // The file is done for every reader, not read on as something else.
+                        *guard = None;
+                        return Err(SourceError::Io {
+                            path: self.source.path.clone(),
+                            source,
+                        });
+                    }
+                };
                 for long in cursor.long_lines.drain(..) {
                     batch.refuse(self.too_long(long.line, long.bytes, &long.head));
                 }
@@ -450,10 +455,17 @@ fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
                 let mut flat = Vec::new();
                 json.array(|json| {
                     if json.peek() == Some(b'[') {
+                        let mut pair = 0;
                         json.array(|json| {
                             flat.push(header_text(json)?);
+                            pair += 1;
                             Ok::<(), Bad>(())
-                        })
+                        })?;
+                        if pair == 2 {
+                            Ok(())
+                        } else {
+                            Err(Bad("headers: a pair is not [name, value]".to_owned()))
+                        }
                     } else {
                         flat.push(header_text(json)?);
                         Ok(())
@@ -777,6 +789,7 @@ mod tests {
             r#"{"topic":"t","partition":1,"offset":9,"headers":["tenant_id"],"payload":"{}"}"#,
             r#"{"topic":"t","partition":1,"offset":10,"headers":[1,2],"payload":"{}"}"#,
             r#"{"topic":"t","partition":1,"offset":11,"headers":{"a":"b"},"payload":"{}"}"#,
+            r#"{"topic":"t","partition":1,"offset":13,"headers":[["a","b","c"],["d"]],"payload":"{}"}"#,
             r#"{"topic":"t","partition":1,"offset":"x","payload":"{}"}"#,
             r#"{"topic":"t","partition":1,"offset":12,"payload":null}"#,
         ];
@@ -807,6 +820,7 @@ mod tests {
                 "kcat envelope: headers: a name without its value",
                 "kcat envelope: headers: names and values must be strings",
                 "kcat envelope: headers: expected a list of names and values, as kcat -J prints them",
+                "kcat envelope: headers: a pair is not [name, value]",
                 "kcat envelope: offset \"x\" is not an integer",
                 "kcat envelope: payload is null or missing (a tombstone)",
             ]

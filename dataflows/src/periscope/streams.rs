@@ -80,6 +80,12 @@ impl SessionSums {
     }
 }
 
+/// A byte total as the tables show it: within 0..=u64::MAX (a total past it, which only
+/// sessions near `codec::MAX_SESSION_BYTES` by the ten thousand could reach, stays at the top).
+fn bytes(total: i128) -> u64 {
+    u64::try_from(total.max(0)).unwrap_or(u64::MAX)
+}
+
 /// A 5-minute window of one stream.
 #[derive(Debug, Default)]
 struct Window {
@@ -224,7 +230,7 @@ impl Country {
             self.sums.sessions as u64,
             self.sums.open as u64,
             seconds.to_bits(),
-            self.sums.down_bytes as u64,
+            bytes(self.sums.down_bytes),
         );
         if self.published != Some(values) {
             self.published = Some(values);
@@ -863,7 +869,7 @@ impl StreamState {
             total_sessions: self.held.lock().sessions.len() as u64,
             unique_viewers: self.identities.len() as u64,
             viewer_seconds: self.sums.seconds(now),
-            egress_bytes: self.sums.down_bytes.max(0) as u64,
+            egress_bytes: bytes(self.sums.down_bytes),
             ingress_bytes: self.ingress.map_or(0, |(_, bytes)| bytes),
             buffer_state: self.buffer_state.map(|(_, s)| s),
             quality_tier: self.quality_tier.map(|(_, s)| s),

@@ -56,7 +56,8 @@ thread_local! {
 pub const MAX_SESSION_SECONDS: u64 = 30 * 24 * 3600;
 
 /// The most bytes a session may report each way: 1 PiB, a gigabit per second for over three
-/// months. Past any viewer, and far enough below 2^64 that the tables' sums cannot wrap.
+/// months, past any viewer. One value of 2^64 - 1 wrapped a stream's total; totals past 2^64
+/// now take over ten thousand sessions at this bound, and stop at the top rather than wrap.
 pub const MAX_SESSION_BYTES: u64 = 1 << 50;
 
 /// The farthest a client can be from a node, in km: half the Earth's circumference.
@@ -694,16 +695,22 @@ fn viewer_disconnect(p: &Fields<'_>, d: &Fields<'_>) -> Result<ViewerDisconnect,
         node: node(p, d),
         session_id: session_id(p)?,
         place: place(p)?,
-        duration_s: at_most(
-            first_uint(&[
-                (p.duration(), "duration"),
-                (p.seconds_connected(), "seconds_connected"),
-            ])?,
-            MAX_SESSION_SECONDS,
-            "duration",
-            "s, longer than a session may last (30 days)",
-        )?
-        .unwrap_or(0),
+        duration_s: {
+            let (seconds, field) = match uint(p.duration(), "duration")? {
+                Some(seconds) => (Some(seconds), "duration"),
+                None => (
+                    uint(p.seconds_connected(), "seconds_connected")?,
+                    "seconds_connected",
+                ),
+            };
+            at_most(
+                seconds,
+                MAX_SESSION_SECONDS,
+                field,
+                "s, longer than a session may last (30 days)",
+            )?
+            .unwrap_or(0)
+        },
         up_bytes: session_bytes(p.up_bytes(), "up_bytes")?,
         down_bytes: session_bytes(p.down_bytes(), "down_bytes")?,
     })

@@ -466,7 +466,7 @@ fn implausible_values_are_refused_with_their_field() {
         ),
         (
             disconnect(r#""seconds_connected":"4294967295""#),
-            "field \"duration\": 4294967295 s, longer than a session may last (30 days)",
+            "field \"seconds_connected\": 4294967295 s, longer than a session may last (30 days)",
         ),
         (
             disconnect(r#""down_bytes":"18446744073709551615""#),
