@@ -415,7 +415,7 @@ enum FormatArg {
 struct SqlArgs {
     /// The query.
     sql: String,
-    /// An NDJSON file to replay (same as `--source file:PATH`).
+    /// An NDJSON file to replay (same as `--source file:PATH`); `-` reads standard input.
     #[arg(long, conflicts_with = "source")]
     input: Option<PathBuf>,
     /// Where events come from: `file:PATH`, `kafka://HOST:PORT/TOPIC` (read once, from the
@@ -946,6 +946,8 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     }
     let options = args.engine_options();
     let spec = match (&args.input, &args.source) {
+        // `-` is standard input, as for most tools that read files.
+        (Some(path), _) if path.as_os_str() == "-" => "file:/dev/stdin".to_owned(),
         (Some(path), _) => format!("file:{}", path.display()),
         (None, Some(spec)) => spec.clone(),
         (None, None) => bail!("say where events come from: --input FILE or --source SPEC"),

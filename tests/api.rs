@@ -519,6 +519,21 @@ async fn deeply_nested_statements_are_answered_not_a_crash() {
     use keel_api::auth::Scope;
     use keel_api::sql::query;
     let handles = golden();
+    // The session's settings may be read (SHOW ALL), not set.
+    let settings = query(&handles.tables, Scope::All, "SHOW ALL")
+        .await
+        .unwrap();
+    assert!(settings.iter().map(|b| b.num_rows()).sum::<usize>() > 10);
+    assert!(matches!(
+        query(
+            &handles.tables,
+            Scope::All,
+            "SET datafusion.execution.batch_size = 1"
+        )
+        .await,
+        Err(keel_api::sql::SqlError::Refused(_))
+    ));
+
     // SQL: planned on the query's own deep-stacked thread, and refused past its size before
     // planning (a chain of 1,000 terms aborted the engine; longer ones plan for minutes).
     for (sql, answer) in [

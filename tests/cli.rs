@@ -152,6 +152,21 @@ fn simulate_then_query() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "errors_seen,streams\ntrue,40\n");
+    // The same file on standard input, as `--input -`.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "sql",
+            "--input",
+            "-",
+            "--format",
+            "csv",
+            "SELECT count(*) AS streams FROM streams",
+        ])
+        .stdin(std::fs::File::open(path).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "streams\n40\n");
 }
 
 #[test]

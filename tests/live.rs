@@ -230,9 +230,20 @@ async fn bad_signalman_input_gets_errors_and_the_connection_lives_on() {
     .await;
     assert_eq!(next_json(&mut ws).await["channels"], json!([]));
 
-    // A frame beyond the transport limit closes that connection only.
+    // A frame beyond the transport limit closes that connection only, with 1009.
     let _ = ws.send(Message::text("y".repeat(200_000))).await;
-    assert!(next_text(&mut ws, Duration::from_secs(5)).await.is_none());
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match futures_util::StreamExt::next(&mut ws).await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => break None,
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(closed, Some(1009));
     let mut other = connect(&host, "/ws", &[]).await;
     send(&mut other, json!({"action": "ping"})).await;
     assert_eq!(next_json(&mut other).await["code"], "unauthorized");

@@ -169,6 +169,11 @@ impl Connection {
                     Some(Ok(message)) => self.on_message(message).await,
                     Some(Err(error)) => {
                         tracing::debug!(%error, "signalman client read failed");
+                        // A frame past the transport limit: say so with the close code for it
+                        // (the socket is still writable; other read errors end it as it is).
+                        if error.to_string().contains("Message too long") {
+                            self.close(1009, "message too big").await;
+                        }
                         Step::Close
                     }
                     None => Step::Close,

@@ -425,6 +425,8 @@ fn is_read_only(statement: &SQLStatement) -> bool {
         SQLStatement::Query(_)
         | SQLStatement::ShowTables { .. }
         | SQLStatement::ShowColumns { .. }
+        // `SHOW ALL`, `SHOW datafusion.…`: the session's settings, read only.
+        | SQLStatement::ShowVariable { .. }
         | SQLStatement::ExplainTable { .. } => true,
         SQLStatement::Explain { statement, .. } => is_read_only(statement),
         _ => false,
