@@ -232,18 +232,10 @@ async fn bad_signalman_input_gets_errors_and_the_connection_lives_on() {
 
     // A frame beyond the transport limit closes that connection only, with 1009.
     let _ = ws.send(Message::text("y".repeat(200_000))).await;
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match futures_util::StreamExt::next(&mut ws).await {
-                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                _ => break None,
-            }
-        }
-    })
-    .await
-    .expect("closed in time");
-    assert_eq!(closed, Some(1009));
+    assert_eq!(
+        close_code(&mut ws, Duration::from_secs(5)).await,
+        Some(1009)
+    );
     let mut other = connect(&host, "/ws", &[]).await;
     send(&mut other, json!({"action": "ping"})).await;
     assert_eq!(next_json(&mut other).await["code"], "unauthorized");
@@ -305,6 +297,59 @@ async fn each_tenant_holds_at_most_its_connection_cap() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(admitted, "the slot came back");
+}
+
+/// A live connection ends when its token expires: `/ws` with 1008, GraphQL's with 4403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_connections_end_when_their_token_expires() {
+    let fleet = fleet(14, 10);
+    let live = Live::start(Limits::default(), &fleet.tenants[1]);
+    let host = live.host();
+    let exp = keel_operators::time::now_ms() / 1000 + 3;
+    let token = live.member_until(&fleet.tenants[0], exp);
+    let closing = |mut ws: Ws| async move { close_code(&mut ws, Duration::from_secs(10)).await };
+    let ws = connect(
+        &host,
+        "/ws",
+        &[("authorization", format!("Bearer {token}"))],
+    )
+    .await;
+    let (graphql, ack) = graphql_ws(&host, json!({ "token": token })).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    let (signalman, graphql) = tokio::join!(closing(ws), closing(graphql));
+    assert_eq!(signalman, Some(1008));
+    assert_eq!(graphql, Some(4403));
+    assert!(
+        keel_operators::time::now_ms() / 1000 >= exp,
+        "closed at expiry, not before"
+    );
+    // A token that does not expire soon keeps its connection.
+    let mut lasting = connect(
+        &host,
+        "/ws",
+        &[(
+            "authorization",
+            format!("Bearer {}", live.member(&fleet.tenants[0])),
+        )],
+    )
+    .await;
+    send(&mut lasting, json!({"action": "ping"})).await;
+    assert_eq!(next_json(&mut lasting).await["type"], "pong");
+}
+
+/// The code of the close frame that ends `ws` within `wait` (`None` when it ends without one).
+async fn close_code(ws: &mut Ws, wait: Duration) -> Option<u16> {
+    tokio::time::timeout(wait, async {
+        loop {
+            match futures_util::StreamExt::next(ws).await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => break None,
+            }
+        }
+    })
+    .await
+    .expect("the connection closed in time")
 }
 
 /// A graphql-transport-ws client after `connection_init` with `payload`.

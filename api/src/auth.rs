@@ -93,6 +93,17 @@ pub struct Principal {
     pub subject: String,
     /// Whose rows it sees.
     pub scope: Scope,
+    /// When its token expires, seconds since the epoch (a JWT's `exp`; none for static
+    /// tokens). Live connections end then.
+    pub expires: Option<i64>,
+}
+
+impl Principal {
+    /// How long until its token expires, from `now` seconds: none for a token that does not.
+    pub fn expires_in(&self, now: i64) -> Option<std::time::Duration> {
+        self.expires
+            .map(|exp| std::time::Duration::from_secs(u64::try_from(exp - now).unwrap_or(0)))
+    }
 }
 
 /// A static API token from configuration.
@@ -222,6 +233,7 @@ impl Auth {
             return Ok(Principal {
                 subject: found.name.clone(),
                 scope: scope_of(found.role, found.tenant_id).ok_or(AuthError::Invalid)?,
+                expires: None,
             });
         }
         self.verify_jwt(token, now)
@@ -265,6 +277,7 @@ impl Auth {
         Ok(Principal {
             subject: claims.user_id,
             scope: scope_of(claims.role, tenant).ok_or(AuthError::Invalid)?,
+            expires: Some(claims.exp),
         })
     }
 }

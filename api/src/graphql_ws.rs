@@ -387,7 +387,21 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
     futures_util::pin_mut!(delegated);
     let mut streams: SelectAll<BoxStream<'static, String>> = SelectAll::new();
     loop {
+        // The connection ends when its token expires (4403, as the protocol forbids).
+        let expires_in = lock(&routes)
+            .caller
+            .as_ref()
+            .and_then(|caller| caller.expires_in(keel_operators::time::now_ms() / 1000));
         let message = tokio::select! {
+            () = tokio::time::sleep(expires_in.unwrap_or_default()), if expires_in.is_some() => {
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code: 4403,
+                        reason: "the token expired".into(),
+                    })))
+                    .await;
+                break;
+            }
             message = delegated.next() => match message {
                 None => break,
                 Some(WsMessage::Text(text)) => {
@@ -603,6 +617,7 @@ mod tests {
         Principal {
             subject: "viewer".into(),
             scope: Scope::Tenant(TENANT.parse().unwrap()),
+            expires: None,
         }
     }
 

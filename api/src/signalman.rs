@@ -164,7 +164,19 @@ impl Connection {
                     return;
                 }
             }
+            // The connection ends when its token expires.
+            let expires_in = self
+                .caller
+                .as_ref()
+                .and_then(|(caller, _)| caller.expires_in(now_ms() / 1000));
+            if expires_in == Some(Duration::ZERO) {
+                self.close(1008, "the token expired").await;
+                return;
+            }
             let step = tokio::select! {
+                () = tokio::time::sleep(expires_in.unwrap_or_default()), if expires_in.is_some() => {
+                    Step::Continue
+                }
                 incoming = self.socket.recv() => match incoming {
                     Some(Ok(message)) => self.on_message(message).await,
                     Some(Err(error)) => {

@@ -158,8 +158,13 @@ impl Live {
     }
 
     pub fn member(&self, tenant: &str) -> String {
+        self.member_until(tenant, FAR)
+    }
+
+    /// A member token of `tenant` that expires at `exp` (seconds since the epoch).
+    pub fn member_until(&self, tenant: &str, exp: i64) -> String {
         self.auth
-            .issue(&Claims::member("viewer", tenant.parse().unwrap(), FAR))
+            .issue(&Claims::member("viewer", tenant.parse().unwrap(), exp))
             .unwrap()
     }
 
