@@ -1399,6 +1399,7 @@ fn tenant_event(item: &FeedItem) -> TenantEvent {
 /// resolver and the direct WebSocket path ([`crate::graphql_ws`]) make.
 pub(crate) fn table_filter(
     caller: &Principal,
+    tables: &std::sync::RwLock<LiveTables>,
     table: &str,
     filter: Option<Value>,
     tenant_id: Option<&str>,
@@ -1410,9 +1411,31 @@ pub(crate) fn table_filter(
             TABLES.join(", ")
         )));
     };
+    let equals = equalities(filter)?;
+    // A column the table lacks, or a value no column holds, would match nothing, silently
+    // and for good: refused instead.
+    let schema = tables
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .schema(table)
+        .map_err(|e| Error::new(e.to_string()))?;
+    for (column, value) in &equals {
+        if schema.index_of(column).is_err() {
+            let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            return Err(bad_input(format!(
+                "{table} has no column {column:?}; its columns: {}",
+                columns.join(", ")
+            )));
+        }
+        if value.is_object() || value.is_array() {
+            return Err(bad_input(format!(
+                "where {column:?}: compare with a string, number, boolean or null"
+            )));
+        }
+    }
     let filter = RowFilter {
         tenant: tenant.map(|t| t.to_string()),
-        equals: equalities(filter)?,
+        equals,
     };
     Ok((table, filter))
 }
@@ -1587,6 +1610,7 @@ impl Subscription {
         let state = state(ctx)?;
         let (table, filter) = table_filter(
             caller,
+            &state.tables,
             &table,
             filter.map(|j| j.0),
             tenant_id.as_ref().map(|id| id.as_str()),
@@ -1606,6 +1630,34 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_live_table_filter_names_columns_the_table_has() {
+        use keel_operators::table::TableSet as _;
+        let mut tables = LiveTables::default();
+        keel_dataflows::periscope::PeriscopeChange::declare_all(&mut tables);
+        let tables = std::sync::RwLock::new(tables);
+        let admin = Principal {
+            subject: "root".to_owned(),
+            scope: Scope::All,
+            expires: None,
+        };
+        let filter = |value: Value| table_filter(&admin, &tables, "streams", Some(value), None);
+        assert!(filter(serde_json::json!({ "internal_name": "demo" })).is_ok());
+        let unknown = filter(serde_json::json!({ "internal_nmae": "demo" })).unwrap_err();
+        assert!(
+            unknown
+                .message
+                .starts_with("streams has no column \"internal_nmae\"; its columns: "),
+            "{}",
+            unknown.message
+        );
+        let nested = filter(serde_json::json!({ "internal_name": { "eq": "demo" } })).unwrap_err();
+        assert_eq!(
+            nested.message,
+            "where \"internal_name\": compare with a string, number, boolean or null"
+        );
+    }
 
     #[test]
     fn deep_documents_are_found_before_they_are_parsed() {

@@ -531,6 +531,7 @@ fn start(
 ) -> Option<BoxStream<'static, String>> {
     let (table, filter) = table_filter(
         caller,
+        &state.tables,
         &plan.table,
         plan.filter.clone(),
         plan.tenant_id.as_deref(),
@@ -582,7 +583,7 @@ mod tests {
             r#"{"t": "6f1e4f5a-2b9c-4d1e-8a7b-3c2d1e0f9a8b"}"#,
         ),
         (
-            "subscription { liveTable(table: \"streams\", where: {status: \"live\", n: 3}, tenantId: null){D} { changes { diff } epoch } }",
+            "subscription { liveTable(table: \"streams\", where: {status: \"live\", current_viewers: 3}, tenantId: null){D} { changes { diff } epoch } }",
             "null",
         ),
     ];
@@ -659,7 +660,7 @@ mod tests {
                 let mut row: serde_json::Map<String, Value> = fields.into_iter().collect();
                 row.insert("tenant_id".into(), json!(if own { TENANT } else { OTHER }));
                 row.insert("status".into(), json!(if live { "live" } else { "ended" }));
-                row.insert("n".into(), json!(3));
+                row.insert("current_viewers".into(), json!(3));
                 Value::Object(row)
             })
     }
