@@ -672,8 +672,15 @@ async fn deeply_nested_statements_are_answered_not_a_crash() {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from(body))
             .unwrap();
-        let (status, _, _) = call(&state, request).await;
+        let (status, _, body) = call(&state, request).await;
         assert_eq!(status, expected);
+        let value: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+        let code = if expected == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_request"
+        };
+        assert_eq!(value["error"]["code"], code, "{value}");
     }
 }
 

@@ -158,7 +158,15 @@ pub fn router(state: ApiState) -> Router {
 async fn observe(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let route = request.uri().path().to_owned();
     let started = Instant::now();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        // axum's own refusal is plain text: answered in the API's one error shape instead.
+        let body = serde_json::json!({ "error": {
+            "code": "too_large",
+            "message": format!("the request body is larger than {} MiB", MAX_BODY >> 20),
+        }});
+        response = (StatusCode::PAYLOAD_TOO_LARGE, axum::Json(body)).into_response();
+    }
     let route = match route.as_str() {
         "/healthz" | "/readyz" | "/metrics" | "/v1/sql" | "/ws" | "/graphql" => route,
         _ => "other".to_owned(),
