@@ -1,7 +1,7 @@
 //! The `keel` binary, run as a user would.
 
 use std::io::Read;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn keel(args: &[&str]) -> Output {
@@ -9,6 +9,29 @@ fn keel(args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// The status `child` exits with within `limit`; past it the child is killed and the test fails
+/// saying `late`.
+fn exit_within(child: &mut std::process::Child, limit: Duration, late: &str) -> ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            panic!("{late}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Everything `pipe` gives until it closes, as text.
+fn read_all(mut pipe: impl Read) -> String {
+    let mut text = String::new();
+    pipe.read_to_string(&mut text).unwrap();
+    text
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -69,24 +92,12 @@ fn bad_sql_is_a_clear_error() {
         .spawn()
         .unwrap();
     let _open = child.stdin.take();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            child.kill().unwrap();
-            panic!("keel sql waited for its input before checking the statement");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let status = exit_within(
+        &mut child,
+        Duration::from_secs(60),
+        "keel sql waited for its input before checking the statement",
+    );
+    let stderr = read_all(child.stderr.take().unwrap());
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("nope"), "{stderr}");
 }
@@ -209,24 +220,12 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
         .status()
         .unwrap();
     assert!(status.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "keel run did not stop after Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
+    let status = exit_within(
+        &mut child,
+        Duration::from_secs(20),
+        "keel run did not stop after Ctrl-C",
+    );
+    let stdout = read_all(child.stdout.take().unwrap());
     assert!(status.success(), "exit {status}: {stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines.len() >= 4, "{stdout}");

@@ -357,12 +357,14 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
     let router = {
         let (routes, state) = (routes.clone(), state.clone());
         move |text: axum::body::Bytes| {
+            // Read once, for both checks; a message that is not one goes on to async-graphql.
+            let head: Option<Head> = serde_json::from_slice(&text).ok();
             // Refused before either path parses it (see `graphql::MAX_NESTING`).
-            if let Some(refusal) = too_deep(&text) {
+            if let Some(refusal) = head.as_ref().and_then(too_deep) {
                 let _ = sends.send(stream::once(future::ready(refusal)).boxed());
                 return future::ready(None);
             }
-            let taken = direct && take(&routes, &state, &sends, &text);
+            let taken = direct && head.is_some_and(|head| take(&routes, &state, &sends, head));
             future::ready((!taken).then_some(text))
         }
     };
@@ -441,8 +443,7 @@ struct Head {
 
 /// The error that answers a `subscribe` (or, in the older protocol, `start`) whose document
 /// nests too deep to be parsed safely; `None` for any other message.
-fn too_deep(text: &[u8]) -> Option<String> {
-    let head: Head = serde_json::from_slice(text).ok()?;
+fn too_deep(head: &Head) -> Option<String> {
     if !matches!(head.kind.as_str(), "subscribe" | "start") {
         return None;
     }
@@ -459,13 +460,13 @@ fn take(
     routes: &Shared,
     state: &ApiState,
     sends: &mpsc::UnboundedSender<BoxStream<'static, String>>,
-    text: &[u8],
+    head: Head,
 ) -> bool {
-    let Ok(Head {
+    let Head {
         kind,
         id: Some(id),
         payload,
-    }) = serde_json::from_slice(text)
+    } = head
     else {
         return false;
     };

@@ -6,10 +6,12 @@
 //! before planning. Errors are [`SqlError`]s with the
 //! planner's message, never panics.
 //!
-//! A served query runs within [`Limits::SERVED`]: the memory its scans, joins, sorts and aggregations
-//! may hold, the size of its result and its running time. One caller's `CROSS JOIN` cannot take
-//! the engine's memory or a worker thread for good: past a limit it is stopped with a
-//! [`SqlError::Limit`] that says which, and what to change.
+//! A served query runs within [`Limits::SERVED`]: the memory its scans, joins, sorts and
+//! aggregations may hold, the size of its result and its running time. One caller's `CROSS JOIN`
+//! cannot take the engine's memory or a worker thread for good: past a limit it is stopped with
+//! a [`SqlError::Limit`] that says which, and what to change. Every query runs on a thread of
+//! its own (`on_query_thread`), and a statement past the sizes DataFusion plans quickly
+//! ([`MAX_EXPRESSION_DEPTH`] and the rest) is refused before planning.
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
