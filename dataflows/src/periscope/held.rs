@@ -141,12 +141,13 @@ impl StreamSessions {
     }
 
     /// Applies `change` to the session in `slot` during `generation`, the worker's boundary
-    /// being `boundary`. Returns the session's span before and after when it changed.
+    /// being `boundary`. Returns the session's span before and after when it changed, as the
+    /// aggregates count them at `horizon` ([`Session::counted_span`]).
     pub fn change(
         &mut self,
         slot: u32,
-        generation: u64,
-        boundary: u64,
+        (generation, boundary): (u64, u64),
+        (horizon, limit): (i64, i64),
         change: impl FnOnce(&mut Session) -> bool,
     ) -> Option<(Option<Span>, Span)> {
         let first = !self.sessions.is_marked(slot);
@@ -155,14 +156,14 @@ impl StreamSessions {
         // `closed_len` past every slot made then), and only an event's change makes a slot.
         let born = slot >= self.closed_len;
         let image = (first && !born).then(|| self.sessions.get(slot).clone());
-        let before = self.sessions.get(slot).span();
+        let before = self.sessions.get(slot).counted_span(horizon, limit);
         if !change(self.sessions.get_mut(slot)) {
             return None;
         }
         let after = self
             .sessions
             .get(slot)
-            .span()
+            .counted_span(horizon, limit)
             .expect("a changed session has a connect or a disconnect");
         if first {
             self.sessions.mark(slot);
@@ -183,6 +184,29 @@ impl StreamSessions {
             self.rows += 1;
         }
         Some((before, after))
+    }
+
+    /// The open sessions that reach `limit` ms after their start once the horizon moves from
+    /// `from` to `to`, each as counted before and after, and when the next open session will
+    /// (`i64::MAX` if none is open). Sessions themselves do not change (nor do their rows).
+    pub fn expire(&self, from: i64, to: i64, limit: i64) -> (Vec<(Span, Span)>, i64) {
+        let mut expired = Vec::new();
+        let mut next = i64::MAX;
+        for slot in self.sessions.slots() {
+            let session = self.sessions.get(slot);
+            let Some(span) = session.span().filter(|span| span.end.is_none()) else {
+                continue;
+            };
+            let due = span.start.saturating_add(limit);
+            if due > to {
+                next = next.min(due);
+            } else if due > from {
+                let before = session.counted_span(from, limit);
+                let after = session.counted_span(to, limit);
+                expired.extend(before.zip(after));
+            }
+        }
+        (expired, next)
     }
 
     /// Closes `generation` with `stream_id` as the stream's public id; with `rows`, hands it

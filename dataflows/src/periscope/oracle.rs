@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::held::{HeldSessions, SessionStore};
 use super::rows::*;
 use super::sessions::{ClientDetails, Ending, viewer_identity};
+use super::streams::SESSION_LIMIT;
 use super::streams::{WINDOW, micro};
 use super::{RoutingState, StreamsState, UnknownState, node_row};
 use keel_operators::table::HeldTable;
@@ -325,7 +326,11 @@ fn build(spec: &Spec, seq: usize, time_s: u32) -> Event {
 
 struct RefSession {
     start: i64,
+    /// End as the aggregates count it: at most [`LIMIT`] after the start, and then even
+    /// without a disconnect once `now` is there.
     end: Option<i64>,
+    /// End as the row shows it: the disconnect's.
+    row_end: Option<i64>,
     details: ClientDetails,
     down: u64,
     up: u64,
@@ -423,9 +428,14 @@ fn reference(events: &[Event], now: i64) -> Tables {
                     _ => unreachable!(),
                 };
                 let details = c.map(|(_, d)| d).unwrap_or_else(|| e.unwrap().details);
+                let row_end = e.map(|e| e.time.max(start));
+                let cap = start + LIMIT;
                 let s = RefSession {
                     start,
-                    end: e.map(|e| e.time.max(start)),
+                    end: row_end
+                        .map(|end| end.min(cap))
+                        .or((cap <= now).then_some(cap)),
+                    row_end,
                     details,
                     down: e.map_or(0, |e| e.down_bytes),
                     up: e.map_or(0, |e| e.up_bytes),
@@ -448,7 +458,7 @@ fn reference(events: &[Event], now: i64) -> Tables {
                     country_code: code(s.details.country),
                     city: s.details.city,
                     connected_at: s.start,
-                    disconnected_at: s.end.into(),
+                    disconnected_at: s.row_end.into(),
                     down_bytes: s.down,
                     up_bytes: s.up,
                 },
@@ -483,9 +493,18 @@ fn reference(events: &[Event], now: i64) -> Tables {
             );
         }
         // Usage windows.
-        if let Some(first) = all.iter().map(|s| s.start).min() {
-            let mut w = window_start(first, WINDOW);
-            while w <= window_start(now, WINDOW) {
+        // Every window a session starts in or overlaps (none other can have a row).
+        let mut touched: BTreeSet<i64> = BTreeSet::new();
+        for s in &all {
+            let mut w = window_start(s.start, WINDOW);
+            let last = window_start(s.end.unwrap_or(now).max(s.start), WINDOW);
+            while w <= last {
+                touched.insert(w);
+                w += WINDOW;
+            }
+        }
+        for w in touched {
+            {
                 let mut points: Vec<i64> = vec![w];
                 for s in &all {
                     points.extend(
@@ -516,7 +535,6 @@ fn reference(events: &[Event], now: i64) -> Tables {
                         },
                     );
                 }
-                w += WINDOW;
             }
         }
         // Health windows.
@@ -725,13 +743,26 @@ fn reference(events: &[Event], now: i64) -> Tables {
     tables
 }
 
+/// The session limit of the states checked here: 20 minutes, within the events' 40.
+const LIMIT: i64 = 20 * 60 * SECOND;
+
 /// All states of the dataflow, driven by hand (one worker).
-#[derive(Default)]
 struct States {
     streams: StreamsState,
     nodes: Latest<(Uuid, Sym), (i64, Uuid), NodeRow>,
     routing: RoutingState,
     unknown: UnknownState,
+}
+
+impl Default for States {
+    fn default() -> Self {
+        States {
+            streams: StreamsState::default().with_session_limit(LIMIT),
+            nodes: Latest::default(),
+            routing: RoutingState::default(),
+            unknown: UnknownState::default(),
+        }
+    }
 }
 
 impl States {
@@ -802,12 +833,18 @@ fn shuffled_with_cuts(
     cut_points
 }
 
+/// Seconds after [`BASE`]: mostly within 40 minutes, some 23 days later (past the windows'
+/// pages, so that a stream's windows have a gap, and every earlier session reaches [`LIMIT`]).
+fn event_time() -> impl Strategy<Value = u32> {
+    prop_oneof![9 => 0u32..2400, 1 => 2_000_000u32..2_002_400]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     #[test]
     fn incremental_equals_from_scratch(
-        specs in prop::collection::vec((arb_spec(), 0u32..2400), 1..120),
+        specs in prop::collection::vec((arb_spec(), event_time()), 1..120),
         duplicates in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
         order in any::<u64>(),
         cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
@@ -918,7 +955,7 @@ proptest! {
     /// new ones; look-ups of every key held, counts and tenant scans agree.
     #[test]
     fn held_sessions_show_the_published_closes(
-        specs in prop::collection::vec((arb_spec(), 0u32..2400), 1..120),
+        specs in prop::collection::vec((arb_spec(), event_time()), 1..120),
         order in any::<u64>(),
         cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
         lags in prop::collection::vec(0usize..4, 12),
@@ -1024,4 +1061,69 @@ proptest! {
             }
         }
     }
+}
+
+/// One connect dated 2000 on a stream that is live now, with the engine's own session limit: it
+/// counts for 30 days and then as ended (one usage row per 5 minutes of them, not one per 5
+/// minutes since 2000), and its windows take that month's pages only.
+#[test]
+fn a_stray_connect_years_back_counts_for_the_session_limit() {
+    const Y2000: i64 = 946_684_800_000;
+    let connect = |session| Spec::Connect {
+        stream: 0,
+        node: 0,
+        session,
+        host: 0,
+        country: 0,
+    };
+    let mut stray = build(&connect(0), 0, 0);
+    stray.time = Y2000;
+    let leave = Spec::Disconnect {
+        stream: 0,
+        node: 0,
+        session: 1,
+        host: 0,
+        country: 0,
+        duration: 60,
+        bytes: 10,
+    };
+    let mut streams = StreamsState::default();
+    for event in [stray, build(&connect(1), 1, 0), build(&leave, 2, 60)] {
+        streams.apply(event);
+    }
+    let mut out = Vec::new();
+    streams.close(BASE + 60 * SECOND, &mut out);
+
+    let month = usize::try_from(SESSION_LIMIT / WINDOW).unwrap();
+    let usage = out
+        .iter()
+        .filter(|c| matches!(c, PeriscopeChange::Usage5m(Change::Upsert(_))))
+        .count();
+    assert_eq!(
+        usage,
+        month + 1,
+        "the stray month's windows and today's one"
+    );
+    let row = out
+        .iter()
+        .find_map(|c| match c {
+            PeriscopeChange::Streams(Change::Upsert(row)) => Some(row),
+            _ => None,
+        })
+        .expect("a streams row");
+    assert_eq!(
+        row.current_viewers, 0,
+        "the stray session no longer counts as open"
+    );
+    assert_eq!(row.total_sessions, 2);
+    assert_eq!(
+        row.viewer_seconds,
+        (SESSION_LIMIT / SECOND + 60) as f64,
+        "30 days and a minute"
+    );
+    assert!(
+        streams.window_pages() <= month.div_ceil(32) + 2,
+        "{} pages of windows",
+        streams.window_pages()
+    );
 }

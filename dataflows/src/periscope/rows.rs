@@ -28,7 +28,7 @@ pub struct StreamRow {
     pub status: Sym,
     /// Node of the latest lifecycle event.
     pub node_id: Option<Sym>,
-    /// Sessions open now.
+    /// Sessions open now (without a disconnect, and connected less than 30 days before now).
     pub current_viewers: u64,
     /// Most sessions open at once, at any instant of event time.
     pub peak_viewers: u64,
@@ -36,7 +36,8 @@ pub struct StreamRow {
     pub total_sessions: u64,
     /// Distinct viewers (client address, else node and session).
     pub unique_viewers: u64,
-    /// Seconds watched; open sessions count up to the newest event time.
+    /// Seconds watched; open sessions count up to the newest event time, each session at most
+    /// 30 days.
     pub viewer_seconds: f64,
     /// Bytes delivered to viewers (sum over sessions).
     pub egress_bytes: u64,

@@ -10,6 +10,9 @@
 //! - the **client details** (connector, country, city, identity) come from the earliest connect,
 //!   or from the winning disconnect when no connect is known.
 //!
+//! Rows show the session as its events say; the aggregates count it for at most a session limit
+//! (30 days in the engine, [`Session::counted_span`]).
+//!
 //! Storage is a slab of [`Session`]s plus a [`PositionIndex`] of slot numbers, so each session
 //! costs its own size and a few bytes of index — no key is stored twice — and a bit for "changed
 //! since the last close".
@@ -190,6 +193,21 @@ impl Session {
             down_bytes: self.down_bytes,
             up_bytes: self.up_bytes,
         })
+    }
+
+    /// The session as the aggregates count it, at most `limit` ms long: a disconnect later than
+    /// that counts as ending `limit` after the start, and a session still open when `horizon`
+    /// (the watermark of the stream's last close) reaches `limit` past its start counts as
+    /// ending then. A lost disconnect, or one stray record dated years back, would otherwise
+    /// keep a viewer on the stream, and a window row in each of its five minutes, for good.
+    pub fn counted_span(&self, horizon: i64, limit: i64) -> Option<Span> {
+        let mut span = self.span()?;
+        let cap = span.start.saturating_add(limit);
+        span.end = match span.end {
+            Some(end) => Some(end.min(cap)),
+            None => (cap <= horizon).then_some(cap),
+        };
+        Some(span)
     }
 }
 

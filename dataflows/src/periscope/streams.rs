@@ -10,7 +10,8 @@
 //! `stream_health_5m` that changed, and those of `viewer_sessions` when a store keeps them (the
 //! live table reads the sessions where they are held, [`super::held`]). Rows that depend on "now" (open sessions count
 //! up to the newest event time) are refreshed for streams with open sessions whenever the
-//! watermark moves.
+//! watermark moves. A session counts for at most [`SESSION_LIMIT`]: one still open when the
+//! watermark passes that far beyond its start counts as ended there from that close on.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use keel_operators::sym::Sym;
 use keel_operators::sympair::SymPair;
 use keel_operators::table::Change;
 use keel_operators::time::{MINUTE, SECOND, window_start};
-use keel_sources::codec::KEEL_NAMESPACE;
+use keel_sources::codec::{KEEL_NAMESPACE, MAX_SESSION_SECONDS};
 use keel_sources::event::{Event, EventKind};
 use rustc_hash::FxBuildHasher;
 use uuid::Uuid;
@@ -102,77 +103,129 @@ struct Window {
     peak: Option<u64>,
 }
 
-/// The 5-minute windows of one stream, dense from the earliest to the latest touched.
+/// Windows per page of [`Windows`]: 32 windows, 2 hours 40 minutes.
+const PAGE: usize = 32;
+const PAGE_SPAN: i64 = PAGE as i64 * WINDOW;
+
+/// The 5-minute windows of one stream, in pages of [`PAGE`] windows aligned to multiples of
+/// their span: dense where the stream has sessions, nothing between (one stray record years
+/// away from the rest costs a page, not every window between).
 #[derive(Debug, Default)]
 struct Windows {
-    /// Start of `slots[0]`.
-    base: i64,
-    slots: std::collections::VecDeque<Window>,
+    /// Pages by their first window's start, ascending.
+    pages: Vec<(i64, Box<[Window; PAGE]>)>,
+    /// The earliest and latest window touched.
+    touched: Option<(i64, i64)>,
+}
+
+/// The page holding the window that starts at `start`, and the window's place in it.
+fn page_of(start: i64) -> (i64, usize) {
+    let page = start.div_euclid(PAGE_SPAN) * PAGE_SPAN;
+    let slot = usize::try_from((start - page) / WINDOW).expect("within a page");
+    (page, slot)
 }
 
 impl Windows {
-    fn index(&self, start: i64) -> Option<usize> {
-        let offset = start.checked_sub(self.base)? / WINDOW;
-        usize::try_from(offset)
-            .ok()
-            .filter(|&i| i < self.slots.len())
+    fn find(&self, page: i64) -> Result<usize, usize> {
+        self.pages.binary_search_by_key(&page, |(start, _)| *start)
+    }
+
+    /// Whether `start` lies between the earliest and latest window touched (a page's windows
+    /// outside that are not there yet: nothing may be cached in them).
+    fn spans(&self, start: i64) -> bool {
+        self.touched
+            .is_some_and(|(first, last)| first <= start && start <= last)
     }
 
     fn get(&self, start: i64) -> Option<&Window> {
-        self.index(start).map(|i| &self.slots[i])
+        let (page, slot) = page_of(start);
+        let at = self.find(page).ok().filter(|_| self.spans(start))?;
+        Some(&self.pages[at].1[slot])
     }
 
     fn get_mut(&mut self, start: i64) -> Option<&mut Window> {
-        self.index(start).map(|i| &mut self.slots[i])
+        let (page, slot) = page_of(start);
+        let at = self.find(page).ok().filter(|_| self.spans(start))?;
+        Some(&mut self.pages[at].1[slot])
     }
 
-    /// The window starting at `start`, created (with any windows between) if missing.
+    /// The window starting at `start`, created (with the rest of its page) if missing.
     fn entry(&mut self, start: i64) -> &mut Window {
-        if self.slots.is_empty() {
-            self.base = start;
-        }
-        while start < self.base {
-            self.base -= WINDOW;
-            self.slots.push_front(Window::default());
-        }
-        let index = usize::try_from((start - self.base) / WINDOW).expect("start >= base");
-        if index >= self.slots.len() {
-            self.slots.resize_with(index + 1, Window::default);
-        }
-        &mut self.slots[index]
+        let (page, slot) = page_of(start);
+        self.touched = Some(self.touched.map_or((start, start), |(first, last)| {
+            (first.min(start), last.max(start))
+        }));
+        let at = match self.find(page) {
+            Ok(at) => at,
+            Err(at) => {
+                let windows = Box::new(std::array::from_fn(|_| Window::default()));
+                self.pages.insert(at, (page, windows));
+                at
+            }
+        };
+        &mut self.pages[at].1[slot]
     }
 
     fn first(&self) -> Option<i64> {
-        (!self.slots.is_empty()).then_some(self.base)
+        self.touched.map(|(first, _)| first)
     }
 
     fn last(&self) -> Option<i64> {
-        (!self.slots.is_empty()).then(|| self.base + (self.slots.len() as i64 - 1) * WINDOW)
+        self.touched.map(|(_, last)| last)
+    }
+
+    /// Calls `f` on each window from `start` to the latest touched.
+    fn each_from(&mut self, start: i64, mut f: impl FnMut(&mut Window)) {
+        let Some((first, last)) = self.touched else {
+            return;
+        };
+        let start = start.max(first);
+        if start > last {
+            return;
+        }
+        let at = self.find(page_of(start).0).unwrap_or_else(|at| at);
+        for (page, windows) in &mut self.pages[at..] {
+            if *page > last {
+                break;
+            }
+            let from = usize::try_from((start - *page).max(0) / WINDOW).expect("within a page");
+            let to = usize::try_from((last - *page) / WINDOW + 1).map_or(PAGE, |n| n.min(PAGE));
+            windows[from..to].iter_mut().for_each(&mut f);
+        }
+    }
+
+    /// The start of the first window at or after `start` that is there.
+    fn next_held(&self, start: i64) -> Option<i64> {
+        let (first, last) = self.touched?;
+        let start = start.max(first);
+        if start > last {
+            return None;
+        }
+        let (page, _) = page_of(start);
+        match self.find(page) {
+            Ok(_) => Some(start),
+            Err(at) => self.pages.get(at).map(|(page, _)| *page),
+        }
     }
 
     /// Open sessions that started at or after `start`.
-    fn open_started_from(&self, start: i64) -> i64 {
-        let from = if start <= self.base {
-            0
-        } else {
-            usize::try_from((start - self.base + WINDOW - 1) / WINDOW).unwrap_or(usize::MAX)
-        };
-        self.slots.iter().skip(from).map(|w| w.open_started).sum()
+    fn open_started_from(&mut self, start: i64) -> i64 {
+        let mut open = 0;
+        self.each_from(start, |window| open += window.open_started);
+        open
     }
 
     /// Forgets the computed peak of every window a profile change at `time` can move: those
     /// ending after it.
     fn forget_peaks_from(&mut self, time: i64) {
-        let from =
-            usize::try_from(time.saturating_sub(self.base).max(0) / WINDOW).unwrap_or(usize::MAX);
-        for window in self.slots.iter_mut().skip(from) {
-            window.peak = None;
-        }
+        self.each_from(window_start(time, WINDOW), |window| window.peak = None);
     }
 
     fn clear_published(&mut self) {
-        for window in &mut self.slots {
-            window.published = None;
+        for (_, windows) in &mut self.pages {
+            for window in windows.iter_mut() {
+                window.published = None;
+            }
         }
     }
 }
@@ -331,14 +384,25 @@ struct StreamState {
     dirty_countries: Vec<Sym>,
     dirty_windows: Option<(i64, i64)>,
     dirty_health: Vec<i64>,
-    /// Watermark at the last close.
+    /// Watermark at the last close: the horizon sessions are counted at (see
+    /// [`Session::counted_span`](super::sessions::Session::counted_span)).
     closed_at: i64,
+    /// Longest a session counts, ms.
+    limit: i64,
+    /// No open session reaches `limit` before this time.
+    next_due: i64,
     published: Option<StreamRow>,
     dirty: bool,
 }
 
 impl StreamState {
-    fn new(tenant: Uuid, internal_name: Sym, store: &SessionStore, worker: usize) -> Self {
+    fn new(
+        tenant: Uuid,
+        internal_name: Sym,
+        store: &SessionStore,
+        worker: usize,
+        limit: i64,
+    ) -> Self {
         let tenant = Sym::new(&tenant.to_string());
         let names = SymPair::new(tenant, internal_name);
         StreamState {
@@ -366,6 +430,8 @@ impl StreamState {
             dirty_windows: None,
             dirty_health: Vec::new(),
             closed_at: i64::MIN,
+            limit,
+            next_due: i64::MAX,
             published: None,
             dirty: false,
         }
@@ -556,7 +622,12 @@ impl StreamState {
         let changed = {
             let mut held = self.held.lock();
             let slot = held.sessions.slot(node, session_id);
-            held.change(slot, generation, boundary, change)
+            held.change(
+                slot,
+                (generation, boundary),
+                (self.closed_at, self.limit),
+                change,
+            )
         };
         let Some((before, after)) = changed else {
             return;
@@ -633,6 +704,9 @@ impl StreamState {
         window.started += sign;
         let last = match span.end {
             None => {
+                if sign > 0 {
+                    self.next_due = self.next_due.min(span.start.saturating_add(self.limit));
+                }
                 window.open_started += sign;
                 window.open_start_sum += i128::from(sign) * i128::from(span.start);
                 i64::MAX
@@ -676,6 +750,9 @@ impl StreamState {
                 Some((lo, _)) => (lo.min(from), i64::MAX),
             });
         }
+        if now >= self.next_due {
+            self.expire(now);
+        }
         self.closed_at = now;
         self.close_sessions(id, generation, report_rows, out);
         if watermark_moved {
@@ -689,6 +766,17 @@ impl StreamState {
         if self.published.as_ref() != Some(&row) {
             self.published = Some(row.clone());
             out.push(PeriscopeChange::Streams(Change::Upsert(row)));
+        }
+    }
+
+    /// Counts the open sessions that reach the session limit by `now` as ended there.
+    fn expire(&mut self, now: i64) {
+        let (expired, next) = self.held.lock().expire(self.closed_at, now, self.limit);
+        self.next_due = next;
+        for (before, after) in expired {
+            self.move_profile(Some(&before), &after);
+            self.contribute(&before, -1);
+            self.contribute(&after, 1);
         }
     }
 
@@ -773,8 +861,14 @@ impl StreamState {
         while w <= hi {
             let window = self.windows.get(w);
             if window.is_none() && open_before == 0 {
-                // Nothing covers the windows after the last one: stop.
-                break;
+                // Nothing covers the windows up to the next page, or after the last: skip.
+                match self.windows.next_held(w) {
+                    Some(next) if next <= hi => {
+                        w = next;
+                        continue;
+                    }
+                    _ => break,
+                }
             }
             let end = (w + WINDOW).min(now.max(w));
             let (started, closed_ms, open_started, open_start_sum, known_peak, published) = window
@@ -902,7 +996,13 @@ pub struct StreamsState {
     /// Streams that may hold before-images readers do not need any more once their generation
     /// is visible: forgotten at each close, so a stream that goes quiet lets them go.
     remembering: Vec<StreamKey>,
+    /// Longest a session counts in the aggregates, ms.
+    session_limit: i64,
 }
+
+/// Longest a session counts in the aggregates: as long as a disconnect may report
+/// ([`MAX_SESSION_SECONDS`]).
+pub const SESSION_LIMIT: i64 = MAX_SESSION_SECONDS as i64 * SECOND;
 
 impl Default for StreamsState {
     /// A state of worker 0 over a store of its own that reports session rows.
@@ -927,7 +1027,20 @@ impl StreamsState {
             generation,
             boundary,
             remembering: Vec::new(),
+            session_limit: SESSION_LIMIT,
         }
+    }
+
+    /// Pages of usage windows held over all streams.
+    #[cfg(test)]
+    pub(crate) fn window_pages(&self) -> usize {
+        self.streams.values().map(|s| s.windows.pages.len()).sum()
+    }
+
+    /// The same state counting sessions for at most `limit` ms (tests use minutes).
+    pub fn with_session_limit(mut self, limit: i64) -> Self {
+        self.session_limit = limit;
+        self
     }
 }
 
@@ -949,11 +1062,11 @@ impl EpochState for StreamsState {
             return;
         };
         let key = (event.tenant, stream.internal_name);
-        let (store, worker) = (&self.store, self.worker);
+        let (store, worker, limit) = (&self.store, self.worker, self.session_limit);
         let state = self
             .streams
             .entry(key)
-            .or_insert_with(|| StreamState::new(key.0, key.1, store, worker));
+            .or_insert_with(|| StreamState::new(key.0, key.1, store, worker, limit));
         let boundary = self.boundary.load(Ordering::Acquire);
         state.absorb(event, self.generation, boundary);
         if !state.dirty {
