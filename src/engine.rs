@@ -624,6 +624,9 @@ pub fn run(
                         handles.injector.drain_events(&mut injected, options.batch);
                     }
                     taken += batch.len() + injected.len();
+                    // Counted as the chunk is taken, not the epoch, so that progress moves while
+                    // a large epoch is read (65,536 records take seconds in a debug build).
+                    let mut handled = batch.len() + injected.len();
                     for record in batch.records() {
                         match decode_checked(&record, &options.time_bounds, now) {
                             Ok(event) => {
@@ -641,8 +644,10 @@ pub fn run(
                         }
                     }
                     for error in batch.take_refused() {
+                        handled += 1;
                         refuse(None, error);
                     }
+                    stats.records.fetch_add(handled as u64, Ordering::Relaxed);
                     if !matches!(poll, Poll::Ready) || read < want || from_source >= options.batch {
                         break poll;
                     }
@@ -670,9 +675,6 @@ pub fn run(
                     inputs.marks.send(newest);
                     stats.newest_event.fetch_max(newest, Ordering::Relaxed);
                 }
-                stats
-                    .records
-                    .fetch_add(events + errors + skipped, Ordering::Relaxed);
                 stats.events.fetch_add(events, Ordering::Relaxed);
                 stats.errors.fetch_add(errors, Ordering::Relaxed);
                 stats.skipped.fetch_add(skipped, Ordering::Relaxed);
