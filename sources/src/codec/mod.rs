@@ -451,13 +451,29 @@ fn is_version_1(parsed: &Parsed<'_>, event_type: &str) -> bool {
     }
 }
 
+/// The event types version 1 has a format for (all with dashes; version 2's have none).
+const VERSION_1_TYPES: [&str; 12] = [
+    "stream-ingest",
+    "user-connection",
+    "stream-lifecycle",
+    "stream-buffer",
+    "stream-end",
+    "track-list",
+    "node-lifecycle",
+    "load-balancing",
+    "push-lifecycle",
+    "recording-lifecycle",
+    "client-lifecycle",
+    "stream-view",
+];
+
 fn event_kind(
     parsed: &Parsed<'_>,
     event_type: &str,
     record: &Record<'_>,
 ) -> Result<EventKind, String> {
     if is_version_1(parsed, event_type) {
-        version_1(&parsed.data, event_type, record)
+        version_1(parsed, event_type, record)
     } else {
         version_2(parsed, event_type, record)
     }
@@ -481,6 +497,11 @@ fn version_2(
         return PAYLOADS[payload].2(&parsed.payload, &parsed.data, &parsed.nested);
     }
     let Some(&(expected, ..)) = PAYLOADS.iter().find(|(_, ty, _)| *ty == event_type) else {
+        // A version 1 type under a `schema_version` of 2 is read in its own format (its
+        // fields are those of version 1): kept, rather than counted as an unknown type.
+        if VERSION_1_TYPES.contains(&event_type) {
+            return version_1(parsed, event_type, record);
+        }
         return Ok(unknown(event_type, record));
     };
     Err(match parsed.payload_index {
@@ -492,7 +513,12 @@ fn version_2(
     })
 }
 
-fn version_1(d: &Fields<'_>, event_type: &str, record: &Record<'_>) -> Result<EventKind, String> {
+fn version_1(
+    parsed: &Parsed<'_>,
+    event_type: &str,
+    record: &Record<'_>,
+) -> Result<EventKind, String> {
+    let d = &parsed.data;
     let sub_type = text(d.event_type());
     Ok(match event_type {
         "stream-ingest" => EventKind::IngestStart(ingest_start(d, d)?),
@@ -523,6 +549,10 @@ fn version_1(d: &Fields<'_>, event_type: &str, record: &Record<'_>) -> Result<Ev
         "recording-lifecycle" => signal(SignalKind::RecordingComplete, d, d)?,
         "client-lifecycle" => signal(SignalKind::ClientLifecycle, d, d)?,
         "stream-view" => signal(SignalKind::PlayRewrite, d, d)?,
+        // A version 2 type under a `schema_version` of 1: read in its own format, as above.
+        _ if PAYLOADS.iter().any(|(_, ty, _)| *ty == event_type) => {
+            return version_2(parsed, event_type, record);
+        }
         _ => unknown(event_type, record),
     })
 }

@@ -724,3 +724,43 @@ fn bad_node_stream_maps_are_refused_with_the_entry() {
     };
     assert!(n.streams.is_empty() && n.capabilities.is_empty());
 }
+
+/// A record whose `schema_version` names the other version than its event type is read in its
+/// type's own format (it was counted as an unknown type, and its event lost from the tables).
+#[test]
+fn a_type_is_read_in_its_own_format_whatever_the_schema_version() {
+    let connect_v1_data = &format!(
+        r#"{{"action":"connect","internal_name":"demo","session_id":"17","connection_addr":"198.51.100.4","connector":"HLS","node_id":"edge-1","tenant_id":"{TENANT}"}}"#
+    );
+    let under_2 = ok(&v2("user-connection", connect_v1_data));
+    let proper = ok(&v1("user-connection", connect_v1_data));
+    assert!(
+        matches!(under_2.kind, EventKind::ViewerConnect(_)),
+        "{under_2:?}"
+    );
+    assert_eq!(under_2.kind, proper.kind);
+
+    let connect_v2_data = &format!(
+        r#"{{"node_id":"edge-1","tenant_id":"{TENANT}","viewer_connect":{{"stream_name":"live+demo","host":"198.51.100.4","connector":"HLS","session_id":"17"}}}}"#
+    );
+    let under_1 = ok(&v1("viewer_connect", connect_v2_data));
+    assert_eq!(
+        under_1.kind,
+        ok(&v2("viewer_connect", connect_v2_data)).kind
+    );
+
+    // Every version 1 type this fallback knows has a format: none reads as unknown.
+    for event_type in VERSION_1_TYPES {
+        let data = format!(r#"{{"internal_name":"demo","tenant_id":"{TENANT}"}}"#);
+        let kind = decode(&record(&v1(event_type, &data))).map(|event| event.kind);
+        assert!(
+            !matches!(kind, Ok(EventKind::Unknown(_))),
+            "{event_type} read as an unknown type"
+        );
+    }
+    // A type neither version knows is still kept as unknown.
+    assert!(matches!(
+        ok(&v2("clip_lifecycle", "{}")).kind,
+        EventKind::Unknown(_)
+    ));
+}
