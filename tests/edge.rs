@@ -360,9 +360,10 @@ fn decklog_writes_both_versions_to_kafka_once() {
             score: 1234,
             ..Default::default()
         });
+        // The scheme is case-insensitive, as on the API.
         request.metadata_mut().insert(
             "authorization",
-            format!("Bearer {PLATFORM_TOKEN}").parse().unwrap(),
+            format!("bearer {PLATFORM_TOKEN}").parse().unwrap(),
         );
         v1.ready().await.unwrap();
         let answer = v1

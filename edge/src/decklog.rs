@@ -86,10 +86,13 @@ impl Decklog {
             .metadata()
             .get("authorization")
             .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        // The scheme in any case, as the API reads it (RFC 7235).
         let token = header
             .to_str()
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start())
             .ok_or_else(|| Status::unauthenticated("authorization is not `Bearer <token>`"))?;
         self.auth.caller(token).map_err(Status::unauthenticated)
     }
