@@ -299,7 +299,12 @@ async fn formats_follow_the_accept_header() {
     let (status, _, body) = call(&state, sql_request(Some(&a), sql, Some("image/png"))).await;
     assert_eq!(
         status,
-        StatusCode::BAD_REQUEST,
+        StatusCode::NOT_ACCEPTABLE,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        String::from_utf8_lossy(&body).contains(r#""code":"not_acceptable""#),
         "{}",
         String::from_utf8_lossy(&body)
     );

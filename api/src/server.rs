@@ -98,6 +98,9 @@ pub enum ApiError {
     /// Nothing to answer with yet, or the engine went away (503).
     #[error("{0}")]
     Unavailable(String),
+    /// No format the request's `Accept` allows (406).
+    #[error("{0}")]
+    NotAcceptable(String),
 }
 
 impl ApiError {
@@ -110,6 +113,7 @@ impl ApiError {
             ApiError::Sql(SqlError::Table(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Sql(SqlError::Limit(_)) => (StatusCode::UNPROCESSABLE_ENTITY, "query_limit"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
         }
     }
 }
@@ -247,7 +251,7 @@ async fn sql(
     let query: Query = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("body must be {{\"sql\": \"...\"}}: {e}")))?;
     let format = wanted_format(&headers).ok_or_else(|| {
-        ApiError::BadRequest(format!(
+        ApiError::NotAcceptable(format!(
             "Accept must allow application/json, text/csv or {ARROW_STREAM}"
         ))
     })?;
