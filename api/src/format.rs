@@ -2,8 +2,10 @@
 //! or one array), or an Arrow IPC stream.
 //!
 //! JSON objects carry every column, `null` included, so each row has the same keys. In a text
-//! table, line breaks and tabs inside a value are shown escaped (`\n`, `\r`, `\t`): written as
-//! they are, a value's second line would read as a row of its own.
+//! table, line breaks and tabs inside a value are shown escaped (`\n`, `\r`, `\t`), and every
+//! other control character as `\u{…}`: written as they are, a value's second line would read as
+//! a row of its own, and an escape sequence in a stream name (events come from the fleet) would
+//! be obeyed by the terminal showing the table.
 
 use std::sync::Arc;
 
@@ -84,10 +86,25 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowE
     Ok(out)
 }
 
-/// `batch` with line breaks and tabs in its text columns written as escapes (a batch without
-/// any comes back as it is).
+/// `value` with its control characters written as escapes.
+fn escape_controls(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `batch` with control characters (line breaks, tabs, escapes) in its text columns written as
+/// escapes (a batch without any comes back as it is).
 fn escape_breaks(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    let breaks = |c: char| matches!(c, '\n' | '\r' | '\t');
+    let breaks = char::is_control;
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
     let mut changed = false;
     for column in batch.columns() {
@@ -110,14 +127,7 @@ fn escape_breaks(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
         changed = true;
         let escaped: StringArray = text
             .iter()
-            .map(|value| {
-                value.map(|value| {
-                    value
-                        .replace('\n', "\\n")
-                        .replace('\r', "\\r")
-                        .replace('\t', "\\t")
-                })
-            })
+            .map(|value| value.map(escape_controls))
             .collect();
         columns.push(Arc::new(escaped));
     }
@@ -180,6 +190,15 @@ mod tests {
         let table = text(&[batch()], Format::Table);
         assert_eq!(table.lines().count(), 6, "{table}");
         assert!(table.contains("| two\\nlines |"), "{table}");
+        // Nor can a value steer the terminal (ESC, and the one-character CSI of C1).
+        let steering = RecordBatch::try_from_iter([(
+            "name",
+            Arc::new(StringArray::from(vec!["a\u{1b}[2Jb\u{9b}c\u{7f}"])) as ArrayRef,
+        )])
+        .unwrap();
+        let table = text(&[steering], Format::Table);
+        assert!(table.contains("| a\\u{1b}[2Jb\\u{9b}c\\u{7f} |"), "{table}");
+        assert!(!table.contains(['\u{1b}', '\u{9b}', '\u{7f}']), "{table}");
         // CSV quotes the value whole instead.
         assert!(text(&[batch()], Format::Csv).contains("\"two\nlines\""));
     }
