@@ -1002,22 +1002,16 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether `sql` plans over `tables`: run with no rows (as `LIMIT 0` of it), or, for what cannot
-/// be wrapped (`SHOW`, `EXPLAIN`), as it is, over tables that are still empty.
+/// Whether `sql` is a read-only statement that plans over `tables` (not run: over tables still
+/// empty, what its rows would make of it says nothing yet).
 async fn check_sql(
     tables: &Arc<std::sync::RwLock<keel_sinks::live::LiveTables>>,
     sql: &str,
 ) -> Result<(), SqlError> {
-    use keel_api::sql::{Limits, query_within};
     let all = keel_api::auth::Scope::All;
-    let wrapped = format!("SELECT * FROM ({sql}) AS checked LIMIT 0");
-    if query_within(tables, all, &wrapped, Limits::NONE)
+    keel_api::sql::plan_within(tables, all, sql, keel_api::sql::Limits::NONE)
         .await
-        .is_ok()
-    {
-        return Ok(());
-    }
-    query_within(tables, all, sql, Limits::NONE).await.map(drop)
+        .map(drop)
 }
 
 fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {

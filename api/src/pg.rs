@@ -41,7 +41,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::{Auth, Principal};
 use crate::server::ApiState;
-use crate::sql::{SqlError, query_within};
+use crate::sql::{SqlError, plan_within, query_within};
 
 /// The most PostgreSQL-protocol connections open at once; further ones wait in the kernel's
 /// backlog until one closes (connections that never sent a startup message could otherwise
@@ -222,10 +222,7 @@ impl Queries {
         client: &C,
         sql: &str,
     ) -> PgWireResult<Vec<RecordBatch>> {
-        let caller = client
-            .session_extensions()
-            .get::<Principal>()
-            .ok_or_else(|| user_error("28000", "not authenticated"))?;
+        let caller = caller(client)?;
         query_within(
             &self.state.tables,
             caller.scope,
@@ -246,29 +243,26 @@ impl Queries {
         if is_blank(sql) {
             return Ok(Vec::new());
         }
-        // Planning needs the same scoped session as running; a LIMIT 0 run is the plan's schema.
-        let batches = self
-            .batches(
-                client,
-                &format!("SELECT * FROM ({sql}) AS described LIMIT 0"),
-            )
-            .await;
-        match batches {
-            Ok(batches) if !batches.is_empty() => Ok(fields(&batches[0].schema(), format)),
-            // Past a query limit already: running it whole would only take longer.
-            Err(PgWireError::UserError(info)) if info.code == LIMIT_CODE => {
-                Err(PgWireError::UserError(info))
-            }
-            // Statements that cannot be wrapped (SHOW, EXPLAIN) describe by running.
-            _ => {
-                let batches = self.batches(client, sql).await?;
-                Ok(match batches.first() {
-                    Some(batch) => fields(&batch.schema(), format),
-                    None => Vec::new(),
-                })
-            }
-        }
+        // Planned in the same scoped session a run would use, and not run.
+        let caller = caller(client)?;
+        let schema = plan_within(
+            &self.state.tables,
+            caller.scope,
+            sql,
+            self.state.limits.query,
+        )
+        .await
+        .map_err(sql_error)?;
+        Ok(fields(&schema, format))
     }
+}
+
+/// Who the connection authenticated as.
+fn caller<C: ClientInfo>(client: &C) -> PgWireResult<Arc<Principal>> {
+    client
+        .session_extensions()
+        .get::<Principal>()
+        .ok_or_else(|| user_error("28000", "not authenticated"))
 }
 
 fn is_blank(sql: &str) -> bool {

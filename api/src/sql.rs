@@ -331,6 +331,40 @@ pub async fn query_within(
     sql: &str,
     limits: Limits,
 ) -> Result<Vec<RecordBatch>, SqlError> {
+    within(tables, scope, sql, limits, Work::Run).await
+}
+
+/// Checks that `sql` is a read-only statement that plans over `tables` as `scope` sees them,
+/// without running it: what a statement's rows would make of it (a division by a count of
+/// none, say) is not its fault yet.
+/// Returns the columns the statement would answer with.
+pub async fn plan_within(
+    tables: &Arc<RwLock<LiveTables>>,
+    scope: Scope,
+    sql: &str,
+    limits: Limits,
+) -> Result<SchemaRef, SqlError> {
+    let planned = within(tables, scope, sql, limits, Work::Plan).await?;
+    Ok(planned
+        .first()
+        .map(RecordBatch::schema)
+        .expect("a plan answers with its schema as an empty batch"))
+}
+
+/// What is done with a statement.
+#[derive(Clone, Copy, Debug)]
+enum Work {
+    Run,
+    Plan,
+}
+
+async fn within(
+    tables: &Arc<RwLock<LiveTables>>,
+    scope: Scope,
+    sql: &str,
+    limits: Limits,
+    work: Work,
+) -> Result<Vec<RecordBatch>, SqlError> {
     let ran = async {
         // Waiting for a turn counts against the time limit.
         let turn = turns()
@@ -338,7 +372,7 @@ pub async fn query_within(
             .acquire_owned()
             .await
             .expect("the turns are never closed");
-        on_query_thread(tables.clone(), scope, sql.to_owned(), limits, turn).await
+        on_query_thread(tables.clone(), scope, sql.to_owned(), limits, work, turn).await
     };
     if limits.time == Duration::MAX {
         return ran.await;
@@ -371,6 +405,7 @@ async fn on_query_thread(
     scope: Scope,
     sql: String,
     limits: Limits,
+    work: Work,
     turn: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Vec<RecordBatch>, SqlError> {
     let (mut done, answer) = tokio::sync::oneshot::channel();
@@ -388,7 +423,12 @@ async fn on_query_thread(
                 Ok(runtime) => runtime.block_on(async {
                     let work = async {
                         let ctx = session(&tables, scope, limits)?;
-                        run(&ctx, &sql, limits.result).await
+                        match work {
+                            Work::Run => run(&ctx, &sql, limits.result).await,
+                            Work::Plan => plan(&ctx, &sql)
+                                .await
+                                .map(|plan| vec![RecordBatch::new_empty(plan.schema())]),
+                        }
                     };
                     tokio::select! {
                         answer = work => Some(answer),
@@ -593,12 +633,21 @@ fn cooperative_joins(
     .map(|done| done.data)
 }
 
-/// Runs one read-only statement in `ctx`, returning at most `result` bytes of batches.
-pub async fn run(
-    ctx: &SessionContext,
-    sql: &str,
-    result: usize,
-) -> Result<Vec<RecordBatch>, SqlError> {
+/// A DataFusion error while planning or running, as Keel reports it.
+fn failed(e: &datafusion::error::DataFusionError) -> SqlError {
+    match e.find_root() {
+        datafusion::error::DataFusionError::ResourcesExhausted(_) => SqlError::Limit(format!(
+            "the query needs more memory for the rows it scans and its joins, sorts and \
+             aggregations than a query may hold: narrow it (WHERE, LIMIT, fewer columns) or \
+             join less ({})",
+            describe(e)
+        )),
+        _ => SqlError::Invalid(describe(e)),
+    }
+}
+
+/// Plans one read-only statement in `ctx`, down to the plan that would run.
+async fn plan(ctx: &SessionContext, sql: &str) -> Result<Arc<dyn ExecutionPlan>, SqlError> {
     check_read_only(sql)?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
@@ -614,24 +663,24 @@ pub async fn run(
             SqlError::Invalid(text)
         }
     })?;
-    let failed = |e: datafusion::error::DataFusionError| match e.find_root() {
-        datafusion::error::DataFusionError::ResourcesExhausted(_) => SqlError::Limit(format!(
-            "the query needs more memory for the rows it scans and its joins, sorts and \
-             aggregations than a query may hold: narrow it (WHERE, LIMIT, fewer columns) or \
-             join less ({})",
-            describe(&e)
-        )),
-        _ => SqlError::Invalid(describe(&e)),
-    };
-    let plan = frame.create_physical_plan().await.map_err(failed)?;
-    let plan = cooperative_joins(plan).map_err(failed)?;
+    let plan = frame.create_physical_plan().await.map_err(|e| failed(&e))?;
+    cooperative_joins(plan).map_err(|e| failed(&e))
+}
+
+/// Runs one read-only statement in `ctx`, returning at most `result` bytes of batches.
+pub async fn run(
+    ctx: &SessionContext,
+    sql: &str,
+    result: usize,
+) -> Result<Vec<RecordBatch>, SqlError> {
+    let plan = plan(ctx, sql).await?;
     // Batch by batch, so a result past its limit is stopped there, not built whole first.
     let mut stream =
-        datafusion::physical_plan::execute_stream(plan, ctx.task_ctx()).map_err(failed)?;
+        datafusion::physical_plan::execute_stream(plan, ctx.task_ctx()).map_err(|e| failed(&e))?;
     let schema = stream.schema();
     let (mut batches, mut bytes) = (Vec::new(), 0usize);
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(failed)?;
+        let batch = batch.map_err(|e| failed(&e))?;
         // Its arrays, and its names once per row as the JSON output repeats them (a million
         // rows of NULL under a long alias are nearly no array but a great deal of text).
         let names: usize = batch
