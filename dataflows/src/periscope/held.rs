@@ -85,6 +85,16 @@ fn row_of(names: SymPair, stream_id: Sym, session: &Session, span: &Span) -> Vie
 /// small streams are read in several holds too).
 pub const READ_CHUNK: u32 = if cfg!(test) { 3 } else { 4096 };
 
+/// What one look at a stream's sessions finds for the session limit.
+pub(crate) struct Expiry {
+    /// Sessions that reach the limit within the horizon's move, as counted before and after.
+    pub due: Vec<(Span, Span)>,
+    /// Open sessions that reach it soon after (due time, slot), the latest first.
+    pub soon: Vec<(i64, u32)>,
+    /// The earliest time any other open session reaches it (`i64::MAX` if none).
+    pub next: i64,
+}
+
 /// A session as it was before its first change in `generation`.
 #[derive(Debug)]
 struct Before {
@@ -186,27 +196,60 @@ impl StreamSessions {
         Some((before, after))
     }
 
-    /// The open sessions that reach `limit` ms after their start once the horizon moves from
-    /// `from` to `to`, each as counted before and after, and when the next open session will
-    /// (`i64::MAX` if none is open). Sessions themselves do not change (nor do their rows).
-    pub fn expire(&self, from: i64, to: i64, limit: i64) -> (Vec<(Span, Span)>, i64) {
-        let mut expired = Vec::new();
-        let mut next = i64::MAX;
+    /// Looks at every session for those open ones that reach `limit` ms after their start
+    /// once the horizon moves from `from` to `to` (see [`Expiry`]). Sessions themselves do not
+    /// change (nor do their rows).
+    pub fn expire(&self, (from, to): (i64, i64), soon: i64, limit: i64) -> Expiry {
+        let mut expiry = Expiry {
+            due: Vec::new(),
+            soon: Vec::new(),
+            next: i64::MAX,
+        };
         for slot in self.sessions.slots() {
             let session = self.sessions.get(slot);
             let Some(span) = session.span().filter(|span| span.end.is_none()) else {
                 continue;
             };
             let due = span.start.saturating_add(limit);
-            if due > to {
-                next = next.min(due);
+            if due > soon {
+                expiry.next = expiry.next.min(due);
+            } else if due > to {
+                expiry.soon.push((due, slot));
             } else if due > from {
-                let before = session.counted_span(from, limit);
-                let after = session.counted_span(to, limit);
-                expired.extend(before.zip(after));
+                expiry.due.extend(Self::counted(session, from, to, limit));
             }
         }
-        (expired, next)
+        expiry.soon.sort_unstable_by(|a, b| b.cmp(a));
+        expiry
+    }
+
+    /// The sessions of `listed` (due time, slot; from a former [`Self::expire`]) that are
+    /// still open and reach `limit` at that time, within `from..=to`, as counted before and
+    /// after (a session since ended, or begun earlier, is skipped: its change moved it).
+    pub fn expire_listed(
+        &self,
+        (from, to): (i64, i64),
+        limit: i64,
+        listed: impl IntoIterator<Item = (i64, u32)>,
+    ) -> Vec<(Span, Span)> {
+        let mut due = Vec::new();
+        for (at, slot) in listed {
+            let session = self.sessions.get(slot);
+            let still = session
+                .span()
+                .is_some_and(|span| span.end.is_none() && span.start.saturating_add(limit) == at);
+            if still && at > from && at <= to {
+                due.extend(Self::counted(session, from, to, limit));
+            }
+        }
+        due
+    }
+
+    /// `session` as counted at `from` and at `to`.
+    fn counted(session: &Session, from: i64, to: i64, limit: i64) -> Option<(Span, Span)> {
+        let before = session.counted_span(from, limit);
+        let after = session.counted_span(to, limit);
+        before.zip(after)
     }
 
     /// Closes `generation` with `stream_id` as the stream's public id; with `rows`, hands it

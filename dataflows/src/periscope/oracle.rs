@@ -833,10 +833,12 @@ fn shuffled_with_cuts(
     cut_points
 }
 
-/// Seconds after [`BASE`]: mostly within 40 minutes, some 23 days later (past the windows'
-/// pages, so that a stream's windows have a gap, and every earlier session reaches [`LIMIT`]).
+/// Seconds after [`BASE`]: mostly within 50 minutes (across the boundary of two pages of
+/// windows, 40 minutes in, so that open sessions reach into a page no event made), some 23 days
+/// later (past every page, so that a stream's windows have a gap, and every earlier session
+/// reaches [`LIMIT`]).
 fn event_time() -> impl Strategy<Value = u32> {
-    prop_oneof![9 => 0u32..2400, 1 => 2_000_000u32..2_002_400]
+    prop_oneof![9 => 0u32..3000, 1 => 2_000_000u32..2_003_000]
 }
 
 proptest! {

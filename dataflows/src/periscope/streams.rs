@@ -107,13 +107,14 @@ struct Window {
 const PAGE: usize = 32;
 const PAGE_SPAN: i64 = PAGE as i64 * WINDOW;
 
-/// The 5-minute windows of one stream, in pages of [`PAGE`] windows aligned to multiples of
-/// their span: dense where the stream has sessions, nothing between (one stray record years
-/// away from the rest costs a page, not every window between).
+/// The 5-minute windows of one stream, in pages of up to [`PAGE`] windows aligned to multiples
+/// of their span: dense where the stream has sessions, nothing between (one stray record years
+/// away from the rest costs a page, not every window between). A page holds its windows up to
+/// the latest touched in it, so a stream of a few minutes keeps a few windows.
 #[derive(Debug, Default)]
 struct Windows {
-    /// Pages by their first window's start, ascending.
-    pages: Vec<(i64, Box<[Window; PAGE]>)>,
+    /// Pages by their first window's start, ascending; each holds its windows from the first.
+    pages: Vec<(i64, Vec<Window>)>,
     /// The earliest and latest window touched.
     touched: Option<(i64, i64)>,
 }
@@ -140,30 +141,30 @@ impl Windows {
     fn get(&self, start: i64) -> Option<&Window> {
         let (page, slot) = page_of(start);
         let at = self.find(page).ok().filter(|_| self.spans(start))?;
-        Some(&self.pages[at].1[slot])
+        self.pages[at].1.get(slot)
     }
 
     fn get_mut(&mut self, start: i64) -> Option<&mut Window> {
         let (page, slot) = page_of(start);
         let at = self.find(page).ok().filter(|_| self.spans(start))?;
-        Some(&mut self.pages[at].1[slot])
+        self.pages[at].1.get_mut(slot)
     }
 
-    /// The window starting at `start`, created (with the rest of its page) if missing.
+    /// The window starting at `start`, created (with those before it in its page) if missing.
     fn entry(&mut self, start: i64) -> &mut Window {
         let (page, slot) = page_of(start);
         self.touched = Some(self.touched.map_or((start, start), |(first, last)| {
             (first.min(start), last.max(start))
         }));
-        let at = match self.find(page) {
-            Ok(at) => at,
-            Err(at) => {
-                let windows = Box::new(std::array::from_fn(|_| Window::default()));
-                self.pages.insert(at, (page, windows));
-                at
-            }
-        };
-        &mut self.pages[at].1[slot]
+        let at = self.find(page).unwrap_or_else(|at| {
+            self.pages.insert(at, (page, Vec::new()));
+            at
+        });
+        let windows = &mut self.pages[at].1;
+        if slot >= windows.len() {
+            windows.resize_with(slot + 1, Window::default);
+        }
+        &mut windows[slot]
     }
 
     fn first(&self) -> Option<i64> {
@@ -189,8 +190,12 @@ impl Windows {
                 break;
             }
             let from = usize::try_from((start - *page).max(0) / WINDOW).expect("within a page");
-            let to = usize::try_from((last - *page) / WINDOW + 1).map_or(PAGE, |n| n.min(PAGE));
-            windows[from..to].iter_mut().for_each(&mut f);
+            let to = usize::try_from((last - *page) / WINDOW + 1)
+                .map_or(PAGE, |n| n.min(PAGE))
+                .min(windows.len());
+            if from < to {
+                windows[from..to].iter_mut().for_each(&mut f);
+            }
         }
     }
 
@@ -201,11 +206,13 @@ impl Windows {
         if start > last {
             return None;
         }
-        let (page, _) = page_of(start);
-        match self.find(page) {
-            Ok(_) => Some(start),
-            Err(at) => self.pages.get(at).map(|(page, _)| *page),
-        }
+        let (page, slot) = page_of(start);
+        let next = match self.find(page) {
+            Ok(at) if slot < self.pages[at].1.len() => return Some(start),
+            Ok(at) => at + 1,
+            Err(at) => at,
+        };
+        self.pages.get(next).map(|(page, _)| *page)
     }
 
     /// Open sessions that started at or after `start`.
@@ -389,8 +396,11 @@ struct StreamState {
     closed_at: i64,
     /// Longest a session counts, ms.
     limit: i64,
-    /// No open session reaches `limit` before this time.
+    /// No open session reaches `limit` before this time, but those in `soon`.
     next_due: i64,
+    /// Open sessions found to reach `limit` within a window of the last look (due time, slot),
+    /// the latest first: later closes take them from here rather than look at every session.
+    soon: Vec<(i64, u32)>,
     published: Option<StreamRow>,
     dirty: bool,
 }
@@ -432,6 +442,7 @@ impl StreamState {
             closed_at: i64::MIN,
             limit,
             next_due: i64::MAX,
+            soon: Vec::new(),
             published: None,
             dirty: false,
         }
@@ -750,7 +761,7 @@ impl StreamState {
                 Some((lo, _)) => (lo.min(from), i64::MAX),
             });
         }
-        if now >= self.next_due {
+        if now >= self.next_due || self.soon.last().is_some_and(|&(due, _)| due <= now) {
             self.expire(now);
         }
         self.closed_at = now;
@@ -769,10 +780,25 @@ impl StreamState {
         }
     }
 
-    /// Counts the open sessions that reach the session limit by `now` as ended there.
+    /// Counts the open sessions that reach the session limit by `now` as ended there. Every
+    /// session is looked at only when one not listed in `soon` is due, and then those due
+    /// within the next window are listed: at most one look per window of event time.
     fn expire(&mut self, now: i64) {
-        let (expired, next) = self.held.lock().expire(self.closed_at, now, self.limit);
-        self.next_due = next;
+        let horizon = (self.closed_at, now);
+        let expired = {
+            let held = self.held.lock();
+            if now >= self.next_due {
+                let found = held.expire(horizon, now.saturating_add(WINDOW), self.limit);
+                self.soon = found.soon;
+                self.next_due = found.next;
+                found.due
+            } else {
+                let listed = self
+                    .soon
+                    .split_off(self.soon.partition_point(|&(due, _)| due > now));
+                held.expire_listed(horizon, self.limit, listed)
+            }
+        };
         for (before, after) in expired {
             self.move_profile(Some(&before), &after);
             self.contribute(&before, -1);
