@@ -224,7 +224,7 @@ pub fn migrate(args: &StoreArgs) -> anyhow::Result<()> {
     }
     if let Some(clickhouse) = clickhouse {
         let specs = args.specs();
-        clickhouse.migrate(&specs)?;
+        let ran = clickhouse.migrate(&specs)?;
         println!(
             "ClickHouse {} at {}: database {} has {} tables ({}){}",
             clickhouse.version(),
@@ -238,6 +238,10 @@ pub fn migrate(args: &StoreArgs) -> anyhow::Result<()> {
                 "; an old server: times are Int64 milliseconds, no TTL or LowCardinality"
             }
         );
+        // Columns added to tables an older Keel made.
+        for statement in ran.iter().filter(|s| s.starts_with("ALTER TABLE")) {
+            println!("  {statement}");
+        }
     }
     if let Some(url) = database {
         migrate_sql(url)?;

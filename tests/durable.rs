@@ -118,7 +118,8 @@ fn seeded_topic(brokers: &str, records: u64) -> String {
     topic
 }
 
-fn migrate(url: &str, database: &str, sql: &str) {
+/// `keel migrate` of ClickHouse's `database` at `url` with `more` options; what it said.
+fn keel_migrate(url: &str, database: &str, more: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args([
             "migrate",
@@ -126,9 +127,8 @@ fn migrate(url: &str, database: &str, sql: &str) {
             url,
             "--clickhouse-database",
             database,
-            "--database",
-            sql,
         ])
+        .args(more)
         .output()
         .unwrap();
     assert!(
@@ -136,7 +136,11 @@ fn migrate(url: &str, database: &str, sql: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let said = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn migrate(url: &str, database: &str, sql: &str) {
+    let said = keel_migrate(url, database, &["--database", sql]);
     assert!(said.contains("has 9 tables"), "{said}");
     assert!(said.contains("stream_analytics is ready"), "{said}");
 }
@@ -965,22 +969,7 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
         said.contains("events_raw") && said.contains("keel migrate"),
         "{said}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args([
-            "migrate",
-            "--clickhouse",
-            &url,
-            "--clickhouse-database",
-            &database,
-            "--raw-events",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    keel_migrate(&url, &database, &["--raw-events"]);
     let keel = Keel::start_with(
         &brokers,
         &topic,
@@ -1240,4 +1229,47 @@ fn odd_text_never_blocks_the_rows_written_beside_it() {
         lines[2].contains(&format!(",{},", "n".repeat(100))),
         "{rows}"
     );
+}
+
+/// Tables an older Keel made lack the columns a newer one writes: a writer refuses to start
+/// against them, naming the columns and `keel migrate`, which adds each in its place (rows
+/// are sent column by column in the table's order), after which the writer accepts them.
+#[test]
+fn migrate_adds_the_columns_an_older_keel_did_not_make() {
+    let url = clickhouse_url();
+    let database = unique("keel_columns");
+    let migrate = || keel_migrate(&url, &database, &[]);
+    let said = migrate();
+    assert!(!said.contains("ALTER TABLE"), "{said}");
+    let client = ClickHouse::connect(&url, &database).unwrap();
+    for column in ["source", "record"] {
+        client
+            .query(&format!(
+                "ALTER TABLE `{database}`.`ingest_errors` DROP COLUMN `{column}`"
+            ))
+            .unwrap();
+    }
+    let refusal = client.check_tables(&specs()).unwrap_err().to_string();
+    assert!(
+        refusal.contains("ingest_errors.source, ingest_errors.record")
+            && refusal.contains("keel migrate"),
+        "{refusal}"
+    );
+
+    let said = migrate();
+    assert!(
+        said.contains("ADD COLUMN `source` String AFTER `position`")
+            && said.contains("ADD COLUMN `record` Int64 AFTER `source`"),
+        "{said}"
+    );
+    client.check_tables(&specs()).unwrap();
+    let order = client
+        .query(&format!(
+            "SELECT name FROM system.columns WHERE database = '{database}' AND table = 'ingest_errors' FORMAT TabSeparated"
+        ))
+        .unwrap();
+    let order: Vec<&str> = order.lines().take(3).collect();
+    assert_eq!(order, ["position", "source", "record"]);
+    // Once more changes nothing.
+    assert!(!migrate().contains("ALTER TABLE"));
 }

@@ -22,6 +22,7 @@
 //! and flush, rows encoded by [`crate::rowbinary`]) with a blocking client; the writer runs on a
 //! thread of its own.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -591,8 +592,9 @@ impl ClickHouse {
         self.post(Some(&query), rows, &query).map(drop)
     }
 
-    /// Creates the database and every table of `specs` that does not exist yet; returns the
-    /// statements it ran.
+    /// Creates the database and every table of `specs` that does not exist yet, and adds to
+    /// tables an older Keel made the columns they lack, each in its place (inserts send every
+    /// column in the spec's order); returns the statements it ran.
     pub fn migrate(&self, specs: &[TableSpec]) -> Result<Vec<String>, ClickHouseError> {
         let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS `{}`", self.database)];
         statements.extend(
@@ -603,7 +605,47 @@ impl ClickHouse {
         for statement in &statements {
             self.query(statement)?;
         }
+        let present = self.columns()?;
+        for spec in specs {
+            let have = present.get(spec.name).map_or(&[][..], Vec::as_slice);
+            for (at, column) in spec.columns.iter().enumerate() {
+                if have.contains(&column.name) {
+                    continue;
+                }
+                let place = match at.checked_sub(1) {
+                    Some(before) => format!(" AFTER `{}`", spec.columns[before].name),
+                    None => " FIRST".to_owned(),
+                };
+                let statement = format!(
+                    "ALTER TABLE `{}`.`{}` ADD COLUMN `{}` {}{place}",
+                    self.database,
+                    spec.name,
+                    column.name,
+                    spec.column_type(column, self.features)
+                );
+                self.query(&statement)?;
+                statements.push(statement);
+            }
+        }
         Ok(statements)
+    }
+
+    /// The columns of each table in Keel's database, by table.
+    fn columns(&self) -> Result<HashMap<String, Vec<String>>, ClickHouseError> {
+        let listed = self.query(&format!(
+            "SELECT table, name FROM system.columns WHERE database = '{}' FORMAT TabSeparated",
+            self.database
+        ))?;
+        let mut columns: HashMap<String, Vec<String>> = HashMap::new();
+        for line in listed.lines() {
+            if let Some((table, name)) = line.split_once('\t') {
+                columns
+                    .entry(table.to_owned())
+                    .or_default()
+                    .push(name.to_owned());
+            }
+        }
+        Ok(columns)
     }
 
     /// Checks that every table of `specs` exists, so a writer never starts against a database
@@ -620,7 +662,30 @@ impl ClickHouse {
             .filter(|name| !present.contains(name))
             .collect();
         if missing.is_empty() {
-            Ok(())
+            // Tables an older Keel made may lack columns.
+            let columns = self.columns()?;
+            let lacking: Vec<String> = specs
+                .iter()
+                .flat_map(|spec| {
+                    let have = columns.get(spec.name);
+                    spec.columns
+                        .iter()
+                        .filter(move |c| have.is_none_or(|have| !have.contains(&c.name)))
+                        .map(move |c| format!("{}.{}", spec.name, c.name))
+                })
+                .collect();
+            if lacking.is_empty() {
+                return Ok(());
+            }
+            Err(ClickHouseError::Config(format!(
+                "database {} on {} has tables made by an older Keel, without the columns {}: \
+                 run `keel migrate --clickhouse {} --clickhouse-database {}` to add them",
+                self.database,
+                self.url,
+                lacking.join(", "),
+                self.url,
+                self.database
+            )))
         } else {
             Err(ClickHouseError::Config(format!(
                 "database {} on {} lacks the tables {}: run `keel migrate --clickhouse {} --clickhouse-database {}` first",

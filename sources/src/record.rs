@@ -39,6 +39,26 @@ pub enum Position {
     },
 }
 
+impl Position {
+    /// The source without the record's place in it (`file:PATH`, `kafka:TOPIC/PARTITION`,
+    /// `sim`, or the producer's name), and that place as a number (line from 1, offset, or
+    /// sequence number): together they sort records in the order the source holds them, which
+    /// the text of the position does not (`…@11378` sorts before `…@2000`).
+    pub fn origin(&self) -> (String, i64) {
+        let number = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        match self {
+            Position::File { path, line } => (format!("file:{path}"), number(*line)),
+            Position::Kafka {
+                topic,
+                partition,
+                offset,
+            } => (format!("kafka:{topic}/{partition}"), *offset),
+            Position::Simulated { seq } => ("sim".to_owned(), number(*seq)),
+            Position::Memory { source, seq } => (source.to_string(), number(*seq)),
+        }
+    }
+}
+
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -80,8 +80,11 @@ fn node_row(event: Event) -> ((Uuid, Sym), (i64, Uuid), NodeRow) {
 }
 
 fn error_row(error: IngestError) -> PeriscopeChange {
+    let (source, record) = error.position.origin();
     PeriscopeChange::IngestErrors(Change::Upsert(IngestErrorRow {
         position: error.position.to_string(),
+        source,
+        record,
         reason: error.reason,
         event_type: error.event_type,
         tenant_id: error.tenant_id,

@@ -433,6 +433,11 @@ impl Row for RoutingRow {
 pub struct IngestErrorRow {
     /// Where the record came from.
     pub position: String,
+    /// The position's source: `file:PATH`, `kafka:TOPIC/PARTITION`, `sim`, or a producer's name.
+    pub source: String,
+    /// The record's place in its source: line (from 1), Kafka offset, or sequence number
+    /// (`ORDER BY source, record` is the source's own order).
+    pub record: i64,
     /// Why it could not be used.
     pub reason: String,
     /// Its event type, when readable.
