@@ -5,7 +5,7 @@
 //! `graphql-transport-ws`, a `subscribe` whose document is a single `liveTable` field with
 //! literal arguments (or `JSON`/`ID` variables for `where` and `tenantId`) and a plain selection
 //! of its fields — no fragments, directives or repeated keys. Those subscriptions are served
-//! here: the same checks ([`crate::graphql::table_filter`]) and the same hub stream, but each
+//! here: the same checks (`graphql::table_filter`) and the same hub stream, but each
 //! update is written straight into the JSON text of its `next` message, rows included, instead
 //! of going through async-graphql's value tree and resolvers (most of the API's CPU when 1,000
 //! subscribers take 100,000 changed rows a second). The text is what async-graphql would send

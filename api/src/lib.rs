@@ -10,7 +10,7 @@
 //! - [`pg`]: the same SQL over the PostgreSQL wire protocol, for `psql` and Grafana.
 //! - [`dashboard`]: the live dashboard page at `/`.
 //! - [`metrics`]: engine counters and the Prometheus text.
-//! - [`format`]: rendering results as a text table, CSV, JSON or Arrow IPC.
+//! - [`mod@format`]: rendering results as a text table, CSV, JSON or Arrow IPC.
 
 pub mod auth;
 pub mod dashboard;

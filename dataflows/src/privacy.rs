@@ -26,7 +26,7 @@ const ADDRESS_KEYS: &[&str] = &[
 /// Keys whose values are raw bodies in base64: the unparsed Mist webhooks the edge keeps.
 const RAW_KEYS: &[&str] = &["payload_raw", "payloadraw"];
 
-/// `json` with every address-like value blanked and IP addresses masked ([`mask_text`]); text
+/// `json` with every address-like value blanked and IP addresses masked (`mask_text`); text
 /// that is not JSON is only masked. Text with nothing to remove comes back exactly as it was.
 pub fn scrub_json(json: &str) -> String {
     match serde_json::from_str::<Value>(json) {

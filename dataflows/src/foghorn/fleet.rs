@@ -2,12 +2,12 @@
 //!
 //! A [`Fleet`] is immutable: every node's load and the static part of its score (cpu + ram +
 //! bw, which depends only on the node and the weights), with the nodes that have a place in a
-//! k-d tree over place and static score ([`super::kdtree`]) and the few without one in a list
+//! k-d tree over place and static score (`kdtree`) and the few without one in a list
 //! by static score. Routing opens the tree's cells best bound first and passes over every cell
 //! and node that could not beat the candidates it holds even with every positive tag adjustment
 //! (and, for a client with a place, the best geo term the cell allows); the nodes carrying the
 //! requested stream, the only ones its bonus can lift, are indexed per stream and considered
-//! after the search. For the rest it calls [`score_node`]'s pieces, so the fast path and the
+//! after the search. For the rest it calls [`score_node`](super::score::score_node)'s pieces, so the fast path and the
 //! formula cannot drift apart. A patch (changed nodes) costs copies of the per-node arrays and
 //! work on the changed nodes only: nothing is re-sorted.
 

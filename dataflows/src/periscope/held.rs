@@ -3,13 +3,13 @@
 //!
 //! A session's row is a function of the session and of its stream (names and public id), so
 //! instead of reporting each changed session as a row for the live table to store again, every
-//! stream's sessions sit behind a lock the readers can take too ([`HeldStream`]), and the
+//! stream's sessions sit behind a lock the readers can take too (`HeldStream`), and the
 //! [`SessionStore`] lists them. What the readers must not see is what the workers absorbed after
 //! the epoch the other tables show. So:
 //!
 //! - each worker numbers its closes (*generations*, from 1, or on from an earlier run's last
 //!   over the same store) and reports the number it closed
-//!   with its changes ([`PeriscopeChange::Closed`](super::PeriscopeChange::Closed)); the
+//!   with its changes ([`super::PeriscopeChange::Closed`]); the
 //!   publisher notes them and, when it makes an epoch visible, makes visible per worker the
 //!   newest generation that epoch holds (the worker's *boundary*);
 //! - the first time a session changes in a generation, the worker logs the session as it was

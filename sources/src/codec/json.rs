@@ -5,7 +5,7 @@
 //! record is an error, not a partial event. Errors carry the byte offset, which ends up in the
 //! `ingest_errors` row.
 //!
-//! Objects whose keys the codec knows are walked with [`Json::known_object`], which checks the
+//! Objects whose keys the codec knows are walked with `Json::known_object`, which checks the
 //! key it expects in place and reads a key only when the guess is wrong (see `keys.rs`).
 //!
 //! The input is `&str`, validated as UTF-8 once, so strings are slices of it: a [`Text`] is the
