@@ -352,8 +352,8 @@ async fn close_code(ws: &mut Ws, wait: Duration) -> Option<u16> {
     .expect("the connection closed in time")
 }
 
-/// A graphql-transport-ws client after `connection_init` with `payload`.
-async fn graphql_ws(host: &str, payload: Value) -> (Ws, Value) {
+/// A graphql-transport-ws client that has sent `connection_init` with `payload`.
+async fn graphql_ws_init(host: &str, payload: Value) -> Ws {
     let mut ws = connect(
         host,
         "/graphql",
@@ -365,6 +365,12 @@ async fn graphql_ws(host: &str, payload: Value) -> (Ws, Value) {
         json!({"type": "connection_init", "payload": payload}),
     )
     .await;
+    ws
+}
+
+/// A graphql-transport-ws client after `connection_init` with `payload`, and the answer.
+async fn graphql_ws(host: &str, payload: Value) -> (Ws, Value) {
+    let mut ws = graphql_ws_init(host, payload).await;
     let ack = match next_text(&mut ws, Duration::from_secs(10)).await {
         Some(text) => serde_json::from_str(&text).unwrap(),
         None => Value::Null,
@@ -427,6 +433,12 @@ async fn a_table_subscription_is_a_snapshot_then_changes_that_add_up_to_the_tabl
     );
     let (_, answer) = graphql_ws(&host, json!({"Authorization": "Bearer forged"})).await;
     assert_ne!(answer["type"], "connection_ack", "{answer}");
+    // Closed with 4403, as graphql-transport-ws asks of a server refusing a connection.
+    let mut forged = graphql_ws_init(&host, json!({"Authorization": "Bearer forged"})).await;
+    assert_eq!(
+        close_code(&mut forged, Duration::from_secs(10)).await,
+        Some(4403)
+    );
 
     // One subscriber from the start, one filtered to a single stream, one joining halfway.
     let (mut early, ack) =

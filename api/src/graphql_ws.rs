@@ -328,6 +328,8 @@ fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
 struct Routes {
     /// The authenticated caller, once `connection_init` passed.
     caller: Option<Principal>,
+    /// Whether `connection_init` was refused (its token missing or bad).
+    refused: bool,
     /// Direct subscriptions by id, with a number that tells a replaced one from its successor.
     direct: HashMap<String, (u64, AbortHandle)>,
     /// Ids handed to async-graphql and not known to be over.
@@ -380,7 +382,9 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
     let init = {
         let routes = routes.clone();
         move |payload| async move {
-            let (caller, data) = connection_init(state, payload).await?;
+            let (caller, data) = connection_init(state, payload)
+                .await
+                .inspect_err(|_| lock(&routes).refused = true)?;
             lock(&routes).caller = Some(caller);
             Ok(data)
         }
@@ -416,7 +420,9 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
                     Message::Text(text.into())
                 }
                 Some(WsMessage::Close(code, reason)) => Message::Close(Some(CloseFrame {
-                    code,
+                    // async-graphql closes a refused graphql-transport-ws connection with 1002
+                    // (protocol error); the protocol asks for 4403 (forbidden).
+                    code: if direct && lock(&routes).refused { 4403 } else { code },
                     reason: reason.into(),
                 })),
             },
