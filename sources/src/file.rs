@@ -1,7 +1,8 @@
 //! Replaying NDJSON files: bare record values, or dumps in the shape `kcat -J` prints.
 //!
-//! Each line is one record. A line that starts with `{"topic"` is read as a `kcat -J` envelope
-//! (`topic`, `partition`, `offset`, `headers` as a flat name/value array, `key`, `payload`): its
+//! Each line is one record. A line whose first key is one of an envelope's (kcat writes
+//! `{"topic"` first) is read as a `kcat -J` envelope, its keys in any order (`topic`,
+//! `partition`, `offset`, `headers` as a flat name/value array, `key`, `payload`): its
 //! payload is the record value, its headers are honoured, its key is kept for dead letters, and its Kafka position is kept, so a
 //! dump of a real topic replays exactly as consuming the topic would. Any other line is a bare
 //! record value. Blank lines are skipped.
@@ -392,11 +393,7 @@ fn push_line(batch: &mut Batch, position: Position, chunk: &Arc<Vec<u8>>, range:
     if trimmed.is_empty() {
         return;
     }
-    // kcat writes `{"topic":` first; other tools may put space after the brace.
-    if trimmed
-        .strip_prefix(b"{")
-        .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"\"topic\""))
-    {
+    if is_envelope(trimmed) {
         if let Err(reason) = push_kcat(batch, trimmed) {
             batch.refuse(IngestError {
                 position,
@@ -410,6 +407,35 @@ fn push_line(batch: &mut Batch, position: Position, chunk: &Arc<Vec<u8>>, range:
         let start = range.start + (line.len() - line.trim_ascii_start().len());
         batch.push_shared(position, chunk, start..start + trimmed.len());
     }
+}
+
+/// The keys of a `kcat -J` envelope. No event record has one as its first key, so a line whose
+/// first key is one of them is an envelope, whatever the order of its keys.
+const ENVELOPE_KEYS: [&[u8]; 9] = [
+    b"topic",
+    b"partition",
+    b"offset",
+    b"tstype",
+    b"ts",
+    b"broker",
+    b"headers",
+    b"key",
+    b"payload",
+];
+
+/// Whether a line is a `kcat -J` envelope: kcat writes `{"topic":` first, other tools may put
+/// space after the brace or the keys in another order (`jq -S` sorts them: `broker` first).
+fn is_envelope(line: &[u8]) -> bool {
+    let Some(rest) = line.strip_prefix(b"{") else {
+        return false;
+    };
+    let Some(key) = rest.trim_ascii_start().strip_prefix(b"\"") else {
+        return false;
+    };
+    key.iter()
+        .take(10)
+        .position(|&b| b == b'"')
+        .is_some_and(|end| ENVELOPE_KEYS.contains(&&key[..end]))
 }
 
 fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
@@ -792,12 +818,28 @@ mod tests {
             r#"{"topic":"t","partition":1,"offset":13,"headers":[["a","b","c"],["d"]],"payload":"{}"}"#,
             r#"{"topic":"t","partition":1,"offset":"x","payload":"{}"}"#,
             r#"{"topic":"t","partition":1,"offset":12,"payload":null}"#,
+            // Keys sorted, as `jq -S` writes them.
+            r#"{"broker":1,"headers":[],"key":"k","offset":14,"partition":1,"payload":"{\"a\":3}","topic":"t","ts":1,"tstype":"create"}"#,
+            r#"{"offset":15,"partition":1,"payload":"{\"a\":4}","topic":"t"}"#,
         ];
         std::fs::write(&path, lines.join("\n")).unwrap();
         let (records, refused) = read_all(&path, 1);
         assert_eq!(
             records,
             [
+                // (Sorted as text.)
+                (
+                    "kafka:t/1@14".to_owned(),
+                    r#"{"a":3}"#.to_owned(),
+                    None,
+                    Some("k".to_owned())
+                ),
+                (
+                    "kafka:t/1@15".to_owned(),
+                    r#"{"a":4}"#.to_owned(),
+                    None,
+                    None
+                ),
                 (
                     "kafka:t/1@6".to_owned(),
                     r#"{"a":1}"#.to_owned(),
