@@ -352,14 +352,19 @@ async fn close_code(ws: &mut Ws, wait: Duration) -> Option<u16> {
     .expect("the connection closed in time")
 }
 
-/// A graphql-transport-ws client that has sent `connection_init` with `payload`.
-async fn graphql_ws_init(host: &str, payload: Value) -> Ws {
-    let mut ws = connect(
+/// A graphql-transport-ws client, connected.
+async fn graphql_ws_connect(host: &str) -> Ws {
+    connect(
         host,
         "/graphql",
         &[("sec-websocket-protocol", "graphql-transport-ws".into())],
     )
-    .await;
+    .await
+}
+
+/// A graphql-transport-ws client that has sent `connection_init` with `payload`.
+async fn graphql_ws_init(host: &str, payload: Value) -> Ws {
+    let mut ws = graphql_ws_connect(host).await;
     send(
         &mut ws,
         json!({"type": "connection_init", "payload": payload}),
@@ -434,6 +439,18 @@ async fn a_table_subscription_is_a_snapshot_then_changes_that_add_up_to_the_tabl
     let (_, answer) = graphql_ws(&host, json!({"Authorization": "Bearer forged"})).await;
     assert_ne!(answer["type"], "connection_ack", "{answer}");
     // Closed with 4403, as graphql-transport-ws asks of a server refusing a connection.
+    // A subscription before connection_init is closed with 4401, even one nested too deep to
+    // be read.
+    let deep = format!("subscription {}{}", "{a".repeat(100), "}".repeat(100));
+    for query in [TABLE_QUERY, deep.as_str()] {
+        let mut early = graphql_ws_connect(&host).await;
+        subscribe(&mut early, "early", query).await;
+        assert_eq!(
+            close_code(&mut early, Duration::from_secs(10)).await,
+            Some(4401),
+            "{query}"
+        );
+    }
     let mut forged = graphql_ws_init(&host, json!({"Authorization": "Bearer forged"})).await;
     assert_eq!(
         close_code(&mut forged, Duration::from_secs(10)).await,

@@ -361,8 +361,11 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
         move |text: axum::body::Bytes| {
             // Read once, for both checks; a message that is not one goes on to async-graphql.
             let head: Option<Head> = serde_json::from_slice(&text).ok();
-            // Refused before either path parses it (see `graphql::MAX_NESTING`).
-            if let Some(refusal) = head.as_ref().and_then(too_deep) {
+            // Refused before either path parses it (see `graphql::MAX_NESTING`). Before
+            // `connection_init` async-graphql refuses every subscription without reading its
+            // document, so that refusal (4401 below) comes first.
+            let initialized = lock(&routes).caller.is_some();
+            if let Some(refusal) = head.as_ref().filter(|_| initialized).and_then(too_deep) {
                 let _ = sends.send(stream::once(future::ready(refusal)).boxed());
                 return future::ready(None);
             }
@@ -421,8 +424,13 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
                 }
                 Some(WsMessage::Close(code, reason)) => Message::Close(Some(CloseFrame {
                     // async-graphql closes a refused graphql-transport-ws connection with 1002
-                    // (protocol error); the protocol asks for 4403 (forbidden).
-                    code: if direct && lock(&routes).refused { 4403 } else { code },
+                    // (protocol error), and one subscribing before `connection_init` with 1011;
+                    // the protocol asks for 4403 (forbidden) and 4401 (unauthorized).
+                    code: match lock(&routes) {
+                        routes if direct && routes.refused => 4403,
+                        routes if direct && code == 1011 && routes.caller.is_none() => 4401,
+                        _ => code,
+                    },
                     reason: reason.into(),
                 })),
             },
