@@ -37,7 +37,7 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowE
         Format::Table => {
             let shown = batches
                 .iter()
-                .map(escape_breaks)
+                .map(escape_control_chars)
                 .collect::<Result<Vec<_>, _>>()?;
             out = (arrow::util::pretty::pretty_format_batches(&shown)?.to_string() + "\n")
                 .into_bytes();
@@ -103,8 +103,7 @@ fn escape_controls(value: &str) -> String {
 
 /// `batch` with control characters (line breaks, tabs, escapes) in its text columns written as
 /// escapes (a batch without any comes back as it is).
-fn escape_breaks(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    let breaks = char::is_control;
+fn escape_control_chars(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
     let mut changed = false;
     for column in batch.columns() {
@@ -120,7 +119,11 @@ fn escape_breaks(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
             .as_any()
             .downcast_ref::<StringArray>()
             .expect("cast to Utf8");
-        if !text.iter().flatten().any(|value| value.contains(breaks)) {
+        if !text
+            .iter()
+            .flatten()
+            .any(|value| value.contains(char::is_control))
+        {
             columns.push(column.clone());
             continue;
         }

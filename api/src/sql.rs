@@ -336,8 +336,7 @@ pub async fn query_within(
 
 /// Checks that `sql` is a read-only statement that plans over `tables` as `scope` sees them,
 /// without running it: what a statement's rows would make of it (a division by a count of
-/// none, say) is not its fault yet.
-/// Returns the columns the statement would answer with.
+/// none, say) is not its fault yet. Returns the columns the statement would answer with.
 pub async fn plan_within(
     tables: &Arc<RwLock<LiveTables>>,
     scope: Scope,

@@ -607,11 +607,7 @@ impl ClickHouse {
         }
         let present = self.columns()?;
         for spec in specs {
-            let have = present.get(spec.name).map_or(&[][..], Vec::as_slice);
-            for (at, column) in spec.columns.iter().enumerate() {
-                if have.contains(&column.name) {
-                    continue;
-                }
+            for (at, column) in lacking(spec, &present) {
                 let place = match at.checked_sub(1) {
                     Some(before) => format!(" AFTER `{}`", spec.columns[before].name),
                     None => " FIRST".to_owned(),
@@ -630,7 +626,7 @@ impl ClickHouse {
         Ok(statements)
     }
 
-    /// The columns of each table in Keel's database, by table.
+    /// The columns of each table in Keel's database, by table (a table not there has none).
     fn columns(&self) -> Result<HashMap<String, Vec<String>>, ClickHouseError> {
         let listed = self.query(&format!(
             "SELECT table, name FROM system.columns WHERE database = '{}' FORMAT TabSeparated",
@@ -648,54 +644,45 @@ impl ClickHouse {
         Ok(columns)
     }
 
-    /// Checks that every table of `specs` exists, so a writer never starts against a database
-    /// `keel migrate` has not prepared.
+    /// Checks that every table of `specs` exists with all its columns, so a writer never starts
+    /// against a database `keel migrate` has not prepared (or not since an older Keel).
     pub fn check_tables(&self, specs: &[TableSpec]) -> Result<(), ClickHouseError> {
-        let listed = self.query(&format!(
-            "SELECT name FROM system.tables WHERE database = '{}' FORMAT TabSeparated",
-            self.database
-        ))?;
-        let present: Vec<&str> = listed.lines().collect();
+        // One look at the columns answers both: a table that is there has columns.
+        let columns = self.columns()?;
         let missing: Vec<&str> = specs
             .iter()
             .map(|s| s.name)
-            .filter(|name| !present.contains(name))
+            .filter(|name| !columns.contains_key(*name))
             .collect();
-        if missing.is_empty() {
-            // Tables an older Keel made may lack columns.
-            let columns = self.columns()?;
-            let lacking: Vec<String> = specs
-                .iter()
-                .flat_map(|spec| {
-                    let have = columns.get(spec.name);
-                    spec.columns
-                        .iter()
-                        .filter(move |c| have.is_none_or(|have| !have.contains(&c.name)))
-                        .map(move |c| format!("{}.{}", spec.name, c.name))
-                })
-                .collect();
-            if lacking.is_empty() {
-                return Ok(());
-            }
-            Err(ClickHouseError::Config(format!(
-                "database {} on {} has tables made by an older Keel, without the columns {}: \
-                 run `keel migrate --clickhouse {} --clickhouse-database {}` to add them",
-                self.database,
-                self.url,
-                lacking.join(", "),
-                self.url,
-                self.database
-            )))
-        } else {
-            Err(ClickHouseError::Config(format!(
+        if !missing.is_empty() {
+            return Err(ClickHouseError::Config(format!(
                 "database {} on {} lacks the tables {}: run `keel migrate --clickhouse {} --clickhouse-database {}` first",
                 self.database,
                 self.url,
                 missing.join(", "),
                 self.url,
                 self.database
-            )))
+            )));
         }
+        // Tables an older Keel made may lack columns.
+        let lacking: Vec<String> = specs
+            .iter()
+            .flat_map(|spec| {
+                lacking(spec, &columns).map(move |(_, c)| format!("{}.{}", spec.name, c.name))
+            })
+            .collect();
+        if lacking.is_empty() {
+            return Ok(());
+        }
+        Err(ClickHouseError::Config(format!(
+            "database {} on {} has tables made by an older Keel, without the columns {}: \
+             run `keel migrate --clickhouse {} --clickhouse-database {}` to add them",
+            self.database,
+            self.url,
+            lacking.join(", "),
+            self.url,
+            self.database
+        )))
     }
 
     /// The current rows of `spec`'s table as `JSONEachRow` text, in key order.
@@ -712,6 +699,19 @@ impl ClickHouse {
     ) -> Result<String, ClickHouseError> {
         self.query(&spec.select_keys(&self.database, self.features, since))
     }
+}
+
+/// The columns of `spec` (with their places in it) that its table, of `present`'s columns by
+/// table, lacks.
+fn lacking<'a>(
+    spec: &'a TableSpec,
+    present: &'a HashMap<String, Vec<String>>,
+) -> impl Iterator<Item = (usize, &'a Column)> {
+    let have = present.get(spec.name).map_or(&[][..], Vec::as_slice);
+    spec.columns
+        .iter()
+        .enumerate()
+        .filter(move |(_, column)| !have.contains(&column.name))
 }
 
 #[cfg(test)]

@@ -191,8 +191,7 @@ impl Windows {
             }
             let from = usize::try_from((start - *page).max(0) / WINDOW).expect("within a page");
             let to = usize::try_from((last - *page) / WINDOW + 1)
-                .map_or(PAGE, |n| n.min(PAGE))
-                .min(windows.len());
+                .map_or(windows.len(), |n| n.min(windows.len()));
             if from < to {
                 windows[from..to].iter_mut().for_each(&mut f);
             }

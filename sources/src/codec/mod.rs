@@ -451,22 +451,6 @@ fn is_version_1(parsed: &Parsed<'_>, event_type: &str) -> bool {
     }
 }
 
-/// The event types version 1 has a format for (all with dashes; version 2's have none).
-const VERSION_1_TYPES: [&str; 12] = [
-    "stream-ingest",
-    "user-connection",
-    "stream-lifecycle",
-    "stream-buffer",
-    "stream-end",
-    "track-list",
-    "node-lifecycle",
-    "load-balancing",
-    "push-lifecycle",
-    "recording-lifecycle",
-    "client-lifecycle",
-    "stream-view",
-];
-
 fn event_kind(
     parsed: &Parsed<'_>,
     event_type: &str,
@@ -497,12 +481,10 @@ fn version_2(
         return PAYLOADS[payload].2(&parsed.payload, &parsed.data, &parsed.nested);
     }
     let Some(&(expected, ..)) = PAYLOADS.iter().find(|(_, ty, _)| *ty == event_type) else {
-        // A version 1 type under a `schema_version` of 2 is read in its own format (its
-        // fields are those of version 1): kept, rather than counted as an unknown type.
-        if VERSION_1_TYPES.contains(&event_type) {
-            return version_1(parsed, event_type, record);
-        }
-        return Ok(unknown(event_type, record));
+        // Perhaps a version 1 type under a `schema_version` of 2: read in its own format (its
+        // fields are those of version 1), rather than counted as an unknown type. A type
+        // neither version knows is unknown there too.
+        return version_1(parsed, event_type, record);
     };
     Err(match parsed.payload_index {
         Some(payload) => format!(
