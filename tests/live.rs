@@ -4,7 +4,7 @@
 mod live_support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use keel_api::server::Limits;
@@ -1160,6 +1160,72 @@ async fn psql_reads_the_live_tables_with_a_token_as_password_within_the_tenant()
             assert_eq!(code, 1, "{write}");
             assert!(err.contains("only queries are allowed"), "{write}: {err}");
         }
+    })
+    .await
+    .unwrap();
+}
+
+/// Threads of this process running an SQL statement (the API runs in the test's process).
+fn query_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == "keel-sql")
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_in_psql_cancels_the_running_statement() {
+    let fleet = fleet(19, 500);
+    let b = fleet.tenants[1].clone();
+    let mut live = Live::start(Limits::default(), &b);
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let port = live.api.as_ref().unwrap().pg_address().unwrap().port();
+    let member = live.member(&fleet.tenants[0]);
+    let limit = Limits::default().query.time;
+
+    tokio::task::spawn_blocking(move || {
+        // Hours of work at this machine's speed, far past the statement time limit.
+        let slow = "SELECT sum(value % 7) FROM generate_series(1, 100000000000)";
+        let child = std::process::Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={port} user=grafana dbname=keel sslmode=disable connect_timeout=10"
+            ))
+            .args(["-X", "-A", "-t", "-c", slow])
+            .env("PGPASSWORD", &member)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql is installed (scripts/test-servers.sh installs postgresql-client)");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(query_threads(), 1, "the statement is running");
+        let started = Instant::now();
+        // What Ctrl-C sends: psql answers it with a cancel request on a second connection.
+        let signalled = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(signalled.success());
+        let out = child.wait_with_output().unwrap();
+        let waited = started.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("canceling statement due to user request"), "{err}");
+        assert!(
+            waited < limit / 4,
+            "the statement stopped {waited:?} after the cancel; the time limit is {limit:?}"
+        );
+        // Not only answered: the statement's thread stops too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while query_threads() > 0 {
+            assert!(Instant::now() < deadline, "the cancelled statement still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (code, out, err) = psql(port, &member, "disable", "SELECT count(*) > 0 FROM streams");
+        assert_eq!((code, out.as_str()), (0, "t"), "{err}");
     })
     .await
     .unwrap();

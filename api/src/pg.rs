@@ -9,7 +9,8 @@
 //! as drivers send); results are in text format.
 //!
 //! Errors carry SQLSTATE codes: `28P01` for a bad token, `42601` for a statement that does not
-//! parse or plan, `42501` for one that would change something.
+//! parse or plan, `42501` for one that would change something, `57014` for one the client
+//! cancelled (psql's Ctrl-C sends a cancel request, which stops the running statement).
 
 use keel_operators::time::now_ms;
 use std::fmt::Debug;
@@ -27,6 +28,7 @@ use pgwire::api::auth::{
     AuthDriver, AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
     protocol_negotiation, save_startup_parameters_to_metadata,
 };
+use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{
@@ -34,7 +36,7 @@ use pgwire::api::results::{
     QueryResponse, Response,
 };
 use pgwire::api::stmt::{NoopQueryParser, StoredStatement};
-use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
@@ -79,6 +81,8 @@ pub async fn serve(listener: TcpListener, state: ApiState) {
 struct Handlers {
     startup: Arc<TokenStartup>,
     queries: Arc<Queries>,
+    /// Finds a connection's running statement by the key a cancel request names.
+    cancel: Arc<DefaultCancelHandler>,
 }
 
 impl Handlers {
@@ -86,9 +90,14 @@ impl Handlers {
         let mut parameters = DefaultServerParameterProvider::default();
         parameters.server_version = format!("16.0 (Keel {})", env!("CARGO_PKG_VERSION"));
         parameters.default_transaction_read_only = true;
+        // Each authenticated connection is registered under the key its BackendKeyData
+        // message gave the client, which a cancel request quotes; pgwire then drops the
+        // connection's running statement when one comes, which stops it at its next yield
+        // (`crate::sql`), and answers 57014.
+        let connections = Arc::new(ConnectionManager::new());
         Handlers {
             startup: Arc::new(TokenStartup {
-                driver: AuthDriver::new(parameters),
+                driver: AuthDriver::new(parameters).with_connection_manager(connections.clone()),
                 mechanism: CleartextPasswordAuth::new(Arc::new(Tokens {
                     auth: state.auth.clone(),
                 })),
@@ -97,6 +106,7 @@ impl Handlers {
                 state,
                 parser: Arc::new(NoopQueryParser::new()),
             }),
+            cancel: Arc::new(DefaultCancelHandler::new(connections)),
         }
     }
 }
@@ -112,6 +122,10 @@ impl PgWireServerHandlers for Handlers {
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         self.startup.clone()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        self.cancel.clone()
     }
 }
 
