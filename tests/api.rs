@@ -740,6 +740,90 @@ async fn graphql_nodes_carry_the_live_routing_score() {
     );
 }
 
+/// What one function call (or `||`) builds is bounded in a served query: a statement that would
+/// build a value past the bound is refused with a query limit, before the value is built where
+/// its arguments say how large it would be, while every statement within the bound answers
+/// exactly as it does unbounded, column names included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_a_statement_builds_are_bounded() {
+    use keel_api::auth::Scope;
+    use keel_api::sql::{Limits, SqlError, query_within};
+    use keel_api::values::PAST_BOUND;
+    let handles = golden();
+    let tables = handles.tables.clone();
+    let run = |sql: String, limits: Limits| {
+        let tables = tables.clone();
+        async move { query_within(&tables, Scope::All, &sql, limits).await }
+    };
+    // A bound of 16 MiB.
+    let small = Limits {
+        memory: 64 << 20,
+        ..Limits::SERVED
+    };
+    assert_eq!(small.value_bound(), Some(16 << 20));
+
+    let refused = [
+        // Seen ahead: gigabytes are never asked for.
+        ("SELECT length(repeat('x', 1500000000))", "repeat"),
+        ("SELECT length(lpad('x', 2000000000))", "lpad"),
+        (
+            "SELECT length(rpad(internal_name, 1000000000)) FROM streams",
+            "rpad",
+        ),
+        (
+            "SELECT length(regexp_replace(repeat('x', 1000000), '', repeat('y', 100), 'g'))",
+            "regexp_replace",
+        ),
+        (
+            "SELECT length(concat(s, s, s, s, s, s, s, s)) FROM (SELECT repeat('x', 3000000) AS s)",
+            "concat",
+        ),
+        // Doubled step by step, each step measured: stopped at the step past the bound.
+        (
+            "WITH a AS (SELECT repeat('x', 4000000) AS s), b AS (SELECT s || s AS s FROM a), \
+             c AS (SELECT s || s AS s FROM b), d AS (SELECT s || s AS s FROM c), \
+             e AS (SELECT s || s AS s FROM d) SELECT length(s) FROM e",
+            "||",
+        ),
+    ];
+    for (sql, function) in refused {
+        let started = std::time::Instant::now();
+        match run(sql.to_owned(), small).await {
+            Err(SqlError::Limit(message)) => {
+                assert!(message.starts_with(PAST_BOUND), "{sql}: {message}");
+                assert!(message.contains("16 MiB"), "{sql}: {message}");
+                assert!(message.contains(function), "{sql}: {message}");
+            }
+            other => panic!("{sql}: {other:?}"),
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{sql}"
+        );
+    }
+
+    // Within the bound, the same answers and the same column names as without one.
+    let within = [
+        "SELECT length(repeat('x', 1000000)) AS n",
+        "SELECT internal_name || '/' || status, upper(internal_name), lpad(status, 12, '.') FROM streams ORDER BY 1",
+        "SELECT concat(country_code, ':', city) AS place, count(*) FROM viewer_sessions GROUP BY 1 ORDER BY 1",
+        "SELECT replace(internal_name, 'a', 'AA'), regexp_replace(internal_name, '[0-9]', '#', 'g') FROM streams ORDER BY 1",
+        "SELECT date_trunc('hour', window_start) AS hour, sum(viewer_seconds) FROM usage_5m GROUP BY 1 ORDER BY 1",
+        "SELECT * FROM streams WHERE length(upper(status)) > 0 AND length(internal_name) > 3 ORDER BY internal_name",
+        "WITH a AS (SELECT repeat('ab', 1000) AS s) SELECT length(s || s || s) FROM a",
+    ];
+    for sql in within {
+        let bounded = run(sql.to_owned(), small).await;
+        let free = run(sql.to_owned(), Limits::NONE).await.unwrap();
+        let bounded = bounded.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(bounded, free, "{sql}");
+        assert!(
+            bounded.iter().map(|b| b.num_rows()).sum::<usize>() > 0,
+            "{sql}"
+        );
+    }
+}
+
 /// A query past its limits is stopped with an error that says which limit, and what to change;
 /// within them, the same query answers. (The served limits are the same checks with larger
 /// numbers.)

@@ -4,6 +4,7 @@
 //!
 //! - [`auth`]: bearer JWTs (HS256) and static tokens; the token decides whose rows a caller sees.
 //! - [`sql`]: read-only SQL over the live tables (DataFusion), scoped by tenant, with key lookups.
+//! - [`values`]: the bound on the values one function call builds in a served query.
 //! - [`server`]: the HTTP API (axum): the routes (`/`, `/v1/sql`, `/graphql`, `/ws`, health, readiness, metrics), errors, limits.
 //! - [`graphql`]: GraphQL queries and subscriptions, incremental table results among them.
 //! - [`signalman`]: the `/ws` event feed in the platform's JSON protocol.
@@ -26,3 +27,4 @@ pub mod pg;
 pub mod server;
 pub mod signalman;
 pub mod sql;
+pub mod values;

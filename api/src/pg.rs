@@ -405,6 +405,7 @@ fn sql_error(error: SqlError) -> PgWireError {
             user_error("42501", &format!("only queries are allowed: {message}"))
         }
         SqlError::Table(e) => user_error("XX000", &e.to_string()),
+        SqlError::Internal(message) => user_error("XX000", &message),
         SqlError::Limit(message) => user_error(LIMIT_CODE, &message),
     }
 }

@@ -92,7 +92,8 @@ pub enum ApiError {
     /// The request itself is malformed (400).
     #[error("{0}")]
     BadRequest(String),
-    /// The SQL does not parse, plan or run, or would write (400).
+    /// The SQL does not parse, plan or run, or would write (400); needs more than a query may
+    /// take (422); or the engine could not run it (500).
     #[error(transparent)]
     Sql(#[from] SqlError),
     /// Nothing to answer with yet, or the engine went away (503).
@@ -110,7 +111,9 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Sql(SqlError::Refused(_)) => (StatusCode::BAD_REQUEST, "read_only"),
             ApiError::Sql(SqlError::Invalid(_)) => (StatusCode::BAD_REQUEST, "bad_sql"),
-            ApiError::Sql(SqlError::Table(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Sql(SqlError::Table(_) | SqlError::Internal(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
             ApiError::Sql(SqlError::Limit(_)) => (StatusCode::UNPROCESSABLE_ENTITY, "query_limit"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
@@ -265,4 +268,32 @@ async fn sql(
     };
     let body = body.map_err(|e| ApiError::Sql(SqlError::Invalid(e.to_string())))?;
     Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the README promises for `/v1/sql`: the caller's faults are 4xx, the engine's 500.
+    #[test]
+    fn sql_errors_get_the_documented_status() {
+        let status = |error: SqlError| ApiError::Sql(error).status_and_code();
+        let text = || "x".to_owned();
+        assert_eq!(
+            status(SqlError::Invalid(text())),
+            (StatusCode::BAD_REQUEST, "bad_sql")
+        );
+        assert_eq!(
+            status(SqlError::Refused(text())),
+            (StatusCode::BAD_REQUEST, "read_only")
+        );
+        assert_eq!(
+            status(SqlError::Limit(text())),
+            (StatusCode::UNPROCESSABLE_ENTITY, "query_limit")
+        );
+        assert_eq!(
+            status(SqlError::Internal(text())),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+    }
 }

@@ -35,6 +35,7 @@ use keel_sinks::live::{LiveError, LiveTables};
 use serde_json::Value;
 
 use crate::auth::Scope;
+use crate::values::{PAST_BOUND, bound_values};
 
 /// Why a statement produced no result.
 ///
@@ -55,6 +56,10 @@ pub enum SqlError {
     /// The statement needs more memory, result or time than a query may take ([`Limits`]).
     #[error("{0}")]
     Limit(String),
+    /// The engine could not run the statement (no thread or runtime for it, or it failed
+    /// inside the engine): not the statement's fault.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// What one query may take.
@@ -86,10 +91,17 @@ impl Limits {
         result: usize::MAX,
         time: Duration::MAX,
     };
+
+    /// The most one value a function call (or `||`) builds may take: a quarter of the memory
+    /// limit, so the few values a statement holds at once stay within it
+    /// ([`crate::values`]); none without a memory limit.
+    pub fn value_bound(&self) -> Option<usize> {
+        (self.memory < usize::MAX).then_some(self.memory / 4)
+    }
 }
 
 /// Bytes in words: `2 GiB`, `256 MiB`.
-fn size(bytes: usize) -> String {
+pub(crate) fn size(bytes: usize) -> String {
     match bytes {
         b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
         b if b >= 1 << 20 => format!("{} MiB", b >> 20),
@@ -423,8 +435,8 @@ async fn on_query_thread(
                     let work = async {
                         let ctx = session(&tables, scope, limits)?;
                         match work {
-                            Work::Run => run(&ctx, &sql, limits.result).await,
-                            Work::Plan => plan(&ctx, &sql)
+                            Work::Run => run(&ctx, &sql, limits).await,
+                            Work::Plan => plan(&ctx, &sql, limits)
                                 .await
                                 .map(|plan| vec![RecordBatch::new_empty(plan.schema())]),
                         }
@@ -434,7 +446,7 @@ async fn on_query_thread(
                         () = done.closed() => None,
                     }
                 }),
-                Err(e) => Some(Err(SqlError::Invalid(format!(
+                Err(e) => Some(Err(SqlError::Internal(format!(
                     "cannot start the query's runtime: {e}"
                 )))),
             };
@@ -443,9 +455,9 @@ async fn on_query_thread(
                 let _ = done.send(answer);
             }
         })
-        .map_err(|e| SqlError::Invalid(format!("cannot start the query's thread: {e}")))?;
+        .map_err(|e| SqlError::Internal(format!("cannot start the query's thread: {e}")))?;
     answer.await.unwrap_or_else(|_| {
-        Err(SqlError::Invalid(
+        Err(SqlError::Internal(
             "the query failed inside the engine (see its log)".to_owned(),
         ))
     })
@@ -635,6 +647,11 @@ fn cooperative_joins(
 /// A DataFusion error while planning or running, as Keel reports it.
 fn failed(e: &datafusion::error::DataFusionError) -> SqlError {
     match e.find_root() {
+        datafusion::error::DataFusionError::ResourcesExhausted(message)
+            if message.starts_with(PAST_BOUND) =>
+        {
+            SqlError::Limit(message.clone())
+        }
         datafusion::error::DataFusionError::ResourcesExhausted(_) => SqlError::Limit(format!(
             "the query needs more memory for the rows it scans and its joins, sorts and \
              aggregations than a query may hold: narrow it (WHERE, LIMIT, fewer columns) or \
@@ -646,7 +663,11 @@ fn failed(e: &datafusion::error::DataFusionError) -> SqlError {
 }
 
 /// Plans one read-only statement in `ctx`, down to the plan that would run.
-async fn plan(ctx: &SessionContext, sql: &str) -> Result<Arc<dyn ExecutionPlan>, SqlError> {
+async fn plan(
+    ctx: &SessionContext,
+    sql: &str,
+    limits: Limits,
+) -> Result<Arc<dyn ExecutionPlan>, SqlError> {
     check_read_only(sql)?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
@@ -662,17 +683,35 @@ async fn plan(ctx: &SessionContext, sql: &str) -> Result<Arc<dyn ExecutionPlan>,
             SqlError::Invalid(text)
         }
     })?;
-    let plan = frame.create_physical_plan().await.map_err(|e| failed(&e))?;
-    cooperative_joins(plan).map_err(|e| failed(&e))
+    let plan = match limits.value_bound() {
+        None => frame.create_physical_plan().await,
+        Some(bound) => {
+            // Bounded before optimizing, which evaluates constant calls, and again after, for
+            // calls the optimizer wrote in.
+            let state = ctx.state();
+            let planned = async {
+                let logical = bound_values(frame.into_unoptimized_plan(), bound)?;
+                let optimized = bound_values(state.optimize(&logical)?, bound)?;
+                state
+                    .query_planner()
+                    .create_physical_plan(&optimized, &state)
+                    .await
+            };
+            planned.await
+        }
+    };
+    cooperative_joins(plan.map_err(|e| failed(&e))?).map_err(|e| failed(&e))
 }
 
-/// Runs one read-only statement in `ctx`, returning at most `result` bytes of batches.
+/// Runs one read-only statement in `ctx` within `limits`, returning at most `limits.result`
+/// bytes of batches.
 pub async fn run(
     ctx: &SessionContext,
     sql: &str,
-    result: usize,
+    limits: Limits,
 ) -> Result<Vec<RecordBatch>, SqlError> {
-    let plan = plan(ctx, sql).await?;
+    let result = limits.result;
+    let plan = plan(ctx, sql, limits).await?;
     // Batch by batch, so a result past its limit is stopped there, not built whole first.
     let mut stream =
         datafusion::physical_plan::execute_stream(plan, ctx.task_ctx()).map_err(|e| failed(&e))?;

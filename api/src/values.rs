@@ -1,0 +1,331 @@
+//! A bound on the values one function call may build in a served query.
+//!
+//! A query's memory pool ([`crate::sql::Limits`]) sees the rows its scans copy out and what its
+//! joins, sorts and aggregations hold, but not the arrays an expression builds: `repeat('x',
+//! 1500000000)` took 7 GB in one call, and a handful of such statements at once would have
+//! taken the engine down. So before a served query is planned for execution, every function
+//! call in it is wrapped ([`bound_values`]): the call is refused when what it is about to build
+//! can be seen to be larger than the bound (a count argument times its text, as `repeat`,
+//! `lpad`, `rpad`, `replace` and `regexp_replace` take; the sum of its inputs for every other
+//! function), and its result is measured once built. String concatenation with `||` is
+//! measured the same way. A value past the bound is reported as a query limit.
+//!
+//! Each call's inputs are within the bound (they were measured as they were built, or are
+//! rows a scan took within the pool), so one call builds at most a few times the bound before
+//! it is stopped, whatever the statement nests.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, FieldRef};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{DataFusionError, Result, ScalarValue};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::interval_arithmetic::Interval;
+use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
+use datafusion::logical_expr::{
+    BinaryExpr, ColumnarValue, Documentation, Expr, ExpressionPlacement, LogicalPlan, Operator,
+    ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+
+/// The words every refusal starts with; [`crate::sql`] reports an error holding them as a
+/// query limit.
+pub const PAST_BOUND: &str = "a value the query builds would be larger than";
+
+/// Wraps every function call and every `||` in `plan` so that the values each builds are
+/// bounded by `bound` bytes. The plan should be optimized already: wrapped calls are no longer
+/// simplified.
+pub fn bound_values(plan: LogicalPlan, bound: usize) -> Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|node| {
+        node.map_expressions(|expr| expr.transform_up(|expr| Ok(wrap(expr, bound))))
+    })
+    .map(|done| done.data)
+}
+
+fn wrap(expr: Expr, bound: usize) -> Transformed<Expr> {
+    match expr {
+        Expr::ScalarFunction(call) if !is_bounded(&call.func) => {
+            let func = Arc::new(ScalarUDF::new_from_impl(Bounded {
+                inner: call.func,
+                bound,
+            }));
+            Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
+                func, call.args,
+            )))
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            op: Operator::StringConcat,
+            ..
+        }) => {
+            let measure = Arc::new(ScalarUDF::new_from_impl(Measured::new(bound)));
+            Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
+                measure,
+                vec![expr],
+            )))
+        }
+        other => Transformed::no(other),
+    }
+}
+
+fn is_bounded(func: &ScalarUDF) -> bool {
+    let inner: &dyn Any = func.inner().as_ref();
+    inner.is::<Bounded>() || inner.is::<Measured>()
+}
+
+fn past(what: &str, bytes: usize, bound: usize) -> DataFusionError {
+    DataFusionError::ResourcesExhausted(format!(
+        "{PAST_BOUND} {} (the most one value may take): {what} would take {}; build smaller \
+         values",
+        crate::sql::size(bound),
+        crate::sql::size(bytes),
+    ))
+}
+
+/// Bytes of a function's input or output.
+fn bytes_of(value: &ColumnarValue) -> usize {
+    match value {
+        ColumnarValue::Array(array) => array.get_array_memory_size(),
+        ColumnarValue::Scalar(scalar) => scalar.size(),
+    }
+}
+
+/// Checks a value once built.
+fn measure(name: &str, value: &ColumnarValue, bound: usize) -> Result<()> {
+    let bytes = bytes_of(value);
+    if bytes > bound {
+        return Err(past(&format!("the result of {name}"), bytes, bound));
+    }
+    Ok(())
+}
+
+/// The longest text among the rows of `value` (bytes), if it is text.
+fn longest_text(value: &ColumnarValue) -> Option<usize> {
+    match value {
+        ColumnarValue::Scalar(scalar) => match scalar {
+            ScalarValue::Utf8(s) | ScalarValue::LargeUtf8(s) | ScalarValue::Utf8View(s) => {
+                Some(s.as_ref().map_or(0, String::len))
+            }
+            _ => None,
+        },
+        ColumnarValue::Array(array) => {
+            let lengths: Box<dyn Iterator<Item = Option<&str>>> = match array.data_type() {
+                DataType::Utf8 => Box::new(array.as_string::<i32>().iter()),
+                DataType::LargeUtf8 => Box::new(array.as_string::<i64>().iter()),
+                DataType::Utf8View => Box::new(array.as_string_view().iter()),
+                _ => return None,
+            };
+            Some(lengths.map(|s| s.map_or(0, str::len)).max().unwrap_or(0))
+        }
+    }
+}
+
+/// The largest count among the rows of an integer `value` (negative counts build nothing).
+fn largest_count(value: &ColumnarValue) -> Option<usize> {
+    let to_count = |n: i64| usize::try_from(n).unwrap_or(0);
+    match value {
+        ColumnarValue::Scalar(scalar) => match scalar.cast_to(&DataType::Int64).ok()? {
+            ScalarValue::Int64(n) => Some(n.map_or(0, to_count)),
+            _ => None,
+        },
+        ColumnarValue::Array(array) => {
+            let array = arrow::compute::cast(array, &DataType::Int64).ok()?;
+            let counts = array.as_primitive::<arrow::datatypes::Int64Type>();
+            Some(counts.iter().flatten().map(to_count).max().unwrap_or(0))
+        }
+    }
+}
+
+/// What a call to `name` may build at most, in bytes, from its arguments over `rows` rows;
+/// `None` when no bound can be seen ahead (then only the result is measured).
+fn ahead(name: &str, args: &[ColumnarValue], rows: usize) -> Option<usize> {
+    let rows = rows.max(1);
+    let text = |i: usize| args.get(i).and_then(longest_text);
+    let count = |i: usize| args.get(i).and_then(largest_count);
+    let per_row = match name {
+        // Text repeated a number of times.
+        "repeat" => text(0)?.saturating_mul(count(1)?),
+        // Padded to a number of characters, four bytes at most each.
+        "lpad" | "rpad" => count(1)?.saturating_mul(4).max(text(0)?),
+        // Every character (and the gaps between, for an empty pattern) replaced by the
+        // replacement, which may copy matched text once per reference in it.
+        "replace" | "regexp_replace" => {
+            let from = text(0)?;
+            from.saturating_add(1)
+                .saturating_mul(text(2)?.saturating_add(1))
+                .saturating_add(from)
+        }
+        _ => {
+            // Everything else builds about as much as it is given.
+            return Some(
+                args.iter()
+                    .map(|arg| match arg {
+                        ColumnarValue::Array(array) => array.get_array_memory_size(),
+                        ColumnarValue::Scalar(scalar) => scalar.size().saturating_mul(rows),
+                    })
+                    .fold(0, usize::saturating_add),
+            );
+        }
+    };
+    Some(per_row.saturating_mul(rows))
+}
+
+/// A function call whose values are bounded: refused ahead when they would be too large, and
+/// measured once built. Everything else is the function's own.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Bounded {
+    inner: Arc<ScalarUDF>,
+    bound: usize,
+}
+
+impl ScalarUDFImpl for Bounded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        self.inner.inner().schema_name(args)
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs<'_>) -> Result<FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    fn is_strict(&self) -> bool {
+        self.inner.inner().is_strict()
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let name = self.inner.name();
+        if let Some(bytes) = ahead(name, &args.args, args.number_rows)
+            && bytes > self.bound
+        {
+            return Err(past(&format!("{name}(…)"), bytes, self.bound));
+        }
+        let value = self.inner.invoke_with_args(args)?;
+        measure(name, &value, self.bound)?;
+        Ok(value)
+    }
+
+    fn short_circuits(&self) -> bool {
+        self.inner.short_circuits()
+    }
+
+    fn conditional_arguments<'a>(
+        &self,
+        args: &'a [Expr],
+    ) -> Option<(Vec<&'a Expr>, Vec<&'a Expr>)> {
+        self.inner.inner().conditional_arguments(args)
+    }
+
+    fn evaluate_bounds(&self, input: &[&Interval]) -> Result<Interval> {
+        self.inner.evaluate_bounds(input)
+    }
+
+    fn propagate_constraints(
+        &self,
+        interval: &Interval,
+        inputs: &[&Interval],
+    ) -> Result<Option<Vec<Interval>>> {
+        self.inner.propagate_constraints(interval, inputs)
+    }
+
+    fn output_ordering(&self, inputs: &[ExprProperties]) -> Result<SortProperties> {
+        self.inner.output_ordering(inputs)
+    }
+
+    fn preserves_lex_ordering(&self, inputs: &[ExprProperties]) -> Result<bool> {
+        self.inner.preserves_lex_ordering(inputs)
+    }
+
+    fn strictly_order_preserving(&self, inputs: &[ExprProperties]) -> Result<bool> {
+        self.inner.inner().strictly_order_preserving(inputs)
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+
+    fn documentation(&self) -> Option<&Documentation> {
+        self.inner.documentation()
+    }
+
+    fn placement(&self, args: &[ExpressionPlacement]) -> ExpressionPlacement {
+        self.inner.placement(args)
+    }
+}
+
+/// Measures the value of the one expression it is given (a `||`), which it passes on as is;
+/// its name is that expression's, so the columns of a plan keep their names.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Measured {
+    signature: Signature,
+    bound: usize,
+}
+
+impl Measured {
+    fn new(bound: usize) -> Self {
+        Measured {
+            signature: Signature::any(1, Volatility::Immutable),
+            bound,
+        }
+    }
+}
+
+impl ScalarUDFImpl for Measured {
+    fn name(&self) -> &str {
+        "measured"
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        Ok(args
+            .first()
+            .map(|arg| arg.schema_name().to_string())
+            .unwrap_or_default())
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        Ok(arg_types.first().cloned().unwrap_or(DataType::Null))
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs<'_>) -> Result<FieldRef> {
+        args.arg_fields
+            .first()
+            .cloned()
+            .ok_or_else(|| DataFusionError::Internal("measured: one argument expected".to_owned()))
+    }
+
+    fn invoke_with_args(&self, mut args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let value = args.args.pop().ok_or_else(|| {
+            DataFusionError::Internal("measured: one argument expected".to_owned())
+        })?;
+        measure("||", &value, self.bound)?;
+        Ok(value)
+    }
+
+    fn output_ordering(&self, inputs: &[ExprProperties]) -> Result<SortProperties> {
+        Ok(inputs
+            .first()
+            .map_or(SortProperties::Unordered, |input| input.sort_properties))
+    }
+
+    fn preserves_lex_ordering(&self, _inputs: &[ExprProperties]) -> Result<bool> {
+        Ok(true)
+    }
+}
