@@ -45,7 +45,7 @@ pub struct BackfillArgs {
     #[arg(long)]
     to: String,
     /// Seconds without a record after which a Kafka partition counts as read to its end.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::cli::seconds)]
     idle: f64,
     #[command(flatten)]
     store: crate::store::StoreArgs,

@@ -95,7 +95,7 @@ struct DecklogArgs {
     #[arg(long, default_value = "127.0.0.1:18016")]
     metrics_listen: String,
     /// Seconds Kafka has to acknowledge an event before the producer is told to retry.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     kafka_timeout: f64,
     /// Shared secret for bearer JWTs (HS256).
     #[arg(long, env = "KEEL_JWT_SECRET", hide_env_values = true)]
@@ -203,19 +203,20 @@ struct FleetArgs {
     #[arg(long, default_value_t = 0.0)]
     malformed: f64,
     /// Tenants.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     tenants: usize,
     /// Edge nodes.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, value_parser = at_least_one)]
     nodes: usize,
     /// Streams.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = at_least_one)]
     streams: usize,
-    /// Viewer arrivals per simulated second (default: 50, or what `--rate` implies).
-    #[arg(long)]
+    /// Viewer arrivals per simulated second, at most a million (default: 50, or what `--rate`
+    /// implies).
+    #[arg(long, value_parser = |text: &str| per_second(text, 1e6))]
     arrivals: Option<f64>,
-    /// Mean viewing session, seconds.
-    #[arg(long, default_value_t = 240.0)]
+    /// Mean viewing session, seconds (at most a day).
+    #[arg(long, default_value_t = 240.0, value_parser = |text: &str| bounded(text, 86_400.0, "seconds"))]
     mean_session: f64,
     /// Simulated start time, RFC 3339 (default: 2026-11-01T00:00:00Z; `keel run`: now).
     #[arg(long)]
@@ -229,6 +230,13 @@ impl FleetArgs {
                 .with_context(|| format!("--start {text:?} is not an RFC 3339 time"))?,
             None => default_start,
         };
+        // Events before 2000 are refused as implausible, and times past 2200 would leave the
+        // range timestamps are written in as the simulation runs on.
+        let earliest = keel_sources::codec::TimeBounds::default().earliest;
+        let latest = parse_rfc3339("2200-01-01T00:00:00Z").expect("a valid time");
+        if !(earliest..latest).contains(&start) {
+            bail!("--start must be from 2000-01-01 and before 2200-01-01");
+        }
         if !(0.0..=1.0).contains(&self.malformed) {
             bail!(
                 "--malformed must be between 0 and 1, not {}",
@@ -271,8 +279,9 @@ struct EngineArgs {
     batch: Option<usize>,
 }
 
-/// Reads a count that must be at least 1 (workers, records per epoch): 0 is refused while the
-/// arguments are read, with the flag it was given to.
+/// Reads a count that must be at least 1 (workers, records per epoch, the simulated fleet's
+/// tenants, nodes and streams): 0 is refused while the arguments are read, with the flag it
+/// was given to.
 pub fn at_least_one(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
@@ -300,8 +309,8 @@ struct RunArgs {
     /// Where events come from: `sim`, `file:PATH` or `kafka://HOST:PORT/TOPIC`.
     #[arg(long, default_value = "sim")]
     source: String,
-    /// Simulator records per second.
-    #[arg(long, default_value_t = 1000.0)]
+    /// Simulator records per second (at most a billion).
+    #[arg(long, default_value_t = 1000.0, value_parser = |text: &str| per_second(text, 1e9))]
     rate: f64,
     /// Kafka consumer group.
     #[arg(long, default_value = "keel-periscope")]
@@ -311,7 +320,7 @@ struct RunArgs {
     #[arg(long, default_value = "24h", value_parser = parse_horizon)]
     state_horizon: Horizon,
     /// Seconds between summary lines.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = seconds)]
     summary_every: f64,
     /// Address the HTTP API listens on (default 127.0.0.1:8080, or the config file's).
     #[arg(long)]
@@ -426,7 +435,7 @@ struct SqlArgs {
     #[arg(long)]
     events: Option<u64>,
     /// Seconds of silence that end a Kafka replay.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
     idle: f64,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
@@ -528,6 +537,28 @@ fn horizon_coverage(horizon: Duration) -> Option<Coverage> {
 
 /// `--state-horizon all`: older than any record a broker holds.
 const WHOLE_TOPIC: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// A number of seconds an option takes: positive, finite and at most [`MAX_SECONDS`] (a
+/// `Duration` cannot hold infinity, and a wait of centuries is a typo).
+pub(crate) fn seconds(text: &str) -> Result<f64, String> {
+    bounded(text, MAX_SECONDS, "seconds")
+}
+
+/// The longest wait an option may give: a year.
+const MAX_SECONDS: f64 = 365.0 * 86_400.0;
+
+/// A rate an option takes: positive, finite and at most `most` per second.
+fn per_second(text: &str, most: f64) -> Result<f64, String> {
+    bounded(text, most, "per second")
+}
+
+fn bounded(text: &str, most: f64, unit: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 && n <= most => Ok(n),
+        Ok(_) => Err(format!("must be more than 0 and at most {most} ({unit})")),
+        Err(_) => Err(format!("{text:?} is not a number ({unit})")),
+    }
+}
 
 fn parse_horizon(text: &str) -> Result<Horizon, String> {
     match text {
@@ -764,9 +795,18 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         Snapshot::take(&handles.stats, &tables)
     };
     let mut last = Duration::ZERO;
+    let mut printing = true;
     run_engine(source, &options, &handles, every, |elapsed| {
         let now = snapshot(&handles);
-        println!("{}", now.line(&previous, elapsed, elapsed - last));
+        let line = now.line(&previous, elapsed, elapsed - last);
+        // Standard output closed under it (`keel run | head`): stopped as Ctrl-C stops it,
+        // with the epochs in flight finished, rather than by a panic.
+        if printing && writeln!(std::io::stdout(), "{line}").is_err() {
+            printing = false;
+            if !handles.shutdown.swap(true, Ordering::SeqCst) {
+                eprintln!("\nstopping: standard output is closed");
+            }
+        }
         previous = now;
         last = elapsed;
     })?;
@@ -779,7 +819,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     let now = snapshot(&handles);
-    println!("stopped: {}", now.totals());
+    if printing {
+        let _ = writeln!(std::io::stdout(), "stopped: {}", now.totals());
+    }
     Ok(())
 }
 
@@ -1262,35 +1304,28 @@ mod tests {
         let sql = parse(&["keel", "sql", "--input", "x", "SELECT 1"]);
         assert_eq!((sql.batch, sql.routing), (65_536, false));
         // A backfill replays in large epochs without routing, and holds as many records not
-        // yet stored as `keel run` does (fewer epochs, each larger), within 8 to 512 epochs.
+        // yet stored as `keel run` does, or 8 of its epochs where they are larger.
         let backfill = &[
             "keel", "backfill", "--source", "file:x", "--from", "a", "--to", "b",
         ];
         let options = parse(backfill);
         assert_eq!((options.batch, options.routing), (65_536, false));
-        assert_eq!(
-            options.max_undurable * options.batch,
-            run.max_undurable * run.batch
-        );
+        assert_eq!(run.max_undurable, engine::UNDURABLE_RECORDS);
+        assert_eq!(options.max_undurable, run.max_undurable);
         let small = parse(&[&backfill[..], &["--batch", "100"]].concat());
-        assert_eq!((small.batch, small.max_undurable), (100, 512));
+        assert_eq!((small.batch, small.max_undurable), (100, run.max_undurable));
         let large = parse(&[&backfill[..], &["--batch", "10000000"]].concat());
-        assert_eq!(large.max_undurable, 8);
-        // So does `keel run` in larger epochs than its own (and `keel sql`, which stores
+        assert_eq!(large.max_undurable, 8 * 10_000_000);
+        // So does `keel run` in other epochs than its own (and `keel sql`, which stores
         // nothing, carries the same bound).
         for command in [
             &["keel", "run"][..],
             &["keel", "sql", "--input", "x", "SELECT 1"],
         ] {
-            let larger = parse(&[command, &["--batch", "65536"]].concat());
-            assert_eq!(
-                larger.max_undurable * larger.batch,
-                run.max_undurable * run.batch
-            );
-            assert_eq!(
-                parse(&[command, &["--batch", "100"]].concat()).max_undurable,
-                512
-            );
+            for batch in ["65536", "100"] {
+                let other = parse(&[command, &["--batch", batch]].concat());
+                assert_eq!(other.max_undurable, run.max_undurable);
+            }
         }
         for command in [
             &["keel", "run"][..],

@@ -123,8 +123,9 @@ pub struct EngineOptions {
     pub pace: Pace,
     /// Most unpublished batches per worker before it waits for the dataflow.
     pub max_inflight: usize,
-    /// Most batches per worker not yet stored by the durable sinks before it stops reading
-    /// (backpressure while a store is slow or down).
+    /// Most records per worker not yet stored by the durable sinks before it stops reading
+    /// (backpressure while a store is slow or down); at most [`UNDURABLE_EPOCHS`] epochs wait
+    /// whatever their size.
     pub max_undurable: usize,
     /// Event times accepted.
     pub time_bounds: TimeBounds,
@@ -142,19 +143,24 @@ pub struct EngineOptions {
 }
 
 /// Records a worker may read past what the durable sinks hold before it waits for them (while
-/// a store is slow or down): 512 epochs of 8,192; as many in fewer epochs when they are larger,
-/// within 8 to 512 epochs ([`EngineOptions::with_batch`]).
+/// a store is slow or down): 512 full epochs of 8,192, or at least 8 epochs of a larger
+/// `--batch` ([`EngineOptions::with_batch`]).
 pub const UNDURABLE_RECORDS: usize = 512 * 8192;
 
+/// Epochs a worker may have read past what the durable sinks hold, however small: a caught-up
+/// engine closes hundreds of small epochs a second, and stores write once a second (or less
+/// often with `--flush-every`), so a bound of full epochs' count stalled reading at every
+/// write. Sized for minutes of such epochs; the list they wait in costs 16 bytes an epoch.
+pub const UNDURABLE_EPOCHS: usize = 1 << 16;
+
 impl EngineOptions {
-    /// These options with epochs of at most `batch` records (at least 1), and as many epochs
-    /// not yet stored as keep those records within [`UNDURABLE_RECORDS`], between 8 (so very
-    /// large epochs still overlap their stores) and 512 (the epochs waiting are kept in a list
-    /// the worker walks).
+    /// These options with epochs of at most `batch` records (at least 1), and as many records
+    /// not yet stored as [`UNDURABLE_RECORDS`], or 8 full epochs where that is more (so very
+    /// large epochs still overlap their stores).
     pub fn with_batch(self, batch: usize) -> Self {
         EngineOptions {
             batch,
-            max_undurable: (UNDURABLE_RECORDS / batch.max(1)).clamp(8, 512),
+            max_undurable: UNDURABLE_RECORDS.max(batch.saturating_mul(8)),
             ..self
         }
     }
@@ -167,7 +173,7 @@ impl Default for EngineOptions {
             batch: 8192,
             pace: Pace::default(),
             max_inflight: 8,
-            max_undurable: UNDURABLE_RECORDS / 8192,
+            max_undurable: UNDURABLE_RECORDS,
             time_bounds: TimeBounds::default(),
             event_range: None,
             reconcile: None,
@@ -548,7 +554,9 @@ pub fn run(
         });
         let clock = || handles.stats.clock();
         let mut epoch = 0u64;
-        let mut inflight: VecDeque<u64> = VecDeque::new();
+        // Epochs not yet both published and stored, oldest first, with their records.
+        let mut inflight: VecDeque<(u64, usize)> = VecDeque::new();
+        let mut unstored_records = 0usize;
         let mut replay_over = false;
         let mut batch = Batch::default();
         let stats = &handles.stats;
@@ -680,7 +688,8 @@ pub fn run(
                 stats.skipped.fetch_add(skipped, Ordering::Relaxed);
                 stats.epochs.fetch_add(1, Ordering::Relaxed);
                 reader.mark_epoch(epoch);
-                inflight.push_back(epoch);
+                inflight.push_back((epoch, taken));
+                unstored_records += taken;
                 epoch = epoch.saturating_add(1).max(clock());
                 inputs.advance_to(epoch);
             } else if clock() > epoch + 1_000 {
@@ -704,18 +713,22 @@ pub fn run(
             worker.step();
             loop {
                 // Commit what is published and stored; count what is not yet published.
-                while let Some(&oldest) = inflight.front() {
+                while let Some(&(oldest, records)) = inflight.front() {
                     if probe.less_equal(&oldest) || !stored(oldest) {
                         break;
                     }
                     inflight.pop_front();
+                    unstored_records -= records;
                     reader
                         .commit(oldest)
                         .map_err(|e| format!("worker {index}: {e}"))?;
                 }
-                let unpublished = inflight.iter().filter(|e| probe.less_equal(e)).count();
-                let unstored = inflight.len();
-                if unpublished <= allowed && unstored <= options.max_undurable {
+                // Epochs close in order: the unpublished ones are the newest.
+                let published = inflight.partition_point(|(e, _)| !probe.less_equal(e));
+                let unpublished = inflight.len() - published;
+                let within =
+                    unstored_records <= options.max_undurable && inflight.len() <= UNDURABLE_EPOCHS;
+                if unpublished <= allowed && within {
                     break;
                 }
                 if handles.shutdown.load(Ordering::Relaxed) && unpublished <= allowed {
@@ -725,7 +738,7 @@ pub fn run(
                     // Waiting for a caught-up source's last epochs (briefly), or for the stores
                     // (as long as it takes): park rather than spin, the writer needs the CPU.
                     rounds += 1;
-                    if caught_up && rounds > 100 && unstored <= options.max_undurable {
+                    if caught_up && rounds > 100 && within {
                         break;
                     }
                     worker.step_or_park(Some(Duration::from_micros(100)));
@@ -763,7 +776,7 @@ pub fn run(
         if let Some(durable) = &handles.durable {
             durable.sync(Duration::from_secs(30));
         }
-        while let Some(oldest) = inflight.pop_front() {
+        while let Some((oldest, _)) = inflight.pop_front() {
             if !stored(oldest) {
                 break;
             }

@@ -77,7 +77,7 @@ struct ControlArgs {
     data_dir: PathBuf,
     /// The registry: `sqlite:PATH` or `postgres://USER@HOST:PORT/DB` [default:
     /// sqlite:DATA_DIR/registry.db].
-    #[arg(long, env = "KEEL_MESH_REGISTRY")]
+    #[arg(long, env = "KEEL_MESH_REGISTRY", hide_env_values = true)]
     registry: Option<String>,
     /// The cluster.
     #[arg(long, default_value = "default")]

@@ -26,7 +26,7 @@ pub const DEFAULT_SQLITE: &str = "sqlite:keel-state.db";
 pub struct StoreArgs {
     /// ClickHouse HTTP address (e.g. http://127.0.0.1:8123) to keep every output table in;
     /// Kafka positions are then committed only once ClickHouse holds their results.
-    #[arg(long, env = "KEEL_CLICKHOUSE")]
+    #[arg(long, env = "KEEL_CLICKHOUSE", hide_env_values = true)]
     pub clickhouse: Option<String>,
     /// The ClickHouse database of Keel's tables.
     #[arg(long, default_value = "keel")]
@@ -34,7 +34,7 @@ pub struct StoreArgs {
     /// The SQL database for `stream_analytics`: `postgres://USER@HOST:PORT/DB` or `sqlite:PATH`
     /// (`keel run` on the simulator uses `sqlite:keel-state.db` unless told otherwise; `off`
     /// keeps none).
-    #[arg(long, env = "KEEL_DATABASE")]
+    #[arg(long, env = "KEEL_DATABASE", hide_env_values = true)]
     pub database: Option<String>,
     /// Copy records that cannot be used to this Kafka topic as well (the platform's DLQ shape):
     /// a topic name on the source's brokers, or `kafka://HOST:PORT/TOPIC`.
@@ -45,7 +45,7 @@ pub struct StoreArgs {
     #[arg(long, requires = "clickhouse")]
     pub raw_events: bool,
     /// Seconds between writes to the stores (each write is one insert per changed table).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cli::seconds)]
     pub flush_every: f64,
 }
 

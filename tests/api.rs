@@ -778,6 +778,10 @@ async fn values_a_statement_builds_are_bounded() {
             "SELECT length(concat(s, s, s, s, s, s, s, s)) FROM (SELECT repeat('x', 3000000) AS s)",
             "concat",
         ),
+        (
+            "SELECT length(concat_ws(repeat('-', 3000000), 'a', 'b', 'c', 'd', 'e', 'f', 'g')) AS n",
+            "concat_ws",
+        ),
         // Doubled step by step, each step measured: stopped at the step past the bound.
         (
             "WITH a AS (SELECT repeat('x', 4000000) AS s), b AS (SELECT s || s AS s FROM a), \
@@ -807,6 +811,7 @@ async fn values_a_statement_builds_are_bounded() {
         "SELECT length(repeat('x', 1000000)) AS n",
         "SELECT internal_name || '/' || status, upper(internal_name), lpad(status, 12, '.') FROM streams ORDER BY 1",
         "SELECT concat(country_code, ':', city) AS place, count(*) FROM viewer_sessions GROUP BY 1 ORDER BY 1",
+        "SELECT concat_ws(' / ', internal_name, status, node_id) FROM streams ORDER BY 1",
         "SELECT replace(internal_name, 'a', 'AA'), regexp_replace(internal_name, '[0-9]', '#', 'g') FROM streams ORDER BY 1",
         "SELECT date_trunc('hour', window_start) AS hour, sum(viewer_seconds) FROM usage_5m GROUP BY 1 ORDER BY 1",
         "SELECT * FROM streams WHERE length(upper(status)) > 0 AND length(internal_name) > 3 ORDER BY internal_name",

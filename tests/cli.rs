@@ -38,6 +38,47 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `keel run` in `dir` with `args`, its API on a free port and its other ports off.
+fn spawn_run(dir: &std::path::Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(dir)
+        .arg("run")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--pg-listen", "off"])
+        .args(["--foghorn-listen", "off", "--foghorn-grpc-listen", "off"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The streams counted by the last line of `keel run`'s summary.
+fn summary_streams(last: &str) -> i64 {
+    last.split(" | ")
+        .find_map(|f| f.strip_suffix(" live)"))
+        .and_then(|f| f.split(' ').next())
+        .and_then(|n| n.parse::<i64>().ok())
+        .expect("the summary counts streams")
+}
+
+/// Rows of `stream_analytics` in the SQLite file `keel run` keeps in `dir`, and their
+/// connections.
+fn stored_streams(dir: &std::path::Path) -> (i64, i64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let url = format!("sqlite:{}", dir.join("keel-state.db").display());
+        let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query_as("SELECT count(*), coalesce(sum(total_connections), 0) FROM stream_analytics")
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+    })
+}
+
 #[test]
 fn sql_answers_over_a_replayed_file() {
     let out = keel(&[
@@ -145,6 +186,52 @@ fn missing_inputs_and_bad_options_say_so() {
         "/nonexistent/dir/x.ndjson",
     ]);
     assert!(text(&out.stderr).contains("cannot create /nonexistent/dir/x.ndjson"));
+
+    // Numbers past what an option can mean are refused by name, not a panic or a silent stall.
+    let bad: &[&[&str]] = &[
+        &["sql", "--input", "x", "--idle", "inf", "SELECT 1"],
+        &["sql", "--input", "x", "--idle", "1e30", "SELECT 1"],
+        &["run", "--summary-every", "inf"],
+        &["run", "--rate", "0"],
+        &["run", "--rate=-5"],
+        &["run", "--rate", "nan"],
+        &["run", "--flush-every", "1e300"],
+        &[
+            "backfill", "--source", "file:x", "--from", "a", "--to", "b", "--idle", "inf",
+        ],
+        &["simulate", "--events", "10", "--mean-session", "inf"],
+        &["simulate", "--events", "10", "--arrivals", "0"],
+    ];
+    for args in bad {
+        let out = keel(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("must be more than 0 and at most"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let out = keel(&["simulate", "--events", "10", "--tenants", "0"]);
+    assert!(
+        text(&out.stderr).contains("must be at least 1"),
+        "{}",
+        text(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("x.ndjson");
+    for start in ["1900-01-01T00:00:00Z", "9999-12-31T23:59:59Z"] {
+        let file = file.to_str().unwrap();
+        let out = keel(&[
+            "simulate", "--events", "10", "--start", start, "--out", file,
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            text(&out.stderr).contains("--start must be from 2000-01-01 and before 2200-01-01"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]
@@ -265,27 +352,88 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
 
     // The embedded default keeps stream_analytics in a SQLite file beside it, every stream of
     // the live tables, written before it exited.
-    let streams = last
-        .split(" | ")
-        .find_map(|f| f.strip_suffix(" live)"))
-        .and_then(|f| f.split(' ').next())
-        .and_then(|n| n.parse::<i64>().ok())
-        .expect("the summary counts streams");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (stored, viewers): (i64, i64) = runtime.block_on(async {
-        use sqlx::Connection;
-        let url = format!("sqlite:{}", workdir.path().join("keel-state.db").display());
-        let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        sqlx::query_as("SELECT count(*), sum(total_connections) FROM stream_analytics")
-            .fetch_one(&mut db)
-            .await
-            .unwrap()
-    });
-    assert_eq!(stored, streams, "{stdout}");
+    let (stored, viewers) = stored_streams(workdir.path());
+    assert_eq!(stored, summary_streams(last), "{stdout}");
     assert!(viewers > 100, "{viewers} connections stored");
+}
+
+/// `keel run` with results going to a store that writes every 5 s keeps reading between the
+/// writes (a bound on the epochs waiting for the store once stalled it for seconds at a time),
+/// and SIGTERM (what `docker stop` and service managers send) stops it as Ctrl-C does, with the
+/// last write made.
+#[test]
+fn run_reads_on_between_store_writes_and_stops_cleanly_on_sigterm() {
+    let workdir = tempfile::tempdir().unwrap();
+    let args = [
+        "--rate",
+        "3000",
+        "--flush-every",
+        "5",
+        "--summary-every",
+        "0.5",
+    ];
+    let mut child = spawn_run(workdir.path(), &args);
+    std::thread::sleep(Duration::from_millis(4500));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = exit_within(
+        &mut child,
+        Duration::from_secs(40),
+        "keel run did not stop after SIGTERM",
+    );
+    let stdout = read_all(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    assert!(status.success(), "exit {status}: {stdout}\n{stderr}");
+    assert!(stderr.contains("stopping:"), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let last = lines.last().unwrap();
+    assert!(last.starts_with("stopped: "), "{stdout}");
+    // Every half second after the first, events came in.
+    let rates: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.split(" events/s").next()?.split("] ").nth(1))
+        .map(|n| n.trim().replace(',', "").parse().unwrap())
+        .collect();
+    assert!(rates.len() >= 6, "{stdout}");
+    assert!(
+        rates[1..].iter().all(|&r| r > 0),
+        "reading stalled while the store waited to write: {stdout}"
+    );
+    // Stopped by SIGTERM, it still wrote what it had: every stream of the summary is stored.
+    assert_eq!(
+        stored_streams(workdir.path()).0,
+        summary_streams(last),
+        "{stdout}"
+    );
+}
+
+/// `keel run | head -2`: when its standard output closes, `keel run` stops as Ctrl-C stops it,
+/// not with a panic.
+#[test]
+fn run_stops_cleanly_when_its_output_closes() {
+    use std::io::BufRead;
+    let workdir = tempfile::tempdir().unwrap();
+    let mut child = spawn_run(workdir.path(), &["--summary-every", "0.2"]);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("events/s"), "{first}");
+    drop(stdout);
+    let status = exit_within(
+        &mut child,
+        Duration::from_secs(40),
+        "keel run did not stop once its output closed",
+    );
+    let stderr = read_all(child.stderr.take().unwrap());
+    assert!(status.success(), "exit {status}: {stderr}");
+    assert!(
+        stderr.contains("stopping: standard output is closed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// `keel run` serves the API on a real socket and prints development tokens; `keel sql --url`

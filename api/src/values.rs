@@ -6,8 +6,9 @@
 //! taken the engine down. So before a served query is planned for execution, every function
 //! call in it is wrapped ([`bound_values`]): the call is refused when what it is about to build
 //! can be seen to be larger than the bound (a count argument times its text, as `repeat`,
-//! `lpad`, `rpad`, `replace` and `regexp_replace` take; the sum of its inputs for every other
-//! function), and its result is measured once built. String concatenation with `||` is
+//! `lpad`, `rpad`, `replace` and `regexp_replace` take, or `concat_ws`'s separator once per
+//! argument; the sum of its inputs for every other function), and its result is measured once
+//! built. String concatenation with `||` is
 //! measured the same way. A value past the bound is reported as a query limit.
 //!
 //! Each call's inputs are within the bound (they were measured as they were built, or are
@@ -154,6 +155,14 @@ fn ahead(name: &str, args: &[ColumnarValue], rows: usize) -> Option<usize> {
             from.saturating_add(1)
                 .saturating_mul(text(2)?.saturating_add(1))
                 .saturating_add(from)
+        }
+        // The separator once between every two of the other arguments.
+        "concat_ws" => {
+            let others = args.len().saturating_sub(1);
+            let rest = args.get(1..)?.iter().map(longest_text);
+            text(0)?
+                .saturating_mul(others)
+                .saturating_add(rest.map(Option::unwrap_or_default).sum())
         }
         _ => {
             // Everything else builds about as much as it is given.
