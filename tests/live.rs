@@ -1080,6 +1080,81 @@ async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
     assert!(dropped > 0);
 }
 
+/// One GraphQL WebSocket holds at most `MAX_SUBSCRIPTIONS` subscriptions, on either path
+/// (plain `liveTable` documents are served directly, others by async-graphql); the next is
+/// refused with an error naming the bound, and a completed or refused one frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graphql_connection_holds_a_bounded_number_of_subscriptions() {
+    use keel_api::graphql_ws::MAX_SUBSCRIPTIONS;
+    let fleet = fleet(15, 300);
+    let a = fleet.tenants[0].clone();
+    let mut live = Live::start(Limits::default(), &fleet.tenants[1]);
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let host = live.host();
+    let token = live.member(&a);
+    let (mut ws, ack) = graphql_ws(&host, json!({ "token": token })).await;
+    assert_eq!(ack["type"], "connection_ack");
+    // Half through the direct path, half through async-graphql (a fragment sends it there);
+    // none of them is read yet.
+    let fragment = "subscription { liveTable(table: \"streams\") { ...F } } fragment F on TableUpdateMessage { kind epoch }";
+    for i in 0..MAX_SUBSCRIPTIONS {
+        let query = if i % 2 == 0 { TABLE_QUERY } else { fragment };
+        subscribe(&mut ws, &format!("s{i}"), query).await;
+    }
+    subscribe(&mut ws, "over", TABLE_QUERY).await;
+    let refused = loop {
+        let message = next_json(&mut ws).await;
+        match message["type"].as_str() {
+            Some("error") => break message,
+            Some("next") => {}
+            other => panic!("{other:?}: {message}"),
+        }
+    };
+    assert_eq!(refused["id"], "over", "{refused}");
+    let said = refused["payload"][0]["message"].as_str().unwrap();
+    assert!(
+        said.contains(&format!("holds {MAX_SUBSCRIPTIONS} subscriptions")),
+        "{said}"
+    );
+    // Completing one makes room for one more, which is served; so does one that is refused
+    // for its own reasons (an unknown table).
+    send(&mut ws, json!({"id": "s0", "type": "complete"})).await;
+    subscribe(&mut ws, "after", TABLE_QUERY).await;
+    served(&mut ws, "after").await;
+    send(&mut ws, json!({"id": "s1", "type": "complete"})).await;
+    subscribe(
+        &mut ws,
+        "bad",
+        "subscription { liveTable(table: \"nope\") { kind } }",
+    )
+    .await;
+    loop {
+        let message = next_json(&mut ws).await;
+        if message["id"] == "bad" && message["type"] != "next" {
+            break;
+        }
+        if message["id"] == "bad" {
+            assert!(!message["payload"]["errors"].is_null(), "{message}");
+        }
+    }
+    subscribe(&mut ws, "again", TABLE_QUERY).await;
+    served(&mut ws, "again").await;
+}
+
+/// Reads `ws` until subscription `id` gets its first `next`; an error for it fails the test
+/// (others' errors are let by).
+async fn served(ws: &mut Ws, id: &str) {
+    while let Some(text) = next_text(ws, Duration::from_secs(10)).await {
+        let message: Value = serde_json::from_str(&text).unwrap();
+        if message["id"] == id {
+            assert_eq!(message["type"], "next", "{message}");
+            return;
+        }
+    }
+    panic!("subscription {id} was not served");
+}
+
 /// Runs `psql` against Keel's PostgreSQL port; returns (exit code, stdout, stderr).
 fn psql(port: u16, password: &str, sslmode: &str, sql: &str) -> (i32, String, String) {
     let out = std::process::Command::new("psql")

@@ -365,9 +365,29 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
             // `connection_init` async-graphql refuses every subscription without reading its
             // document, so that refusal (4401 below) comes first.
             let initialized = lock(&routes).caller.is_some();
-            if let Some(refusal) = head.as_ref().filter(|_| initialized).and_then(too_deep) {
+            let refusal = head
+                .as_ref()
+                .filter(|_| initialized)
+                .and_then(|head| too_deep(head).or_else(|| too_many(&routes, head)));
+            if let Some(refusal) = refusal {
                 let _ = sends.send(stream::once(future::ready(refusal)).boxed());
                 return future::ready(None);
+            }
+            if !direct
+                && let Some(Head {
+                    kind, id: Some(id), ..
+                }) = &head
+            {
+                // The older protocol's subscriptions all go to async-graphql: counted here.
+                match kind.as_str() {
+                    "start" => {
+                        lock(&routes).delegated.insert(id.clone());
+                    }
+                    "stop" => {
+                        lock(&routes).delegated.remove(id);
+                    }
+                    _ => {}
+                }
             }
             let taken = direct && head.is_some_and(|head| take(&routes, &state, &sends, head));
             future::ready((!taken).then_some(text))
@@ -414,9 +434,11 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
             message = delegated.next() => match message {
                 None => break,
                 Some(WsMessage::Text(text)) => {
-                    // A delegated subscription that ended frees its id.
-                    if let Some(rest) = text.strip_prefix("{\"type\":\"complete\",\"id\":")
-                        && let Ok(id) = serde_json::from_str::<String>(rest.trim_end_matches('}'))
+                    // A delegated subscription that ended (completed, or refused with an
+                    // error, which ends it too) frees its id.
+                    if (text.starts_with("{\"type\":\"complete\"")
+                        || text.starts_with("{\"type\":\"error\""))
+                        && let Ok(Head { id: Some(id), .. }) = serde_json::from_str(&text)
                     {
                         lock(&routes).delegated.remove(&id);
                     }
@@ -467,6 +489,31 @@ fn too_deep(head: &Head) -> Option<String> {
     }
     let payload = serde_json::json!([{ "message": crate::graphql::too_deep_message() }]);
     Some(serde_json::json!({ "type": "error", "id": head.id, "payload": payload }).to_string())
+}
+
+/// Subscriptions one connection may hold at once. Each holds a queue of updates for its client
+/// (`subscriber_queue`); without a bound, one socket could open thousands and have the engine
+/// keep a queue for each.
+pub const MAX_SUBSCRIPTIONS: usize = 100;
+
+/// The error that answers a new subscription on a connection that holds
+/// [`MAX_SUBSCRIPTIONS`] already; `None` for any other message.
+fn too_many(routes: &Shared, head: &Head) -> Option<String> {
+    if !matches!(head.kind.as_str(), "subscribe" | "start") {
+        return None;
+    }
+    let id = head.id.as_ref()?;
+    let book = lock(routes);
+    let held = book.direct.len() + book.delegated.len();
+    if held < MAX_SUBSCRIPTIONS || book.direct.contains_key(id) || book.delegated.contains(id) {
+        return None;
+    }
+    let message = format!(
+        "this connection holds {MAX_SUBSCRIPTIONS} subscriptions, the most one may: complete \
+         one first, or open another connection"
+    );
+    let payload = serde_json::json!([{ "message": message }]);
+    Some(serde_json::json!({ "type": "error", "id": id, "payload": payload }).to_string())
 }
 
 /// Routes one client message: true when the direct path took it, false to hand it on.

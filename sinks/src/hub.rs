@@ -617,16 +617,21 @@ pub fn table_updates(
     filter: RowFilter,
     capacity: usize,
 ) -> Result<impl Stream<Item = TableUpdate> + Send + 'static, LiveError> {
-    // Subscribe before the snapshot: every epoch after it is then queued.
+    tables
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .schema(table)?;
+    // Subscribe before the snapshot: every epoch after it is then queued. The snapshot itself
+    // is taken when the subscriber first asks for an update, so a client that opens many
+    // subscriptions and reads none holds no snapshot of any.
     let subscription = hub.subscribe_table(table, filter.clone(), capacity);
-    let first = snapshot(&tables, table, &filter)?;
     let state = TableStream {
         tables,
         table,
         filter,
         subscription,
-        seen: first_epoch(&first),
-        pending: Some(first),
+        seen: None,
+        snapshot_taken: false,
     };
     Ok(futures_util::stream::unfold(
         state,
@@ -654,16 +659,15 @@ struct TableStream {
     subscription: Subscription,
     /// The newest epoch the subscriber holds.
     seen: Option<u64>,
-    pending: Option<TableUpdate>,
+    /// Whether the first snapshot was taken.
+    snapshot_taken: bool,
 }
 
 impl TableStream {
     async fn next(&mut self) -> Option<TableUpdate> {
-        if let Some(update) = self.pending.take() {
-            return Some(update);
-        }
         loop {
-            if self.subscription.lagged() {
+            if !self.snapshot_taken || self.subscription.lagged() {
+                self.snapshot_taken = true;
                 self.subscription.recover();
                 let fresh = snapshot(&self.tables, self.table, &self.filter).ok()?;
                 self.seen = first_epoch(&fresh);
