@@ -396,7 +396,8 @@ struct SimulateArgs {
     /// How many records to write (malformed ones included).
     #[arg(long)]
     events: u64,
-    /// An NDJSON file, or `kafka://HOST:PORT/TOPIC` to produce to a topic.
+    /// An NDJSON file, `-` for standard output, or `kafka://HOST:PORT/TOPIC` to produce to a
+    /// topic.
     #[arg(long)]
     out: String,
     /// File format.
@@ -937,9 +938,15 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         }
         writer.flush(Duration::from_secs(60))?;
     } else {
-        let file =
-            File::create(&args.out).with_context(|| format!("cannot create {}", args.out))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        // `-` is standard output, as `keel sql --input -` is standard input.
+        let sink: Box<dyn Write> = if args.out == "-" {
+            Box::new(std::io::stdout().lock())
+        } else {
+            Box::new(
+                File::create(&args.out).with_context(|| format!("cannot create {}", args.out))?,
+            )
+        };
+        let mut out = BufWriter::with_capacity(1 << 20, sink);
         let partitions = args.partitions.max(1);
         let mut offsets = vec![0i64; partitions as usize];
         let mut line = Vec::new();

@@ -740,6 +740,62 @@ async fn graphql_nodes_carry_the_live_routing_score() {
     );
 }
 
+/// Every refusal the API makes is in its one error shape, also those axum makes before any
+/// handler runs: an unknown route, a method a route does not serve (its `Allow` kept), and a
+/// WebSocket route asked without an upgrade.
+#[tokio::test]
+async fn refusals_before_any_handler_are_in_the_api_error_shape() {
+    let handles = golden();
+    let state = state(&handles);
+    for (method, path, status, code) in [
+        ("GET", "/nope", StatusCode::NOT_FOUND, "not_found"),
+        (
+            "GET",
+            "/v1/sql",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            "POST",
+            "/metrics",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        ("GET", "/ws", StatusCode::BAD_REQUEST, "bad_request"),
+    ] {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let response = router(state.clone()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(
+                response.headers().contains_key(header::ALLOW),
+                "{method} {path}"
+            );
+        }
+        let (_, content_type, body) = call(
+            &state,
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(content_type, "application/json", "{method} {path}");
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"]["code"], code, "{method} {path}: {error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(!message.is_empty(), "{method} {path}: {error}");
+        if status == StatusCode::NOT_FOUND {
+            assert_eq!(message, "no such route: /nope");
+        }
+    }
+}
+
 /// What one function call (or `||`) builds is bounded in a served query: a statement that would
 /// build a value past the bound is refused with a query limit, before the value is built where
 /// its arguments say how large it would be, while every statement within the bound answers
@@ -805,6 +861,19 @@ async fn values_a_statement_builds_are_bounded() {
             "{sql}"
         );
     }
+    // Calls each within the bound add up: past the memory limit in all, the statement is
+    // refused too.
+    let many = (0..8)
+        .map(|i| format!("length(repeat('{i}', 10000000))"))
+        .collect::<Vec<_>>()
+        .join(" + ");
+    match run(format!("SELECT {many} AS n"), small).await {
+        Err(SqlError::Limit(message)) => {
+            assert!(message.starts_with(PAST_BOUND), "{message}");
+            assert!(message.contains("more than 64 MiB in all"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
 
     // Within the bound, the same answers and the same column names as without one.
     let within = [
@@ -816,6 +885,9 @@ async fn values_a_statement_builds_are_bounded() {
         "SELECT date_trunc('hour', window_start) AS hour, sum(viewer_seconds) FROM usage_5m GROUP BY 1 ORDER BY 1",
         "SELECT * FROM streams WHERE length(upper(status)) > 0 AND length(internal_name) > 3 ORDER BY internal_name",
         "WITH a AS (SELECT repeat('ab', 1000) AS s) SELECT length(s || s || s) FROM a",
+        // Functions that run only as what they simplify to.
+        "SELECT arrow_cast(total_sessions, 'Int32') AS n, now() IS NOT NULL AS t FROM streams ORDER BY 1",
+        "SELECT arrow_typeof(internal_name), date_trunc('day', started_at) FROM streams ORDER BY 2, 1",
     ];
     for sql in within {
         let bounded = run(sql.to_owned(), small).await;

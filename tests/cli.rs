@@ -239,19 +239,27 @@ fn simulate_then_query() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sim.ndjson");
     let path = path.to_str().unwrap();
-    let out = keel(&[
-        "simulate",
-        "--events",
-        "5000",
-        "--seed",
-        "9",
-        "--malformed",
-        "0.02",
-        "--out",
-        path,
-    ]);
+    let simulate = |out: &str| {
+        keel(&[
+            "simulate",
+            "--events",
+            "5000",
+            "--seed",
+            "9",
+            "--malformed",
+            "0.02",
+            "--out",
+            out,
+        ])
+    };
+    let out = simulate(path);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(std::fs::read_to_string(path).unwrap().lines().count(), 5000);
+    // `--out -` writes the same records to standard output.
+    let piped = simulate("-");
+    assert!(piped.status.success(), "{}", text(&piped.stderr));
+    assert_eq!(text(&piped.stdout), std::fs::read_to_string(path).unwrap());
+    assert!(!dir.path().join("-").exists() && !std::path::Path::new("-").exists());
     let out = keel(&[
         "sql",
         "--input",

@@ -91,6 +91,16 @@ async fn signalman_feed_is_the_token_tenants_own_and_never_carries_client_addres
     )
     .await;
     assert_eq!(next_json(&mut ws_b).await["code"], "forbidden");
+    // Its own tenant in capitals is its own tenant (GraphQL agrees).
+    send(
+        &mut ws_b,
+        json!({"action": "subscribe", "channels": ["system"], "tenant_id": b.to_uppercase()}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws_b).await["channels"],
+        json!(["streams", "system"])
+    );
 
     // An admin sees every tenant.
     let mut ws_admin = connect(&host, "/ws", &[]).await;
@@ -1306,6 +1316,71 @@ async fn ctrl_c_in_psql_cancels_the_running_statement() {
     .unwrap();
 }
 
+/// A failed PostgreSQL login ends its connection (FATAL, then closed), as PostgreSQL's does:
+/// left open after an ERROR, a thousand such connections held every place the port has. A
+/// session whose token expires is ended at its next statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_login_or_an_expired_token_ends_the_postgres_connection() {
+    use sqlx::Connection;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fleet = fleet(21, 300);
+    let a = fleet.tenants[0].clone();
+    let mut live = Live::start(Limits::default(), &fleet.tenants[1]);
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let port = live.api.as_ref().unwrap().pg_address().unwrap().port();
+
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196_608i32.to_be_bytes());
+    startup.extend_from_slice(b"user\0grafana\0database\0keel\0\0");
+    let mut message = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    message.extend_from_slice(&startup);
+    socket.write_all(&message).await.unwrap();
+    let mut ask = [0u8; 9];
+    socket.read_exact(&mut ask).await.unwrap();
+    assert_eq!(ask[0], b'R', "asked for a password");
+    let mut password = vec![b'p'];
+    password.extend_from_slice(&(4 + 7i32).to_be_bytes());
+    password.extend_from_slice(b"forged\0");
+    socket.write_all(&password).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed after a failed login")
+        .unwrap();
+    assert_eq!(answer.first(), Some(&b'E'), "{answer:?}");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("FATAL"), "{text}");
+    assert!(text.contains("28P01"), "{text}");
+
+    let expires = keel_operators::time::now_ms() / 1000 + 3;
+    let url = format!(
+        "postgres://grafana:{}@127.0.0.1:{port}/keel?sslmode=disable",
+        live.member_until(&a, expires)
+    );
+    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM streams")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert!(count > 0);
+    while keel_operators::time::now_ms() / 1000 <= expires {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let error = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM streams")
+        .fetch_one(&mut db)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("the token expired"), "{error}");
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut db).await.is_err(),
+        "the connection of an expired token is closed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_on_the_extended_protocol_gets_typed_binary_values() {
     use sqlx::{Connection, Row};
@@ -1364,6 +1439,29 @@ async fn a_driver_on_the_extended_protocol_gets_typed_binary_values() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("parameters"), "{error}");
+    // A `$1` inside a string is text, not a parameter.
+    let text: String = sqlx::query_scalar("SELECT '$1 each' AS price")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(text, "$1 each");
+    // An unsigned 64-bit value past int8's range is an error, not a wrong number; one within
+    // it arrives as itself, and an untyped NULL as a null.
+    let error = sqlx::query("SELECT arrow_cast(9223372036854775808, 'UInt64') AS big")
+        .fetch_one(&mut db)
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("past the range of int8"),
+        "{error}"
+    );
+    let row =
+        sqlx::query("SELECT arrow_cast(9223372036854775807, 'UInt64') AS big, NULL AS nothing")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(row.get::<i64, _>(0), i64::MAX);
+    assert_eq!(row.get::<Option<String>, _>(1), None);
     // The connection is still good after errors.
     let one: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes")
         .fetch_one(&mut db)

@@ -140,7 +140,7 @@ struct Tokens {
 #[async_trait]
 impl AuthSource<Principal> for Tokens {
     async fn get_password(&self, _login: &LoginInfo) -> PgWireResult<Password> {
-        Err(user_error(
+        Err(fatal_error(
             "28000",
             "Keel does not store passwords; the password is a token",
         ))
@@ -155,7 +155,7 @@ impl AuthSource<Principal> for Tokens {
         self.auth
             .authenticate(token.trim(), now_ms() / 1000)
             .map(Some)
-            .map_err(|e| user_error("28P01", &format!("the password must be a Keel token: {e}")))
+            .map_err(|e| fatal_error("28P01", &format!("the password must be a Keel token: {e}")))
     }
 }
 
@@ -191,7 +191,7 @@ impl StartupHandler for TokenStartup {
                 } = self.driver.advance_authentication(client, message).await?
                 {
                     let Some(caller) = identity else {
-                        return Err(user_error("28P01", "no token was given"));
+                        return Err(fatal_error("28P01", "no token was given"));
                     };
                     client.session_extensions().insert(caller);
                     self.driver
@@ -224,7 +224,7 @@ impl Queries {
             None => Arc::new(Schema::empty()),
         };
         let fields = Arc::new(fields(&schema, format));
-        let rows = encode_rows(&batches, &fields);
+        let rows = encode_rows(&batches, &fields)?;
         let mut response =
             QueryResponse::new(fields, futures_util::stream::iter(rows.into_iter().map(Ok)));
         response.set_command_tag("SELECT");
@@ -271,12 +271,23 @@ impl Queries {
     }
 }
 
-/// Who the connection authenticated as.
+/// Who the connection authenticated as. A connection whose token has expired is ended (as
+/// the HTTP API's WebSockets are) rather than served on.
 fn caller<C: ClientInfo>(client: &C) -> PgWireResult<Arc<Principal>> {
-    client
+    let caller = client
         .session_extensions()
         .get::<Principal>()
-        .ok_or_else(|| user_error("28000", "not authenticated"))
+        .ok_or_else(|| fatal_error("28000", "not authenticated"))?;
+    if caller
+        .expires_in(now_ms() / 1000)
+        .is_some_and(|left| left.is_zero())
+    {
+        return Err(fatal_error(
+            "28P01",
+            "the token expired; connect again with a fresh one",
+        ));
+    }
+    Ok(caller)
 }
 
 fn is_blank(sql: &str) -> bool {
@@ -373,11 +384,18 @@ impl ExtendedQueryHandler for Queries {
 
 fn no_parameters(sql: &str) -> PgWireResult<()> {
     // `$1`-style parameters are not bound into DataFusion plans yet; say so rather than
-    // failing obscurely inside the planner.
-    let has_parameter = sql
-        .as_bytes()
-        .windows(2)
-        .any(|w| w[0] == b'$' && w[1].is_ascii_digit());
+    // failing obscurely inside the planner. Read as SQL tokens, so that a `$1` inside a string
+    // literal or a quoted name is text; a statement that does not tokenize is left to the
+    // planner to report.
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let has_parameter = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .is_ok_and(|tokens| {
+            tokens
+                .iter()
+                .any(|token| matches!(token, Token::Placeholder(p) if p.starts_with('$')))
+        });
     if has_parameter {
         return Err(user_error(
             "0A000",
@@ -388,8 +406,19 @@ fn no_parameters(sql: &str) -> PgWireResult<()> {
 }
 
 fn user_error(code: &str, message: &str) -> PgWireError {
+    error_of("ERROR", code, message)
+}
+
+/// An error that ends the connection, as PostgreSQL ends one whose authentication failed:
+/// after an `ERROR` the connection would stay open, unauthenticated, for as long as its
+/// client liked, and a thousand such took every place the port has.
+fn fatal_error(code: &str, message: &str) -> PgWireError {
+    error_of("FATAL", code, message)
+}
+
+fn error_of(severity: &str, code: &str, message: &str) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
-        "ERROR".to_owned(),
+        severity.to_owned(),
         code.to_owned(),
         message.to_owned(),
     )))
@@ -415,9 +444,10 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// Days from the Unix epoch to Postgres' epoch.
 const PG_EPOCH_DAYS: i32 = 10_957;
 
-/// The Postgres type a column is announced as: integers as `int8`, floats as `float8`, times
-/// as `timestamp[tz]` and `date`, everything else as `text`, so every value has a simple
-/// binary form too.
+/// The Postgres type a column is announced as: integers as `int8` (an unsigned 64-bit value
+/// past its range is an error, not a wrong number), floats as `float8`, times as
+/// `timestamp[tz]` and `date`, everything else as `text`, so every value has a simple binary
+/// form too.
 fn pg_type(data_type: &DataType) -> Type {
     match data_type {
         DataType::Boolean => Type::BOOL,
@@ -508,7 +538,7 @@ fn column<'a>(array: &'a dyn Array, options: &'a FormatOptions<'a>) -> Option<Co
 fn encode_rows(
     batches: &[RecordBatch],
     fields: &Arc<Vec<FieldInfo>>,
-) -> Vec<pgwire::messages::data::DataRow> {
+) -> PgWireResult<Vec<pgwire::messages::data::DataRow>> {
     let options = FormatOptions::new()
         .with_null("")
         .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"))
@@ -524,13 +554,12 @@ fn encode_rows(
         for row in 0..batch.num_rows() {
             for ((array, column), field) in batch.columns().iter().zip(&columns).zip(fields.iter())
             {
-                // Encoding these plain values cannot fail; a failure would show as a null.
-                let _ = encode_value(&mut encoder, array.as_ref(), column.as_ref(), row, field);
+                encode_value(&mut encoder, array.as_ref(), column.as_ref(), row, field)?;
             }
             rows.push(encoder.take_row());
         }
     }
-    rows
+    Ok(rows)
 }
 
 fn encode_value(
@@ -541,7 +570,8 @@ fn encode_value(
     field: &FieldInfo,
 ) -> PgWireResult<()> {
     let binary = field.format() == FieldFormat::Binary;
-    if array.is_null(row) {
+    // An untyped NULL column has no null mask: every value of it is null all the same.
+    if array.is_null(row) || array.data_type() == &DataType::Null {
         return encoder.encode_field(&None::<i64>);
     }
     match column {
@@ -553,6 +583,16 @@ fn encode_value(
                 encoder.encode_field(&if value { "t" } else { "f" })
             }
         }
+        // Null here but not in the column: the value did not fit int8.
+        Some(Column::Int(values)) if values.is_null(row) => Err(user_error(
+            "22003",
+            &format!(
+                "column {}: {} is past the range of int8, the type integers are sent as; cast \
+                 it to a smaller number or to text",
+                field.name(),
+                arrow::util::display::array_value_to_string(array, row).unwrap_or_default()
+            ),
+        )),
         Some(Column::Int(values)) => encoder.encode_field(&values.value(row)),
         Some(Column::Float(values)) => encoder.encode_field(&values.value(row)),
         Some(Column::Micros(values, text)) => {

@@ -164,15 +164,13 @@ pub fn router(state: ApiState) -> Router {
 
 async fn observe(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let route = request.uri().path().to_owned();
+    let method = request.method().clone();
     let started = Instant::now();
     let mut response = next.run(request).await;
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        // axum's own refusal is plain text: answered in the API's one error shape instead.
-        let body = serde_json::json!({ "error": {
-            "code": "too_large",
-            "message": format!("the request body is larger than {} MiB", MAX_BODY >> 20),
-        }});
-        response = (StatusCode::PAYLOAD_TOO_LARGE, axum::Json(body)).into_response();
+    if (response.status().is_client_error() || response.status().is_server_error())
+        && !is_json(&response)
+    {
+        response = in_error_shape(response, &method, &route).await;
     }
     let route = match route.as_str() {
         "/healthz" | "/readyz" | "/metrics" | "/v1/sql" | "/ws" | "/graphql" => route,
@@ -182,6 +180,54 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
         .metrics
         .observe(&route, response.status().as_u16(), started.elapsed());
     response
+}
+
+fn is_json(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/json"))
+}
+
+/// A refusal made before any handler of the API ran (an unknown route, a method a route does
+/// not serve, a body too large or unreadable, a WebSocket route asked without an upgrade),
+/// which axum answers with plain text or nothing, in the API's one error shape instead; its
+/// status and headers (such as `Allow`) stay.
+async fn in_error_shape(response: Response, method: &axum::http::Method, path: &str) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let said = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let said = String::from_utf8_lossy(&said).trim().to_owned();
+    let (code, message) = match parts.status {
+        StatusCode::NOT_FOUND => ("not_found", format!("no such route: {path}")),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            format!("{path} does not serve {method}"),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "too_large",
+            format!("the request body is larger than {} MiB", MAX_BODY >> 20),
+        ),
+        status if status.is_server_error() => ("internal", "internal error".to_owned()),
+        _ => (
+            "bad_request",
+            if said.is_empty() {
+                parts
+                    .status
+                    .canonical_reason()
+                    .unwrap_or("bad request")
+                    .to_owned()
+            } else {
+                said
+            },
+        ),
+    };
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -225,19 +271,36 @@ pub fn principal(auth: &Auth, headers: &HeaderMap) -> Result<Principal, AuthErro
 
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
+/// The format `Accept` prefers: the served type of highest weight (`q`, 1 unless given;
+/// `q=0` refuses a type), the first listed among equals; media types in any case.
 fn wanted_format(headers: &HeaderMap) -> Option<Format> {
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
-    accept.split(',').find_map(
-        |choice| match choice.split(';').next().unwrap_or("").trim() {
-            "application/json" | "*/*" | "application/*" | "" => Some(Format::JsonArray),
-            "text/csv" | "text/*" => Some(Format::Csv),
-            ARROW_STREAM => Some(Format::Arrow),
-            _ => None,
-        },
-    )
+    let mut best: Option<(f32, Format)> = None;
+    for choice in accept.split(',') {
+        let mut parts = choice.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let weight = parts
+            .find_map(|p| {
+                let (name, value) = p.split_once('=')?;
+                name.trim()
+                    .eq_ignore_ascii_case("q")
+                    .then(|| value.trim().parse::<f32>().unwrap_or(0.0))
+            })
+            .unwrap_or(1.0);
+        let format = match media.as_str() {
+            "application/json" | "*/*" | "application/*" | "" => Format::JsonArray,
+            "text/csv" | "text/*" => Format::Csv,
+            ARROW_STREAM => Format::Arrow,
+            _ => continue,
+        };
+        if weight > 0.0 && best.is_none_or(|(b, _)| weight > b) {
+            best = Some((weight, format));
+        }
+    }
+    best.map(|(_, format)| format)
 }
 
 async fn sql(
@@ -273,6 +336,34 @@ async fn sql(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Accept` is read by weight and in any case.
+    #[test]
+    fn accept_weights_and_case_choose_the_format() {
+        let wanted = |accept: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(accept) = accept {
+                headers.insert(header::ACCEPT, HeaderValue::from_str(accept).unwrap());
+            }
+            wanted_format(&headers)
+        };
+        let is = |accept, format: Option<Format>| assert_eq!(wanted(accept), format, "{accept:?}");
+        is(None, Some(Format::JsonArray));
+        is(Some("*/*"), Some(Format::JsonArray));
+        is(Some("application/json;q=0, text/csv"), Some(Format::Csv));
+        is(Some("TEXT/CSV"), Some(Format::Csv));
+        is(
+            Some("text/csv;q=0.5, application/json"),
+            Some(Format::JsonArray),
+        );
+        is(
+            Some("text/csv; Q=0.2, application/vnd.apache.arrow.stream;q=0.9"),
+            Some(Format::Arrow),
+        );
+        is(Some("text/csv, application/json"), Some(Format::Csv));
+        is(Some("application/xml"), None);
+        is(Some("text/csv;q=0"), None);
+    }
 
     /// What the README promises for `/v1/sql`: the caller's faults are 4xx, the engine's 500.
     #[test]

@@ -35,7 +35,7 @@ use keel_sinks::live::{LiveError, LiveTables};
 use serde_json::Value;
 
 use crate::auth::Scope;
-use crate::values::{PAST_BOUND, bound_values};
+use crate::values::{Budget, PAST_BOUND, bound_values};
 
 /// Why a statement produced no result.
 ///
@@ -97,6 +97,12 @@ impl Limits {
     /// ([`crate::values`]); none without a memory limit.
     pub fn value_bound(&self) -> Option<usize> {
         (self.memory < usize::MAX).then_some(self.memory / 4)
+    }
+
+    /// What the function calls of one statement may build: values of [`Limits::value_bound`],
+    /// all of them together as much as the memory limit; none without a memory limit.
+    pub fn value_budget(&self) -> Option<Budget> {
+        Some(Budget::new(self.value_bound()?, self.memory))
     }
 }
 
@@ -652,6 +658,11 @@ fn failed(e: &datafusion::error::DataFusionError) -> SqlError {
         {
             SqlError::Limit(message.clone())
         }
+        // A task of the query panicked: the engine's fault, whatever the statement.
+        datafusion::error::DataFusionError::ExecutionJoin(_) => {
+            tracing::error!(error = %e, "a query task failed");
+            SqlError::Internal("the query failed inside the engine (see its log)".to_owned())
+        }
         datafusion::error::DataFusionError::ResourcesExhausted(_) => SqlError::Limit(format!(
             "the query needs more memory for the rows it scans and its joins, sorts and \
              aggregations than a query may hold: narrow it (WHERE, LIMIT, fewer columns) or \
@@ -683,15 +694,15 @@ async fn plan(
             SqlError::Invalid(text)
         }
     })?;
-    let plan = match limits.value_bound() {
+    let plan = match limits.value_budget() {
         None => frame.create_physical_plan().await,
-        Some(bound) => {
+        Some(budget) => {
             // Bounded before optimizing, which evaluates constant calls, and again after, for
             // calls the optimizer wrote in.
             let state = ctx.state();
             let planned = async {
-                let logical = bound_values(frame.into_unoptimized_plan(), bound)?;
-                let optimized = bound_values(state.optimize(&logical)?, bound)?;
+                let logical = bound_values(frame.into_unoptimized_plan(), &budget)?;
+                let optimized = bound_values(state.optimize(&logical)?, &budget)?;
                 state
                     .query_planner()
                     .create_physical_plan(&optimized, &state)

@@ -13,10 +13,15 @@
 //!
 //! Each call's inputs are within the bound (they were measured as they were built, or are
 //! rows a scan took within the pool), so one call builds at most a few times the bound before
-//! it is stopped, whatever the statement nests.
+//! it is stopped, whatever the statement nests. And all the calls of one statement together
+//! may build at most a budget (counted as they build, never given back: constants the
+//! optimizer folds stay in the plan for the whole query), so that many calls each within the
+//! bound cannot add up past it either.
 
 use std::any::Any;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, FieldRef};
@@ -24,6 +29,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DataFusionError, Result, ScalarValue};
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::interval_arithmetic::Interval;
+use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
 use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
 use datafusion::logical_expr::{
     BinaryExpr, ColumnarValue, Documentation, Expr, ExpressionPlacement, LogicalPlan, Operator,
@@ -32,24 +38,73 @@ use datafusion::logical_expr::{
 
 /// The words every refusal starts with; [`crate::sql`] reports an error holding them as a
 /// query limit.
-pub const PAST_BOUND: &str = "a value the query builds would be larger than";
+pub const PAST_BOUND: &str = "the values the query builds are too large";
 
-/// Wraps every function call and every `||` in `plan` so that the values each builds are
-/// bounded by `bound` bytes. The plan should be optimized already: wrapped calls are no longer
-/// simplified.
-pub fn bound_values(plan: LogicalPlan, bound: usize) -> Result<LogicalPlan> {
-    plan.transform_up_with_subqueries(|node| {
-        node.map_expressions(|expr| expr.transform_up(|expr| Ok(wrap(expr, bound))))
-    })
-    .map(|done| done.data)
+/// What the function calls of one statement may build: each value at most `value` bytes, all
+/// of them together at most `total`.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    value: usize,
+    total: usize,
+    built: Arc<AtomicUsize>,
 }
 
-fn wrap(expr: Expr, bound: usize) -> Transformed<Expr> {
+impl Budget {
+    /// A fresh budget for one statement.
+    pub fn new(value: usize, total: usize) -> Self {
+        Budget {
+            value,
+            total,
+            built: Arc::default(),
+        }
+    }
+
+    /// Counts `bytes` just built by `what`; an error once the statement's calls have built
+    /// more than the total.
+    fn spend(&self, what: &str, bytes: usize) -> Result<()> {
+        let built = self.built.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if built > self.total {
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "{PAST_BOUND}: its functions build more than {} in all (the query's memory \
+                 limit), {what} included; build fewer or smaller values",
+                crate::sql::size(self.total),
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for Budget {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.built, &other.built)
+    }
+}
+
+impl Eq for Budget {}
+
+impl Hash for Budget {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.built).hash(state);
+    }
+}
+
+/// Wraps every function call and every `||` in `plan` so that the values each builds, and
+/// all of them together, stay within `budget`.
+pub fn bound_values(plan: LogicalPlan, budget: &Budget) -> Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|node| node.map_expressions(|expr| bound_expr(expr, budget)))
+        .map(|done| done.data)
+}
+
+fn bound_expr(expr: Expr, budget: &Budget) -> Result<Transformed<Expr>> {
+    expr.transform_up(|expr| Ok(wrap(expr, budget)))
+}
+
+fn wrap(expr: Expr, budget: &Budget) -> Transformed<Expr> {
     match expr {
         Expr::ScalarFunction(call) if !is_bounded(&call.func) => {
             let func = Arc::new(ScalarUDF::new_from_impl(Bounded {
                 inner: call.func,
-                bound,
+                budget: budget.clone(),
             }));
             Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
                 func, call.args,
@@ -59,7 +114,7 @@ fn wrap(expr: Expr, bound: usize) -> Transformed<Expr> {
             op: Operator::StringConcat,
             ..
         }) => {
-            let measure = Arc::new(ScalarUDF::new_from_impl(Measured::new(bound)));
+            let measure = Arc::new(ScalarUDF::new_from_impl(Measured::new(budget.clone())));
             Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
                 measure,
                 vec![expr],
@@ -76,10 +131,10 @@ fn is_bounded(func: &ScalarUDF) -> bool {
 
 fn past(what: &str, bytes: usize, bound: usize) -> DataFusionError {
     DataFusionError::ResourcesExhausted(format!(
-        "{PAST_BOUND} {} (the most one value may take): {what} would take {}; build smaller \
-         values",
-        crate::sql::size(bound),
+        "{PAST_BOUND}: {what} would take {}, past {} (the most one value may take); build \
+         smaller values",
         crate::sql::size(bytes),
+        crate::sql::size(bound),
     ))
 }
 
@@ -91,13 +146,13 @@ fn bytes_of(value: &ColumnarValue) -> usize {
     }
 }
 
-/// Checks a value once built.
-fn measure(name: &str, value: &ColumnarValue, bound: usize) -> Result<()> {
+/// Checks a value once built, and counts it.
+fn measure(name: &str, value: &ColumnarValue, budget: &Budget) -> Result<()> {
     let bytes = bytes_of(value);
-    if bytes > bound {
-        return Err(past(&format!("the result of {name}"), bytes, bound));
+    if bytes > budget.value {
+        return Err(past(&format!("the result of {name}"), bytes, budget.value));
     }
-    Ok(())
+    budget.spend(name, bytes)
 }
 
 /// The longest text among the rows of `value` (bytes), if it is text.
@@ -180,11 +235,12 @@ fn ahead(name: &str, args: &[ColumnarValue], rows: usize) -> Option<usize> {
 }
 
 /// A function call whose values are bounded: refused ahead when they would be too large, and
-/// measured once built. Everything else is the function's own.
+/// measured once built. Everything else is the function's own; what its simplification
+/// writes in is bounded the same way.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Bounded {
     inner: Arc<ScalarUDF>,
-    bound: usize,
+    budget: Budget,
 }
 
 impl ScalarUDFImpl for Bounded {
@@ -218,14 +274,26 @@ impl ScalarUDFImpl for Bounded {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let name = self.inner.name();
+        let bound = self.budget.value;
         if let Some(bytes) = ahead(name, &args.args, args.number_rows)
-            && bytes > self.bound
+            && bytes > bound
         {
-            return Err(past(&format!("{name}(…)"), bytes, self.bound));
+            return Err(past(&format!("{name}(…)"), bytes, bound));
         }
         let value = self.inner.invoke_with_args(args)?;
-        measure(name, &value, self.bound)?;
+        measure(name, &value, &self.budget)?;
         Ok(value)
+    }
+
+    fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> Result<ExprSimplifyResult> {
+        // Some functions are only ever run as what they simplify to (`arrow_cast` becomes a
+        // cast): simplified as themselves, with any call written in bounded too.
+        Ok(match self.inner.simplify(args, info)? {
+            ExprSimplifyResult::Original(args) => ExprSimplifyResult::Original(args),
+            ExprSimplifyResult::Simplified(expr) => {
+                ExprSimplifyResult::Simplified(bound_expr(expr, &self.budget)?.data)
+            }
+        })
     }
 
     fn short_circuits(&self) -> bool {
@@ -281,14 +349,14 @@ impl ScalarUDFImpl for Bounded {
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Measured {
     signature: Signature,
-    bound: usize,
+    budget: Budget,
 }
 
 impl Measured {
-    fn new(bound: usize) -> Self {
+    fn new(budget: Budget) -> Self {
         Measured {
             signature: Signature::any(1, Volatility::Immutable),
-            bound,
+            budget,
         }
     }
 }
@@ -324,7 +392,7 @@ impl ScalarUDFImpl for Measured {
         let value = args.args.pop().ok_or_else(|| {
             DataFusionError::Internal("measured: one argument expected".to_owned())
         })?;
-        measure("||", &value, self.bound)?;
+        measure("||", &value, &self.budget)?;
         Ok(value)
     }
 
