@@ -212,6 +212,27 @@ fn missing_inputs_and_bad_options_say_so() {
         );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+    // A store that cannot be opened says which, and why, at once.
+    let out = keel(&["migrate", "--database", "sqlite:/nonexistent/dir/x.db"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("opening the SQLite file /nonexistent/dir/x.db"),
+        "{}",
+        text(&out.stderr)
+    );
+    let started = Instant::now();
+    let out = keel(&["migrate", "--database", "postgres://keel@127.0.0.1:1/app"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("Connection refused"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
     let out = keel(&["simulate", "--events", "10", "--tenants", "0"]);
     assert!(
         text(&out.stderr).contains("must be at least 1"),

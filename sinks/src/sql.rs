@@ -32,7 +32,7 @@ pub enum SqlError {
     #[error("{what}: {source}")]
     Database {
         /// What Keel was doing.
-        what: &'static str,
+        what: std::borrow::Cow<'static, str>,
         /// The driver's error.
         source: sqlx::Error,
     },
@@ -55,7 +55,10 @@ impl SqlError {
 }
 
 fn database(what: &'static str) -> impl FnOnce(sqlx::Error) -> SqlError {
-    move |source| SqlError::Database { what, source }
+    move |source| SqlError::Database {
+        what: what.into(),
+        source,
+    }
 }
 
 /// One `streams` row as `stream_analytics` needs it (field names of the live table).
@@ -235,6 +238,15 @@ impl SqlStore {
     /// Opens `url`: `postgres://…`, or `sqlite:PATH` (the file is created if missing).
     pub async fn connect(url: &str) -> Result<SqlStore, SqlError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            // One connection first, whose failure says why (refused, unknown host, bad
+            // password): the pool would retry until its timeout and say only that it timed out.
+            use sqlx::Connection as _;
+            sqlx::PgConnection::connect(url)
+                .await
+                .map_err(database("connecting to PostgreSQL"))?
+                .close()
+                .await
+                .map_err(database("connecting to PostgreSQL"))?;
             let pool = PgPoolOptions::new()
                 .max_connections(2)
                 .acquire_timeout(std::time::Duration::from_secs(10))
@@ -252,7 +264,10 @@ impl SqlStore {
                 .max_connections(1)
                 .connect_with(options)
                 .await
-                .map_err(database("opening the SQLite file"))?;
+                .map_err(|source| SqlError::Database {
+                    what: format!("opening the SQLite file {}", &url["sqlite:".len()..]).into(),
+                    source,
+                })?;
             Ok(SqlStore::Sqlite(pool))
         } else {
             Err(SqlError::Url(url.to_owned()))
