@@ -466,6 +466,15 @@ async fn a_table_subscription_is_a_snapshot_then_changes_that_add_up_to_the_tabl
         close_code(&mut forged, Duration::from_secs(10)).await,
         Some(4403)
     );
+    // One that never sends connection_init is closed with 4408 once its time is up.
+    let started = Instant::now();
+    let mut silent = graphql_ws_connect(&host).await;
+    let wait = keel_api::graphql_ws::INIT_WAIT;
+    assert_eq!(
+        close_code(&mut silent, wait + Duration::from_secs(10)).await,
+        Some(4408)
+    );
+    assert!(started.elapsed() >= wait, "{:?}", started.elapsed());
 
     // One subscriber from the start, one filtered to a single stream, one joining halfway.
     let (mut early, ack) =

@@ -350,6 +350,10 @@ fn complete(id: &str) -> String {
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
+/// How long a connection may take to send `connection_init`; past it the connection is closed
+/// with 4408, as graphql-transport-ws asks (it held one of the port's places for good before).
+pub const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves one upgraded connection until either side closes it.
 pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, state: ApiState) {
     let routes = Shared::default();
@@ -415,13 +419,27 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
     let delegated = Protocol::new(schema, input, protocol).on_connection_init(init);
     futures_util::pin_mut!(delegated);
     let mut streams: SelectAll<BoxStream<'static, String>> = SelectAll::new();
+    let init_by = tokio::time::Instant::now() + INIT_WAIT;
     loop {
+        let waiting_for_init = {
+            let book = lock(&routes);
+            book.caller.is_none() && !book.refused
+        };
         // The connection ends when its token expires (4403, as the protocol forbids).
         let expires_in = lock(&routes)
             .caller
             .as_ref()
             .and_then(|caller| caller.expires_in(keel_operators::time::now_ms() / 1000));
         let message = tokio::select! {
+            () = tokio::time::sleep_until(init_by), if waiting_for_init => {
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code: 4408,
+                        reason: "connection_init did not come in time".into(),
+                    })))
+                    .await;
+                break;
+            }
             () = tokio::time::sleep(expires_in.unwrap_or_default()), if expires_in.is_some() => {
                 let _ = sink
                     .send(Message::Close(Some(CloseFrame {
