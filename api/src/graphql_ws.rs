@@ -432,22 +432,16 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
             .and_then(|caller| caller.expires_in(keel_operators::time::now_ms() / 1000));
         let message = tokio::select! {
             () = tokio::time::sleep_until(init_by), if waiting_for_init => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code: 4408,
-                        reason: "connection_init did not come in time".into(),
-                    })))
-                    .await;
-                break;
+                Message::Close(Some(CloseFrame {
+                    code: 4408,
+                    reason: "connection_init did not come in time".into(),
+                }))
             }
             () = tokio::time::sleep(expires_in.unwrap_or_default()), if expires_in.is_some() => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code: 4403,
-                        reason: "the token expired".into(),
-                    })))
-                    .await;
-                break;
+                Message::Close(Some(CloseFrame {
+                    code: 4403,
+                    reason: "the token expired".into(),
+                }))
             }
             message = delegated.next() => match message {
                 None => break,
@@ -480,7 +474,8 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
             }
             Some(text) = streams.next(), if !streams.is_empty() => Message::Text(text.into()),
         };
-        if sink.send(message).await.is_err() {
+        let closing = matches!(message, Message::Close(_));
+        if sink.send(message).await.is_err() || closing {
             break;
         }
     }
