@@ -846,6 +846,18 @@ async fn values_a_statement_builds_are_bounded() {
             "||",
         ),
     ];
+    // A call whose constant arguments show it past the bound is refused while planned, at once.
+    let started = std::time::Instant::now();
+    match run(
+        "SELECT length(concat(repeat('x', 12000000), repeat('y', 12000000))) AS n".to_owned(),
+        small,
+    )
+    .await
+    {
+        Err(SqlError::Limit(message)) => assert!(message.contains("concat"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
     for (sql, function) in refused {
         let started = std::time::Instant::now();
         match run(sql.to_owned(), small).await {
@@ -888,6 +900,10 @@ async fn values_a_statement_builds_are_bounded() {
         // Functions that run only as what they simplify to.
         "SELECT arrow_cast(total_sessions, 'Int32') AS n, now() IS NOT NULL AS t FROM streams ORDER BY 1",
         "SELECT arrow_typeof(internal_name), date_trunc('day', started_at) FROM streams ORDER BY 2, 1",
+        // A large constant beside every row builds no large value when the result is a number.
+        "SELECT count(*) FROM viewer_sessions WHERE strpos(repeat('ab', 3000000), session_id) >= 0",
+        // Many `||` in a row are measured once each (not once per pass over the plan).
+        "SELECT count(*) FROM viewer_sessions WHERE length(nvl(nvl(nvl(session_id || repeat('x', 1000), 'a'), 'b'), 'c')) > 0",
     ];
     for sql in within {
         let bounded = run(sql.to_owned(), small).await;

@@ -1,13 +1,15 @@
-//! The API's listener: a bound on open connections, and a deadline for each one's first
-//! request.
+//! The API's listener: a bound on open connections, and a deadline for each request header.
 //!
 //! Without them, connections that send half a request header and then nothing stayed open for
 //! good: twenty thousand of them took every file descriptor the process had (the API, Foghorn
 //! and the PostgreSQL port stopped answering, and the engine could not open files). Now at most
 //! [`MAX_CONNECTIONS`] are open at once (further ones wait in the kernel's backlog until one
 //! closes), and a connection whose first request header has not ended within
-//! [`FIRST_REQUEST`] is closed. Once a request has come, a connection may stay as long as it
-//! likes: WebSocket and SSE clients are quiet for minutes.
+//! [`FIRST_REQUEST`] is closed — and so is one that answered a request and has not sent the
+//! next header within the same time (4,096 connections that each sent one request and then
+//! idled took every place). While a request is served the connection has no deadline, and once
+//! it switched protocols (`101`, a WebSocket) none at all: WebSocket clients are quiet for
+//! minutes.
 
 use std::io;
 use std::pin::Pin;
@@ -22,7 +24,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// The most connections the API holds open at once.
 pub const MAX_CONNECTIONS: usize = 4_096;
 
-/// How long a new connection may take to send its first request header.
+/// How long a new connection may take to send its first request header, and an answered one
+/// its next.
 pub const FIRST_REQUEST: Duration = Duration::from_secs(30);
 
 /// A listener that holds at most so many connections open and closes those whose first
@@ -67,6 +70,8 @@ where
             _permit: permit,
             waiting: Some(Box::pin(tokio::time::sleep(self.first_request))),
             tail: [0; 3],
+            wait: self.first_request,
+            upgraded: false,
         };
         (connection, address)
     }
@@ -81,10 +86,42 @@ where
 pub struct Counted<T> {
     io: T,
     _permit: OwnedSemaphorePermit,
-    /// The deadline for the end of the first request header, until it is seen.
+    /// The deadline for the end of the next request header, until it is seen.
     waiting: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The last bytes read, for a header end split across reads.
     tail: [u8; 3],
+    /// How long a request header may take.
+    wait: Duration,
+    /// Switched to another protocol: no more request headers to wait for.
+    upgraded: bool,
+}
+
+impl<T> Counted<T> {
+    /// After the server wrote `written`: an answer (or part of one) starts the wait for the
+    /// next request header, unless it switches protocols. The deadline is polled at once, with
+    /// the writer's context: the server may already wait for the connection to become readable
+    /// and not read again before it does, so the deadline must wake it itself.
+    fn wrote(&mut self, written: &[u8], cx: &mut Context<'_>) {
+        if self.upgraded || written.is_empty() {
+            return;
+        }
+        if written.starts_with(b"HTTP/1.1 101") || written.starts_with(b"HTTP/1.0 101") {
+            self.upgraded = true;
+            self.waiting = None;
+            return;
+        }
+        // Another interim answer (`100 Continue`): the request's body comes next, not a header.
+        if written.starts_with(b"HTTP/1.1 1") {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        waiting.as_mut().reset(deadline);
+        let _ = waiting.as_mut().poll(cx);
+        self.tail = [0; 3];
+    }
 }
 
 /// Whether `read`, following the bytes whose last three are `tail`, ends a request header
@@ -117,7 +154,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
             if deadline.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "no request header within the time for a connection's first request",
+                    "no request header within the time a connection has for one",
                 )));
             }
         }
@@ -131,7 +168,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.wrote(&buf[..n], cx);
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -139,7 +181,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            // The start of what was written is all `wrote` looks at.
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            this.wrote(&first[..first.len().min(n)], cx);
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -215,11 +269,11 @@ mod tests {
         }
     }
 
-    /// A header end split across reads counts, and a quiet connection after its first
-    /// request is left alone.
+    /// A header end split across reads counts; an answered connection has the same time for
+    /// its next request header, and past it is closed.
     #[tokio::test]
-    async fn a_connection_with_a_request_may_stay_quiet() {
-        let address = hello(4, Duration::from_millis(200)).await;
+    async fn an_answered_connection_has_the_same_time_for_its_next_request() {
+        let address = hello(4, Duration::from_millis(300)).await;
         let mut stream = TcpStream::connect(address).await.unwrap();
         stream
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r")
@@ -230,14 +284,67 @@ mod tests {
         let mut buffer = [0; 512];
         let read = stream.read(&mut buffer).await.unwrap();
         assert!(buffer[..read].starts_with(b"HTTP/1.1 200"));
-        // Quiet for longer than the first request's time: still served.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The next request within the time: served.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await.unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(buffer[..read].starts_with(b"HTTP/1.1 200"));
+        // Then quiet past it: closed.
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle answered connection stays open: {closed:?}"
+        );
+    }
+
+    /// A connection that switched protocols (a WebSocket) has no deadline any more.
+    #[tokio::test]
+    async fn an_upgraded_connection_may_stay_quiet() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let mut connection = Counted {
+            io: ours,
+            _permit: permit,
+            waiting: Some(Box::pin(tokio::time::sleep(Duration::from_millis(100)))),
+            tail: [0; 3],
+            wait: Duration::from_millis(100),
+            upgraded: false,
+        };
+        theirs
+            .write_all(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buffer = [0; 256];
+        let _ = connection.read(&mut buffer).await.unwrap();
+        connection
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(connection.upgraded && connection.waiting.is_none());
+        // Quiet for several times the wait, then a frame: read, not refused.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        theirs.write_all(b"frame").await.unwrap();
+        let read = connection.read(&mut buffer).await.unwrap();
+        assert_eq!(&buffer[..read], b"frame");
+        // An ordinary answer, by contrast, starts the wait for the next header.
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let mut plain = Counted {
+            io: ours,
+            _permit: permit,
+            waiting: None,
+            tail: [0; 3],
+            wait: Duration::from_millis(100),
+            upgraded: false,
+        };
+        plain.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        assert!(plain.waiting.is_some());
+        let refused = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut buffer)).await;
+        assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
     }
 }

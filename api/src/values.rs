@@ -101,6 +101,14 @@ fn bound_expr(expr: Expr, budget: &Budget) -> Result<Transformed<Expr>> {
 
 fn wrap(expr: Expr, budget: &Budget) -> Transformed<Expr> {
     match expr {
+        // A `||` measured twice (wrapped again by a later pass over a plan, or by a wrapped
+        // call's simplification) would count twice against the budget: measured once.
+        Expr::ScalarFunction(call)
+            if is_measured(&call.func)
+                && matches!(call.args.as_slice(), [Expr::ScalarFunction(inner)] if is_measured(&inner.func)) =>
+        {
+            Transformed::yes(call.args.into_iter().next().expect("one argument"))
+        }
         Expr::ScalarFunction(call) if !is_bounded(&call.func) => {
             let func = Arc::new(ScalarUDF::new_from_impl(Bounded {
                 inner: call.func,
@@ -126,7 +134,12 @@ fn wrap(expr: Expr, budget: &Budget) -> Transformed<Expr> {
 
 fn is_bounded(func: &ScalarUDF) -> bool {
     let inner: &dyn Any = func.inner().as_ref();
-    inner.is::<Bounded>() || inner.is::<Measured>()
+    inner.is::<Bounded>() || is_measured(func)
+}
+
+fn is_measured(func: &ScalarUDF) -> bool {
+    let inner: &dyn Any = func.inner().as_ref();
+    inner.is::<Measured>()
 }
 
 fn past(what: &str, bytes: usize, bound: usize) -> DataFusionError {
@@ -192,9 +205,9 @@ fn largest_count(value: &ColumnarValue) -> Option<usize> {
     }
 }
 
-/// What a call to `name` may build at most, in bytes, from its arguments over `rows` rows;
-/// `None` when no bound can be seen ahead (then only the result is measured).
-fn ahead(name: &str, args: &[ColumnarValue], rows: usize) -> Option<usize> {
+/// What a call to `name`, returning `returns`, may build at most, in bytes, from its arguments
+/// over `rows` rows; `None` when no bound can be seen ahead (then only the result is measured).
+fn ahead(name: &str, args: &[ColumnarValue], rows: usize, returns: &DataType) -> Option<usize> {
     let rows = rows.max(1);
     let text = |i: usize| args.get(i).and_then(longest_text);
     let count = |i: usize| args.get(i).and_then(largest_count);
@@ -219,8 +232,11 @@ fn ahead(name: &str, args: &[ColumnarValue], rows: usize) -> Option<usize> {
                 .saturating_mul(others)
                 .saturating_add(rest.map(Option::unwrap_or_default).sum())
         }
+        // Everything else that builds text or bytes builds about as much as it is given, a
+        // constant once per row; anything else (numbers, flags, times) a few bytes a row,
+        // which only its result shows.
+        _ if !is_text_like(returns) => return None,
         _ => {
-            // Everything else builds about as much as it is given.
             return Some(
                 args.iter()
                     .map(|arg| match arg {
@@ -232,6 +248,18 @@ fn ahead(name: &str, args: &[ColumnarValue], rows: usize) -> Option<usize> {
         }
     };
     Some(per_row.saturating_mul(rows))
+}
+
+fn is_text_like(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+    )
 }
 
 /// A function call whose values are bounded: refused ahead when they would be too large, and
@@ -275,7 +303,7 @@ impl ScalarUDFImpl for Bounded {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let name = self.inner.name();
         let bound = self.budget.value;
-        if let Some(bytes) = ahead(name, &args.args, args.number_rows)
+        if let Some(bytes) = ahead(name, &args.args, args.number_rows, args.return_type())
             && bytes > bound
         {
             return Err(past(&format!("{name}(…)"), bytes, bound));
@@ -286,6 +314,27 @@ impl ScalarUDFImpl for Bounded {
     }
 
     fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> Result<ExprSimplifyResult> {
+        // A call whose constant arguments already show it past the bound is refused while the
+        // statement is planned: left in the plan, its arguments (hundreds of megabytes of
+        // constants folded from calls within the bound) were copied by every later pass.
+        let constants: Option<Vec<ColumnarValue>> = args
+            .iter()
+            .map(|arg| match arg {
+                Expr::Literal(value, _) => Some(ColumnarValue::Scalar(value.clone())),
+                _ => None,
+            })
+            .collect();
+        if let Some(constants) = constants {
+            let name = self.inner.name();
+            let types: Vec<DataType> = constants.iter().map(ColumnarValue::data_type).collect();
+            let returns = self.inner.return_type(&types).unwrap_or(DataType::Null);
+            let bound = self.budget.value;
+            if let Some(bytes) = ahead(name, &constants, 1, &returns)
+                && bytes > bound
+            {
+                return Err(past(&format!("{name}(…)"), bytes, bound));
+            }
+        }
         // Some functions are only ever run as what they simplify to (`arrow_cast` becomes a
         // cast): simplified as themselves, with any call written in bounded too.
         Ok(match self.inner.simplify(args, info)? {
@@ -404,5 +453,32 @@ impl ScalarUDFImpl for Measured {
 
     fn preserves_lex_ordering(&self, _inputs: &[ExprProperties]) -> Result<bool> {
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::prelude::SessionContext;
+
+    /// Bounding a plan again (as after optimizing) measures each `||` once, so it counts once
+    /// against the budget.
+    #[tokio::test]
+    async fn a_concatenation_is_measured_once_however_often_the_plan_is_bounded() {
+        let ctx = SessionContext::new();
+        let plan = ctx
+            .sql("SELECT upper(a || 'x') || 'y' AS s FROM (VALUES ('a')) AS t(a)")
+            .await
+            .unwrap()
+            .into_unoptimized_plan();
+        let budget = Budget::new(1 << 20, 1 << 22);
+        let once = bound_values(plan, &budget).unwrap();
+        let twice = bound_values(once.clone(), &budget).unwrap();
+        let optimized = bound_values(ctx.state().optimize(&twice).unwrap(), &budget).unwrap();
+        for plan in [&once, &twice, &optimized] {
+            let shown = format!("{}", plan.display_indent());
+            assert_eq!(shown.matches("measured(").count(), 2, "{shown}");
+            assert!(!shown.contains("measured(measured("), "{shown}");
+        }
     }
 }
