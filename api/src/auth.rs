@@ -47,8 +47,24 @@ pub struct Claims {
     /// Role name; anything but `admin` is a member.
     #[serde(default = "member")]
     pub role: Role,
-    /// Expiry, seconds since the epoch.
+    /// Expiry, seconds since the epoch (RFC 7519 lets it have a fraction, which is dropped: the
+    /// token then ends less than a second early, never late).
+    #[serde(deserialize_with = "numeric_date")]
     pub exp: i64,
+}
+
+/// A NumericDate: seconds since the epoch, whole or not, as whole seconds rounded down.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(seconds) = number.as_i64() {
+        return Ok(seconds);
+    }
+    match number.as_f64() {
+        Some(seconds) if seconds.is_finite() && seconds.abs() < 9.0e18 => {
+            Ok(seconds.floor() as i64)
+        }
+        _ => Err(serde::de::Error::custom("exp is not a time in seconds")),
+    }
 }
 
 fn member() -> Role {
@@ -352,6 +368,38 @@ mod tests {
             assert!(auth.authenticate(junk, NOW).is_err(), "{junk}");
         }
         assert_eq!(auth.authenticate("  ", NOW), Err(AuthError::Missing));
+    }
+
+    /// A token signed over `body` as it is (any claims, any JSON).
+    fn signed(auth: &Auth, body: &serde_json::Value) -> String {
+        let mut mac = auth.mac().unwrap();
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(body).unwrap());
+        mac.update(format!("{header}.{body}").as_bytes());
+        let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{header}.{body}.{signature}")
+    }
+
+    #[test]
+    fn an_expiry_with_a_fraction_of_a_second_is_read_rounded_down() {
+        let auth = Auth::new(Some("f-f-f-f-f-f-f-f-f".into()), vec![]).unwrap();
+        let body = |exp: serde_json::Value| serde_json::json!({"user_id": "u", "tenant_id": tenant().to_string(), "exp": exp});
+        let token = signed(&auth, &body(serde_json::json!(NOW as f64 + 10.5)));
+        let who = auth.authenticate(&token, NOW).unwrap();
+        assert_eq!(who.expires, Some(NOW + 10));
+        assert_eq!(auth.authenticate(&token, NOW + 10), Err(AuthError::Expired));
+        for bad in [
+            serde_json::json!("soon"),
+            serde_json::json!(1e300),
+            serde_json::json!(null),
+        ] {
+            let token = signed(&auth, &body(bad.clone()));
+            assert_eq!(
+                auth.authenticate(&token, NOW),
+                Err(AuthError::Invalid),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
