@@ -761,6 +761,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             .issue(&keel_api::auth::Claims::admin("dev-admin", expires))
             .expect("a secret is set");
         eprintln!("keel: development tokens, valid 24 h (pass --jwt-secret to use your own):");
+        if !(args.source == "sim" || args.source == "simulator") {
+            // The tenants of a file or topic are not known yet: the tenant token is the
+            // simulated fleet's, which such a source may not hold at all.
+            eprintln!(
+                "  (the tenant below is the simulator's; this source's tenants are seen with \
+                 the admin token, e.g. SELECT DISTINCT tenant_id FROM streams, and need \
+                 --jwt-secret for tokens of their own)"
+            );
+        }
         eprintln!("  tenant {tenant}: {member}");
         eprintln!("  admin: {admin}");
     }

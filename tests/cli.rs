@@ -439,6 +439,36 @@ fn run_reads_on_between_store_writes_and_stops_cleanly_on_sigterm() {
     );
 }
 
+/// `keel run` on a file says that the tenant token it prints is the simulator's, since the
+/// file's tenants are not known when it starts.
+#[test]
+fn run_on_a_file_says_whose_the_printed_tenant_token_is() {
+    use std::io::BufRead;
+    let workdir = tempfile::tempdir().unwrap();
+    let file = workdir.path().join("in.ndjson");
+    let file = file.to_str().unwrap();
+    let out = keel(&["simulate", "--events", "200", "--out", file]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let source = format!("file:{file}");
+    let mut child = spawn_run(workdir.path(), &["--source", &source]);
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut banner = String::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.trim().starts_with("admin: ") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        banner.contains("the tenant below is the simulator's"),
+        "{banner}"
+    );
+}
+
 /// `keel run | head -2`: when its standard output closes, `keel run` stops as Ctrl-C stops it,
 /// not with a panic.
 #[test]
