@@ -1027,7 +1027,7 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
         .build()?;
     // The statement is checked against the tables, still empty, before the replay: a typo is
     // an error at once, not after the whole file.
-    runtime.block_on(check_sql(&handles.tables, &args.sql))?;
+    runtime.block_on(check_sql(&handles.tables, &args.sql, format))?;
     let mut previous = 0;
     let input = source.clone();
     run_engine(
@@ -1065,11 +1065,22 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
 async fn check_sql(
     tables: &Arc<std::sync::RwLock<keel_sinks::live::LiveTables>>,
     sql: &str,
+    format: Format,
 ) -> Result<(), SqlError> {
     let all = keel_api::auth::Scope::All;
-    keel_api::sql::plan_within(tables, all, sql, keel_api::sql::Limits::NONE)
-        .await
-        .map(drop)
+    let schema = keel_api::sql::plan_within(tables, all, sql, keel_api::sql::Limits::NONE).await?;
+    // CSV has no form for a nested value: said now, not after the whole replay.
+    if format == Format::Csv
+        && let Some(field) = schema.fields().iter().find(|f| f.data_type().is_nested())
+    {
+        return Err(SqlError::Invalid(format!(
+            "column {:?} holds nested values ({}), which CSV cannot: use --format json or \
+             table, or select its parts",
+            field.name(),
+            field.data_type()
+        )));
+    }
+    Ok(())
 }
 
 fn decklog(args: &DecklogArgs) -> anyhow::Result<()> {

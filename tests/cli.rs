@@ -139,22 +139,34 @@ fn bad_sql_is_a_clear_error() {
         assert!(!text(&out.stderr).contains("panicked"));
     }
     // Checked before the replay: over an input that never ends, the error comes at once.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["sql", "--input", "/dev/stdin", "SELECT nope FROM streams"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _open = child.stdin.take();
-    let status = exit_within(
-        &mut child,
-        Duration::from_secs(60),
-        "keel sql waited for its input before checking the statement",
-    );
-    let stderr = read_all(child.stderr.take().unwrap());
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let refused_at_once = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(["sql", "--input", "/dev/stdin"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _open = child.stdin.take();
+        let status = exit_within(
+            &mut child,
+            Duration::from_secs(60),
+            &format!("keel sql waited for its input before checking {args:?}"),
+        );
+        let stderr = read_all(child.stderr.take().unwrap());
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        stderr
+    };
+    let stderr = refused_at_once(&["SELECT nope FROM streams"]);
     assert!(stderr.contains("nope"), "{stderr}");
+    // So is a nested column asked for as CSV, which CSV cannot hold.
+    let nested = "SELECT named_struct('a', internal_name) AS s FROM streams";
+    let stderr = refused_at_once(&["--format", "csv", nested]);
+    assert!(
+        stderr.contains("column \"s\" holds nested values"),
+        "{stderr}"
+    );
 }
 
 #[test]
