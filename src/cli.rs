@@ -473,13 +473,18 @@ fn default_start() -> i64 {
     parse_rfc3339("2026-11-01T00:00:00Z").expect("a valid constant")
 }
 
+/// Whether a source's command-line spelling names the simulator.
+fn is_simulator(spec: &str) -> bool {
+    spec == "sim" || spec == "simulator"
+}
+
 /// Opens a source from its command-line spelling.
 fn open_source(
     spec: &str,
     kafka_mode: KafkaMode,
     sim: impl FnOnce() -> anyhow::Result<SimSource>,
 ) -> anyhow::Result<Arc<dyn Source>> {
-    if spec == "sim" || spec == "simulator" {
+    if is_simulator(spec) {
         Ok(Arc::new(sim()?))
     } else if let Some(path) = spec.strip_prefix("file:") {
         Ok(Arc::new(FileSource::open(path.as_ref())?))
@@ -626,8 +631,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         )?
     };
     let durable = args.store.start(
-        (args.source == "sim" || args.source == "simulator")
-            .then_some(crate::store::DEFAULT_SQLITE),
+        is_simulator(&args.source).then_some(crate::store::DEFAULT_SQLITE),
         &args.source,
     )?;
     let handles = Handles {
@@ -761,7 +765,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             .issue(&keel_api::auth::Claims::admin("dev-admin", expires))
             .expect("a secret is set");
         eprintln!("keel: development tokens, valid 24 h (pass --jwt-secret to use your own):");
-        if !(args.source == "sim" || args.source == "simulator") {
+        if !is_simulator(&args.source) {
             // The tenants of a file or topic are not known yet: the tenant token is the
             // simulated fleet's, which such a source may not hold at all.
             eprintln!(

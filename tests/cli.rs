@@ -27,6 +27,15 @@ fn exit_within(child: &mut std::process::Child, limit: Duration, late: &str) -> 
     }
 }
 
+/// Sends `signal` (`-INT`, `-TERM`) to `child`, as a terminal or a service manager would.
+fn send_signal(child: &std::process::Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 /// Everything `pipe` gives until it closes, as text.
 fn read_all(mut pipe: impl Read) -> String {
     let mut text = String::new();
@@ -357,11 +366,7 @@ fn run_prints_a_live_summary_and_stops_cleanly_on_ctrl_c() {
         .find_map(|l| l.strip_prefix("THP_enabled:"))
         .map(str::trim);
     assert_eq!(thp, Some("0"), "THP_enabled of keel run:\n{status_file}");
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(&child, "-INT");
     let status = exit_within(
         &mut child,
         Duration::from_secs(20),
@@ -415,11 +420,7 @@ fn run_reads_on_between_store_writes_and_stops_cleanly_on_sigterm() {
     ];
     let mut child = spawn_run(workdir.path(), &args);
     std::thread::sleep(Duration::from_millis(4500));
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(&child, "-TERM");
     let status = exit_within(
         &mut child,
         Duration::from_secs(40),
@@ -619,10 +620,7 @@ fn run_serves_sql_to_the_printed_tenant_token() {
         .read_to_string()
         .unwrap();
     assert!(online.contains(&&host), "{host} is not among {online:?}");
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    send_signal(&child, "-INT");
     assert!(child.wait().unwrap().success());
 }
 
@@ -839,10 +837,7 @@ fn run_takes_mist_webhooks_into_the_tables() {
         &|served| served.lines().any(|line| line == "keel_helmsman_pending 0"),
         "the trigger log still holds triggers",
     );
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    send_signal(&child, "-INT");
     assert!(child.wait().unwrap().success());
     let left: Vec<_> = std::fs::read_dir(wal.path()).unwrap().collect();
     assert!(

@@ -368,23 +368,24 @@ mod tests {
     /// What the README promises for `/v1/sql`: the caller's faults are 4xx, the engine's 500.
     #[test]
     fn sql_errors_get_the_documented_status() {
-        let status = |error: SqlError| ApiError::Sql(error).status_and_code();
-        let text = || "x".to_owned();
-        assert_eq!(
-            status(SqlError::Invalid(text())),
-            (StatusCode::BAD_REQUEST, "bad_sql")
-        );
-        assert_eq!(
-            status(SqlError::Refused(text())),
-            (StatusCode::BAD_REQUEST, "read_only")
-        );
-        assert_eq!(
-            status(SqlError::Limit(text())),
-            (StatusCode::UNPROCESSABLE_ENTITY, "query_limit")
-        );
-        assert_eq!(
-            status(SqlError::Internal(text())),
-            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
-        );
+        let x = || "x".to_owned();
+        for (error, expected) in [
+            (SqlError::Invalid(x()), (StatusCode::BAD_REQUEST, "bad_sql")),
+            (
+                SqlError::Refused(x()),
+                (StatusCode::BAD_REQUEST, "read_only"),
+            ),
+            (
+                SqlError::Limit(x()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "query_limit"),
+            ),
+            (
+                SqlError::Internal(x()),
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ),
+        ] {
+            let shown = error.to_string();
+            assert_eq!(ApiError::Sql(error).status_and_code(), expected, "{shown}");
+        }
     }
 }

@@ -462,11 +462,9 @@ async fn on_query_thread(
             }
         })
         .map_err(|e| SqlError::Internal(format!("cannot start the query's thread: {e}")))?;
-    answer.await.unwrap_or_else(|_| {
-        Err(SqlError::Internal(
-            "the query failed inside the engine (see its log)".to_owned(),
-        ))
-    })
+    answer
+        .await
+        .unwrap_or_else(|_| Err(SqlError::Internal(FAILED_INSIDE.to_owned())))
 }
 
 /// Queries that run at once; the others wait their turn. Each may hold its memory limit, so
@@ -650,6 +648,9 @@ fn cooperative_joins(
     .map(|done| done.data)
 }
 
+/// What a caller is told of a query that failed in the engine (a panic): the rest is logged.
+const FAILED_INSIDE: &str = "the query failed inside the engine (see its log)";
+
 /// A DataFusion error while planning or running, as Keel reports it.
 fn failed(e: &datafusion::error::DataFusionError) -> SqlError {
     match e.find_root() {
@@ -661,7 +662,7 @@ fn failed(e: &datafusion::error::DataFusionError) -> SqlError {
         // A task of the query panicked: the engine's fault, whatever the statement.
         datafusion::error::DataFusionError::ExecutionJoin(_) => {
             tracing::error!(error = %e, "a query task failed");
-            SqlError::Internal("the query failed inside the engine (see its log)".to_owned())
+            SqlError::Internal(FAILED_INSIDE.to_owned())
         }
         datafusion::error::DataFusionError::ResourcesExhausted(_) => SqlError::Limit(format!(
             "the query needs more memory for the rows it scans and its joins, sorts and \

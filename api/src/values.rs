@@ -7,9 +7,10 @@
 //! call in it is wrapped ([`bound_values`]): the call is refused when what it is about to build
 //! can be seen to be larger than the bound (a count argument times its text, as `repeat`,
 //! `lpad`, `rpad`, `replace` and `regexp_replace` take, or `concat_ws`'s separator once per
-//! argument; the sum of its inputs for every other function), and its result is measured once
-//! built. String concatenation with `||` is
-//! measured the same way. A value past the bound is reported as a query limit.
+//! argument; the sum of its inputs, a constant once per row, for any other call that returns
+//! text or bytes), already while it is planned when its arguments are constants, and its
+//! result is measured once built. String concatenation with `||` is measured the same way. A
+//! value past the bound is reported as a query limit.
 //!
 //! Each call's inputs are within the bound (they were measured as they were built, or are
 //! rows a scan took within the pool), so one call builds at most a few times the bound before
@@ -240,8 +241,8 @@ fn ahead(name: &str, args: &[ColumnarValue], rows: usize, returns: &DataType) ->
             return Some(
                 args.iter()
                     .map(|arg| match arg {
-                        ColumnarValue::Array(array) => array.get_array_memory_size(),
                         ColumnarValue::Scalar(scalar) => scalar.size().saturating_mul(rows),
+                        array => bytes_of(array),
                     })
                     .fold(0, usize::saturating_add),
             );
