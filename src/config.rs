@@ -141,6 +141,7 @@ impl ApiConfig {
                 .unwrap_or(defaults.connections_per_tenant),
             queue: self.subscriber_queue.unwrap_or(defaults.queue),
             send_buffer: self.socket_send_buffer.or(defaults.send_buffer),
+            body_wait: defaults.body_wait,
             query: keel_api::sql::Limits {
                 memory: self
                     .query_memory_mb

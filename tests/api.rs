@@ -1059,3 +1059,78 @@ async fn queries_past_their_limits_are_stopped_with_a_clear_error() {
         "{error}"
     );
 }
+
+/// A request whose body stops short of its `Content-Length` is answered 408 in the error shape
+/// once the body's time is up, and its connection is closed (it held its place among the open
+/// connections for good); a body sent in pieces within the time is answered as usual, and one
+/// larger than the limit is still 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_short_is_refused_in_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let handles = golden();
+    let mut state = state(&handles);
+    state.limits.body_wait = std::time::Duration::from_millis(400);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let token = tenant_token(TENANT_A);
+    let body = r#"{"sql": "SELECT count(*) AS n FROM streams"}"#;
+    let head = |length: usize| {
+        format!(
+            "POST /v1/sql HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+
+    // Ten bytes of a promised hundred, then nothing.
+    let mut stalled = TcpStream::connect(address).await.unwrap();
+    stalled.write_all(head(100).as_bytes()).await.unwrap();
+    stalled.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stalled.read_to_string(&mut answer),
+    )
+    .await
+    .expect("answered and closed, not held")
+    .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(r#""code":"timeout""#) && answer.contains("did not arrive within 0.4 s"),
+        "{answer}"
+    );
+
+    // The same body in two pieces, the second after a pause within the time: answered.
+    let mut paused = TcpStream::connect(address).await.unwrap();
+    paused.write_all(head(body.len()).as_bytes()).await.unwrap();
+    paused.write_all(&body.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    paused.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let mut buffer = vec![0; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), paused.read(&mut buffer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""n":"#), "{answer}");
+
+    // Past the limit by its Content-Length: still 413 in the error shape.
+    let mut large = TcpStream::connect(address).await.unwrap();
+    large
+        .write_all(head(MAX_BODY + 1).as_bytes())
+        .await
+        .unwrap();
+    large.write_all(&vec![b' '; MAX_BODY + 1]).await.ok();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), large.read(&mut buffer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#""code":"too_large""#), "{answer}");
+}

@@ -9,7 +9,7 @@
 //! next header within the same time (4,096 connections that each sent one request and then
 //! idled took every place). While a request is served the connection has no deadline, and once
 //! it switched protocols (`101`, a WebSocket) none at all: WebSocket clients are quiet for
-//! minutes.
+//! minutes. A request's body has its own deadline, in the router (`server::body_in_time`).
 
 use std::io;
 use std::pin::Pin;

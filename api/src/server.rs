@@ -69,6 +69,8 @@ pub struct Limits {
     pub send_buffer: Option<usize>,
     /// What one SQL query may take (HTTP and the PostgreSQL protocol).
     pub query: crate::sql::Limits,
+    /// How long a request's whole body may take to arrive once its header has (408 past it).
+    pub body_wait: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -78,6 +80,7 @@ impl Default for Limits {
             queue: 256,
             send_buffer: None,
             query: crate::sql::Limits::SERVED,
+            body_wait: crate::listener::FIRST_REQUEST,
         }
     }
 }
@@ -96,6 +99,9 @@ pub enum ApiError {
     /// take (422); or the engine could not run it (500).
     #[error(transparent)]
     Sql(#[from] SqlError),
+    /// The request's body did not arrive in time (408; the connection is closed).
+    #[error("{0}")]
+    Timeout(String),
     /// Nothing to answer with yet, or the engine went away (503).
     #[error("{0}")]
     Unavailable(String),
@@ -115,6 +121,7 @@ impl ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
             ApiError::Sql(SqlError::Limit(_)) => (StatusCode::UNPROCESSABLE_ENTITY, "query_limit"),
+            ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
         }
@@ -137,6 +144,12 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // What the client still sends would be read as the next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -158,6 +171,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .layer(axum::Extension(crate::graphql::schema(state.clone())))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(
+            state.limits.body_wait,
+            body_in_time,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -180,6 +197,51 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
         .metrics
         .observe(&route, response.status().as_u16(), started.elapsed());
     response
+}
+
+/// Reads a request's body whole, within `wait` and [`MAX_BODY`], before any handler sees it:
+/// the listener's deadline covers request headers only, and a body promised by its
+/// `Content-Length` but never sent held its connection (and its place among the open ones) for
+/// good. Bodies here are small JSON documents, so holding one whole costs nothing a handler
+/// would not spend anyway. A body known to be empty (a `GET`, a WebSocket upgrade) passes as is.
+async fn body_in_time(
+    State(wait): State<std::time::Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use axum::body::HttpBody;
+    if request.body().size_hint().exact() == Some(0) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(wait, axum::body::to_bytes(body, MAX_BODY)).await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                in_error_shape(
+                    StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+                    &parts.method,
+                    parts.uri.path(),
+                )
+                .await
+            } else {
+                ApiError::BadRequest(format!("the request body could not be read: {error}"))
+                    .into_response()
+            };
+        }
+        Err(_) => {
+            return ApiError::Timeout(format!(
+                "the request body did not arrive within {} s",
+                wait.as_secs_f64()
+            ))
+            .into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 fn is_json(response: &Response) -> bool {
