@@ -349,10 +349,17 @@ async fn live_connections_end_when_their_token_expires() {
 
 /// The code of the close frame that ends `ws` within `wait` (`None` when it ends without one).
 async fn close_code(ws: &mut Ws, wait: Duration) -> Option<u16> {
+    close_frame(ws, wait).await.map(|(code, _)| code)
+}
+
+/// The code and reason of the close frame that ends `ws` within `wait`.
+async fn close_frame(ws: &mut Ws, wait: Duration) -> Option<(u16, String)> {
     tokio::time::timeout(wait, async {
         loop {
             match futures_util::StreamExt::next(ws).await {
-                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(Message::Close(frame))) => {
+                    break frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                }
                 Some(Ok(_)) => continue,
                 _ => break None,
             }
@@ -360,6 +367,50 @@ async fn close_code(ws: &mut Ws, wait: Duration) -> Option<u16> {
     })
     .await
     .expect("the connection closed in time")
+}
+
+/// A graphql-transport-ws message the protocol does not define closes the connection with
+/// 4400 and a reason, as the protocol asks (unknown types dropped the connection without a
+/// close frame, malformed ones closed with 1002); defined ones go on being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphql_ws_closes_with_4400_at_a_message_the_protocol_does_not_define() {
+    let fleet = fleet(6, 200);
+    let a = fleet.tenants[0].clone();
+    let mut live = Live::start(roomy(), &fleet.tenants[1]);
+    let host = live.host();
+    let token = live.member(&a);
+    let long = "é".repeat(300);
+    for (message, reason) in [
+        (
+            Message::text(r#"{"type": "bogus"}"#),
+            "unknown message type \"bogus\"",
+        ),
+        (Message::text("not json"), "not a message"),
+        (Message::text(r#"{"id": "1"}"#), "not a message"),
+        (
+            Message::text(r#"{"type": "subscribe", "id": "1"}"#),
+            "payload",
+        ),
+        (Message::binary(&b"\xff\xfe"[..]), "not a message"),
+        (
+            Message::text(json!({"type": long}).to_string()),
+            "unknown message type \"éé",
+        ),
+    ] {
+        let (mut ws, ack) = graphql_ws(&host, json!({"token": token})).await;
+        assert_eq!(ack["type"], "connection_ack");
+        send(&mut ws, json!({"type": "ping"})).await;
+        assert_eq!(next_json(&mut ws).await["type"], "pong");
+        let shown = message.to_string().chars().take(40).collect::<String>();
+        ws.send(message).await.unwrap();
+        let (code, said) = close_frame(&mut ws, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("{shown}: closed without a frame"));
+        assert_eq!(code, 4400, "{shown}: {said}");
+        assert!(said.contains(reason), "{shown}: {said}");
+        assert!(said.len() <= 123, "{shown}: {} bytes", said.len());
+    }
+    live.finish().await;
 }
 
 /// A graphql-transport-ws client, connected.

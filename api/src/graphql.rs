@@ -65,7 +65,46 @@ pub fn schema(state: ApiState) -> KeelSchema {
         .data(state)
         .limit_depth(12)
         .limit_complexity(20_000)
+        .extension(RootFieldsOnly)
         .finish()
+}
+
+/// Refuses a subscription that selects its root fields through a fragment (`subscription {
+/// ...F }`): async-graphql serves only the fields written at a subscription's root, so such a
+/// subscription ended at once with neither data nor an error.
+struct RootFieldsOnly;
+
+impl async_graphql::extensions::ExtensionFactory for RootFieldsOnly {
+    fn create(&self) -> Arc<dyn async_graphql::extensions::Extension> {
+        Arc::new(RootFieldsOnly)
+    }
+}
+
+#[async_trait::async_trait]
+impl async_graphql::extensions::Extension for RootFieldsOnly {
+    async fn parse_query(
+        &self,
+        ctx: &async_graphql::extensions::ExtensionContext<'_>,
+        query: &str,
+        variables: &async_graphql::Variables,
+        next: async_graphql::extensions::NextParseQuery<'_>,
+    ) -> async_graphql::ServerResult<async_graphql::parser::types::ExecutableDocument> {
+        use async_graphql::parser::types::{OperationType, Selection};
+        let document = next.run(ctx, query, variables).await?;
+        let through_fragment = document
+            .operations
+            .iter()
+            .filter(|(_, operation)| operation.node.ty == OperationType::Subscription)
+            .flat_map(|(_, operation)| &operation.node.selection_set.node.items)
+            .find(|selection| !matches!(selection.node, Selection::Field(_)));
+        match through_fragment {
+            Some(selection) => Err(async_graphql::ServerError::new(
+                "a subscription selects its fields directly: a fragment at its root is not served",
+                Some(selection.pos),
+            )),
+            None => Ok(document),
+        }
+    }
 }
 
 /// The complexity of a field that reads a whole table of the tenant's (sessions, windows,

@@ -358,6 +358,7 @@ pub const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, state: ApiState) {
     let routes = Shared::default();
     let (sends, mut started) = mpsc::unbounded_channel::<BoxStream<'static, String>>();
+    let (violations, mut violated) = mpsc::unbounded_channel::<String>();
     let (mut sink, incoming) = socket.split();
     let direct = protocol == Protocols::GraphQLWS;
     let router = {
@@ -365,6 +366,12 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
         move |text: axum::body::Bytes| {
             // Read once, for both checks; a message that is not one goes on to async-graphql.
             let head: Option<Head> = serde_json::from_slice(&text).ok();
+            // graphql-transport-ws closes a connection with 4400 at a message it does not
+            // define; async-graphql would close with 1002, or, for some, drop the connection.
+            if direct && let Some(what) = undefined(head.as_ref()) {
+                let _ = violations.send(what);
+                return future::ready(None);
+            }
             // Refused before either path parses it (see `graphql::MAX_NESTING`). Before
             // `connection_init` async-graphql refuses every subscription without reading its
             // document, so that refusal (4401 below) comes first.
@@ -463,11 +470,17 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
                     code: match lock(&routes) {
                         routes if direct && routes.refused => 4403,
                         routes if direct && code == 1011 && routes.caller.is_none() => 4401,
+                        // A message of a defined type that async-graphql could not read.
+                        _ if direct && code == 1002 => 4400,
                         _ => code,
                     },
-                    reason: reason.into(),
+                    reason: close_reason(reason).into(),
                 })),
             },
+            Some(reason) = violated.recv() => Message::Close(Some(CloseFrame {
+                code: 4400,
+                reason: close_reason(reason).into(),
+            })),
             Some(stream) = started.recv() => {
                 streams.push(stream);
                 continue;
@@ -478,6 +491,32 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
         if sink.send(message).await.is_err() || closing {
             break;
         }
+    }
+}
+
+/// `reason` cut to what a close frame carries (123 bytes), at a character boundary.
+fn close_reason(mut reason: String) -> String {
+    const MOST: usize = 123;
+    if reason.len() > MOST {
+        let mut end = MOST - 3;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str("...");
+    }
+    reason
+}
+
+/// Why a graphql-transport-ws client message is not one the protocol defines (`None` when it
+/// is, or at least has a defined type whose fields async-graphql checks).
+fn undefined(head: Option<&Head>) -> Option<String> {
+    let Some(head) = head else {
+        return Some("not a message: expected a JSON object with a string \"type\"".to_owned());
+    };
+    match head.kind.as_str() {
+        "connection_init" | "ping" | "pong" | "subscribe" | "complete" => None,
+        other => Some(format!("unknown message type {:?}", other)),
     }
 }
 
@@ -892,5 +931,47 @@ mod tests {
             "subscription {{ liveTable(table: \"streams\", tenantId: \"{TENANT}\") {{ kind }} }}"
         );
         assert!(start(plan(&own), &caller(), &state, "q".into()).is_some());
+    }
+
+    /// A subscription whose root field comes through a fragment is refused with an error (it
+    /// ended at once with nothing); the same field written directly is served, and a query may
+    /// still select through fragments.
+    #[tokio::test]
+    async fn a_subscription_through_a_root_fragment_is_refused_not_ended_silently() {
+        let schema = crate::graphql::schema(state());
+        let first = |document: &'static str| {
+            let request = async_graphql::Request::new(document).data(caller());
+            let mut responses = Box::pin(schema.execute_stream(request));
+            async move {
+                tokio::time::timeout(std::time::Duration::from_secs(5), responses.next())
+                    .await
+                    .expect("a first response")
+            }
+        };
+        for document in [
+            "subscription { ...F } fragment F on Subscription { liveTable(table: \"streams\") { kind } }",
+            "subscription { ... on Subscription { liveTable(table: \"streams\") { kind } } }",
+        ] {
+            let response = first(document).await.expect("an answer, not an end");
+            assert_eq!(response.errors.len(), 1, "{document}");
+            assert!(
+                response.errors[0]
+                    .message
+                    .contains("a fragment at its root is not served"),
+                "{document}: {:?}",
+                response.errors
+            );
+        }
+        let direct = first("subscription { liveTable(table: \"streams\") { kind } }")
+            .await
+            .expect("a snapshot");
+        assert!(direct.errors.is_empty(), "{:?}", direct.errors);
+        let query = schema
+            .execute(
+                async_graphql::Request::new("query { ...Q } fragment Q on Query { __typename }")
+                    .data(caller()),
+            )
+            .await;
+        assert!(query.errors.is_empty(), "{:?}", query.errors);
     }
 }
