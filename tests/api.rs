@@ -357,6 +357,16 @@ async fn bad_requests_get_clear_errors() {
             StatusCode::BAD_REQUEST,
             "bad_sql",
         ),
+        // A time with no text form: an error, not the formatting error's text as its value.
+        (
+            sql_request(
+                Some(&a),
+                "SELECT arrow_cast(-99999999999999, 'Timestamp(Second, None)') AS far",
+                None,
+            ),
+            StatusCode::BAD_REQUEST,
+            "bad_sql",
+        ),
         (
             Request::post("/v1/sql")
                 .header(header::AUTHORIZATION, format!("Bearer {a}"))

@@ -1305,6 +1305,11 @@ async fn psql_reads_the_live_tables_with_a_token_as_password_within_the_tenant()
             assert_eq!(code, 1, "{write}");
             assert!(err.contains("only queries are allowed"), "{write}: {err}");
         }
+        // A time with no text form is an error naming its column, not its error as the value.
+        let (code, out, err) = psql(port, &member, "disable", "SELECT arrow_cast(-99999999999999, 'Timestamp(Second, None)') AS far");
+        assert_eq!(code, 1, "{out}");
+        assert!(err.contains("column far has a value with no text form"), "{err}");
+        assert!(!out.contains("ERROR"), "{out}");
     })
     .await
     .unwrap();
@@ -1522,6 +1527,17 @@ async fn a_driver_on_the_extended_protocol_gets_typed_binary_values() {
             .unwrap();
     assert_eq!(row.get::<i64, _>(0), i64::MAX);
     assert_eq!(row.get::<Option<String>, _>(1), None);
+    // A timestamp past what microseconds since 2000 can hold is an error, not a wrong time.
+    let error = sqlx::query("SELECT arrow_cast(-99999999999999, 'Timestamp(Second, None)') AS far")
+        .fetch_one(&mut db)
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("column far has a value with no text form"),
+        "{error}"
+    );
     // The connection is still good after errors.
     let one: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes")
         .fetch_one(&mut db)

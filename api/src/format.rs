@@ -33,6 +33,9 @@ pub enum Format {
 /// Renders `batches` in `format`.
 pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowError> {
     let mut out = Vec::new();
+    if format != Format::Arrow {
+        temporals_have_text(batches)?;
+    }
     match format {
         Format::Table => {
             let shown = batches
@@ -84,6 +87,31 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, ArrowE
         }
     }
     Ok(out)
+}
+
+/// Refuses a date or time that has no text form (a timestamp past the calendar's range, such
+/// as `arrow_cast(-99999999999999, 'Timestamp(Second, None)')`), naming its column: the JSON
+/// writer and the text table would write the formatting error in its place as if it were the
+/// value ("ERROR: Cast error: …"); CSV refused it without naming the column.
+fn temporals_have_text(batches: &[RecordBatch]) -> Result<(), ArrowError> {
+    let options = arrow::util::display::FormatOptions::new().with_display_error(false);
+    for batch in batches {
+        for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+            if !column.data_type().is_temporal() || column.null_count() == column.len() {
+                continue;
+            }
+            let formatter = arrow::util::display::ArrayFormatter::try_new(column, &options)?;
+            for row in (0..column.len()).filter(|&row| column.is_valid(row)) {
+                formatter.value(row).try_to_string().map_err(|error| {
+                    ArrowError::CastError(format!(
+                        "column {:?} has a value with no text form: {error}",
+                        field.name()
+                    ))
+                })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `value` with its control characters written as escapes.
@@ -204,6 +232,36 @@ mod tests {
         assert!(!table.contains(['\u{1b}', '\u{9b}', '\u{7f}']), "{table}");
         // CSV quotes the value whole instead.
         assert!(text(&[batch()], Format::Csv).contains("\"two\nlines\""));
+    }
+
+    /// A timestamp past the calendar's range is an error naming its column in every format
+    /// that writes it as text, never the error's text in its place.
+    #[test]
+    fn a_time_with_no_text_form_is_an_error_not_a_value() {
+        use arrow::array::TimestampSecondArray;
+        let far = RecordBatch::try_from_iter([(
+            "at",
+            Arc::new(TimestampSecondArray::from(vec![
+                Some(0),
+                None,
+                Some(-99_999_999_999_999),
+            ])) as ArrayRef,
+        )])
+        .unwrap();
+        for format in [Format::Table, Format::Json, Format::JsonArray, Format::Csv] {
+            let error = render(std::slice::from_ref(&far), format).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .contains("column \"at\" has a value with no text form"),
+                "{format:?}: {error}"
+            );
+        }
+        let near = far.slice(0, 2);
+        assert_eq!(
+            text(&[near], Format::JsonArray),
+            "[{\"at\":\"1970-01-01T00:00:00\"},{\"at\":null}]"
+        );
     }
 
     #[test]

@@ -540,6 +540,7 @@ fn encode_rows(
     fields: &Arc<Vec<FieldInfo>>,
 ) -> PgWireResult<Vec<pgwire::messages::data::DataRow>> {
     let options = FormatOptions::new()
+        .with_display_error(false)
         .with_null("")
         .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"))
         .with_timestamp_tz_format(Some("%Y-%m-%d %H:%M:%S%.f%:z"));
@@ -560,6 +561,18 @@ fn encode_rows(
         }
     }
     Ok(rows)
+}
+
+/// A value that cannot be written (a timestamp past the calendar's range): SQLSTATE
+/// datetime_field_overflow, where its formatting error was sent as its text ("ERROR: …").
+fn no_text(field: &FieldInfo, why: &str) -> PgWireError {
+    user_error(
+        "22008",
+        &format!(
+            "column {} has a value with no text form: {why}",
+            field.name()
+        ),
+    )
 }
 
 fn encode_value(
@@ -595,21 +608,26 @@ fn encode_value(
         )),
         Some(Column::Int(values)) => encoder.encode_field(&values.value(row)),
         Some(Column::Float(values)) => encoder.encode_field(&values.value(row)),
-        Some(Column::Micros(values, text)) => {
-            if binary {
-                encoder.encode_field(&(values.value(row) - PG_EPOCH_MICROS))
-            } else {
-                encoder.encode_field(&text.value(row).to_string())
-            }
+        // Null here but not in the column: the time has no microsecond or day count.
+        Some(Column::Micros(values, _)) if binary && values.is_null(row) => {
+            Err(no_text(field, "it is past the range of microseconds"))
         }
-        Some(Column::Days(values, text)) => {
-            if binary {
-                encoder.encode_field(&(values.value(row) - PG_EPOCH_DAYS))
-            } else {
-                encoder.encode_field(&text.value(row).to_string())
-            }
+        Some(Column::Micros(values, _)) if binary => {
+            encoder.encode_field(&(values.value(row) - PG_EPOCH_MICROS))
         }
-        Some(Column::Text(text)) => encoder.encode_field(&text.value(row).to_string()),
+        Some(Column::Days(values, _)) if binary && values.is_null(row) => {
+            Err(no_text(field, "it is past the range of days"))
+        }
+        Some(Column::Days(values, _)) if binary => {
+            encoder.encode_field(&(values.value(row) - PG_EPOCH_DAYS))
+        }
+        Some(Column::Micros(_, text) | Column::Days(_, text) | Column::Text(text)) => {
+            let value = text
+                .value(row)
+                .try_to_string()
+                .map_err(|e| no_text(field, &e.to_string()))?;
+            encoder.encode_field(&value)
+        }
         None => encoder.encode_field(&None::<i64>),
     }
 }
