@@ -1014,6 +1014,9 @@ fn sql(args: &SqlArgs) -> anyhow::Result<()> {
         (None, Some(spec)) => spec.clone(),
         (None, None) => bail!("say where events come from: --input FILE or --source SPEC"),
     };
+    if args.events.is_some() && !is_simulator(&spec) {
+        bail!("--events sets how many records the simulator makes: it needs --source sim");
+    }
     let config = args.fleet.config(default_start(), None)?;
     let source = open_source(
         &spec,

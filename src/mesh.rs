@@ -192,6 +192,21 @@ impl ControlArgs {
             .with_context(|| format!("mesh registry {}", crate::store::redact(&url)))
     }
 
+    /// The registry a command that only reads or revokes works on: one that does not exist yet
+    /// is an error (a mistyped `--data-dir` made a directory and an empty registry there, and
+    /// listed no nodes as if the cluster had none).
+    async fn existing_registry(&self) -> anyhow::Result<Registry> {
+        let default = self.data_dir.join("registry.db");
+        if self.registry.is_none() && !default.exists() {
+            anyhow::bail!(
+                "no mesh registry at {}: `keel mesh token create` makes one there, or name \
+                 another with --registry (or KEEL_MESH_REGISTRY)",
+                default.display()
+            );
+        }
+        self.registry().await
+    }
+
     /// Makes the data directory, readable by its owner only.
     fn ensure_dir(&self) -> anyhow::Result<()> {
         keel_mesh::files::create_private_dir(&self.data_dir)
@@ -240,7 +255,7 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
         match &args.command {
             MeshCommand::Token(TokenCommand::Create(args)) => create_token(args).await,
             MeshCommand::Token(TokenCommand::Revoke(args)) => {
-                let registry = args.control.registry().await?;
+                let registry = args.control.existing_registry().await?;
                 if registry.revoke_token(args.id.trim(), now()).await? {
                     eprintln!("token {} revoked", args.id.trim());
                     Ok(())
@@ -258,7 +273,7 @@ pub fn mesh(args: &MeshArgs) -> anyhow::Result<()> {
             MeshCommand::Status(args) => status(args),
             MeshCommand::Dns(args) => dns(args).await,
             MeshCommand::RevokeNode(args) => {
-                let registry = args.control.registry().await?;
+                let registry = args.control.existing_registry().await?;
                 if registry
                     .revoke_node(&args.control.cluster, &args.name, now())
                     .await?
@@ -319,7 +334,7 @@ async fn create_token(args: &CreateTokenArgs) -> anyhow::Result<()> {
 }
 
 async fn list_nodes(control: &ControlArgs) -> anyhow::Result<()> {
-    let registry = control.registry().await?;
+    let registry = control.existing_registry().await?;
     let Some(cidr) = registry.cluster_cidr(&control.cluster).await? else {
         anyhow::bail!(
             "no cluster {}: `keel mesh token create` makes it",

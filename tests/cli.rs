@@ -187,6 +187,22 @@ fn missing_inputs_and_bad_options_say_so() {
         "{}",
         text(&out.stderr)
     );
+    // A directory is refused before any replay; --events only means something to the
+    // simulator.
+    let out = keel(&["sql", "--input", "/tmp", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot read /tmp: a directory, not a file of records"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = keel(&["sql", "--input", "x", "--events", "5", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--events sets how many records the simulator makes"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = keel(&["sql", "--source", "carrier-pigeon", "SELECT 1"]);
     assert!(
         text(&out.stderr).contains("unknown source \"carrier-pigeon\""),

@@ -156,7 +156,6 @@ fn bad_options_say_what_is_wrong() {
             &["token", "create", "--cluster", "Bad Name"][..],
             "DNS label",
         ),
-        (&["nodes", "--cluster", "missing"][..], "no cluster missing"),
     ] {
         let out = keel(dir.path(), args);
         assert!(!out.status.success(), "{args:?} succeeded");
@@ -166,8 +165,31 @@ fn bad_options_say_what_is_wrong() {
             text(&out.stderr)
         );
     }
+    // Where nothing was issued, commands that read or revoke say there is no registry, and a
+    // mistyped data directory is not made.
+    let typo = dir.path().join("typo");
+    for args in [
+        &["nodes"][..],
+        &["revoke-node", "edge-1"],
+        &["token", "revoke", "abc"],
+    ] {
+        let out = keel(&typo, args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            text(&out.stderr).contains("no mesh registry at"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(!typo.exists(), "{args:?}");
+    }
     // A cluster keeps its range.
     assert!(keel(dir.path(), &["token", "create"]).status.success());
+    let out = keel(dir.path(), &["nodes", "--cluster", "missing"]);
+    assert!(
+        text(&out.stderr).contains("no cluster missing"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = keel(dir.path(), &["token", "create", "--cidr", "10.77.0.0/16"]);
     assert!(
         text(&out.stderr).contains("already has mesh range 10.88.0.0/16"),

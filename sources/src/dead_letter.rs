@@ -13,19 +13,16 @@
 //! durable writer calls it before it lets the batch's epochs count as stored, so a record's
 //! position is never committed before its dead letter is in Kafka.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use serde_json::{Map, Value, json};
 
 use crate::error::{IngestError, SourceError, clip};
-use crate::kafka::KafkaAddress;
+use crate::kafka::{Deliveries, KafkaAddress};
 use crate::record::{Position, Record};
 
 /// The consumer name dead letters carry.
@@ -166,24 +163,6 @@ fn insert_bytes(object: &mut Map<String, Value>, name: &str, bytes: &[u8], limit
     }
 }
 
-/// Counts deliveries that failed.
-#[derive(Clone, Debug, Default)]
-pub struct Deliveries {
-    failed: Arc<AtomicU64>,
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, _)) = result {
-            tracing::warn!(%error, "a dead letter was not delivered");
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 /// Produces dead letters to one topic and waits for the broker's acknowledgements.
 pub struct DeadLetterWriter {
     producer: ThreadedProducer<Deliveries>,
@@ -224,7 +203,7 @@ impl DeadLetterWriter {
 
     /// Produces every letter and waits until the broker has them all.
     pub fn send_all(&self, letters: &[DeadLetter]) -> Result<(), SourceError> {
-        let failed_before = self.deliveries.failed.load(Ordering::Relaxed);
+        let failed_before = self.deliveries.failed();
         for letter in letters {
             let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len());
             for (name, value) in &letter.headers {
@@ -254,11 +233,12 @@ impl DeadLetterWriter {
             }
         }
         self.producer.flush(Duration::from_secs(60))?;
-        let failed = self.deliveries.failed.load(Ordering::Relaxed) - failed_before;
+        let failed = self.deliveries.failed() - failed_before;
         if failed > 0 {
             return Err(SourceError::Config(format!(
-                "{failed} dead letters were not delivered to {}",
-                self.address.topic
+                "{failed} dead letters were not delivered to {}: {}",
+                self.address.topic,
+                self.deliveries.first_error()
             )));
         }
         Ok(())

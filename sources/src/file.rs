@@ -196,6 +196,14 @@ impl FileSource {
         };
         let file = File::open(path).map_err(io)?;
         let metadata = file.metadata().map_err(io)?;
+        // A directory opens, and fails only at its first read: refused here, before the engine
+        // (and in `keel run` its ports) start.
+        if metadata.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "a directory, not a file of records (name one of its files)",
+            )));
+        }
         let size = metadata.is_file().then_some(metadata.len());
         let handed = Arc::new(AtomicU64::new(0));
         Ok(FileSource {
@@ -555,6 +563,22 @@ fn push_kcat(batch: &mut Batch, line: &[u8]) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A directory is refused when the source opens, not at its first read.
+    #[test]
+    fn a_directory_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = FileSource::open(dir.path()).expect_err("refused");
+        let message = error.to_string();
+        assert!(
+            message.contains("a directory, not a file of records"),
+            "{message}"
+        );
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
+    }
 
     /// Position, value, tenant header and key of a record read back.
     type ReadBack = (String, String, Option<String>, Option<String>);

@@ -32,7 +32,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -727,32 +727,106 @@ impl SourceReader for KafkaReader {
 
 /// Writes records to a topic (used by `keel simulate --out kafka://…` and by tests).
 pub struct KafkaWriter {
-    producer: ThreadedProducer<DefaultProducerContext>,
-    topic: String,
+    producer: ThreadedProducer<Deliveries>,
+    deliveries: Deliveries,
+    address: KafkaAddress,
 }
+
+/// Counts a producer's deliveries that failed, and keeps the first failure's reason: without
+/// it, a record the broker never took (its topic missing, the broker gone past the message
+/// timeout) was dropped without a word.
+#[derive(Clone, Debug, Default)]
+pub struct Deliveries {
+    failed: Arc<AtomicU64>,
+    first: Arc<Mutex<Option<String>>>,
+}
+
+impl Deliveries {
+    /// Deliveries failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// The first failure's reason ("" when none failed).
+    pub fn first_error(&self) -> String {
+        self.first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            tracing::warn!(%error, "a record was not delivered");
+            self.first
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert_with(|| error.to_string());
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How long [`KafkaWriter::new`] waits for the brokers to answer, and the longest a record waits
+/// to be delivered before it counts as failed.
+const REACH: Duration = Duration::from_secs(10);
+const DELIVERY: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for KafkaWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaWriter")
-            .field("topic", &self.topic)
+            .field("address", &self.address)
             .finish()
     }
 }
 
 impl KafkaWriter {
-    /// An idempotent producer for `address` (acks from all in-sync replicas).
+    /// An idempotent producer for `address` (acks from all in-sync replicas), once its brokers
+    /// have answered for the topic: an unreachable address is an error within seconds, not a
+    /// minute of waiting at the end for a flush that says only "timed out".
     pub fn new(address: &KafkaAddress) -> Result<Self, SourceError> {
-        let producer = ClientConfig::new()
+        let deliveries = Deliveries::default();
+        let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
             .set("bootstrap.servers", &address.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("queue.buffering.max.messages", "200000")
-            .create()?;
+            .set("message.timeout.ms", DELIVERY.as_millis().to_string())
+            .create_with_context(deliveries.clone())?;
+        producer
+            .client()
+            .fetch_metadata(Some(&address.topic), REACH)
+            .map_err(|error| {
+                SourceError::Config(format!(
+                    "no answer from the Kafka brokers at {} within {} s: {error}",
+                    address.brokers,
+                    REACH.as_secs()
+                ))
+            })?;
         Ok(KafkaWriter {
             producer,
-            topic: address.topic.clone(),
+            deliveries,
+            address: address.clone(),
         })
+    }
+
+    /// The error for deliveries that failed, naming the first reason.
+    fn undelivered(&self) -> SourceError {
+        let failed = self.deliveries.failed();
+        SourceError::Config(format!(
+            "{failed} record{} not delivered to {} at {}: {}",
+            if failed == 1 { " was" } else { "s were" },
+            self.address.topic,
+            self.address.brokers,
+            self.deliveries.first_error()
+        ))
     }
 
     /// Queues one record, waiting for room when the client's queue is full.
@@ -783,7 +857,7 @@ impl KafkaWriter {
                 });
             }
         }
-        let mut record = BaseRecord::to(&self.topic)
+        let mut record = BaseRecord::to(&self.address.topic)
             .key(key)
             .payload(value)
             .headers(owned);
@@ -799,6 +873,10 @@ impl KafkaWriter {
                     ),
                     returned,
                 )) => {
+                    // A full queue that is failing empties only by timing out: stop at once.
+                    if self.deliveries.failed() > 0 {
+                        return Err(self.undelivered());
+                    }
                     record = returned;
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -807,15 +885,64 @@ impl KafkaWriter {
         }
     }
 
-    /// Waits until every queued record is acknowledged.
+    /// Waits until every queued record is acknowledged; a record that was not is an error
+    /// counting them and naming the first reason.
     pub fn flush(&self, timeout: Duration) -> Result<(), SourceError> {
-        Ok(self.producer.flush(timeout)?)
+        self.producer.flush(timeout)?;
+        if self.deliveries.failed() > 0 {
+            return Err(self.undelivered());
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer to brokers that do not answer is refused when made, within seconds, naming the
+    /// address; one whose records the broker refuses says so at the flush, with the count and
+    /// the reason, where they were dropped without a word.
+    #[test]
+    fn a_writer_reports_unreachable_brokers_and_undelivered_records() {
+        let started = Instant::now();
+        let error = KafkaWriter::new(&KafkaAddress::parse("kafka://127.0.0.1:1/t").unwrap())
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("no answer from the Kafka brokers at 127.0.0.1:1 within 10 s"),
+            "{error}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+        cluster.create_topic("events", 1, 1).expect("a topic");
+        let address = KafkaAddress {
+            brokers: cluster.bootstrap_servers(),
+            topic: "events".into(),
+        };
+        let writer = KafkaWriter::new(&address).expect("a producer");
+        writer.send("a", b"{}", &[]).unwrap();
+        writer.flush(Duration::from_secs(30)).expect("delivered");
+        cluster.request_errors(
+            rdkafka::types::RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+        );
+        writer.send("b", b"{}", &[]).unwrap();
+        let error = writer
+            .flush(Duration::from_secs(30))
+            .expect_err("an undelivered record is an error")
+            .to_string();
+        assert!(
+            error.starts_with("1 record was not delivered to events at"),
+            "{error}"
+        );
+        assert!(error.contains("authoriz"), "{error}");
+    }
 
     #[test]
     fn addresses() {
