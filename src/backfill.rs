@@ -32,6 +32,9 @@ const EARLY: i64 = 5 * 60 * 1000;
 /// … and continues this long past `--to` (events that reached the broker late).
 const LATE: i64 = 60 * 60 * 1000;
 
+/// The ClickHouse database `keel run` writes unless told otherwise.
+const LIVE_DATABASE: &str = "keel";
+
 /// `keel backfill` options.
 #[derive(Debug, Args)]
 pub struct BackfillArgs {
@@ -135,6 +138,16 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
     {
         bail!("nothing to fill: give --clickhouse URL and/or --database URL");
     }
+    // A backfill's per-stream tables hold its range's own totals: written over `keel run`'s
+    // (whose database is `keel` unless told otherwise) they would replace the whole history's.
+    if args.store.clickhouse.is_some() && args.store.clickhouse_database == LIVE_DATABASE {
+        bail!(
+            "a backfill writes its range's own per-stream totals (streams, nodes, \
+             viewers_by_country, unknown_events), which would replace those `keel run` keeps in \
+             ClickHouse database {LIVE_DATABASE}: name a database of its own with \
+             --clickhouse-database (and `keel migrate` it first)"
+        );
+    }
     let (source, expected): (Arc<dyn Source>, Option<u64>) =
         if let Some(path) = args.source.strip_prefix("file:") {
             (Arc::new(FileSource::open(path.as_ref())?), None)
@@ -205,9 +218,15 @@ pub fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
              again — it replaces what is stored"
         );
     }
+    let written = durable.stats();
+    if let Some(error) = written.unreconciled.lock().clone() {
+        bail!(
+            "the stores took every epoch, but stored windows of the range that this run no \
+             longer computes could not be removed ({error}); run the same backfill again"
+        );
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let records = stats.records.load(Ordering::Relaxed);
-    let written = durable.stats();
     eprintln!(
         "backfill done in {:.1} s: {} records ({} events in the range, {} outside it, {} errors), \
          {} records/s; {} ClickHouse rows and {} stream_analytics rows written",

@@ -330,6 +330,7 @@ impl Owed {
                     "keel: could not reconcile ClickHouse with the rebuilt state ({error}); stored \
                      rows this run no longer computes may remain until the next run"
                 );
+                *durable.stats().unreconciled.lock() = Some(error.to_string());
                 true
             }
             Err(error) => {
@@ -376,6 +377,7 @@ fn publish<'scope>(
     tables: Option<Arc<RwLock<LiveTables>>>,
     durable: Option<Arc<Durable>>,
     mut owed: Option<Owed>,
+    event_range: Option<(i64, i64)>,
 ) -> StreamVec<'scope, u64, ()> {
     changes.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
         Exchange::new(|_: &PeriscopeChange| 0),
@@ -431,6 +433,14 @@ fn publish<'scope>(
                 if let Some(durable) = &durable {
                     durable.stage(closed, |stage| {
                         for change in epochs.iter().flatten() {
+                            // A backfill stores only the windows wholly inside its range: the
+                            // others saw part of their events, and would replace whole ones.
+                            if let (Some((from, to)), Some((start, end))) =
+                                (event_range, change.window())
+                                && (start < from || end > to)
+                            {
+                                continue;
+                            }
                             change.clone().apply_to(stage);
                         }
                     });
@@ -530,6 +540,7 @@ pub fn run(
                 tables,
                 durable,
                 owed,
+                options.event_range,
             )
             .probe_with(&probe);
             // Replays route no viewer: without routing there is no input for node loads,

@@ -30,7 +30,8 @@ use keel_sinks::live::LiveTables;
 pub struct Coverage {
     /// `usage_5m` windows starting at or after this (milliseconds).
     pub since: i64,
-    /// `usage_5m` windows starting before this (milliseconds).
+    /// `usage_5m` windows starting before this (milliseconds; for a range, the last start
+    /// whose window ends inside it, plus one).
     pub until: i64,
     /// `viewers_by_country` rows too (the state holds each stream's whole life).
     pub countries: bool,
@@ -44,11 +45,12 @@ impl Coverage {
         countries: true,
     };
 
-    /// A backfill of `[from, to)`: the windows of the range.
+    /// A backfill of `[from, to)`: the windows wholly inside the range, the only ones it stores
+    /// (one that straddles an end saw part of its events, and a stored one is left as it is).
     pub fn range(from: i64, to: i64) -> Coverage {
         Coverage {
             since: from,
-            until: to,
+            until: to.saturating_sub(keel_dataflows::periscope::WINDOW - 1),
             countries: false,
         }
     }

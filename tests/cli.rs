@@ -203,6 +203,24 @@ fn missing_inputs_and_bad_options_say_so() {
         "{}",
         text(&out.stderr)
     );
+    // A backfill into `keel run`'s own ClickHouse database is refused before anything is read.
+    let out = keel(&[
+        "backfill",
+        "--source",
+        "file:/nonexistent/x.ndjson",
+        "--from",
+        "2026-11-01T00:00:00Z",
+        "--to",
+        "2026-11-01T01:00:00Z",
+        "--clickhouse",
+        "http://127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("name a database of its own with --clickhouse-database"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = keel(&["sql", "--source", "carrier-pigeon", "SELECT 1"]);
     assert!(
         text(&out.stderr).contains("unknown source \"carrier-pigeon\""),

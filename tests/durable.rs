@@ -801,8 +801,8 @@ fn a_backfill_run_twice_or_interrupted_leaves_the_same_tables() {
     let topic = seeded_topic(&brokers, records);
     let source = format!("kafka://{brokers}/{topic}");
     // The simulated fleet starts at 2026-11-01T00:00:00Z; 60,000 records span about seven
-    // minutes of it. Take a range that cuts through the middle.
-    let (from, to) = ("2026-11-01T00:02:00Z", "2026-11-01T00:05:00Z");
+    // minutes of it. Take a range that cuts through the first window and holds the second.
+    let (from, to) = ("2026-11-01T00:02:00Z", "2026-11-01T00:10:00Z");
 
     let database = unique("keel_backfill");
     let sql = fresh_postgres(&database);
@@ -828,7 +828,8 @@ fn a_backfill_run_twice_or_interrupted_leaves_the_same_tables() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(!windows.is_empty());
-    // Windows are 5 minutes: only those overlapping the range can have rows.
+    // Windows are 5 minutes: only those wholly inside the range are stored (one that straddles
+    // an end saw part of its events).
     let (from_ms, to_ms) = (
         keel_operators::time::parse_rfc3339(from).unwrap(),
         keel_operators::time::parse_rfc3339(to).unwrap(),
@@ -841,10 +842,42 @@ fn a_backfill_run_twice_or_interrupted_leaves_the_same_tables() {
             .or_else(|| start.as_str()?.parse().ok())
             .unwrap();
         assert!(
-            start + 300_000 > from_ms && start < to_ms,
-            "a window outside the range: {window}"
+            start >= from_ms && start + 300_000 <= to_ms,
+            "a window not wholly inside the range: {window}"
         );
     }
+
+    // Into tables that hold the whole first window (a backfill of it): the straddling window
+    // is left as it was, not replaced by the part the range saw.
+    let whole = unique("keel_backfill_whole");
+    let whole_sql = fresh_postgres(&whole);
+    migrate(&url, &whole, &whole_sql);
+    let straddling = from_ms - from_ms % 300_000;
+    let first_window = |database: &str| -> Vec<serde_json::Value> {
+        stored(&url, database, "usage_5m")
+            .into_iter()
+            .filter(|w| {
+                let start = &w["window_start"];
+                start.as_i64().or_else(|| start.as_str()?.parse().ok()) == Some(straddling)
+            })
+            .collect()
+    };
+    backfill(
+        &source,
+        "2026-11-01T00:00:00Z",
+        to,
+        &url,
+        &whole,
+        &whole_sql,
+    );
+    let before = first_window(&whole);
+    assert!(!before.is_empty(), "the first window is stored");
+    backfill(&source, from, to, &url, &whole, &whole_sql);
+    assert_eq!(
+        before,
+        first_window(&whole),
+        "a straddling window was replaced"
+    );
 
     // Again, in epochs of 1,024 records where the first run took 65,536: nothing changes
     // (rows superseded over many epochs end as over a few).

@@ -64,6 +64,9 @@ pub struct DurableStats {
     pub inserts: AtomicU64,
     /// Flushes that failed and were retried.
     pub failures: AtomicU64,
+    /// Why the stores could not be reconciled with a rebuilt state at the end of its input
+    /// (a backfill then fails, as rows it no longer computes may remain).
+    pub unreconciled: Mutex<Option<String>>,
     /// Rows staged and not yet written.
     pub pending_rows: AtomicU64,
     /// Rows that could not be encoded for their ClickHouse table (a row type that does not fit
@@ -510,6 +513,8 @@ impl Durable {
 fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
     let mut backoff = Duration::from_millis(500);
     let mut last = Instant::now();
+    // After a failed write (and its backoff), the next one is due at once.
+    let mut retry_now = false;
     loop {
         // Wait for the interval (or a finish request), then take everything staged.
         let (tables, sql, dead, closed, version) = {
@@ -519,7 +524,7 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
                     return;
                 }
                 let waited = last.elapsed();
-                if waited >= every {
+                if waited >= every || retry_now {
                     break;
                 }
                 // parking_lot's lock is eventually fair: epochs staged back to back (a
@@ -542,6 +547,7 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
             )
         };
         last = Instant::now();
+        retry_now = false;
         match write_all(stores, &shared.stats, tables, sql, dead) {
             Ok(()) => {
                 shared.durable.fetch_max(closed, Ordering::AcqRel);
@@ -587,7 +593,9 @@ fn write_loop(shared: &Shared, stores: &Stores, every: Duration) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
-                last = Instant::now() - every;
+                // (`Instant::now() - every` panicked, killing the writer unseen, when `every`
+                // was longer than the machine's uptime.)
+                retry_now = true;
             }
         }
     }

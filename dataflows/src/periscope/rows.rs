@@ -523,6 +523,21 @@ macro_rules! periscope_tables {
     };
 }
 
+impl PeriscopeChange {
+    /// The span of time a change's row covers, `[start, end)` in milliseconds, for the
+    /// windowed tables (`usage_5m`, `stream_health_5m`, `routing_hourly`); `None` for the others.
+    pub fn window(&self) -> Option<(i64, i64)> {
+        use keel_operators::time::HOUR;
+        let five = super::WINDOW;
+        match self {
+            PeriscopeChange::Usage5m(change) => Some(change.key().2).map(|s| (s, s + five)),
+            PeriscopeChange::StreamHealth5m(change) => Some(change.key().2).map(|s| (s, s + five)),
+            PeriscopeChange::RoutingHourly(change) => Some(change.key().1).map(|s| (s, s + HOUR)),
+            _ => None,
+        }
+    }
+}
+
 periscope_tables! {
     Streams(StreamRow) => "streams",
     ViewerSessions(ViewerSessionRow) => "viewer_sessions",
