@@ -692,6 +692,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             &foghorn_listen,
             foghorn_grpc.as_deref(),
             geoip.as_deref(),
+            Some(auth.clone()),
             &handles,
         )?)
     };

@@ -35,6 +35,7 @@ impl FoghornServer {
         http: &str,
         grpc: Option<&str>,
         geoip: Option<&std::path::Path>,
+        admins: Option<keel_api::auth::Auth>,
         handles: &Handles,
     ) -> anyhow::Result<Self> {
         let http_listener = bind(http, "Foghorn HTTP")?;
@@ -51,6 +52,9 @@ impl FoghornServer {
         );
         if let Some(path) = geoip {
             service = service.with_geoip(GeoIp::open(path).map_err(|e| anyhow::anyhow!(e))?);
+        }
+        if let Some(admins) = admins {
+            service = service.with_admins(admins);
         }
         let service = Arc::new(service);
         let runtime = tokio::runtime::Builder::new_multi_thread()

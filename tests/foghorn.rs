@@ -8,11 +8,23 @@ use std::time::{Duration, Instant};
 
 use keel::engine::{self, EngineOptions, Handles};
 use keel::foghorn::FoghornServer;
+use keel_api::auth::{Auth, Claims};
 use keel_api::foghorn_grpc::{RouteRequest, RouteResponse, call_route};
 use keel_operators::time::format_rfc3339;
 use keel_sinks::hub::RowFilter;
 use keel_sources::memory::{MemorySender, MemorySource, OwnedRecord};
 use serde_json::{Value, json};
+
+const SECRET: &str = "a-foghorn-test-secret";
+/// A token year far ahead (seconds).
+const FAR: i64 = 4_102_444_800;
+
+fn token(claims: &Claims) -> String {
+    Auth::new(Some(SECRET.into()), Vec::new())
+        .unwrap()
+        .issue(claims)
+        .unwrap()
+}
 
 const TENANT: &str = "7e1a0b0c-aaaa-4bbb-8ccc-000000000001";
 
@@ -123,8 +135,15 @@ impl Fixture {
         };
         let engine =
             std::thread::spawn(move || engine::run(Arc::new(source), &options, &engine_handles));
-        let server =
-            FoghornServer::start("127.0.0.1:0", Some("127.0.0.1:0"), geoip, &handles).unwrap();
+        let admins = Auth::new(Some(SECRET.into()), Vec::new()).unwrap();
+        let server = FoghornServer::start(
+            "127.0.0.1:0",
+            Some("127.0.0.1:0"),
+            geoip,
+            Some(admins),
+            &handles,
+        )
+        .unwrap();
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .max_redirects(0)
             .http_status_as_error(false)
@@ -331,6 +350,17 @@ fn source_selection_finds_the_origin() {
         f.get("/?source=nope&fallback=dtsc://backup:4200", &[]).2,
         "dtsc://backup:4200"
     );
+    // Redirected, a fallback must be a DTSC address: the port is no open redirect.
+    let (status, location, _) = f.get("/?source=nope&redirect=1&fallback=dtsc://backup:4200", &[]);
+    assert_eq!(
+        (status, location.as_deref()),
+        (302, Some("dtsc://backup:4200"))
+    );
+    let (status, location, body) = f.get(
+        "/?source=nope&redirect=1&fallback=https://elsewhere.example/x",
+        &[],
+    );
+    assert_eq!((status, location), (400, None), "{body}");
     let (status, json) = f.get_json("/v1/foghorn/route?stream=nope&purpose=source");
     assert_eq!(status, 503);
     assert_eq!(
@@ -411,8 +441,27 @@ fn weights_read_set_and_refuse_bad_json() {
         f.get("/demo?lat=48.85&lon=2.35", &[]).2,
         "edge-ams.edge.example"
     );
-    let (status, weights) = f.get_json("/?weights=%7B%22geo%22%3A0%7D");
-    assert_eq!(status, 200);
+    // Changing them needs an admin token: none, a tenant's or a forged one is refused and
+    // changes nothing.
+    let change = "/?weights=%7B%22geo%22%3A0%7D";
+    let admin = format!("Bearer {}", token(&Claims::admin("ops", FAR)));
+    let member = format!(
+        "Bearer {}",
+        token(&Claims::member("t", uuid::Uuid::nil(), FAR))
+    );
+    for refused in [
+        &[][..],
+        &[("authorization", member.as_str())],
+        &[("authorization", "Bearer forged")],
+    ] {
+        let (status, _, body) = f.get(change, refused);
+        assert_eq!(status, 401, "{refused:?}: {body}");
+        assert!(body.contains("needs an admin token"), "{body}");
+    }
+    assert_eq!(f.get_json("/?weights=").1["geo"], 1000);
+    let (status, _, body) = f.get(change, &[("authorization", &admin)]);
+    assert_eq!(status, 200, "{body}");
+    let weights: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(weights["geo"], 0);
     assert_eq!(weights["cpu"], 500);
     assert_eq!(
@@ -425,7 +474,7 @@ fn weights_read_set_and_refuse_bad_json() {
         "%7B%22speed%22%3A1%7D",
         "%7B%22cpu%22%3A1e12%7D",
     ] {
-        let (status, _, body) = f.get(&format!("/?weights={bad}"), &[]);
+        let (status, _, body) = f.get(&format!("/?weights={bad}"), &[("authorization", &admin)]);
         assert_eq!(status, 400, "{bad}: {body}");
     }
     assert_eq!(
@@ -674,7 +723,7 @@ fn clients_without_coordinates_are_placed_by_geoip() {
     // A file that is not a database is refused at start, with the reason.
     let bad = dir.path().join("bad.mmdb");
     std::fs::write(&bad, b"not a database").unwrap();
-    let error = FoghornServer::start("127.0.0.1:0", None, Some(&bad), &Handles::default())
+    let error = FoghornServer::start("127.0.0.1:0", None, Some(&bad), None, &Handles::default())
         .expect_err("refused")
         .to_string();
     assert!(

@@ -88,6 +88,8 @@ pub struct Foghorn {
     fleet: Arc<FleetCell>,
     injector: Injector,
     geoip: Option<GeoIp>,
+    /// Who may change the weights at run time (an admin token of the API's); `None`: nobody.
+    admins: Option<crate::auth::Auth>,
     /// Counters.
     pub stats: Arc<FoghornStats>,
 }
@@ -158,8 +160,16 @@ impl Foghorn {
             fleet,
             injector,
             geoip: None,
+            admins: None,
             stats,
         }
+    }
+
+    /// Lets holders of an admin token of `auth` change the weights (`/?weights={…}` with
+    /// `Authorization: Bearer …`); without it the weights change only in the settings file.
+    pub fn with_admins(mut self, auth: crate::auth::Auth) -> Foghorn {
+        self.admins = Some(auth);
+        self
     }
 
     /// Places clients without coordinates by their address in `geoip`.
@@ -417,8 +427,12 @@ struct DecisionPayload<'a> {
 
 /// A 400 with a reason, as plain text.
 fn bad_request(reason: impl Into<String>) -> Response {
+    refused(StatusCode::BAD_REQUEST, reason)
+}
+
+fn refused(status: StatusCode, reason: impl Into<String>) -> Response {
     (
-        StatusCode::BAD_REQUEST,
+        status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         reason.into(),
     )
@@ -584,12 +598,21 @@ fn request_of(
     })
 }
 
+/// A client's country as its decision records it: two ASCII letters, upper-cased; anything else
+/// (`--`, `XX1`, kilobytes of header) is no country. Each distinct value is interned for the
+/// life of the process, so a header read as is let any client grow memory without bound.
+pub fn country_code(text: &str) -> Option<String> {
+    let text = text.trim();
+    (text.len() == 2 && text.bytes().all(|b| b.is_ascii_alphabetic()))
+        .then(|| text.to_ascii_uppercase())
+}
+
 fn asker(headers: &(impl Headers + ?Sized), source: &'static str) -> Asker {
     Asker {
         country: headers
             .text("cf-ipcountry")
             .or(headers.text("x-country-code"))
-            .map(|c| c.to_ascii_uppercase()),
+            .and_then(country_code),
         tenant: headers
             .text("x-tenant-id")
             .and_then(|t| Uuid::parse_str(t).ok()),
@@ -762,7 +785,7 @@ async fn root(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Request)
         return hosts(&foghorn, host);
     }
     if let Some(weights) = params.get("weights") {
-        return set_weights(&foghorn, weights);
+        return set_weights(&foghorn, weights, headers);
     }
     if let Some(stream) = params.get("streamstats") {
         let name = known(stream_name(stream));
@@ -827,6 +850,10 @@ fn source(
         Err(_) => fallback(params, &format!("dtsc://localhost:{DTSC_PORT}")),
     };
     if params.get("redirect").is_some_and(|r| r == "1") {
+        // Not an open redirect: only to a media server's DTSC address.
+        if !target.starts_with("dtsc://") {
+            return bad_request("a fallback redirected to must be a dtsc:// address");
+        }
         return redirect(StatusCode::FOUND, &target);
     }
     text(target)
@@ -942,9 +969,25 @@ pub fn merge_weights(current: Weights, text: &str) -> Result<Weights, String> {
     Ok(weights)
 }
 
-fn set_weights(foghorn: &Foghorn, text: &str) -> Response {
+/// Reads the weights, or changes some of them for a caller holding an admin token: the port is
+/// the one viewers and edges reach, and anyone could re-rank the whole fleet with one `GET`.
+fn set_weights(foghorn: &Foghorn, text: &str, headers: &HeaderMap) -> Response {
     let mut policy = *foghorn.fleet().policy();
     if !text.trim().is_empty() {
+        let Some(admins) = &foghorn.admins else {
+            return refused(
+                StatusCode::FORBIDDEN,
+                "the weights are not changed here: set them in the settings file ([foghorn])",
+            );
+        };
+        let principal = crate::server::principal(admins, headers);
+        if !principal.is_ok_and(|p| p.scope == crate::auth::Scope::All) {
+            return refused(
+                StatusCode::UNAUTHORIZED,
+                "changing the weights needs an admin token (Authorization: Bearer …)",
+            );
+        }
+        tracing::info!(weights = text, "Foghorn's weights changed");
         match merge_weights(policy.weights, text) {
             Ok(weights) => {
                 policy.weights = weights;
@@ -1071,6 +1114,17 @@ pub fn render_metrics(stats: &FoghornStats, fleet: &Fleet, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only two ASCII letters make a country; the rest (which a client may send by the
+    /// kilobyte, each value interned for good) is none.
+    #[test]
+    fn country_codes_are_two_letters() {
+        assert_eq!(country_code("de").as_deref(), Some("DE"));
+        assert_eq!(country_code(" BR ").as_deref(), Some("BR"));
+        for none in ["", "--", "D", "DEU", "D1", "é", &"x".repeat(8000)] {
+            assert_eq!(country_code(none), None, "{none:?}");
+        }
+    }
     use keel_sources::codec::decode;
     use keel_sources::event::NodeMode;
     use keel_sources::memory::InjectedEvent;

@@ -160,6 +160,8 @@ fn to_request(message: &RouteRequest) -> Result<Request, Status> {
             ));
         }
     };
+    keel_dataflows::foghorn::score::check_tag_count(message.tag_adjust.len())
+        .map_err(Status::invalid_argument)?;
     let tags = message
         .tag_adjust
         .iter()
@@ -221,8 +223,7 @@ pub fn route(foghorn: &Foghorn, message: &RouteRequest) -> Result<RouteResponse,
         }
     };
     let asker = Asker {
-        country: (!message.client_country.is_empty())
-            .then(|| message.client_country.to_ascii_uppercase()),
+        country: crate::foghorn::country_code(&message.client_country),
         tenant: Uuid::parse_str(&message.tenant_id).ok(),
         source: "grpc",
         details: String::new(),

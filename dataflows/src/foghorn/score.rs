@@ -135,6 +135,11 @@ pub struct TagAdjust {
 impl TagAdjust {
     /// One adjustment from its key (`"tag1,tag2"`, or `"-tag"` for nodes without it).
     pub fn new(key: &str, adjust: i64) -> Result<TagAdjust, String> {
+        if adjust.unsigned_abs() > MAX_TAG_ADJUST.unsigned_abs() {
+            return Err(format!(
+                "tag adjustment {key:?}: {adjust} is past ±{MAX_TAG_ADJUST}"
+            ));
+        }
         let (invert, list) = match key.strip_prefix('-') {
             Some(rest) => (true, rest),
             None => (false, key),
@@ -156,10 +161,28 @@ impl TagAdjust {
     }
 }
 
+/// The largest adjustment one tag key may make, as large as a weight may be: adjustments
+/// summed past `i64` wrapped a score around (and panicked a debug build).
+pub const MAX_TAG_ADJUST: i64 = 1_000_000;
+
+/// The most tag keys one request may adjust: each is tested against every candidate node.
+pub const MAX_TAG_ADJUSTMENTS: usize = 64;
+
+/// Refuses more than [`MAX_TAG_ADJUSTMENTS`] keys.
+pub fn check_tag_count(count: usize) -> Result<(), String> {
+    if count > MAX_TAG_ADJUSTMENTS {
+        return Err(format!(
+            "{count} tag adjustments: at most {MAX_TAG_ADJUSTMENTS} in one request"
+        ));
+    }
+    Ok(())
+}
+
 /// Reads the platform's tag-adjust JSON, `{"tag1,tag2": 100, "-tag3": -50}`.
 pub fn parse_tag_adjust(text: &str) -> Result<Vec<TagAdjust>, String> {
     let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
         .map_err(|e| format!("tag adjustments must be a JSON object of numbers: {e}"))?;
+    check_tag_count(map.len())?;
     let mut adjustments = Vec::with_capacity(map.len());
     for (key, value) in map {
         let adjust = value
@@ -569,6 +592,15 @@ mod tests {
         for bad in ["[1]", "{\"a\": 1.5}", "{\"a\": \"x\"}", "{\",\": 1}", "{"] {
             assert!(parse_tag_adjust(bad).is_err(), "{bad}");
         }
+        // Adjustments whose sum would pass i64 (and wrap the score) are refused, as are more
+        // keys than a request may adjust.
+        let huge = format!(r#"{{"-a": {}, "-b": {}}}"#, i64::MAX, i64::MAX);
+        let error = parse_tag_adjust(&huge).unwrap_err();
+        assert!(error.contains("is past ±1000000"), "{error}");
+        assert!(parse_tag_adjust(r#"{"-a": -1000000, "-b": 1000000}"#).is_ok());
+        let many: Vec<String> = (0..65).map(|i| format!("\"t{i}\": 1")).collect();
+        let error = parse_tag_adjust(&format!("{{{}}}", many.join(","))).unwrap_err();
+        assert!(error.contains("at most 64"), "{error}");
     }
 
     #[test]
