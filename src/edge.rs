@@ -232,6 +232,13 @@ impl EdgeServer {
                         match tokio::net::TcpListener::from_std(listener) {
                             Ok(listener) => {
                                 let router = adapter.router();
+                                // Bounded and with a deadline per request header, as the API's
+                                // port: idle connections took every descriptor the process had.
+                                let listener = keel_api::listener::Capped::new(
+                                    listener,
+                                    keel_api::listener::MAX_CONNECTIONS,
+                                    keel_api::listener::FIRST_REQUEST,
+                                );
                                 tokio::spawn(async move {
                                     if let Err(error) = axum::serve(listener, router).await {
                                         tracing::error!(%error, "Helmsman adapter stopped");

@@ -33,8 +33,12 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Largest request body (the balancer's requests have none; bodies are read and ignored).
 const MAX_BODY: usize = 64 * 1024;
-/// A connection silent this long is closed.
+/// A connection whose next request has not arrived whole this long after its last answer (or
+/// its start) is closed — the time counts from there, not from the last byte, so a request sent
+/// a byte a minute holds nothing for good.
 const IDLE: Duration = Duration::from_secs(60);
+/// The most connections the port holds open at once; further ones wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 4_096;
 /// How long a stopping server waits for its connections to finish their requests.
 pub const DRAIN: Duration = Duration::from_secs(5);
 /// The content type of text answers and refusals.
@@ -57,6 +61,17 @@ impl Headers for [httparse::Header<'_>] {
 /// (reading the rest of one it has begun) and closes, and `serve` returns once all have, or
 /// after [`DRAIN`].
 pub async fn serve(listener: TcpListener, foghorn: Arc<Foghorn>, stop: impl Future<Output = ()>) {
+    serve_within(listener, foghorn, stop, MAX_CONNECTIONS, IDLE).await;
+}
+
+/// [`serve`] with at most `most` connections open, each given `idle` for its next request.
+async fn serve_within(
+    listener: TcpListener,
+    foghorn: Arc<Foghorn>,
+    stop: impl Future<Output = ()>,
+    most: usize,
+    idle: Duration,
+) {
     let router = router(foghorn.clone());
     let (stopping, stopped) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
@@ -66,12 +81,14 @@ pub async fn serve(listener: TcpListener, foghorn: Arc<Foghorn>, stop: impl Futu
             () = &mut stop => break,
             // Finished connections are reaped as they go, so the set holds only open ones.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            // At the cap, nothing is accepted until a connection ends.
+            accepted = listener.accept(), if connections.len() < most => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     connections.spawn(connection(
                         stream,
                         peer,
+                        idle,
                         foghorn.clone(),
                         router.clone(),
                         stopped.clone(),
@@ -169,12 +186,14 @@ fn step<'h, 'b>(buf: &'b [u8], headers: &'h mut [httparse::Header<'b>]) -> Step<
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
+    idle: Duration,
     foghorn: Arc<Foghorn>,
     router: Router,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut due = tokio::time::Instant::now() + idle;
     loop {
         let mut read = 0;
         let mut close = false;
@@ -211,6 +230,9 @@ async fn connection(
             }
         }
         buf.drain(..read);
+        if read > 0 {
+            due = tokio::time::Instant::now() + idle;
+        }
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {
                 return;
@@ -224,7 +246,7 @@ async fn connection(
         }
         buf.reserve(4096);
         tokio::select! {
-            read = tokio::time::timeout(IDLE, stream.read_buf(&mut buf)) => match read {
+            read = tokio::time::timeout_at(due, stream.read_buf(&mut buf)) => match read {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
                 Ok(Ok(_)) => {}
             },
@@ -457,6 +479,10 @@ mod tests {
     }
 
     fn server() -> Server {
+        server_within(MAX_CONNECTIONS, IDLE)
+    }
+
+    fn server_within(most: usize, idle: Duration) -> Server {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
         listener.set_nonblocking(true).expect("non-blocking");
         let address = listener.local_addr().expect("an address");
@@ -473,9 +499,15 @@ mod tests {
                 .expect("a runtime");
             runtime.block_on(async move {
                 let listener = TcpListener::from_std(listener).expect("a tokio listener");
-                serve(listener, foghorn, async {
-                    let _ = stopped.await;
-                })
+                serve_within(
+                    listener,
+                    foghorn,
+                    async {
+                        let _ = stopped.await;
+                    },
+                    most,
+                    idle,
+                )
                 .await;
             });
         });
@@ -505,6 +537,49 @@ mod tests {
             }
         }
         String::from_utf8(received).expect("text")
+    }
+
+    /// A request sent a byte at a time is closed once its time from the connection's start is
+    /// up (the wait counted from the last byte let it hold on for good), and at the cap a new
+    /// connection is served once an open one ends.
+    #[test]
+    fn a_trickled_request_is_closed_in_time_and_connections_are_capped() {
+        let server = server_within(1, Duration::from_millis(600));
+        let started = std::time::Instant::now();
+        let mut slow = std::net::TcpStream::connect(server.address).expect("connects");
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The second connection waits for the first's place.
+        let waiting = std::thread::spawn(move || {
+            let address = server.address;
+            let answer = exchange(
+                address,
+                &[b"GET /demo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"],
+            );
+            (answer, started.elapsed(), server)
+        });
+        let mut closed = false;
+        for byte in b"GET /demo HTTP/1.1\r\nHost: x".iter().cycle().take(40) {
+            if slow.write_all(&[*byte]).is_err() {
+                closed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut rest = Vec::new();
+        let ended = closed || matches!(slow.read_to_end(&mut rest), Ok(_) | Err(_));
+        assert!(ended);
+        assert!(
+            started.elapsed() < Duration::from_millis(3500),
+            "the trickle was cut off in time: {:?}",
+            started.elapsed()
+        );
+        let (answer, elapsed, server) = waiting.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            elapsed >= Duration::from_millis(500),
+            "it waited for a place: {elapsed:?}"
+        );
+        server.stop();
     }
 
     fn statuses(text: &str) -> Vec<&str> {
