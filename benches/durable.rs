@@ -145,7 +145,7 @@ fn sink(url: &str, rows: u64) {
     ))
     .unwrap();
     let ceiling = Instant::now();
-    raw.insert("raw", &body).unwrap();
+    raw.insert("raw", &spec.column_list(), &body).unwrap();
     let ceiling = ceiling.elapsed().as_secs_f64();
     println!(
         "sink      {:>12} rows/s  ({} rows, {} inserts, {:.2} s: staging {:.2} s; {:.2} CPU-s in Keel)",

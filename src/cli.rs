@@ -813,7 +813,19 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut printing = true;
     run_engine(source, &options, &handles, every, |elapsed| {
         let now = snapshot(&handles);
-        let line = now.line(&previous, elapsed, elapsed - last);
+        let mut line = now.line(&previous, elapsed, elapsed - last);
+        // A store that keeps refusing is retried with backoff for good: said on every line
+        // until a write succeeds, not only in a log.
+        if let Some(durable) = &durable {
+            let stats = durable.stats();
+            if let Some(error) = stats.last_error.lock().as_deref() {
+                let error: String = error.chars().take(160).collect();
+                line.push_str(&format!(
+                    " | stores failing ({} rows waiting): {error}",
+                    group(stats.pending_rows.load(Ordering::Relaxed))
+                ));
+            }
+        }
         // Standard output closed under it (`keel run | head`): stopped as Ctrl-C stops it,
         // with the epochs in flight finished, rather than by a panic.
         if printing && writeln!(std::io::stdout(), "{line}").is_err() {

@@ -152,6 +152,8 @@ struct Keel {
     progress: Receiver<u64>,
     /// Everything it printed on stderr.
     log: Arc<std::sync::Mutex<String>>,
+    /// Its summary lines (stdout).
+    summary: Arc<std::sync::Mutex<String>>,
 }
 
 impl Drop for Keel {
@@ -224,8 +226,12 @@ impl Keel {
             .unwrap();
         let (sender, progress) = channel();
         let stdout = child.stdout.take().unwrap();
+        let summary = Arc::new(std::sync::Mutex::new(String::new()));
+        let lines = summary.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push_str(&line);
+                lines.lock().unwrap().push('\n');
                 // "[  1s]  2,000 events/s | 12,084 events | … | 3 errors"
                 let fields: Vec<&str> = line.split(" | ").collect();
                 let events = fields
@@ -258,6 +264,7 @@ impl Keel {
             child,
             progress,
             log,
+            summary,
         }
     }
 
@@ -607,6 +614,14 @@ fn a_backfill_removes_windows_of_its_range_it_no_longer_computes() {
     let database = unique("keel_backfill_reconcile");
     let sql = fresh_postgres(&database);
     migrate(&url, &database, &sql);
+    // A column an operator added (with a default) takes its default: inserts name their
+    // columns, where one of every column in the table's order failed for good.
+    ClickHouse::connect(&url, &database)
+        .unwrap()
+        .query(&format!(
+            "ALTER TABLE `{database}`.usage_5m ADD COLUMN note String DEFAULT 'kept'"
+        ))
+        .unwrap();
     let (from, to) = ("2026-11-01T10:00:00Z", "2026-11-01T11:00:00Z");
     let source = |path: &std::path::Path| format!("file:{}", path.display());
     backfill(&source(&first), from, to, &url, &database, &sql);
@@ -621,6 +636,13 @@ fn a_backfill_removes_windows_of_its_range_it_no_longer_computes() {
         [at("10:20"), at("10:25")],
         "only the connect's placement is left"
     );
+    let notes = ClickHouse::connect(&url, &database)
+        .unwrap()
+        .query(&format!(
+            "SELECT DISTINCT note FROM `{database}`.usage_5m FORMAT TabSeparated"
+        ))
+        .unwrap();
+    assert_eq!(notes.trim(), "kept", "the added column took its default");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -739,6 +761,11 @@ fn an_unreachable_clickhouse_holds_back_commits_until_it_returns() {
         keel.log.lock().unwrap().contains("durable write failed"),
         "the failure is logged: {}",
         keel.log.lock().unwrap()
+    );
+    assert!(
+        keel.summary.lock().unwrap().contains("rows waiting): "),
+        "the summary line says the stores are failing: {}",
+        keel.summary.lock().unwrap()
     );
     proxy.restore();
     keel.stop();

@@ -158,6 +158,17 @@ pub struct TableSpec {
 }
 
 impl TableSpec {
+    /// The columns [`TableSpec::encode`] writes, in its order, as an `INSERT` names them.
+    pub fn column_list(&self) -> String {
+        let names: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("`{}`", c.name))
+            .chain(["`_version`".to_owned(), "`_deleted`".to_owned()])
+            .collect();
+        format!("({})", names.join(", "))
+    }
+
     /// The spec of a table of `R` rows.
     pub fn of<R: Row>(name: &'static str) -> TableSpec {
         let mut columns = fields_of::<R>(name)
@@ -586,9 +597,14 @@ impl ClickHouse {
     }
 
     /// Inserts rows encoded by [`TableSpec::encode`] (`RowBinary`) into `table` of Keel's
-    /// database.
-    pub fn insert(&self, table: &str, rows: &[u8]) -> Result<(), ClickHouseError> {
-        let query = format!("INSERT INTO `{}`.`{table}` FORMAT RowBinary", self.database);
+    /// database, naming their `columns` ([`TableSpec::column_list`]): a column someone added to
+    /// the table (with a default) then takes its default, where an insert of every column in
+    /// the table's order failed, and was retried, for good.
+    pub fn insert(&self, table: &str, columns: &str, rows: &[u8]) -> Result<(), ClickHouseError> {
+        let query = format!(
+            "INSERT INTO `{}`.`{table}` {columns} FORMAT RowBinary",
+            self.database
+        );
         self.post(Some(&query), rows, &query).map(drop)
     }
 

@@ -213,6 +213,8 @@ struct Shared {
 #[derive(Clone, Debug)]
 struct Stores {
     clickhouse: Option<ClickHouse>,
+    /// Each ClickHouse table's column list, as its inserts name it.
+    columns: Arc<HashMap<&'static str, String>>,
     sql: Option<(SqlStore, Arc<tokio::runtime::Runtime>)>,
     dead_letters: Option<Arc<DeadLetterWriter>>,
 }
@@ -341,6 +343,12 @@ impl Durable {
             specs.into_iter().map(|s| (s.name, s)).collect();
         let stores = Stores {
             clickhouse,
+            columns: Arc::new(
+                specs
+                    .values()
+                    .map(|spec| (spec.name, spec.column_list()))
+                    .collect(),
+            ),
             sql,
             dead_letters: dead_letters.map(Arc::new),
         };
@@ -645,7 +653,8 @@ fn write_all(
             }
             let rows = pending.rows.len() as u64;
             pending.compact();
-            if let Err(error) = clickhouse.insert(table, &pending.body) {
+            let columns = stores.columns.get(table).map_or("", String::as_str);
+            if let Err(error) = clickhouse.insert(table, columns, &pending.body) {
                 let mut unwritten = vec![(table, pending)];
                 unwritten.extend(rest);
                 return Err(Box::new(Failed {
