@@ -192,13 +192,15 @@ impl StoreArgs {
             migrate_sql(url)?;
         }
         let every = Duration::from_secs_f64(self.flush_every);
-        Ok(Some(Durable::start(
-            clickhouse,
-            self.specs(),
-            database,
-            dead_letters,
-            every,
-        )?))
+        let started = Durable::start(clickhouse, self.specs(), database, dead_letters, every);
+        // Which store refused: a SQL database's error does not name it.
+        let started = match (started, database) {
+            (Err(error @ keel_sinks::durable::StoreError::Sql(_)), Some(url)) => {
+                return Err(anyhow::Error::from(error).context(format!("database {}", redact(url))));
+            }
+            (started, _) => started?,
+        };
+        Ok(Some(started))
     }
 }
 

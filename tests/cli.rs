@@ -221,6 +221,30 @@ fn missing_inputs_and_bad_options_say_so() {
         "{}",
         text(&out.stderr)
     );
+    // A SQL database without the table is named, with what to do.
+    let dir = tempfile::tempdir().unwrap();
+    let unmigrated = format!("sqlite:{}", dir.path().join("new.db").display());
+    let events = dir.path().join("one.ndjson");
+    std::fs::write(&events, "{}\n").unwrap();
+    let out = keel(&[
+        "backfill",
+        "--source",
+        &format!("file:{}", events.display()),
+        "--from",
+        "2026-11-01T00:00:00Z",
+        "--to",
+        "2026-11-01T01:00:00Z",
+        "--database",
+        &unmigrated,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "database {unmigrated}: stream_analytics is missing (run keel migrate"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
     let out = keel(&["sql", "--source", "carrier-pigeon", "SELECT 1"]);
     assert!(
         text(&out.stderr).contains("unknown source \"carrier-pigeon\""),

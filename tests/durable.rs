@@ -626,6 +626,31 @@ fn a_backfill_removes_windows_of_its_range_it_no_longer_computes() {
     let source = |path: &std::path::Path| format!("file:{}", path.display());
     backfill(&source(&first), from, to, &url, &database, &sql);
     assert_eq!(demo_windows(&url, &database).len(), 6);
+    // A row written by a clock far ahead (a host whose clock was ahead, then replaced): the
+    // next writer's versions start above what is stored, so its rows still win.
+    let mut ahead = stored(&url, &database, "usage_5m")
+        .into_iter()
+        .find(|w| {
+            w["internal_name"] == "demo"
+                && w["window_start"]
+                    .to_string()
+                    .contains(&at("10:20").to_string())
+        })
+        .expect("the 10:20 window");
+    ahead["sessions_started"] = serde_json::json!(999);
+    let future = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+        + 10_000_000_000_000;
+    ahead["_version"] = serde_json::json!(future);
+    ahead["_deleted"] = serde_json::json!(0);
+    ClickHouse::connect(&url, &database)
+        .unwrap()
+        .query(&format!(
+            "INSERT INTO `{database}`.usage_5m FORMAT JSONEachRow\n{ahead}"
+        ))
+        .unwrap();
     let said = backfill(&source(&both), from, to, &url, &database, &sql);
     assert!(
         said.contains("0 stale viewers_by_country rows and 4 stale usage_5m windows removed"),
@@ -635,6 +660,12 @@ fn a_backfill_removes_windows_of_its_range_it_no_longer_computes() {
         demo_windows(&url, &database),
         [at("10:20"), at("10:25")],
         "only the connect's placement is left"
+    );
+    assert!(
+        stored(&url, &database, "usage_5m")
+            .iter()
+            .all(|w| w["sessions_started"] != 999 && w["sessions_started"] != "999"),
+        "a row of a clock ahead outlived a newer write"
     );
     let notes = ClickHouse::connect(&url, &database)
         .unwrap()

@@ -388,6 +388,9 @@ fn server_list_host_details_stream_stats_and_viewers() {
     let mut old = Node::new("edge-old", 40.0, -74.0);
     old.age_ms = 120_000;
     nodes.push(old);
+    let mut draining = Node::new("edge-drn", 50.0, 8.0);
+    draining.mode = "NODE_OPERATIONAL_MODE_DRAINING";
+    nodes.push(draining);
     let f = Fixture::start(&nodes);
     let (status, list) = f.get_json("/?lstserver=1");
     assert_eq!(status, 200);
@@ -397,6 +400,7 @@ fn server_list_host_details_stream_stats_and_viewers() {
             "edge-ams.edge.example": "Monitored (online)",
             "edge-tyo.edge.example": "Monitored (online)",
             "edge-old.edge.example": "Offline",
+            "edge-drn.edge.example": "Monitored (draining)",
         })
     );
     let (status, host) = f.get_json("/?host=edge-ams.edge.example");
@@ -411,7 +415,7 @@ fn server_list_host_details_stream_stats_and_viewers() {
     assert_eq!(ams["tags"], json!(["edge", "ingest"]));
     assert_eq!(ams["score"], json!({"cpu": 400, "ram": 375, "bw": 1000}));
     let (_, all) = f.get_json("/?host=");
-    assert_eq!(all.as_object().unwrap().len(), 3);
+    assert_eq!(all.as_object().unwrap().len(), 4);
     let (status, _) = f.get_json("/?host=nowhere");
     assert_eq!(status, 404);
     let (status, stats) = f.get_json("/?streamstats=demo");
@@ -422,6 +426,18 @@ fn server_list_host_details_stream_stats_and_viewers() {
     let (status, _, body) = f.get("/?addserver=x", &[]);
     assert_eq!(status, 400);
     assert!(body.contains("node_lifecycle_update"), "{body}");
+    // An unknown route and a method a route does not serve say so, not an empty body.
+    let (status, _, body) = f.get("/a/b", &[]);
+    assert_eq!(status, 404);
+    assert!(body.contains("no such route: /a/b"), "{body}");
+    let mut posted = f
+        .agent
+        .post(&f.url("/v1/foghorn/route"))
+        .send_empty()
+        .unwrap();
+    assert_eq!(posted.status().as_u16(), 405);
+    let body = posted.body_mut().read_to_string().unwrap();
+    assert!(body.contains("answers GET"), "{body}");
 }
 
 #[test]

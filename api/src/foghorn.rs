@@ -42,7 +42,7 @@ use keel_dataflows::foghorn::{
 use keel_operators::sym::Sym;
 use keel_operators::time::format_rfc3339;
 use keel_sources::codec::internal_name;
-use keel_sources::event::{Event, EventKind, RoutingDecision, StreamRef};
+use keel_sources::event::{Event, EventKind, NodeMode, RoutingDecision, StreamRef};
 use keel_sources::memory::{Injector, OwnedRecord};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -653,6 +653,21 @@ pub fn router(foghorn: Arc<Foghorn>) -> Router {
         .route("/", get(root))
         .route("/v1/foghorn/route", get(route_json))
         .route("/{stream}", get(view))
+        .fallback(|uri: axum::http::Uri| async move {
+            refused(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no such route: {} (GET /<stream>, /?…, /v1/foghorn/route)",
+                    uri.path()
+                ),
+            )
+        })
+        .method_not_allowed_fallback(|uri: axum::http::Uri| async move {
+            refused(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} answers GET (and HEAD) only", uri.path()),
+            )
+        })
         .with_state(foghorn)
 }
 
@@ -777,10 +792,12 @@ async fn root(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Request)
             .iter()
             .map(|n| {
                 let online = !n.is_stale(fleet.watermark()) && n.healthy;
-                let state = if online {
-                    "Monitored (online)"
-                } else {
-                    "Offline"
+                // A node in maintenance or draining takes no new viewers: not "online".
+                let state = match (online, n.mode) {
+                    (false, _) => "Offline",
+                    (true, NodeMode::Normal) => "Monitored (online)",
+                    (true, NodeMode::Draining) => "Monitored (draining)",
+                    (true, NodeMode::Maintenance) => "Monitored (maintenance)",
                 };
                 (n.host_name().to_owned(), state.into())
             })
@@ -798,10 +815,11 @@ async fn root(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Request)
         let mut totals = [0u64; 4];
         for node in foghorn.fleet().nodes() {
             if let Some(s) = node.stream(name) {
-                totals[0] += s.viewers;
-                totals[1] += s.bandwidth.saturating_mul(s.viewers);
-                totals[2] += s.bytes_up;
-                totals[3] += s.bytes_down;
+                // Node-reported figures: summed without wrapping, whatever a node sends.
+                totals[0] = totals[0].saturating_add(s.viewers);
+                totals[1] = totals[1].saturating_add(s.bandwidth.saturating_mul(s.viewers));
+                totals[2] = totals[2].saturating_add(s.bytes_up);
+                totals[3] = totals[3].saturating_add(s.bytes_down);
             }
         }
         return axum::Json(json!({ stream.as_str(): totals })).into_response();
@@ -813,8 +831,7 @@ async fn root(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Request)
             .nodes()
             .iter()
             .filter_map(|n| n.stream(name))
-            .map(|s| s.viewers)
-            .sum();
+            .fold(0u64, |sum, s| sum.saturating_add(s.viewers));
         return text(total.to_string());
     }
     if params.contains_key("addserver") || params.contains_key("delserver") {
@@ -1132,7 +1149,6 @@ mod tests {
         }
     }
     use keel_sources::codec::decode;
-    use keel_sources::event::NodeMode;
     use keel_sources::memory::InjectedEvent;
     use proptest::prelude::*;
 

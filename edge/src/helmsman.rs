@@ -314,23 +314,33 @@ impl Adapter {
             .send_events(triggers)
             .await
             .map_err(|status| format!("Decklog: {}", status.message()))?;
-        let mut retry = vec![false; files.len()];
+        /// What becomes of a sent trigger's file.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Fate {
+            Delivered,
+            Again,
+            /// Refused for good: moved aside already, and nothing to wait for.
+            SetAside,
+        }
+        let mut fates = vec![Fate::Delivered; files.len()];
         for rejection in &answer.rejected {
             let Some(path) = files.get(rejection.index as usize) else {
                 continue;
             };
             if rejection.retryable {
-                retry[rejection.index as usize] = true;
+                fates[rejection.index as usize] = Fate::Again;
                 self.stats.failed(rejection.reason.clone());
             } else {
-                retry[rejection.index as usize] = true;
+                fates[rejection.index as usize] = Fate::SetAside;
                 self.set_aside(path, &rejection.reason);
             }
         }
+        // Only triggers to send again hold the forwarder back: one set aside for good made it
+        // back off as if Decklog were failing.
         let mut all = true;
-        for (path, again) in files.iter().zip(retry) {
-            if again {
-                all = false;
+        for (path, fate) in files.iter().zip(fates) {
+            if fate != Fate::Delivered {
+                all &= fate == Fate::SetAside;
                 continue;
             }
             if let Err(error) = Wal::remove(path) {

@@ -715,6 +715,30 @@ impl ClickHouse {
     ) -> Result<String, ClickHouseError> {
         self.query(&spec.select_keys(&self.database, self.features, since))
     }
+
+    /// The newest `_version` any table of `specs` holds (0 when they are empty).
+    pub fn newest_version(&self, specs: &[TableSpec]) -> Result<u64, ClickHouseError> {
+        if specs.is_empty() {
+            return Ok(0);
+        }
+        let tables: Vec<String> = specs
+            .iter()
+            .map(|spec| {
+                format!(
+                    "SELECT max(`_version`) AS v FROM `{}`.`{}`",
+                    self.database, spec.name
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT max(v) FROM ({}) FORMAT TabSeparated",
+            tables.join(" UNION ALL ")
+        );
+        let text = self.query(&sql)?;
+        text.trim().parse().map_err(|_| {
+            ClickHouseError::Config(format!("the newest _version is not a number: {text:?}"))
+        })
+    }
 }
 
 /// The columns of `spec` (with their places in it) that its table, of `present`'s columns by

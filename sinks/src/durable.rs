@@ -311,9 +311,16 @@ impl Durable {
         dead_letters: Option<DeadLetterWriter>,
         every: Duration,
     ) -> Result<Arc<Durable>, StoreError> {
-        if let Some(clickhouse) = &clickhouse {
-            clickhouse.check_tables(&specs)?;
-        }
+        // Versions are the clock's microseconds, and never below what is stored: a clock that
+        // stepped back (or a host behind the last one) would otherwise write rows that lose to
+        // older ones until it caught up.
+        let stored_version = match &clickhouse {
+            Some(clickhouse) => {
+                clickhouse.check_tables(&specs)?;
+                clickhouse.newest_version(&specs)?
+            }
+            None => 0,
+        };
         let sql = match sql_url {
             Some(url) => {
                 let runtime = Arc::new(
@@ -332,7 +339,10 @@ impl Durable {
             None => None,
         };
         let shared = Arc::new(Shared {
-            staged: Mutex::new(Staged::default()),
+            staged: Mutex::new(Staged {
+                last_version: stored_version,
+                ..Staged::default()
+            }),
             wake: Condvar::new(),
             durable: AtomicU64::new(0),
             written_version: AtomicU64::new(0),
