@@ -676,6 +676,10 @@ pub fn run(
             };
             if taken > 0 {
                 if let Some(durable) = &handles.durable {
+                    // A record re-read to rebuild the state had its letter sent by the run
+                    // that first read it: sent again at every restart, the topic filled with
+                    // copies.
+                    letters.retain(|letter| !reader.stored_before(&letter.position));
                     // Before the epoch enters the dataflow, so it cannot be stored without them.
                     durable.stage_dead_letters(&mut letters);
                     if !raw.is_empty() {

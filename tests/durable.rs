@@ -1061,18 +1061,22 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
         "{said}"
     );
     keel_migrate(&url, &database, &["--raw-events"]);
-    let keel = Keel::start_with(
-        &brokers,
-        &topic,
-        &unique("dlq"),
-        &url,
-        &database,
-        &sql,
-        &["--dlq-topic", &dlq, "--raw-events"],
-    );
-    keel.wait_log("copied to topic", Duration::from_secs(60));
-    keel.wait_for(records, Duration::from_secs(120));
-    keel.stop();
+    let group = unique("dlq");
+    let run = || {
+        let keel = Keel::start_with(
+            &brokers,
+            &topic,
+            &group,
+            &url,
+            &database,
+            &sql,
+            &["--dlq-topic", &dlq, "--raw-events"],
+        );
+        keel.wait_log("copied to topic", Duration::from_secs(60));
+        keel.wait_for(records, Duration::from_secs(120));
+        keel.stop();
+    };
+    run();
 
     // One letter per ingest_errors row, naming the same position.
     let errors = tables(&url, &database)
@@ -1104,6 +1108,14 @@ fn bad_records_reach_the_dead_letter_topic_and_good_ones_events_raw() {
     positions.sort();
     named.sort();
     assert_eq!(named, positions);
+    // A restart re-reads the whole topic to rebuild its state (`--state-horizon all`): the
+    // letters of records its group had committed are not sent again.
+    run();
+    assert_eq!(
+        read_all(&brokers, &dlq).len(),
+        letters.len(),
+        "a restart sent its recovered records' letters again"
+    );
 
     // Every valid record is in events_raw once, by event id, and no client address is.
     let clickhouse = ClickHouse::connect(&url, &database).unwrap();

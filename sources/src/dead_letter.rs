@@ -54,6 +54,8 @@ pub struct DeadLetter {
     pub value: Vec<u8>,
     /// Kafka headers.
     pub headers: Vec<(&'static str, String)>,
+    /// Where the refused record was.
+    pub position: Position,
 }
 
 /// The dead letter of `record`, refused for `error`; `now` stamps it when the record carries no
@@ -141,6 +143,7 @@ pub fn dead_letter(record: Option<&Record<'_>>, error: &IngestError, now: i64) -
         key,
         value: serde_json::to_vec(&Value::Object(object)).expect("JSON values serialize"),
         headers: letter_headers,
+        position: error.position.clone(),
     }
 }
 

@@ -679,6 +679,21 @@ impl SourceReader for KafkaReader {
             })
     }
 
+    fn stored_before(&self, position: &Position) -> bool {
+        let Position::Kafka {
+            partition, offset, ..
+        } = position
+        else {
+            return false;
+        };
+        // A floor is the group's committed position: the next record to read.
+        self.floors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(partition)
+            .is_some_and(|floor| offset < floor)
+    }
+
     fn mark_epoch(&mut self, epoch: u64) {
         for (partition, next) in &self.reading {
             let to = self.read_to.entry(*partition).or_insert(*next);

@@ -258,6 +258,12 @@ pub trait SourceReader: Send {
     fn replayed(&self) -> bool {
         false
     }
+    /// Whether the record at `position` had its results stored by an earlier run (a live
+    /// consumer re-reading, to rebuild its state, what its group had already committed): what
+    /// that run gave the outside world — a dead letter — is not given again.
+    fn stored_before(&self, _position: &Position) -> bool {
+        false
+    }
     /// Declares that the records read since the previous call belong to `epoch`.
     fn mark_epoch(&mut self, _epoch: u64) {}
     /// Every epoch up to and including `epoch` has been fully processed by every sink.
