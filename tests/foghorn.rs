@@ -587,6 +587,13 @@ fn decisions_feed_back_as_pending_viewers_and_move_later_viewers() {
     let mut b = Node::new("edge-b", 52.0, 5.0);
     b.streams = vec![("demo", 1, 1, 1_000_000)];
     let f = Fixture::start(&[a, b]);
+    // Probes (`HEAD`) and names no event ever carried are answered but make no decision:
+    // neither moves a node's pending load nor counts in routing_hourly below.
+    for _ in 0..3 {
+        let probe = f.agent.head(&f.url("/demo?lat=52&lon=5")).call().unwrap();
+        assert_eq!(probe.status().as_u16(), 200);
+        assert_eq!(f.get("/favicon.ico?lat=52&lon=5", &[]).0, 200);
+    }
     assert_eq!(f.get("/demo?lat=52&lon=5", &[]).2, "edge-a.edge.example");
     // The decision travels through the engine and comes back as a pending viewer on edge-a.
     f.wait("edge-a's pending viewer", |f| {

@@ -80,6 +80,9 @@ pub struct Asker {
     pub source: &'static str,
     /// What the answer pointed the client at.
     pub details: String,
+    /// A `HEAD` request: a probe, answered as a `GET` but no viewer is coming, so no decision
+    /// is recorded (each one is a pending viewer on its node for 30 s).
+    pub probe: bool,
 }
 
 /// The routing service shared by the HTTP and gRPC fronts.
@@ -232,6 +235,12 @@ impl Foghorn {
         result: &Result<Routed, NoNode>,
         asker: &Asker,
     ) {
+        // No decision to record for a probe, or for a stream no event ever named (nothing
+        // serves it; a client asking for random names moved every node's pending load).
+        if asker.probe || request.stream.is_some_and(is_unknown) {
+            self.stats.events_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let chosen = result.as_ref().ok().and_then(|r| r.candidates.first());
         // A failed decision is the asker's tenant's, as its `X-Tenant-ID` says — taken only
         // when some node of the fleet is that tenant's: the header is anyone's to send, and
@@ -624,6 +633,7 @@ fn asker(headers: &(impl Headers + ?Sized), source: &'static str) -> Asker {
             .and_then(|t| Uuid::parse_str(t).ok()),
         source,
         details: String::new(),
+        probe: false,
     }
 }
 
@@ -678,7 +688,15 @@ async fn view(
     http: axum::extract::Request,
 ) -> Response {
     let params = params_of(http.uri());
-    match view_answer(&foghorn, &stream, &params, http.headers(), peer_of(&http)) {
+    let probe = http.method() == axum::http::Method::HEAD;
+    match view_answer(
+        &foghorn,
+        &stream,
+        &params,
+        http.headers(),
+        peer_of(&http),
+        probe,
+    ) {
         ViewAnswer::Host(host) => text(host),
         ViewAnswer::Redirect(location) => redirect(StatusCode::TEMPORARY_REDIRECT, &location),
         ViewAnswer::BadRequest(reason) => bad_request(reason),
@@ -703,6 +721,7 @@ pub fn view_answer(
     params: &BTreeMap<String, String>,
     headers: &(impl Headers + ?Sized),
     peer: Option<std::net::IpAddr>,
+    probe: bool,
 ) -> ViewAnswer {
     let request = match request_of(foghorn, Some(stream), Purpose::View, headers, peer, params) {
         Ok(request) => request,
@@ -737,7 +756,11 @@ pub fn view_answer(
     };
     // What the answer points at is also the decision's details: made once, kept for both.
     let mut target = String::new();
-    let routed = foghorn.decide(&request, 1, &asker(headers, "http"), |result| {
+    let asker = Asker {
+        probe,
+        ..asker(headers, "http")
+    };
+    let routed = foghorn.decide(&request, 1, &asker, |result| {
         target = match (result, proto) {
             (Ok(r), Some(_)) => location(r.candidates[0].node.host_name()),
             (Ok(r), None) => r.candidates[0].node.host_name().to_owned(),
@@ -1243,13 +1266,16 @@ mod tests {
                 tenant: asking_tenant.map(|t| Uuid::from_u128(0x5eed_0000 + t)),
                 source: "http",
                 details: String::new(),
+                probe: false,
             };
             let result = foghorn.decide(&request, 3, &asker, host_of);
             let mut out = Vec::new();
             injector.drain_events(&mut out, usize::MAX);
             // A failed decision is attributed only to a tenant the fleet has.
-            let attributed = result.is_ok()
-                || asking_tenant.is_some_and(|t| (t as usize) < places.len());
+            // Nor to a stream no event named.
+            let attributed = (result.is_ok()
+                || asking_tenant.is_some_and(|t| (t as usize) < places.len()))
+                && !request.stream.is_some_and(is_unknown);
             prop_assert_eq!(out.len(), usize::from(attributed));
             for injected in &out {
                 prop_assert_eq!(&decoded(injected), &injected.event);

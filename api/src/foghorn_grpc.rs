@@ -227,6 +227,7 @@ pub fn route(foghorn: &Foghorn, message: &RouteRequest) -> Result<RouteResponse,
         tenant: Uuid::parse_str(&message.tenant_id).ok(),
         source: "grpc",
         details: String::new(),
+        probe: false,
     };
     foghorn
         .decide(&request, n, &asker, host_of)

@@ -293,6 +293,7 @@ async fn answer(
                 &params_of_query(query),
                 headers,
                 Some(peer.ip()),
+                head_only,
             ),
             None => ViewAnswer::BadRequest("the stream name is not valid UTF-8".to_owned()),
         };
