@@ -297,7 +297,13 @@ where
 
 /// Serves the service on `listener` until the runtime stops.
 pub async fn serve(listener: tokio::net::TcpListener, foghorn: Arc<Foghorn>) {
+    // Bounds per connection, and pings that end a connection whose peer went away.
     let served = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(64)
+        .max_concurrent_streams(Some(64))
+        .timeout(std::time::Duration::from_secs(30))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(FoghornGrpc::new(foghorn))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
         .await;
