@@ -231,7 +231,13 @@ impl EdgeServer {
                         tokio::spawn(adapter.clone().forward());
                         match tokio::net::TcpListener::from_std(listener) {
                             Ok(listener) => {
-                                let router = adapter.router();
+                                // A body promised and not sent is refused in time too.
+                                let router = adapter.router().layer(
+                                    axum::middleware::from_fn_with_state(
+                                        (keel_api::listener::FIRST_REQUEST, 2 << 20),
+                                        keel_api::server::body_in_time,
+                                    ),
+                                );
                                 // Bounded and with a deadline per request header, as the API's
                                 // port: idle connections took every descriptor the process had.
                                 let listener = keel_api::listener::Capped::new(

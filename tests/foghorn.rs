@@ -465,13 +465,13 @@ fn weights_read_set_and_refuse_bad_json() {
         "Bearer {}",
         token(&Claims::member("t", uuid::Uuid::nil(), FAR))
     );
-    for refused in [
-        &[][..],
-        &[("authorization", member.as_str())],
-        &[("authorization", "Bearer forged")],
+    for (refused, wanted) in [
+        (&[][..], 401),
+        (&[("authorization", "Bearer forged")], 401),
+        (&[("authorization", member.as_str())], 403),
     ] {
         let (status, _, body) = f.get(change, refused);
-        assert_eq!(status, 401, "{refused:?}: {body}");
+        assert_eq!(status, wanted, "{refused:?}: {body}");
         assert!(body.contains("needs an admin token"), "{body}");
     }
     assert_eq!(f.get_json("/?weights=").1["geo"], 1000);
@@ -590,8 +590,15 @@ fn decisions_feed_back_as_pending_viewers_and_move_later_viewers() {
     // Probes (`HEAD`) and names no event ever carried are answered but make no decision:
     // neither moves a node's pending load nor counts in routing_hourly below.
     for _ in 0..3 {
-        let probe = f.agent.head(&f.url("/demo?lat=52&lon=5")).call().unwrap();
-        assert_eq!(probe.status().as_u16(), 200);
+        for path in [
+            "/demo?lat=52&lon=5",
+            "/?lat=52&lon=5",
+            "/?source=demo&lat=52&lon=5",
+            "/v1/foghorn/route?stream=demo&lat=52&lon=5",
+        ] {
+            let probe = f.agent.head(&f.url(path)).call().unwrap();
+            assert_eq!(probe.status().as_u16(), 200, "{path}");
+        }
         assert_eq!(f.get("/favicon.ico?lat=52&lon=5", &[]).0, 200);
     }
     assert_eq!(f.get("/demo?lat=52&lon=5", &[]).2, "edge-a.edge.example");

@@ -5,16 +5,17 @@
 //! decision (`/<stream>`, `/?source=`, `/?ingest=`, `/v1/foghorn/route`, gRPC `Route`) is
 //! handed to the engine's input as a typed `load_balancing` event (with its version-2 record
 //! when the engine keeps raw records), where it becomes a pending viewer on the chosen node and a
-//! row of `routing_hourly`.
+//! row of `routing_hourly` — except a `HEAD` probe, a stream name no event carried, and a
+//! failure whose `X-Tenant-ID` is no node's tenant, which are answered and not recorded.
 //!
 //! | request | answer |
 //! |---|---|
 //! | `GET /<stream>` | best host (text); `?proto=P` → 307 to `P://host/<stream>`; none → `?fallback=` or `localhost` |
-//! | `GET /?source=<stream>` | `dtsc://host:4200`; `redirect=1` → 302; none → `?fallback=` or `dtsc://localhost:4200` |
+//! | `GET /?source=<stream>` | `dtsc://host:4200`; `redirect=1` → 302 (to a `dtsc://` fallback only); none → `?fallback=` or `dtsc://localhost:4200` |
 //! | `GET /?ingest=<cpu%>` | host, or `FULL` |
-//! | `GET /?lstserver=1` | `{"host": "Monitored (online)" \| "Offline"}` |
+//! | `GET /?lstserver=1` | `{"host": "Monitored (online)" \| "Monitored (draining)" \| "Monitored (maintenance)" \| "Offline"}` |
 //! | `GET /?host=<h>` | per host: cpu, ram, up, up_add, down, streams, viewers, bwlimit, geo, tags, score |
-//! | `GET /?weights=` / `?weights={...}` | the weights / set some of them |
+//! | `GET /?weights=` / `?weights={...}` | the weights / set some of them (an admin token of the API's) |
 //! | `GET /?streamstats=<s>` | `{"s": [viewers, bandwidth, bytes_up, bytes_down]}` |
 //! | `GET /?viewers=<s>` | viewers of the stream over all nodes |
 //! | `GET /v1/foghorn/route?stream=&lat=&lon=&n=` | ranked candidates with the score breakdown (JSON) |
@@ -65,7 +66,8 @@ pub struct FoghornStats {
     pub cutoff_fallbacks: AtomicU64,
     /// Decision events written into the engine's input.
     pub events: AtomicU64,
-    /// Decision events not written: no tenant to attribute a failure to, or a full queue.
+    /// Decision events not written: a probe, a stream no event named, no tenant to attribute
+    /// a failure to, or a full queue.
     pub events_skipped: AtomicU64,
 }
 
@@ -622,6 +624,14 @@ pub fn country_code(text: &str) -> Option<String> {
         .then(|| text.to_ascii_uppercase())
 }
 
+/// The asker of an HTTP request; a `HEAD` is a probe, which makes no decision.
+fn http_asker(http: &axum::extract::Request) -> Asker {
+    Asker {
+        probe: http.method() == axum::http::Method::HEAD,
+        ..asker(http.headers(), "http")
+    }
+}
+
 fn asker(headers: &(impl Headers + ?Sized), source: &'static str) -> Asker {
     Asker {
         country: headers
@@ -868,7 +878,7 @@ async fn root(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Request)
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
-    match foghorn.decide(&request, 1, &asker(headers, "http"), host_of) {
+    match foghorn.decide(&request, 1, &http_asker(&http), host_of) {
         Ok(routed) => text(routed.candidates[0].node.host_name()),
         Err(_) => text(fallback(&params, "localhost")),
     }
@@ -880,7 +890,6 @@ fn source(
     params: &BTreeMap<String, String>,
     http: &axum::extract::Request,
 ) -> Response {
-    let headers = http.headers();
     if stream_name(stream).is_empty() {
         return bad_request("source needs a stream name");
     }
@@ -889,7 +898,7 @@ fn source(
         Err(reason) => return bad_request(reason),
     };
     let dtsc = |r: &Routed| format!("dtsc://{}:{DTSC_PORT}", r.candidates[0].node.host_name());
-    let target = match foghorn.decide(&request, 1, &asker(headers, "http"), |result| {
+    let target = match foghorn.decide(&request, 1, &http_asker(http), |result| {
         result.as_ref().map(dtsc).unwrap_or_default()
     }) {
         Ok(routed) => dtsc(&routed),
@@ -911,7 +920,6 @@ fn ingest(
     params: &BTreeMap<String, String>,
     http: &axum::extract::Request,
 ) -> Response {
-    let headers = http.headers();
     let cpu = if cpu.trim().is_empty() {
         0.0
     } else {
@@ -928,7 +936,7 @@ fn ingest(
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
-    match foghorn.decide(&request, 1, &asker(headers, "http"), host_of) {
+    match foghorn.decide(&request, 1, &http_asker(http), host_of) {
         Ok(routed) => text(routed.candidates[0].node.host_name()),
         Err(_) => text("FULL"),
     }
@@ -1026,18 +1034,26 @@ fn set_weights(foghorn: &Foghorn, text: &str, headers: &HeaderMap) -> Response {
                 "the weights are not changed here: set them in the settings file ([foghorn])",
             );
         };
-        let principal = crate::server::principal(admins, headers);
-        if !principal.is_ok_and(|p| p.scope == crate::auth::Scope::All) {
-            return refused(
-                StatusCode::UNAUTHORIZED,
-                "changing the weights needs an admin token (Authorization: Bearer …)",
-            );
-        }
-        tracing::info!(weights = text, "Foghorn's weights changed");
+        let who = match crate::server::principal(admins, headers) {
+            Ok(p) if p.scope == crate::auth::Scope::All => p.subject,
+            Ok(_) => {
+                return refused(
+                    StatusCode::FORBIDDEN,
+                    "changing the weights needs an admin token; this one is a tenant's",
+                );
+            }
+            Err(_) => {
+                return refused(
+                    StatusCode::UNAUTHORIZED,
+                    "changing the weights needs an admin token (Authorization: Bearer …)",
+                );
+            }
+        };
         match merge_weights(policy.weights, text) {
             Ok(weights) => {
                 policy.weights = weights;
                 foghorn.set_policy(policy);
+                tracing::info!(by = who, weights = text, "Foghorn's weights changed");
             }
             Err(reason) => return bad_request(reason),
         }
@@ -1062,7 +1078,6 @@ pub fn candidate_json(c: &keel_dataflows::foghorn::Candidate, client: Option<Pla
 
 async fn route_json(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Request) -> Response {
     let params = params_of(http.uri());
-    let headers = http.headers();
     let fail = |reason: String| {
         (
             StatusCode::BAD_REQUEST,
@@ -1100,7 +1115,7 @@ async fn route_json(State(foghorn): State<Arc<Foghorn>>, http: axum::extract::Re
         Err(reason) => return fail(reason),
     };
     let fleet_nodes = foghorn.fleet.load().nodes().len();
-    match foghorn.decide(&request, n, &asker(headers, "http"), host_of) {
+    match foghorn.decide(&request, n, &http_asker(&http), host_of) {
         Ok(routed) => axum::Json(json!({
             "stream": request.stream.map(|s| s.as_str()),
             "client": request.client.map(|c| json!({"lat": c.latitude, "lon": c.longitude})),
@@ -1140,7 +1155,7 @@ pub fn render_metrics(stats: &FoghornStats, fleet: &Fleet, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "# HELP keel_foghorn_events_total Decision events written into the engine's input.\n# TYPE keel_foghorn_events_total counter\nkeel_foghorn_events_total {}\n# HELP keel_foghorn_events_skipped_total Decision events not written (no tenant for a failure, or a full queue).\n# TYPE keel_foghorn_events_skipped_total counter\nkeel_foghorn_events_skipped_total {}",
+        "# HELP keel_foghorn_events_total Decision events written into the engine's input.\n# TYPE keel_foghorn_events_total counter\nkeel_foghorn_events_total {}\n# HELP keel_foghorn_events_skipped_total Decision events not written (a HEAD probe, a stream no event named, no tenant for a failure, or a full queue).\n# TYPE keel_foghorn_events_skipped_total counter\nkeel_foghorn_events_skipped_total {}",
         load(&stats.events),
         load(&stats.events_skipped)
     );

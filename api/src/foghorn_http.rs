@@ -8,8 +8,9 @@
 //! both paths answer alike.
 //!
 //! Limits: a request head of at most 16 KiB and 64 headers (else 431), a body of at most 64 KiB
-//! with a `Content-Length` (else 413; chunked bodies get 501), 60 s of silence on a connection
-//! closes it. HTTP/1.0 connections close after the answer unless they ask to be kept alive. A
+//! with a `Content-Length` (else 413; chunked bodies get 501); a connection has 60 s from its
+//! start or its last answer for its next whole request (and for its answers to be taken), and
+//! at most [`MAX_CONNECTIONS`] are open at once. HTTP/1.0 connections close after the answer unless they ask to be kept alive. A
 //! stopping server accepts nothing more and closes each connection between requests, after
 //! answering what it has read (waiting at most [`DRAIN`]).
 
@@ -33,8 +34,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Largest request body (the balancer's requests have none; bodies are read and ignored).
 const MAX_BODY: usize = 64 * 1024;
-/// A connection whose next request has not arrived whole this long after its last answer (or
-/// its start) is closed — the time counts from there, not from the last byte, so a request sent
+/// A connection whose next request has not arrived whole (or whose answers were not taken)
+/// this long after its last answer (or its start) is closed — the time counts from there, not from the last byte, so a request sent
 /// a byte a minute holds nothing for good.
 const IDLE: Duration = Duration::from_secs(60);
 /// The most connections the port holds open at once; further ones wait in the kernel's backlog.
@@ -234,7 +235,9 @@ async fn connection(
             due = tokio::time::Instant::now() + idle;
         }
         if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
+            // A client that stops reading holds its place no longer than it may wait.
+            let written = tokio::time::timeout_at(due, stream.write_all(&out)).await;
+            if !matches!(written, Ok(Ok(()))) {
                 return;
             }
             out.clear();

@@ -97,7 +97,7 @@ fn temporals_have_text(batches: &[RecordBatch]) -> Result<(), ArrowError> {
     let options = arrow::util::display::FormatOptions::new().with_display_error(false);
     for batch in batches {
         for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-            if !column.data_type().is_temporal() || column.null_count() == column.len() {
+            if !holds_time(column.data_type()) || column.null_count() == column.len() {
                 continue;
             }
             let formatter = arrow::util::display::ArrayFormatter::try_new(column, &options)?;
@@ -112,6 +112,22 @@ fn temporals_have_text(batches: &[RecordBatch]) -> Result<(), ArrowError> {
         }
     }
     Ok(())
+}
+
+/// Whether values of `data_type` are, or hold, dates or times (in lists, structs, maps).
+fn holds_time(data_type: &DataType) -> bool {
+    match data_type {
+        t if t.is_temporal() => true,
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _)
+        | DataType::Map(f, _) => holds_time(f.data_type()),
+        DataType::Struct(fields) => fields.iter().any(|f| holds_time(f.data_type())),
+        DataType::Dictionary(_, values) => holds_time(values),
+        _ => false,
+    }
 }
 
 /// `value` with its control characters written as escapes.
@@ -254,6 +270,27 @@ mod tests {
                 error
                     .to_string()
                     .contains("column \"at\" has a value with no text form"),
+                "{format:?}: {error}"
+            );
+        }
+        // Inside a list too.
+        let times = Arc::new(TimestampSecondArray::from(vec![0, -99_999_999_999_999]));
+        let list = arrow::array::ListArray::new(
+            Arc::new(arrow::datatypes::Field::new_list_field(
+                times.data_type().clone(),
+                true,
+            )),
+            arrow::buffer::OffsetBuffer::new(vec![0, 2].into()),
+            times,
+            None,
+        );
+        let nested = RecordBatch::try_from_iter([("ats", Arc::new(list) as ArrayRef)]).unwrap();
+        for format in [Format::Table, Format::Json, Format::JsonArray] {
+            let error = render(std::slice::from_ref(&nested), format).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .contains("column \"ats\" has a value with no text form"),
                 "{format:?}: {error}"
             );
         }

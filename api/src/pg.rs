@@ -613,13 +613,22 @@ fn encode_value(
             Err(no_text(field, "it is past the range of microseconds"))
         }
         Some(Column::Micros(values, _)) if binary => {
-            encoder.encode_field(&(values.value(row) - PG_EPOCH_MICROS))
+            match values.value(row).checked_sub(PG_EPOCH_MICROS) {
+                Some(micros) => encoder.encode_field(&micros),
+                None => Err(no_text(
+                    field,
+                    "it is past the range of microseconds since 2000",
+                )),
+            }
         }
         Some(Column::Days(values, _)) if binary && values.is_null(row) => {
             Err(no_text(field, "it is past the range of days"))
         }
         Some(Column::Days(values, _)) if binary => {
-            encoder.encode_field(&(values.value(row) - PG_EPOCH_DAYS))
+            match values.value(row).checked_sub(PG_EPOCH_DAYS) {
+                Some(days) => encoder.encode_field(&days),
+                None => Err(no_text(field, "it is past the range of days since 2000")),
+            }
         }
         Some(Column::Micros(_, text) | Column::Days(_, text) | Column::Text(text)) => {
             let value = text

@@ -172,7 +172,7 @@ pub fn router(state: ApiState) -> Router {
         .layer(axum::Extension(crate::graphql::schema(state.clone())))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(
-            state.limits.body_wait,
+            (state.limits.body_wait, MAX_BODY),
             body_in_time,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -199,13 +199,13 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
     response
 }
 
-/// Reads a request's body whole, within `wait` and [`MAX_BODY`], before any handler sees it:
+/// Reads a request's body whole, within `wait` and `most` bytes, before any handler sees it:
 /// the listener's deadline covers request headers only, and a body promised by its
 /// `Content-Length` but never sent held its connection (and its place among the open ones) for
 /// good. Bodies here are small JSON documents, so holding one whole costs nothing a handler
 /// would not spend anyway. A body known to be empty (a `GET`, a WebSocket upgrade) passes as is.
-async fn body_in_time(
-    State(wait): State<std::time::Duration>,
+pub async fn body_in_time(
+    State((wait, most)): State<(std::time::Duration, usize)>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -214,19 +214,18 @@ async fn body_in_time(
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
-    let read = tokio::time::timeout(wait, axum::body::to_bytes(body, MAX_BODY)).await;
+    let read = tokio::time::timeout(wait, axum::body::to_bytes(body, most)).await;
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(error)) => {
             let too_large = std::error::Error::source(&error)
                 .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
             return if too_large {
-                in_error_shape(
-                    StatusCode::PAYLOAD_TOO_LARGE.into_response(),
-                    &parts.method,
-                    parts.uri.path(),
-                )
-                .await
+                let body = serde_json::json!({ "error": {
+                    "code": "too_large",
+                    "message": format!("the request body is larger than {} MiB", most >> 20),
+                } });
+                (StatusCode::PAYLOAD_TOO_LARGE, axum::Json(body)).into_response()
             } else {
                 ApiError::BadRequest(format!("the request body could not be read: {error}"))
                     .into_response()

@@ -2,7 +2,8 @@
 //!
 //! Each output table becomes a `ReplacingMergeTree` ordered by the row type's key columns, with
 //! two extra columns: `_version` (microseconds since the Unix epoch when Keel staged the row,
-//! rising across restarts) and `_deleted` (1 for a tombstone: the key has no row any more). A
+//! and above the newest version stored when the writer started, so it rises across restarts
+//! whatever the clock does) and `_deleted` (1 for a tombstone: the key has no row any more). A
 //! replayed epoch therefore replaces what an earlier run wrote instead of adding to it, and the
 //! current contents of a table are
 //!
@@ -605,7 +606,9 @@ impl ClickHouse {
             "INSERT INTO `{}`.`{table}` {columns} FORMAT RowBinary",
             self.database
         );
-        self.post(Some(&query), rows, &query).map(drop)
+        // Errors name the table, not its column list (which would crowd out the reason).
+        let what = format!("INSERT INTO `{}`.`{table}`", self.database);
+        self.post(Some(&query), rows, &what).map(drop)
     }
 
     /// Creates the database and every table of `specs` that does not exist yet, and adds to
@@ -718,11 +721,10 @@ impl ClickHouse {
 
     /// The newest `_version` any table of `specs` holds (0 when they are empty).
     pub fn newest_version(&self, specs: &[TableSpec]) -> Result<u64, ClickHouseError> {
-        if specs.is_empty() {
-            return Ok(0);
-        }
+        // Not `events_raw`: a row per event, never rewritten, so its versions rule nothing.
         let tables: Vec<String> = specs
             .iter()
+            .filter(|spec| spec.name != "events_raw")
             .map(|spec| {
                 format!(
                     "SELECT max(`_version`) AS v FROM `{}`.`{}`",
@@ -730,6 +732,9 @@ impl ClickHouse {
                 )
             })
             .collect();
+        if tables.is_empty() {
+            return Ok(0);
+        }
         let sql = format!(
             "SELECT max(v) FROM ({}) FORMAT TabSeparated",
             tables.join(" UNION ALL ")

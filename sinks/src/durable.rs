@@ -428,7 +428,7 @@ impl Durable {
     /// staged. Call once per closed epoch, with all of that epoch's changes.
     pub fn stage(&self, closed: Option<u64>, fill: impl FnOnce(&mut Stage<'_>)) {
         let mut staged = self.shared.staged.lock();
-        let version = now_micros().max(staged.last_version + 1);
+        let version = now_micros().max(staged.last_version.saturating_add(1));
         staged.last_version = version;
         let mut stage = Stage {
             staged: &mut staged,

@@ -206,7 +206,8 @@ impl DeadLetterWriter {
 
     /// Produces every letter and waits until the broker has them all.
     pub fn send_all(&self, letters: &[DeadLetter]) -> Result<(), SourceError> {
-        let failed_before = self.deliveries.failed();
+        // This batch's failures only: an earlier batch's were reported with it.
+        let _ = self.deliveries.take();
         for letter in letters {
             let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len());
             for (name, value) in &letter.headers {
@@ -236,12 +237,11 @@ impl DeadLetterWriter {
             }
         }
         self.producer.flush(Duration::from_secs(60))?;
-        let failed = self.deliveries.failed() - failed_before;
+        let (failed, first) = self.deliveries.take();
         if failed > 0 {
             return Err(SourceError::Config(format!(
-                "{failed} dead letters were not delivered to {}: {}",
+                "{failed} dead letters were not delivered to {}: {first}",
                 self.address.topic,
-                self.deliveries.first_error()
             )));
         }
         Ok(())

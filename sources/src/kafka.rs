@@ -762,13 +762,12 @@ impl Deliveries {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// The first failure's reason ("" when none failed).
-    pub fn first_error(&self) -> String {
-        self.first
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or_default()
+    /// The failures since the last call, and the first one's reason, starting the count
+    /// afresh: a batch reports its own failures, not an earlier one's.
+    pub fn take(&self) -> (u64, String) {
+        let mut first = self.first.lock().unwrap_or_else(PoisonError::into_inner);
+        let failed = self.failed.swap(0, Ordering::Relaxed);
+        (failed, first.take().unwrap_or_default())
     }
 }
 
@@ -832,15 +831,14 @@ impl KafkaWriter {
         })
     }
 
-    /// The error for deliveries that failed, naming the first reason.
+    /// The error for the deliveries that failed since the last report, naming the first reason.
     fn undelivered(&self) -> SourceError {
-        let failed = self.deliveries.failed();
+        let (failed, first) = self.deliveries.take();
         SourceError::Config(format!(
-            "{failed} record{} not delivered to {} at {}: {}",
+            "{failed} record{} not delivered to {} at {}: {first}",
             if failed == 1 { " was" } else { "s were" },
             self.address.topic,
             self.address.brokers,
-            self.deliveries.first_error()
         ))
     }
 
@@ -957,6 +955,10 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("authoriz"), "{error}");
+        // Reported once: a later flush has none of its own to report.
+        writer
+            .flush(Duration::from_secs(30))
+            .expect("the earlier failure was reported with its own flush");
     }
 
     #[test]
