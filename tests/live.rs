@@ -1538,6 +1538,19 @@ async fn a_driver_on_the_extended_protocol_gets_typed_binary_values() {
             .contains("column far has a value with no text form"),
         "{error}"
     );
+    // One whose microseconds fit but whose offset from 2000 does not: an error, not a wrap.
+    let error = sqlx::query(
+        "SELECT arrow_cast(-9223372036854775000, 'Timestamp(Microsecond, None)') AS edge",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("column edge has a value with no text form"),
+        "{error}"
+    );
     // The connection is still good after errors.
     let one: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes")
         .fetch_one(&mut db)
