@@ -295,6 +295,9 @@ struct Owed {
     workers: usize,
     /// Not before this (a failed attempt waits before the next).
     not_before: Instant,
+    /// The wait after the next failed attempt (doubling, at most 5 minutes: an attempt fetches
+    /// every stored key of two tables).
+    backoff: Duration,
 }
 
 impl Owed {
@@ -334,8 +337,9 @@ impl Owed {
                 true
             }
             Err(error) => {
-                tracing::warn!(%error, "reconciling ClickHouse with the rebuilt state failed; retrying in 5 s");
-                self.not_before = Instant::now() + Duration::from_secs(5);
+                tracing::warn!(%error, retry_in = ?self.backoff, "reconciling ClickHouse with the rebuilt state failed");
+                self.not_before = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(300));
                 false
             }
         }
@@ -529,6 +533,7 @@ pub fn run(
                 replays: replays.clone(),
                 workers: worker.peers(),
                 not_before: Instant::now(),
+                backoff: Duration::from_secs(5),
             });
         let stored = |epoch: u64| handles.durable.as_ref().is_none_or(|d| d.covers(epoch));
         let mut inputs = worker.dataflow::<u64, _, _>(|scope| {
