@@ -295,8 +295,86 @@ where
     }
 }
 
+/// The most connections the gRPC port holds open at once; further ones wait in the kernel's
+/// backlog until one closes.
+pub const MAX_CONNECTIONS: usize = 4_096;
+
+/// An accepted connection, holding its place among the open ones until it is dropped.
+struct Held {
+    stream: tokio::net::TcpStream,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Held {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Held {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Held {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
 /// Serves the service on `listener` until the runtime stops.
 pub async fn serve(listener: tokio::net::TcpListener, foghorn: Arc<Foghorn>) {
+    serve_within(listener, foghorn, MAX_CONNECTIONS).await;
+}
+
+/// [`serve`] holding at most `most` connections open.
+async fn serve_within(listener: tokio::net::TcpListener, foghorn: Arc<Foghorn>, most: usize) {
+    let places = Arc::new(tokio::sync::Semaphore::new(most));
+    let incoming =
+        futures_util::stream::unfold((listener, places), |(listener, places)| async move {
+            let place = places.clone().acquire_owned().await.ok()?;
+            let accepted = listener.accept().await.map(|(stream, _)| Held {
+                stream,
+                _place: place,
+            });
+            Some((accepted, (listener, places)))
+        });
     // Bounds per connection, and pings that end a connection whose peer went away.
     let served = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(64)
@@ -305,7 +383,7 @@ pub async fn serve(listener: tokio::net::TcpListener, foghorn: Arc<Foghorn>) {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(FoghornGrpc::new(foghorn))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .serve_with_incoming(incoming)
         .await;
     if let Err(error) = served {
         tracing::error!(%error, "Foghorn gRPC stopped");
@@ -339,6 +417,47 @@ pub async fn call_route(url: &str, request: RouteRequest) -> Result<RouteRespons
 mod tests {
     use super::*;
     use prost::Message;
+
+    /// At the cap, a new connection is served only once an open one closes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_are_capped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let foghorn = Arc::new(Foghorn::new(
+            Arc::new(keel_dataflows::foghorn::FleetCell::default()),
+            keel_sources::memory::Injector::new("test"),
+            Arc::default(),
+        ));
+        tokio::spawn(serve_within(listener, foghorn, 1));
+        let url = format!("http://{address}");
+        let call = || {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                call_route(&url, RouteRequest::default()),
+            )
+        };
+        // Served: an answer of the service's own (no node), not a transport failure.
+        let answered = |result: Result<RouteResponse, Status>| match result {
+            Ok(_) => true,
+            Err(status) => {
+                !status.message().contains("cannot connect")
+                    && !status.message().contains("is not ready")
+            }
+        };
+        assert!(answered(
+            call().await.expect("served while a place is free")
+        ));
+        let holder = tokio::net::TcpStream::connect(address).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            call().await.is_err(),
+            "a second connection was served at the cap"
+        );
+        drop(holder);
+        assert!(answered(
+            call().await.expect("served once the place is free")
+        ));
+    }
 
     /// Field numbers and wire types as the proto declares them, checked against bytes written
     /// by hand from the protobuf encoding rules.
