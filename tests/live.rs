@@ -388,6 +388,10 @@ async fn graphql_ws_closes_with_4400_at_a_message_the_protocol_does_not_define()
         (Message::text("not json"), "not a message"),
         (Message::text(r#"{"id": "1"}"#), "not a message"),
         (
+            Message::text(r#"{"type": "subscribe", "id": 1, "payload": {}}"#),
+            "\"id\" must be a string",
+        ),
+        (
             Message::text(r#"{"type": "subscribe", "id": "1"}"#),
             "payload",
         ),

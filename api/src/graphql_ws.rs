@@ -368,7 +368,7 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
             let head: Option<Head> = serde_json::from_slice(&text).ok();
             // graphql-transport-ws closes a connection with 4400 at a message it does not
             // define; async-graphql would close with 1002, or, for some, drop the connection.
-            if direct && let Some(what) = undefined(head.as_ref()) {
+            if direct && let Some(what) = undefined(head.as_ref(), &text) {
                 let _ = violations.send(what);
                 return future::ready(None);
             }
@@ -510,9 +510,16 @@ fn close_reason(mut reason: String) -> String {
 
 /// Why a graphql-transport-ws client message is not one the protocol defines (`None` when it
 /// is, or at least has a defined type whose fields async-graphql checks).
-fn undefined(head: Option<&Head>) -> Option<String> {
+fn undefined(head: Option<&Head>, text: &[u8]) -> Option<String> {
     let Some(head) = head else {
-        return Some("not a message: expected a JSON object with a string \"type\"".to_owned());
+        // Say which part is wrong when it is a JSON object.
+        let reason = match serde_json::from_slice::<Value>(text) {
+            Ok(Value::Object(object)) if object.get("type").is_some_and(Value::is_string) => {
+                "\"id\" must be a string"
+            }
+            _ => "not a message: expected a JSON object with a string \"type\"",
+        };
+        return Some(reason.to_owned());
     };
     match head.kind.as_str() {
         "connection_init" | "ping" | "pong" | "subscribe" | "complete" => None,
