@@ -239,11 +239,14 @@ fn missing_inputs_and_bad_options_say_so() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains(&format!(
-            "database {unmigrated}: stream_analytics is missing (run keel migrate"
-        )),
+        text(&out.stderr).contains(&format!("database {unmigrated}: opening the SQLite file"))
+            && text(&out.stderr).contains("run keel migrate --database URL"),
         "{}",
         text(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("new.db").exists(),
+        "an empty file was left behind"
     );
     let out = keel(&["sql", "--source", "carrier-pigeon", "SELECT 1"]);
     assert!(

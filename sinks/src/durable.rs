@@ -330,7 +330,7 @@ impl Durable {
                         .map_err(|e| StoreError::Other(format!("cannot start a runtime: {e}")))?,
                 );
                 let store = runtime.block_on(async {
-                    let store = SqlStore::connect(url).await?;
+                    let store = SqlStore::connect_existing(url).await?;
                     store.check().await?;
                     Ok::<_, SqlError>(store)
                 })?;

@@ -237,6 +237,16 @@ macro_rules! upsert {
 impl SqlStore {
     /// Opens `url`: `postgres://…`, or `sqlite:PATH` (the file is created if missing).
     pub async fn connect(url: &str) -> Result<SqlStore, SqlError> {
+        SqlStore::open(url, true).await
+    }
+
+    /// Opens `url` as [`SqlStore::connect`] does, but a SQLite file that does not exist is an
+    /// error saying to migrate, not a new empty file left behind (a writer's check).
+    pub async fn connect_existing(url: &str) -> Result<SqlStore, SqlError> {
+        SqlStore::open(url, false).await
+    }
+
+    async fn open(url: &str, create: bool) -> Result<SqlStore, SqlError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             // One connection first, whose failure says why (refused, unknown host, bad
             // password): the pool would retry until its timeout and say only that it timed out.
@@ -257,7 +267,7 @@ impl SqlStore {
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|_| SqlError::Url(url.to_owned()))?
-                .create_if_missing(true)
+                .create_if_missing(create)
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Full);
             let pool = SqlitePoolOptions::new()
@@ -265,7 +275,16 @@ impl SqlStore {
                 .connect_with(options)
                 .await
                 .map_err(|source| SqlError::Database {
-                    what: format!("opening the SQLite file {}", &url["sqlite:".len()..]).into(),
+                    what: if create {
+                        format!("opening the SQLite file {}", &url["sqlite:".len()..]).into()
+                    } else {
+                        format!(
+                            "opening the SQLite file {} (if it does not exist, run keel migrate \
+                             --database URL to make it)",
+                            &url["sqlite:".len()..]
+                        )
+                        .into()
+                    },
                     source,
                 })?;
             Ok(SqlStore::Sqlite(pool))
