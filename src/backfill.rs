@@ -24,6 +24,7 @@ use keel_sources::source::Source;
 
 use crate::engine::{self, Handles};
 
+use crate::store::LIVE_DATABASE;
 use crate::summary::group;
 
 /// Records are positioned by broker time, events kept by their own time: reading starts this
@@ -31,9 +32,6 @@ use crate::summary::group;
 const EARLY: i64 = 5 * 60 * 1000;
 /// … and continues this long past `--to` (events that reached the broker late).
 const LATE: i64 = 60 * 60 * 1000;
-
-/// The ClickHouse database `keel run` writes unless told otherwise.
-const LIVE_DATABASE: &str = "keel";
 
 /// `keel backfill` options.
 #[derive(Debug, Args)]

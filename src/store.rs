@@ -29,7 +29,7 @@ pub struct StoreArgs {
     #[arg(long, env = "KEEL_CLICKHOUSE", hide_env_values = true)]
     pub clickhouse: Option<String>,
     /// The ClickHouse database of Keel's tables.
-    #[arg(long, default_value = "keel")]
+    #[arg(long, default_value = LIVE_DATABASE)]
     pub clickhouse_database: String,
     /// The SQL database for `stream_analytics`: `postgres://USER@HOST:PORT/DB` or `sqlite:PATH`
     /// (`keel run` on the simulator uses `sqlite:keel-state.db` unless told otherwise; `off`
@@ -48,6 +48,9 @@ pub struct StoreArgs {
     #[arg(long, default_value_t = 1.0, value_parser = crate::cli::seconds)]
     pub flush_every: f64,
 }
+
+/// The ClickHouse database `keel run` writes unless told otherwise.
+pub const LIVE_DATABASE: &str = "keel";
 
 /// The ClickHouse table of raw events (`--raw-events`).
 pub const RAW_EVENTS: &str = "events_raw";

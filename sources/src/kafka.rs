@@ -787,9 +787,9 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// How long [`KafkaWriter::new`] waits for the brokers to answer, and the longest a record waits
-/// to be delivered before it counts as failed.
+/// How long [`KafkaWriter::new`] waits for the brokers to answer.
 const REACH: Duration = Duration::from_secs(10);
+/// The longest a record waits to be delivered before it counts as failed.
 const DELIVERY: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for KafkaWriter {
