@@ -24,6 +24,7 @@
 mod fields;
 pub mod json;
 mod keys;
+mod uuid_text;
 
 use std::borrow::Cow;
 
@@ -380,7 +381,8 @@ pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
 
 fn parse_tenant(text: Option<&str>) -> Result<Uuid, String> {
     let text = text.ok_or("tenant_id missing (body, header and payload)")?;
-    let tenant = Uuid::try_parse(text).map_err(|_| format!("tenant_id {text:?} is not a UUID"))?;
+    let tenant =
+        uuid_text::parse(text).ok_or_else(|| format!("tenant_id {text:?} is not a UUID"))?;
     if tenant.is_nil() {
         return Err("tenant_id is the nil UUID".to_owned());
     }
@@ -392,8 +394,8 @@ fn event_id(parsed: &Parsed<'_>, record: &Record<'_>) -> Result<Uuid, String> {
         .or_else(|| record.headers.event_id.as_deref().map(Cow::Borrowed))
         .or_else(|| first_text(&[parsed.data.event_id()]));
     Ok(match given {
-        Some(text) => Uuid::try_parse(&text)
-            .unwrap_or_else(|_| Uuid::new_v5(&KEEL_NAMESPACE, text.as_bytes())),
+        Some(text) => uuid_text::parse(&text)
+            .unwrap_or_else(|| Uuid::new_v5(&KEEL_NAMESPACE, text.as_bytes())),
         None => Uuid::new_v5(&KEEL_NAMESPACE, record.value),
     })
 }
@@ -573,9 +575,9 @@ fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
     }
     let stream_id = match first_text(&[p.stream_id(), d.stream_id()]) {
         None => None,
-        Some(text) => {
-            Some(Uuid::try_parse(&text).map_err(|_| format!("stream_id {text:?} is not a UUID"))?)
-        }
+        Some(text) => Some(
+            uuid_text::parse(&text).ok_or_else(|| format!("stream_id {text:?} is not a UUID"))?,
+        ),
     };
     Ok(StreamRef {
         internal_name: Sym::new(name),
