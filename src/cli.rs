@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use keel_api::format::{Format, render};
 use keel_api::sql::SqlError;
 use keel_operators::time::parse_rfc3339;
@@ -474,6 +475,106 @@ fn default_start() -> i64 {
 }
 
 /// Whether a source's command-line spelling names the simulator.
+/// The simulator's options that shape its records only. (`--seed` and `--tenants` also choose
+/// the tenants `keel run` prints tokens for, whatever the source.)
+const SIMULATOR_ONLY: &[&str] = &[
+    "rate",
+    "wire",
+    "malformed",
+    "nodes",
+    "streams",
+    "arrivals",
+    "mean_session",
+    "start",
+];
+
+/// Every option of the simulated fleet.
+const FLEET: &[&str] = &[
+    "seed",
+    "wire",
+    "malformed",
+    "tenants",
+    "nodes",
+    "streams",
+    "arrivals",
+    "mean_session",
+    "start",
+];
+
+/// Options given on the command line that do nothing with the rest of it, said by name, so
+/// that none is ignored silently: a `--rate` that did not pace a file replay, or a `--group`
+/// that no Kafka member used, would only look like a fault elsewhere.
+fn inapplicable(matches: &ArgMatches) -> Option<String> {
+    let given = |matches: &ArgMatches, ids: &[&str]| -> Vec<String> {
+        ids.iter()
+            .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect()
+    };
+    // Refuses the options `ids` given in `matches` unless they apply; `of` names whose options
+    // they are ("an option of the simulator"), `context` what they were given with.
+    let unless = |applies: bool, matches: &ArgMatches, ids: &[&str], of: &str, context: &str| {
+        let flags = given(matches, ids);
+        if applies || flags.is_empty() {
+            return None;
+        }
+        let (is, does, them) = match flags.len() {
+            1 => ("is an option", "does", "it"),
+            _ => ("are options", "do", "them"),
+        };
+        let named = match flags.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+            _ => flags.join(""),
+        };
+        Some(format!(
+            "{named} {is} of {of}, and {does} nothing {context}: leave {them} out"
+        ))
+    };
+    let is_kafka = |spec: &str| spec.starts_with("kafka://");
+    const SIMULATOR: &str = "the simulator";
+    const KAFKA: &str = "a kafka:// source";
+    match matches.subcommand()? {
+        ("run", run) => {
+            let source = run.get_one::<String>("source")?;
+            let context = format!("with --source {source}");
+            unless(
+                is_simulator(source),
+                run,
+                SIMULATOR_ONLY,
+                SIMULATOR,
+                &context,
+            )
+            .or_else(|| {
+                let ids = ["group", "state_horizon"];
+                unless(is_kafka(source), run, &ids, KAFKA, &context)
+            })
+        }
+        ("sql", sql) => {
+            if sql.get_one::<String>("url").is_some() {
+                let mut ids = FLEET.to_vec();
+                ids.extend(["events", "idle"]);
+                let context = "with --url, which asks a running engine";
+                return unless(false, sql, &ids, "a replay", context);
+            }
+            let spec = sql.get_one::<String>("source").map_or("", String::as_str);
+            let context = match sql.get_one::<PathBuf>("input") {
+                Some(path) => format!("with --input {}", path.display()),
+                // Without either, `sql` says where events may come from.
+                None if spec.is_empty() => return None,
+                None => format!("with --source {spec}"),
+            };
+            unless(is_simulator(spec), sql, FLEET, SIMULATOR, &context)
+                .or_else(|| unless(is_kafka(spec), sql, &["idle"], KAFKA, &context))
+        }
+        ("backfill", backfill) => {
+            let source = backfill.get_one::<String>("source")?;
+            let context = format!("with --source {source}");
+            unless(is_kafka(source), backfill, &["idle"], KAFKA, &context)
+        }
+        _ => None,
+    }
+}
+
 fn is_simulator(spec: &str) -> bool {
     spec == "sim" || spec == "simulator"
 }
@@ -1251,7 +1352,19 @@ pub fn main() -> ExitCode {
     if !huge_pages_off {
         tracing::debug!("the kernel kept transparent huge pages on for this process");
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    if let Some(problem) = inapplicable(&matches) {
+        // The error shows the usage of the subcommand it is about.
+        let mut command = Cli::command();
+        command.build();
+        let name = matches.subcommand_name().unwrap_or_default();
+        let about = command.find_subcommand_mut(name).cloned();
+        about
+            .unwrap_or(command)
+            .error(clap::error::ErrorKind::ArgumentConflict, problem)
+            .exit();
+    }
     let result = match cli.command {
         Command::Run(args) => run(&args),
         Command::Simulate(args) => simulate(&args),
@@ -1300,6 +1413,40 @@ fn causes(error: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ids `inapplicable` asks about are options of the subcommands it asks about (clap
+    /// answers "not given" for an id it does not know, which would hide a renamed option).
+    #[test]
+    fn inapplicable_names_real_options() {
+        let mut command = Cli::command();
+        command.build();
+        let has = |sub: &str, id: &str| {
+            command
+                .find_subcommand(sub)
+                .expect("a subcommand")
+                .get_arguments()
+                .any(|arg| arg.get_id() == id)
+        };
+        for id in SIMULATOR_ONLY
+            .iter()
+            .chain(["group", "state_horizon", "source"].iter())
+        {
+            assert!(has("run", id), "run --{id}");
+        }
+        for id in FLEET
+            .iter()
+            .chain(["events", "idle", "url", "input", "source"].iter())
+        {
+            assert!(has("sql", id), "sql --{id}");
+        }
+        // `--rate` is `keel run`'s own; the rest are the fleet's, which `keel sql` shares.
+        assert!(
+            SIMULATOR_ONLY
+                .iter()
+                .all(|id| *id == "rate" || FLEET.contains(id))
+        );
+        assert!(has("backfill", "idle") && has("backfill", "source"));
+    }
 
     #[test]
     fn errors_say_each_cause_once() {

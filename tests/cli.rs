@@ -203,6 +203,99 @@ fn missing_inputs_and_bad_options_say_so() {
         "{}",
         text(&out.stderr)
     );
+    // Options that would do nothing with the rest of the command line are refused by name, so
+    // none is ignored silently; the same options where they apply are taken.
+    let idle: &[(&[&str], &str)] = &[
+        (
+            &["run", "--source", "file:x", "--rate", "5"],
+            "--rate is an option of the simulator, and does nothing with --source file:x: leave it out",
+        ),
+        (
+            &[
+                "run",
+                "--source",
+                "kafka://h:1/t",
+                "--wire",
+                "v1",
+                "--malformed",
+                "0.1",
+            ],
+            "--wire and --malformed are options of the simulator, and do nothing with --source kafka://h:1/t",
+        ),
+        (
+            &["run", "--group", "g"],
+            "--group is an option of a kafka:// source, and does nothing with --source sim",
+        ),
+        (
+            &["run", "--source", "file:x", "--state-horizon", "1h"],
+            "--state-horizon is an option of a kafka:// source",
+        ),
+        (
+            &["sql", "--input", "x", "--seed", "3", "SELECT 1"],
+            "--seed is an option of the simulator, and does nothing with --input x",
+        ),
+        (
+            &["sql", "--input", "x", "--idle", "3", "SELECT 1"],
+            "--idle is an option of a kafka:// source, and does nothing with --input x",
+        ),
+        (
+            &[
+                "sql",
+                "--url",
+                "http://127.0.0.1:1",
+                "--token",
+                "t",
+                "--events",
+                "5",
+                "SELECT 1",
+            ],
+            "--events is an option of a replay, and does nothing with --url",
+        ),
+        (
+            &[
+                "backfill", "--source", "file:x", "--from", "a", "--to", "b", "--idle", "3",
+            ],
+            "--idle is an option of a kafka:// source, and does nothing with --source file:x",
+        ),
+    ];
+    for (args, says) in idle {
+        let out = keel(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("Usage: keel {}", args[0])),
+            "{args:?}: {err}"
+        );
+    }
+    let out = keel(&[
+        "sql",
+        "--source",
+        "sim",
+        "--events",
+        "50",
+        "--seed",
+        "3",
+        "--wire",
+        "v1",
+        "--format",
+        "csv",
+        "SELECT count(*) > 0 AS some FROM streams",
+    ]);
+    assert_eq!(text(&out.stdout), "some\ntrue\n", "{}", text(&out.stderr));
+    let out = keel(&[
+        "sql",
+        "--input",
+        "/nonexistent/x.ndjson",
+        "--format",
+        "json",
+        "SELECT 1",
+    ]);
+    assert!(
+        text(&out.stderr).contains("cannot read /nonexistent/x.ndjson"),
+        "{}",
+        text(&out.stderr)
+    );
     // A backfill into `keel run`'s own ClickHouse database is refused before anything is read.
     let out = keel(&[
         "backfill",
