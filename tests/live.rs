@@ -1152,6 +1152,16 @@ async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
     assert_eq!(rows, multiset(live.rows("viewer_sessions", &a)));
     let dropped = live.handles.hub.dropped();
     assert!(dropped > 0);
+
+    // Every byte the queues held comes back once the connections are gone.
+    drop(stalled);
+    drop(stalled_table);
+    let hub = &live.handles.hub;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (hub.queued_bytes() != 0 || hub.subscribers() != 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((hub.queued_bytes(), hub.subscribers()), (0, 0));
 }
 
 /// One GraphQL WebSocket holds at most `MAX_SUBSCRIPTIONS` subscriptions, on either path

@@ -1337,7 +1337,7 @@ fn feed_stream<T: Send + 'static>(
                     let item = on_missed(missed);
                     return Some((item, (subscription, map, on_missed)));
                 }
-                match subscription.updates.recv().await? {
+                match subscription.recv().await? {
                     Update::Event(item) => {
                         if let Some(value) = map(&item) {
                             return Some((Ok(value), (subscription, map, on_missed)));

@@ -225,10 +225,15 @@ pub fn render(stats: &EngineStats, metrics: &Metrics, tables: &LiveTables) -> St
             "# HELP keel_subscribers Live subscriptions (table changes and event feeds).\n# TYPE keel_subscribers gauge\nkeel_subscribers {}",
             hub.subscribers()
         );
+        let _ = writeln!(
+            out,
+            "# HELP keel_subscriber_queued_bytes Bytes of updates waiting in subscribers' queues.\n# TYPE keel_subscriber_queued_bytes gauge\nkeel_subscriber_queued_bytes {}",
+            hub.queued_bytes()
+        );
         counter(
             &mut out,
             "keel_dropped_messages_total",
-            "Updates not delivered because a subscriber's queue was full.",
+            "Updates not delivered because a subscriber's queue was full or over its byte budget.",
             hub.dropped(),
             "",
         );

@@ -216,7 +216,7 @@ impl Connection {
         let mut frame = String::from(&*render(first));
         if let Some(subscription) = &mut self.subscription {
             for _ in 1..BATCH {
-                match subscription.updates.try_recv() {
+                match subscription.try_recv() {
                     Ok(Update::Event(item)) => {
                         frame.push('\n');
                         frame.push_str(&render(&item));
@@ -395,7 +395,7 @@ async fn next_update(
         return std::future::pending().await;
     };
     loop {
-        match subscription.updates.recv().await? {
+        match subscription.recv().await? {
             Update::Event(item) => return Some(item),
             Update::Rows { .. } => continue,
         }

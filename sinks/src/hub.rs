@@ -10,7 +10,10 @@
 //! - **Feed**: events as they are decoded ([`FeedItem`]), on the channels the subscriber holds
 //!   (`streams`, `analytics`, `system`), passing its [`FeedFilter`].
 //!
-//! Every subscriber has a bounded queue. Publishing never blocks: when a queue is full the
+//! Every subscriber has a bounded queue: at most so many updates, and at most
+//! [`Budget::per_subscriber`] bytes of them, while all queues together hold at most
+//! [`Budget::total`] bytes, so subscribers that never read cannot take the memory however many
+//! connections open them. Publishing never blocks: when an update does not fit the
 //! subscriber is marked *lagged* and skipped. A lagged table subscriber recovers by taking a fresh
 //! snapshot (it clears the mark first, so no epoch falls between the snapshot and the diffs that
 //! follow it); a lagged feed subscriber is told how many events it missed. A slow client
@@ -246,11 +249,55 @@ pub enum Update {
     Event(Arc<FeedItem>),
 }
 
+impl Update {
+    /// The bytes this update counts for against the queues' budgets: each row's text and its
+    /// place in the list, or a fixed share per feed event (its event and rendering, shared with
+    /// every other subscriber). The same update always weighs the same, so what a queue adds
+    /// when it takes an update it takes off when the update leaves.
+    fn weight(&self) -> usize {
+        match self {
+            Update::Rows { changes, .. } => {
+                UPDATE_WEIGHT
+                    + changes
+                        .iter()
+                        .map(|change| size_of::<RowChange>() + change.row.text().len())
+                        .sum::<usize>()
+            }
+            Update::Event(_) => UPDATE_WEIGHT + EVENT_WEIGHT,
+        }
+    }
+}
+
+/// What an update costs a queue besides its rows: its slot and list.
+const UPDATE_WEIGHT: usize = 64;
+/// What a feed event counts for in a queue: about its decoded event and rendered text.
+const EVENT_WEIGHT: usize = 512;
+
+/// Bounds on the bytes subscriber queues hold ([`Update`]s as [`Update::weight`] counts them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// What one subscriber's queue may hold.
+    pub per_subscriber: usize,
+    /// What all queues together may hold.
+    pub total: usize,
+}
+
+impl Default for Budget {
+    /// 16 MiB a subscriber (a reader that keeps up holds a few epochs' changes), 512 MiB in all.
+    fn default() -> Self {
+        Budget {
+            per_subscriber: 16 << 20,
+            total: 512 << 20,
+        }
+    }
+}
+
 /// The subscriber's side: its queue and its lag mark.
 #[derive(Debug)]
 pub struct Subscription {
-    /// The updates, in order.
-    pub updates: mpsc::Receiver<Update>,
+    /// The updates, in order (taken through [`Subscription::recv`] and
+    /// [`Subscription::try_recv`], which give their bytes back to the budgets).
+    updates: mpsc::Receiver<Update>,
     state: Arc<SubscriberState>,
     hub: Arc<HubInner>,
 }
@@ -259,6 +306,8 @@ pub struct Subscription {
 struct SubscriberState {
     lagged: AtomicBool,
     missed: AtomicU64,
+    /// Bytes in the queue.
+    queued: AtomicUsize,
 }
 
 impl Subscription {
@@ -274,11 +323,41 @@ impl Subscription {
         self.state.lagged.store(false, Ordering::Release);
         self.state.missed.swap(0, Ordering::AcqRel)
     }
+
+    /// The next update, waiting for one; `None` once the hub is gone and the queue empty.
+    pub async fn recv(&mut self) -> Option<Update> {
+        let update = self.updates.recv().await?;
+        self.release(&update);
+        Some(update)
+    }
+
+    /// The next update if one is queued.
+    pub fn try_recv(&mut self) -> Result<Update, mpsc::error::TryRecvError> {
+        let update = self.updates.try_recv()?;
+        self.release(&update);
+        Ok(update)
+    }
+
+    /// Bytes in this subscription's queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.queued.load(Ordering::Relaxed)
+    }
+
+    fn release(&self, update: &Update) {
+        let weight = update.weight();
+        self.state.queued.fetch_sub(weight, Ordering::Relaxed);
+        self.hub.queued.fetch_sub(weight, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.subscribers.fetch_sub(1, Ordering::Relaxed);
+        // Closed first, so nothing is added while what is queued is given back.
+        self.updates.close();
+        while let Ok(update) = self.updates.try_recv() {
+            self.release(&update);
+        }
     }
 }
 
@@ -289,9 +368,11 @@ struct Subscriber<F> {
 }
 
 impl<F> Subscriber<F> {
-    /// Queues `update` unless the subscriber is lagged or its queue is full (then it becomes
-    /// lagged and `dropped` counts the loss). Returns false once the subscriber is gone.
-    fn offer(&self, update: Update, dropped: &AtomicU64) -> bool {
+    /// Queues `update` unless the subscriber is lagged, its queue is full or the update would
+    /// take its queue or all queues past the hub's [`Budget`] (then it becomes lagged and the
+    /// hub counts the loss). Returns false once the subscriber is gone.
+    fn offer(&self, update: Update, hub: &HubInner) -> bool {
+        let dropped = &hub.dropped;
         let is_event = matches!(update, Update::Event(_));
         let lost = || {
             dropped.fetch_add(1, Ordering::Relaxed);
@@ -303,14 +384,31 @@ impl<F> Subscriber<F> {
             lost();
             return !self.tx.is_closed();
         }
+        let weight = update.weight();
+        let mine = self.state.queued.fetch_add(weight, Ordering::Relaxed) + weight;
+        let all = hub.queued.fetch_add(weight, Ordering::Relaxed) + weight;
+        let give_back = || {
+            self.state.queued.fetch_sub(weight, Ordering::Relaxed);
+            hub.queued.fetch_sub(weight, Ordering::Relaxed);
+        };
+        if mine > hub.budget.per_subscriber || all > hub.budget.total {
+            give_back();
+            self.state.lagged.store(true, Ordering::Release);
+            lost();
+            return !self.tx.is_closed();
+        }
         match self.tx.try_send(update) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                give_back();
                 self.state.lagged.store(true, Ordering::Release);
                 lost();
                 true
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                give_back();
+                false
+            }
         }
     }
 }
@@ -363,12 +461,17 @@ struct HubInner {
     subscribers: AtomicUsize,
     dropped: AtomicU64,
     per_tenant: Mutex<HashMap<String, usize>>,
+    /// Bytes in all subscribers' queues.
+    queued: AtomicUsize,
+    budget: Budget,
 }
 
 impl std::fmt::Debug for HubInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("subscribers", &self.subscribers.load(Ordering::Relaxed))
+            .field("queued", &self.queued.load(Ordering::Relaxed))
+            .field("budget", &self.budget)
             .finish()
     }
 }
@@ -400,6 +503,21 @@ impl Drop for TenantSlot {
 }
 
 impl Hub {
+    /// A hub whose queues hold at most `budget`.
+    pub fn with_budget(budget: Budget) -> Hub {
+        Hub {
+            inner: Arc::new(HubInner {
+                budget,
+                ..HubInner::default()
+            }),
+        }
+    }
+
+    /// Bytes in all subscribers' queues ([`Update`]s as their budgets count them).
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.queued.load(Ordering::Relaxed)
+    }
+
     /// Whether anyone subscribes to `table` (publishers skip the work of encoding otherwise).
     pub fn wants(&self, table: &str) -> bool {
         self.lock_tables()
@@ -535,7 +653,6 @@ impl Hub {
                 }
             }
         }
-        let dropped = &self.inner.dropped;
         let before = subscribers.list.len();
         let mut index = 0;
         subscribers.list.retain(|s| {
@@ -549,7 +666,7 @@ impl Hub {
                         epoch,
                         changes,
                     },
-                    dropped,
+                    &self.inner,
                 ),
             }
         });
@@ -561,12 +678,11 @@ impl Hub {
     /// Pushes decoded events to the feed subscribers whose filters pass them.
     pub fn publish_events(&self, items: &[Arc<FeedItem>]) {
         let mut feed = self.lock_feed();
-        let dropped = &self.inner.dropped;
         feed.retain(|s| {
             let mut alive = true;
             for item in items {
                 if s.filter.matches(item) {
-                    alive &= s.offer(Update::Event(item.clone()), dropped);
+                    alive &= s.offer(Update::Event(item.clone()), &self.inner);
                 }
             }
             alive && !s.tx.is_closed()
@@ -673,7 +789,7 @@ impl TableStream {
                 self.seen = first_epoch(&fresh);
                 return Some(fresh);
             }
-            match self.subscription.updates.recv().await? {
+            match self.subscription.recv().await? {
                 Update::Rows {
                     mut epoch,
                     mut changes,
@@ -686,7 +802,7 @@ impl TableStream {
                     // changes in order, as of the newest epoch (fewer, larger messages exactly
                     // when the connection is the bottleneck).
                     while changes.len() < COALESCE_ROWS && !self.subscription.lagged() {
-                        match self.subscription.updates.try_recv() {
+                        match self.subscription.try_recv() {
                             Ok(Update::Rows {
                                 epoch: next,
                                 changes: more,
@@ -735,15 +851,12 @@ mod tests {
         assert!(hub.wants("t") && !hub.wants("u"));
         hub.publish_rows("t", 1, &[change(1, "a", 1), change(1, "b", 2)]);
         hub.publish_rows("t", 2, &[change(1, "b", 3)]);
-        let Some(Update::Rows { epoch, changes, .. }) = a.updates.recv().await else {
+        let Some(Update::Rows { epoch, changes, .. }) = a.recv().await else {
             panic!("a gets epoch 1")
         };
         assert_eq!((epoch, changes), (1, vec![change(1, "a", 1)]));
-        assert!(
-            a.updates.try_recv().is_err(),
-            "epoch 2 holds nothing of a's"
-        );
-        let Some(Update::Rows { changes, .. }) = all.updates.recv().await else {
+        assert!(a.try_recv().is_err(), "epoch 2 holds nothing of a's");
+        let Some(Update::Rows { changes, .. }) = all.recv().await else {
             panic!("the admin gets epoch 1")
         };
         assert_eq!(changes.len(), 2);
@@ -775,12 +888,118 @@ mod tests {
         assert!(slow.lagged());
         assert_eq!(hub.dropped(), 48);
         let mut received = 0;
-        while fast.updates.try_recv().is_ok() {
+        while fast.try_recv().is_ok() {
             received += 1;
         }
         assert_eq!(received, 50, "the fast subscriber got every epoch");
         slow.recover();
         assert!(!slow.lagged());
+    }
+
+    /// Subscribers that never read hold at most their budget each, and all of them together
+    /// at most the hub's; every byte comes back when updates are read or subscriptions end.
+    #[tokio::test]
+    async fn queues_hold_at_most_their_budgets() {
+        let one = Update::Rows {
+            table: "t",
+            epoch: 0,
+            changes: vec![change(1, "a", 0)],
+        }
+        .weight();
+        let budget = Budget {
+            per_subscriber: 10 * one,
+            total: 25 * one,
+        };
+        let hub = Hub::with_budget(budget);
+        let idle: Vec<Subscription> = (0..4)
+            .map(|_| hub.subscribe_table("t", RowFilter::default(), 1000))
+            .collect();
+        let mut reader = hub.subscribe_table("t", tenant("a"), 1000);
+        let mut read = 0;
+        for epoch in 0..100 {
+            hub.publish_rows("t", epoch, &[change(1, "a", epoch % 10)]);
+            // The reader keeps up, so it never lags while others fill the budget.
+            if reader.try_recv().is_ok() {
+                read += 1;
+            }
+            for subscription in &idle {
+                assert!(subscription.queued_bytes() <= budget.per_subscriber);
+            }
+            assert!(hub.queued_bytes() <= budget.total);
+            let held: usize = idle.iter().map(Subscription::queued_bytes).sum();
+            assert_eq!(hub.queued_bytes(), held + reader.queued_bytes());
+        }
+        assert!(idle.iter().all(Subscription::lagged));
+        assert!(hub.dropped() > 0);
+        // The idle ones filled the budget (once the hub's was full, the reader's next epoch
+        // could not fit either), so the reader lagged too and would take a fresh snapshot.
+        assert!(read < 100 && reader.lagged(), "{read}");
+        drop(idle);
+        assert_eq!(hub.queued_bytes(), reader.queued_bytes());
+        reader.recover();
+        hub.publish_rows("t", 100, &[change(1, "a", 1)]);
+        assert!(
+            reader.try_recv().is_ok(),
+            "room again once the idle queues went"
+        );
+        assert_eq!(hub.queued_bytes(), 0);
+
+        // Feed events count too.
+        let feed = hub.subscribe_events(FeedFilter::new(None, channel::ALL), 1000);
+        for _ in 0..100 {
+            hub.publish_events(&[item(channel::STREAMS, Uuid::from_u128(1))]);
+        }
+        assert!(feed.queued_bytes() <= budget.per_subscriber && feed.lagged());
+        assert_eq!(hub.queued_bytes(), feed.queued_bytes());
+        drop(feed);
+        assert_eq!(hub.queued_bytes(), 0);
+    }
+
+    proptest::proptest! {
+        /// Whatever subscribers do (read some, recover, go, come), the hub's count is the sum
+        /// of its queues', within budget, and nothing once every subscriber has gone.
+        #[test]
+        fn queued_bytes_add_up(
+            steps in proptest::collection::vec((0u8..5, 0usize..8, 1u64..40), 1..120),
+            per in 1usize..6_000,
+            total in 1usize..20_000,
+        ) {
+            let budget = Budget { per_subscriber: per, total };
+            let hub = Hub::with_budget(budget);
+            let mut subscribers: Vec<Subscription> = Vec::new();
+            for (epoch, (step, which, size)) in steps.into_iter().enumerate() {
+                let pick = |len: usize| which % len.max(1);
+                match step {
+                    0 => subscribers.push(hub.subscribe_table("t", RowFilter::default(), 1 + which)),
+                    1 => {
+                        let changes: Vec<RowChange> =
+                            (0..size).map(|n| change(1, "a", n)).collect();
+                        hub.publish_rows("t", epoch as u64, &changes);
+                    }
+                    2 if !subscribers.is_empty() => {
+                        let at = pick(subscribers.len());
+                        let _ = subscribers[at].try_recv();
+                    }
+                    3 if !subscribers.is_empty() => {
+                        let at = pick(subscribers.len());
+                        subscribers[at].recover();
+                    }
+                    4 if !subscribers.is_empty() => {
+                        let at = pick(subscribers.len());
+                        subscribers.swap_remove(at);
+                    }
+                    _ => {}
+                }
+                let held: usize = subscribers.iter().map(Subscription::queued_bytes).sum();
+                proptest::prop_assert_eq!(hub.queued_bytes(), held);
+                proptest::prop_assert!(held <= total);
+                for subscription in &subscribers {
+                    proptest::prop_assert!(subscription.queued_bytes() <= per);
+                }
+            }
+            subscribers.clear();
+            proptest::prop_assert_eq!(hub.queued_bytes(), 0);
+        }
     }
 
     fn item(channel: u8, tenant: Uuid) -> Arc<FeedItem> {
@@ -813,7 +1032,7 @@ mod tests {
             ]);
         }
         assert!(feed.lagged());
-        assert!(feed.updates.recv().await.is_some());
+        assert!(feed.recv().await.is_some());
         assert_eq!(
             feed.recover(),
             4,
@@ -821,7 +1040,7 @@ mod tests {
         );
         filter.channels.store(channel::SYSTEM, Ordering::Relaxed);
         hub.publish_events(&[item(channel::STREAMS, a), item(channel::SYSTEM, a)]);
-        let Some(Update::Event(got)) = feed.updates.recv().await else {
+        let Some(Update::Event(got)) = feed.recv().await else {
             panic!("a system event")
         };
         assert_eq!(got.channel, channel::SYSTEM, "the channel set changed live");
