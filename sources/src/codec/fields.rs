@@ -56,6 +56,19 @@ macro_rules! fields {
                 }
             )*
 
+            /// The first field read whose text is longer than `most` bytes as written: its
+            /// name and length.
+            pub(super) fn longer_than(&self, most: usize) -> Option<(&'static str, usize)> {
+                let (position, length) = self.values.iter().enumerate().find_map(|(i, value)| {
+                    match value {
+                        Some(Value::Str(text)) if text.len() > most => Some((i, text.len())),
+                        _ => None,
+                    }
+                })?;
+                let slot = self.at.iter().position(|&at| usize::from(at) == position + 1)?;
+                Some((FIELD_NAMES[slot], length))
+            }
+
             #[inline]
             fn get(&self, slot: usize) -> &Option<Value<'a>> {
                 match self.at[slot] {

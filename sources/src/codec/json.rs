@@ -65,6 +65,12 @@ impl<'a> Text<'a> {
         self.raw.is_empty()
     }
 
+    /// Its length in bytes as written (escapes count as written, so never less than unescaped).
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.raw.len()
+    }
+
     /// The string when it holds no escapes (then it is its own text), else `None`.
     #[inline]
     pub fn plain(&self) -> Option<&'a str> {

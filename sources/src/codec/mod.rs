@@ -51,6 +51,11 @@ thread_local! {
     static TRAIL: Trail = const { Trail::new() };
 }
 
+/// The most bytes (as written, escapes included) a string field the codec reads may hold. Names,
+/// ids, places and protocols are far shorter; a longer one is a producer fault, and kept as it
+/// came it would stay in memory for good (names are interned, session ids kept per session).
+pub const MAX_FIELD_BYTES: usize = 1024;
+
 /// The longest session a disconnect may report, in seconds: 30 days. A longer `duration` is a
 /// counter gone wrong, and a session stretched over years would make a 5-minute window of its
 /// stream for every five minutes of them (one such record took the engine's memory).
@@ -367,6 +372,16 @@ pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
     let Some(event_type) = event_type.as_deref() else {
         return Err(fail("event_type missing (body and header)".to_owned()));
     };
+    let too_long = [&parsed.data, &parsed.payload]
+        .into_iter()
+        .find_map(|fields| fields.longer_than(MAX_FIELD_BYTES))
+        .or((event_type.len() > MAX_FIELD_BYTES).then_some(("event_type", event_type.len())));
+    if let Some((name, length)) = too_long {
+        return Err(fail(format!(
+            "field \"{name}\" is {length} bytes long, more than the {MAX_FIELD_BYTES} a field \
+             Keel reads may hold"
+        )));
+    }
     let tenant = parse_tenant(tenant_text.as_deref()).map_err(&fail)?;
     let id = event_id(&parsed, record).map_err(&fail)?;
     let time = event_time(&parsed).map_err(&fail)?;
@@ -552,15 +567,10 @@ pub fn internal_name(name: &str) -> &str {
         .unwrap_or(name)
 }
 
-fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
-    let name = first_text(&[
-        p.internal_name(),
-        p.stream_name(),
-        d.internal_name(),
-        d.stream_name(),
-    ])
-    .ok_or("no stream name (internal_name or stream_name)")?;
-    let name = internal_name(&name);
+/// A stream's internal name (its prefix stripped), if it may be one: not empty, no NUL, at most
+/// [`MAX_STREAM_NAME`] characters.
+fn checked_name(name: &str) -> Result<&str, String> {
+    let name = internal_name(name);
     if name.is_empty() {
         return Err("stream name is empty after its prefix".to_owned());
     }
@@ -573,6 +583,18 @@ fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
             name.chars().count()
         ));
     }
+    Ok(name)
+}
+
+fn stream_ref(p: &Fields<'_>, d: &Fields<'_>) -> Result<StreamRef, String> {
+    let name = first_text(&[
+        p.internal_name(),
+        p.stream_name(),
+        d.internal_name(),
+        d.stream_name(),
+    ])
+    .ok_or("no stream name (internal_name or stream_name)")?;
+    let name = checked_name(&name)?;
     let stream_id = match first_text(&[p.stream_id(), d.stream_id()]) {
         None => None,
         Some(text) => Some(
@@ -855,7 +877,12 @@ fn capabilities(text: Option<&str>) -> Result<Vec<Sym>, String> {
     let bad = |e: json::JsonError| format!("field \"capabilities\": {e}");
     let mut json = Json::new(text);
     let mut found: Vec<Sym> = Vec::new();
+    let mut long = None;
     let mut add = |name: &str| {
+        if name.len() > MAX_FIELD_BYTES {
+            long = Some(name.len());
+            return;
+        }
         let name = Sym::new(&name.to_ascii_lowercase());
         if !name.is_empty() && !found.contains(&name) {
             found.push(name);
@@ -881,6 +908,12 @@ fn capabilities(text: Option<&str>) -> Result<Vec<Sym>, String> {
         Ok(())
     })
     .map_err(bad)?;
+    if let Some(length) = long {
+        return Err(format!(
+            "field \"capabilities\": a name {length} bytes long, more than the {MAX_FIELD_BYTES} \
+             a field Keel reads may hold"
+        ));
+    }
     Ok(found)
 }
 
@@ -897,6 +930,7 @@ fn node_streams(text: Option<&str>) -> Result<Vec<NodeStream>, String> {
         if json.peek() != Some(b'{') {
             return Err(field("expected an object".to_owned()));
         }
+        let checked = checked_name(&name).map_err(field)?;
         let mut f = Fields::default();
         TRAIL.with(|trail| {
             read_fields(
@@ -907,7 +941,7 @@ fn node_streams(text: Option<&str>) -> Result<Vec<NodeStream>, String> {
             )
         })?;
         streams.push(NodeStream {
-            name: Sym::new(internal_name(&name)),
+            name: Sym::new(checked),
             viewers: first_uint(&[(f.total(), "total"), (f.viewers(), "viewers")])
                 .map_err(field)?
                 .unwrap_or(0),

@@ -498,6 +498,89 @@ fn implausible_values_are_refused_with_their_field() {
     }
 }
 
+/// A string field longer than `MAX_FIELD_BYTES` refuses its record, naming the field: kept, it
+/// would stay in memory for good. One of exactly that length is taken.
+#[test]
+fn overlong_fields_are_refused_by_name() {
+    let connect = |city: &str| {
+        v2(
+            "viewer_connect",
+            &format!(
+                r#"{{"viewer_connect":{{"stream_name":"s","session_id":"1","client_city":"{city}"}}}}"#
+            ),
+        )
+    };
+    let most = "é".repeat(MAX_FIELD_BYTES / 2);
+    match ok(&connect(&most)).kind {
+        EventKind::ViewerConnect(c) => assert_eq!(c.place.city.as_str(), most),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        err(&connect(&format!("{most}x"))).reason,
+        format!(
+            "field \"client_city\" is {} bytes long, more than the {MAX_FIELD_BYTES} a field Keel \
+             reads may hold",
+            MAX_FIELD_BYTES + 1
+        )
+    );
+    // Escapes count as written.
+    let escaped = "\\u00e9".repeat(MAX_FIELD_BYTES / 6 + 1);
+    assert!(
+        err(&connect(&escaped))
+            .reason
+            .starts_with("field \"client_city\" is ")
+    );
+    // In the trigger envelope, version 1's flat map, and an unknown event type.
+    let long = "x".repeat(MAX_FIELD_BYTES + 1);
+    let node = v2(
+        "stream_end",
+        &format!(r#"{{"node_id":"{long}","stream_end":{{"stream_name":"s"}}}}"#),
+    );
+    assert!(
+        err(&node)
+            .reason
+            .starts_with("field \"node_id\" is 1025 bytes long")
+    );
+    let flat = v1(
+        "stream-end",
+        &format!(r#"{{"stream_name":"s","node_id":"{long}"}}"#),
+    );
+    assert!(
+        err(&flat)
+            .reason
+            .starts_with("field \"node_id\" is 1025 bytes long")
+    );
+    assert!(
+        err(&v2(&long, "{}"))
+            .reason
+            .starts_with("field \"event_type\" is 1025 bytes long")
+    );
+    // Names inside a node's object fields: capabilities, and its streams as stream names are.
+    let nodes = |fields: &str| {
+        v2(
+            "node_lifecycle_update",
+            &format!(r#"{{"node_lifecycle_update":{{"node_id":"n",{fields}}}}}"#),
+        )
+    };
+    assert!(
+        err(&nodes(&format!(r#""capabilities":{{"roles":["{long}"]}}"#)))
+            .reason
+            .starts_with("field \"capabilities\": a name 1025 bytes long")
+    );
+    assert_eq!(
+        err(&nodes(&format!(
+            r#""streams":{{"live+{}":{{"total":1}}}}"#,
+            "y".repeat(256)
+        )))
+        .reason,
+        format!(
+            "field \"streams\" entry \"live+{}\": stream name is longer than 255 characters (256 \
+             characters)",
+            "y".repeat(256)
+        )
+    );
+}
+
 #[test]
 fn error_rows_repeat_at_most_an_excerpt_of_a_huge_value() {
     let tenant = "x".repeat(1 << 20);
