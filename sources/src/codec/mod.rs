@@ -372,9 +372,14 @@ pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
     let Some(event_type) = event_type.as_deref() else {
         return Err(fail("event_type missing (body and header)".to_owned()));
     };
-    let too_long = [&parsed.data, &parsed.payload]
-        .into_iter()
-        .find_map(|fields| fields.longer_than(MAX_FIELD_BYTES))
+    // Only a record longer than the bound can hold a field longer than it (most are shorter).
+    let too_long = (record.value.len() > MAX_FIELD_BYTES)
+        .then(|| {
+            [&parsed.data, &parsed.payload]
+                .into_iter()
+                .find_map(|fields| fields.longer_than(MAX_FIELD_BYTES))
+        })
+        .flatten()
         .or((event_type.len() > MAX_FIELD_BYTES).then_some(("event_type", event_type.len())));
     if let Some((name, length)) = too_long {
         return Err(fail(format!(
