@@ -379,8 +379,8 @@ fn http_and_freshness(count: usize, connections: usize, options: &Options) -> (S
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let server =
-        FoghornServer::start("127.0.0.1:0", None, None, None, &handles).expect("a loopback port");
+    let server = FoghornServer::start("127.0.0.1:0", None, None, None, None, &handles)
+        .expect("a loopback port");
     let idle: Vec<f64> = (0..50)
         .map(|_| {
             let f = freshness_probe(&sender, &handles, &mut nodes[0]);

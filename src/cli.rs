@@ -782,18 +782,22 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let foghorn_grpc = args
         .foghorn_grpc_listen
         .clone()
-        .or(settings.foghorn.grpc_listen)
+        .or(settings.foghorn.grpc_listen.clone())
         .unwrap_or_else(|| "127.0.0.1:18019".to_owned());
     let foghorn_grpc = (foghorn_grpc != "off").then_some(foghorn_grpc);
     let foghorn = if foghorn_listen == "off" {
         None
     } else {
-        let geoip = args.geoip_mmdb.clone().or(settings.foghorn.geoip_mmdb);
+        let geoip = args
+            .geoip_mmdb
+            .clone()
+            .or(settings.foghorn.geoip_mmdb.clone());
         Some(crate::foghorn::FoghornServer::start(
             &foghorn_listen,
             foghorn_grpc.as_deref(),
             geoip.as_deref(),
             Some(auth.clone()),
+            settings.foghorn.client_limit()?,
             &handles,
         )?)
     };

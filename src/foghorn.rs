@@ -30,12 +30,14 @@ pub(crate) fn bind(address: &str, what: &str) -> anyhow::Result<std::net::TcpLis
 
 impl FoghornServer {
     /// Binds `http` (and `grpc`), failing at once if either cannot be had, and serves routing
-    /// from the engine's fleet snapshots.
+    /// from the engine's fleet snapshots. With `client_limit`, one HTTP client address has at
+    /// most its rate of decisions recorded.
     pub fn start(
         http: &str,
         grpc: Option<&str>,
         geoip: Option<&std::path::Path>,
         admins: Option<keel_api::auth::Auth>,
+        client_limit: Option<keel_api::foghorn_limit::ClientLimit>,
         handles: &Handles,
     ) -> anyhow::Result<Self> {
         let http_listener = bind(http, "Foghorn HTTP")?;
@@ -55,6 +57,9 @@ impl FoghornServer {
         }
         if let Some(admins) = admins {
             service = service.with_admins(admins);
+        }
+        if let Some(limit) = client_limit {
+            service = service.with_client_limit(limit);
         }
         let service = Arc::new(service);
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -141,6 +141,7 @@ impl Fixture {
             Some("127.0.0.1:0"),
             geoip,
             Some(admins),
+            None,
             &handles,
         )
         .unwrap();
@@ -753,9 +754,16 @@ fn clients_without_coordinates_are_placed_by_geoip() {
     // A file that is not a database is refused at start, with the reason.
     let bad = dir.path().join("bad.mmdb");
     std::fs::write(&bad, b"not a database").unwrap();
-    let error = FoghornServer::start("127.0.0.1:0", None, Some(&bad), None, &Handles::default())
-        .expect_err("refused")
-        .to_string();
+    let error = FoghornServer::start(
+        "127.0.0.1:0",
+        None,
+        Some(&bad),
+        None,
+        None,
+        &Handles::default(),
+    )
+    .expect_err("refused")
+    .to_string();
     assert!(
         error.contains("cannot use") && error.contains("bad.mmdb"),
         "{error}"

@@ -45,6 +45,8 @@ use keel_operators::time::format_rfc3339;
 use keel_sources::codec::internal_name;
 use keel_sources::event::{Event, EventKind, NodeMode, RoutingDecision, StreamRef};
 use keel_sources::memory::{Injector, OwnedRecord};
+
+use crate::foghorn_limit::ClientLimit;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -69,6 +71,9 @@ pub struct FoghornStats {
     /// Decision events not written: a probe, a stream no event named, no tenant to attribute
     /// a failure to, or a full queue.
     pub events_skipped: AtomicU64,
+    /// Decision events not written because their client was past its rate
+    /// ([`crate::foghorn_limit`]).
+    pub events_limited: AtomicU64,
 }
 
 /// Who asked, for the decision event.
@@ -85,6 +90,9 @@ pub struct Asker {
     /// A `HEAD` request: a probe, answered as a `GET` but no viewer is coming, so no decision
     /// is recorded (each one is a pending viewer on its node for 30 s).
     pub probe: bool,
+    /// The address the request came from (HTTP), whose recorded decisions a
+    /// [`ClientLimit`] bounds; `None` for callers that speak for many viewers (gRPC).
+    pub client: Option<std::net::IpAddr>,
 }
 
 /// The routing service shared by the HTTP and gRPC fronts.
@@ -95,6 +103,8 @@ pub struct Foghorn {
     geoip: Option<GeoIp>,
     /// Who may change the weights at run time (an admin token of the API's); `None`: nobody.
     admins: Option<crate::auth::Auth>,
+    /// How many decisions per second one client may have recorded; `None`: any number.
+    limit: Option<ClientLimit>,
     /// Counters.
     pub stats: Arc<FoghornStats>,
 }
@@ -166,8 +176,16 @@ impl Foghorn {
             injector,
             geoip: None,
             admins: None,
+            limit: None,
             stats,
         }
+    }
+
+    /// Records at most `limit`'s rate of decisions per client address (the rest are answered
+    /// but not recorded).
+    pub fn with_client_limit(mut self, limit: ClientLimit) -> Foghorn {
+        self.limit = Some(limit);
+        self
     }
 
     /// Lets holders of an admin token of `auth` change the weights (`/?weights={…}` with
@@ -241,6 +259,12 @@ impl Foghorn {
         // serves it; a client asking for random names moved every node's pending load).
         if asker.probe || request.stream.is_some_and(is_unknown) {
             self.stats.events_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let (Some(limit), Some(client)) = (&self.limit, asker.client)
+            && !limit.admit(client, std::time::Instant::now())
+        {
+            self.stats.events_limited.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let chosen = result.as_ref().ok().and_then(|r| r.candidates.first());
@@ -626,8 +650,12 @@ pub fn country_code(text: &str) -> Option<String> {
 
 /// The asker of an HTTP request; a `HEAD` is a probe, which makes no decision.
 fn http_asker(http: &axum::extract::Request) -> Asker {
+    let peer = http
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
     Asker {
         probe: http.method() == axum::http::Method::HEAD,
+        client: peer.map(|info| info.0.ip()),
         ..asker(http.headers(), "http")
     }
 }
@@ -644,6 +672,7 @@ fn asker(headers: &(impl Headers + ?Sized), source: &'static str) -> Asker {
         source,
         details: String::new(),
         probe: false,
+        client: None,
     }
 }
 
@@ -768,6 +797,7 @@ pub fn view_answer(
     let mut target = String::new();
     let asker = Asker {
         probe,
+        client: peer,
         ..asker(headers, "http")
     };
     let routed = foghorn.decide(&request, 1, &asker, |result| {
@@ -1155,9 +1185,10 @@ pub fn render_metrics(stats: &FoghornStats, fleet: &Fleet, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "# HELP keel_foghorn_events_total Decision events written into the engine's input.\n# TYPE keel_foghorn_events_total counter\nkeel_foghorn_events_total {}\n# HELP keel_foghorn_events_skipped_total Decision events not written (a HEAD probe, a stream no event named, no tenant for a failure, or a full queue).\n# TYPE keel_foghorn_events_skipped_total counter\nkeel_foghorn_events_skipped_total {}",
+        "# HELP keel_foghorn_events_total Decision events written into the engine's input.\n# TYPE keel_foghorn_events_total counter\nkeel_foghorn_events_total {}\n# HELP keel_foghorn_events_skipped_total Decision events not written (a HEAD probe, a stream no event named, no tenant for a failure, or a full queue).\n# TYPE keel_foghorn_events_skipped_total counter\nkeel_foghorn_events_skipped_total {}\n# HELP keel_foghorn_events_limited_total Decision events not written because their client asked faster than its rate (the requests were answered).\n# TYPE keel_foghorn_events_limited_total counter\nkeel_foghorn_events_limited_total {}",
         load(&stats.events),
-        load(&stats.events_skipped)
+        load(&stats.events_skipped),
+        load(&stats.events_limited)
     );
     let stale = fleet
         .nodes()
@@ -1282,6 +1313,7 @@ mod tests {
                 source: "http",
                 details: String::new(),
                 probe: false,
+                client: None,
             };
             let result = foghorn.decide(&request, 3, &asker, host_of);
             let mut out = Vec::new();
@@ -1296,6 +1328,58 @@ mod tests {
                 prop_assert_eq!(&decoded(injected), &injected.event);
             }
         }
+    }
+
+    /// With a client limit, one address has a burst and then its rate of decisions recorded;
+    /// past it the requests are still answered. Requests without an address (gRPC) are not
+    /// limited.
+    #[test]
+    fn a_client_past_its_rate_is_answered_but_not_recorded() {
+        let cell = Arc::new(FleetCell::default());
+        cell.publish(vec![node(1, "node-1", "", Some((52.0, 4.0)))], 1_000_000);
+        let injector = Injector::new("foghorn");
+        let stats = Arc::new(FoghornStats::default());
+        let foghorn = Foghorn::new(cell, injector.clone(), stats.clone())
+            .with_client_limit(ClientLimit::new(2.0));
+        let request = Request::view(None, None);
+        let from = |client: Option<&str>| Asker {
+            client: client.map(|c| c.parse().unwrap()),
+            ..Asker::default()
+        };
+        let mut answered = 0;
+        for _ in 0..50 {
+            answered += usize::from(
+                foghorn
+                    .decide(&request, 1, &from(Some("198.51.100.4")), host_of)
+                    .is_ok(),
+            );
+        }
+        assert_eq!(answered, 50, "every request is answered");
+        let mut out = Vec::new();
+        injector.drain_events(&mut out, usize::MAX);
+        // Ten at once (five seconds' worth), perhaps one more as the loop took time.
+        assert!((10..=11).contains(&out.len()), "{}", out.len());
+        assert_eq!(
+            stats.events_limited.load(Ordering::Relaxed) as usize,
+            50 - out.len()
+        );
+        for _ in 0..50 {
+            foghorn
+                .decide(&request, 1, &from(None), host_of)
+                .expect("a node");
+        }
+        out.clear();
+        injector.drain_events(&mut out, usize::MAX);
+        assert_eq!(out.len(), 50, "no address, no limit");
+        let mut metrics = String::new();
+        render_metrics(&stats, &foghorn.fleet(), &mut metrics);
+        assert!(
+            metrics.contains(&format!(
+                "keel_foghorn_events_limited_total {}",
+                stats.events_limited.load(Ordering::Relaxed)
+            )),
+            "{metrics}"
+        );
     }
 
     #[test]

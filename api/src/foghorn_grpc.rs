@@ -228,6 +228,7 @@ pub fn route(foghorn: &Foghorn, message: &RouteRequest) -> Result<RouteResponse,
         source: "grpc",
         details: String::new(),
         probe: false,
+        client: None,
     };
     foghorn
         .decide(&request, n, &asker, host_of)

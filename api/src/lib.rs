@@ -18,6 +18,7 @@ pub mod dashboard;
 pub mod foghorn;
 pub mod foghorn_grpc;
 pub mod foghorn_http;
+pub mod foghorn_limit;
 pub mod format;
 pub mod graphql;
 pub mod graphql_ws;
