@@ -474,7 +474,6 @@ fn default_start() -> i64 {
     parse_rfc3339("2026-11-01T00:00:00Z").expect("a valid constant")
 }
 
-/// Whether a source's command-line spelling names the simulator.
 /// The simulator's options that shape its records only. (`--seed` and `--tenants` also choose
 /// the tenants `keel run` prints tokens for, whatever the source.)
 const SIMULATOR_ONLY: &[&str] = &[
@@ -575,6 +574,7 @@ fn inapplicable(matches: &ArgMatches) -> Option<String> {
     }
 }
 
+/// Whether a source's command-line spelling names the simulator.
 fn is_simulator(spec: &str) -> bool {
     spec == "sim" || spec == "simulator"
 }

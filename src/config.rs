@@ -29,7 +29,7 @@
 //! weights = { cpu = 500, ram = 500, bw = 1000, geo = 1000, bonus = 50 }
 //! cutoff = { cpu_percent = 90.0, bw_percent = 95.0 }   # opt-in; absent = the platform's gradient only
 //! # geoip_mmdb = "/var/lib/GeoIP/GeoLite2-City.mmdb"   # places clients that send no coordinates
-//! decisions_per_client = 20.0               # recorded per HTTP client address a second; 0 = no limit
+//! # decisions_per_client = 20.0             # recorded per HTTP client address a second (unset: no limit)
 //! ```
 
 use std::path::Path;
@@ -69,14 +69,10 @@ pub struct FoghornConfig {
     /// A GeoIP database (MaxMind DB format) placing clients that send no coordinates.
     pub geoip_mmdb: Option<std::path::PathBuf>,
     /// Decisions recorded per second for one HTTP client address (bursts of five seconds'
-    /// worth; the rest are answered but not recorded); 0 for no limit. Default
-    /// [`DECISIONS_PER_CLIENT`].
+    /// worth; the rest are answered but not recorded); unset or 0, no limit. Off by default:
+    /// behind a proxy on another host every viewer has the proxy's address.
     pub decisions_per_client: Option<f64>,
 }
-
-/// Decisions per second one HTTP client address may have recorded unless the settings say
-/// otherwise: far more than a player asks, far less than a loop.
-pub const DECISIONS_PER_CLIENT: f64 = 20.0;
 
 impl FoghornConfig {
     /// The routing policy, checked.
@@ -113,7 +109,7 @@ impl FoghornConfig {
 
     /// The limit on decisions recorded per client, checked; `None` when it is 0.
     pub fn client_limit(&self) -> anyhow::Result<Option<keel_api::foghorn_limit::ClientLimit>> {
-        let rate = self.decisions_per_client.unwrap_or(DECISIONS_PER_CLIENT);
+        let rate = self.decisions_per_client.unwrap_or(0.0);
         anyhow::ensure!(
             rate.is_finite() && (0.0..=1e6).contains(&rate),
             "foghorn.decisions_per_client = {rate}: a rate from 0 (no limit) to 1000000"
@@ -161,6 +157,7 @@ impl ApiConfig {
             queue: self.subscriber_queue.unwrap_or(defaults.queue),
             send_buffer: self.socket_send_buffer.or(defaults.send_buffer),
             body_wait: defaults.body_wait,
+            write_wait: defaults.write_wait,
             query: keel_api::sql::Limits {
                 memory: self
                     .query_memory_mb
@@ -296,7 +293,7 @@ mod tests {
             let config: Config = toml::from_str(bad).unwrap();
             assert!(config.foghorn.policy().is_err(), "{bad}");
         }
-        // Decisions recorded per client: 20 a second unless set; 0 is no limit.
+        // Decisions recorded per client: no limit unless set; 0 is no limit too.
         let rate = |text: &str| {
             let config: Config = toml::from_str(text).unwrap();
             config
@@ -304,7 +301,7 @@ mod tests {
                 .client_limit()
                 .map(|limit| limit.map(|l| l.per_second()))
         };
-        assert_eq!(rate("").unwrap(), Some(DECISIONS_PER_CLIENT));
+        assert_eq!(rate("").unwrap(), None);
         assert_eq!(
             rate("[foghorn]\ndecisions_per_client = 5.5").unwrap(),
             Some(5.5)

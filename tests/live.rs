@@ -1031,6 +1031,23 @@ async fn connect_stalling(host: &str, path: &str, headers: &[(&'static str, Stri
     ws
 }
 
+/// A GraphQL WebSocket over [`connect_stalling`]'s socket, initialised with `token`.
+async fn graphql_stalling(host: &str, token: &str) -> Ws {
+    let mut ws = connect_stalling(
+        host,
+        "/graphql",
+        &[("sec-websocket-protocol", "graphql-transport-ws".into())],
+    )
+    .await;
+    send(
+        &mut ws,
+        json!({"type": "connection_init", "payload": {"token": token}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+    ws
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
     let fleet = fleet(17, 20_000);
@@ -1041,6 +1058,8 @@ async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
     let limits = Limits {
         queue: 16,
         send_buffer: Some(16 * 1024),
+        // The stalled clients are read again only after the others: they must not be let go.
+        write_wait: Duration::from_secs(120),
         ..Limits::default()
     };
     let mut live = Live::start(limits, &fleet.tenants[1]);
@@ -1054,22 +1073,7 @@ async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
         next_json(&mut stalled).await["type"],
         "subscription_confirmed"
     );
-    let (mut stalled_table, ack) = {
-        let mut ws = connect_stalling(
-            &host,
-            "/graphql",
-            &[("sec-websocket-protocol", "graphql-transport-ws".into())],
-        )
-        .await;
-        send(
-            &mut ws,
-            json!({"type": "connection_init", "payload": {"token": live.member(&a)}}),
-        )
-        .await;
-        let ack = next_json(&mut ws).await;
-        (ws, ack)
-    };
-    assert_eq!(ack["type"], "connection_ack");
+    let mut stalled_table = graphql_stalling(&host, &live.member(&a)).await;
     subscribe(
         &mut stalled_table,
         "t",
@@ -1162,6 +1166,50 @@ async fn a_stalled_subscriber_loses_events_with_a_count_and_slows_no_one() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!((hub.queued_bytes(), hub.subscribers()), (0, 0));
+}
+
+/// A GraphQL WebSocket client that stops reading is let go once a write to it has waited
+/// `write_wait` (10 s by default), as on `/ws`: its subscriptions end and their queued bytes
+/// come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graphql_client_that_stops_reading_is_let_go() {
+    let fleet = fleet(19, 20_000);
+    let a = fleet.tenants[0].clone();
+    let limits = Limits {
+        send_buffer: Some(16 * 1024),
+        write_wait: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let mut live = Live::start(limits, &fleet.tenants[1]);
+    let host = live.host();
+    let mut ws = graphql_stalling(&host, &live.member(&a)).await;
+    subscribe(
+        &mut ws,
+        "f",
+        "subscription { liveFirehose { type data missed } }",
+    )
+    .await;
+    subscribe(
+        &mut ws,
+        "t",
+        &TABLE_QUERY.replace("streams", "viewer_sessions"),
+    )
+    .await;
+    live.feed(&fleet.records).await;
+    live.finish().await;
+    let hub = &live.handles.hub;
+    assert_eq!(hub.subscribers(), 2, "still held while the writes wait");
+    let stalled = Instant::now();
+    while hub.subscribers() != 0 && stalled.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (hub.subscribers(), hub.queued_bytes()),
+        (0, 0),
+        "let go after {:?}",
+        stalled.elapsed()
+    );
+    drop(ws);
 }
 
 /// One GraphQL WebSocket holds at most `MAX_SUBSCRIPTIONS` subscriptions, on either path

@@ -261,12 +261,6 @@ impl Foghorn {
             self.stats.events_skipped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let (Some(limit), Some(client)) = (&self.limit, asker.client)
-            && !limit.admit(client, std::time::Instant::now())
-        {
-            self.stats.events_limited.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         let chosen = result.as_ref().ok().and_then(|r| r.candidates.first());
         // A failed decision is the asker's tenant's, as its `X-Tenant-ID` says — taken only
         // when some node of the fleet is that tenant's: the header is anyone's to send, and
@@ -279,6 +273,13 @@ impl Foghorn {
             self.stats.events_skipped.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // Only a decision that would be recorded takes from its client's bucket.
+        if let (Some(limit), Some(client)) = (&self.limit, asker.client)
+            && !limit.admit(client, std::time::Instant::now())
+        {
+            self.stats.events_limited.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let time = if fleet.watermark() > 0 {
             fleet.watermark()
         } else {

@@ -357,6 +357,7 @@ pub const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Serves one upgraded connection until either side closes it.
 pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, state: ApiState) {
     let routes = Shared::default();
+    let write_wait = state.limits.write_wait;
     let (sends, mut started) = mpsc::unbounded_channel::<BoxStream<'static, String>>();
     let (violations, mut violated) = mpsc::unbounded_channel::<String>();
     let (mut sink, incoming) = socket.split();
@@ -488,7 +489,10 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
             Some(text) = streams.next(), if !streams.is_empty() => Message::Text(text.into()),
         };
         let closing = matches!(message, Message::Close(_));
-        if sink.send(message).await.is_err() || closing {
+        // A client that stops reading is let go once a write has waited this long, as on
+        // `/ws`: its subscriptions end and their queues are given back.
+        let sent = tokio::time::timeout(write_wait, sink.send(message)).await;
+        if !matches!(sent, Ok(Ok(()))) || closing {
             break;
         }
     }

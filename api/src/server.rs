@@ -71,6 +71,9 @@ pub struct Limits {
     pub query: crate::sql::Limits,
     /// How long a request's whole body may take to arrive once its header has (408 past it).
     pub body_wait: std::time::Duration,
+    /// How long one write to a live connection (`/ws`, GraphQL's WebSocket) may wait before the
+    /// client counts as gone and the connection is closed.
+    pub write_wait: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -81,6 +84,7 @@ impl Default for Limits {
             send_buffer: None,
             query: crate::sql::Limits::SERVED,
             body_wait: crate::listener::FIRST_REQUEST,
+            write_wait: crate::signalman::WRITE_TIMEOUT,
         }
     }
 }

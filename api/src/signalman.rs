@@ -52,8 +52,9 @@ pub const READ_BUFFER: usize = 4096;
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the server pings.
 const PING_EVERY: Duration = Duration::from_secs(30);
-/// How long one write may take before the client counts as gone.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one write may take before the client counts as gone, unless the limits say
+/// otherwise ([`crate::server::Limits::write_wait`]).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most events written in one frame.
 const BATCH: usize = 64;
 
@@ -372,7 +373,8 @@ impl Connection {
     }
 
     async fn send_message(&mut self, message: Message) -> Step {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(message)).await {
+        let wait = self.state.limits.write_wait;
+        match tokio::time::timeout(wait, self.socket.send(message)).await {
             Ok(Ok(())) => Step::Continue,
             _ => Step::Close,
         }

@@ -273,7 +273,8 @@ const UPDATE_WEIGHT: usize = 64;
 /// What a feed event counts for in a queue: about its decoded event and rendered text.
 const EVENT_WEIGHT: usize = 512;
 
-/// Bounds on the bytes subscriber queues hold ([`Update`]s as [`Update::weight`] counts them).
+/// Bounds on the bytes subscriber queues hold: an [`Update`] counts its rows' text and their
+/// places in its list, a feed event a fixed share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
     /// What one subscriber's queue may hold.
@@ -391,7 +392,10 @@ impl<F> Subscriber<F> {
             self.state.queued.fetch_sub(weight, Ordering::Relaxed);
             hub.queued.fetch_sub(weight, Ordering::Relaxed);
         };
-        if mine > hub.budget.per_subscriber || all > hub.budget.total {
+        // An update larger than a queue's budget still goes into an empty queue: a large epoch
+        // would otherwise never reach anyone, who would then re-read snapshots for good.
+        let alone = mine == weight;
+        if (mine > hub.budget.per_subscriber && !alone) || all > hub.budget.total {
             give_back();
             self.state.lagged.store(true, Ordering::Release);
             lost();
@@ -785,6 +789,9 @@ impl TableStream {
             if !self.snapshot_taken || self.subscription.lagged() {
                 self.snapshot_taken = true;
                 self.subscription.recover();
+                // What is queued is older than the snapshot: given back now, not held until
+                // read past one by one (it would count against the budgets meanwhile).
+                while self.subscription.try_recv().is_ok() {}
                 let fresh = snapshot(&self.tables, self.table, &self.filter).ok()?;
                 self.seen = first_epoch(&fresh);
                 return Some(fresh);
@@ -953,11 +960,29 @@ mod tests {
         assert_eq!(hub.queued_bytes(), feed.queued_bytes());
         drop(feed);
         assert_eq!(hub.queued_bytes(), 0);
+
+        // An update larger than a queue's budget still reaches an empty queue, alone.
+        drop(reader);
+        let mut big = hub.subscribe_table("t", RowFilter::default(), 1000);
+        let many: Vec<RowChange> = (0..40).map(|n| change(1, "a", n)).collect();
+        hub.publish_rows("t", 200, &many);
+        hub.publish_rows("t", 201, &many);
+        assert!(big.queued_bytes() > budget.per_subscriber && big.lagged());
+        assert!(matches!(
+            big.try_recv(),
+            Ok(Update::Rows { epoch: 200, .. })
+        ));
+        assert!(
+            big.try_recv().is_err(),
+            "the second did not fit beside the first"
+        );
+        assert_eq!(hub.queued_bytes(), 0);
     }
 
     proptest::proptest! {
         /// Whatever subscribers do (read some, recover, go, come), the hub's count is the sum
-        /// of its queues', within budget, and nothing once every subscriber has gone.
+        /// of its queues', within budget (a queue past its own only by holding one update
+        /// alone), and nothing once every subscriber has gone.
         #[test]
         fn queued_bytes_add_up(
             steps in proptest::collection::vec((0u8..5, 0usize..8, 1u64..40), 1..120),
@@ -967,6 +992,7 @@ mod tests {
             let budget = Budget { per_subscriber: per, total };
             let hub = Hub::with_budget(budget);
             let mut subscribers: Vec<Subscription> = Vec::new();
+            let mut largest = 0;
             for (epoch, (step, which, size)) in steps.into_iter().enumerate() {
                 let pick = |len: usize| which % len.max(1);
                 match step {
@@ -975,6 +1001,8 @@ mod tests {
                         let changes: Vec<RowChange> =
                             (0..size).map(|n| change(1, "a", n)).collect();
                         hub.publish_rows("t", epoch as u64, &changes);
+                        let update = Update::Rows { table: "t", epoch: 0, changes };
+                        largest = largest.max(update.weight());
                     }
                     2 if !subscribers.is_empty() => {
                         let at = pick(subscribers.len());
@@ -994,7 +1022,7 @@ mod tests {
                 proptest::prop_assert_eq!(hub.queued_bytes(), held);
                 proptest::prop_assert!(held <= total);
                 for subscription in &subscribers {
-                    proptest::prop_assert!(subscription.queued_bytes() <= per);
+                    proptest::prop_assert!(subscription.queued_bytes() <= per.max(largest));
                 }
             }
             subscribers.clear();

@@ -56,14 +56,18 @@ macro_rules! fields {
                 }
             )*
 
-            /// The first field read whose text is longer than `most` bytes as written: its
-            /// name and length.
+            /// The first field read whose text (a string unescaped, or a number as written) is
+            /// longer than `most` bytes: its name and length.
             pub(super) fn longer_than(&self, most: usize) -> Option<(&'static str, usize)> {
                 let (position, length) = self.values.iter().enumerate().find_map(|(i, value)| {
-                    match value {
-                        Some(Value::Str(text)) if text.len() > most => Some((i, text.len())),
-                        _ => None,
-                    }
+                    let length = match value {
+                        // Escapes are never shorter than what they stand for, so only a string
+                        // long as written is unescaped to be measured.
+                        Some(Value::Str(text)) if text.len() > most => text.get().len(),
+                        Some(Value::Num(number)) => number.len(),
+                        _ => 0,
+                    };
+                    (length > most).then_some((i, length))
                 })?;
                 let slot = self.at.iter().position(|&at| usize::from(at) == position + 1)?;
                 Some((FIELD_NAMES[slot], length))

@@ -65,7 +65,7 @@ impl<'a> Text<'a> {
         self.raw.is_empty()
     }
 
-    /// Its length in bytes as written (escapes count as written, so never less than unescaped).
+    /// Its length in bytes as written: escapes count as written, so never less than unescaped.
     #[inline]
     pub fn len(&self) -> usize {
         self.raw.len()

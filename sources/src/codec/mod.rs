@@ -19,7 +19,10 @@
 //! - **Streams**: `live+`/`vod+` prefixes are stripped from internal names, which may be at most
 //!   [`MAX_STREAM_NAME`] characters long and hold no NUL; a `stream_id`, when present, must be
 //!   a UUID.
-//! - **Unknown types** become [`EventKind::Unknown`], never errors.
+//! - **Unknown types** become [`EventKind::Unknown`], never errors (but for a type name past
+//!   [`MAX_FIELD_BYTES`]: the name is interned).
+//! - **Lengths**: a string or number field a known type's record is read for may hold at most
+//!   [`MAX_FIELD_BYTES`] bytes (unescaped).
 
 mod fields;
 pub mod json;
@@ -55,6 +58,9 @@ thread_local! {
 /// ids, places and protocols are far shorter; a longer one is a producer fault, and kept as it
 /// came it would stay in memory for good (names are interned, session ids kept per session).
 pub const MAX_FIELD_BYTES: usize = 1024;
+
+/// The most capabilities (roles and flags) a node may name: names are interned for good.
+pub const MAX_CAPABILITIES: usize = 256;
 
 /// The longest session a disconnect may report, in seconds: 30 days. A longer `duration` is a
 /// counter gone wrong, and a session stretched over years would make a 5-minute window of its
@@ -372,8 +378,9 @@ pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
     let Some(event_type) = event_type.as_deref() else {
         return Err(fail("event_type missing (body and header)".to_owned()));
     };
-    // Only a record longer than the bound can hold a field longer than it (most are shorter).
-    let too_long = (record.value.len() > MAX_FIELD_BYTES)
+    // Only a record longer than the bound can hold a field longer than it (most are shorter),
+    // and only a known type's fields are kept (an unknown type is kept whole, as raw JSON).
+    let too_long = (record.value.len() > MAX_FIELD_BYTES && known_type(event_type))
         .then(|| {
             [&parsed.data, &parsed.payload]
                 .into_iter()
@@ -490,6 +497,27 @@ fn unknown(event_type: &str, record: &Record<'_>) -> EventKind {
         event_type: Sym::new(event_type),
         json: String::from_utf8_lossy(record.value).into_owned(),
     })
+}
+
+/// The event types of version 1 that [`version_1`] reads (others are version 2's or unknown).
+const VERSION_1_TYPES: &[&str] = &[
+    "stream-ingest",
+    "user-connection",
+    "stream-lifecycle",
+    "stream-buffer",
+    "stream-end",
+    "track-list",
+    "node-lifecycle",
+    "load-balancing",
+    "push-lifecycle",
+    "recording-lifecycle",
+    "client-lifecycle",
+    "stream-view",
+];
+
+/// Whether either version names `event_type` (an unknown type's record is kept whole).
+fn known_type(event_type: &str) -> bool {
+    VERSION_1_TYPES.contains(&event_type) || PAYLOADS.iter().any(|(_, ty, _)| *ty == event_type)
 }
 
 fn version_2(
@@ -884,7 +912,7 @@ fn capabilities(text: Option<&str>) -> Result<Vec<Sym>, String> {
     let mut found: Vec<Sym> = Vec::new();
     let mut long = None;
     let mut add = |name: &str| {
-        if name.len() > MAX_FIELD_BYTES {
+        if name.len() > MAX_FIELD_BYTES || found.len() >= MAX_CAPABILITIES {
             long = Some(name.len());
             return;
         }
@@ -914,10 +942,14 @@ fn capabilities(text: Option<&str>) -> Result<Vec<Sym>, String> {
     })
     .map_err(bad)?;
     if let Some(length) = long {
-        return Err(format!(
-            "field \"capabilities\": a name {length} bytes long, more than the {MAX_FIELD_BYTES} \
-             a field Keel reads may hold"
-        ));
+        return Err(if length > MAX_FIELD_BYTES {
+            format!(
+                "field \"capabilities\": a name {length} bytes long, more than the \
+                 {MAX_FIELD_BYTES} a field Keel reads may hold"
+            )
+        } else {
+            format!("field \"capabilities\": more than {MAX_CAPABILITIES} names")
+        });
     }
     Ok(found)
 }
@@ -935,7 +967,6 @@ fn node_streams(text: Option<&str>) -> Result<Vec<NodeStream>, String> {
         if json.peek() != Some(b'{') {
             return Err(field("expected an object".to_owned()));
         }
-        let checked = checked_name(&name).map_err(field)?;
         let mut f = Fields::default();
         TRAIL.with(|trail| {
             read_fields(
@@ -945,6 +976,11 @@ fn node_streams(text: Option<&str>) -> Result<Vec<NodeStream>, String> {
                 &mut Nested::default(),
             )
         })?;
+        // An entry whose name no stream may have is left out (that stream's own events are
+        // refused for it too); the node's other figures stand.
+        let Ok(checked) = checked_name(&name) else {
+            return Ok(());
+        };
         streams.push(NodeStream {
             name: Sym::new(checked),
             viewers: first_uint(&[(f.total(), "total"), (f.viewers(), "viewers")])
