@@ -1195,10 +1195,14 @@ async fn a_graphql_client_that_stops_reading_is_let_go() {
         &TABLE_QUERY.replace("streams", "viewer_sessions"),
     )
     .await;
+    let hub = live.handles.hub.clone();
+    let subscribed = Instant::now();
+    while hub.subscribers() != 2 && subscribed.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hub.subscribers(), 2, "both subscriptions are served");
     live.feed(&fleet.records).await;
     live.finish().await;
-    let hub = &live.handles.hub;
-    assert_eq!(hub.subscribers(), 2, "still held while the writes wait");
     let stalled = Instant::now();
     while hub.subscribers() != 0 && stalled.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -357,7 +357,7 @@ pub const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Serves one upgraded connection until either side closes it.
 pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, state: ApiState) {
     let routes = Shared::default();
-    let write_wait = state.limits.write_wait;
+    let limits = state.limits;
     let (sends, mut started) = mpsc::unbounded_channel::<BoxStream<'static, String>>();
     let (violations, mut violated) = mpsc::unbounded_channel::<String>();
     let (mut sink, incoming) = socket.split();
@@ -489,9 +489,10 @@ pub async fn serve(socket: WebSocket, schema: KeelSchema, protocol: Protocols, s
             Some(text) = streams.next(), if !streams.is_empty() => Message::Text(text.into()),
         };
         let closing = matches!(message, Message::Close(_));
-        // A client that stops reading is let go once a write has waited this long, as on
-        // `/ws`: its subscriptions end and their queues are given back.
-        let sent = tokio::time::timeout(write_wait, sink.send(message)).await;
+        // A client that stops reading is let go once a write has waited this long (longer for
+        // a large message), as on `/ws`: its subscriptions end and their queues are given back.
+        let wait = limits.write_wait_for(&message);
+        let sent = tokio::time::timeout(wait, sink.send(message)).await;
         if !matches!(sent, Ok(Ok(()))) || closing {
             break;
         }

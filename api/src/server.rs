@@ -76,6 +76,21 @@ pub struct Limits {
     pub write_wait: std::time::Duration,
 }
 
+impl Limits {
+    /// How long a write of `message` may wait: [`Limits::write_wait`], plus a
+    /// second per 64 KiB, so that a client reading a large snapshot at a modest rate is not
+    /// taken for one that stopped.
+    pub fn write_wait_for(&self, message: &axum::extract::ws::Message) -> std::time::Duration {
+        use axum::extract::ws::Message;
+        let bytes = match message {
+            Message::Text(text) => text.as_str().len(),
+            Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes.len(),
+            Message::Close(_) => 0,
+        };
+        self.write_wait + std::time::Duration::from_secs((bytes / (64 << 10)) as u64)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -401,6 +416,17 @@ async fn sql(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A large message may wait a second longer per 64 KiB than the limit's base.
+    #[test]
+    fn large_messages_may_wait_longer() {
+        use axum::extract::ws::Message;
+        let limits = Limits::default();
+        let wait = |message: &Message| limits.write_wait_for(message).as_secs();
+        assert_eq!(wait(&Message::Text("x".into())), 10);
+        assert_eq!(wait(&Message::Text("x".repeat(200 << 10).into())), 13);
+        assert_eq!(wait(&Message::Close(None)), 10);
+    }
 
     /// `Accept` is read by weight and in any case.
     #[test]

@@ -373,7 +373,7 @@ impl Connection {
     }
 
     async fn send_message(&mut self, message: Message) -> Step {
-        let wait = self.state.limits.write_wait;
+        let wait = self.state.limits.write_wait_for(&message);
         match tokio::time::timeout(wait, self.socket.send(message)).await {
             Ok(Ok(())) => Step::Continue,
             _ => Step::Close,

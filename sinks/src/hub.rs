@@ -277,7 +277,8 @@ const EVENT_WEIGHT: usize = 512;
 /// places in its list, a feed event a fixed share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
-    /// What one subscriber's queue may hold.
+    /// What one subscriber's queue may hold (but for one larger update, taken into an empty
+    /// queue alone).
     pub per_subscriber: usize,
     /// What all queues together may hold.
     pub total: usize,
@@ -354,10 +355,17 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.subscribers.fetch_sub(1, Ordering::Relaxed);
-        // Closed first, so nothing is added while what is queued is given back.
+        // Closed first, so nothing new is added while what is queued is given back. A send
+        // already under way (its permit taken before the close) still lands: the channel says
+        // `Empty`, not `Disconnected`, until it has, so wait for it rather than leave its bytes
+        // counted for good.
         self.updates.close();
-        while let Ok(update) = self.updates.try_recv() {
-            self.release(&update);
+        loop {
+            match self.updates.try_recv() {
+                Ok(update) => self.release(&update),
+                Err(mpsc::error::TryRecvError::Empty) => std::thread::yield_now(),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
         }
     }
 }
@@ -370,8 +378,8 @@ struct Subscriber<F> {
 
 impl<F> Subscriber<F> {
     /// Queues `update` unless the subscriber is lagged, its queue is full or the update would
-    /// take its queue or all queues past the hub's [`Budget`] (then it becomes lagged and the
-    /// hub counts the loss). Returns false once the subscriber is gone.
+    /// take its queue (unless empty) or all queues past the hub's [`Budget`] (then it becomes
+    /// lagged and the hub counts the loss). Returns false once the subscriber is gone.
     fn offer(&self, update: Update, hub: &HubInner) -> bool {
         let dropped = &hub.dropped;
         let is_event = matches!(update, Update::Event(_));

@@ -912,14 +912,20 @@ fn capabilities(text: Option<&str>) -> Result<Vec<Sym>, String> {
     let mut found: Vec<Sym> = Vec::new();
     let mut long = None;
     let mut add = |name: &str| {
-        if name.len() > MAX_FIELD_BYTES || found.len() >= MAX_CAPABILITIES {
+        if name.len() > MAX_FIELD_BYTES {
             long = Some(name.len());
             return;
         }
-        let name = Sym::new(&name.to_ascii_lowercase());
-        if !name.is_empty() && !found.contains(&name) {
-            found.push(name);
+        // Compared as text before interning: only a new name counts towards the bound.
+        let name = name.to_ascii_lowercase();
+        if name.is_empty() || found.iter().any(|known| known.as_str() == name) {
+            return;
         }
+        if found.len() >= MAX_CAPABILITIES {
+            long = Some(name.len());
+            return;
+        }
+        found.push(Sym::new(&name));
     };
     json.object(|json, key| {
         let key = key.get();

@@ -588,6 +588,13 @@ fn overlong_fields_are_refused_by_name() {
             .reason
             .starts_with("field \"capabilities\": a name 1025 bytes long")
     );
+    // Only distinct names count: 256 of them, repeated and with an empty one, are taken.
+    let roles: Vec<String> = (0..MAX_CAPABILITIES).map(|i| format!("\"r{i}\"")).collect();
+    let twice = format!("{},{},\"\",\"R0\"", roles.join(","), roles.join(","));
+    match ok(&nodes(&format!(r#""capabilities":{{"roles":[{twice}]}}"#))).kind {
+        EventKind::NodeUpdate(node) => assert_eq!(node.capabilities.len(), MAX_CAPABILITIES),
+        other => panic!("{other:?}"),
+    }
     let roles: Vec<String> = (0..=MAX_CAPABILITIES)
         .map(|i| format!("\"r{i}\""))
         .collect();

@@ -66,7 +66,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// Text near the hyphenated form, which the word path reads: a hyphenated UUID with up to
-    /// four of its bytes replaced by hex digits of either case, hyphens, or bytes just outside
+    /// three of its bytes replaced by hex digits of either case, hyphens, or bytes just outside
     /// the digit and letter ranges.
     fn near_uuid() -> impl Strategy<Value = String> {
         let byte = prop::sample::select(b"0123456789abcdefABCDEF-/:@G`gFf{} \x7f".to_vec());
