@@ -474,10 +474,8 @@ fn default_start() -> i64 {
     parse_rfc3339("2026-11-01T00:00:00Z").expect("a valid constant")
 }
 
-/// The simulator's options that shape its records only. (`--seed` and `--tenants` also choose
-/// the tenants `keel run` prints tokens for, whatever the source.)
-const SIMULATOR_ONLY: &[&str] = &[
-    "rate",
+/// The simulated fleet's options that shape its records only.
+const RECORD_SHAPE: &[&str] = &[
     "wire",
     "malformed",
     "nodes",
@@ -487,18 +485,9 @@ const SIMULATOR_ONLY: &[&str] = &[
     "start",
 ];
 
-/// Every option of the simulated fleet.
-const FLEET: &[&str] = &[
-    "seed",
-    "wire",
-    "malformed",
-    "tenants",
-    "nodes",
-    "streams",
-    "arrivals",
-    "mean_session",
-    "start",
-];
+/// The fleet's other options, which also choose the tenants `keel run` prints tokens for,
+/// whatever the source.
+const FLEET_TENANTS: &[&str] = &["seed", "tenants"];
 
 /// Options given on the command line that do nothing with the rest of it, said by name, so
 /// that none is ignored silently: a `--rate` that did not pace a file replay, or a `--group`
@@ -536,22 +525,16 @@ fn inapplicable(matches: &ArgMatches) -> Option<String> {
         ("run", run) => {
             let source = run.get_one::<String>("source")?;
             let context = format!("with --source {source}");
-            unless(
-                is_simulator(source),
-                run,
-                SIMULATOR_ONLY,
-                SIMULATOR,
-                &context,
-            )
-            .or_else(|| {
+            let ids = [&["rate"][..], RECORD_SHAPE].concat();
+            unless(is_simulator(source), run, &ids, SIMULATOR, &context).or_else(|| {
                 let ids = ["group", "state_horizon"];
                 unless(is_kafka(source), run, &ids, KAFKA, &context)
             })
         }
         ("sql", sql) => {
+            let fleet = [FLEET_TENANTS, RECORD_SHAPE].concat();
             if sql.get_one::<String>("url").is_some() {
-                let mut ids = FLEET.to_vec();
-                ids.extend(["events", "idle"]);
+                let ids = [&fleet[..], &["events", "idle"]].concat();
                 let context = "with --url, which asks a running engine";
                 return unless(false, sql, &ids, "a replay", context);
             }
@@ -562,7 +545,7 @@ fn inapplicable(matches: &ArgMatches) -> Option<String> {
                 None if spec.is_empty() => return None,
                 None => format!("with --source {spec}"),
             };
-            unless(is_simulator(spec), sql, FLEET, SIMULATOR, &context)
+            unless(is_simulator(spec), sql, &fleet, SIMULATOR, &context)
                 .or_else(|| unless(is_kafka(spec), sql, &["idle"], KAFKA, &context))
         }
         ("backfill", backfill) => {
@@ -1431,24 +1414,20 @@ mod tests {
                 .get_arguments()
                 .any(|arg| arg.get_id() == id)
         };
-        for id in SIMULATOR_ONLY
+        // The fleet's options are both commands'; `--rate` is `keel run`'s own.
+        let fleet = [FLEET_TENANTS, RECORD_SHAPE].concat();
+        for id in fleet
             .iter()
-            .chain(["group", "state_horizon", "source"].iter())
+            .chain(&["rate", "group", "state_horizon", "source"])
         {
             assert!(has("run", id), "run --{id}");
         }
-        for id in FLEET
+        for id in fleet
             .iter()
-            .chain(["events", "idle", "url", "input", "source"].iter())
+            .chain(&["events", "idle", "url", "input", "source"])
         {
             assert!(has("sql", id), "sql --{id}");
         }
-        // `--rate` is `keel run`'s own; the rest are the fleet's, which `keel sql` shares.
-        assert!(
-            SIMULATOR_ONLY
-                .iter()
-                .all(|id| *id == "rate" || FLEET.contains(id))
-        );
         assert!(has("backfill", "idle") && has("backfill", "source"));
     }
 

@@ -72,7 +72,8 @@ pub struct Limits {
     /// How long a request's whole body may take to arrive once its header has (408 past it).
     pub body_wait: std::time::Duration,
     /// How long one write to a live connection (`/ws`, GraphQL's WebSocket) may wait before the
-    /// client counts as gone and the connection is closed.
+    /// client counts as gone and the connection is closed (10 s; longer for a large message,
+    /// [`Limits::write_wait_for`]).
     pub write_wait: std::time::Duration,
 }
 
@@ -99,7 +100,7 @@ impl Default for Limits {
             send_buffer: None,
             query: crate::sql::Limits::SERVED,
             body_wait: crate::listener::FIRST_REQUEST,
-            write_wait: crate::signalman::WRITE_TIMEOUT,
+            write_wait: std::time::Duration::from_secs(10),
         }
     }
 }

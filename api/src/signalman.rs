@@ -52,9 +52,6 @@ pub const READ_BUFFER: usize = 4096;
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the server pings.
 const PING_EVERY: Duration = Duration::from_secs(30);
-/// How long one write may take before the client counts as gone, unless the limits say
-/// otherwise ([`crate::server::Limits::write_wait`]).
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most events written in one frame.
 const BATCH: usize = 64;
 

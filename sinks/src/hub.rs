@@ -11,7 +11,7 @@
 //!   (`streams`, `analytics`, `system`), passing its [`FeedFilter`].
 //!
 //! Every subscriber has a bounded queue: at most so many updates, and at most
-//! [`Budget::per_subscriber`] bytes of them, while all queues together hold at most
+//! [`Budget::per_subscriber`] bytes of them (or one larger update alone), while all queues together hold at most
 //! [`Budget::total`] bytes, so subscribers that never read cannot take the memory however many
 //! connections open them. Publishing never blocks: when an update does not fit the
 //! subscriber is marked *lagged* and skipped. A lagged table subscriber recovers by taking a fresh
@@ -561,7 +561,7 @@ impl Hub {
         self.inner.subscribers.load(Ordering::Relaxed)
     }
 
-    /// Updates dropped because a subscriber's queue was full.
+    /// Updates dropped because a subscriber's queue was full or over its byte budget.
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }

@@ -54,7 +54,7 @@ thread_local! {
     static TRAIL: Trail = const { Trail::new() };
 }
 
-/// The most bytes (as written, escapes included) a string field the codec reads may hold. Names,
+/// The most bytes a string (unescaped) or number field of a known type's record may hold. Names,
 /// ids, places and protocols are far shorter; a longer one is a producer fault, and kept as it
 /// came it would stay in memory for good (names are interned, session ids kept per session).
 pub const MAX_FIELD_BYTES: usize = 1024;
@@ -380,13 +380,14 @@ pub fn decode(record: &Record<'_>) -> Result<Event, IngestError> {
     };
     // Only a record longer than the bound can hold a field longer than it (most are shorter),
     // and only a known type's fields are kept (an unknown type is kept whole, as raw JSON).
-    let too_long = (record.value.len() > MAX_FIELD_BYTES && known_type(event_type))
-        .then(|| {
-            [&parsed.data, &parsed.payload]
-                .into_iter()
-                .find_map(|fields| fields.longer_than(MAX_FIELD_BYTES))
-        })
-        .flatten()
+    let long_field = if record.value.len() > MAX_FIELD_BYTES && known_type(event_type) {
+        [&parsed.data, &parsed.payload]
+            .into_iter()
+            .find_map(|fields| fields.longer_than(MAX_FIELD_BYTES))
+    } else {
+        None
+    };
+    let too_long = long_field
         .or((event_type.len() > MAX_FIELD_BYTES).then_some(("event_type", event_type.len())));
     if let Some((name, length)) = too_long {
         return Err(fail(format!(
